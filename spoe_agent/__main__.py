@@ -1,0 +1,3 @@
+from spoe_agent.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,397 @@
+"""The per-connection SPOP state machine, sans-IO in the style of h11.
+
+Bytes go in through :meth:`SpopConnection.receive_data`, events come out, and everything the
+agent must write accumulates in one outbound buffer drained by :meth:`data_to_send`. Whole
+frames are appended atomically, so concurrent handlers can never interleave partial writes
+(the coraza-spoa #217 failure mode), and the socket shell stays a dozen lines.
+
+No input can raise out of this class: every protocol error becomes an AGENT-DISCONNECT with the
+status code from SPOE.txt's table, a :class:`ProtocolViolation` event and the CLOSED state.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Union
+
+from spoe_agent.protocol import codec
+from spoe_agent.protocol.errors import FrameTooBig, InvalidFrame, ProtocolError
+from spoe_agent.protocol.types import (
+    FLAG_ABORT,
+    FLAG_FIN,
+    STATUS_MESSAGES,
+    Action,
+    DataType,
+    FrameType,
+    Message,
+    Status,
+    Typed,
+)
+
+log = logging.getLogger(__name__)
+
+MIN_FRAME_SIZE = 256
+DEFAULT_MAX_FRAME_SIZE = 65532
+DEFAULT_CAPABILITIES = ("pipelining", "async", "fragmentation")
+_MAX_DISCONNECT_MESSAGE = 255  # HAProxy 2.6 treats a longer message as an invalid frame
+_LENGTH_PREFIX = 4
+
+
+class State(Enum):
+    AWAIT_HELLO = "await-hello"
+    READY = "ready"
+    CLOSED = "closed"
+
+
+@dataclass(slots=True)
+class HelloReceived:
+    """HAProxy's HELLO was accepted and answered; ``healthcheck`` connections close right after."""
+
+    max_frame_size: int
+    capabilities: frozenset[str]
+    engine_id: str | None
+    healthcheck: bool
+    negotiated_frame_size: int
+
+
+@dataclass(slots=True)
+class NotifyReceived:
+    """A complete NOTIFY (reassembled if it was fragmented); it must get exactly one ACK."""
+
+    stream_id: int
+    frame_id: int
+    messages: list[Message]
+
+
+@dataclass(slots=True)
+class NotifyAborted:
+    """HAProxy gave up on a fragmented NOTIFY (UNSET with FIN|ABORT): no ACK is due."""
+
+    stream_id: int
+    frame_id: int
+
+
+@dataclass(slots=True)
+class DisconnectReceived:
+    """HAProxy said goodbye; our AGENT-DISCONNECT reply is already queued."""
+
+    status: int
+    message: str
+
+
+@dataclass(slots=True)
+class ProtocolViolation:
+    """The peer broke the protocol; AGENT-DISCONNECT(status) is queued and the state is CLOSED."""
+
+    status: Status
+    message: str
+
+
+@dataclass(slots=True)
+class ConnectionClosed:
+    """Nothing more will be accepted: flush :meth:`SpopConnection.data_to_send`, then close."""
+
+    reason: str = ""
+
+
+Event = Union[
+    HelloReceived, NotifyReceived, NotifyAborted, DisconnectReceived, ProtocolViolation,
+    ConnectionClosed,
+]
+
+
+@dataclass(slots=True)
+class _Fragments:
+    stream_id: int
+    frame_id: int
+    chunks: list[bytes] = field(default_factory=list)
+    size: int = 0
+
+
+class SpopConnection:
+    """One HAProxy connection's protocol state.
+
+    ``max_frame_size`` is the largest frame the agent accepts and announces (the negotiated
+    size is the minimum of it and HAProxy's); ``max_reassembled_size`` bounds the memory one
+    fragmented NOTIFY may take.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        capabilities: tuple[str, ...] = DEFAULT_CAPABILITIES,
+        max_reassembled_size: int = 1 << 20,
+    ) -> None:
+        if max_frame_size < MIN_FRAME_SIZE:
+            raise ValueError(f"max_frame_size must be at least {MIN_FRAME_SIZE}")
+        self.state = State.AWAIT_HELLO
+        self.max_frame_size = max_frame_size
+        self.capabilities = tuple(capabilities)
+        self.max_reassembled_size = max_reassembled_size
+        self.frame_size = max_frame_size  # becomes the negotiated size after HELLO
+        self.peer_capabilities: frozenset[str] = frozenset()
+        self.engine_id: str | None = None
+        self.healthcheck = False
+        self.acks_too_big = 0
+        self._inbuf = bytearray()
+        self._out: list[bytes] = []
+        self._fragments: _Fragments | None = None
+
+    # ------------------------------------------------------------------------- output side
+
+    def data_to_send(self) -> bytes:
+        """Drain everything queued for the peer (whole frames only)."""
+        if not self._out:
+            return b""
+        data = b"".join(self._out)
+        self._out.clear()
+        return data
+
+    def send_ack(self, stream_id: int, frame_id: int, actions: list[Action] | None = None) -> None:
+        """Queue the one ACK a NOTIFY is owed.
+
+        An ACK must fit the negotiated frame size and cannot be fragmented; when the actions do
+        not fit, HAProxy still gets an empty ACK (the request goes on, the variables are not
+        set) rather than a frame it would answer with "frame is too big".
+        """
+        if self.state is State.CLOSED:
+            return
+        frame = codec.ack(stream_id, frame_id, actions)
+        if len(frame) - _LENGTH_PREFIX > self.frame_size:
+            self.acks_too_big += 1
+            log.warning(
+                "ACK for stream %d frame %d is %d bytes, over the negotiated %d: sent empty",
+                stream_id, frame_id, len(frame) - _LENGTH_PREFIX, self.frame_size,
+            )
+            frame = codec.ack(stream_id, frame_id)
+        self._out.append(frame)
+
+    def close(self, status: Status = Status.NORMAL, message: str | None = None) -> None:
+        """Start an agent-side disconnect (shutdown, limits): AGENT-DISCONNECT then close."""
+        if self.state is State.CLOSED:
+            return
+        self._queue_disconnect(status, message)
+        self.state = State.CLOSED
+
+    def _queue_disconnect(self, status: int, message: str | None) -> None:
+        if message is None:
+            message = STATUS_MESSAGES.get(status, "error")  # type: ignore[call-overload]
+        raw = message.encode("utf-8", "replace")[:_MAX_DISCONNECT_MESSAGE]
+        text = raw.decode("utf-8", "ignore")
+        self._out.append(codec.disconnect(FrameType.AGENT_DISCONNECT, int(status), text))
+
+    # -------------------------------------------------------------------------- input side
+
+    def receive_eof(self) -> list[Event]:
+        """The peer closed (EOF or reset): a normal end, whatever state we were in."""
+        if self.state is State.CLOSED:
+            return []
+        self.state = State.CLOSED
+        return [ConnectionClosed("peer closed the connection")]
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        """Feed bytes from the socket; return the events the complete frames produced."""
+        if self.state is State.CLOSED:
+            return []
+        buf = self._inbuf
+        buf += data
+        events: list[Event] = []
+        pos = 0
+        end = len(buf)
+        try:
+            while end - pos >= _LENGTH_PREFIX and self.state is not State.CLOSED:
+                length = int.from_bytes(buf[pos:pos + 4], "big")
+                if length > self.frame_size:
+                    raise FrameTooBig(
+                        f"frame of {length} bytes exceeds the max-frame-size of {self.frame_size}"
+                    )
+                if end - pos - _LENGTH_PREFIX < length:
+                    break
+                body = bytes(buf[pos + 4:pos + 4 + length])
+                pos += _LENGTH_PREFIX + length
+                self._handle_frame(body, events)
+        except ProtocolError as exc:
+            self._violation(exc.status, exc.message, events)
+        except Exception as exc:  # a bug of ours must cost one connection, not the process
+            log.exception("unexpected error while decoding SPOP input")
+            self._violation(Status.UNKNOWN, f"internal error: {type(exc).__name__}", events)
+        if self.state is State.CLOSED:
+            buf.clear()
+        elif pos:
+            del buf[:pos]
+        return events
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of an incomplete frame still waiting (for read deadlines and memory limits)."""
+        return len(self._inbuf)
+
+    def _violation(self, status: Status, message: str, events: list[Event]) -> None:
+        log.info("SPOP protocol error, disconnecting with status %d: %s", status, message)
+        self._fragments = None
+        self._queue_disconnect(status, message)
+        self.state = State.CLOSED
+        events.append(ProtocolViolation(status, message))
+        events.append(ConnectionClosed(message))
+
+    def _handle_frame(self, body: bytes, events: list[Event]) -> None:
+        frame = codec.decode_frame(body)
+        ftype = frame.type
+        if self.state is State.READY:
+            if ftype == FrameType.NOTIFY or ftype == FrameType.UNSET:
+                self._handle_notify(frame, events)
+                return
+            if ftype == FrameType.HAPROXY_DISCONNECT:
+                self._handle_disconnect(frame, events)
+                return
+            if ftype == FrameType.HAPROXY_HELLO:
+                raise InvalidFrame("HAPROXY-HELLO received twice")
+        else:  # AWAIT_HELLO
+            if ftype == FrameType.HAPROXY_HELLO:
+                self._handle_hello(frame, events)
+                return
+            if ftype == FrameType.HAPROXY_DISCONNECT:
+                self._handle_disconnect(frame, events)
+                return
+            if ftype == FrameType.NOTIFY or ftype == FrameType.UNSET:
+                raise InvalidFrame("NOTIFY received before HAPROXY-HELLO")
+        if ftype in (FrameType.AGENT_HELLO, FrameType.AGENT_DISCONNECT, FrameType.ACK):
+            raise InvalidFrame(f"agent frame type {ftype} received from HAProxy")
+        # Unknown frame types are skipped, as HAProxy itself does.
+        log.debug("skipping frame of unknown type %d", ftype)
+
+    def _handle_hello(self, frame: codec.Frame, events: list[Event]) -> None:
+        if not frame.flags & FLAG_FIN:
+            raise ProtocolError("fragmented HAPROXY-HELLO", Status.FRAGMENTATION_NOT_SUPPORTED)
+        if frame.stream_id or frame.frame_id:
+            raise InvalidFrame("HAPROXY-HELLO must carry stream-id 0 and frame-id 0")
+        items = codec.decode_kv_list(frame.payload)
+        versions = items.get("supported-versions")
+        if not isinstance(versions, str):
+            raise ProtocolError("supported-versions not found in HAPROXY-HELLO", Status.NO_VERSION)
+        if not _supports_v2(versions):
+            raise ProtocolError(
+                f"no supported version in {versions[:64]!r}: this agent speaks SPOP 2.0",
+                Status.UNSUPPORTED_VERSION,
+            )
+        peer_size = items.get("max-frame-size")
+        if type(peer_size) is not int:
+            raise ProtocolError("max-frame-size not found in HAPROXY-HELLO", Status.NO_MAX_FRAME_SIZE)
+        if peer_size < MIN_FRAME_SIZE:
+            raise ProtocolError(
+                f"max-frame-size {peer_size} is below the minimum of {MIN_FRAME_SIZE}",
+                Status.BAD_MAX_FRAME_SIZE,
+            )
+        caps = items.get("capabilities")
+        if caps is None:
+            raise ProtocolError("capabilities not found in HAPROXY-HELLO", Status.NO_CAPABILITIES)
+        if not isinstance(caps, str):
+            raise InvalidFrame("capabilities must be a string")
+        self.peer_capabilities = frozenset(c.strip() for c in caps.split(",") if c.strip())
+        engine_id = items.get("engine-id")
+        self.engine_id = engine_id if isinstance(engine_id, str) else None
+        self.healthcheck = items.get("healthcheck") is True
+        self.frame_size = min(self.max_frame_size, peer_size)
+        payload = codec.encode_kv_list([
+            ("version", "2.0"),
+            ("max-frame-size", Typed(DataType.UINT32, self.frame_size)),
+            ("capabilities", ",".join(self.capabilities)),
+        ])
+        self._out.append(codec.encode_frame(FrameType.AGENT_HELLO, 0, 0, payload))
+        events.append(HelloReceived(
+            peer_size, self.peer_capabilities, self.engine_id, self.healthcheck, self.frame_size,
+        ))
+        if self.healthcheck:
+            self.state = State.CLOSED
+            events.append(ConnectionClosed("health check answered"))
+        else:
+            self.state = State.READY
+
+    def _handle_disconnect(self, frame: codec.Frame, events: list[Event]) -> None:
+        try:
+            items = codec.decode_kv_list(frame.payload)
+        except InvalidFrame:
+            items = {}
+        status = items.get("status-code")
+        message = items.get("message")
+        status = status if type(status) is int else -1
+        message = message if isinstance(message, str) else ""
+        self._fragments = None
+        self._queue_disconnect(Status.NORMAL, None)
+        self.state = State.CLOSED
+        events.append(DisconnectReceived(status, message))
+        events.append(ConnectionClosed(f"HAProxy disconnected (status {status}: {message})"))
+
+    def _handle_notify(self, frame: codec.Frame, events: list[Event]) -> None:
+        flags = frame.flags
+        pending = self._fragments
+        if frame.type == FrameType.NOTIFY:
+            if pending is not None:
+                raise ProtocolError(
+                    "NOTIFY received while a fragmented NOTIFY is incomplete",
+                    Status.INTERLACED_FRAMES,
+                )
+            if flags & FLAG_FIN:  # the common, unfragmented case (ABORT alone is ignored)
+                events.append(NotifyReceived(
+                    frame.stream_id, frame.frame_id, codec.decode_messages(frame.payload),
+                ))
+                return
+            if "fragmentation" not in self.capabilities:
+                raise ProtocolError(
+                    "fragmented NOTIFY but fragmentation was not announced",
+                    Status.FRAGMENTATION_NOT_SUPPORTED,
+                )
+            pending = self._fragments = _Fragments(frame.stream_id, frame.frame_id)
+            self._add_fragment(pending, frame.payload)
+            return
+        # UNSET: a continuation fragment, or HAProxy's abort.
+        if pending is None:
+            if flags & FLAG_ABORT:
+                return  # abort of something already finished: nothing to do
+            raise InvalidFrame("fragment received with no fragmented NOTIFY in progress")
+        if (frame.stream_id, frame.frame_id) != (pending.stream_id, pending.frame_id):
+            raise ProtocolError(
+                f"fragment for stream {frame.stream_id} frame {frame.frame_id} interleaved with "
+                f"stream {pending.stream_id} frame {pending.frame_id}",
+                Status.INTERLACED_FRAMES,
+            )
+        if flags & FLAG_ABORT:
+            self._fragments = None
+            events.append(NotifyAborted(pending.stream_id, pending.frame_id))
+            return
+        self._add_fragment(pending, frame.payload)
+        if flags & FLAG_FIN:
+            self._fragments = None
+            payload = b"".join(pending.chunks)
+            events.append(NotifyReceived(
+                pending.stream_id, pending.frame_id, codec.decode_messages(payload),
+            ))
+
+    def _add_fragment(self, pending: _Fragments, payload: bytes) -> None:
+        pending.size += len(payload)
+        if pending.size > self.max_reassembled_size:
+            raise FrameTooBig(
+                f"fragmented NOTIFY exceeds {self.max_reassembled_size} bytes once reassembled"
+            )
+        pending.chunks.append(payload)
+
+
+def _supports_v2(versions: str) -> bool:
+    """True if HAProxy announced a major version >= 2 ("2.0" in every release since 1.8.10)."""
+    for item in versions.split(","):
+        major, _, _minor = item.strip().partition(".")
+        if major.isdigit() and int(major) >= 2:
+            return True
+    return False
+
+
+def hello_items(conn: SpopConnection) -> dict[str, Any]:
+    """What the agent announced, for logs and diagnostics."""
+    return {
+        "version": "2.0",
+        "max-frame-size": conn.frame_size,
+        "capabilities": ",".join(conn.capabilities),
+    }

@@ -1,0 +1,53 @@
+"""HAProxy's variable-length integer ("peers" encoding), which is *not* LEB128.
+
+The first byte carries 4 value bits when it is >= 240, every later byte 7 bits with the top
+bit meaning "more follows"; the decoder adds whole bytes, which cancels the offsets the
+encoder subtracts, so every value has exactly one encoding.
+"""
+
+from __future__ import annotations
+
+from spoe_agent.protocol.errors import InvalidFrame
+
+MAX_UINT64 = (1 << 64) - 1
+
+
+def encode_varint(value: int) -> bytes:
+    """Encode an unsigned 64-bit value; negative ints are taken as two's complement."""
+    value &= MAX_UINT64
+    if value < 240:
+        return bytes((value,))
+    out = bytearray(((value & 0xFF) | 0xF0,))
+    value = (value - 240) >> 4
+    while value >= 128:
+        out.append((value & 0xFF) | 0x80)
+        value = (value - 128) >> 7
+    out.append(value)
+    return bytes(out)
+
+
+def decode_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    """Return ``(value, next_pos)``; raises :class:`InvalidFrame` when truncated or > 64 bits."""
+    try:
+        value = buf[pos]
+    except IndexError:
+        raise InvalidFrame("truncated varint") from None
+    pos += 1
+    if value < 240:
+        return value, pos
+    shift = 4
+    while True:
+        try:
+            b = buf[pos]
+        except IndexError:
+            raise InvalidFrame("truncated varint") from None
+        pos += 1
+        value += b << shift
+        shift += 7
+        if b < 128:
+            break
+        if shift > 67:
+            raise InvalidFrame("varint longer than 10 bytes")
+    if value > MAX_UINT64:
+        raise InvalidFrame("varint overflows 64 bits")
+    return value, pos
