@@ -1,0 +1,128 @@
+"""``spoe-agent``: parse flags, load the configuration, serve until SIGTERM/SIGINT.
+
+gevent's monkey-patching happens here, first, because the exporter's HTTP client and the span
+processor's flush loop must cooperate with the connection greenlets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Any
+
+from spoe_agent import __version__
+
+EXIT_CONFIG = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spoe-agent",
+        description="HAProxy SPOE agent that turns stream events into OpenTelemetry traces.",
+        epilog="Precedence: command-line flags > OTEL_* environment variables > agent.ini > "
+               "defaults.",
+    )
+    parser.add_argument("-c", "--config", metavar="FILE", help="agent.ini configuration file")
+    parser.add_argument("--bind", metavar="HOST:PORT|unix:PATH",
+                        help="where HAProxy connects (default 127.0.0.1:12345)")
+    parser.add_argument("--workers", type=int, metavar="N", help="worker processes")
+    parser.add_argument("--metrics", metavar="HOST:PORT",
+                        help="serve Prometheus /metrics and /health there (off by default)")
+    parser.add_argument("--service-name", dest="service_name", metavar="NAME",
+                        help="default service.name of the spans (OTEL_SERVICE_NAME)")
+    parser.add_argument("--exporter", choices=("jaeger", "otlp", "console", "none"),
+                        help="where spans go (OTEL_TRACES_EXPORTER)")
+    parser.add_argument("--log-level", dest="log_level",
+                        choices=("debug", "info", "warning", "error", "critical"))
+    parser.add_argument("--app", metavar="MODULE:ATTR",
+                        help="serve this spoe_agent.handlers.Agent instead of the tracing agent")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the configuration and exit (0 valid, 2 invalid)")
+    parser.add_argument("--version", action="version", version=f"spoe-agent {__version__}")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    from spoe_agent.config import parse_bind
+
+    overrides: dict[str, Any] = {
+        "workers": args.workers,
+        "service_name": args.service_name,
+        "exporter": args.exporter,
+        "log_level": args.log_level.upper() if args.log_level else None,
+    }
+    if args.bind is not None:
+        overrides["bind"] = parse_bind(args.bind)
+    if args.metrics is not None:
+        overrides["metrics"] = parse_bind(args.metrics)
+    return overrides
+
+
+def load_app(spec: str) -> Any:
+    """Import ``MODULE:ATTR``; the attribute is an Agent or a factory taking the config."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"--app expects MODULE:ATTR, got {spec!r}")
+    module = importlib.import_module(module_name)
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise ValueError(f"module {module_name!r} has no attribute {attr!r}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gevent import monkey
+
+    if not monkey.is_module_patched("socket"):
+        monkey.patch_all()
+
+    from spoe_agent.config import ConfigError, load_config
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, _overrides(args))
+    except (ConfigError, ValueError) as exc:
+        print(f"spoe-agent: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    from spoe_agent.logs import setup_logging
+
+    setup_logging(config.log_level, config.log_format)
+    try:
+        agent = _build_agent(args.app, config)
+    except Exception as exc:  # a broken --app or tracing setup is a configuration problem
+        print(f"spoe-agent: cannot start: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.check:
+        print(f"spoe-agent: configuration OK ({config.config_file or 'defaults'}; "
+              f"listening on {config.bind}; exporter {config.exporter})")
+        return 0
+
+    from spoe_agent.runner import run
+
+    return run(agent, config)
+
+
+def _build_agent(app_spec: str | None, config: Any) -> Any:
+    from spoe_agent.handlers import Agent
+
+    if app_spec:
+        app = load_app(app_spec)
+    else:
+        from spoe_agent.tracing.agent import build_tracing_agent as app
+    if isinstance(app, Agent):
+        return app
+    if callable(app):
+        agent = app(config)
+        if not isinstance(agent, Agent):
+            raise TypeError(f"{app_spec} returned {type(agent).__name__}, not an Agent")
+        return agent
+    raise TypeError(f"{app_spec} is neither an Agent nor a factory of one")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    logging.basicConfig()
+    raise SystemExit(main())

@@ -1,0 +1,344 @@
+"""Agent configuration: defaults < ``agent.ini`` < ``OTEL_*`` environment < command-line flags.
+
+Every option is declared once in :data:`OPTIONS` with its INI section/key, its standard
+OpenTelemetry environment variable where one exists, and a parser; a bad value is refused with
+the file, line and reason (exit status 2 in the CLI) instead of surfacing later as a crash.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from spoe_agent.protocol.connection import MIN_FRAME_SIZE
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|ms|s|m|h)?\s*$")
+_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+EXPORTERS = ("jaeger", "otlp", "console", "none")
+SAMPLERS = (
+    "always_on", "always_off", "traceidratio", "parentbased_always_on",
+    "parentbased_always_off", "parentbased_traceidratio",
+)
+PROPAGATORS = ("tracecontext", "baggage", "b3", "b3multi", "jaeger", "none")
+
+
+class ConfigError(Exception):
+    """A refused setting; ``str()`` reads ``where: reason`` (``agent.ini:12: ...``)."""
+
+    def __init__(self, where: str, reason: str) -> None:
+        super().__init__(f"{where}: {reason}")
+        self.where = where
+        self.reason = reason
+
+
+# ------------------------------------------------------------------------------- parsers
+
+
+def parse_bind(text: str) -> str:
+    """``HOST:PORT``, ``[v6]:PORT``, ``:PORT`` or ``unix:/path``; returned normalised."""
+    text = text.strip()
+    if text.startswith("unix:"):
+        if len(text) <= 5:
+            raise ValueError("unix: needs a socket path")
+        return text
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        raise ValueError(f"expected HOST:PORT or unix:/path, got {text!r}")
+    host = host.strip("[]") or "0.0.0.0"
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"port must be 1-65535, got {port!r}")
+    return f"{host}:{int(port)}"
+
+
+def split_bind(bind: str) -> tuple[str, int] | str:
+    """A TCP bind as ``(host, port)``, a unix one as its path."""
+    if bind.startswith("unix:"):
+        return bind[5:]
+    host, _, port = bind.rpartition(":")
+    return host, int(port)
+
+
+def parse_duration(text: str) -> float:
+    """Seconds; HAProxy-style units accepted (``500ms``, ``30s``, ``2m``); ``0`` means off."""
+    match = _DURATION.match(str(text))
+    if not match:
+        raise ValueError(f"expected a duration such as 30s, 500ms or 2m, got {text!r}")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def _int_range(low: int, high: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(str(text).strip())
+        except ValueError:
+            raise ValueError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bound = f"between {low} and {high}" if high is not None else f">= {low}"
+            raise ValueError(f"must be {bound}, got {value}")
+        return value
+
+    return parse
+
+
+def _bool(text: str) -> bool:
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = str(text).strip().lower()
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _propagators(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip().lower() for n in str(text).split(",") if n.strip())
+    for name in names:
+        if name not in PROPAGATORS:
+            raise ValueError(f"unknown propagator {name!r}; known: {', '.join(PROPAGATORS)}")
+    return names
+
+
+def _optional_bind(text: str) -> str:
+    return parse_bind(text) if str(text).strip() else ""
+
+
+def _text(text: str) -> str:
+    return str(text).strip()
+
+
+def _level(text: str) -> str:
+    return _choice("debug", "info", "warning", "error", "critical")(text).upper()
+
+
+def _ms_duration(text: str) -> float:
+    """OTEL_BSP_* durations are milliseconds when they carry no unit."""
+    text = str(text).strip()
+    return int(text) / 1000.0 if text.isdigit() else parse_duration(text)
+
+
+# ------------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class Option:
+    attr: str
+    section: str
+    key: str
+    parse: Callable[[str], Any]
+    env: str | None = None
+    env_parse: Callable[[str], Any] | None = None
+    help: str = ""
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("bind", "listener", "bind", parse_bind, help="HOST:PORT or unix:/path to listen on"),
+    Option("workers", "listener", "workers", _int_range(1, 256), help="worker processes"),
+    Option("max_frame_size", "listener", "max_frame_size", _int_range(MIN_FRAME_SIZE, 16 << 20)),
+    Option("max_connections", "listener", "max_connections", _int_range(1)),
+    Option("max_in_flight", "listener", "max_in_flight", _int_range(1, 100_000)),
+    Option("idle_timeout", "listener", "idle_timeout", parse_duration),
+    Option("read_timeout", "listener", "read_timeout", parse_duration),
+    Option("tls_cert", "listener", "tls_cert", _text),
+    Option("tls_key", "listener", "tls_key", _text),
+    Option("tls_ca", "listener", "tls_ca", _text),
+    Option("log_level", "logging", "level", _level),
+    Option("log_format", "logging", "format", _choice("text", "json")),
+    Option("metrics", "metrics", "bind", _optional_bind),
+    Option("exporter", "tracing", "exporter", _choice(*EXPORTERS), env="OTEL_TRACES_EXPORTER"),
+    Option("service_name", "tracing", "service_name", _text, env="OTEL_SERVICE_NAME"),
+    Option("jaeger_agent_host", "tracing", "jaeger_agent_host", _text,
+           env="OTEL_EXPORTER_JAEGER_AGENT_HOST"),
+    Option("jaeger_agent_port", "tracing", "jaeger_agent_port", _int_range(1, 65535),
+           env="OTEL_EXPORTER_JAEGER_AGENT_PORT"),
+    Option("jaeger_endpoint", "tracing", "jaeger_endpoint", _text,
+           env="OTEL_EXPORTER_JAEGER_ENDPOINT"),
+    Option("jaeger_user", "tracing", "jaeger_user", _text, env="OTEL_EXPORTER_JAEGER_USER"),
+    Option("jaeger_password", "tracing", "jaeger_password", _text,
+           env="OTEL_EXPORTER_JAEGER_PASSWORD"),
+    Option("otlp_endpoint", "tracing", "otlp_endpoint", _text,
+           env="OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+    Option("propagators", "tracing", "propagators", _propagators, env="OTEL_PROPAGATORS"),
+    Option("sampler", "tracing", "sampler", _choice(*SAMPLERS), env="OTEL_TRACES_SAMPLER"),
+    Option("sampler_arg", "tracing", "sampler_arg", _text, env="OTEL_TRACES_SAMPLER_ARG"),
+    Option("session_ttl", "tracing", "session_ttl", parse_duration),
+    Option("max_sessions", "tracing", "max_sessions", _int_range(1)),
+    Option("max_spans_per_session", "tracing", "max_spans_per_session", _int_range(1, 10_000)),
+    Option("max_attribute_length", "tracing", "max_attribute_length", _int_range(1)),
+    Option("export_queue_size", "tracing", "export_queue_size", _int_range(1),
+           env="OTEL_BSP_MAX_QUEUE_SIZE"),
+    Option("export_batch_size", "tracing", "export_batch_size", _int_range(1),
+           env="OTEL_BSP_MAX_EXPORT_BATCH_SIZE"),
+    Option("export_delay", "tracing", "export_delay", parse_duration,
+           env="OTEL_BSP_SCHEDULE_DELAY", env_parse=_ms_duration),
+    Option("export_timeout", "tracing", "export_timeout", parse_duration,
+           env="OTEL_BSP_EXPORT_TIMEOUT", env_parse=_ms_duration),
+)
+_BY_KEY = {(o.section, o.key): o for o in OPTIONS}
+_SECTIONS = sorted({o.section for o in OPTIONS})
+
+
+@dataclass
+class AgentConfig:
+    """The effective configuration; ``sources`` says where each non-default value came from."""
+
+    bind: str = "127.0.0.1:12345"
+    workers: int = 1
+    max_frame_size: int = 65532
+    max_connections: int = 1000
+    max_in_flight: int = 64
+    idle_timeout: float = 0.0
+    read_timeout: float = 30.0
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    log_level: str = "INFO"
+    log_format: str = "text"
+    metrics: str = ""
+    exporter: str = "jaeger"
+    service_name: str = "haproxy"
+    jaeger_agent_host: str = "localhost"
+    jaeger_agent_port: int = 6831
+    jaeger_endpoint: str = ""
+    jaeger_user: str = ""
+    jaeger_password: str = ""
+    otlp_endpoint: str = ""
+    propagators: tuple[str, ...] = ("tracecontext", "baggage")
+    sampler: str = "parentbased_always_on"
+    sampler_arg: str = ""
+    session_ttl: float = 30.0
+    max_sessions: int = 100_000
+    max_spans_per_session: int = 64
+    max_attribute_length: int = 4096
+    export_queue_size: int = 20480
+    export_batch_size: int = 512
+    export_delay: float = 0.5
+    export_timeout: float = 30.0
+    config_file: str = ""
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Cross-option checks that no single value can make."""
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError(self.sources.get("tls_cert", "tls"),
+                              "tls_cert and tls_key must be set together")
+        if self.tls_ca and not self.tls_cert:
+            raise ConfigError(self.sources.get("tls_ca", "tls"),
+                              "tls_ca (client certificate verification) needs tls_cert and tls_key")
+        if self.sampler.endswith("traceidratio") and self.sampler_arg:
+            try:
+                ratio = float(self.sampler_arg)
+            except ValueError:
+                ratio = -1.0
+            if not 0.0 <= ratio <= 1.0:
+                raise ConfigError(self.sources.get("sampler_arg", "sampler_arg"),
+                                  f"sampler_arg must be a ratio between 0 and 1, got "
+                                  f"{self.sampler_arg!r}")
+
+
+def _line_numbers(text: str) -> dict[tuple[str, str], int]:
+    """Where each ``key = value`` stands, since configparser forgets line numbers."""
+    lines: dict[tuple[str, str], int] = {}
+    section = ""
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped[0] in "#;" or line[:1].isspace():
+            continue
+        if stripped.startswith("[") and "]" in stripped:
+            section = stripped[1:stripped.index("]")].strip()
+            lines.setdefault((section, ""), number)
+            continue
+        key = re.split(r"[=:]", stripped, maxsplit=1)[0].strip().lower()
+        lines.setdefault((section, key), number)
+    return lines
+
+
+def load_ini(path: str, config: AgentConfig) -> None:
+    """Apply ``agent.ini``: unknown sections and keys are errors, so typos cannot hide."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as exc:
+        raise ConfigError(path, f"cannot read config file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, f"not UTF-8 text: {exc.reason}") from None
+    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"))
+    try:
+        parser.read_string(text, source=path)
+    except configparser.Error as exc:
+        line = getattr(exc, "lineno", None)
+        where = f"{path}:{line}" if line else path
+        reason = str(exc).splitlines()[0]
+        raise ConfigError(where, f"syntax error: {reason}") from None
+    numbers = _line_numbers(text)
+    config.config_file = path
+    for section in parser.sections():
+        if section not in _SECTIONS:
+            where = f"{path}:{numbers.get((section, ''), '?')}"
+            raise ConfigError(where, f"unknown section [{section}]; known: "
+                              + ", ".join(f"[{s}]" for s in _SECTIONS))
+        for key, raw in parser.items(section, raw=True):
+            where = f"{path}:{numbers.get((section, key), '?')}"
+            option = _BY_KEY.get((section, key))
+            if option is None:
+                known = ", ".join(o.key for o in OPTIONS if o.section == section)
+                raise ConfigError(where, f"unknown option {key!r} in [{section}]; known: {known}")
+            try:
+                setattr(config, option.attr, option.parse(raw))
+            except ValueError as exc:
+                raise ConfigError(where, f"[{section}] {key}: {exc}") from None
+            config.sources[option.attr] = where
+
+
+def load_env(env: Mapping[str, str], config: AgentConfig) -> None:
+    for option in OPTIONS:
+        if option.env is None:
+            continue
+        raw = env.get(option.env)
+        if raw is None or raw.strip() == "":
+            continue
+        parse = option.env_parse or option.parse
+        try:
+            setattr(config, option.attr, parse(raw))
+        except ValueError as exc:
+            raise ConfigError(f"environment variable {option.env}", str(exc)) from None
+        config.sources[option.attr] = f"environment variable {option.env}"
+    # The OTLP exporter's generic endpoint variable, as a fallback for the traces-specific one.
+    if not config.otlp_endpoint and env.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        base = env["OTEL_EXPORTER_OTLP_ENDPOINT"].rstrip("/")
+        config.otlp_endpoint = base + "/v1/traces"
+        config.sources["otlp_endpoint"] = "environment variable OTEL_EXPORTER_OTLP_ENDPOINT"
+
+
+def load_config(
+    path: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> AgentConfig:
+    """Build the effective configuration; ``overrides`` are already-parsed flag values."""
+    config = AgentConfig()
+    if path:
+        load_ini(path, config)
+    load_env(os.environ if env is None else env, config)
+    names = {f.name for f in fields(AgentConfig)}
+    for attr, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if attr not in names:
+            raise ConfigError("command line", f"unknown option {attr}")
+        setattr(config, attr, value)
+        config.sources[attr] = "command line"
+    config.validate()
+    return config

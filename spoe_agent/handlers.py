@@ -1,0 +1,85 @@
+"""The application-facing API: which function answers which SPOE message.
+
+Handlers are plain functions; the server runs them inline in the connection's greenlet (cheapest
+for CPU-only work such as tracing) unless registered ``concurrent=True``, in which case pipelined
+NOTIFYs run them in parallel greenlets, bounded per connection, so one slow lookup does not hold
+up the frames behind it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from spoe_agent.protocol.types import Action, Message
+
+log = logging.getLogger(__name__)
+
+Args = list[tuple[str, Any]]
+Handler = Callable[[Args], "Iterable[Action] | None"]
+Fallback = Callable[[Message], "Iterable[Action] | None"]
+
+
+class Agent:
+    """A registry of message handlers; a message nobody handles gets an empty ACK."""
+
+    def __init__(self, name: str = "spoe-agent") -> None:
+        self.name = name
+        self._handlers: dict[str, Handler] = {}
+        self._concurrent: set[str] = set()
+        self._fallback: Fallback | None = None
+        self.handler_errors = 0
+        # Called with the server's config when serving starts / after it stopped (tracing uses
+        # them to start its exporter and to end open spans and flush on shutdown).
+        self.on_startup: list[Callable[[], None]] = []
+        self.on_shutdown: list[Callable[[], None]] = []
+
+    def on_message(self, name: str, handler: Handler, *, concurrent: bool = False) -> None:
+        self._handlers[name] = handler
+        if concurrent:
+            self._concurrent.add(name)
+        else:
+            self._concurrent.discard(name)
+
+    def message(self, name: str, *, concurrent: bool = False) -> Callable[[Handler], Handler]:
+        """Decorator form of :meth:`on_message`."""
+
+        def register(handler: Handler) -> Handler:
+            self.on_message(name, handler, concurrent=concurrent)
+            return handler
+
+        return register
+
+    def fallback(self, handler: Fallback) -> Fallback:
+        """Receive every message without a named handler (the tracing agent uses this)."""
+        self._fallback = handler
+        return handler
+
+    def needs_greenlet(self, messages: list[Message]) -> bool:
+        concurrent = self._concurrent
+        return bool(concurrent) and any(m.name in concurrent for m in messages)
+
+    def dispatch(self, messages: list[Message]) -> list[Action]:
+        """Run the handlers of one NOTIFY in order and collect their actions.
+
+        A handler that raises costs its own actions only: HAProxy still gets its ACK, and the
+        error is logged, because failing the whole NOTIFY would fail the user's request path.
+        """
+        actions: list[Action] = []
+        handlers = self._handlers
+        for message in messages:
+            handler = handlers.get(message.name)
+            try:
+                if handler is not None:
+                    result = handler(message.args)
+                elif self._fallback is not None:
+                    result = self._fallback(message)
+                else:
+                    continue
+                if result:
+                    actions.extend(result)
+            except Exception:
+                self.handler_errors += 1
+                log.exception("handler for SPOE message %r failed", message.name)
+        return actions
