@@ -1,0 +1,309 @@
+"""The sans-IO state machine, byte for byte, against the frames captured from HAProxy."""
+
+from __future__ import annotations
+
+import pytest
+
+from spoe_agent.protocol import codec
+from spoe_agent.protocol.connection import (
+    ConnectionClosed,
+    DisconnectReceived,
+    HelloReceived,
+    NotifyAborted,
+    NotifyReceived,
+    ProtocolViolation,
+    SpopConnection,
+    State,
+)
+from spoe_agent.protocol.types import (
+    FLAG_ABORT,
+    FLAG_FIN,
+    DataType,
+    FrameType,
+    Message,
+    Scope,
+    SetVar,
+    Status,
+    Typed,
+)
+
+# Captured from HAProxy 2.6.12 (spop-notes §12a and §12b).
+HAPROXY_HELLO = bytes.fromhex(
+    "00000081010000000100001273757070 6f727465642d76657273696f6e730803"
+    "322e300e6d61782d6672616d652d7369 7a6503fcf0060c6361706162696c6974"
+    "6965730810706970656c696e696e672c 6173796e630965 6e67696e652d696408"
+    "2437616561386638382d393539622d34 3138342d616231622d38373337663338"
+    "62613261 30".replace(" ", "")
+)
+HEALTHCHECK_HELLO = (
+    bytes.fromhex("0000004e010000000100001273757070 6f727465642d76657273696f6e73".replace(" ", ""))
+    + b"\x08\x032.0\x0emax-frame-size\x03\xfc\xf0\x06\x0ccapabilities\x08\x00"
+    + b"\x0bhealthcheck\x11"
+)
+SOFT_STOP = bytes.fromhex("0000002502000000010000") + b"\x0bstatus-code\x03\x00\x07message\x08\x06normal"
+
+
+def hello(**items: object) -> bytes:
+    base: dict[str, object] = {
+        "supported-versions": "2.0",
+        "max-frame-size": Typed(DataType.UINT32, 16380),
+        "capabilities": "pipelining,async",
+    }
+    base.update(items)
+    return codec.encode_frame(
+        FrameType.HAPROXY_HELLO, 0, 0, codec.encode_kv_list({k: v for k, v in base.items() if v is not None})
+    )
+
+
+def agent_hello(frame_size: int, caps: str = "pipelining,async,fragmentation") -> bytes:
+    return codec.encode_frame(
+        FrameType.AGENT_HELLO, 0, 0,
+        codec.encode_kv_list([
+            ("version", "2.0"),
+            ("max-frame-size", Typed(DataType.UINT32, frame_size)),
+            ("capabilities", caps),
+        ]),
+    )
+
+
+def ready(**kwargs: object) -> SpopConnection:
+    conn = SpopConnection(**kwargs)  # type: ignore[arg-type]
+    conn.receive_data(HAPROXY_HELLO)
+    conn.data_to_send()
+    assert conn.state is State.READY
+    return conn
+
+
+def disconnect_status(data: bytes) -> tuple[int, str]:
+    frame = codec.decode_frame(data[4:])
+    assert frame.type == FrameType.AGENT_DISCONNECT
+    assert frame.flags == FLAG_FIN and frame.stream_id == 0 and frame.frame_id == 0
+    items = codec.decode_kv_list(frame.payload)
+    return items["status-code"], items["message"]
+
+
+def test_captured_hello_gets_agent_hello_with_negotiated_size() -> None:
+    conn = SpopConnection(max_frame_size=65532)
+    events = conn.receive_data(HAPROXY_HELLO)
+    assert events == [HelloReceived(16380, frozenset({"pipelining", "async"}),
+                                    "7aea8f88-959b-4184-ab1b-8737f38ba2a0", False, 16380)]
+    assert conn.data_to_send() == agent_hello(16380)
+    assert conn.state is State.READY
+
+
+def test_agent_hello_bytes_match_the_capture_accepted_by_haproxy() -> None:
+    conn = SpopConnection(capabilities=("pipelining", "async"))
+    conn.receive_data(HAPROXY_HELLO)
+    # spop-notes §12(c): accepted by 2.6.12 and 3.2.0.
+    assert conn.data_to_send().hex() == (
+        "00000046650000000100000776657273696f6e0803322e300e6d61782d6672616d652d73697a6503fcf006"
+        "0c6361706162696c69746965730810706970656c696e696e672c6173796e63"
+    )
+
+
+def test_smaller_agent_limit_wins_but_never_below_256() -> None:
+    conn = SpopConnection(max_frame_size=1024)
+    conn.receive_data(HAPROXY_HELLO)
+    assert conn.data_to_send() == agent_hello(1024)
+    with pytest.raises(ValueError):
+        SpopConnection(max_frame_size=255)
+
+
+def test_healthcheck_hello_is_answered_then_closed() -> None:
+    assert len(HEALTHCHECK_HELLO) == 82
+    conn = SpopConnection()
+    events = conn.receive_data(HEALTHCHECK_HELLO)
+    assert isinstance(events[0], HelloReceived) and events[0].healthcheck
+    assert events[0].capabilities == frozenset() and events[0].engine_id is None
+    assert isinstance(events[1], ConnectionClosed)
+    assert conn.data_to_send() == agent_hello(16380)
+    assert conn.state is State.CLOSED
+
+
+def test_bytes_fed_one_at_a_time_give_the_same_events() -> None:
+    stream = HAPROXY_HELLO + codec.notify(0, 1, [Message("m", [("a", 1), ("", "x")])]) + SOFT_STOP
+    whole = SpopConnection().receive_data(stream)
+    conn = SpopConnection()
+    piecewise = []
+    for i in range(len(stream)):
+        piecewise.extend(conn.receive_data(stream[i:i + 1]))
+    assert piecewise == whole
+    assert [type(e) for e in whole] == [HelloReceived, NotifyReceived, DisconnectReceived,
+                                       ConnectionClosed]
+
+
+def test_notify_with_stream_id_zero_and_minimal_ack_bytes() -> None:
+    conn = ready()
+    events = conn.receive_data(codec.notify(0, 1, [Message("m", [])]))
+    assert events == [NotifyReceived(0, 1, [Message("m", [])])]
+    conn.send_ack(5, 1)
+    assert conn.data_to_send() == bytes.fromhex("00000007670000000105 01".replace(" ", ""))
+
+
+def test_ack_with_actions_matches_the_notes_vector() -> None:
+    conn = ready()
+    conn.send_ack(5, 1, [SetVar(Scope.TXN, "ip_score", Typed(DataType.INT32, 80))])
+    data = conn.data_to_send()
+    assert data[4] == FrameType.ACK and data[5:9] == b"\x00\x00\x00\x01"
+    assert data.endswith(bytes.fromhex("0103020869705f73636f72650250"))
+
+
+def test_pipelined_notifies_in_one_read_keep_their_order() -> None:
+    conn = ready()
+    data = b"".join(codec.notify(sid, 1, [Message("m", [("i", sid)])]) for sid in range(1, 40, 2))
+    events = conn.receive_data(data)
+    assert [(e.stream_id, e.messages[0].args[0][1]) for e in events] == [
+        (sid, sid) for sid in range(1, 40, 2)
+    ]
+
+
+def test_haproxy_disconnect_gets_agent_disconnect_then_close() -> None:
+    conn = ready()
+    events = conn.receive_data(SOFT_STOP)
+    assert events[0] == DisconnectReceived(0, "normal")
+    assert isinstance(events[1], ConnectionClosed)
+    assert disconnect_status(conn.data_to_send()) == (0, "normal")
+    assert conn.state is State.CLOSED
+    assert conn.receive_data(codec.notify(1, 1, [])) == []  # nothing after close
+
+
+def test_disconnect_before_hello_is_answered_too() -> None:
+    conn = SpopConnection()
+    events = conn.receive_data(SOFT_STOP)
+    assert isinstance(events[0], DisconnectReceived)
+    assert disconnect_status(conn.data_to_send())[0] == 0
+
+
+def test_eof_is_a_normal_close() -> None:
+    conn = ready()
+    assert conn.receive_eof() == [ConnectionClosed("peer closed the connection")]
+    assert conn.data_to_send() == b""
+
+
+@pytest.mark.parametrize(
+    ("data", "status"),
+    [
+        pytest.param(hello(**{"supported-versions": None}), Status.NO_VERSION, id="no-version"),
+        pytest.param(hello(**{"max-frame-size": None}), Status.NO_MAX_FRAME_SIZE, id="no-size"),
+        pytest.param(hello(capabilities=None), Status.NO_CAPABILITIES, id="no-capabilities"),
+        pytest.param(hello(**{"supported-versions": "1.0"}), Status.UNSUPPORTED_VERSION,
+                     id="version-1.0"),
+        pytest.param(hello(**{"max-frame-size": Typed(DataType.UINT32, 255)}),
+                     Status.BAD_MAX_FRAME_SIZE, id="size-255"),
+        pytest.param(codec.notify(1, 1, []), Status.INVALID_FRAME, id="notify-before-hello"),
+        pytest.param(b"\x00\x00\x00\x03\x01\x00\x00", Status.INVALID_FRAME, id="short-frame"),
+        pytest.param(b"\x00\x01\x00\x00", Status.FRAME_TOO_BIG, id="too-big-before-hello"),
+        pytest.param(codec.encode_frame(FrameType.HAPROXY_HELLO, 0, 0, b"\x05abc", 0),
+                     Status.FRAGMENTATION_NOT_SUPPORTED, id="hello-without-fin"),
+        pytest.param(codec.encode_frame(FrameType.HAPROXY_HELLO, 1, 0, b""), Status.INVALID_FRAME,
+                     id="hello-nonzero-ids"),
+        pytest.param(codec.encode_frame(FrameType.HAPROXY_HELLO, 0, 0, b"\x03ab"),
+                     Status.INVALID_FRAME, id="hello-truncated-kv"),
+        pytest.param(hello(**{"max-frame-size": "big"}), Status.NO_MAX_FRAME_SIZE,
+                     id="size-not-int"),
+    ],
+)
+def test_hello_errors_get_the_spec_status_code(data: bytes, status: Status) -> None:
+    conn = SpopConnection()
+    events = conn.receive_data(data)
+    assert isinstance(events[0], ProtocolViolation) and events[0].status == status
+    assert isinstance(events[-1], ConnectionClosed)
+    code, message = disconnect_status(conn.data_to_send())
+    assert code == status and message
+    assert conn.state is State.CLOSED
+
+
+@pytest.mark.parametrize(
+    ("data", "status"),
+    [
+        pytest.param(codec.encode_frame(FrameType.NOTIFY, 1, 1, b"\x05ab"), Status.INVALID_FRAME,
+                     id="truncated-message-name"),
+        pytest.param(codec.encode_frame(FrameType.NOTIFY, 1, 1, b"\x01m\x01\x01a\x0f"),
+                     Status.INVALID_FRAME, id="unknown-data-type"),
+        pytest.param(HAPROXY_HELLO, Status.INVALID_FRAME, id="second-hello"),
+        pytest.param(codec.ack(1, 1), Status.INVALID_FRAME, id="agent-frame-from-haproxy"),
+        pytest.param(codec.encode_frame(FrameType.UNSET, 1, 1, b"x"), Status.INVALID_FRAME,
+                     id="fragment-without-notify"),
+        pytest.param((16381).to_bytes(4, "big"), Status.FRAME_TOO_BIG, id="over-negotiated-size"),
+    ],
+)
+def test_errors_after_hello(data: bytes, status: Status) -> None:
+    conn = ready()
+    events = conn.receive_data(data)
+    assert isinstance(events[0], ProtocolViolation) and events[0].status == status
+    assert disconnect_status(conn.data_to_send())[0] == status
+
+
+def test_fragmented_notify_is_reassembled_even_mid_string() -> None:
+    conn = ready()
+    payload = codec.encode_messages([Message("m", [("q", "x" * 600), ("n", 7)])])
+    first, middle, last = payload[:231], payload[231:462], payload[462:]
+    assert conn.receive_data(codec.encode_frame(FrameType.NOTIFY, 0, 3, first, 0)) == []
+    assert conn.receive_data(codec.encode_frame(FrameType.UNSET, 0, 3, middle, 0)) == []
+    events = conn.receive_data(codec.encode_frame(FrameType.UNSET, 0, 3, last, FLAG_FIN))
+    assert events == [NotifyReceived(0, 3, [Message("m", [("q", "x" * 600), ("n", 7)])])]
+
+
+def test_fragment_abort_discards_and_owes_no_ack() -> None:
+    conn = ready()
+    conn.receive_data(codec.encode_frame(FrameType.NOTIFY, 4, 2, b"\x01m\x01\x01q\x08\x7f", 0))
+    events = conn.receive_data(codec.encode_frame(FrameType.UNSET, 4, 2, b"", FLAG_FIN | FLAG_ABORT))
+    assert events == [NotifyAborted(4, 2)]
+    assert conn.data_to_send() == b""
+    events = conn.receive_data(codec.notify(6, 1, [Message("next", [])]))
+    assert events == [NotifyReceived(6, 1, [Message("next", [])])]
+
+
+def test_interlaced_fragments_are_refused_with_status_11() -> None:
+    conn = ready()
+    conn.receive_data(codec.encode_frame(FrameType.NOTIFY, 4, 2, b"\x01m", 0))
+    events = conn.receive_data(codec.encode_frame(FrameType.UNSET, 6, 1, b"\x00", FLAG_FIN))
+    assert events[0].status == Status.INTERLACED_FRAMES
+
+
+def test_fragments_refused_when_not_announced() -> None:
+    conn = ready(capabilities=("pipelining",))
+    events = conn.receive_data(codec.encode_frame(FrameType.NOTIFY, 4, 2, b"\x01m", 0))
+    assert events[0].status == Status.FRAGMENTATION_NOT_SUPPORTED
+
+
+def test_reassembly_is_bounded() -> None:
+    conn = ready(max_reassembled_size=1000)
+    conn.receive_data(codec.encode_frame(FrameType.NOTIFY, 4, 2, b"\x01m\x01\x01q\x08" + b"a" * 600, 0))
+    events = conn.receive_data(codec.encode_frame(FrameType.UNSET, 4, 2, b"a" * 600, 0))
+    assert events[0].status == Status.FRAME_TOO_BIG
+
+
+def test_ack_over_the_negotiated_size_is_sent_empty() -> None:
+    conn = SpopConnection(max_frame_size=256)
+    conn.receive_data(HAPROXY_HELLO)
+    conn.data_to_send()
+    conn.send_ack(9, 2, [SetVar(Scope.TXN, "big", "x" * 400)])
+    assert conn.data_to_send() == codec.ack(9, 2)
+    assert conn.acks_too_big == 1
+
+
+def test_unknown_frame_types_are_skipped() -> None:
+    conn = ready()
+    assert conn.receive_data(codec.encode_frame(42, 0, 0, b"whatever")) == []
+    assert conn.state is State.READY
+
+
+def test_agent_close_sends_status_and_truncates_long_messages() -> None:
+    conn = ready()
+    conn.close(Status.RESOURCE_ALLOCATION, "é" * 300)
+    code, message = disconnect_status(conn.data_to_send())
+    assert code == 13 and len(message.encode()) <= 255
+    assert conn.state is State.CLOSED
+
+
+def test_internal_errors_never_escape(monkeypatch: pytest.MonkeyPatch) -> None:
+    conn = ready()
+
+    def boom(payload: bytes) -> list[Message]:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(codec, "decode_messages", boom)
+    events = conn.receive_data(codec.notify(1, 1, []))
+    assert events[0].status == Status.UNKNOWN
+    assert disconnect_status(conn.data_to_send())[0] == 99

@@ -1,0 +1,102 @@
+"""Configuration precedence and the errors a bad config gets (file, line, reason)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from spoe_agent.config import ConfigError, load_config, parse_bind, parse_duration
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "agent.ini"
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_listen_on_loopback() -> None:
+    config = load_config(env={})
+    assert config.bind == "127.0.0.1:12345"
+    assert config.exporter == "jaeger" and config.jaeger_agent_port == 6831
+    assert config.propagators == ("tracecontext", "baggage")
+
+
+def test_precedence_flags_over_env_over_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "[listener]\nbind = 127.0.0.1:7000\n[tracing]\nservice_name = file\n"
+                           "jaeger_agent_port = 7777\nsession_ttl = 10s\n")
+    env = {"OTEL_SERVICE_NAME": "env", "OTEL_EXPORTER_JAEGER_AGENT_PORT": "6832"}
+    config = load_config(path, {"service_name": "flag"}, env=env)
+    assert config.bind == "127.0.0.1:7000"
+    assert config.service_name == "flag"
+    assert config.jaeger_agent_port == 6832
+    assert config.session_ttl == 10.0
+    assert config.sources["service_name"] == "command line"
+    assert config.sources["jaeger_agent_port"] == "environment variable OTEL_EXPORTER_JAEGER_AGENT_PORT"
+    assert config.sources["bind"].endswith("agent.ini:2")
+
+
+def test_otel_variables_are_read() -> None:
+    env = {
+        "OTEL_TRACES_EXPORTER": "console",
+        "OTEL_PROPAGATORS": "tracecontext,baggage,b3multi,jaeger",
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": "0.25",
+        "OTEL_BSP_SCHEDULE_DELAY": "200",
+        "OTEL_BSP_MAX_QUEUE_SIZE": "100",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318/",
+    }
+    config = load_config(env=env)
+    assert config.exporter == "console"
+    assert config.propagators == ("tracecontext", "baggage", "b3multi", "jaeger")
+    assert config.sampler == "parentbased_traceidratio" and config.sampler_arg == "0.25"
+    assert config.export_delay == pytest.approx(0.2)
+    assert config.export_queue_size == 100
+    assert config.otlp_endpoint == "http://collector:4318/v1/traces"
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "reason"),
+    [
+        ("[listener]\nbind = nowhere\n", 2, "expected HOST:PORT"),
+        ("[listener]\n\n# comment\nmax_frame_size = 100\n", 4, "must be between 256"),
+        ("[tracing]\nexporter = zipkin\n", 2, "expected one of jaeger, otlp, console, none"),
+        ("[tracing]\nsession_ttl = soon\n", 2, "expected a duration"),
+        ("[listner]\nbind = 127.0.0.1:1\n", 1, "unknown section [listner]"),
+        ("[listener]\nbnid = 127.0.0.1:1\n", 2, "unknown option 'bnid' in [listener]"),
+        ("[tracing]\npropagators = tracecontext,w3c\n", 2, "unknown propagator 'w3c'"),
+        ("bind = 1\n", 1, "syntax error"),
+    ],
+)
+def test_bad_config_names_file_line_and_reason(tmp_path: Path, text: str, line: int, reason: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    message = str(info.value)
+    assert message.startswith(f"{path}:{line}: "), message
+    assert reason in message
+
+
+def test_bad_environment_value_names_the_variable() -> None:
+    with pytest.raises(ConfigError, match="OTEL_EXPORTER_JAEGER_AGENT_PORT"):
+        load_config(env={"OTEL_EXPORTER_JAEGER_AGENT_PORT": "x"})
+
+
+def test_missing_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(str(tmp_path / "nope.ini"), env={})
+
+
+def test_cross_checks() -> None:
+    with pytest.raises(ConfigError, match="tls_cert and tls_key"):
+        load_config(overrides={"tls_cert": "/x.pem"}, env={})
+    with pytest.raises(ConfigError, match="ratio between 0 and 1"):
+        load_config(env={"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "2"})
+
+
+def test_bind_and_duration_parsers() -> None:
+    assert parse_bind("unix:/run/spoa.sock") == "unix:/run/spoa.sock"
+    assert parse_bind(":7000") == "0.0.0.0:7000"
+    assert parse_bind("[::1]:7000") == "::1:7000"
+    assert parse_duration("500ms") == 0.5 and parse_duration("2m") == 120.0
+    assert parse_duration("30") == 30.0
