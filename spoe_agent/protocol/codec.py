@@ -26,7 +26,7 @@ from spoe_agent.protocol.types import (
     Typed,
     UnsetVar,
 )
-from spoe_agent.protocol.varint import MAX_UINT64, decode_varint, encode_varint
+from spoe_agent.protocol.varint import decode_varint, encode_varint
 
 _U32 = struct.Struct(">I")
 _HEADER = struct.Struct(">BI")  # type, flags
@@ -110,7 +110,7 @@ def encode_typed(value: Any) -> bytes:
     if cls is str:
         return _encode_bytes(8, value.encode("utf-8", "surrogateescape"))
     if cls is int:
-        return b"\x04" + _varint(value & MAX_UINT64)
+        return b"\x04" + _varint(value)
     if cls is Typed:
         return _encode_explicit(value.type, value.value)
     if cls is bytes or cls is bytearray or cls is memoryview:
@@ -122,7 +122,7 @@ def encode_typed(value: Any) -> bytes:
     if isinstance(value, bool):  # pragma: no cover - bool subclasses are exotic
         return b"\x11" if value else b"\x01"
     if isinstance(value, int):  # IntEnum and friends
-        return b"\x04" + _varint(int(value) & MAX_UINT64)
+        return b"\x04" + _varint(int(value))
     if isinstance(value, str):
         return _encode_bytes(8, str(value).encode("utf-8", "surrogateescape"))
     raise TypeError(f"cannot encode {cls.__name__} as SPOP typed data")
@@ -134,7 +134,7 @@ def _encode_explicit(kind: DataType, value: Any) -> bytes:
     if kind == DataType.BOOL:
         return b"\x11" if value else b"\x01"
     if kind in (DataType.INT32, DataType.UINT32, DataType.INT64, DataType.UINT64):
-        return bytes((int(kind),)) + _varint(int(value) & MAX_UINT64)
+        return bytes((int(kind),)) + _varint(int(value))
     if kind == DataType.IPV4:
         return b"\x06" + ipaddress.IPv4Address(value).packed
     if kind == DataType.IPV6:
@@ -156,7 +156,9 @@ def encode_name(name: str) -> bytes:
 # --------------------------------------------------------------------------------- frames
 
 
-def encode_frame(ftype: int, stream_id: int, frame_id: int, payload: bytes = b"", flags: int = FLAG_FIN) -> bytes:
+def encode_frame(
+    ftype: int, stream_id: int, frame_id: int, payload: bytes = b"", flags: int = FLAG_FIN
+) -> bytes:
     """A whole frame on the wire: the 4-byte length prefix, header and payload."""
     body_len = 5 + len(payload)
     sid = _varint(stream_id)
@@ -231,12 +233,15 @@ def encode_messages(messages: list[Message]) -> bytes:
 def encode_actions(actions: list[Action]) -> bytes:
     out = []
     for action in actions:
+        scope = int(action.scope)
+        if not 0 <= scope <= 4:
+            raise ValueError(f"variable scope must be 0-4 (proc..res), got {scope}")
         if type(action) is SetVar:
-            out.append(bytes((1, 3, int(action.scope))))
+            out.append(bytes((1, 3, scope)))
             out.append(encode_name(action.name))
             out.append(encode_typed(action.value))
         elif type(action) is UnsetVar:
-            out.append(bytes((2, 2, int(action.scope))))
+            out.append(bytes((2, 2, scope)))
             out.append(encode_name(action.name))
         else:
             raise TypeError(f"not an action: {action!r}")
@@ -271,7 +276,8 @@ def decode_actions(payload: bytes) -> list[Action]:
 
 
 def ack(stream_id: int, frame_id: int, actions: list[Action] | None = None) -> bytes:
-    return encode_frame(FrameType.ACK, stream_id, frame_id, encode_actions(actions) if actions else b"")
+    payload = encode_actions(actions) if actions else b""
+    return encode_frame(FrameType.ACK, stream_id, frame_id, payload)
 
 
 def notify(stream_id: int, frame_id: int, messages: list[Message], flags: int = FLAG_FIN) -> bytes:
@@ -279,5 +285,7 @@ def notify(stream_id: int, frame_id: int, messages: list[Message], flags: int = 
 
 
 def disconnect(ftype: int, status: int, message: str) -> bytes:
-    payload = encode_kv_list([("status-code", Typed(DataType.UINT32, int(status))), ("message", message)])
+    payload = encode_kv_list(
+        [("status-code", Typed(DataType.UINT32, int(status))), ("message", message)]
+    )
     return encode_frame(ftype, 0, 0, payload)

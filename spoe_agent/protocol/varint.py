@@ -13,7 +13,9 @@ MAX_UINT64 = (1 << 64) - 1
 
 
 def encode_varint(value: int) -> bytes:
-    """Encode an unsigned 64-bit value; negative ints are taken as two's complement."""
+    """Encode an unsigned 64-bit value; negative ints (down to -2**63) as two's complement."""
+    if value > MAX_UINT64 or value < -(1 << 63):
+        raise ValueError(f"{value} does not fit in 64 bits")
     value &= MAX_UINT64
     if value < 240:
         return bytes((value,))
