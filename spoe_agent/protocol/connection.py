@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Union
+from typing import Any
 
 from spoe_agent.protocol import codec
 from spoe_agent.protocol.errors import FrameTooBig, InvalidFrame, ProtocolError
@@ -96,10 +96,10 @@ class ConnectionClosed:
     reason: str = ""
 
 
-Event = Union[
-    HelloReceived, NotifyReceived, NotifyAborted, DisconnectReceived, ProtocolViolation,
-    ConnectionClosed,
-]
+Event = (
+    HelloReceived | NotifyReceived | NotifyAborted | DisconnectReceived | ProtocolViolation
+    | ConnectionClosed
+)
 
 
 @dataclass(slots=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 
 class FrameType(IntEnum):
@@ -100,7 +100,7 @@ class Typed(NamedTuple):
     value: Any
 
 
-Value = Union[None, bool, int, str, bytes, ipaddress.IPv4Address, ipaddress.IPv6Address, Typed]
+Value = None | bool | int | str | bytes | ipaddress.IPv4Address | ipaddress.IPv6Address | Typed
 
 
 class Frame(NamedTuple):
@@ -152,4 +152,4 @@ class UnsetVar:
     type = ActionType.UNSET_VAR
 
 
-Action = Union[SetVar, UnsetVar]
+Action = SetVar | UnsetVar
