@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 Args = list[tuple[str, Any]]
 Handler = Callable[[Args], "Iterable[Action] | None"]
 Fallback = Callable[[Message], "Iterable[Action] | None"]
+MetricSample = tuple[str, str, str, dict[str, str], float]
 
 
 class Agent:
@@ -34,6 +35,9 @@ class Agent:
         # them to start its exporter and to end open spans and flush on shutdown).
         self.on_startup: list[Callable[[], None]] = []
         self.on_shutdown: list[Callable[[], None]] = []
+        # Extra samples for /metrics, read at scrape time: (name, kind, help, labels, value)
+        # with kind "counter" or "gauge", so the request path pays nothing for them.
+        self.metric_sources: list[Callable[[], Iterable[MetricSample]]] = []
 
     def on_message(self, name: str, handler: Handler, *, concurrent: bool = False) -> None:
         self._handlers[name] = handler

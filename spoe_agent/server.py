@@ -108,6 +108,13 @@ class SpoaServer:
     def address(self) -> Any:
         return self._server.address
 
+    @property
+    def serving(self) -> bool:
+        return self._server.started and not self._stopping
+
+    def set_latency_observer(self, observer: Callable[[float], None] | None) -> None:
+        self._latency_observer = observer
+
     def start(self) -> None:
         self._server.start()
         log.info("spoe-agent listening on %s", self.config.bind)
@@ -166,8 +173,8 @@ class SpoaServer:
         stats = self.stats
         idle = self.config.idle_timeout or None
         read_deadline = self.config.read_timeout or None
-        observe = self._latency_observer
         while conn.state is not State.CLOSED:
+            observe = self._latency_observer
             sock.settimeout(read_deadline if conn.buffered else idle)
             try:
                 data = sock.recv(_RECV_SIZE)
