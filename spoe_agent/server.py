@@ -135,9 +135,11 @@ class SpoaServer:
             client.conn.close(Status.NORMAL, "agent shutting down")
             try:
                 client.flush()
+                # The reading greenlet sees EOF and closes the socket itself; closing it from
+                # here would make that greenlet's recv fail with EBADF.
+                client.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-            _close_socket(client.sock)
         self._server.stop(timeout=max(0.0, deadline - time.monotonic()))
 
     # ------------------------------------------------------------------ connection greenlet

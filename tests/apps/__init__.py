@@ -1,0 +1,1 @@
+"""Small SPOE applications the integration tests serve through the real agent CLI."""

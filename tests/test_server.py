@@ -1,0 +1,96 @@
+"""The gevent server as deployed (a real ``spoe-agent`` process), driven by a raw SPOP client."""
+
+from __future__ import annotations
+
+import signal
+
+from spoe_agent.protocol import codec
+from spoe_agent.protocol.types import FrameType, Message, Scope, SetVar
+from tests.support.spop_client import SpopClient
+
+APP = "tests.apps.server_app:agent"
+
+
+def ack_actions(frame) -> list:
+    assert frame.type == FrameType.ACK and frame.fin
+    return codec.decode_actions(frame.payload)
+
+
+def test_inline_and_unhandled_and_failing_handlers(spoe_agent) -> None:
+    agent = spoe_agent(app=APP)
+    with SpopClient((agent.host, agent.port)) as client:
+        caps = client.handshake()
+        assert caps["version"] == "2.0" and caps["max-frame-size"] == 16380
+        client.send(codec.notify(0, 1, [Message("inline", [("v", 7)])]))
+        frame = client.read_frame()
+        assert (frame.stream_id, frame.frame_id) == (0, 1)
+        assert ack_actions(frame) == [SetVar(Scope.TXN, "n", 7)]
+        client.send(codec.notify(2, 1, [Message("nobody-handles-this", [("x", 1)])]))
+        frame = client.read_frame()
+        assert (frame.stream_id, frame.frame_id, frame.payload) == (2, 1, b"")
+        # A failing handler costs its own actions only; the other message's still arrive.
+        client.send(codec.notify(4, 1, [Message("boom", []), Message("inline", [("v", 1)])]))
+        frame = client.read_frame()
+        assert (frame.stream_id, ack_actions(frame)) == (4, [SetVar(Scope.TXN, "n", 1)])
+    assert "handler for SPOE message 'boom' failed" in agent.process.stderr_text()
+
+
+def test_pipelined_concurrent_handlers_get_whole_acks_in_any_order(spoe_agent) -> None:
+    agent = spoe_agent(app=APP)
+    with SpopClient((agent.host, agent.port)) as client:
+        client.handshake()
+        count = 200
+        client.send(b"".join(
+            codec.notify(2 * i + 1, 1, [Message("slow", [("i", i)])]) for i in range(count)
+        ))
+        seen = {}
+        for _ in range(count):
+            frame = client.read_frame()
+            actions = ack_actions(frame)
+            seen[frame.stream_id] = actions[0].value
+        assert seen == {2 * i + 1: i for i in range(count)}
+        order = list(seen)
+        assert order != sorted(order), "concurrent handlers should complete out of order"
+
+
+def test_malformed_frame_gets_agent_disconnect_with_status(spoe_agent) -> None:
+    agent = spoe_agent(app=APP)
+    with SpopClient((agent.host, agent.port)) as client:
+        client.handshake()
+        client.send(codec.encode_frame(FrameType.NOTIFY, 1, 1, b"\x01m\x01\x01a\x0e"))
+        frame = client.read_frame()
+        assert frame.type == FrameType.AGENT_DISCONNECT
+        items = codec.decode_kv_list(frame.payload)
+        assert items["status-code"] == 4 and "unknown data type" in items["message"]
+        assert client.read_frame() is None  # and the agent closed
+    # The agent is still serving.
+    with SpopClient((agent.host, agent.port)) as client:
+        assert client.handshake()["version"] == "2.0"
+
+
+def test_healthcheck_is_answered_and_closed(spoe_agent) -> None:
+    agent = spoe_agent(app=APP)
+    with SpopClient((agent.host, agent.port)) as client:
+        caps = client.handshake(capabilities="", healthcheck=True)
+        assert caps["version"] == "2.0"
+        assert client.read_frame() is None
+
+
+def test_unix_socket_bind(spoe_agent) -> None:
+    agent = spoe_agent(app=APP, unix=True)
+    with SpopClient(str(agent.socket_path)) as client:
+        client.handshake()
+        client.send(codec.notify(9, 3, [Message("inline", [("v", -5)])]))
+        assert ack_actions(client.read_frame()) == [SetVar(Scope.TXN, "n", -5)]
+
+
+def test_sigterm_disconnects_open_connections_and_exits_zero(spoe_agent) -> None:
+    agent = spoe_agent(app=APP)
+    with SpopClient((agent.host, agent.port)) as client:
+        client.handshake()
+        agent.process.send_signal(signal.SIGTERM)
+        frame = client.read_frame()
+        assert frame.type == FrameType.AGENT_DISCONNECT
+        assert codec.decode_kv_list(frame.payload)["status-code"] == 0
+        assert client.read_frame() is None
+    assert agent.process.wait(10) == 0
