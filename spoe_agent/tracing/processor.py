@@ -1,0 +1,222 @@
+"""A batching span processor whose ``on_end`` can never hold up an SPOE ACK.
+
+The SDK's ``BatchSpanProcessor`` is close, but this agent needs three guarantees spelled out and
+observable: ``on_end`` only appends to a bounded deque (a full queue drops the span and counts it,
+it never blocks or raises); a slow or stalled exporter cannot make the queue grow past its bound;
+and every failure is a counter, not an exception in the request path.
+
+The flush loop uses ``threading``.  Once gevent has monkeypatched the process (the server does so
+first thing) that thread is a greenlet and its waits are cooperative; without monkeypatching it is
+a real thread.  Both work: the only cross-thread operations are ``deque`` appends/pops (atomic)
+and ``Event`` signalling.  Between export batches the loop yields (``time.sleep(0)``) so a large
+backlog does not monopolise the gevent hub.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import weakref
+from collections import deque
+from dataclasses import dataclass
+
+from opentelemetry.context import (
+    _SUPPRESS_INSTRUMENTATION_KEY,
+    Context,
+    attach,
+    detach,
+    set_value,
+)
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ProcessorStats:
+    """Plain counters (spans unless named otherwise); never reset."""
+
+    queued: int = 0
+    exported: int = 0
+    dropped_queue_full: int = 0
+    dropped_after_shutdown: int = 0
+    export_errors: int = 0  # export calls that raised or returned FAILURE
+    export_failed_spans: int = 0  # spans handed to those calls
+
+
+class QueueSpanProcessor(SpanProcessor):
+    """Queue ended spans and export them in batches from a background loop.
+
+    A batch goes out as soon as ``max_export_batch_size`` spans are queued, and whatever is
+    queued goes out at the latest ``schedule_delay_s`` after the previous flush.
+    ``export_timeout_s`` is the default deadline for ``shutdown`` to drain the queue; an export
+    call itself cannot be interrupted, so exporters must bound their own I/O (FastJaegerExporter
+    has a socket timeout).
+    """
+
+    ERROR_LOG_INTERVAL_S = 60.0
+
+    def __init__(
+        self,
+        exporter: SpanExporter,
+        *,
+        max_queue_size: int = 20480,
+        max_export_batch_size: int = 512,
+        schedule_delay_s: float = 0.5,
+        export_timeout_s: float = 30,
+    ) -> None:
+        if max_queue_size < 1 or max_export_batch_size < 1:
+            raise ValueError("max_queue_size and max_export_batch_size must be positive")
+        if schedule_delay_s <= 0:
+            raise ValueError("schedule_delay_s must be positive")
+        self.exporter = exporter
+        self.max_queue_size = max_queue_size
+        self.max_export_batch_size = min(max_export_batch_size, max_queue_size)
+        self.schedule_delay_s = schedule_delay_s
+        self.export_timeout_s = export_timeout_s
+        self.stats = ProcessorStats()
+        # maxlen is a backstop for racing threads; on_end checks the length itself to count drops
+        self._queue: deque[ReadableSpan] = deque(maxlen=max_queue_size)
+        self._shutdown = False
+        self._last_error_log = float("-inf")
+        self._drain_deadline = float("inf")
+        self._start_worker()
+        if hasattr(os, "register_at_fork"):
+            ref = weakref.WeakMethod(self._after_fork)
+            os.register_at_fork(after_in_child=lambda: (ref() or (lambda: None))())
+
+    def _start_worker(self) -> None:
+        self._wake = threading.Event()
+        self._flush_lock = threading.Lock()
+        self._flush_waiters: list[threading.Event] = []
+        self._worker = threading.Thread(
+            target=self._run, name="spoe-agent-span-export", daemon=True
+        )
+        self._worker.start()
+
+    def _after_fork(self) -> None:
+        # the worker did not survive the fork; the parent's queued spans are the parent's to send
+        self._queue.clear()
+        if not self._shutdown:
+            self._start_worker()
+
+    @property
+    def queue_size(self) -> int:
+        return len(self._queue)
+
+    # -- SpanProcessor interface ---------------------------------------------------------------
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        """Nothing to do when a span starts."""
+
+    def on_end(self, span: ReadableSpan) -> None:
+        """Queue a sampled span, or drop and count it; never blocks, never raises."""
+        if self._shutdown:
+            self.stats.dropped_after_shutdown += 1
+            return
+        if not span.context.trace_flags.sampled:
+            return
+        queue = self._queue
+        if len(queue) >= self.max_queue_size:
+            self.stats.dropped_queue_full += 1
+            return
+        queue.append(span)
+        self.stats.queued += 1
+        if len(queue) >= self.max_export_batch_size and not self._wake.is_set():
+            self._wake.set()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        """Export everything queued so far; False if that did not finish within the timeout."""
+        if self._shutdown:
+            return not self._queue
+        done = threading.Event()
+        with self._flush_lock:
+            self._flush_waiters.append(done)
+        self._wake.set()
+        return done.wait(timeout_millis / 1000)
+
+    def shutdown(self, timeout_s: float | None = None) -> None:
+        """Stop accepting spans, export what is queued within the deadline, shut the exporter."""
+        if self._shutdown:
+            return
+        timeout = self.export_timeout_s if timeout_s is None else timeout_s
+        self._drain_deadline = time.monotonic() + timeout
+        self._shutdown = True
+        self._wake.set()
+        self._worker.join(timeout)
+        if self._worker.is_alive():
+            log.warning(
+                "span export did not finish within %.1fs; %d spans left", timeout, len(self._queue)
+            )
+        try:
+            self.exporter.shutdown()
+        except Exception:
+            log.exception("span exporter shutdown failed")
+
+    # -- the flush loop ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        next_flush = time.monotonic() + self.schedule_delay_s
+        while not self._shutdown:
+            timeout = next_flush - time.monotonic()
+            if timeout > 0:
+                self._wake.wait(timeout)
+            self._wake.clear()
+            if self._shutdown:
+                break
+            with self._flush_lock:
+                waiters, self._flush_waiters = self._flush_waiters, []
+            now = time.monotonic()
+            if waiters or now >= next_flush:
+                self._export(everything=True)
+                next_flush = time.monotonic() + self.schedule_delay_s
+                for waiter in waiters:
+                    waiter.set()
+            else:
+                self._export(everything=False)
+        self._export(everything=True, deadline=self._drain_deadline)
+        with self._flush_lock:
+            waiters, self._flush_waiters = self._flush_waiters, []
+        for waiter in waiters:
+            waiter.set()
+
+    def _export(self, everything: bool, deadline: float = float("inf")) -> None:
+        """Export full batches, then (if ``everything``) the remainder."""
+        queue = self._queue
+        size = self.max_export_batch_size
+        first = True
+        while queue and (everything or len(queue) >= size):
+            if not first:
+                time.sleep(0)  # let the request path run between batches
+                if time.monotonic() >= deadline:
+                    return
+            first = False
+            batch = [queue.popleft() for _ in range(min(size, len(queue)))]
+            self._export_batch(batch)
+
+    def _export_batch(self, batch: list[ReadableSpan]) -> None:
+        token = attach(set_value(_SUPPRESS_INSTRUMENTATION_KEY, True))
+        error: Exception | None = None
+        try:
+            result = self.exporter.export(batch)
+        except Exception as exc:
+            error, result = exc, SpanExportResult.FAILURE
+        finally:
+            detach(token)
+        if result is SpanExportResult.SUCCESS:
+            self.stats.exported += len(batch)
+            return
+        self.stats.export_errors += 1
+        self.stats.export_failed_spans += len(batch)
+        now = time.monotonic()
+        if now - self._last_error_log >= self.ERROR_LOG_INTERVAL_S:  # a dead exporter: log rarely
+            self._last_error_log = now
+            log.warning(
+                "exporting %d spans failed (%d failed exports so far)",
+                len(batch),
+                self.stats.export_errors,
+                exc_info=error,
+            )

@@ -1,0 +1,121 @@
+"""``python -m spoe_agent.viewer``: print every finished trace as a tree, optionally as JSON lines.
+
+Listens like jaeger-agent (UDP compact thrift) and jaeger-collector (HTTP binary thrift); a trace
+is printed once no span has arrived for it for ``--quiet-s``.  SIGINT/SIGTERM print what is still
+pending and exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from typing import IO
+
+from spoe_agent.viewer.receiver import JaegerReceiver, ReceivedSpan
+from spoe_agent.viewer.render import render_trace, to_json
+
+
+def _address(text: str) -> tuple[str, int]:
+    """HOST:PORT (``[v6]:PORT`` for IPv6); an empty host means all IPv4 interfaces."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    host = host.strip("[]") or "0.0.0.0"
+    try:
+        return host, int(port)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad port in {text!r}") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m spoe_agent.viewer", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--udp",
+        type=_address,
+        default=("127.0.0.1", 6831),
+        metavar="HOST:PORT",
+        help="jaeger-agent compact thrift listener (default 127.0.0.1:6831)",
+    )
+    parser.add_argument(
+        "--http",
+        type=_address,
+        default=("127.0.0.1", 14268),
+        metavar="HOST:PORT",
+        help="jaeger-collector /api/traces listener (default 127.0.0.1:14268)",
+    )
+    parser.add_argument("--no-udp", action="store_true", help="do not listen on UDP")
+    parser.add_argument("--no-http", action="store_true", help="do not listen on HTTP")
+    parser.add_argument("--jsonl", metavar="FILE", help="also append each trace as a JSON line")
+    parser.add_argument(
+        "--quiet-s",
+        type=float,
+        default=1.0,
+        help="a trace is complete after this long without new spans (default 1)",
+    )
+    return parser
+
+
+class _Printer:
+    """Writes finished traces; called from the receiver's thread, one trace at a time."""
+
+    def __init__(self, out: IO[str], jsonl: IO[str] | None) -> None:
+        self.out = out
+        self.jsonl = jsonl
+        self._lock = threading.Lock()
+
+    def __call__(self, trace: list[ReceivedSpan]) -> None:
+        with self._lock:
+            self.out.write(render_trace(trace) + "\n\n")
+            self.out.flush()
+            if self.jsonl is not None:
+                self.jsonl.write(json.dumps(to_json(trace), sort_keys=True) + "\n")
+                self.jsonl.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    jsonl = open(args.jsonl, "a", encoding="utf-8") if args.jsonl else None  # noqa: SIM115
+    receiver = JaegerReceiver(
+        None if args.no_udp else args.udp,
+        None if args.no_http else args.http,
+        quiet_s=args.quiet_s,
+        on_trace=_Printer(sys.stdout, jsonl),
+        keep_spans=False,
+    )
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        receiver.start()
+    except OSError as exc:
+        print(f"cannot listen: {exc}", file=sys.stderr)
+        return 1
+    listening = []
+    if receiver.udp_address:
+        host, port = receiver.udp_address
+        listening.append(f"udp {host}:{port}")
+    if receiver.http_address:
+        host, port = receiver.http_address
+        listening.append(f"http {host}:{port}/api/traces")
+    print("trace viewer listening on " + ", ".join(listening), file=sys.stderr, flush=True)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        receiver.stop(flush=True)
+        if jsonl is not None:
+            jsonl.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

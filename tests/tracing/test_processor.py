@@ -1,0 +1,233 @@
+"""QueueSpanProcessor: on_end never blocks or raises, the queue stays bounded, failures are counted.
+
+Waits use generous timeouts only to avoid hanging on a bug; nothing asserts how long anything took.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.trace import SpanContext, TraceFlags
+
+from spoe_agent.tracing.processor import QueueSpanProcessor
+
+WAIT = 10.0
+REPO = Path(__file__).resolve().parents[2]
+
+
+def span(i: int, sampled: bool = True) -> ReadableSpan:
+    ctx = SpanContext(1 + i, 1 + i, is_remote=False, trace_flags=TraceFlags(int(sampled)))
+    return ReadableSpan(name=f"span {i}", context=ctx, start_time=1, end_time=2)
+
+
+class Recording(SpanExporter):
+    """Records each batch; can be told to stall (block inside export) or to fail."""
+
+    def __init__(self, result: SpanExportResult = SpanExportResult.SUCCESS) -> None:
+        self.batches: list[list[str]] = []
+        self.result = result
+        self.raises: Exception | None = None
+        self.release = threading.Event()
+        self.release.set()
+        self.entered = threading.Event()
+        self.shut_down = False
+        self._cond = threading.Condition()
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.entered.set()
+        self.release.wait()
+        with self._cond:
+            self.batches.append([s.name for s in spans])
+            self._cond.notify_all()
+        if self.raises is not None:
+            raise self.raises
+        return self.result
+
+    def shutdown(self) -> None:
+        self.shut_down = True
+
+    @property
+    def names(self) -> list[str]:
+        return [name for batch in self.batches for name in batch]
+
+    def wait_for_spans(self, count: int) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: len(self.names) >= count, WAIT)
+
+
+@pytest.fixture
+def stalled() -> Iterator[Recording]:
+    exporter = Recording()
+    exporter.release.clear()
+    yield exporter
+    exporter.release.set()  # never leave the worker blocked behind
+
+
+def test_full_queue_drops_and_counts_and_never_grows(stalled: Recording) -> None:
+    processor = QueueSpanProcessor(
+        stalled, max_queue_size=10, max_export_batch_size=5, schedule_delay_s=60
+    )
+    for i in range(5):
+        processor.on_end(span(i))
+    assert stalled.entered.wait(WAIT)  # the worker took those 5 and is stuck exporting them
+    for i in range(5, 1030):
+        processor.on_end(span(i))
+        assert processor.queue_size <= 10
+    assert processor.queue_size == 10
+    assert processor.stats.queued == 15
+    assert processor.stats.dropped_queue_full == 1015
+    stalled.release.set()
+    processor.shutdown(timeout_s=WAIT)
+    assert stalled.names == [f"span {i}" for i in range(15)]
+    assert processor.stats.exported == 15
+
+
+def test_full_batches_go_out_without_waiting_for_the_delay() -> None:
+    exporter = Recording()
+    processor = QueueSpanProcessor(exporter, max_export_batch_size=4, schedule_delay_s=3600)
+    for i in range(8):
+        processor.on_end(span(i))
+    assert exporter.wait_for_spans(8)
+    assert exporter.batches == [[f"span {i}" for i in range(4)], [f"span {i}" for i in range(4, 8)]]
+    for i in range(8, 11):
+        processor.on_end(span(i))
+    assert processor.queue_size == 3  # a partial batch waits for the delay (an hour here) ...
+    assert processor.force_flush(int(WAIT * 1000))  # ... or a flush
+    assert exporter.batches[-1] == ["span 8", "span 9", "span 10"]
+    assert processor.stats.exported == 11 and processor.queue_size == 0
+    processor.shutdown()
+
+
+def test_partial_batch_goes_out_after_the_delay() -> None:
+    exporter = Recording()
+    processor = QueueSpanProcessor(exporter, max_export_batch_size=100, schedule_delay_s=0.05)
+    for i in range(3):
+        processor.on_end(span(i))
+    assert exporter.wait_for_spans(3)
+    assert exporter.batches == [["span 0", "span 1", "span 2"]]
+    processor.shutdown()
+
+
+def test_unsampled_spans_are_not_queued() -> None:
+    exporter = Recording()
+    processor = QueueSpanProcessor(exporter, schedule_delay_s=3600)
+    processor.on_end(span(1, sampled=False))
+    processor.on_end(span(2))
+    processor.shutdown()
+    assert exporter.names == ["span 2"]
+    assert processor.stats.queued == 1
+
+
+@pytest.mark.parametrize("failure", ["raises", "returns FAILURE"])
+def test_export_failures_are_counted_never_raised(failure: str) -> None:
+    exporter = Recording()
+    if failure == "raises":
+        exporter.raises = RuntimeError("collector on fire")
+    else:
+        exporter.result = SpanExportResult.FAILURE
+    processor = QueueSpanProcessor(exporter, max_export_batch_size=2, schedule_delay_s=3600)
+    for i in range(5):
+        processor.on_end(span(i))  # must not raise
+    assert processor.force_flush(int(WAIT * 1000))
+    assert processor.stats.export_errors == 3  # batches of 2, 2, 1
+    assert processor.stats.export_failed_spans == 5
+    assert processor.stats.exported == 0
+    processor.on_end(span(5))  # still accepting after failures
+    processor.shutdown()
+    assert exporter.names == [f"span {i}" for i in range(6)]
+
+
+def test_shutdown_flushes_whats_queued_and_shuts_the_exporter() -> None:
+    exporter = Recording()
+    processor = QueueSpanProcessor(exporter, max_export_batch_size=1000, schedule_delay_s=3600)
+    for i in range(7):
+        processor.on_end(span(i))
+    processor.shutdown()
+    assert exporter.names == [f"span {i}" for i in range(7)]
+    assert exporter.shut_down
+    processor.on_end(span(8))
+    assert processor.stats.dropped_after_shutdown == 1
+    assert processor.force_flush(100)  # nothing left to flush
+    processor.shutdown()  # idempotent
+
+
+def test_shutdown_gives_up_at_its_deadline_on_a_stalled_exporter(stalled: Recording) -> None:
+    processor = QueueSpanProcessor(stalled, max_export_batch_size=2, schedule_delay_s=3600)
+    for i in range(6):
+        processor.on_end(span(i))
+    assert stalled.entered.wait(WAIT)
+    processor.shutdown(timeout_s=0.05)  # returns although the export never completes
+    assert stalled.shut_down
+    assert processor.stats.exported == 0
+
+
+def test_force_flush_reports_a_stalled_exporter(stalled: Recording) -> None:
+    processor = QueueSpanProcessor(stalled, schedule_delay_s=3600)
+    processor.on_end(span(0))
+    assert processor.force_flush(50) is False
+    stalled.release.set()
+    assert processor.force_flush(int(WAIT * 1000))
+    processor.shutdown()
+
+
+def test_rejects_nonsense_sizes() -> None:
+    with pytest.raises(ValueError):
+        QueueSpanProcessor(Recording(), max_queue_size=0)
+    with pytest.raises(ValueError):
+        QueueSpanProcessor(Recording(), schedule_delay_s=0)
+
+
+def test_works_under_gevent_monkeypatching() -> None:
+    """In the agent the flush loop is a greenlet; a stalled export must not stall on_end there."""
+    script = textwrap.dedent(
+        """
+        from gevent import monkey
+        monkey.patch_all()
+        import gevent, gevent.event
+        from opentelemetry.sdk.trace import ReadableSpan
+        from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+        from opentelemetry.trace import SpanContext, TraceFlags
+        from spoe_agent.tracing.processor import QueueSpanProcessor
+
+        release = gevent.event.Event()
+        exported = []
+
+        class Slow(SpanExporter):
+            def export(self, spans):
+                release.wait()  # cooperative: other greenlets keep running
+                exported.extend(spans)
+                return SpanExportResult.SUCCESS
+
+        def span(i):
+            ctx = SpanContext(i + 1, i + 1, False, TraceFlags(1))
+            return ReadableSpan(name=str(i), context=ctx, start_time=1, end_time=2)
+
+        p = QueueSpanProcessor(Slow(), max_queue_size=50, max_export_batch_size=10,
+                               schedule_delay_s=0.01)
+        for i in range(10):
+            p.on_end(span(i))
+        gevent.sleep(0.05)  # the flush greenlet takes the batch and blocks in export
+        for i in range(10, 200):
+            p.on_end(span(i))
+        assert p.queue_size == 50, p.queue_size
+        assert p.stats.dropped_queue_full == 140, p.stats
+        release.set()
+        assert p.force_flush(10000)
+        p.shutdown()
+        assert len(exported) == 60, len(exported)
+        print("ok")
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
