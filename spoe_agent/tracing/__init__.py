@@ -1,0 +1,1 @@
+"""HAProxy stream events as OpenTelemetry traces: the span language, sessions, propagation."""

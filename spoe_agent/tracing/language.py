@@ -1,0 +1,306 @@
+"""The span language: SPOE message arguments compiled into small, picklable commands.
+
+A message is a sequence of ``name=value`` arguments, read in order: the keywords of
+spoa-opentracing (``id``, ``span``, ``child-of``, ``follows-from``, ``tag``, ``baggage``, ``log``,
+``finish``, with ``finish=*`` ending the session) plus ``ts`` (event time in microseconds),
+``service``, ``kind``, ``inject`` and the propagation headers (``traceparent``, ``b3``,
+``uber-trace-id``, ``uberctx-*``...). ``tag``, ``baggage`` and ``log`` take the unnamed arguments
+after them as their value. Compiling happens apart from applying so that a command can be sent, as
+plain tuples, to whichever process owns the session; nothing here touches session state.
+
+Values from HAProxy are data only: they are converted to plain ``str``/``int``/``bool`` and
+cleaned of lone surrogates (which the thrift and protobuf encoders reject, losing a whole batch),
+never interpreted.
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import MutableMapping
+from typing import Any, NamedTuple
+
+from spoe_agent.protocol.types import Message, Typed
+from spoe_agent.tracing.propagation import CARRIER_KEYS, UBERCTX_PREFIX
+
+# Operation codes: the first item of each op tuple.
+OP_SPAN = 0  # (OP_SPAN, name): start the span, or select it if open
+OP_CHILD_OF = 1  # (OP_CHILD_OF, parent_name)
+OP_FOLLOWS_FROM = 2  # (OP_FOLLOWS_FROM, parent_name): parent and link
+OP_KIND = 3  # (OP_KIND, SpanKind value as int)
+OP_TAG = 4  # (OP_TAG, key, value)
+OP_ERROR = 5  # (OP_ERROR,): the selected span's status becomes ERROR
+OP_BAGGAGE = 6  # (OP_BAGGAGE, key, str value)
+OP_LOG = 7  # (OP_LOG, key, value)
+OP_FINISH = 8  # (OP_FINISH, name)
+OP_FINISH_ALL = 9  # (OP_FINISH_ALL,): end every open span and the session
+OP_INJECT = 10  # (OP_INJECT, name)
+
+# SpanKind values, kept as ints so commands stay plain data.
+KIND_VALUES = {"internal": 0, "server": 1, "client": 2, "producer": 3, "consumer": 4}
+
+_INT64_MIN = -(2**63)
+_INT64_MAX = 2**63 - 1
+
+
+class Command(NamedTuple):
+    """One message's effect on one session, in argument order.
+
+    ``carrier`` is ``None`` when the message named no propagation header, and a (possibly empty)
+    dict of lowercased header names when it did: an empty dict still means "the headers were
+    seen and carried no context", which lets the session fix its trace id.
+    """
+
+    key: str
+    ts_ns: int | None
+    service: str | None
+    carrier: dict[str, str] | None
+    ops: tuple[tuple[Any, ...], ...]
+
+
+# Argument names to codes: below _K_ID, the op the keyword compiles to.
+_K_ID, _K_TS, _K_SERVICE, _K_KIND, _K_HEADER, _K_UNKNOWN = 20, 21, 22, 23, 24, 25
+_ARGS: dict[str, int] = {
+    "id": _K_ID,
+    "span": OP_SPAN,
+    "finish": OP_FINISH,
+    "child-of": OP_CHILD_OF,
+    "child_of": OP_CHILD_OF,
+    "follows-from": OP_FOLLOWS_FROM,
+    "follows_from": OP_FOLLOWS_FROM,
+    "inject": OP_INJECT,
+    "tag": OP_TAG,
+    "log": OP_LOG,
+    "baggage": OP_BAGGAGE,
+    "ts": _K_TS,
+    "service": _K_SERVICE,
+    "kind": _K_KIND,
+}
+# Whether an op's keyword takes the unnamed arguments after it as its value.
+_TAKES_VALUES = tuple(op in (OP_TAG, OP_LOG, OP_BAGGAGE) for op in range(_K_ID))
+# The exact spellings of the headers resolve without the slow path; "baggage" is a keyword
+# first (see parse_message).
+_HEADER_NAMES: dict[str, str] = {}
+for _key in CARRIER_KEYS:
+    for _alias in (_key, _key.replace("-", "_")):
+        if _alias not in _ARGS:
+            _ARGS[_alias] = _K_HEADER
+            _HEADER_NAMES[_alias] = _key
+del _key, _alias
+_tuple_new = tuple.__new__
+_FINISH_ALL_OP = (OP_FINISH_ALL,)
+_ERROR_OP = (OP_ERROR,)
+
+_UBERCTX_LEN = len(UBERCTX_PREFIX)
+
+
+def _surrogate_bytes(error: UnicodeError) -> tuple[bytes, int]:
+    """Encode error handler: an escaped byte (U+DC80..U+DCFF) becomes that byte again, any
+    other lone surrogate U+FFFD, so that decoding with ``replace`` recovers what was valid."""
+    if not isinstance(error, UnicodeEncodeError):
+        raise error
+    out = bytearray()
+    for char in error.object[error.start : error.end]:
+        code = ord(char)
+        out += bytes((code - 0xDC00,)) if 0xDC80 <= code <= 0xDCFF else b"\xef\xbf\xbd"
+    return bytes(out), error.end
+
+
+codecs.register_error("spoe_agent.surrogates", _surrogate_bytes)
+
+
+def clean_str(s: str) -> str:
+    """Make a string encodable as UTF-8: the protocol decodes with ``surrogateescape``, and a
+    lone surrogate would make the exporter fail on the whole batch it sits in."""
+    if s.isascii():
+        return s
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        return s.encode("utf-8", "spoe_agent.surrogates").decode("utf-8", "replace")
+
+
+def to_text(value: Any) -> str:
+    """Render a sample as text, for names, header values and concatenated tag values."""
+    t = type(value)
+    if t is str:
+        return clean_str(value)
+    if t is bytes:
+        return value.decode("utf-8", "replace")
+    if t is bool:
+        return "true" if value else "false"
+    if value is None:
+        return ""
+    if t is Typed:
+        return to_text(value.value)
+    return clean_str(str(value))
+
+
+def to_attribute(value: Any) -> str | int | bool | None:
+    """Convert one sample to an attribute value, keeping its type where the exporters can."""
+    t = type(value)
+    if t is str:
+        return clean_str(value)
+    if t is bool:
+        return value
+    if t is int:
+        # Jaeger and OTLP carry int64; a UINT64 beyond that is kept exact as text.
+        return value if _INT64_MIN <= value <= _INT64_MAX else str(value)
+    if value is None:
+        return None
+    if t is Typed:
+        return to_attribute(value.value)
+    return to_text(value)
+
+
+def _header_key(name: str) -> str | None:
+    """Slow path for header spellings not in the table: any case, ``_`` for ``-``."""
+    low = name.lower()
+    if low.startswith(UBERCTX_PREFIX) or low.startswith("uberctx_"):
+        rest = name[_UBERCTX_LEN:]
+        return UBERCTX_PREFIX + rest if rest else None
+    low = low.replace("_", "-")
+    return low if low in CARRIER_KEYS else None
+
+
+def _count(stats: MutableMapping[str, int] | None, key: str, n: int = 1) -> None:
+    if stats is not None:
+        stats[key] = stats.get(key, 0) + n
+
+
+def _flush(
+    op: int,
+    key: str,
+    values: list[Any],
+    ops: list[tuple[Any, ...]],
+    stats: MutableMapping[str, int] | None,
+) -> None:
+    """Turn a tag/baggage/log keyword and the unnamed values after it into one op."""
+    if len(values) == 1:
+        value = values[0]
+        t = type(value)
+        if t is str:
+            if not value.isascii():
+                value = clean_str(value)
+        elif t is not int and t is not bool:
+            value = to_attribute(value)
+            if value is None:  # a failed fetch sets nothing
+                return
+        elif t is int and not _INT64_MIN <= value <= _INT64_MAX:
+            value = str(value)
+    elif values:
+        value = "".join([to_text(v) for v in values])
+    else:
+        _count(stats, "missing_value")
+        return
+    if op == OP_BAGGAGE:
+        if type(value) is not str:
+            value = to_text(value)
+    elif value is True and op == OP_TAG and key == "error":
+        ops.append((op, key, value))
+        ops.append(_ERROR_OP)
+        return
+    ops.append((op, key, value))
+
+
+def parse_message(
+    message: Message, stats: MutableMapping[str, int] | None = None
+) -> Command | None:
+    """Compile a message, or return ``None`` when it asks nothing of a session.
+
+    Anomalies (a missing id, unknown argument names, stray unnamed values, bad names...) are
+    counted in ``stats`` when given, and otherwise skipped: a configuration mistake must cost
+    spans, never the agent.
+
+    ``baggage`` is both a keyword and the W3C header: followed by unnamed values it is the
+    keyword (``baggage=str("k") unique-id``), otherwise the header (``baggage=req.hdr(baggage)``).
+    """
+    args = message.args
+    n = len(args)
+    key: str | None = None
+    ts_ns: int | None = None
+    service: str | None = None
+    carrier: dict[str, str] | None = None
+    ops: list[tuple[Any, ...]] = []
+    pending = -1  # the tag/baggage/log op collecting the unnamed values after it
+    pending_key = ""
+    values: list[Any] = []
+    bad_name = 0
+    i = 0
+    lookup = _ARGS.get
+    for name, value in args:
+        i += 1
+        if not name:
+            if pending >= 0:
+                values.append(value)
+            else:
+                _count(stats, "stray_value")
+            continue
+        if pending >= 0:
+            _flush(pending, pending_key, values, ops, stats)
+            values = []
+            pending = -1
+        code = lookup(name, _K_UNKNOWN)
+        if code < _K_ID and (code != OP_BAGGAGE or (i < n and not args[i][0])):
+            # A keyword whose value is a name: ascii strings are the fast path.
+            if type(value) is str and value:
+                if not value.isascii():
+                    value = clean_str(value)
+            else:
+                value = to_text(value)
+                if not value:
+                    bad_name += 1
+                    continue
+            if _TAKES_VALUES[code]:
+                pending = code
+                pending_key = value
+            elif code == OP_FINISH and value == "*":
+                ops.append(_FINISH_ALL_OP)
+            else:
+                ops.append((code, value))
+        elif code == _K_ID:
+            if key is None and value is not None:
+                key = value if type(value) is str else to_text(value)
+        elif code == _K_TS:
+            if type(value) is int and value > 0:
+                ts_ns = value * 1000
+            else:
+                _count(stats, "bad_ts")
+        elif code == _K_HEADER or code == _K_UNKNOWN or code == OP_BAGGAGE:
+            # OP_BAGGAGE here: "baggage" with no value after it is the W3C header.
+            header = _HEADER_NAMES.get(name) or _header_key(name)
+            if header is None:
+                _count(stats, "unknown_arg")
+                continue
+            if carrier is None:
+                carrier = {}
+            if value is not None:
+                text = to_text(value)
+                if text:
+                    carrier[header] = text
+        else:
+            text = to_text(value)
+            if not text:
+                bad_name += 1
+            elif code == _K_SERVICE:
+                service = text
+            else:
+                kind = KIND_VALUES.get(text.lower())
+                if kind is None:
+                    _count(stats, "bad_kind")
+                else:
+                    ops.append((OP_KIND, kind))
+    if pending >= 0:
+        _flush(pending, pending_key, values, ops, stats)
+    if bad_name:
+        _count(stats, "empty_name", bad_name)
+
+    if not ops and carrier is None:
+        return None
+    if not key:
+        _count(stats, "missing_id")
+        return None
+    if not key.isascii():
+        key = clean_str(key)
+    # tuple.__new__ skips the NamedTuple's Python-level __new__: half the cost, same object.
+    return _tuple_new(Command, (key, ts_ns, service, carrier, tuple(ops)))

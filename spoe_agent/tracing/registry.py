@@ -1,0 +1,681 @@
+"""Open tracing sessions, keyed by HAProxy's unique-id, and the spans they become.
+
+HAProxy reports a stream as a series of events; each compiled :class:`Command` starts, selects,
+annotates and ends named spans of one session. Spans are kept as small records rather than SDK
+spans because most of a session's life happens before its trace id is known: HAProxy sees the
+request headers (and so the incoming trace context) only after the root span has started.
+Span ids are assigned at start; the trace id and the sampling decision are fixed lazily, when
+the headers arrive, at the first inject or at the session's end, and only then are finished
+spans turned into SDK :class:`ReadableSpan` objects and handed to ``emit``.
+
+Sessions whose end HAProxy never reports (aborted streams, a restarted HAProxy, a lost
+connection) are ended by TTL or by the session cap; their open spans are emitted marked
+incomplete, so nothing leaks and nothing is emitted twice.
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Mapping
+from functools import partial
+from typing import Any
+
+from opentelemetry.attributes import BoundedAttributes
+from opentelemetry.context import Context
+from opentelemetry.propagators.textmap import TextMapPropagator
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import Event, ReadableSpan
+from opentelemetry.sdk.trace.id_generator import IdGenerator
+from opentelemetry.sdk.trace.sampling import Sampler
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import (
+    Link,
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    TraceFlags,
+    TraceState,
+    set_span_in_context,
+)
+from opentelemetry.trace.status import Status, StatusCode
+
+from spoe_agent import __version__
+from spoe_agent.protocol.types import Scope, SetVar
+from spoe_agent.tracing.language import (
+    OP_BAGGAGE,
+    OP_CHILD_OF,
+    OP_ERROR,
+    OP_FINISH,
+    OP_FINISH_ALL,
+    OP_FOLLOWS_FROM,
+    OP_INJECT,
+    OP_KIND,
+    OP_LOG,
+    OP_SPAN,
+    OP_TAG,
+    Command,
+)
+from spoe_agent.tracing.propagation import extract_context, inject_vars
+
+INCOMPLETE_ATTRIBUTE = "haproxy.span.incomplete"
+
+# Bounds on what one span or session may accumulate, whatever HAProxy sends.
+_MAX_ITEMS_PER_SPAN = 128
+_MAX_BAGGAGE_ITEMS = 64
+_MAX_CACHED_RESOURCES = 256
+
+_KINDS = (SpanKind.INTERNAL, SpanKind.SERVER, SpanKind.CLIENT, SpanKind.PRODUCER, SpanKind.CONSUMER)
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
+_EMPTY_TRACE_STATE = TraceState()
+_ID_LIMIT = 1 << 64
+_TRACE_ID_LIMIT = 1 << 128
+_UNSET_STATUS = Status(StatusCode.UNSET)
+_ERROR_STATUS = Status(StatusCode.ERROR)
+_EMPTY_CONTEXT = Context()
+_SCOPE = InstrumentationScope("spoe_agent", __version__)
+_CREATING_OPS = frozenset({OP_SPAN, OP_BAGGAGE})
+
+
+def _span_context_factory() -> Callable[[int, int, TraceFlags, TraceState], SpanContext]:
+    """A constructor for local span contexts without ``SpanContext``'s validation.
+
+    The ids are ours (checked when generated) or come from a context the propagator already
+    validated, and building ten contexts per request through the validating constructor costs
+    a tenth of the per-request budget. The layout is checked against the real constructor at
+    import, falling back to it if a future API release changes the tuple.
+    """
+    state = TraceState()
+    reference = SpanContext(1, 2, False, _SAMPLED, state)
+
+    def fast(trace_id: int, span_id: int, flags: TraceFlags, trace_state: TraceState):
+        return _tuple_new(SpanContext, (trace_id, span_id, False, flags, trace_state, True))
+
+    def slow(trace_id: int, span_id: int, flags: TraceFlags, trace_state: TraceState):
+        return SpanContext(trace_id, span_id, False, flags, trace_state)
+
+    try:
+        candidate = fast(1, 2, _SAMPLED, state)
+        if tuple(candidate) == tuple(reference) and (
+            candidate.trace_id,
+            candidate.span_id,
+            candidate.is_remote,
+            candidate.trace_flags,
+            candidate.trace_state,
+            candidate.is_valid,
+        ) == (1, 2, False, _SAMPLED, state, True):
+            return fast
+    except Exception:  # pragma: no cover - depends on the installed API
+        pass
+    return slow  # pragma: no cover
+
+
+_tuple_new = tuple.__new__
+_new_context = _span_context_factory()
+# ReadableSpan's parameters, in order: passing them positionally halves its construction cost.
+_POSITIONAL_READABLE_SPAN = list(inspect.signature(ReadableSpan.__init__).parameters)[1:14] == [
+    "name",
+    "context",
+    "parent",
+    "resource",
+    "attributes",
+    "events",
+    "links",
+    "kind",
+    "instrumentation_info",
+    "status",
+    "start_time",
+    "end_time",
+    "instrumentation_scope",
+]
+
+# The counters `stats` always holds, so exported metrics exist before the first anomaly.
+STAT_KEYS = (
+    "sessions_started",
+    "sessions_finished",
+    "sessions_evicted_ttl",
+    "sessions_evicted_cap",
+    "sessions_closed",
+    "spans_started",
+    "spans_emitted",
+    "spans_incomplete",
+    "unknown_session",
+    "late_message",
+    "unknown_parent",
+    "unknown_span",
+    "inject_unknown",
+    "no_span_selected",
+    "span_ended",
+    "span_limit",
+    "item_limit",
+    "late_carrier",
+    "extract_error",
+    "inject_error",
+    "sampler_error",
+    "emit_error",
+)
+
+
+def _events(events: list[tuple[str, Any, int]]) -> tuple[Event, ...]:
+    # The Jaeger translator reads ``event.attributes.dropped``: BoundedAttributes it must be.
+    return tuple(
+        [Event(key, BoundedAttributes(attributes={key: value}), ts) for key, value, ts in events]
+    )
+
+
+class _Span:
+    """A span of an open session; ``parent`` and ``links`` point at records of the same session."""
+
+    __slots__ = (
+        "name",
+        "span_id",
+        "parent",
+        "links",
+        "kind",
+        "attrs",
+        "events",
+        "start_ns",
+        "end_ns",
+        "status",
+    )
+
+    def __init__(self, name: str, span_id: int, start_ns: int) -> None:
+        self.name = name
+        self.span_id = span_id
+        self.parent: _Span | None = None
+        self.links: tuple[_Span, ...] | None = None
+        self.kind = 0
+        self.attrs: dict[str, Any] | None = None
+        self.events: list[tuple[str, Any, int]] | None = None
+        self.start_ns = start_ns
+        self.end_ns: int | None = None
+        self.status: Status | None = None
+
+
+class _Session:
+    """One HAProxy stream: its spans by name (the latest record of each) and its trace context.
+
+    ``trace_id is None`` means the context is not fixed yet; ended spans then wait in
+    ``pending``. Once fixed, an ended span has been emitted (or dropped, if unsampled).
+    """
+
+    __slots__ = (
+        "key",
+        "spans",
+        "started",
+        "last_ns",
+        "service",
+        "trace_id",
+        "sampled",
+        "flags",
+        "trace_state",
+        "remote",
+        "baggage",
+        "pending",
+        "resource",
+    )
+
+    def __init__(self, key: str, now_ns: int) -> None:
+        self.key = key
+        self.spans: dict[str, _Span] = {}
+        self.started = 0
+        self.last_ns = now_ns
+        self.service: str | None = None
+        self.trace_id: int | None = None
+        self.sampled: bool | None = None
+        self.flags = _NOT_SAMPLED
+        self.trace_state = _EMPTY_TRACE_STATE
+        self.remote: SpanContext | None = None
+        self.baggage: dict[str, str] | None = None
+        self.pending: list[_Span] | None = None
+        self.resource: Resource | None = None  # resolved at the first emission
+
+
+class SessionRegistry:
+    """Applies commands to sessions and emits their spans as SDK ``ReadableSpan`` objects.
+
+    All methods are pure Python with no I/O and no blocking call, so under gevent each call runs
+    atomically with respect to other greenlets and no lock is needed; ``emit``, ``propagator``,
+    ``sampler`` and ``resource_for_service`` must not block or yield either (a span processor's
+    ``on_end`` that only enqueues is fine).
+    """
+
+    def __init__(
+        self,
+        emit: Callable[[ReadableSpan], None],
+        *,
+        propagator: TextMapPropagator,
+        sampler: Sampler,
+        id_generator: IdGenerator | None = None,
+        clock_ns: Callable[[], int] = time.time_ns,
+        ttl_s: float = 30.0,
+        max_sessions: int = 100_000,
+        resource_for_service: Callable[[str], Resource],
+        default_service: str,
+        max_spans_per_session: int = 64,
+        max_attr_len: int = 4096,
+    ) -> None:
+        if max_sessions < 1:
+            raise ValueError("max_sessions must be at least 1")
+        self._emit = emit
+        self._propagator = propagator
+        self._sampler = sampler
+        if id_generator is None:
+            # RandomIdGenerator's draws without its method call (zero is redrawn in _start).
+            self._span_id = partial(random.getrandbits, 64)
+            self._trace_id = partial(random.getrandbits, 128)
+        else:
+            self._span_id = id_generator.generate_span_id
+            self._trace_id = id_generator.generate_trace_id
+        self._clock_ns = clock_ns
+        self._ttl_ns = int(ttl_s * 1e9)
+        self._max_sessions = max_sessions
+        self._resource_for_service = resource_for_service
+        self._default_service = default_service
+        self._max_spans = max_spans_per_session
+        self._max_attr_len = max_attr_len
+        self._resources: dict[str, Resource] = {}
+        self._incomplete: dict[str, Status] = {}
+        # Least recently active first: expiry scans from the front and stops at a live one.
+        self._sessions: OrderedDict[str, _Session] = OrderedDict()
+        # Keys of sessions ended by TTL or cap, with when: the rest of such a stream (a slow
+        # response, a long websocket) must not come back as an orphan trace.
+        self._evicted: OrderedDict[str, int] = OrderedDict()
+        self.stats: Counter[str] = Counter(dict.fromkeys(STAT_KEYS, 0))
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._sessions
+
+    # -- commands -------------------------------------------------------------------------------
+
+    def apply(self, command: Command) -> list[SetVar]:
+        """Apply one compiled message to its session; return the variables its injects set."""
+        key, ts_ns, service, carrier, ops = command
+        sessions = self._sessions
+        now = self._clock_ns()
+        t = ts_ns or now
+        session = sessions.get(key)
+        if session is None:
+            if key in self._evicted:
+                self.stats["late_message"] += 1
+                return []
+            if carrier is None and not any(op[0] in _CREATING_OPS for op in ops):
+                # Only ends or annotations for a session that is gone (or never started).
+                self.stats["unknown_session"] += 1
+                return []
+            session = self._new_session(key, now)
+        else:
+            sessions.move_to_end(key)
+            session.last_ns = now
+        if service and service != session.service:
+            session.service = service
+            session.resource = None
+        if carrier is not None:
+            self._on_carrier(session, carrier)
+
+        out: list[SetVar] = []
+        spans = session.spans
+        sel: _Span | None = None
+        for op in ops:
+            code = op[0]
+            if code == OP_SPAN:
+                sel = spans.get(op[1])
+                if sel is None or sel.end_ns is not None:
+                    sel = self._start(session, op[1], t)
+                continue
+            if code == OP_FINISH:
+                span = spans.get(op[1])
+                if span is None or span.end_ns is not None:
+                    self.stats["unknown_span"] += 1
+                else:
+                    self._end_span(session, span, t)
+                continue
+            if code == OP_BAGGAGE:
+                self._set_baggage(session, op[1], op[2])
+                continue
+            if code == OP_INJECT:
+                self._inject(session, op[1], out)
+                continue
+            if code == OP_FINISH_ALL:
+                del sessions[key]
+                self.stats["sessions_finished"] += 1
+                self._end_session(session, t, None)
+                break
+            # The rest changes the selected span, which must not have been emitted yet.
+            if sel is None:
+                self.stats["no_span_selected"] += 1
+                continue
+            if sel.end_ns is not None and session.trace_id is not None:
+                self.stats["span_ended"] += 1
+                continue
+            if code == OP_CHILD_OF or code == OP_FOLLOWS_FROM:
+                parent = spans.get(op[1])
+                if parent is None or parent is sel:
+                    # Left as it was: a span without a parent is a root of the session.
+                    self.stats["unknown_parent"] += 1
+                    continue
+                sel.parent = parent
+                if code == OP_FOLLOWS_FROM:
+                    if sel.links is None:
+                        sel.links = (parent,)
+                    elif len(sel.links) < _MAX_ITEMS_PER_SPAN:
+                        sel.links += (parent,)
+            elif code == OP_TAG:
+                if session.sampled is not False:
+                    self._set_attr(sel, op[1], op[2])
+            elif code == OP_KIND:
+                sel.kind = op[1]
+            elif code == OP_ERROR:
+                if sel.status is None:
+                    sel.status = _ERROR_STATUS
+            elif code == OP_LOG:
+                if session.sampled is not False:
+                    self._add_event(sel, op[1], op[2], t)
+        return out
+
+    def expire(self, now_ns: int | None = None) -> int:
+        """End the sessions idle for longer than the TTL; return how many were ended."""
+        now = self._clock_ns() if now_ns is None else now_ns
+        cutoff = now - self._ttl_ns
+        sessions = self._sessions
+        ended = 0
+        while sessions:
+            session = sessions[next(iter(sessions))]
+            if session.last_ns >= cutoff:
+                break
+            sessions.popitem(last=False)
+            self._end_session(session, now, "ttl")
+            self._remember_evicted(session.key, now)
+            ended += 1
+        self.stats["sessions_evicted_ttl"] += ended
+        evicted = self._evicted
+        while evicted and evicted[next(iter(evicted))] < cutoff:
+            evicted.popitem(last=False)
+        return ended
+
+    def close_all(self, reason: str = "shutdown") -> int:
+        """End every session (at shutdown), their open spans marked incomplete."""
+        now = self._clock_ns()
+        sessions = self._sessions
+        ended = 0
+        while sessions:
+            _, session = sessions.popitem(last=False)
+            self._end_session(session, now, reason)
+            ended += 1
+        self.stats["sessions_closed"] += ended
+        return ended
+
+    # -- sessions -------------------------------------------------------------------------------
+
+    def _new_session(self, key: str, now: int) -> _Session:
+        sessions = self._sessions
+        while len(sessions) >= self._max_sessions:
+            _, oldest = sessions.popitem(last=False)
+            self.stats["sessions_evicted_cap"] += 1
+            self._end_session(oldest, now, "cap")
+            self._remember_evicted(oldest.key, now)
+        session = _Session(key, now)
+        sessions[key] = session
+        self.stats["sessions_started"] += 1
+        return session
+
+    def _remember_evicted(self, key: str, now: int) -> None:
+        evicted = self._evicted
+        evicted[key] = now
+        if len(evicted) > self._max_sessions:
+            evicted.popitem(last=False)
+
+    def _end_session(self, session: _Session, t: int, reason: str | None) -> None:
+        """End the open spans (children first), fix the context if needed, emit what is left.
+
+        ``reason`` is ``None`` for a regular ``finish=*``; otherwise the open spans are
+        incomplete: status ERROR and the incomplete attribute.
+        """
+        status = None if reason is None else self._incomplete_status(reason)
+        for span in reversed(session.spans.values()):
+            if span.end_ns is None:
+                if status is not None:
+                    span.status = status
+                    self.stats["spans_incomplete"] += 1
+                    if session.sampled is not False:
+                        if span.attrs is None:
+                            span.attrs = {}
+                        span.attrs[INCOMPLETE_ATTRIBUTE] = True
+                self._end_span(session, span, t)
+        if session.trace_id is None and session.pending:
+            self._fix(session, None, None)
+
+    def _incomplete_status(self, reason: str) -> Status:
+        status = self._incomplete.get(reason)
+        if status is None:
+            status = Status(
+                StatusCode.ERROR, f"span not finished before the session ended ({reason})"
+            )
+            if len(self._incomplete) < 16:
+                self._incomplete[reason] = status
+        return status
+
+    # -- trace context --------------------------------------------------------------------------
+
+    def _on_carrier(self, session: _Session, carrier: Mapping[str, str]) -> None:
+        if session.trace_id is not None:
+            self.stats["late_carrier"] += 1
+            return
+        remote: SpanContext | None = None
+        baggage: dict[str, str] | None = None
+        if carrier:
+            try:
+                remote, baggage = extract_context(self._propagator, carrier)
+            except Exception:
+                self.stats["extract_error"] += 1
+        self._fix(session, remote, baggage)
+
+    def _fix(
+        self, session: _Session, remote: SpanContext | None, baggage: dict[str, str] | None
+    ) -> None:
+        """Fix the trace id and the sampling decision, then emit the spans that already ended."""
+        if remote is not None:
+            trace_id = remote.trace_id
+            parent_context = set_span_in_context(NonRecordingSpan(remote), _EMPTY_CONTEXT)
+        else:
+            trace_id = self._trace_id()
+            while not 0 < trace_id < _TRACE_ID_LIMIT:
+                trace_id = random.getrandbits(128)
+            parent_context = _EMPTY_CONTEXT
+        root = None
+        for span in session.spans.values():
+            if span.parent is None:
+                root = span
+                break
+        try:
+            if root is None:
+                result = self._sampler.should_sample(
+                    parent_context, trace_id, "", SpanKind.INTERNAL
+                )
+            else:
+                result = self._sampler.should_sample(
+                    parent_context, trace_id, root.name, _KINDS[root.kind], root.attrs, ()
+                )
+            sampled = result.decision.is_sampled()
+            trace_state = result.trace_state
+        except Exception:
+            self.stats["sampler_error"] += 1
+            sampled = False
+            trace_state = None
+        if trace_state is None:
+            trace_state = remote.trace_state if remote is not None else _EMPTY_TRACE_STATE
+        session.trace_id = trace_id
+        session.remote = remote
+        session.sampled = sampled
+        session.flags = _SAMPLED if sampled else _NOT_SAMPLED
+        session.trace_state = trace_state
+        if baggage:
+            own = session.baggage
+            if own is None:
+                session.baggage = dict(list(baggage.items())[:_MAX_BAGGAGE_ITEMS])
+            else:
+                # Baggage the configuration set explicitly wins over what came in.
+                for k, v in baggage.items():
+                    if k not in own and len(own) < _MAX_BAGGAGE_ITEMS:
+                        own[k] = v
+        pending = session.pending
+        session.pending = None
+        if sampled:
+            if pending:
+                for span in pending:
+                    self._emit_span(session, span)
+        else:
+            for span in session.spans.values():
+                span.attrs = span.events = None
+            if pending:
+                for span in pending:
+                    span.attrs = span.events = span.links = None
+
+    def _ctx(self, session: _Session, span: _Span) -> SpanContext:
+        return _new_context(session.trace_id, span.span_id, session.flags, session.trace_state)
+
+    def _inject(self, session: _Session, name: str, out: list[SetVar]) -> None:
+        span = session.spans.get(name)
+        if span is None:
+            self.stats["inject_unknown"] += 1
+            return
+        if session.trace_id is None:
+            self._fix(session, None, None)
+        try:
+            carrier = inject_vars(self._propagator, self._ctx(session, span), session.baggage)
+        except Exception:
+            self.stats["inject_error"] += 1
+            return
+        for var, value in carrier.items():
+            out.append(SetVar(Scope.TXN, var, value))
+
+    # -- spans ----------------------------------------------------------------------------------
+
+    def _start(self, session: _Session, name: str, t: int) -> _Span | None:
+        if session.started >= self._max_spans:
+            self.stats["span_limit"] += 1
+            return None
+        session.started += 1
+        self.stats["spans_started"] += 1
+        span_id = self._span_id()
+        while not 0 < span_id < _ID_LIMIT:
+            span_id = random.getrandbits(64)
+        span = _Span(name, span_id, t)
+        session.spans[name] = span
+        return span
+
+    def _set_attr(self, span: _Span, key: str, value: Any) -> None:
+        attrs = span.attrs
+        if attrs is None:
+            attrs = span.attrs = {}
+        elif len(attrs) >= _MAX_ITEMS_PER_SPAN and key not in attrs:
+            self.stats["item_limit"] += 1
+            return
+        if type(value) is str and len(value) > self._max_attr_len:
+            value = value[: self._max_attr_len]
+        attrs[key] = value
+
+    def _add_event(self, span: _Span, key: str, value: Any, t: int) -> None:
+        events = span.events
+        if events is None:
+            events = span.events = []
+        elif len(events) >= _MAX_ITEMS_PER_SPAN:
+            self.stats["item_limit"] += 1
+            return
+        if type(value) is str and len(value) > self._max_attr_len:
+            value = value[: self._max_attr_len]
+        events.append((key, value, t))
+
+    def _set_baggage(self, session: _Session, key: str, value: str) -> None:
+        baggage = session.baggage
+        if baggage is None:
+            baggage = session.baggage = {}
+        elif len(baggage) >= _MAX_BAGGAGE_ITEMS and key not in baggage:
+            self.stats["item_limit"] += 1
+            return
+        baggage[key] = value[: self._max_attr_len]
+
+    def _end_span(self, session: _Session, span: _Span, t: int) -> None:
+        span.end_ns = t if t >= span.start_ns else span.start_ns
+        if session.trace_id is None:
+            if session.pending is None:
+                session.pending = [span]
+            else:
+                session.pending.append(span)
+        elif session.sampled:
+            self._emit_span(session, span)
+        else:
+            span.attrs = span.events = span.links = None
+
+    def _emit_span(self, session: _Session, span: _Span) -> None:
+        trace_id = session.trace_id
+        flags = session.flags
+        state = session.trace_state
+        # Contexts are built when needed rather than kept: they would double a record's size.
+        ctx = _new_context(trace_id, span.span_id, flags, state)
+        parent = span.parent
+        if parent is None:
+            parent_ctx = session.remote
+        else:
+            parent_ctx = _new_context(trace_id, parent.span_id, flags, state)
+        links = span.links
+        events = span.events
+        resource = session.resource
+        if resource is None:
+            resource = session.resource = self._resource(session.service)
+        if _POSITIONAL_READABLE_SPAN:
+            readable = ReadableSpan(
+                span.name,
+                ctx,
+                parent_ctx,
+                resource,
+                span.attrs,
+                _events(events) if events else (),
+                self._links(session, links) if links else (),
+                _KINDS[span.kind],
+                None,
+                span.status or _UNSET_STATUS,
+                span.start_ns,
+                span.end_ns,
+                _SCOPE,
+            )
+        else:  # pragma: no cover - depends on the installed SDK
+            readable = ReadableSpan(
+                name=span.name,
+                context=ctx,
+                parent=parent_ctx,
+                resource=resource,
+                attributes=span.attrs,
+                events=_events(events) if events else (),
+                links=self._links(session, links) if links else (),
+                kind=_KINDS[span.kind],
+                status=span.status or _UNSET_STATUS,
+                start_time=span.start_ns,
+                end_time=span.end_ns,
+                instrumentation_scope=_SCOPE,
+            )
+        span.attrs = span.events = span.links = None
+        self.stats["spans_emitted"] += 1
+        try:
+            self._emit(readable)
+        except Exception:
+            self.stats["emit_error"] += 1
+
+    def _links(self, session: _Session, targets: tuple[_Span, ...]) -> tuple[Link, ...]:
+        trace_id, flags, state = session.trace_id, session.flags, session.trace_state
+        return tuple([Link(_new_context(trace_id, t.span_id, flags, state)) for t in targets])
+
+    def _resource(self, service: str | None) -> Resource:
+        name = service or self._default_service
+        resource = self._resources.get(name)
+        if resource is None:
+            resource = self._resource_for_service(name)
+            if len(self._resources) < _MAX_CACHED_RESOURCES:
+                self._resources[name] = resource
+        return resource

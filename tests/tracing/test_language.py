@@ -1,0 +1,382 @@
+"""The span language: what each message compiles to."""
+
+from __future__ import annotations
+
+import ipaddress
+import pickle
+from collections import Counter
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from spoe_agent.protocol.types import DataType, Message, Typed
+from spoe_agent.tracing.language import (
+    OP_BAGGAGE,
+    OP_CHILD_OF,
+    OP_ERROR,
+    OP_FINISH,
+    OP_FINISH_ALL,
+    OP_FOLLOWS_FROM,
+    OP_INJECT,
+    OP_KIND,
+    OP_LOG,
+    OP_SPAN,
+    OP_TAG,
+    Command,
+    clean_str,
+    parse_message,
+)
+
+
+def parse(*args: tuple[str, Any], stats: Counter[str] | None = None) -> Command | None:
+    return parse_message(Message("m", list(args)), stats)
+
+
+def ops(*args: tuple[str, Any]) -> tuple[tuple[Any, ...], ...]:
+    command = parse(("id", "k"), *args)
+    assert command is not None
+    return command.ops
+
+
+def test_reference_message_compiles_in_order() -> None:
+    command = parse(
+        ("id", "0af7:1"),
+        ("span", "Frontend HTTP request"),
+        ("follows-from", "Frontend TCP request"),
+        ("tag", "http.method"),
+        ("", "GET"),
+        ("tag", "http.version"),
+        ("", "HTTP/"),
+        ("", "1.1"),
+        ("finish", "Frontend TCP request"),
+    )
+    assert command == Command(
+        key="0af7:1",
+        ts_ns=None,
+        service=None,
+        carrier=None,
+        ops=(
+            (OP_SPAN, "Frontend HTTP request"),
+            (OP_FOLLOWS_FROM, "Frontend TCP request"),
+            (OP_TAG, "http.method", "GET"),
+            (OP_TAG, "http.version", "HTTP/1.1"),
+            (OP_FINISH, "Frontend TCP request"),
+        ),
+    )
+
+
+def test_every_name_keyword() -> None:
+    assert ops(
+        ("span", "a"),
+        ("child-of", "p"),
+        ("child_of", "q"),
+        ("follows_from", "r"),
+        ("inject", "a"),
+        ("log", "ev"),
+        ("", 7),
+        ("finish", "a"),
+        ("finish", "*"),
+    ) == (
+        (OP_SPAN, "a"),
+        (OP_CHILD_OF, "p"),
+        (OP_CHILD_OF, "q"),
+        (OP_FOLLOWS_FROM, "r"),
+        (OP_INJECT, "a"),
+        (OP_LOG, "ev", 7),
+        (OP_FINISH, "a"),
+        (OP_FINISH_ALL,),
+    )
+
+
+def test_commands_are_plain_picklable_data() -> None:
+    command = parse(
+        ("id", "k"),
+        ("ts", 12),
+        ("service", "edge"),
+        ("traceparent", "00-x"),
+        ("span", "a"),
+        ("kind", "client"),
+        ("tag", "t"),
+        ("", ipaddress.ip_address("::1")),
+    )
+    assert pickle.loads(pickle.dumps(command)) == command
+    assert type(pickle.loads(pickle.dumps(command))) is Command
+
+
+# -- the session key ----------------------------------------------------------------------------
+
+
+def test_messages_without_span_arguments_are_ignored_without_counting() -> None:
+    stats: Counter[str] = Counter()
+    assert parse(("id", "k"), stats=stats) is None
+    assert parse(("id", "k"), ("ts", 5), ("service", "x"), stats=stats) is None
+    assert parse(("other", 1), stats=stats) is None
+    assert stats["missing_id"] == 0
+
+
+@pytest.mark.parametrize("ident", [None, "", b""])
+def test_missing_or_empty_id_is_counted(ident: Any) -> None:
+    stats: Counter[str] = Counter()
+    args: list[tuple[str, Any]] = [("span", "a")]
+    if ident is not None:
+        args.insert(0, ("id", ident))
+    assert parse(*args, stats=stats) is None
+    stats2: Counter[str] = Counter()
+    assert parse(("id", None), ("span", "a"), stats=stats2) is None
+    assert stats["missing_id"] == 1 and stats2["missing_id"] == 1
+
+
+@pytest.mark.parametrize(
+    ("ident", "key"),
+    [
+        (1234, "1234"),
+        (ipaddress.ip_address("10.0.0.1"), "10.0.0.1"),
+        (b"ab\xff", "ab\ufffd"),
+        ("x\udcffy", "x\ufffdy"),
+        (True, "true"),
+    ],
+)
+def test_id_of_any_type_is_stringified(ident: Any, key: str) -> None:
+    command = parse(("id", ident), ("span", "a"))
+    assert command is not None and command.key == key
+
+
+def test_first_id_wins() -> None:
+    command = parse(("id", "a"), ("span", "s"), ("id", "b"))
+    assert command is not None and command.key == "a"
+
+
+# -- values -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (200, 200),
+        (True, True),
+        (False, False),
+        ("GET", "GET"),
+        (ipaddress.ip_address("192.0.2.1"), "192.0.2.1"),
+        (ipaddress.ip_address("2001:db8::1"), "2001:db8::1"),
+        (b"caf\xc3\xa9\xff", "café\ufffd"),
+        (2**64 - 1, str(2**64 - 1)),
+        (-(2**63), -(2**63)),
+        (Typed(DataType.UINT32, 7), 7),
+    ],
+)
+def test_single_tag_value_keeps_its_type(value: Any, expected: Any) -> None:
+    ((op, key, got),) = ops(("tag", "k"), ("", value))
+    assert (op, key) == (OP_TAG, "k")
+    assert got == expected and type(got) is type(expected)
+
+
+def test_several_values_concatenate_as_text() -> None:
+    assert ops(("tag", "k"), ("", "a"), ("", None), ("", 1), ("", True), ("", b"z")) == (
+        (OP_TAG, "k", "a1truez"),
+    )
+
+
+def test_single_none_value_sets_nothing_and_missing_value_is_counted() -> None:
+    stats: Counter[str] = Counter()
+    command = parse(
+        ("id", "k"),
+        ("span", "s"),
+        ("tag", "a"),
+        ("", None),
+        ("tag", "b"),
+        ("log", "c"),
+        stats=stats,
+    )
+    assert command is not None and command.ops == ((OP_SPAN, "s"),)
+    assert stats["missing_value"] == 2
+
+
+def test_stray_unnamed_values_are_counted() -> None:
+    stats: Counter[str] = Counter()
+    command = parse(("id", "k"), ("", 1), ("span", "a"), ("", 2), stats=stats)
+    assert command is not None and command.ops == ((OP_SPAN, "a"),)
+    assert stats["stray_value"] == 2
+
+
+def test_empty_or_null_names_are_ignored_and_counted() -> None:
+    stats: Counter[str] = Counter()
+    command = parse(
+        ("id", "k"),
+        ("span", None),
+        ("span", ""),
+        ("finish", None),
+        ("tag", ""),
+        ("", "orphan value"),
+        ("span", "ok"),
+        stats=stats,
+    )
+    assert command is not None and command.ops == ((OP_SPAN, "ok"),)
+    assert stats["empty_name"] == 4
+    assert stats["stray_value"] == 1
+
+
+def test_error_tag_also_sets_the_status() -> None:
+    assert ops(("span", "a"), ("tag", "error"), ("", True)) == (
+        (OP_SPAN, "a"),
+        (OP_TAG, "error", True),
+        (OP_ERROR,),
+    )
+    assert ops(("tag", "error"), ("", False)) == ((OP_TAG, "error", False),)
+    assert ops(("tag", "error"), ("", "true")) == ((OP_TAG, "error", "true"),)
+
+
+def test_baggage_keyword_value_is_text() -> None:
+    assert ops(("baggage", "n"), ("", 42)) == ((OP_BAGGAGE, "n", "42"),)
+    assert ops(("baggage", "n"), ("", "a"), ("", "b")) == ((OP_BAGGAGE, "n", "ab"),)
+
+
+def test_lone_surrogates_become_replacement_characters() -> None:
+    command = parse(
+        ("id", "k"),
+        ("span", "s\udcff"),
+        ("tag", "k\ud800"),
+        ("", "\udcc3\udca9"),  # é as surrogate-escaped bytes: recovered
+        ("traceparent", "t\udc80"),
+    )
+    assert command is not None
+    assert command.ops == ((OP_SPAN, "s\ufffd"), (OP_TAG, "k\ufffd", "é"))
+    assert command.carrier == {"traceparent": "t\ufffd"}
+    for text in ("s\ufffd", "k\ufffd", "é", "t\ufffd"):
+        text.encode("utf-8")
+
+
+@given(st.text())
+def test_clean_str_always_gives_encodable_text(text: str) -> None:
+    cleaned = clean_str(text)
+    cleaned.encode("utf-8")
+    if not any("\ud800" <= ch <= "\udfff" for ch in text):
+        assert cleaned == text
+
+
+# -- extensions ---------------------------------------------------------------------------------
+
+
+def test_ts_microseconds_become_nanoseconds() -> None:
+    command = parse(("id", "k"), ("span", "a"), ("ts", 1_700_000_000_123_456))
+    assert command is not None and command.ts_ns == 1_700_000_000_123_456_000
+
+
+@pytest.mark.parametrize("ts", [True, "123", None, 0, -5])
+def test_bad_ts_is_ignored_and_counted(ts: Any) -> None:
+    stats: Counter[str] = Counter()
+    command = parse(("id", "k"), ("ts", ts), ("span", "a"), stats=stats)
+    assert command is not None and command.ts_ns is None
+    assert stats["bad_ts"] == 1
+
+
+def test_service() -> None:
+    command = parse(("id", "k"), ("service", "edge-lb"), ("span", "a"))
+    assert command is not None and command.service == "edge-lb"
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("server", 1), ("CLIENT", 2), ("Internal", 0), ("producer", 3), ("consumer", 4)],
+)
+def test_kind(text: str, value: int) -> None:
+    assert ops(("span", "a"), ("kind", text)) == ((OP_SPAN, "a"), (OP_KIND, value))
+
+
+def test_unknown_kind_and_unknown_args_are_counted() -> None:
+    stats: Counter[str] = Counter()
+    command = parse(
+        ("id", "k"), ("span", "a"), ("kind", "sideways"), ("colour", "blue"), stats=stats
+    )
+    assert command is not None and command.ops == ((OP_SPAN, "a"),)
+    assert stats["bad_kind"] == 1
+    assert stats["unknown_arg"] == 1
+
+
+# -- propagation headers ------------------------------------------------------------------------
+
+
+def test_header_spellings() -> None:
+    command = parse(
+        ("id", "k"),
+        ("traceparent", "tp"),
+        ("TraceState", "ts"),
+        ("x_b3_traceid", "a"),
+        ("X-B3-SpanId", "b"),
+        ("x-b3-parentspanid", "c"),
+        ("X_B3_SAMPLED", "1"),
+        ("x-b3-flags", "0"),
+        ("b3", "d"),
+        ("uber_trace_id", "e"),
+        ("uberctx-user_id", "alice"),
+        ("UBERCTX_Team", "core"),
+    )
+    assert command is not None
+    assert command.ops == ()
+    assert command.carrier == {
+        "traceparent": "tp",
+        "tracestate": "ts",
+        "x-b3-traceid": "a",
+        "x-b3-spanid": "b",
+        "x-b3-parentspanid": "c",
+        "x-b3-sampled": "1",
+        "x-b3-flags": "0",
+        "b3": "d",
+        "uber-trace-id": "e",
+        "uberctx-user_id": "alice",
+        "uberctx-Team": "core",
+    }
+
+
+def test_absent_headers_still_mean_headers_were_seen() -> None:
+    command = parse(("id", "k"), ("traceparent", None), ("tracestate", ""))
+    assert command is not None and command.carrier == {} and command.ops == ()
+    assert parse(("id", "k"), ("span", "a")).carrier is None  # type: ignore[union-attr]
+
+
+def test_baggage_is_the_keyword_before_values_and_the_header_otherwise() -> None:
+    command = parse(
+        ("id", "k"),
+        ("baggage", "haproxy_id"),
+        ("", "abc"),
+        ("baggage", "user=alice"),
+        ("span", "a"),
+    )
+    assert command is not None
+    assert command.ops == ((OP_BAGGAGE, "haproxy_id", "abc"), (OP_SPAN, "a"))
+    assert command.carrier == {"baggage": "user=alice"}
+    last = parse(("id", "k"), ("baggage", None))
+    assert last is not None and last.carrier == {} and last.ops == ()
+    upper = parse(("id", "k"), ("Baggage", "x=1"), ("", "ignored"))
+    assert upper is not None and upper.carrier == {"baggage": "x=1"}
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(
+                ["", "id", "span", "tag", "baggage", "finish", "ts", "kind", "traceparent", "x"]
+            ),
+            st.one_of(
+                st.none(),
+                st.booleans(),
+                st.integers(),
+                st.text(),
+                st.binary(),
+                st.builds(ipaddress.IPv4Address, st.integers(0, 2**32 - 1)),
+            ),
+        ),
+        max_size=12,
+    )
+)
+def test_any_arguments_compile_or_are_ignored(args: list[tuple[str, Any]]) -> None:
+    stats: Counter[str] = Counter()
+    command = parse_message(Message("m", args), stats)
+    if command is not None:
+        assert command.key
+        assert pickle.loads(pickle.dumps(command)) == command
+        for op in command.ops:
+            for item in op[1:]:
+                if isinstance(item, str):
+                    item.encode("utf-8")

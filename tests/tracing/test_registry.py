@@ -1,0 +1,844 @@
+"""The session registry: the span tree HAProxy's events build, trace context, sampling, expiry."""
+
+from __future__ import annotations
+
+import pickle
+import time
+import timeit
+import tracemalloc
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opentelemetry.exporter.jaeger.thrift.gen.jaeger import Collector as jaeger
+from opentelemetry.exporter.jaeger.thrift.translate import ThriftTranslator, Translate
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.id_generator import IdGenerator
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, Sampler
+from opentelemetry.trace import SpanKind
+from opentelemetry.trace.status import StatusCode
+from thrift.protocol.TCompactProtocol import TCompactProtocol
+from thrift.transport.TTransport import TMemoryBuffer
+
+from spoe_agent.protocol.types import Message, Scope, SetVar
+from spoe_agent.tracing.language import parse_message
+from spoe_agent.tracing.propagation import build_propagator
+from spoe_agent.tracing.registry import INCOMPLETE_ATTRIBUTE, SessionRegistry
+
+T0 = 1_700_000_000_000_000_000
+REMOTE_TRACE = 0x0AF7651916CD43DD8448EB211C80319C
+REMOTE_SPAN = 0xB7AD6B7169203331
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+class FakeClock:
+    def __init__(self, t: int = T0) -> None:
+        self.t = t
+
+    def __call__(self) -> int:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += int(seconds * 1e9)
+
+
+class SeqIds(IdGenerator):
+    """Deterministic ids: span ids 1, 2, 3...; trace ids 0x100..01, 0x100..02..."""
+
+    def __init__(self) -> None:
+        self.span = 0
+        self.trace = 0
+
+    def generate_span_id(self) -> int:
+        self.span += 1
+        return self.span
+
+    def generate_trace_id(self) -> int:
+        self.trace += 1
+        return (1 << 120) + self.trace
+
+
+class Harness:
+    def __init__(
+        self,
+        propagators: str = "tracecontext,baggage",
+        sampler: Sampler = ALWAYS_ON,
+        **kwargs: Any,
+    ) -> None:
+        self.spans: list[ReadableSpan] = []
+        self.clock = FakeClock()
+        self.ids = SeqIds()
+        self.resources: list[str] = []
+        self.reg = SessionRegistry(
+            self.spans.append,
+            propagator=build_propagator(propagators),
+            sampler=sampler,
+            id_generator=self.ids,
+            clock_ns=self.clock,
+            resource_for_service=self._resource,
+            default_service="haproxy",
+            **kwargs,
+        )
+
+    def _resource(self, service: str) -> Resource:
+        self.resources.append(service)
+        return Resource.create({"service.name": service})
+
+    def send(self, *args: tuple[str, Any]) -> list[SetVar]:
+        """One message, as HAProxy would send it."""
+        return self.notify([Message("m", list(args))])
+
+    def notify(self, messages: Iterable[Message]) -> list[SetVar]:
+        out: list[SetVar] = []
+        for message in messages:
+            command = parse_message(message, self.reg.stats)
+            if command is not None:
+                out.extend(self.reg.apply(command))
+        return out
+
+    def by_name(self) -> dict[str, ReadableSpan]:
+        named = {span.name: span for span in self.spans}
+        assert len(named) == len(self.spans), "a span name was emitted twice"
+        return named
+
+
+def m(name: str, *args: tuple[str, Any]) -> Message:
+    return Message(name, list(args))
+
+
+def reference_notifies(
+    uid: str,
+    *,
+    headers: Sequence[tuple[str, Any]] = (("traceparent", None), ("tracestate", None)),
+    status: int = 200,
+    ts: int | None = None,
+) -> list[list[Message]]:
+    """The 8 NOTIFYs HAProxy sends for one HTTP request with the reference configuration.
+
+    With ``ts`` (microseconds), event i carries ``ts + i``.
+    """
+
+    def t(i: int) -> tuple[tuple[str, Any], ...]:
+        return () if ts is None else (("ts", ts + i),)
+
+    ident = ("id", uid)
+    notifies = [
+        [
+            m(
+                "opentracing:client_session_start",
+                ident,
+                *t(0),
+                ("span", "HAProxy session"),
+                ("kind", "server"),
+                ("baggage", "haproxy_id"),
+                ("", uid),
+                ("span", "Client session"),
+                ("child-of", "HAProxy session"),
+            )
+        ],
+        [
+            m(
+                "opentracing:frontend_tcp_request",
+                ident,
+                *t(1),
+                ("span", "Frontend TCP request"),
+                ("child-of", "Client session"),
+            )
+        ],
+        [
+            m(
+                "opentracing:frontend_http_request",
+                ident,
+                *t(2),
+                ("span", "Frontend HTTP request"),
+                ("follows-from", "Frontend TCP request"),
+                ("tag", "http.method"),
+                ("", "GET"),
+                ("tag", "http.version"),
+                ("", "HTTP/"),
+                ("", "1.1"),
+                ("finish", "Frontend TCP request"),
+                *headers,
+            )
+        ],
+        [
+            m(
+                "opentracing:backend_tcp_request",
+                ident,
+                *t(3),
+                ("span", "Backend TCP request"),
+                ("follows-from", "Frontend HTTP request"),
+                ("finish", "Frontend HTTP request"),
+            )
+        ],
+        [
+            m(
+                "opentracing:backend_http_request",
+                ident,
+                *t(4),
+                ("span", "Backend HTTP request"),
+                ("kind", "client"),
+                ("follows-from", "Backend TCP request"),
+                ("finish", "Backend TCP request"),
+                ("inject", "Backend HTTP request"),
+            )
+        ],
+        [
+            m(
+                "opentracing:server_session_start",
+                ident,
+                *t(5),
+                ("span", "Server session"),
+                ("child-of", "HAProxy session"),
+                ("finish", "Backend HTTP request"),
+            )
+        ],
+        [
+            m(
+                "opentracing:tcp_response",
+                ident,
+                *t(6),
+                ("span", "TCP response"),
+                ("child-of", "Server session"),
+            )
+        ],
+    ]
+    last = [
+        m(
+            "opentracing:http_response",
+            ident,
+            *t(7),
+            ("span", "HTTP response"),
+            ("follows-from", "TCP response"),
+            ("tag", "http.status_code"),
+            ("", status),
+            ("finish", "TCP response"),
+        )
+    ]
+    if status >= 500:  # the ACL on http_response-error
+        last.append(
+            m(
+                "opentracing:http_response-error",
+                ident,
+                ("span", "HTTP response"),
+                ("tag", "error"),
+                ("", True),
+            )
+        )
+    last.append(m("opentracing:server_session_end", ident, *t(7), ("finish", "HTTP response")))
+    last.append(m("opentracing:client_session_end", ident, *t(7), ("finish", "*")))
+    notifies.append(last)
+    return notifies
+
+
+def run_reference(h: Harness, uid: str = "uid-1", **kwargs: Any) -> list[SetVar]:
+    out: list[SetVar] = []
+    for notify in reference_notifies(uid, **kwargs):
+        out.extend(h.notify(notify))
+    return out
+
+
+REFERENCE_PARENTS = {
+    "HAProxy session": None,
+    "Client session": "HAProxy session",
+    "Frontend TCP request": "Client session",
+    "Frontend HTTP request": "Frontend TCP request",
+    "Backend TCP request": "Frontend HTTP request",
+    "Backend HTTP request": "Backend TCP request",
+    "Server session": "HAProxy session",
+    "TCP response": "Server session",
+    "HTTP response": "TCP response",
+}
+FOLLOWS = {"Frontend HTTP request", "Backend TCP request", "Backend HTTP request", "HTTP response"}
+
+
+def check_reference_tree(
+    h: Harness, *, remote_parent: bool, error: bool
+) -> dict[str, ReadableSpan]:
+    spans = h.by_name()
+    assert set(spans) == set(REFERENCE_PARENTS)
+    trace_ids = {span.context.trace_id for span in spans.values()}
+    assert len(trace_ids) == 1
+    (trace_id,) = trace_ids
+    assert len({span.context.span_id for span in spans.values()}) == 9
+    for name, parent_name in REFERENCE_PARENTS.items():
+        span = spans[name]
+        assert span.context.is_valid and span.context.trace_flags.sampled
+        if parent_name is None:
+            if remote_parent:
+                assert span.parent is not None and span.parent.is_remote
+                assert span.parent.trace_id == REMOTE_TRACE
+                assert span.parent.span_id == REMOTE_SPAN
+            else:
+                assert span.parent is None
+        else:
+            assert span.parent == spans[parent_name].context, name
+            assert span.parent.trace_id == trace_id
+        if name in FOLLOWS:
+            assert [link.context for link in span.links] == [spans[parent_name].context]
+        else:
+            assert span.links == ()
+        expected_kind = {
+            "HAProxy session": SpanKind.SERVER,
+            "Backend HTTP request": SpanKind.CLIENT,
+        }.get(name, SpanKind.INTERNAL)
+        assert span.kind == expected_kind, name
+        expected_status = (
+            StatusCode.ERROR if error and name == "HTTP response" else StatusCode.UNSET
+        )
+        assert span.status.status_code == expected_status, name
+        assert INCOMPLETE_ATTRIBUTE not in span.attributes
+        assert span.start_time <= span.end_time
+        assert span.instrumentation_scope.name == "spoe_agent"
+        assert span.resource.attributes["service.name"] == "haproxy"
+    assert dict(spans["Frontend HTTP request"].attributes) == {
+        "http.method": "GET",
+        "http.version": "HTTP/1.1",
+    }
+    assert spans["HTTP response"].attributes["http.status_code"] == (503 if error else 200)
+    return spans
+
+
+def vars_of(out: list[SetVar]) -> dict[str, Any]:
+    assert all(action.scope == Scope.TXN for action in out)
+    return {action.name: action.value for action in out}
+
+
+# -- the reference tree -------------------------------------------------------------------------
+
+
+def test_reference_tree_without_incoming_context() -> None:
+    h = Harness()
+    out = run_reference(h)
+    spans = check_reference_tree(h, remote_parent=False, error=False)
+    assert len(h.reg) == 0
+    injected = vars_of(out)
+    backend = spans["Backend HTTP request"].context
+    assert injected["traceparent"] == f"00-{backend.trace_id:032x}-{backend.span_id:016x}-01"
+    assert injected["baggage"] == "haproxy_id=uid-1"
+    assert h.reg.stats["spans_emitted"] == 9
+    assert h.reg.stats["sessions_finished"] == 1
+
+
+def test_reference_tree_with_incoming_context_and_5xx() -> None:
+    h = Harness()
+    run_reference(
+        h, headers=[("traceparent", TRACEPARENT), ("tracestate", "congo=t61rcWkgMzE")], status=503
+    )
+    spans = check_reference_tree(h, remote_parent=True, error=True)
+    assert spans["HAProxy session"].context.trace_id == REMOTE_TRACE
+    assert spans["HTTP response"].attributes["error"] is True
+    assert spans["HAProxy session"].context.trace_state.get("congo") == "t61rcWkgMzE"
+
+
+def test_reference_tree_timestamps_from_ts() -> None:
+    h = Harness()
+    run_reference(h, ts=1_000_000)
+    spans = h.by_name()
+    us = 1000  # ns
+    assert spans["HAProxy session"].start_time == 1_000_000 * us
+    assert spans["HAProxy session"].end_time == 1_000_007 * us
+    assert spans["Frontend TCP request"].start_time == 1_000_001 * us
+    assert spans["Frontend TCP request"].end_time == 1_000_002 * us
+    assert spans["Backend HTTP request"].start_time == 1_000_004 * us
+    assert spans["Backend HTTP request"].end_time == 1_000_005 * us
+
+
+def test_spans_before_the_context_wait_and_later_spans_are_emitted_as_they_end() -> None:
+    h = Harness()
+    notifies = reference_notifies("u", headers=[("traceparent", TRACEPARENT)])
+    h.notify(notifies[0])
+    h.notify(notifies[1])
+    h.send(("id", "u"), ("span", "early"), ("finish", "early"))
+    assert h.spans == []  # the trace id is not known yet
+    h.notify(notifies[2])  # headers arrive: "early" and "Frontend TCP request" go out
+    assert sorted(s.name for s in h.spans) == ["Frontend TCP request", "early"]
+    assert all(s.context.trace_id == REMOTE_TRACE for s in h.spans)
+    h.notify(notifies[3])
+    assert h.spans[-1].name == "Frontend HTTP request"
+
+
+def test_emitted_spans_translate_and_encode_for_jaeger() -> None:
+    h = Harness()
+    notifies = reference_notifies("u", status=503)
+    notifies[2].append(
+        m("log", ("id", "u"), ("span", "Frontend HTTP request"), ("log", "event"), ("", "x\udcffy"))
+    )
+    for notify in notifies:
+        h.notify(notify)
+    translated = Translate(h.spans)._translate(ThriftTranslator(max_tag_value_length=None))
+    batch = jaeger.Batch(process=jaeger.Process(serviceName="haproxy"), spans=translated)
+    batch.write(TCompactProtocol(TMemoryBuffer()))
+    by_name = {span.operationName: span for span in translated}
+    refs = by_name["Backend HTTP request"].references
+    assert [ref.refType for ref in refs] == [jaeger.SpanRefType.FOLLOWS_FROM]
+    (log,) = by_name["Frontend HTTP request"].logs
+    assert any(tag.key == "event" and tag.vStr == "x\ufffdy" for tag in log.fields)
+
+
+# -- keywords -----------------------------------------------------------------------------------
+
+
+def test_select_existing_span_and_restart_an_ended_name() -> None:
+    h = Harness()
+    h.send(("id", "s"), ("span", "a"), ("tag", "one"), ("", 1))
+    h.send(("id", "s"), ("span", "a"), ("tag", "two"), ("", 2), ("finish", "a"))
+    h.send(("id", "s"), ("span", "a"), ("tag", "three"), ("", 3), ("finish", "*"))
+    first, second = h.spans
+    assert dict(first.attributes) == {"one": 1, "two": 2}
+    assert dict(second.attributes) == {"three": 3}
+    assert first.context.span_id != second.context.span_id
+
+
+def test_child_of_unknown_parent_is_a_root_under_the_remote_context() -> None:
+    h = Harness()
+    h.send(("id", "s"), ("span", "orphan"), ("child-of", "nobody"), ("traceparent", TRACEPARENT))
+    h.send(("id", "s"), ("finish", "*"))
+    (span,) = h.spans
+    assert span.parent is not None and span.parent.span_id == REMOTE_SPAN
+    assert h.reg.stats["unknown_parent"] == 1
+
+
+def test_root_is_child_of_context_extracted_in_a_later_message() -> None:
+    h = Harness()
+    h.send(("id", "s"), ("span", "root"))
+    h.send(("id", "s"), ("span", "child"), ("child-of", "root"))
+    h.send(("id", "s"), ("traceparent", TRACEPARENT))
+    h.send(("id", "s"), ("finish", "*"))
+    spans = h.by_name()
+    assert spans["root"].parent.span_id == REMOTE_SPAN
+    assert spans["child"].parent == spans["root"].context
+    assert spans["child"].context.trace_id == REMOTE_TRACE
+
+
+def test_finish_star_ends_everything_children_first_and_the_session() -> None:
+    h = Harness()
+    h.send(("id", "s"), ("span", "a"), ("span", "b"), ("child-of", "a"), ("span", "c"))
+    h.send(("id", "s"), ("finish", "*"))
+    assert [s.name for s in h.spans] == ["c", "b", "a"]
+    assert len(h.reg) == 0
+    # A late message for the ended session does not resurrect it.
+    h.send(("id", "s"), ("finish", "a"))
+    assert len(h.reg) == 0
+    assert h.reg.stats["unknown_session"] == 1
+
+
+def test_finish_unknown_or_ended_span_is_counted() -> None:
+    h = Harness()
+    h.send(("id", "s"), ("span", "a"), ("finish", "a"), ("finish", "a"), ("finish", "zz"))
+    assert h.reg.stats["unknown_span"] == 2
+
+
+def test_ops_without_selected_span_are_counted() -> None:
+    h = Harness()
+    h.send(("id", "s"), ("tag", "k"), ("", 1), ("span", "a"))
+    h.send(("id", "s"), ("finish", "*"))
+    (span,) = h.spans
+    assert dict(span.attributes) == {}
+    assert h.reg.stats["no_span_selected"] == 1
+
+
+def test_clock_is_used_without_ts() -> None:
+    h = Harness()
+    h.send(("id", "s"), ("span", "a"))
+    h.clock.advance(0.25)
+    h.send(("id", "s"), ("finish", "*"))
+    (span,) = h.spans
+    assert (span.start_time, span.end_time) == (T0, T0 + 250_000_000)
+
+
+def test_end_before_start_is_clamped() -> None:
+    h = Harness()
+    h.send(("id", "s"), ("ts", 2_000_000), ("span", "a"))
+    h.send(("id", "s"), ("ts", 1_000_000), ("finish", "*"))
+    (span,) = h.spans
+    assert span.end_time == span.start_time == 2_000_000_000
+
+
+def test_service_per_session_and_default() -> None:
+    h = Harness()
+    h.send(("id", "s1"), ("service", "edge"), ("span", "a"), ("finish", "*"))
+    h.send(("id", "s2"), ("span", "b"), ("finish", "*"))
+    h.send(("id", "s3"), ("service", "edge"), ("span", "c"), ("finish", "*"))
+    names = {s.name: s.resource.attributes["service.name"] for s in h.spans}
+    assert names == {"a": "edge", "b": "haproxy", "c": "edge"}
+    assert h.resources == ["edge", "haproxy"]  # cached per service
+
+
+def test_kind() -> None:
+    h = Harness()
+    h.send(("id", "s"), ("span", "a"), ("kind", "PRODUCER"), ("span", "b"), ("kind", "consumer"))
+    h.send(("id", "s"), ("finish", "*"))
+    assert {s.name: s.kind for s in h.spans} == {"a": SpanKind.PRODUCER, "b": SpanKind.CONSUMER}
+
+
+def test_log_becomes_an_event_at_the_message_time() -> None:
+    h = Harness()
+    h.send(("id", "s"), ("ts", 5), ("span", "a"), ("log", "retry"), ("", 3))
+    h.send(("id", "s"), ("finish", "*"))
+    (span,) = h.spans
+    (event,) = span.events
+    assert event.name == "retry"
+    assert dict(event.attributes) == {"retry": 3}
+    assert event.timestamp == 5000
+
+
+def test_tag_values_are_truncated_and_sanitized() -> None:
+    h = Harness(max_attr_len=8)
+    h.send(
+        ("id", "s"),
+        ("span", "a\udcff"),
+        ("tag", "long"),
+        ("", "x" * 100),
+        ("tag", "bad"),
+        ("", "\udcc3\udca9t\udcff"),
+    )
+    h.send(("id", "s"), ("finish", "*"))
+    (span,) = h.spans
+    assert span.name == "a\ufffd"
+    assert span.attributes["long"] == "x" * 8
+    assert span.attributes["bad"] == "ét\ufffd"
+
+
+def test_error_tag_sets_status() -> None:
+    h = Harness()
+    h.send(("id", "s"), ("span", "a"), ("tag", "error"), ("", True), ("span", "b"))
+    h.send(("id", "s"), ("span", "b"), ("tag", "error"), ("", False), ("finish", "*"))
+    spans = h.by_name()
+    assert spans["a"].status.status_code == StatusCode.ERROR
+    assert spans["b"].status.status_code == StatusCode.UNSET
+
+
+def test_max_spans_per_session() -> None:
+    h = Harness(max_spans_per_session=2)
+    h.send(("id", "s"), ("span", "a"), ("span", "b"), ("span", "c"), ("tag", "k"), ("", 1))
+    h.send(("id", "s"), ("finish", "*"))
+    assert sorted(s.name for s in h.spans) == ["a", "b"]
+    assert h.reg.stats["span_limit"] == 1
+    assert h.reg.stats["no_span_selected"] == 1
+
+
+def test_tag_after_emission_is_ignored() -> None:
+    h = Harness()
+    h.send(("id", "s"), ("traceparent", None), ("span", "a"), ("finish", "a"))
+    (span,) = h.spans
+    h.send(("id", "s"), ("span", "b"), ("span", "a"), ("tag", "k"), ("", 1))
+    # "a" was ended, so span=a started a new record, which takes the tag.
+    h.send(("id", "s"), ("finish", "*"))
+    assert dict(span.attributes) == {}
+    assert sorted(dict(s.attributes).get("k", 0) for s in h.spans) == [0, 0, 1]
+
+
+def test_emit_failure_is_counted_and_state_stays_consistent() -> None:
+    calls: list[str] = []
+
+    def emit(span: ReadableSpan) -> None:
+        calls.append(span.name)
+        raise RuntimeError("exporter queue broke")
+
+    reg = SessionRegistry(
+        emit,
+        propagator=build_propagator("tracecontext"),
+        sampler=ALWAYS_ON,
+        resource_for_service=lambda s: Resource.create({"service.name": s}),
+        default_service="haproxy",
+    )
+    for args in ([("id", "s"), ("span", "a"), ("span", "b")], [("id", "s"), ("finish", "*")]):
+        reg.apply(parse_message(Message("m", args)))
+    assert calls == ["b", "a"]
+    assert reg.stats["emit_error"] == 2
+    assert len(reg) == 0
+
+
+def test_random_ids_by_default() -> None:
+    spans: list[ReadableSpan] = []
+    reg = SessionRegistry(
+        spans.append,
+        propagator=build_propagator("tracecontext"),
+        sampler=ALWAYS_ON,
+        resource_for_service=lambda s: Resource.create({"service.name": s}),
+        default_service="haproxy",
+    )
+    reg.apply(parse_message(Message("m", [("id", "s"), ("span", "a"), ("finish", "*")])))
+    reg.apply(parse_message(Message("m", [("id", "t"), ("span", "a"), ("finish", "*")])))
+    a, b = spans
+    assert a.context.is_valid and b.context.is_valid
+    assert a.context.trace_id != b.context.trace_id
+
+
+# -- baggage and inject -------------------------------------------------------------------------
+
+
+def test_incoming_baggage_merges_with_configured_baggage() -> None:
+    h = Harness()
+    h.send(("id", "s"), ("span", "a"), ("baggage", "haproxy_id"), ("", "mine"))
+    out = h.send(
+        ("id", "s"),
+        ("traceparent", TRACEPARENT),
+        ("baggage", "haproxy_id=theirs,user=alice"),
+        ("inject", "a"),
+    )
+    injected = vars_of(out)
+    assert sorted(injected["baggage"].split(",")) == ["haproxy_id=mine", "user=alice"]
+
+
+def test_inject_of_ended_name_uses_latest_record_and_unknown_name_is_counted() -> None:
+    h = Harness()
+    h.send(("id", "s"), ("span", "a"), ("finish", "a"))
+    out = h.send(("id", "s"), ("inject", "a"), ("inject", "nope"))
+    (span,) = h.spans
+    assert vars_of(out)["traceparent"].split("-")[2] == f"{span.context.span_id:016x}"
+    assert h.reg.stats["inject_unknown"] == 1
+
+
+def test_inject_fixes_the_context_and_later_carrier_is_late() -> None:
+    h = Harness()
+    out = h.send(("id", "s"), ("span", "a"), ("inject", "a"))
+    trace_id = int(vars_of(out)["traceparent"].split("-")[1], 16)
+    h.send(("id", "s"), ("traceparent", TRACEPARENT), ("finish", "*"))
+    (span,) = h.spans
+    assert span.context.trace_id == trace_id != REMOTE_TRACE
+    assert span.parent is None
+    assert h.reg.stats["late_carrier"] == 1
+
+
+# -- sampling -----------------------------------------------------------------------------------
+
+
+def test_always_off_still_injects_unsampled_and_emits_nothing() -> None:
+    h = Harness(propagators="tracecontext,b3multi", sampler=ALWAYS_OFF)
+    out = run_reference(h)
+    assert h.spans == []
+    injected = vars_of(out)
+    assert injected["traceparent"].endswith("-00")
+    assert injected["x_b3_sampled"] == "0"
+    assert len(h.reg) == 0
+
+
+@pytest.mark.parametrize(("flag", "emitted"), [("01", 9), ("00", 0)])
+def test_parent_based_sampler_honours_the_remote_flag(flag: str, emitted: int) -> None:
+    h = Harness(sampler=ParentBased(ALWAYS_OFF if flag == "01" else ALWAYS_ON))
+    traceparent = TRACEPARENT[:-2] + flag
+    out = run_reference(h, headers=[("traceparent", traceparent)])
+    assert len(h.spans) == emitted
+    assert vars_of(out)["traceparent"].endswith("-" + flag)
+
+
+def test_sampler_sees_the_root_span() -> None:
+    seen: list[tuple[str, SpanKind, int]] = []
+
+    class Recording(Sampler):
+        def should_sample(self, parent_context, trace_id, name, kind=None, attributes=None,
+                          links=None, trace_state=None):  # fmt: skip
+            seen.append((name, kind, trace_id))
+            return ALWAYS_ON.should_sample(parent_context, trace_id, name, kind, attributes)
+
+        def get_description(self) -> str:
+            return "recording"
+
+    h = Harness(sampler=Recording())
+    run_reference(h, headers=[("traceparent", TRACEPARENT)])
+    assert seen == [("HAProxy session", SpanKind.SERVER, REMOTE_TRACE)]
+
+
+# -- expiry -------------------------------------------------------------------------------------
+
+
+def test_ttl_expiry_marks_open_spans_incomplete() -> None:
+    h = Harness(ttl_s=30)
+    notifies = reference_notifies("u")
+    for notify in notifies[:3]:
+        h.notify(notify)
+    h.clock.advance(29)
+    h.send(("id", "other"), ("span", "x"))
+    assert h.reg.expire() == 0
+    h.clock.advance(2)
+    assert h.reg.expire() == 1  # "u" idle 31 s; "other" idle 2 s
+    assert "u" not in h.reg and "other" in h.reg
+    spans = h.by_name()
+    assert set(spans) == {
+        "HAProxy session",
+        "Client session",
+        "Frontend TCP request",
+        "Frontend HTTP request",
+    }
+    assert spans["Frontend TCP request"].status.status_code == StatusCode.UNSET
+    assert INCOMPLETE_ATTRIBUTE not in spans["Frontend TCP request"].attributes
+    for name in ("HAProxy session", "Client session", "Frontend HTTP request"):
+        assert spans[name].status.status_code == StatusCode.ERROR
+        assert spans[name].attributes[INCOMPLETE_ATTRIBUTE] is True
+        assert spans[name].end_time == h.clock.t
+    assert h.reg.stats["sessions_evicted_ttl"] == 1
+    assert h.reg.stats["spans_incomplete"] == 3
+    # The rest of the expired stream does not come back as an orphan trace...
+    h.notify(notifies[-1])
+    assert len(h.spans) == 4
+    assert "u" not in h.reg
+    assert h.reg.stats["late_message"] == 3  # http_response, server/client_session_end
+    # ...until the key is forgotten, one TTL later.
+    h.clock.advance(31)
+    h.reg.expire()
+    h.send(("id", "u"), ("span", "again"), ("finish", "*"))
+    assert h.spans[-1].name == "again"
+
+
+def test_activity_moves_a_session_behind_idle_ones() -> None:
+    h = Harness(ttl_s=10)
+    h.send(("id", "a"), ("span", "x"))
+    h.clock.advance(1)
+    h.send(("id", "b"), ("span", "x"))
+    h.clock.advance(5)
+    h.send(("id", "a"), ("tag", "k"), ("", 1), ("span", "x"))
+    h.clock.advance(6)  # b idle 11 s, a idle 6 s
+    assert h.reg.expire() == 1
+    assert "a" in h.reg and "b" not in h.reg
+
+
+def test_expire_with_explicit_now() -> None:
+    h = Harness(ttl_s=1)
+    h.send(("id", "a"), ("span", "x"))
+    assert h.reg.expire(T0 + 500_000_000) == 0
+    assert h.reg.expire(T0 + 2_000_000_000) == 1
+    (span,) = h.spans
+    assert span.end_time == T0 + 2_000_000_000
+
+
+def test_cap_evicts_the_least_recently_active_session() -> None:
+    h = Harness(max_sessions=2)
+    h.send(("id", "a"), ("span", "x"))
+    h.send(("id", "b"), ("span", "y"))
+    h.send(("id", "a"), ("span", "x"), ("tag", "k"), ("", 1))
+    h.send(("id", "c"), ("span", "z"))
+    assert "b" not in h.reg and "a" in h.reg and "c" in h.reg
+    (span,) = h.spans
+    assert span.name == "y"
+    assert span.attributes[INCOMPLETE_ATTRIBUTE] is True
+    assert span.status.status_code == StatusCode.ERROR
+    assert h.reg.stats["sessions_evicted_cap"] == 1
+
+
+def test_close_all_ends_everything_once() -> None:
+    h = Harness()
+    for uid in ("a", "b", "c"):
+        h.notify(reference_notifies(uid)[0])
+    assert h.reg.close_all() == 3
+    assert len(h.reg) == 0
+    assert len(h.spans) == 6
+    assert all(s.attributes[INCOMPLETE_ATTRIBUTE] for s in h.spans)
+    assert h.reg.close_all() == 0
+    assert len(h.spans) == 6
+
+
+def test_unsampled_eviction_emits_nothing() -> None:
+    h = Harness(sampler=ALWAYS_OFF)
+    h.send(("id", "a"), ("span", "x"), ("tag", "k"), ("", 1))
+    h.clock.advance(60)
+    assert h.reg.expire() == 1
+    assert h.spans == []
+
+
+# -- properties ---------------------------------------------------------------------------------
+
+_NAMES = st.sampled_from(["a", "b", "c", "*"])
+_ARG = st.one_of(
+    st.tuples(st.sampled_from(["span", "finish", "child-of", "follows-from", "inject"]), _NAMES),
+    st.tuples(st.sampled_from(["tag", "log", "baggage"]), st.sampled_from(["k", "error"])),
+    st.tuples(st.just(""), st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=5))),
+    st.tuples(st.just("kind"), st.sampled_from(["server", "bogus"])),
+    st.tuples(st.just("traceparent"), st.sampled_from([None, TRACEPARENT, "garbage"])),
+    st.tuples(st.just("ts"), st.integers(min_value=-5, max_value=10**6)),
+)
+_MESSAGES = st.lists(
+    st.tuples(st.sampled_from(["s1", "s2", "s3"]), st.lists(_ARG, max_size=8)), max_size=25
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_MESSAGES, st.booleans())
+def test_any_message_sequence_emits_each_started_span_exactly_once(messages, sampled) -> None:
+    h = Harness(sampler=ALWAYS_ON if sampled else ALWAYS_OFF, max_sessions=2)
+    for key, args in messages:
+        h.send(("id", key), *args)
+        h.clock.advance(0.1)
+    h.reg.close_all()
+    ids = [(s.context.trace_id, s.context.span_id) for s in h.spans]
+    assert len(ids) == len(set(ids))
+    if sampled:
+        assert len(ids) == h.reg.stats["spans_started"]
+    else:
+        assert ids == []
+    for span in h.spans:
+        assert span.start_time <= span.end_time
+        if span.parent is not None and not span.parent.is_remote:
+            assert span.parent.trace_id == span.context.trace_id
+
+
+# -- cost ---------------------------------------------------------------------------------------
+
+
+def _fresh_messages(uid: str, count: int = 8) -> list[Message]:
+    """One request's messages as the protocol decodes them: fresh string objects each time."""
+    headers = [("traceparent", TRACEPARENT), ("tracestate", None), ("baggage", None)]
+    notifies = reference_notifies(uid, headers=headers, ts=1_700_000_000_000_000)[:count]
+    return [pickle.loads(pickle.dumps(msg)) for notify in notifies for msg in notify]
+
+
+def test_measure_cost_per_request(capsys: pytest.CaptureFixture[str]) -> None:
+    """Prints (does not assert) the CPU cost of compiling and applying one request's messages,
+    and the memory an open session holds."""
+    reg = SessionRegistry(
+        lambda span: None,
+        propagator=build_propagator("tracecontext,baggage"),
+        sampler=ParentBased(ALWAYS_ON),
+        resource_for_service=lambda s: Resource.create({"service.name": s}),
+        default_service="haproxy",
+    )
+    n = 200
+    requests = [_fresh_messages(f"req-{i}") for i in range(n)]
+    commands = [[parse_message(msg) for msg in request] for request in requests]
+
+    def parse_all() -> None:
+        for request in requests:
+            for msg in request:
+                parse_message(msg, reg.stats)
+
+    def apply_all() -> None:
+        for request in commands:
+            for command in request:
+                reg.apply(command)
+
+    def both() -> None:
+        for request in requests:
+            for msg in request:
+                command = parse_message(msg, reg.stats)
+                if command is not None:
+                    reg.apply(command)
+
+    def cost(fn: Any) -> float:
+        # CPU time of this thread, best of many short runs: other processes share the machine.
+        timer = timeit.Timer(fn, timer=time.thread_time)
+        return min(timer.repeat(repeat=40, number=1)) / n * 1e6
+
+    both()
+    total, parse, apply = cost(both), cost(parse_all), cost(apply_all)
+    assert len(reg) == 0
+
+    # Memory of open sessions halfway through their request (after the backend request).
+    halfway = [_fresh_messages(f"mem-{i}", count=5) for i in range(1000)]
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for request in halfway:
+        for msg in request:
+            reg.apply(parse_message(msg))
+    per_session = (tracemalloc.get_traced_memory()[0] - before) / len(halfway)
+    tracemalloc.stop()
+    assert reg.close_all() == len(halfway)
+    with capsys.disabled():
+        print(
+            f"\n[cost] reference request (8 events, 11 messages, 9 spans): parse_message+apply "
+            f"{total:.1f} us CPU (parse {parse:.1f} + apply with emission {apply:.1f}); "
+            f"open session after 5 events: {per_session:.0f} B"
+        )
