@@ -197,7 +197,8 @@ def _flush(
         if type(value) is not str:
             value = to_text(value)
     elif value is True and op == OP_TAG and key == "error":
-        ops.append((op, key, value))
+        # The ERROR status is what OpenTelemetry means by it, and the Jaeger exporter already
+        # renders it as error=true: keeping the attribute too would show the tag twice.
         ops.append(_ERROR_OP)
         return
     ops.append((op, key, value))

@@ -220,7 +220,6 @@ def test_empty_or_null_names_are_ignored_and_counted() -> None:
 def test_error_tag_also_sets_the_status() -> None:
     assert ops(("span", "a"), ("tag", "error"), ("", True)) == (
         (OP_SPAN, "a"),
-        (OP_TAG, "error", True),
         (OP_ERROR,),
     )
     assert ops(("tag", "error"), ("", False)) == ((OP_TAG, "error", False),)
