@@ -8,7 +8,7 @@ integration failure without them is usually undiagnosable.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -136,10 +136,12 @@ def haproxy(
 def spoe_agent(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> Iterator[Callable[..., AgentProcess]]:
-    """Factory: ``spoe_agent(*extra_cli_args, app=..., unix=False)`` -> a listening agent.
+    """Factory: ``spoe_agent(*extra_cli_args, app=..., unix=False, env=None)`` -> an agent.
 
     The agent runs as a real subprocess of the CLI (not in-process), so the tests cover
-    argument parsing, logging set-up and the gevent server exactly as deployed.
+    argument parsing, logging set-up and the gevent server exactly as deployed. ``env`` is the
+    agent's whole environment (default: the test process's), so OTEL_* variables set in the
+    shell running the tests cannot leak into a test that configures them itself.
     """
     started: list[AgentProcess] = []
 
@@ -149,9 +151,15 @@ def spoe_agent(
         unix: bool = False,
         name: str = "agent",
         timeout: float = 20.0,
+        env: Mapping[str, str] | None = None,
     ) -> AgentProcess:
         agent = AgentProcess.launch(
-            tmp_path / "logs", *extra, app=app, unix=unix, name=f"{name}-{len(started)}"
+            tmp_path / "logs",
+            *extra,
+            app=app,
+            unix=unix,
+            name=f"{name}-{len(started)}",
+            env=env,
         )
         # Registered before waiting, so an agent that never listens is still reaped and its
         # logs still reach the report.

@@ -1,0 +1,395 @@
+"""The tracing agent end to end: real HAProxy 2.6 and 3.2, the reference spoe.cfg, real Jaeger.
+
+The agent runs as deployed (the CLI's default tracing app in a subprocess) and exports Jaeger
+thrift over UDP to a receiver in this process; the origin behind HAProxy records the headers it
+was sent. What these tests assert is what an operator would see in Jaeger and what the next
+service would receive, so a regression anywhere between HAProxy's SPOE engine, the span
+language, the registry and the exporter shows up here.
+"""
+
+from __future__ import annotations
+
+import http.client
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from spoe_agent.viewer.receiver import JaegerReceiver, ReceivedSpan
+from tests.integration.backend import Backend
+from tests.integration.tracing_support import (
+    PARENT,
+    REFERENCE_SPOE_CFG,
+    ROOT,
+    SPAN_NAMES,
+    USER_AGENT,
+    Hop,
+    Reply,
+    agent_env,
+    assert_agent_log_clean,
+    assert_reference_tree,
+    by_name,
+    describe,
+    get,
+    hop_config,
+    own_tags,
+    parse_traceparent,
+    wait_spans,
+    wait_trace,
+)
+from tests.support.haproxy import HAProxy
+from tests.support.procs import AgentProcess, free_port
+
+pytestmark = pytest.mark.haproxy
+
+
+@dataclass
+class Tracing:
+    """Receiver, agent, one or more chained hops and the origin behind the last one."""
+
+    receiver: JaegerReceiver
+    agent: AgentProcess
+    origin: Backend
+    hops: list[Hop] = field(default_factory=list)
+
+    @property
+    def port(self) -> int:
+        """The edge: the first hop's frontend."""
+        return self.hops[0].port
+
+    def get(self, path: str, headers: dict[str, str] | None = None) -> Reply:
+        return get(self.port, path, headers)
+
+    def traced(self, path: str, headers: dict[str, str] | None = None) -> tuple[Reply, str]:
+        """A request that must succeed and say which trace it went to (X-Trace-Id)."""
+        reply = self.get(path, headers)
+        assert "x-trace-error" not in reply.headers, reply.headers
+        assert "x-trace-id" in reply.headers, (reply.status, reply.headers)
+        return reply, reply.headers["x-trace-id"]
+
+
+TracingFactory = Callable[..., Tracing]
+
+
+@pytest.fixture
+def receiver() -> Iterator[JaegerReceiver]:
+    with JaegerReceiver(udp_addr=("127.0.0.1", 0), http_addr=None, quiet_s=0.5) as rec:
+        yield rec
+
+
+@pytest.fixture
+def tracing(
+    haproxy: Callable[..., HAProxy],
+    spoe_agent: Callable[..., AgentProcess],
+    backend: Backend,
+    receiver: JaegerReceiver,
+    tmp_path: Path,
+) -> TracingFactory:
+    """Factory: ``tracing(hops=1, agent_ini=None, spoe_text=None, frontend_lines=(), ...)``.
+
+    Hops are started last to first (each forwards to the next, the last to the origin) and
+    each waits for the agent to be UP through spop-check, so no request meets a DOWN agent.
+    """
+
+    def build(
+        hops: int = 1,
+        *,
+        agent_ini: str | None = None,
+        otel: dict[str, str] | None = None,
+        spoe_text: str | None = None,
+        frontend_lines: Sequence[str] = (),
+        forward_headers: Sequence[tuple[str, str]] = (),
+    ) -> Tracing:
+        args: list[str] = []
+        if agent_ini is not None:
+            ini = tmp_path / "agent.ini"
+            ini.write_text(agent_ini)
+            args += ["-c", str(ini)]
+        agent = spoe_agent(*args, app=None, env=agent_env(receiver, **(otel or {})))
+        ports = [free_port() for _ in range(hops)]
+        started: list[Hop] = []
+        for i in reversed(range(hops)):
+            service = f"hop-{i + 1}"
+            server = backend.address if i == hops - 1 else f"127.0.0.1:{ports[i + 1]}"
+            config = hop_config(
+                port=ports[i],
+                service=service,
+                server=server,
+                agent=agent,
+                spoe_path="{tmp}/spoe.cfg" if spoe_text is not None else REFERENCE_SPOE_CFG,
+                frontend_lines=frontend_lines,
+                forward_headers=forward_headers,
+            )
+            hap = haproxy(config, spoe_text, name=service)
+            hap.wait_server_status("spoe-agents", "agent1", "UP", timeout=15)
+            started.insert(0, Hop(hap, ports[i], service))
+        return Tracing(receiver, agent, backend, started)
+
+    return build
+
+
+# ----------------------------------------------------------------------------------- tests
+
+
+def test_one_request_gives_the_reference_span_tree(tracing: TracingFactory) -> None:
+    t = tracing()
+    reply, trace_id = t.traced("/shop/cart?item=42&qty=1")
+    assert reply.status == 200
+
+    spans = wait_trace(t.receiver, trace_id)
+    named = assert_reference_tree(spans, "hop-1")
+    # Nothing else arrived: a barrier request's spans come after anything left of the first.
+    _, barrier = t.traced("/barrier")
+    wait_trace(t.receiver, barrier)
+    assert len([s for s in t.receiver.spans if s.trace_id == trace_id]) == 9
+    assert len(t.receiver.spans) == 18, describe(t.receiver.spans)
+
+    assert own_tags(named[ROOT]) == {
+        "client.address": "127.0.0.1",
+        "network.peer.address": "127.0.0.1",
+        "network.peer.port": reply.local_port,
+        "haproxy.frontend": "traced",
+        "http.request.method": "GET",
+        "url.path": "/shop/cart",
+        "url.query": "item=42&qty=1",
+        "url.scheme": "http",
+        "server.address": f"127.0.0.1:{t.port}",
+        "network.protocol.version": "1.1",
+        "user_agent.original": USER_AGENT,
+        "haproxy.backend": "next",
+        "http.response.status_code": 200,
+    }
+    assert own_tags(named["Server session"]) == {
+        "haproxy.backend": "next",
+        "haproxy.server": "next",
+    }
+    assert own_tags(named["HTTP response"]) == {"http.response.status_code": 200}
+    for name in SPAN_NAMES - {ROOT, "Server session", "HTTP response"}:
+        assert own_tags(named[name]) == {}, f"{name}: {named[name].tags}"
+    for span in spans:
+        assert not span.error, describe([span])
+
+    # The origin got the context of "Backend HTTP request", the span that made the call.
+    (seen,) = [r for r in t.origin.requests if r.path.startswith("/shop/cart")]
+    assert parse_traceparent(seen.headers["traceparent"]) == (
+        trace_id,
+        named["Backend HTTP request"].span_id,
+        "01",
+    )
+    assert_agent_log_clean(t.agent)
+
+
+def test_chained_hops_form_one_trace(tracing: TracingFactory) -> None:
+    t = tracing(hops=2)
+    reply, trace_id = t.traced("/chain")
+    assert reply.status == 200
+
+    spans = wait_trace(t.receiver, trace_id, 18)
+    hop1 = assert_reference_tree([s for s in spans if s.service_name == "hop-1"], "hop-1")
+    hop2 = assert_reference_tree([s for s in spans if s.service_name == "hop-2"], "hop-2")
+    assert hop1[ROOT].parent_span_id is None, describe(spans)
+    assert hop2[ROOT].parent_span_id == hop1["Backend HTTP request"].span_id, describe(spans)
+    # The second hop's session is a server span inside the first hop's client span.
+    assert hop1["Backend HTTP request"].start_us <= hop2[ROOT].start_us
+    assert hop2[ROOT].end_us <= hop1[ROOT].end_us
+
+    (seen,) = t.origin.requests
+    assert parse_traceparent(seen.headers["traceparent"]) == (
+        trace_id,
+        hop2["Backend HTTP request"].span_id,
+        "01",
+    )
+
+
+def test_incoming_context_is_continued(tracing: TracingFactory) -> None:
+    t = tracing()
+    caller_trace, caller_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    reply, trace_id = t.traced(
+        "/continued",
+        {
+            "traceparent": f"00-{caller_trace}-{caller_span}-01",
+            "tracestate": "vendor=opaque-value",
+            "baggage": "tenant=acme,user.id=42",
+        },
+    )
+    assert trace_id == caller_trace
+
+    named = assert_reference_tree(wait_trace(t.receiver, caller_trace), "hop-1")
+    assert named[ROOT].parent_span_id == caller_span
+    assert named[ROOT].references == []
+
+    (seen,) = t.origin.requests
+    assert parse_traceparent(seen.headers["traceparent"]) == (
+        caller_trace,
+        named["Backend HTTP request"].span_id,
+        "01",
+    )
+    assert seen.headers.get("tracestate") == "vendor=opaque-value"
+    baggage = dict(item.strip().split("=", 1) for item in seen.headers["baggage"].split(","))
+    assert baggage == {"tenant": "acme", "user.id": "42"}
+
+
+def test_server_errors_mark_the_response_and_session(tracing: TracingFactory) -> None:
+    t = tracing()
+    bad, bad_trace = t.traced("/status/503")
+    good, good_trace = t.traced("/status/200")
+    assert (bad.status, good.status) == (503, 200)
+
+    failed = assert_reference_tree(wait_trace(t.receiver, bad_trace), "hop-1")
+    for name in (ROOT, "HTTP response"):
+        span = failed[name]
+        assert span.tags.get("error") is True, describe([span])
+        assert span.tags.get("otel.status_code") == "ERROR", describe([span])
+        assert span.tags.get("http.response.status_code") == 503
+    for name in SPAN_NAMES - {ROOT, "HTTP response"}:
+        assert not failed[name].error, describe([failed[name]])
+
+    fine = assert_reference_tree(wait_trace(t.receiver, good_trace), "hop-1")
+    for span in fine.values():
+        assert not span.error and "otel.status_code" not in span.tags, describe([span])
+    assert fine["HTTP response"].tags["http.response.status_code"] == 200
+
+
+def test_denied_request_spans_end_by_ttl(tracing: TracingFactory) -> None:
+    t = tracing(
+        agent_ini="[tracing]\nsession_ttl = 1s\n",
+        frontend_lines=["http-request deny if { path_beg /denied }"],
+    )
+    _, complete_trace = t.traced("/allowed")
+    denied = t.get("/denied/area")
+    assert denied.status == 403
+    # No backend, so no inject: the only way to find this trace is its session's spans.
+    assert "x-trace-id" not in denied.headers
+
+    def is_denied(span: ReceivedSpan) -> bool:
+        return span.trace_id != complete_trace
+
+    started = ("HAProxy session", "Client session", "Frontend TCP request", "Frontend HTTP request")
+    spans = wait_spans(t.receiver, is_denied, len(started), timeout=10, what="denied spans")
+    # One more TTL period (and a few expiry ticks) must not bring any of them again.
+    time.sleep(1.5)
+    spans = [s for s in t.receiver.spans if is_denied(s)]
+    dump = describe(spans)
+    named = by_name(spans)
+    assert sorted(named) == sorted(started), dump
+    assert len({s.trace_id for s in spans}) == 1, dump
+    assert named[ROOT].tags.get("url.path") == "/denied/area", dump
+    for name in started:
+        span = named[name]
+        assert span.service_name == "hop-1"
+        parent = PARENT.get(name)
+        assert span.parent_span_id == (named[parent].span_id if parent else None), dump
+        if name == "Frontend TCP request":
+            # Finished by the on-frontend-http-request message, before the deny.
+            assert not span.error and "haproxy.span.incomplete" not in span.tags, dump
+        else:
+            assert span.tags.get("haproxy.span.incomplete") is True, dump
+            assert span.tags.get("otel.status_code") == "ERROR", dump
+            assert "(ttl)" in span.tags.get("otel.status_description", ""), dump
+            assert span.error, dump
+
+    # The finished request next to it was not touched by the expiry.
+    complete = assert_reference_tree(
+        [s for s in t.receiver.spans if s.trace_id == complete_trace], "hop-1"
+    )
+    assert not any("haproxy.span.incomplete" in s.tags for s in complete.values())
+
+
+def test_a_thousand_concurrent_requests_lose_no_span(tracing: TracingFactory) -> None:
+    t = tracing()
+    total, concurrency = 1000, 32
+    replies: list[Reply] = []
+    lock = threading.Lock()
+
+    def worker(share: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", t.port, timeout=30)
+        try:
+            for i in range(share):
+                reply = get(t.port, f"/load/{share}/{i}", conn=conn)
+                with lock:
+                    replies.append(reply)
+        finally:
+            conn.close()
+
+    shares = [
+        total // concurrency + (1 if i < total % concurrency else 0) for i in range(concurrency)
+    ]
+    with ThreadPoolExecutor(concurrency) as pool:
+        for future in [pool.submit(worker, share) for share in shares]:
+            future.result()
+
+    assert len(replies) == total
+    assert Counter(r.status for r in replies) == {200: total}
+    errors = Counter(r.headers["x-trace-error"] for r in replies if "x-trace-error" in r.headers)
+    assert not errors, f"HAProxy's SPOE error variable was set: {errors}"
+    trace_ids = {r.headers["x-trace-id"] for r in replies}
+    assert len(trace_ids) == total
+
+    wait_spans(t.receiver, lambda s: True, 9 * total, timeout=60, what="spans in all")
+    # Anything still coming (a duplicate) would arrive before a later request's spans.
+    _, barrier = t.traced("/barrier")
+    wait_trace(t.receiver, barrier)
+    spans = [s for s in t.receiver.spans if s.trace_id != barrier]
+    assert len(spans) == 9 * total, f"{len(spans)} spans"
+    assert len({s.span_id for s in spans}) == len(spans), "duplicate span ids"
+    traces = t.receiver.traces()
+    traces.pop(barrier)
+    assert set(traces) == trace_ids
+    sizes = Counter(len(v) for v in traces.values())
+    assert sizes == {9: total}, sizes
+    for trace in traces.values():
+        named = assert_reference_tree(trace, "hop-1")
+        assert named[ROOT].parent_span_id is None, describe(trace)
+    # Each trace is the one HAProxy's response announced and the origin was given.
+    injected = {parse_traceparent(r.headers["traceparent"])[0] for r in t.origin.requests}
+    assert injected == trace_ids | {barrier}
+    assert_agent_log_clean(t.agent)
+
+
+B3_HEADERS = [
+    ("X-B3-TraceId", "x_b3_traceid"),
+    ("X-B3-SpanId", "x_b3_spanid"),
+    ("X-B3-Sampled", "x_b3_sampled"),
+]
+
+
+def b3_spoe_config() -> str:
+    """The reference config with the frontend-http-request message also reading B3 headers."""
+    text = REFERENCE_SPOE_CFG.read_text()
+    anchor = "    args baggage=req.fhdr(baggage)\n"
+    assert anchor in text, "the reference spoe.cfg changed: update this test's variant"
+    b3 = (
+        "    args x-b3-traceid=req.fhdr(x-b3-traceid) x-b3-spanid=req.fhdr(x-b3-spanid)\n"
+        "    args x-b3-sampled=req.fhdr(x-b3-sampled)\n"
+    )
+    return text.replace(anchor, anchor + b3)
+
+
+def test_b3_multi_header_propagation(tracing: TracingFactory) -> None:
+    t = tracing(
+        otel={"OTEL_PROPAGATORS": "b3multi"}, spoe_text=b3_spoe_config(), forward_headers=B3_HEADERS
+    )
+    caller_trace, caller_span = "80f198ee56343ba864fe8b2a57d3eff7", "e457b5a2e4d86bd1"
+    reply = t.get(
+        "/b3",
+        {"X-B3-TraceId": caller_trace, "X-B3-SpanId": caller_span, "X-B3-Sampled": "1"},
+    )
+    assert reply.status == 200
+    assert "x-trace-error" not in reply.headers
+    # No W3C propagator configured: nothing injected as traceparent.
+    assert "x-trace-id" not in reply.headers
+
+    named = assert_reference_tree(wait_trace(t.receiver, caller_trace), "hop-1")
+    assert named[ROOT].parent_span_id == caller_span
+
+    (seen,) = t.origin.requests
+    assert "traceparent" not in seen.headers
+    assert seen.headers.get("x-b3-traceid") == caller_trace
+    assert seen.headers.get("x-b3-spanid") == named["Backend HTTP request"].span_id
+    assert seen.headers.get("x-b3-sampled") == "1"
+    assert_agent_log_clean(t.agent)
