@@ -1,0 +1,118 @@
+"""The SPOP benchmark driver against the real agent, at a tiny load: correctness only.
+
+A benchmark that silently counted wrong ACKs would make every number in benchmarks/README.md
+meaningless, so this checks that every NOTIFY the driver sent got exactly its ACK back with the
+expected set-var decoded, pipelined and sequenced. No speed is asserted: CI machines vary.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks.spop_load import (
+    MINIMAL,
+    TRACED,
+    LoadResult,
+    Workload,
+    minimal_request,
+    run_load,
+    traced_request,
+)
+from spoe_agent.protocol import codec
+from spoe_agent.protocol.types import Message
+from tests.support.procs import ManagedProcess, free_port
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, int]]:
+    """The minimal benchmark app served by the real CLI, shared by the tests: (port, pid)."""
+    port = free_port()
+    tmp_path = tmp_path_factory.mktemp("bench-agent")
+    proc = ManagedProcess(
+        "bench-agent",
+        [sys.executable, "-m", "spoe_agent", "--bind", f"127.0.0.1:{port}",
+         "--app", "benchmarks.apps:minimal_agent", "--log-level", "warning",
+         "--exporter", "none"],
+        tmp_path, cwd=REPO_ROOT,
+    )
+    with proc:
+        yield port, proc.pid
+    assert "Traceback" not in proc.stderr_text(), proc.describe_logs()
+
+
+def _assert_all_answered(result: LoadResult) -> None:
+    assert result.errors == 0, result.examples
+    assert result.notifies_sent > 0
+    assert result.acks_matched == result.notifies_sent
+    assert result.acks > 0 and result.latency_us["p50"] > 0
+    assert result.agent_hello["version"] == "2.0"
+
+
+def test_minimal_load_every_notify_acked(bench_agent: tuple[int, int]) -> None:
+    port, pid = bench_agent
+    result = run_load(("127.0.0.1", port), connections=2, window=4, duration=1.0, warmup=0.2,
+                      agent_pid=pid)
+    _assert_all_answered(result)
+    assert result.requests == result.acks
+    assert result.agent_cpu_s is not None
+
+
+def _three_events(i: int) -> list[bytes]:
+    """Three NOTIFYs on one stream, frame-ids 1..3, like the events of one HTTP request."""
+    return [
+        minimal_request(i)[0],
+        codec.notify(i, 2, [Message("bench", [("step", 2)])]),
+        codec.notify(i, 3, [Message("bench", [("step", 3)])]),
+    ]
+
+
+def test_sequenced_streams_every_notify_acked(bench_agent: tuple[int, int]) -> None:
+    port, _ = bench_agent
+    workload = Workload("three-events", _three_events, MINIMAL.check_ack)
+    result = run_load(("127.0.0.1", port), workload=workload, connections=1, window=3,
+                      duration=0.8, warmup=0.1, sequenced=True)
+    _assert_all_answered(result)
+    assert result.requests > 0
+    # Only whole requests finish: every third ACK completes one (within the window's edges).
+    assert abs(result.acks - 3 * result.requests) <= 3 * 3
+
+
+def test_wrong_actions_are_counted(bench_agent: tuple[int, int]) -> None:
+    """The checker really judges the decoded set-var: expecting something else must fail."""
+    port, _ = bench_agent
+    workload = Workload("expect-nothing", minimal_request, lambda actions: actions == [])
+    result = run_load(("127.0.0.1", port), workload=workload, connections=1, window=2,
+                      duration=0.3, warmup=0.0)
+    assert result.bad_acks == result.acks_matched > 0
+
+
+def test_traced_replay_against_the_tracing_agent(tmp_path: Path) -> None:
+    """The reference config's 8 events per request, sequenced, through the default agent: all
+    ACKed, and the on-backend-http-request ACK carries the injected traceparent."""
+    port = free_port()
+    proc = ManagedProcess(
+        "tracing-agent",
+        [sys.executable, "-m", "spoe_agent", "--bind", f"127.0.0.1:{port}",
+         "--log-level", "warning", "--exporter", "none"],
+        tmp_path, cwd=REPO_ROOT,
+    )
+    seen: list[list[Any]] = []
+
+    def check(actions: list[Any]) -> bool:
+        seen.append(actions)
+        return TRACED.check_ack(actions)
+
+    workload = Workload("traced", traced_request, check, sequenced=True)
+    with proc:
+        result = run_load(("127.0.0.1", port), workload=workload, connections=1, window=4,
+                          duration=0.5, warmup=0.1)
+    _assert_all_answered(result)
+    assert result.sequenced and result.requests > 0
+    assert any(a.name == "traceparent" for actions in seen for a in actions), seen[:10]
