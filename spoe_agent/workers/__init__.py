@@ -1,0 +1,120 @@
+"""``--workers N``: N processes on one address, producing the traces of one process.
+
+:mod:`.supervisor` owns the listening socket and keeps N worker interpreters running;
+:mod:`.router` (no I/O) decides which worker owns a session and frames what workers exchange;
+:mod:`.mesh` moves those frames between workers over unix sockets. docs/scaling.md explains the
+design and the measurements behind it.
+
+The CLI calls :func:`worker_config` before it builds the agent (a worker's share of the session
+cap and its metrics port) and :func:`serve` instead of :func:`spoe_agent.runner.run`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+from typing import Any
+
+from spoe_agent.config import AgentConfig
+
+log = logging.getLogger(__name__)
+
+_PARENT_CHECK_S = 1.0
+_REPORT_S = 1.0
+
+
+def worker_config(config: AgentConfig, index: int) -> AgentConfig:
+    """Worker ``index``'s configuration: its share of ``max_sessions``, its metrics port.
+
+    ``max_sessions`` bounds the whole agent's memory, so each of N workers holds at most
+    ``ceil(max_sessions / N)``; sessions are spread evenly by their hash, so the cap still
+    evicts the least recently active sessions of the agent to within a fraction of a percent.
+    Worker i serves ``/metrics`` on the configured port + i.
+    """
+    workers = config.workers
+    changes: dict[str, Any] = {"max_sessions": max(1, -(-config.max_sessions // workers))}
+    if config.metrics and not config.metrics.startswith("unix:"):
+        host, _, port = config.metrics.rpartition(":")
+        changes["metrics"] = f"{host}:{int(port) + index}"
+    return dataclasses.replace(config, **changes)
+
+
+def serve(agent: Any, config: AgentConfig, argv: list[str], index: int | None) -> int:
+    """Supervise (``index is None``) or run worker ``index`` until SIGTERM."""
+    if index is None:
+        from spoe_agent.workers.supervisor import Supervisor
+
+        # The supervisor built the agent only to validate the configuration; it serves nothing.
+        for hook in agent.on_shutdown:
+            hook()
+        return Supervisor(config, argv).run()
+    return _run_worker(agent, config, index)
+
+
+def _run_worker(agent: Any, config: AgentConfig, index: int) -> int:
+    import gevent
+
+    from spoe_agent.runner import run
+    from spoe_agent.workers.handoff import HandoffListener
+    from spoe_agent.workers.supervisor import ENV_HANDOFF_FD, ENV_LISTEN_FAMILY, ENV_RUNTIME_DIR
+
+    try:
+        fd = int(os.environ[ENV_HANDOFF_FD])
+        family = int(os.environ[ENV_LISTEN_FAMILY])
+        runtime_dir = os.environ[ENV_RUNTIME_DIR]
+    except (KeyError, ValueError):
+        raise SystemExit(
+            "spoe-agent: --worker-index is for the processes the supervisor starts; "
+            "run with --workers N instead"
+        ) from None
+    _prefix_log_records(f"worker {index}: ")
+    listener = HandoffListener(fd, family, config.bind)
+    registry = getattr(agent, "registry", None)
+    if registry is not None and hasattr(agent, "router") and config.workers > 1:
+        from spoe_agent.workers.mesh import PeerMesh
+
+        mesh = PeerMesh(index, config.workers, runtime_dir, registry.apply)
+        agent.router = mesh
+        agent.on_startup.append(mesh.start)
+        # Before the tracing agent's own hook: what peers already sent must reach the registry
+        # before it ends the open sessions.
+        agent.on_shutdown.insert(0, mesh.stop)
+        agent.metric_sources.append(mesh.metric_samples)
+    # Last, so the first report (0 connections: "send me some") goes out once the worker is
+    # ready to serve them.
+    agent.on_startup.append(lambda: gevent.spawn(_report_loop, listener))
+    gevent.spawn(_exit_with_parent, os.getppid())
+    log.info("starting, %d workers in all (pid %d)", config.workers, os.getpid())
+    return run(agent, config, listener=listener)
+
+
+def _prefix_log_records(prefix: str) -> None:
+    """Every line a worker logs says which worker it is: they share one stderr."""
+    make_record = logging.getLogRecordFactory()
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make_record(*args, **kwargs)
+        record.msg = prefix + str(record.msg)
+        return record
+
+    logging.setLogRecordFactory(factory)
+
+
+def _report_loop(listener: Any) -> None:
+    import gevent
+
+    while not listener.closed:
+        listener.report()
+        gevent.sleep(_REPORT_S)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose supervisor was killed stops cleanly instead of serving on, unsupervised."""
+    import gevent
+
+    while os.getppid() == parent:
+        gevent.sleep(_PARENT_CHECK_S)
+    log.warning("supervisor (pid %d) is gone; stopping", parent)
+    os.kill(os.getpid(), signal.SIGTERM)

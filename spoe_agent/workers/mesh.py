@@ -1,0 +1,689 @@
+"""The gevent shell of session-owner routing: unix sockets between every pair of workers.
+
+Worker ``i`` listens on ``<runtime dir>/peer-<i>.sock``. To send to worker ``j`` it opens two
+*outbound* links to ``peer-<j>.sock``:
+
+* the **bulk** link carries the fire-and-forget commands (no inject), and j does not watch it:
+  j drains it whenever it is about to apply anything, and at least every :data:`TICK_S`. Waking a
+  process costs more CPU than the command it is woken for (measured: 20-40 us per gevent wake-up
+  on the benchmark VM against ~6 us to forward and apply a command), and most of them can wait
+  in the socket buffer until the owner is awake anyway;
+* the **urgent** link carries inject RPCs, which HAProxy waits for, and their replies; j watches
+  it. A NUDGE frame on it wakes j when a bulk buffer fills up.
+
+The invariants that make the traces those of one process (see :mod:`spoe_agent.workers.router`):
+
+* a forwarded command is in the owner's socket buffer before its ACK is queued (:meth:`forward`
+  waits for the kernel to take it), so it exists before HAProxy can send the stream's next event;
+* the owner drains every inbound link until a pass finds nothing and applies what it read in
+  stamp order before it applies anything else (:meth:`pump`), one pump at a time;
+* while an owner is down its peers hold its commands (:class:`~spoe_agent.workers.router.Backlog`);
+  a restarted owner says HELLO(fresh) to every live peer, each writes its backlog then SYNC on a
+  new bulk link, and the owner applies nothing (and serves no HAProxy connection) before it has
+  every SYNC.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from itertools import count
+from typing import Any
+
+import gevent
+from gevent.event import AsyncResult, Event
+from gevent.lock import Semaphore
+from gevent.monkey import get_original
+
+from spoe_agent.handlers import MetricSample
+from spoe_agent.protocol.types import SetVar
+from spoe_agent.tracing.language import Command
+from spoe_agent.workers.router import (
+    COMMAND,
+    HELLO,
+    NUDGE,
+    REPLY,
+    SYNC,
+    Backlog,
+    FrameError,
+    FrameReader,
+    Reorderer,
+    command_of,
+    encode,
+    encode_command,
+    encode_reply,
+    has_inject,
+    owner_of,
+    reply_actions,
+)
+
+log = logging.getLogger(__name__)
+
+# The real socket class even under monkey-patching: these sockets are non-blocking and waited
+# on explicitly, so a recv that finds nothing returns at once instead of switching greenlets.
+_socket_class = get_original("socket", "socket")
+_AF_UNIX = get_original("socket", "AF_UNIX")
+_SOCK_STREAM = get_original("socket", "SOCK_STREAM")
+
+#: The longest a forwarded fire-and-forget command waits in an idle owner's socket buffer.
+TICK_S = 0.01
+_RECV = 256 * 1024
+_MAX_PASSES = 16
+_DOWN_ERRNOS = {errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN, errno.ENOTSOCK}
+_NUDGE_FRAME = encode((NUDGE,))
+_SYNC_FRAME = encode((SYNC,))
+#: Counters always present in :meth:`PeerMesh.counters`, so the metrics exist before they move.
+STAT_KEYS = (
+    "forwarded",  # commands written to their owner
+    "forwarded_inject",  # ... of which inject RPCs
+    "received",  # commands applied here for another worker
+    "held",  # commands kept for an owner that was down
+    "held_dropped",  # ... dropped: the owner stayed down too long or too many piled up
+    "inject_timeout",  # inject RPCs not answered in time (HAProxy got no context variables)
+    "inject_unavailable",  # inject RPCs for an owner that was down (same consequence)
+    "peer_errors",  # peer connections dropped for a protocol error
+    "drain_cut_short",  # drains that never got a quiet pass (see pump): order not guaranteed
+)
+
+
+def peer_path(runtime_dir: str, index: int) -> str:
+    return os.path.join(runtime_dir, f"peer-{index}.sock")
+
+
+class _Link:
+    """One unix stream connection to or from a peer, with a write buffer that never blocks.
+
+    ``queued``/``sent`` count bytes over the link's life, so a writer can tell whether *its*
+    frame reached the kernel even when later bytes could not.
+    """
+
+    __slots__ = ("sock", "fd", "peer", "urgent", "outbound", "reader", "out", "queued", "sent",
+                 "closed", "watcher", "_waiters", "_writer", "_mesh")
+
+    def __init__(self, mesh: PeerMesh, sock: Any, peer: int | None, *, urgent: bool,
+                 outbound: bool) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer = peer
+        self.urgent = urgent
+        self.outbound = outbound
+        self.reader = FrameReader()
+        self.out = bytearray()
+        self.queued = 0
+        self.sent = 0
+        self.closed = False
+        self.watcher: gevent.Greenlet | None = None  # the greenlet reading this link, if any
+        self._waiters: list[tuple[int, Event]] = []
+        self._writer: gevent.Greenlet | None = None
+        self._mesh = mesh
+
+    def send(self, data: bytes) -> int:
+        """Queue ``data``, writing what the kernel takes now; the end offset, or -1 if closed."""
+        if self.closed:
+            return -1
+        self.queued += len(data)
+        end = self.queued
+        if self.out:
+            self.out += data
+            return end
+        try:
+            n = self.sock.send(data)
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            self.close()
+            return -1
+        self.sent += n
+        if n < len(data):
+            self.out += data[n:]
+            if self._writer is None:
+                self._writer = gevent.spawn(self._write_loop)
+            if self.outbound and not self.urgent:
+                self._mesh._nudge(self.peer)  # the owner is not watching this link: wake it
+        return end
+
+    def wait_sent(self, end: int) -> bool:
+        """Whether the bytes up to ``end`` reached the kernel (waiting for them if need be)."""
+        if self.sent >= end:
+            return True
+        if self.closed:
+            return False
+        ready = Event()
+        self._waiters.append((end, ready))
+        ready.wait()
+        return self.sent >= end
+
+    def _write_loop(self) -> None:
+        hub = gevent.get_hub()
+        watcher = hub.loop.io(self.fd, 2)
+        try:
+            while self.out and not self.closed:
+                hub.wait(watcher)
+                try:
+                    n = self.sock.send(self.out)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    self.close()
+                    break
+                del self.out[:n]
+                self.sent += n
+                self._wake()
+        finally:
+            watcher.close()
+            self._writer = None
+
+    def _wake(self) -> None:
+        if not self._waiters:
+            return
+        keep = []
+        for end, ready in self._waiters:
+            if end <= self.sent or self.closed:
+                ready.set()
+            else:
+                keep.append((end, ready))
+        self._waiters = keep
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.out.clear()
+        self._wake()
+        # A greenlet waiting on this fd must drop its libev watcher before the fd is closed;
+        # kill() and run_callback() run in order, so the close comes after.
+        current = gevent.getcurrent()
+        pending = [g for g in (self.watcher, self._writer) if g is not None and g is not current]
+        for greenlet in pending:
+            greenlet.kill(block=False)
+        if pending:
+            gevent.get_hub().loop.run_callback(_close_quietly, self.sock)
+        else:
+            _close_quietly(self.sock)
+        self._mesh._on_link_closed(self)
+
+
+def _close_quietly(sock: Any) -> None:
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+class PeerMesh:
+    """Routes compiled commands to their owner worker and applies the ones this worker owns.
+
+    ``apply`` is the registry's ``apply``; it must not yield (it does not: the registry is pure
+    Python and its span processor only enqueues).
+    """
+
+    def __init__(
+        self,
+        index: int,
+        workers: int,
+        runtime_dir: str,
+        apply: Callable[[Command], list[SetVar]],
+        *,
+        rpc_timeout: float = 0.2,
+        sync_timeout: float = 2.0,
+        retry_interval: float = 0.05,
+        tick: float = TICK_S,
+        backlog_items: int = 65536,
+        backlog_age: float = 10.0,
+    ) -> None:
+        if not 0 <= index < workers:
+            raise ValueError(f"worker index {index} out of range for {workers} workers")
+        self.index = index
+        self.workers = workers
+        self.runtime_dir = runtime_dir
+        self._apply = apply
+        self.rpc_timeout = rpc_timeout
+        self.sync_timeout = sync_timeout
+        self.retry_interval = retry_interval
+        self.tick = tick
+        self.stats: Counter[str] = Counter(dict.fromkeys(STAT_KEYS, 0))
+        self.apply_errors = 0
+        self._bulk: list[_Link | None] = [None] * workers
+        self._urgent: list[_Link | None] = [None] * workers
+        self._inbound: list[_Link] = []
+        self._backlogs = [Backlog(backlog_items, backlog_age) for _ in range(workers)]
+        self._next_try = [0.0] * workers
+        self._reorder = Reorderer()
+        self._pump_lock = Semaphore()
+        self._pending: dict[int, tuple[int, AsyncResult]] = {}
+        self._rpc_ids = count(1)
+        self._syncing = True
+        self._awaiting_sync: set[int] = set()
+        self._synced = Event()
+        self._listener: Any = None
+        self._greenlets: list[gevent.Greenlet] = []
+        self._stopped = False
+
+    # ------------------------------------------------------------------------ request path
+
+    def route(self, command: Command) -> list[SetVar]:
+        """Apply ``command`` here if this worker owns its session, else forward it."""
+        owner = owner_of(command[0], self.workers)
+        if owner == self.index:
+            self.pump()
+            return self._apply(command)
+        if has_inject(command):
+            return self._call(owner, command)
+        return self.forward(owner, command)
+
+    def forward(self, owner: int, command: Command) -> list[SetVar]:
+        """Hand a fire-and-forget ``command`` to ``owner``; returns once the kernel has it (or
+        it is held for a restarting owner)."""
+        link = self._bulk[owner]
+        if link is None or link.closed:
+            link = self._connect(owner, urgent=False)
+            if link is None:
+                self._hold(owner, encode_command(command))
+                return []
+        data = encode_command(command)
+        end = link.send(data)
+        if end < 0 or not link.wait_sent(end):
+            # The owner died with the link: what it did not take is kept for its successor.
+            self._hold(owner, data)
+            return []
+        self.stats["forwarded"] += 1
+        return []
+
+    def _call(self, owner: int, command: Command) -> list[SetVar]:
+        """An inject: the owner applies it and answers with the variables HAProxy must set."""
+        stamp = time.monotonic_ns()
+        bulk = self._bulk[owner]
+        if bulk is None or bulk.closed:
+            # Connecting the bulk link first writes what was held for this owner, in order.
+            bulk = self._connect(owner, urgent=False)
+        link = self._urgent[owner] if bulk is not None else None
+        if bulk is not None and (link is None or link.closed):
+            link = self._connect(owner, urgent=True, force=True)  # the owner is up
+        if link is None:
+            self._hold(owner, encode_command(command, 0, stamp))
+            self.stats["inject_unavailable"] += 1
+            return []
+        rpc_id = next(self._rpc_ids)
+        result = AsyncResult()
+        self._pending[rpc_id] = (owner, result)
+        end = link.send(encode_command(command, rpc_id, stamp))
+        if end < 0 or not link.wait_sent(end):
+            self._pending.pop(rpc_id, None)
+            self._hold(owner, encode_command(command, 0, stamp))
+            self.stats["inject_unavailable"] += 1
+            return []
+        self.stats["forwarded"] += 1
+        self.stats["forwarded_inject"] += 1
+        try:
+            return result.get(timeout=self.rpc_timeout)
+        except gevent.Timeout:
+            self._pending.pop(rpc_id, None)
+            self.stats["inject_timeout"] += 1
+            return []
+
+    def _hold(self, owner: int, data: bytes) -> None:
+        self._backlogs[owner].add(data)
+        self.stats["held"] += 1
+        link = self._bulk[owner]
+        if link is not None and not link.closed:
+            # A newer link exists already (the owner restarted meanwhile): send it on.
+            link.send(self._backlogs[owner].take())
+
+    def _nudge(self, peer: int | None) -> None:
+        if peer is None:
+            return
+        link = self._urgent[peer]
+        if link is None or link.closed:
+            link = self._connect(peer, urgent=True, force=True)
+        if link is not None:
+            link.send(_NUDGE_FRAME)
+
+    def pump(self) -> None:
+        """Read everything every inbound link holds, then apply it in stamp order.
+
+        Reading the links one after the other takes time (the process can even be descheduled
+        between two reads), so one pass may miss event k on a link it read early and still get
+        event k+1 from a link it read late. Hence passes until one reads nothing: whatever was
+        read then was written before that last pass began, and so was everything that came
+        before it in its stream, which that pass would have found had it not been read already.
+        (Bounded: an owner that never sees a quiet pass applies what it has after
+        :data:`_MAX_PASSES`, counted as ``drain_cut_short``.)
+
+        Reads are non-blocking and replies are queued, not awaited; ``apply`` should not yield
+        either, but when it does (the first span of a service builds its OpenTelemetry
+        Resource, whose detectors run in a thread pool), one pump holds the others off until
+        it has applied all it read: two interleaved pumps would each apply in order, but not
+        in order with each other. Until this worker has every SYNC it only collects, so a
+        restarted owner applies its peers' held commands before (in stamp order with)
+        anything newer.
+        """
+        with self._pump_lock:
+            self._pump()
+
+    def _pump(self) -> None:
+        reorder = self._reorder
+        for _ in range(_MAX_PASSES):
+            if not self._read_inbound(reorder):
+                break
+        else:
+            # Peers write faster than this worker reads (it is overloaded): apply what was
+            # read rather than starve, at a small risk to order, and say so.
+            self.stats["drain_cut_short"] += 1
+        if self._syncing or not reorder:
+            return
+        received = 0
+        for link, frame in reorder.pop_all():
+            received += 1
+            try:
+                actions = self._apply(command_of(frame))
+            except Exception:
+                self.apply_errors += 1
+                log.exception("applying a forwarded command failed")
+                actions = []
+            rpc_id = frame[2]
+            if rpc_id:
+                link.send(encode_reply(rpc_id, actions))
+        self.stats["received"] += received
+
+    def _read_inbound(self, reorder: Reorderer) -> bool:
+        """One pass over every inbound link; whether it read anything."""
+        # A link a peer has just opened may still wait in the listen queue with a command in
+        # it: take it now, or this pass would miss that command.
+        self._accept_pending()
+        got = False
+        # Closing a link rebinds self._inbound rather than mutating it, so this stays valid.
+        for link in self._inbound:
+            if link.closed:
+                continue
+            sock = link.sock
+            while True:
+                try:
+                    data = sock.recv(_RECV)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    link.close()
+                    break
+                if not data:
+                    link.close()
+                    break
+                got = True
+                try:
+                    frames = link.reader.feed(data)
+                except FrameError as exc:
+                    self.stats["peer_errors"] += 1
+                    log.warning("dropping a peer connection: %s", exc)
+                    link.close()
+                    break
+                for frame in frames:
+                    kind = frame[0]
+                    if kind == COMMAND:
+                        reorder.push(frame[1], link, frame)
+                    elif kind == HELLO:
+                        self._on_hello(link, frame)
+                    elif kind == SYNC:
+                        self._on_sync(link)
+                if len(data) < _RECV:
+                    break  # a short read took all the kernel had
+        return got
+
+    # ------------------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        """Listen, greet every peer, and return once each has sent what it held for us.
+
+        At a cold start the peers start too: their sockets are waited for (within
+        ``sync_timeout``), so no worker serves HAProxy before it can reach the others.
+        """
+        path = peer_path(self.runtime_dir, self.index)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        listener = _socket_class(_AF_UNIX, _SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(64)
+        listener.setblocking(False)
+        self._listener = listener
+        self._greenlets.append(gevent.spawn(self._accept_loop))
+        deadline = time.monotonic() + self.sync_timeout
+        missing = set(range(self.workers)) - {self.index}
+        while missing:
+            for peer in sorted(missing):
+                if self._connect(peer, urgent=False, fresh=True) is not None:
+                    missing.discard(peer)
+                    self._awaiting_sync.add(peer)
+            if not missing or time.monotonic() >= deadline:
+                break
+            gevent.sleep(self.retry_interval)
+        while self._awaiting_sync:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._synced.clear()  # set by any SYNC: the set may have emptied and refilled
+            self._synced.wait(remaining)
+        late = sorted(missing | self._awaiting_sync)
+        if late:
+            log.warning("workers %s not ready within %.1fs; going on without them", late,
+                        self.sync_timeout)
+        self._syncing = False
+        self.pump()
+        self._greenlets.append(gevent.spawn(self._tick_loop))
+        self._greenlets.append(gevent.spawn(self._housekeeping))
+        log.info("routing sessions as worker %d of %d, %d peers connected", self.index,
+                 self.workers, sum(1 for link in self._bulk if link and not link.closed))
+
+    def stop(self) -> None:
+        """Apply what peers already sent, then close every link."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._syncing = False
+        self.pump()
+        gevent.killall(self._greenlets)
+        if self._listener is not None:
+            self._listener.close()
+            try:
+                os.unlink(peer_path(self.runtime_dir, self.index))
+            except OSError:
+                pass
+        for link in [*self._inbound, *self._bulk, *self._urgent]:
+            if link is not None:
+                link.close()
+        held = sum(len(b) for b in self._backlogs)
+        if held:
+            log.info("%d commands held for stopped workers discarded", held)
+
+    # ----------------------------------------------------------------------- connections
+
+    def _connect(self, peer: int, *, urgent: bool, fresh: bool = False,
+                 force: bool = False) -> _Link | None:
+        """A new outbound link to ``peer``; a bulk one starts with HELLO and what was held.
+
+        Lazy reconnects are rate-limited, so a dead owner costs its forwarders one failed
+        ``connect`` per interval rather than one per command.
+        """
+        now = time.monotonic()
+        if not (fresh or force) and now < self._next_try[peer]:
+            return None
+        self._next_try[peer] = now + self.retry_interval
+        sock = _socket_class(_AF_UNIX, _SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.connect(peer_path(self.runtime_dir, peer))
+        except OSError as exc:
+            sock.close()
+            if exc.errno not in _DOWN_ERRNOS:
+                log.warning("cannot connect to worker %d: %s", peer, exc)
+            return None
+        link = _Link(self, sock, peer, urgent=urgent, outbound=True)
+        links = self._urgent if urgent else self._bulk
+        old = links[peer]
+        links[peer] = link
+        if old is not None and not old.closed:
+            # Bytes already written stay readable by the peer after this close.
+            old.close()
+        hello = encode((HELLO, self.index, fresh, urgent))
+        if urgent:
+            link.send(hello)
+            link.watcher = gevent.spawn(self._reply_loop, link)
+        else:
+            link.send(hello + self._backlogs[peer].take())
+        return link
+
+    def _accept_pending(self) -> None:
+        listener = self._listener
+        if listener is None:
+            return
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                    log.warning("accepting a peer connection failed: %s", exc)
+                return
+            link = _Link(self, sock, None, urgent=False, outbound=False)
+            self._inbound = [*self._inbound, link]
+            link.watcher = gevent.spawn(self._inbound_loop, link)
+
+    def _accept_loop(self) -> None:
+        hub = gevent.get_hub()
+        watcher = hub.loop.io(self._listener.fileno(), 1)
+        try:
+            while True:
+                hub.wait(watcher)
+                self.pump()  # accepts, and applies anything the new link already carries
+        finally:
+            watcher.close()
+
+    def _inbound_loop(self, link: _Link) -> None:
+        """Watch an inbound link until its HELLO says it is a bulk one (those are drained by
+        :meth:`pump`, not watched), for as long as it lives if it is urgent."""
+        hub = gevent.get_hub()
+        watcher = hub.loop.io(link.fd, 1)
+        try:
+            while not link.closed:
+                self.pump()
+                if link.closed or (link.peer is not None and not link.urgent
+                                   and not self._syncing):
+                    break
+                hub.wait(watcher)
+        finally:
+            watcher.close()
+            if link.watcher is gevent.getcurrent():
+                link.watcher = None
+
+    def _reply_loop(self, link: _Link) -> None:
+        hub = gevent.get_hub()
+        watcher = hub.loop.io(link.fd, 1)
+        pending = self._pending
+        try:
+            while not link.closed:
+                hub.wait(watcher)
+                try:
+                    data = link.sock.recv(_RECV)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                if not data:
+                    link.close()
+                    break
+                try:
+                    frames = link.reader.feed(data)
+                except FrameError as exc:
+                    self.stats["peer_errors"] += 1
+                    log.warning("dropping the link to worker %s: %s", link.peer, exc)
+                    link.close()
+                    break
+                for frame in frames:
+                    if frame[0] == REPLY:
+                        waiting = pending.pop(frame[1], None)
+                        if waiting is not None:
+                            waiting[1].set(reply_actions(frame))
+        finally:
+            watcher.close()
+
+    def _tick_loop(self) -> None:
+        """Bound how long forwarded commands wait in an idle owner's bulk buffers."""
+        while True:
+            gevent.sleep(self.tick)
+            self.pump()
+
+    def _on_hello(self, link: _Link, frame: tuple[Any, ...]) -> None:
+        peer = frame[1]
+        if type(peer) is not int or not 0 <= peer < self.workers or peer == self.index:
+            self.stats["peer_errors"] += 1
+            link.close()
+            return
+        link.peer = peer
+        link.urgent = bool(frame[3]) if len(frame) > 3 else False
+        if frame[2]:
+            # A (re)started peer: a new bulk link carries what we held for it, then SYNC. Any
+            # older link went to its previous incarnation (or, in a race, already to this one,
+            # which still reads what that link delivered).
+            old = self._urgent[peer]
+            if old is not None:
+                old.close()
+            out = self._connect(peer, urgent=False, force=True)
+            if out is not None:
+                out.send(_SYNC_FRAME)
+
+    def _on_sync(self, link: _Link) -> None:
+        self._awaiting_sync.discard(link.peer)  # type: ignore[arg-type]
+        self._synced.set()
+
+    def _on_link_closed(self, link: _Link) -> None:
+        log.debug("%s %s link %s worker %s closed", "outbound" if link.outbound else "inbound",
+                  "urgent" if link.urgent else "bulk", "to" if link.outbound else "from",
+                  link.peer)
+        if not link.outbound:
+            self._inbound = [other for other in self._inbound if other is not link]
+            return
+        peer = link.peer
+        assert peer is not None
+        if self._bulk[peer] is link:
+            self._bulk[peer] = None
+            self._next_try[peer] = 0.0
+        if self._urgent[peer] is link:
+            self._urgent[peer] = None
+            # RPCs waiting on a dead owner get no answer: unblock them now.
+            for rpc_id, (owner, result) in list(self._pending.items()):
+                if owner == peer:
+                    del self._pending[rpc_id]
+                    result.set([])
+                    self.stats["inject_unavailable"] += 1
+
+    def _housekeeping(self) -> None:
+        """Drop held commands that aged out, and retry owners that are still down."""
+        while True:
+            gevent.sleep(0.5)
+            for peer, backlog in enumerate(self._backlogs):
+                if backlog:
+                    backlog.expire()
+                    link = self._bulk[peer]
+                    if link is None or link.closed:
+                        self._connect(peer, urgent=False, force=True)
+
+    # --------------------------------------------------------------------------- metrics
+
+    def counters(self) -> dict[str, int]:
+        out = dict(self.stats)
+        out["held_dropped"] = sum(b.dropped for b in self._backlogs)
+        return out
+
+    def metric_samples(self) -> Iterator[MetricSample]:
+        for name, value in sorted(self.counters().items()):
+            yield ("spoe_agent_worker_routing", "counter",
+                   "Session-owner routing between workers (commands forwarded, received, held)",
+                   {"event": name}, value)
+        yield ("spoe_agent_worker_held_commands", "gauge",
+               "Commands held for workers that are down", {},
+               sum(len(b) for b in self._backlogs))

@@ -1,0 +1,207 @@
+"""Session-owner routing between workers, without I/O: who owns a session, the peer wire format,
+and the rules that keep one stream's commands in order when they arrive over several sockets.
+
+Each session (the ``id=`` key) belongs to one worker, ``crc32(key) % workers``, so its spans live
+in exactly one registry: a trace is never split, and TTL/cap eviction never emits a span twice.
+Workers that receive a command for another owner forward it over a unix stream socket; this
+module holds everything about that exchange that can be decided without a socket, so the gevent
+shell (:mod:`spoe_agent.workers.mesh`) only moves bytes.
+
+Ordering. HAProxy sends event k+1 of a stream only after event k was ACKed, and a forwarder writes
+event k to the owner's socket before it queues that ACK. So when event k+1 exists, event k is
+already in one of the owner's socket buffers, but not necessarily in the one the event loop wakes
+up for first (libev reports ready watchers in no useful order). The owner therefore drains every
+peer socket before it applies anything and applies what it read by the forwarder's
+``CLOCK_MONOTONIC`` stamp (one clock for the whole machine): :class:`Reorderer`.
+
+Wire format: a 4-byte big-endian length, then ``marshal.dumps`` of a plain tuple whose first item
+is the frame kind. ``marshal`` is the fastest serializer of plain data in the standard library
+and a compiled :class:`~spoe_agent.tracing.language.Command` is plain data by design. It must
+only ever read bytes from this user's own workers: the peer sockets live in a directory only
+the agent's user can enter (see :mod:`spoe_agent.workers.supervisor`).
+"""
+
+from __future__ import annotations
+
+import heapq
+import marshal
+import time
+import zlib
+from collections import deque
+from collections.abc import Iterable
+from typing import Any
+
+from spoe_agent.protocol.types import Scope, SetVar
+from spoe_agent.tracing.language import OP_INJECT, Command
+
+# Frame kinds: the first item of every frame tuple.
+HELLO = 0  # (HELLO, sender_index, fresh, urgent): first frame of a link; fresh asks for SYNC
+COMMAND = 1  # (COMMAND, stamp_ns, rpc_id, key, ts_ns, service, carrier, ops); rpc_id 0: no reply
+REPLY = 2  # (REPLY, rpc_id, ((scope, name, value), ...)): the SetVars of an inject
+SYNC = 3  # (SYNC,): everything this peer held back for the receiver has been written before it
+NUDGE = 4  # (NUDGE,): wake up and drain (a bulk link the receiver does not watch is full)
+
+#: A frame bigger than this is a bug or not one of our peers: the connection is dropped.
+MAX_FRAME = 16 << 20
+_LEN = 4
+_tuple_new = tuple.__new__
+_dumps = marshal.dumps
+_loads = marshal.loads
+
+
+class FrameError(Exception):
+    """The peer sent something that is not a frame of this protocol."""
+
+
+def owner_of(key: str, workers: int) -> int:
+    """The index of the worker that holds session ``key``: the same answer in every process
+    (``hash()`` would not be, it is salted per interpreter)."""
+    return zlib.crc32(key.encode("utf-8", "surrogatepass")) % workers
+
+
+def has_inject(command: Command) -> bool:
+    """Whether applying ``command`` answers with variables, so its sender must wait for them."""
+    for op in command[4]:
+        if op[0] == OP_INJECT:
+            return True
+    return False
+
+
+def encode(frame: tuple[Any, ...]) -> bytes:
+    body = _dumps(frame)
+    return len(body).to_bytes(_LEN, "big") + body
+
+
+def encode_command(command: Command, rpc_id: int = 0, stamp_ns: int | None = None) -> bytes:
+    """One forwarded command; the stamp is taken here, as late as possible before the write."""
+    if stamp_ns is None:
+        stamp_ns = time.monotonic_ns()
+    # tuple + NamedTuple is a plain tuple, which marshal accepts (it refuses subclasses).
+    return encode((COMMAND, stamp_ns, rpc_id) + command)
+
+
+def command_of(frame: tuple[Any, ...]) -> Command:
+    """The :class:`Command` inside a COMMAND frame (built like ``parse_message`` builds it)."""
+    return _tuple_new(Command, frame[3:8])
+
+
+def encode_reply(rpc_id: int, actions: Iterable[SetVar]) -> bytes:
+    return encode((REPLY, rpc_id, tuple([(int(a.scope), a.name, a.value) for a in actions])))
+
+
+def reply_actions(frame: tuple[Any, ...]) -> list[SetVar]:
+    return [SetVar(Scope(scope), name, value) for scope, name, value in frame[2]]
+
+
+class FrameReader:
+    """Cuts one connection's byte stream into frames; keeps a partial frame for the next feed."""
+
+    __slots__ = ("_buf",)
+
+    def __init__(self) -> None:
+        self._buf = b""
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[tuple[Any, ...]]:
+        buf = self._buf + data if self._buf else data
+        frames: list[tuple[Any, ...]] = []
+        pos = 0
+        end = len(buf)
+        while end - pos >= _LEN:
+            size = int.from_bytes(buf[pos : pos + _LEN], "big")
+            if size > MAX_FRAME:
+                raise FrameError(f"frame of {size} bytes (limit {MAX_FRAME})")
+            stop = pos + _LEN + size
+            if stop > end:
+                break
+            try:
+                frame = _loads(buf[pos + _LEN : stop])
+            except (ValueError, EOFError, TypeError) as exc:
+                raise FrameError(f"undecodable frame: {exc}") from None
+            if type(frame) is not tuple or not frame or type(frame[0]) is not int:
+                raise FrameError(f"not a frame: {type(frame).__name__}")
+            frames.append(frame)
+            pos = stop
+        self._buf = buf[pos:] if pos < end else b""
+        return frames
+
+
+class Reorderer:
+    """Forwarded commands from every peer, released in stamp order.
+
+    ``push`` everything a drain read (from all sockets), then ``pop_all``: within one stream the
+    stamps increase with the event order, whichever worker forwarded which event. The sequence
+    number breaks stamp ties (two forwarders, same nanosecond) deterministically.
+    """
+
+    __slots__ = ("_heap", "_seq")
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[int, int, Any, tuple[Any, ...]]] = []
+        self._seq = 0
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def push(self, stamp_ns: int, origin: Any, frame: tuple[Any, ...]) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (stamp_ns, self._seq, origin, frame))
+
+    def pop_all(self) -> list[tuple[Any, tuple[Any, ...]]]:
+        """``(origin, frame)`` pairs, oldest stamp first; the heap is empty afterwards."""
+        heap = self._heap
+        if len(heap) == 1:
+            item = heap.pop()
+            return [(item[2], item[3])]
+        heap.sort()
+        out = [(item[2], item[3]) for item in heap]
+        heap.clear()
+        return out
+
+
+class Backlog:
+    """Commands for an owner that is down (restarting), held to be written once it is back.
+
+    Bounded in count and in age: past either bound the oldest are dropped and counted, because
+    an owner that does not come back must not make its peers grow without limit.
+    """
+
+    __slots__ = ("_items", "max_items", "max_age_ns", "dropped")
+
+    def __init__(self, max_items: int = 65536, max_age_s: float = 10.0) -> None:
+        self._items: deque[tuple[int, bytes]] = deque()
+        self.max_items = max_items
+        self.max_age_ns = int(max_age_s * 1e9)
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, data: bytes, now_ns: int | None = None) -> None:
+        now = time.monotonic_ns() if now_ns is None else now_ns
+        items = self._items
+        if len(items) >= self.max_items:
+            items.popleft()
+            self.dropped += 1
+        items.append((now, data))
+
+    def expire(self, now_ns: int | None = None) -> int:
+        now = time.monotonic_ns() if now_ns is None else now_ns
+        cutoff = now - self.max_age_ns
+        items = self._items
+        n = 0
+        while items and items[0][0] < cutoff:
+            items.popleft()
+            n += 1
+        self.dropped += n
+        return n
+
+    def take(self, now_ns: int | None = None) -> bytes:
+        """Everything still fresh, as one write; the backlog is empty afterwards."""
+        self.expire(now_ns)
+        data = b"".join([d for _, d in self._items])
+        self._items.clear()
+        return data

@@ -1,0 +1,240 @@
+"""The supervisor of ``--workers N``: one listening socket, N worker interpreters, restarts.
+
+Workers are fresh interpreters (``python -m spoe_agent ... --worker-index i``), not forks: a
+fork would copy a running gevent hub, the exporter's flush loop and the parent's sockets, which
+is how subtle shared-state bugs start. The supervisor alone listens and accepts, and hands each
+connection to the least loaded worker (:mod:`spoe_agent.workers.handoff` says why the kernel's
+own spreading is not good enough), so the address never stops accepting, even while a worker is
+being replaced: the connections it held reset, HAProxy reconnects, the others take them.
+
+A dead worker is restarted with the same index, so it owns the same sessions and listens on
+the same peer socket; if it keeps dying right after starting, restarts back off up to
+:data:`MAX_BACKOFF_S` instead of spinning.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import gevent
+from gevent.event import Event
+
+from spoe_agent.config import AgentConfig
+from spoe_agent.runner import SHUTDOWN_TIMEOUT, StartupError
+from spoe_agent.server import make_listener
+from spoe_agent.workers.handoff import channel_pair, read_report, send_connection
+
+log = logging.getLogger(__name__)
+
+ENV_HANDOFF_FD = "SPOE_AGENT_HANDOFF_FD"
+ENV_LISTEN_FAMILY = "SPOE_AGENT_LISTEN_FAMILY"
+ENV_RUNTIME_DIR = "SPOE_AGENT_RUNTIME_DIR"
+#: A worker that dies sooner than this after starting counts as crash-looping.
+STABLE_AFTER_S = 2.0
+MAX_BACKOFF_S = 5.0
+_POLL_S = 0.05
+
+
+class _Slot:
+    """Worker ``index``: its current process and its restart history."""
+
+    __slots__ = ("index", "proc", "started", "backoff", "restart_at", "restarts", "channel",
+                 "reported", "handed", "reader")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started = 0.0
+        self.backoff = 0.0
+        self.restart_at = 0.0
+        self.restarts = 0
+        self.channel: Any = None  # our end of the hand-off socket pair
+        self.reported = 0  # open connections, as the worker last said
+        self.handed = 0  # connections handed over since that report
+        self.reader: gevent.Greenlet | None = None
+
+    @property
+    def load(self) -> int:
+        return self.reported + self.handed
+
+
+class Supervisor:
+    """Start ``config.workers`` workers on one inherited listener and keep them running."""
+
+    def __init__(self, config: AgentConfig, argv: list[str]) -> None:
+        self.config = config
+        self.argv = list(argv)
+        self.slots = [_Slot(i) for i in range(config.workers)]
+        self.runtime_dir = ""
+        self._listener = None
+        self._stop = Event()
+
+    def worker_argv(self, index: int) -> list[str]:
+        # Later flags win in argparse, so these override whatever argv already says.
+        return [sys.executable, "-m", "spoe_agent", *self.argv,
+                "--workers", str(self.config.workers), "--worker-index", str(index)]
+
+    def run(self) -> int:
+        # mkdtemp makes the directory 0700: only this user can reach the peer sockets, which
+        # is what lets workers trust what they read there.
+        self.runtime_dir = tempfile.mkdtemp(prefix="spoe-agent-")
+        try:
+            self._listener = make_listener(self.config.bind)
+        except OSError as exc:
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+            raise StartupError(f"cannot listen on {self.config.bind}: {exc.strerror or exc}") \
+                from None
+        self._listener.setblocking(True)  # a cooperative wait under gevent, not a busy one
+        gevent.signal_handler(signal.SIGTERM, self._stop.set)
+        gevent.signal_handler(signal.SIGINT, self._stop.set)
+        log.info("spoe-agent supervisor: %d workers on %s (peer sockets in %s)",
+                 len(self.slots), self.config.bind, self.runtime_dir)
+        acceptor = None
+        try:
+            for slot in self.slots:
+                self._spawn(slot)
+            acceptor = gevent.spawn(self._accept_loop)
+            while not self._stop.wait(_POLL_S):
+                self._check()
+        finally:
+            if acceptor is not None:
+                acceptor.kill()
+            self._shutdown()
+        return 0
+
+    def _spawn(self, slot: _Slot) -> None:
+        assert self._listener is not None
+        ours, theirs = channel_pair()
+        env = dict(os.environ)
+        env[ENV_HANDOFF_FD] = str(theirs.fileno())
+        env[ENV_LISTEN_FAMILY] = str(int(self._listener.family))
+        env[ENV_RUNTIME_DIR] = self.runtime_dir
+        try:
+            # Its own session: a terminal's Ctrl-C reaches the supervisor only, which then stops
+            # the workers in order instead of racing their restart.
+            slot.proc = subprocess.Popen(
+                self.worker_argv(slot.index), pass_fds=(theirs.fileno(),), env=env,
+                start_new_session=True,
+            )
+        finally:
+            theirs.close()
+        slot.channel = ours
+        slot.reported = slot.handed = 0
+        slot.started = time.monotonic()
+        slot.reader = gevent.spawn(self._read_reports, slot, ours)
+        # The index is part of the template: the rate limit of repeated lines (logs.py) must
+        # not hide one worker's start or death behind another's.
+        log.info(f"worker {slot.index} started (pid %d)", slot.proc.pid)
+
+    def _read_reports(self, slot: _Slot, channel: Any) -> None:
+        hub = gevent.get_hub()
+        watcher = hub.loop.io(channel.fileno(), 1)
+        try:
+            while True:
+                hub.wait(watcher)
+                try:
+                    data = channel.recv(64)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                if not data:
+                    return  # the worker exited; _check notices and restarts it
+                count = read_report(data)
+                if count is not None and slot.channel is channel:
+                    slot.reported, slot.handed = count, 0
+        finally:
+            watcher.close()
+
+    def _accept_loop(self) -> None:
+        """Accept HAProxy's connections and give each to the least loaded live worker."""
+        assert self._listener is not None
+        listener = self._listener
+        while True:
+            try:
+                conn, address = listener.accept()
+            except OSError as exc:
+                log.warning("accept failed: %s", exc)
+                gevent.sleep(0.1)
+                continue
+            try:
+                for slot in sorted(self.slots, key=lambda s: s.load):
+                    if slot.channel is None:
+                        continue
+                    try:
+                        send_connection(slot.channel, conn, address)
+                    except OSError:
+                        continue  # dead or not reading: the next one
+                    slot.handed += 1
+                    break
+                else:
+                    log.warning("no worker could take a connection from %s", address)
+            finally:
+                conn.close()
+
+    def _check(self) -> None:
+        now = time.monotonic()
+        for slot in self.slots:
+            proc = slot.proc
+            if proc is not None:
+                status = proc.poll()
+                if status is None:
+                    if slot.backoff and now - slot.started > STABLE_AFTER_S:
+                        slot.backoff = 0.0
+                    continue
+                lived = now - slot.started
+                slot.proc = None
+                if slot.reader is not None:
+                    slot.reader.kill(block=False)
+                if slot.channel is not None:
+                    slot.channel.close()
+                    slot.channel = None
+                if lived < STABLE_AFTER_S:
+                    slot.backoff = min(MAX_BACKOFF_S, max(0.1, slot.backoff * 2))
+                slot.restart_at = now + slot.backoff
+                log.warning(f"worker {slot.index} (pid %d) exited with %s after %.1fs; "
+                            "restarting%s", proc.pid, _describe_status(status), lived,
+                            f" in {slot.backoff:.1f}s" if slot.backoff else "")
+            if slot.proc is None and now >= slot.restart_at:
+                slot.restarts += 1
+                self._spawn(slot)
+
+    def _shutdown(self) -> None:
+        """SIGTERM every worker (each ends its sessions and flushes), wait, then clean up."""
+        log.info("supervisor: stopping %d workers", len(self.slots))
+        running = [s.proc for s in self.slots if s.proc is not None and s.proc.poll() is None]
+        for proc in running:
+            try:
+                proc.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + SHUTDOWN_TIMEOUT + 10.0
+        for proc in running:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("worker pid %d did not stop in time; killing it", proc.pid)
+                proc.kill()
+                proc.wait()
+        if self._listener is not None:
+            self._listener.close()
+        if self.runtime_dir:
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        log.info("supervisor: stopped")
+
+
+def _describe_status(status: int) -> str:
+    if status < 0:
+        try:
+            return f"signal {signal.Signals(-status).name}"
+        except ValueError:
+            return f"signal {-status}"
+    return f"status {status}"

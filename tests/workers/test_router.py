@@ -1,0 +1,213 @@
+"""Session-owner routing without sockets: ownership, the peer wire format, stamp ordering."""
+
+from __future__ import annotations
+
+import marshal
+import os
+import subprocess
+import sys
+import zlib
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from spoe_agent.protocol.types import Scope, SetVar
+from spoe_agent.tracing.language import OP_INJECT, OP_SPAN, OP_TAG, Command
+from spoe_agent.workers.router import (
+    COMMAND,
+    HELLO,
+    MAX_FRAME,
+    REPLY,
+    Backlog,
+    FrameError,
+    FrameReader,
+    Reorderer,
+    command_of,
+    encode,
+    encode_command,
+    encode_reply,
+    has_inject,
+    owner_of,
+    reply_actions,
+)
+from tests.workers.streams import expected_shape, registry, shapes, stream
+
+KEYS = [f"{i:08x}-4d2c-4e7b-9f3a-{i * 7919:012x}" for i in range(3000)]
+
+
+# ------------------------------------------------------------------------------ ownership
+
+
+def test_owner_is_crc32_of_the_utf8_key() -> None:
+    for key in ("0f4c6c1e-0d5b-4e0c-8d2a-3f1e2d3c4b5a", "é-key", "\udcff-escaped"):
+        expected = zlib.crc32(key.encode("utf-8", "surrogatepass"))
+        assert [owner_of(key, n) for n in (1, 2, 3, 7)] == [expected % n for n in (1, 2, 3, 7)]
+
+
+def test_every_process_agrees_on_the_owner() -> None:
+    """Unlike hash(), which is salted per interpreter: workers are separate interpreters."""
+    code = (
+        "import sys; from spoe_agent.workers.router import owner_of; "
+        "print([owner_of(k, 5) for k in sys.argv[1:]])"
+    )
+    keys = KEYS[:50]
+    seen = set()
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        out = subprocess.run([sys.executable, "-c", code, *keys], env=env, capture_output=True,
+                             text=True, check=True).stdout
+        seen.add(out.strip())
+    assert seen == {str([owner_of(k, 5) for k in keys])}
+
+
+@pytest.mark.parametrize("workers", [2, 3, 4])
+def test_sessions_spread_evenly(workers: int) -> None:
+    counts = Counter(owner_of(key, workers) for key in KEYS)
+    assert set(counts) == set(range(workers))
+    share = len(KEYS) / workers
+    assert all(abs(n - share) < 0.1 * share for n in counts.values()), counts
+
+
+def test_has_inject() -> None:
+    key = "k"
+    assert has_inject(Command(key, None, None, None, ((OP_SPAN, "a"), (OP_INJECT, "a"))))
+    assert not has_inject(Command(key, None, None, None, ((OP_SPAN, "a"), (OP_TAG, "x", 1))))
+    assert [has_inject(c) for c in stream(key, inject=True)] == [False, False, True, False]
+
+
+# -------------------------------------------------------------------------------- framing
+
+values = st.one_of(st.text(), st.integers(-(2**63), 2**63 - 1), st.booleans())
+commands = st.builds(
+    Command,
+    key=st.text(min_size=1),
+    ts_ns=st.one_of(st.none(), st.integers(0, 2**63 - 1)),
+    service=st.one_of(st.none(), st.text()),
+    carrier=st.one_of(st.none(), st.dictionaries(st.text(), st.text(), max_size=4)),
+    ops=st.lists(st.one_of(
+        st.tuples(st.just(OP_SPAN), st.text()),
+        st.tuples(st.just(OP_TAG), st.text(), values),
+        st.tuples(st.just(OP_INJECT), st.text()),
+    ), max_size=8).map(tuple),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(batch=st.lists(commands, min_size=1, max_size=5), cut=st.integers(1, 64),
+       stamps=st.lists(st.integers(0, 2**63 - 1), min_size=5, max_size=5))
+def test_commands_survive_the_wire_in_any_chunking(
+    batch: list[Command], cut: int, stamps: list[int]
+) -> None:
+    wire = b"".join(encode_command(c, rpc_id=i, stamp_ns=stamps[i]) for i, c in enumerate(batch))
+    reader = FrameReader()
+    frames = []
+    for start in range(0, len(wire), cut):
+        frames += reader.feed(wire[start:start + cut])
+    assert reader.buffered == 0
+    assert [f[0] for f in frames] == [COMMAND] * len(batch)
+    assert [f[1] for f in frames] == stamps[:len(batch)]
+    assert [f[2] for f in frames] == list(range(len(batch)))
+    decoded = [command_of(f) for f in frames]
+    assert decoded == batch
+    assert all(type(c) is Command for c in decoded)
+
+
+def test_a_partial_frame_waits_for_the_rest() -> None:
+    wire = encode((HELLO, 3, True, False))
+    reader = FrameReader()
+    assert reader.feed(wire[:5]) == []
+    assert reader.buffered == 5
+    assert reader.feed(wire[5:]) == [(HELLO, 3, True, False)]
+
+
+@pytest.mark.parametrize("data, reason", [
+    ((MAX_FRAME + 1).to_bytes(4, "big"), "frame of"),
+    (len(b"\xff\xff").to_bytes(4, "big") + b"\xff\xff", "undecodable"),
+    (len(marshal.dumps([1])).to_bytes(4, "big") + marshal.dumps([1]), "not a frame"),
+    (len(marshal.dumps(())).to_bytes(4, "big") + marshal.dumps(()), "not a frame"),
+])
+def test_garbage_is_refused(data: bytes, reason: str) -> None:
+    with pytest.raises(FrameError, match=reason):
+        FrameReader().feed(data)
+
+
+def test_replies_carry_set_vars() -> None:
+    actions = [SetVar(Scope.TXN, "traceparent", "00-ab-cd-01"), SetVar(Scope.REQ, "n", 7)]
+    (frame,) = FrameReader().feed(encode_reply(42, actions))
+    assert frame[:2] == (REPLY, 42)
+    assert reply_actions(frame) == actions
+    assert reply_actions(FrameReader().feed(encode_reply(1, []))[0]) == []
+
+
+# ---------------------------------------------------------------------------------- order
+
+
+def test_reorderer_releases_in_stamp_order_whatever_the_arrival() -> None:
+    reorder = Reorderer()
+    # As libev may report them: the peer that wrote last is read first.
+    for origin, stamp in (("b", 30), ("b", 40), ("a", 10), ("c", 20), ("a", 35)):
+        reorder.push(stamp, origin, (COMMAND, stamp))
+    assert [(o, f[1]) for o, f in reorder.pop_all()] == [
+        ("a", 10), ("c", 20), ("b", 30), ("a", 35), ("b", 40)]
+    assert len(reorder) == 0 and reorder.pop_all() == []
+
+
+def test_equal_stamps_keep_arrival_order() -> None:
+    reorder = Reorderer()
+    for origin in "xyz":
+        reorder.push(5, origin, (COMMAND, 5))
+    assert [o for o, _ in reorder.pop_all()] == ["x", "y", "z"]
+
+
+def test_stamp_order_rebuilds_streams_split_over_peers() -> None:
+    """Each stream's events were forwarded by different workers and read back peer by peer,
+    last writer first; sorted by stamp, the owner builds exactly the single-process trees."""
+    keys = KEYS[:40]
+    stamp = 0
+    wires: dict[int, bytearray] = {0: bytearray(), 1: bytearray(), 2: bytearray()}
+    # Interleave the streams event by event, each event through a different forwarder.
+    per_key = {key: stream(key) for key in keys}
+    for step in range(4):
+        for n, key in enumerate(keys):
+            stamp += 1
+            wires[(n + step) % 3] += encode_command(per_key[key][step], stamp_ns=stamp)
+    reorder = Reorderer()
+    for peer in (2, 1, 0):
+        for frame in FrameReader().feed(bytes(wires[peer])):
+            reorder.push(frame[1], peer, frame)
+    spans: list = []
+    reg = registry(spans)
+    for _, frame in reorder.pop_all():
+        reg.apply(command_of(frame))
+    assert shapes(spans) == Counter({expected_shape(key): 1 for key in keys})
+
+    # The same bytes applied in arrival order (what trusting the event loop would do) break.
+    arrival: list = []
+    reg = registry(arrival)
+    for peer in (2, 1, 0):
+        for frame in FrameReader().feed(bytes(wires[peer])):
+            reg.apply(command_of(frame))
+    assert shapes(arrival) != shapes(spans)
+
+
+# -------------------------------------------------------------------------------- backlog
+
+
+def test_backlog_is_bounded_by_count() -> None:
+    backlog = Backlog(max_items=3, max_age_s=60)
+    for i in range(5):
+        backlog.add(bytes([i]), now_ns=i)
+    assert len(backlog) == 3 and backlog.dropped == 2
+    assert backlog.take(now_ns=5) == b"\x02\x03\x04"
+    assert len(backlog) == 0 and backlog.take(now_ns=6) == b""
+
+
+def test_backlog_is_bounded_by_age() -> None:
+    backlog = Backlog(max_items=100, max_age_s=1.0)
+    backlog.add(b"old", now_ns=0)
+    backlog.add(b"new", now_ns=900_000_000)
+    assert backlog.expire(now_ns=1_500_000_000) == 1
+    assert backlog.dropped == 1
+    assert backlog.take(now_ns=1_500_000_000) == b"new"
