@@ -34,6 +34,7 @@ _SIGN = 1 << 63
 _WRAP = 1 << 64
 # Single-byte varints are by far the common case: precompute them.
 _VARINT1 = [bytes((i,)) for i in range(240)]
+_tuple_new = tuple.__new__
 
 # ---------------------------------------------------------------------------------- varints
 
@@ -41,6 +42,8 @@ _VARINT1 = [bytes((i,)) for i in range(240)]
 def _varint(value: int) -> bytes:
     if 0 <= value < 240:
         return _VARINT1[value]
+    if 240 <= value < 2288:  # two bytes: stream ids mostly, which HAProxy counts up
+        return bytes(((value & 0x0F) | 0xF0, (value - 240) >> 4))
     return encode_varint(value)
 
 
@@ -172,9 +175,18 @@ def decode_frame(body: bytes) -> Frame:
     if len(body) < 7:
         raise InvalidFrame(f"frame of {len(body)} bytes is shorter than the 7-byte minimum")
     ftype, flags = _HEADER.unpack_from(body, 0)
-    stream_id, pos = decode_varint(body, 5)
-    frame_id, pos = decode_varint(body, pos)
-    return Frame(ftype, flags, stream_id, frame_id, bytes(body[pos:]))
+    stream_id = body[5]
+    if stream_id < 240:
+        pos = 6
+    else:
+        stream_id, pos = decode_varint(body, 5)
+    frame_id = body[pos] if pos < len(body) else 240  # 240+: let decode_varint complain
+    if frame_id < 240:
+        pos += 1
+    else:
+        frame_id, pos = decode_varint(body, pos)
+    # tuple.__new__ skips the NamedTuple's Python-level __new__: same object, half the cost.
+    return _tuple_new(Frame, (ftype, flags, stream_id, frame_id, bytes(body[pos:])))
 
 
 # ------------------------------------------------------------------------------ payloads
@@ -197,16 +209,58 @@ def encode_kv_list(items: dict[str, Any] | list[tuple[str, Any]]) -> bytes:
     return b"".join(encode_name(k) + encode_typed(v) for k, v in pairs)
 
 
+# Decoded arguments by their wire bytes. The arguments of a tracing configuration are mostly
+# constants (``span=str("HAProxy session")``, ``tag=str("url.path")``, a NULL header), so most
+# of a NOTIFY decodes as dict hits on byte slices instead of two slices, two UTF-8 decodes and a
+# tuple each. Bounded, since the other arguments (ids, paths) are new every request; bytes hash
+# with SipHash, so a peer cannot aim collisions at it.
+_PAIRS: dict[bytes, tuple[str, Any]] = {}
+_PAIRS_LIMIT = 4096
+_PAIR_MAX_BYTES = 96
+_NAMES: dict[bytes, str] = {}
+_NAMES_LIMIT = 1024
+
+
+def _new_pair(raw: bytes, key_len: int) -> tuple[str, Any]:
+    """Decode and remember an argument the fast path of ``decode_messages`` delimited in ``raw``:
+    its name, then a STRING, INT64 or NULL whose extent is already checked."""
+    key = raw[1:1 + key_len].decode("utf-8", "surrogateescape") if key_len else ""
+    tag = raw[1 + key_len]
+    if tag == 8:
+        value: Any = raw[3 + key_len:].decode("utf-8", "surrogateescape")
+    elif tag == 4:
+        value = raw[2 + key_len]
+    else:
+        value = None
+    pair = (key, value)
+    if len(raw) <= _PAIR_MAX_BYTES:
+        if len(_PAIRS) >= _PAIRS_LIMIT:
+            _PAIRS.clear()
+        _PAIRS[raw] = pair
+    return pair
+
+
+def _new_name(raw: bytes) -> str:
+    name = raw.decode("utf-8", "surrogateescape")
+    if len(_NAMES) >= _NAMES_LIMIT:
+        _NAMES.clear()
+    _NAMES[raw] = name
+    return name
+
+
 def decode_messages(payload: bytes) -> list[Message]:
     """LIST-OF-MESSAGES, in order, with repeated and unnamed (empty-name) arguments kept.
 
     This is the hottest loop of the agent (a traced request is 8 NOTIFYs of ~20 arguments), so
-    the common cases are inlined: names and strings shorter than 240 bytes (one-byte varint
-    length) and small INT64s; anything else goes through the general decoders.
+    the common cases are inlined: names shorter than 240 bytes (one-byte varint length), and
+    arguments whose value is such a string, a small INT64 or NULL are delimited and looked up
+    whole in ``_PAIRS``; anything else goes through the general decoders.
     """
     messages: list[Message] = []
     pos = 0
     end = len(payload)
+    pairs = _PAIRS
+    names = _NAMES
     try:
         while pos < end:
             n = payload[pos]
@@ -214,40 +268,38 @@ def decode_messages(payload: bytes) -> list[Message]:
                 stop = pos + 1 + n
                 if stop > end:
                     raise InvalidFrame("string runs past the end of the frame")
-                name = payload[pos + 1:stop].decode("utf-8", "surrogateescape")
+                raw = payload[pos + 1:stop]
+                name = names.get(raw) or _new_name(raw)
                 pos = stop
             else:
                 name, pos = decode_string(payload, pos)
             nb_args = payload[pos]
             pos += 1
-            args = []
+            args: list[tuple[str, Any]] = []
             append = args.append
             for _ in range(nb_args):
                 n = payload[pos]
                 if n < 240:
-                    stop = pos + 1 + n
-                    if stop > end:
-                        raise InvalidFrame("string runs past the end of the frame")
-                    key = payload[pos + 1:stop].decode("utf-8", "surrogateescape") if n else ""
-                    pos = stop
-                else:
-                    key, pos = decode_string(payload, pos)
-                tag = payload[pos]
-                if tag == 8:  # STRING, flags clear
-                    n = payload[pos + 1]
-                    if n < 240:
-                        stop = pos + 2 + n
+                    vpos = pos + 1 + n
+                    tag = payload[vpos]  # an IndexError if the name runs past the end
+                    if tag == 8:  # STRING, flags clear
+                        m = payload[vpos + 1]
+                        stop = vpos + 2 + m if m < 240 else 0
+                    elif tag == 4:  # INT64
+                        stop = vpos + 2 if payload[vpos + 1] < 240 else 0
+                    else:
+                        stop = vpos + 1 if tag == 0 else 0  # NULL
+                    if stop:
                         if stop > end:
                             raise InvalidFrame("string runs past the end of the frame")
-                        append((key, payload[pos + 2:stop].decode("utf-8", "surrogateescape")))
+                        raw = payload[pos:stop]
+                        append(pairs.get(raw) or _new_pair(raw, n))
                         pos = stop
                         continue
-                elif tag == 4:  # INT64
-                    n = payload[pos + 1]
-                    if n < 240:
-                        append((key, n))
-                        pos += 2
-                        continue
+                    key = payload[pos + 1:vpos].decode("utf-8", "surrogateescape") if n else ""
+                    pos = vpos
+                else:
+                    key, pos = decode_string(payload, pos)
                 value, pos = decode_typed(payload, pos)
                 append((key, value))
             messages.append(Message(name, args))
@@ -315,8 +367,15 @@ def decode_actions(payload: bytes) -> list[Action]:
 
 
 def ack(stream_id: int, frame_id: int, actions: list[Action] | None = None) -> bytes:
-    payload = encode_actions(actions) if actions else b""
-    return encode_frame(FrameType.ACK, stream_id, frame_id, payload)
+    if actions:
+        return encode_frame(FrameType.ACK, stream_id, frame_id, encode_actions(actions))
+    # Most ACKs carry no action: only the ids vary, after a prefix that depends on their size.
+    ids = _varint(stream_id) + _varint(frame_id)
+    return _EMPTY_ACK_PREFIXES[len(ids)] + ids
+
+
+# The length prefix and header of an empty ACK, by the size of its two varints (2 to 20 bytes).
+_EMPTY_ACK_PREFIXES = [_U32.pack(5 + n) + _HEADER.pack(FrameType.ACK, FLAG_FIN) for n in range(21)]
 
 
 def notify(stream_id: int, frame_id: int, messages: list[Message], flags: int = FLAG_FIN) -> bytes:

@@ -53,6 +53,8 @@ from thrift.protocol.TCompactProtocol import TCompactProtocol
 from thrift.Thrift import TMessageType, TType
 from thrift.transport.TTransport import TMemoryBuffer
 
+from spoe_agent.tracing.registry import SPAN_KINDS, SpanRecord
+
 log = logging.getLogger(__name__)
 
 UDP_PACKET_MAX_LENGTH = 65000
@@ -545,6 +547,8 @@ class JaegerTranslator:
 
     def translate(self, span: ReadableSpan) -> JaegerSpan:
         """Translate one ended span into what the official ``ThriftTranslator`` would produce."""
+        if type(span) is SpanRecord:
+            return self.translate_record(span)
         if isinstance(span, ReadableSpan):
             # the public properties copy these collections on every access
             attributes, events, links = span._attributes, span._events, span._links
@@ -616,6 +620,80 @@ class JaegerTranslator:
                     tail.insert(0, ("otel.dropped_attributes_count", dropped))
                 logs.append(((event.timestamp + 500) // 1000, fields, tail))
             out.logs = logs
+        else:
+            out.logs = None
+        return out
+
+    def translate_record(self, record: SpanRecord) -> JaegerSpan:
+        """``translate`` for the registry's own span tuples, with the same result as for the
+        ``ReadableSpan`` the registry would otherwise have built (the tests compare the bytes).
+
+        What the registry puts in a record is already plain: attributes and event values are
+        str/int/bool, nothing was dropped by SDK limits, links share the span's trace.
+        """
+        (
+            name,
+            trace_id,
+            span_id,
+            parent_id,
+            flags,
+            kind,
+            attrs,
+            events,
+            link_ids,
+            status,
+            start,
+            end,
+            resource,
+            scope,
+        ) = record
+        # _i64, inlined: this runs for every span
+        high = trace_id >> 64
+        if high > _I64_MAX:
+            high -= _U64
+        low = trace_id & _LOW64
+        if low > _I64_MAX:
+            low -= _U64
+        entry = self._resources.get(id(resource))
+        if entry is None or entry[0] is not resource:
+            entry = self._resource_entry(resource)
+        out = JaegerSpan()
+        out.traceIdHigh = high
+        out.traceIdLow = low
+        out.spanId = span_id - _U64 if span_id > _I64_MAX else span_id
+        out.parentSpanId = parent_id - _U64 if parent_id > _I64_MAX else parent_id
+        out.operationName = name
+        out.flags = int(flags)
+        out.startTime = (start + 500) // 1000
+        out.duration = (end - start + 500) // 1000
+        out.max_len = self.max_tag_value_length
+        out.own_tags = attrs or None
+        out.resource_tags = entry[1]
+        out.service = entry[2]
+        error = False
+        out.status_tags = None
+        if status is not None:
+            code = status.status_code
+            if code is not _UNSET:
+                error = code is _ERROR
+                status_tags = _STATUS_ERROR if error else _STATUS_OK
+                if status.description is not None:
+                    status_tags = [*status_tags, ("otel.status_description", status.description)]
+                out.status_tags = status_tags
+        out.suffix_tags = self._suffix(SPAN_KINDS[kind], scope, error)
+        out.dropped_tags = None
+        if link_ids:
+            out.references = [
+                _SpanRef(_FOLLOWS_FROM, low, high, i - _U64 if i > _I64_MAX else i)
+                for i in link_ids
+            ]
+        else:
+            out.references = None
+        if events:
+            out.logs = [
+                ((ts + 500) // 1000, ((key, value),), [("message", key)])
+                for key, value, ts in events
+            ]
         else:
             out.logs = None
         return out
@@ -970,8 +1048,11 @@ class FastJaegerExporter(SpanExporter):
     """A drop-in for the official ``JaegerExporter`` (same arguments, same wire bytes), but fast.
 
     With ``collector_endpoint`` set, batches go to the collector over HTTP only; otherwise to the
-    agent over UDP, as the official exporter does.
+    agent over UDP, as the official exporter does. ``export`` also takes the registry's
+    :class:`SpanRecord` tuples (``accepts_span_records``), mixed with SDK spans or not.
     """
+
+    accepts_span_records = True
 
     def __init__(
         self,

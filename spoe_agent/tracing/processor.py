@@ -21,6 +21,7 @@ import time
 import weakref
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 from opentelemetry.context import (
     _SUPPRESS_INSTRUMENTATION_KEY,
@@ -114,10 +115,14 @@ class QueueSpanProcessor(SpanProcessor):
 
     def on_end(self, span: ReadableSpan) -> None:
         """Queue a sampled span, or drop and count it; never blocks, never raises."""
+        if self._shutdown or span.context.trace_flags.sampled:
+            self.enqueue(span)
+
+    def enqueue(self, span: Any) -> None:
+        """``on_end`` for an item the caller knows is sampled, e.g. a registry ``SpanRecord``
+        (a tuple with no SpanContext to ask) bound for an exporter that takes those."""
         if self._shutdown:
             self.stats.dropped_after_shutdown += 1
-            return
-        if not span.context.trace_flags.sampled:
             return
         queue = self._queue
         if len(queue) >= self.max_queue_size:

@@ -21,7 +21,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.context import Context
@@ -67,7 +67,10 @@ _MAX_ITEMS_PER_SPAN = 128
 _MAX_BAGGAGE_ITEMS = 64
 _MAX_CACHED_RESOURCES = 256
 
-_KINDS = (SpanKind.INTERNAL, SpanKind.SERVER, SpanKind.CLIENT, SpanKind.PRODUCER, SpanKind.CONSUMER)
+# The language's kind numbers (KIND_VALUES) index this; so does a SpanRecord's ``kind``.
+SPAN_KINDS = (
+    SpanKind.INTERNAL, SpanKind.SERVER, SpanKind.CLIENT, SpanKind.PRODUCER, SpanKind.CONSUMER
+)
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
 _EMPTY_TRACE_STATE = TraceState()
@@ -157,6 +160,34 @@ STAT_KEYS = (
     "sampler_error",
     "emit_error",
 )
+
+
+class SpanRecord(NamedTuple):
+    """An ended span as the registry holds it, for an exporter that reads it directly.
+
+    The SDK's ``ReadableSpan`` needs three ``SpanContext`` objects, ``Link`` and ``Event``
+    objects per span, which the exporter then takes apart again; an exporter that declares
+    ``accepts_span_records`` (the Jaeger one) gets this tuple instead, built in a fraction of
+    the time. It describes exactly the span the ``ReadableSpan`` path would: same trace and
+    span ids, the parent's span id (0 for a root without remote parent), the follows-from
+    targets' span ids (same trace), ``events`` as (name, value, time) with the value also the
+    event's only attribute, ``status`` ``None`` for UNSET.
+    """
+
+    name: str
+    trace_id: int
+    span_id: int
+    parent_id: int
+    flags: int
+    kind: int  # index into SPAN_KINDS
+    attrs: dict[str, Any] | None
+    events: list[tuple[str, Any, int]] | None
+    link_ids: tuple[int, ...] | None
+    status: Status | None
+    start_ns: int
+    end_ns: int
+    resource: Resource
+    scope: InstrumentationScope
 
 
 def _events(events: list[tuple[str, Any, int]]) -> tuple[Event, ...]:
@@ -257,10 +288,16 @@ class SessionRegistry:
         default_service: str,
         max_spans_per_session: int = 64,
         max_attr_len: int = 4096,
+        span_records: bool = False,
     ) -> None:
+        """``span_records`` makes ``emit`` receive :class:`SpanRecord` tuples rather than SDK
+        ``ReadableSpan`` objects: only for an exporter that declares ``accepts_span_records``."""
         if max_sessions < 1:
             raise ValueError("max_sessions must be at least 1")
         self._emit = emit
+        self._records = span_records
+        if span_records:
+            self._emit_span = self._emit_record  # type: ignore[method-assign]
         self._propagator = propagator
         self._sampler = sampler
         if id_generator is None:
@@ -322,6 +359,7 @@ class SessionRegistry:
         out: list[SetVar] = []
         spans = session.spans
         sel: _Span | None = None
+        max_len = self._max_attr_len
         for op in ops:
             code = op[0]
             if code == OP_SPAN:
@@ -368,7 +406,16 @@ class SessionRegistry:
                         sel.links += (parent,)
             elif code == OP_TAG:
                 if session.sampled is not False:
-                    self._set_attr(sel, op[1], op[2])
+                    attrs = sel.attrs
+                    value = op[2]
+                    if (
+                        attrs is not None
+                        and len(attrs) < _MAX_ITEMS_PER_SPAN
+                        and (type(value) is not str or len(value) <= max_len)
+                    ):
+                        attrs[op[1]] = value  # _set_attr's common case, inlined
+                    else:
+                        self._set_attr(sel, op[1], value)
             elif code == OP_KIND:
                 sel.kind = op[1]
             elif code == OP_ERROR:
@@ -500,7 +547,7 @@ class SessionRegistry:
                 )
             else:
                 result = self._sampler.should_sample(
-                    parent_context, trace_id, root.name, _KINDS[root.kind], root.attrs, ()
+                    parent_context, trace_id, root.name, SPAN_KINDS[root.kind], root.attrs, ()
                 )
             sampled = result.decision.is_sampled()
             trace_state = result.trace_state
@@ -614,6 +661,8 @@ class SessionRegistry:
             span.attrs = span.events = span.links = None
 
     def _emit_span(self, session: _Session, span: _Span) -> None:
+        """Emit an ended span as an SDK ``ReadableSpan`` (``_emit_record`` replaces this method
+        when the registry emits records)."""
         trace_id = session.trace_id
         flags = session.flags
         state = session.trace_state
@@ -638,7 +687,7 @@ class SessionRegistry:
                 span.attrs,
                 _events(events) if events else (),
                 self._links(session, links) if links else (),
-                _KINDS[span.kind],
+                SPAN_KINDS[span.kind],
                 None,
                 span.status or _UNSET_STATUS,
                 span.start_ns,
@@ -654,7 +703,7 @@ class SessionRegistry:
                 attributes=span.attrs,
                 events=_events(events) if events else (),
                 links=self._links(session, links) if links else (),
-                kind=_KINDS[span.kind],
+                kind=SPAN_KINDS[span.kind],
                 status=span.status or _UNSET_STATUS,
                 start_time=span.start_ns,
                 end_time=span.end_ns,
@@ -664,6 +713,44 @@ class SessionRegistry:
         self.stats["spans_emitted"] += 1
         try:
             self._emit(readable)
+        except Exception:
+            self.stats["emit_error"] += 1
+
+    def _emit_record(self, session: _Session, span: _Span) -> None:
+        """``_emit_span`` for a direct exporter: the same span, as one plain tuple."""
+        parent = span.parent
+        if parent is not None:
+            parent_id = parent.span_id
+        else:
+            remote = session.remote
+            parent_id = 0 if remote is None else remote.span_id
+        links = span.links
+        resource = session.resource
+        if resource is None:
+            resource = session.resource = self._resource(session.service)
+        record = _tuple_new(
+            SpanRecord,
+            (
+                span.name,
+                session.trace_id,
+                span.span_id,
+                parent_id,
+                session.flags,
+                span.kind,
+                span.attrs,
+                span.events,
+                tuple([target.span_id for target in links]) if links else None,
+                span.status,
+                span.start_ns,
+                span.end_ns,
+                resource,
+                _SCOPE,
+            ),
+        )
+        span.attrs = span.events = span.links = None
+        self.stats["spans_emitted"] += 1
+        try:
+            self._emit(record)
         except Exception:
             self.stats["emit_error"] += 1
 

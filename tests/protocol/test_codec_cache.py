@@ -1,0 +1,44 @@
+"""The decoded-argument cache of ``codec.decode_messages``: same results, bounded size.
+
+test_differential.py proves the decoder equal to the grammar on arbitrary input (the cache is
+warm and cold by turns there); this checks what it cannot: what a peer sending ever new
+arguments costs in memory, and that a hit is indistinguishable from a miss.
+"""
+
+from __future__ import annotations
+
+from spoe_agent.protocol import codec
+from spoe_agent.protocol.types import Message
+
+
+def _payload(i: int) -> bytes:
+    return codec.encode_messages(
+        [
+            Message(
+                f"msg-{i % 7}",
+                [("id", f"uid-{i}"), ("span", "constant"), ("", i % 300), ("h", None), ("", "")],
+            )
+        ]
+    )
+
+
+def test_hits_and_misses_decode_the_same() -> None:
+    codec._PAIRS.clear()
+    codec._NAMES.clear()
+    cold = codec.decode_messages(_payload(1))
+    warm = codec.decode_messages(_payload(1))
+    assert cold == warm == [
+        Message("msg-1", [("id", "uid-1"), ("span", "constant"), ("", 1), ("h", None), ("", "")])
+    ]
+    assert [type(v) for _, v in warm[0].args] == [str, str, int, type(None), str]
+
+
+def test_the_caches_stay_bounded_whatever_the_peer_sends() -> None:
+    for i in range(3 * codec._PAIRS_LIMIT):
+        codec.decode_messages(_payload(i))
+        assert len(codec._PAIRS) <= codec._PAIRS_LIMIT
+        assert len(codec._NAMES) <= codec._NAMES_LIMIT
+    long_value = codec.encode_messages([Message("m", [("k", "x" * 200)])])
+    codec._PAIRS.clear()
+    assert codec.decode_messages(long_value)[0].args == [("k", "x" * 200)]
+    assert not codec._PAIRS  # too long to be worth keeping
