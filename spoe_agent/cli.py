@@ -14,6 +14,7 @@ from typing import Any
 
 from spoe_agent import __version__
 
+EXIT_STARTUP = 1
 EXIT_CONFIG = 2
 
 
@@ -28,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bind", metavar="HOST:PORT|unix:PATH",
                         help="where HAProxy connects (default 127.0.0.1:12345)")
     parser.add_argument("--workers", type=int, metavar="N", help="worker processes")
+    # Set by the --workers supervisor on the processes it starts (docs/scaling.md).
+    parser.add_argument("--worker-index", dest="worker_index", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--metrics", metavar="HOST:PORT",
                         help="serve Prometheus /metrics and /health there (off by default)")
     parser.add_argument("--service-name", dest="service_name", metavar="NAME",
@@ -36,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where spans go (OTEL_TRACES_EXPORTER)")
     parser.add_argument("--log-level", dest="log_level",
                         choices=("debug", "info", "warning", "error", "critical"))
+    parser.add_argument("--log-format", dest="log_format", choices=("text", "json"),
+                        help="text lines or one JSON object per line")
     parser.add_argument("--app", metavar="MODULE:ATTR",
                         help="serve this spoe_agent.handlers.Agent instead of the tracing agent")
     parser.add_argument("--check", action="store_true",
@@ -52,6 +57,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "service_name": args.service_name,
         "exporter": args.exporter,
         "log_level": args.log_level.upper() if args.log_level else None,
+        "log_format": args.log_format,
     }
     if args.bind is not None:
         overrides["bind"] = parse_bind(args.bind)
@@ -91,19 +97,38 @@ def main(argv: list[str] | None = None) -> int:
     from spoe_agent.logs import setup_logging
 
     setup_logging(config.log_level, config.log_format)
+    if args.worker_index is not None:
+        from spoe_agent.workers import worker_config
+
+        config = worker_config(config, args.worker_index)
     try:
         agent = _build_agent(args.app, config)
     except Exception as exc:  # a broken --app or tracing setup is a configuration problem
         print(f"spoe-agent: cannot start: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    from spoe_agent.runner import StartupError, run, tls_context
+
     if args.check:
+        try:
+            tls = tls_context(config)  # certificates are read now, not at the first connection
+        except StartupError as exc:
+            print(f"spoe-agent: configuration error: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
         print(f"spoe-agent: configuration OK ({config.config_file or 'defaults'}; "
-              f"listening on {config.bind}; exporter {config.exporter})")
+              f"listening on {config.bind}{' with TLS' if tls is not None else ''}; "
+              f"exporter {config.exporter})")
         return 0
 
-    from spoe_agent.runner import run
+    try:
+        if config.workers > 1 or args.worker_index is not None:
+            from spoe_agent.workers import serve
 
-    return run(agent, config)
+            return serve(agent, config, sys.argv[1:] if argv is None else list(argv),
+                         args.worker_index)
+        return run(agent, config)
+    except StartupError as exc:
+        print(f"spoe-agent: cannot start: {exc}", file=sys.stderr)
+        return EXIT_STARTUP
 
 
 def _build_agent(app_spec: str | None, config: Any) -> Any:

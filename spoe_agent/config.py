@@ -194,12 +194,20 @@ _SECTIONS = sorted({o.section for o in OPTIONS})
 class AgentConfig:
     """The effective configuration; ``sources`` says where each non-default value came from."""
 
+    # Loopback unless told otherwise: the agent trusts what it is sent (and TLS is opt-in).
     bind: str = "127.0.0.1:12345"
     workers: int = 1
     max_frame_size: int = 65532
+    # Beyond it new connections wait in the listen backlog (server._ConnectionPool says why).
     max_connections: int = 1000
+    # Concurrent handlers per connection; HAProxy itself keeps <= 20 frames waiting by default.
     max_in_flight: int = 64
-    idle_timeout: float = 0.0
+    # Longer than HAProxy's recommended "timeout idle" (2m, 2.6) and "timeout server" (3m, 3.x)
+    # so that HAProxy, not the agent, closes ordinary idle connections; this only reaps what
+    # HAProxy forgot (a dead peer, a half-open TCP connection, a client that says nothing).
+    idle_timeout: float = 600.0
+    # The HELLO must complete within it of the accept, and a started frame within it of its
+    # first byte: generous for a loopback or LAN peer, short enough to free a slowloris's slot.
     read_timeout: float = 30.0
     tls_cert: str = ""
     tls_key: str = ""

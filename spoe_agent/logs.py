@@ -1,16 +1,48 @@
-"""Logging setup: plain text or JSON lines, and a per-key rate limit for noisy warnings.
+"""Logging setup: plain text or JSON lines, rate limits for noisy warnings, and log-safe text.
 
-Under a protocol error storm or an exporter outage the same warning can fire thousands of times
-a second; :class:`RateLimitFilter` lets the first through each interval and reports how many
-were suppressed, so logs stay readable and cheap.
+Under a protocol error storm, a slowloris or an exporter outage the same warning can fire
+thousands of times a second. :class:`RateLimitFilter` lets the first record of each message
+template through per interval and reports how many were suppressed, so logs stay readable and
+cheap; :class:`Throttle` does the same for call sites that want to log a limit once per interval
+whatever the level or the handler configuration.
+
+Log messages carry values from HAProxy (a DISCONNECT message, a peer address); the text formatter
+escapes control characters so such a value can never forge a log line.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
+from collections.abc import Callable
+
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f\u2028\u2029]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 256 else f"\\u{code:04x}"
+
+
+def log_safe(text: str) -> str:
+    """``text`` on one line: control characters and lone surrogates become escapes."""
+    text = _CONTROL.sub(_escape, text)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+class TextFormatter(logging.Formatter):
+    """The usual text format, but the message (not the traceback) is kept to one safe line."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        record.message = log_safe(record.message)
+        return super().formatMessage(record)
 
 
 class JsonFormatter(logging.Formatter):
@@ -19,7 +51,7 @@ class JsonFormatter(logging.Formatter):
             "ts": round(record.created, 6),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": log_safe(record.getMessage()),
         }
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
@@ -27,16 +59,21 @@ class JsonFormatter(logging.Formatter):
 
 
 class RateLimitFilter(logging.Filter):
-    """At most one record per (logger, message template) per ``interval`` seconds."""
+    """At most one record per (logger, message template) per ``interval`` seconds.
 
-    def __init__(self, interval: float = 10.0) -> None:
+    INFO is limited too (a storm of per-connection INFO lines is as bad as one of warnings);
+    DEBUG is not, since whoever turns it on wants every line.
+    """
+
+    def __init__(self, interval: float = 10.0, min_level: int = logging.INFO) -> None:
         super().__init__()
         self.interval = interval
+        self.min_level = min_level
         self._last: dict[tuple[str, str], float] = {}
         self._suppressed: dict[tuple[str, str], int] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING:
+        if record.levelno < self.min_level:
             return True
         key = (record.name, str(record.msg))
         now = time.monotonic()
@@ -47,9 +84,50 @@ class RateLimitFilter(logging.Filter):
         self._last[key] = now
         if len(self._last) > 10_000:  # bounded: forget old keys
             self._last.clear()
+            self._suppressed.clear()
         suppressed = self._suppressed.pop(key, 0)
         if suppressed:
             record.msg = f"{record.msg} ({suppressed} similar suppressed)"
+        return True
+
+
+class Throttle:
+    """Log one warning per key per ``interval``, saying how many occurrences it stands for.
+
+    Limits and timeouts are hit in storms (a slowloris, HAProxy saturating the connection cap);
+    each hit is counted in the metrics, and this keeps the log to one line per kind per interval
+    whatever the handler configuration is.
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        interval: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.logger = logger
+        self.interval = interval
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def warning(self, key: str, template: str, *args: object) -> bool:
+        """Log ``template % args`` unless ``key`` was logged within the interval; True if logged.
+
+        ``template`` must be a constant of ours: peer-supplied values go in ``args``.
+        """
+        now = self._clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            self._held[key] = self._held.get(key, 0) + 1
+            return False
+        self._last[key] = now
+        held = self._held.pop(key, 0)
+        if held:
+            self.logger.warning(template + " (and %d more like it since the last report)",
+                                *args, held)
+        else:
+            self.logger.warning(template, *args)
         return True
 
 
@@ -58,7 +136,7 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(RateLimitFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

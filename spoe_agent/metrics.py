@@ -4,30 +4,67 @@ Counters live as plain ints on the server and the tracing objects (incrementing 
 yields or locks); a custom ``prometheus_client`` collector turns them into samples at scrape
 time. Only the ACK latency histogram is observed on the request path, and only when the
 endpoint is enabled.
+
+Families (``_total`` is added to counters by the exposition format):
+
+* ``spoe_agent_connections_open`` / ``spoe_agent_connections``
+* ``spoe_agent_frames{direction,type}``: HAPROXY-HELLO, NOTIFY, HAPROXY-DISCONNECT and aborted
+  fragments in; AGENT-HELLO, ACK and AGENT-DISCONNECT out
+* ``spoe_agent_healthchecks``, ``spoe_agent_tls_handshake_errors``, ``spoe_agent_handler_errors``
+* ``spoe_agent_disconnects{direction,status,reason}``: DISCONNECT frames by status code
+* ``spoe_agent_limit_hits{limit}``: every configured limit, server and tracing side
+* ``spoe_agent_ack_latency_seconds``: from reading NOTIFYs to their ACKs being written
+* whatever the agent's ``metric_sources`` add (sessions, spans, exporter, export queue)
+* ``process_*``: the process's memory, CPU and file descriptors
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from gevent.pywsgi import WSGIServer
-from prometheus_client import CollectorRegistry, Histogram, make_wsgi_app
+from prometheus_client import CollectorRegistry, Histogram, ProcessCollector, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from spoe_agent.config import split_bind
-from spoe_agent.handlers import Agent
+from spoe_agent.handlers import Agent, MetricSample
 
 log = logging.getLogger(__name__)
 
-_STATUS_NAMES = {
+STATUS_NAMES = {
     0: "normal", 1: "io_error", 2: "timeout", 3: "frame_too_big", 4: "invalid_frame",
     5: "no_version", 6: "no_max_frame_size", 7: "no_capabilities", 8: "unsupported_version",
     9: "bad_max_frame_size", 10: "fragmentation_not_supported", 11: "interlaced_frames",
     12: "frame_id_not_found", 13: "resource_allocation", 99: "unknown",
 }
+ACK_LATENCY_BUCKETS = (
+    25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 50e-3, 0.25, 1.0,
+)
+
+
+class _Families:
+    """Metric families by name, so samples from several sources share one family each."""
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, Any] = {}
+
+    def add(self, name: str, kind: str, doc: str, labels: dict[str, str], value: float) -> None:
+        keys = sorted(labels)
+        family = self._by_name.get(name)
+        if family is None:
+            cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            family = self._by_name[name] = cls(name, doc, labels=keys)
+        family.add_metric([labels[k] for k in keys], value)
+
+    def extend(self, samples: Iterable[MetricSample]) -> None:
+        for name, kind, doc, labels, value in samples:
+            self.add(name, kind, doc, labels, value)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._by_name.values())
 
 
 class AgentCollector(Collector):
@@ -38,72 +75,60 @@ class AgentCollector(Collector):
         self.agent = agent
 
     def collect(self) -> Iterator[Any]:
-        stats = self.server.stats
-        yield _gauge("spoe_agent_connections_open", "HAProxy connections open",
-                     stats.connections_open)
-        yield _counter("spoe_agent_connections", "HAProxy connections accepted",
-                       stats.connections_total)
-        frames = CounterMetricFamily("spoe_agent_frames", "SPOP frames handled, by type",
-                                     labels=["type"])
-        frames.add_metric(["notify"], stats.notifies)
-        frames.add_metric(["ack"], stats.acks)
-        frames.add_metric(["healthcheck_hello"], stats.healthchecks)
-        for kind, value in sorted(stats.frames.items()):
-            frames.add_metric([kind], value)
-        yield frames
-        disconnects = CounterMetricFamily(
-            "spoe_agent_haproxy_disconnects", "HAPROXY-DISCONNECT frames received, by status",
-            labels=["status", "reason"])
-        for status, value in sorted(stats.disconnects.items()):
-            disconnects.add_metric([str(status), _STATUS_NAMES.get(status, "other")], value)
-        yield disconnects
-        errors = CounterMetricFamily(
-            "spoe_agent_protocol_errors", "AGENT-DISCONNECT sent for a protocol error, by status",
-            labels=["status", "reason"])
-        limits = CounterMetricFamily("spoe_agent_limit_hits", "Times a limit was reached",
-                                     labels=["limit"])
-        for name, value in sorted(stats.limit_hits.items()):
-            if name.startswith("protocol_error_"):
-                code = int(name.rsplit("_", 1)[1])
-                errors.add_metric([str(code), _STATUS_NAMES.get(code, "other")], value)
-            else:
-                limits.add_metric([name], value)
-        yield errors
-        yield limits
-        yield _counter("spoe_agent_handler_errors", "Handlers that raised",
-                       self.agent.handler_errors)
-        families: dict[str, Any] = {}
+        families = _Families()
+        families.extend(server_samples(self.server.stats))
+        families.add("spoe_agent_handler_errors", "counter", "Message handlers that raised", {},
+                     self.agent.handler_errors)
         for source in self.agent.metric_sources:
             try:
-                samples = list(source())
+                families.extend(list(source()))
             except Exception:
                 log.exception("metrics source failed")
-                continue
-            for name, kind, doc, labels, value in samples:
-                family = families.get(name)
-                if family is None:
-                    cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
-                    family = families[name] = cls(name, doc, labels=sorted(labels))
-                family.add_metric([labels[k] for k in sorted(labels)], value)
-        yield from families.values()
+        yield from families
 
 
-def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-    return GaugeMetricFamily(name, doc, value=value)
-
-
-def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-    return CounterMetricFamily(name, doc, value=value)
+def server_samples(stats: Any) -> Iterator[MetricSample]:
+    """The SPOP server's counters as (name, kind, help, labels, value) samples."""
+    yield ("spoe_agent_connections_open", "gauge", "HAProxy connections open", {},
+           stats.connections_open)
+    yield ("spoe_agent_connections", "counter", "HAProxy connections accepted", {},
+           stats.connections_total)
+    frames = "spoe_agent_frames"
+    doc = "SPOP frames, by direction and type"
+    yield (frames, "counter", doc, {"direction": "in", "type": "haproxy_hello"}, stats.hellos)
+    yield (frames, "counter", doc, {"direction": "in", "type": "notify"}, stats.notifies)
+    yield (frames, "counter", doc, {"direction": "in", "type": "notify_aborted"}, stats.aborted)
+    yield (frames, "counter", doc, {"direction": "in", "type": "haproxy_disconnect"},
+           sum(stats.disconnects_received.values()))
+    yield (frames, "counter", doc, {"direction": "out", "type": "agent_hello"}, stats.hellos)
+    yield (frames, "counter", doc, {"direction": "out", "type": "ack"}, stats.acks)
+    yield (frames, "counter", doc, {"direction": "out", "type": "agent_disconnect"},
+           sum(stats.disconnects_sent.values()))
+    yield ("spoe_agent_healthchecks", "counter", "Health-check HELLOs answered", {},
+           stats.healthchecks)
+    yield ("spoe_agent_tls_handshake_errors", "counter", "TLS handshakes that failed", {},
+           stats.tls_handshake_errors)
+    doc = "DISCONNECT frames by direction and SPOP status code"
+    for direction, counts in (("received", stats.disconnects_received),
+                              ("sent", stats.disconnects_sent)):
+        for status, value in sorted(counts.items()):
+            labels = {"direction": direction, "status": str(status),
+                      "reason": STATUS_NAMES.get(status, "other")}
+            yield ("spoe_agent_disconnects", "counter", doc, labels, value)
+    for name, value in sorted(stats.limit_hits.items()):
+        yield ("spoe_agent_limit_hits", "counter", "Times a configured limit was reached",
+               {"limit": name}, value)
 
 
 class MetricsServer:
     def __init__(self, bind: str, server: Any, agent: Agent) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(AgentCollector(server, agent))
+        ProcessCollector(registry=self.registry)
         self.ack_latency = Histogram(
             "spoe_agent_ack_latency_seconds",
             "Time from reading NOTIFYs to their ACKs being written, per read batch",
-            buckets=(25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 50e-3, 0.25),
+            buckets=ACK_LATENCY_BUCKETS,
             registry=self.registry,
         )
         server.set_latency_observer(self.ack_latency.observe)

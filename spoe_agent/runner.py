@@ -1,43 +1,71 @@
 """Run one agent process: serve, then on SIGTERM/SIGINT shut down cleanly and exit 0.
 
-Shutdown order matters for "no span of a completed request is lost": stop accepting, let the
-NOTIFYs in flight finish, AGENT-DISCONNECT every connection, then run the agent's shutdown hooks
-(tracing ends open spans as incomplete and flushes its exporter within a deadline).
+Shutdown order matters for "no span of a completed request is lost": stop accepting, let each
+connection serve the NOTIFYs HAProxy already sent and its handlers in flight, AGENT-DISCONNECT
+every connection (status 0), then run the agent's shutdown hooks (tracing ends open spans as
+incomplete and flushes its exporter within a deadline). The metrics endpoint stays up until the
+end, with ``/health`` answering 503 from the first signal on. A second signal during shutdown
+exits at once (status 1), for an operator who would rather lose the flush than wait for it.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+from typing import Any
 
 import gevent
 from gevent.event import Event
 
 from spoe_agent.config import AgentConfig
 from spoe_agent.handlers import Agent
-from spoe_agent.server import SpoaServer
+from spoe_agent.server import SpoaServer, make_listener
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_TIMEOUT = 10.0
+EXIT_FORCED = 1
+
+
+class StartupError(Exception):
+    """The agent cannot start serving (port taken, unreadable certificate): no traceback."""
 
 
 def run(agent: Agent, config: AgentConfig, *, listener: object = None) -> int:
-    ssl_args = tls_arguments(config)
-    server = SpoaServer(agent, config, listener=listener, ssl_args=ssl_args)
-    for hook in agent.on_startup:
-        hook()
+    tls = tls_context(config)
+    if listener is None:
+        try:
+            listener = make_listener(config.bind, listen=False)
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {config.bind}: {exc.strerror or exc}") from None
+    server = SpoaServer(agent, config, listener=listener, tls_context=tls)
     metrics = None
     if config.metrics:
         from spoe_agent.metrics import start_metrics_server
 
-        metrics = start_metrics_server(config.metrics, server, agent)
+        try:
+            metrics = start_metrics_server(config.metrics, server, agent)
+        except OSError as exc:
+            raise StartupError(
+                f"cannot serve metrics on {config.metrics}: {exc.strerror or exc}"
+            ) from None
+    for hook in agent.on_startup:
+        hook()
     stop = Event()
-    gevent.signal_handler(signal.SIGTERM, stop.set)
-    gevent.signal_handler(signal.SIGINT, stop.set)
+
+    def on_signal() -> None:
+        if stop.is_set():
+            log.warning("second signal during shutdown: exiting now, unflushed spans are lost")
+            logging.shutdown()
+            os._exit(EXIT_FORCED)
+        stop.set()
+
+    gevent.signal_handler(signal.SIGTERM, on_signal)
+    gevent.signal_handler(signal.SIGINT, on_signal)
     server.start()
     stop.wait()
-    log.info("shutting down")
+    log.info("shutting down: draining %d connections", server.stats.connections_open)
     server.stop(timeout=SHUTDOWN_TIMEOUT)
     for hook in agent.on_shutdown:
         try:
@@ -50,15 +78,24 @@ def run(agent: Agent, config: AgentConfig, *, listener: object = None) -> int:
     return 0
 
 
-def tls_arguments(config: AgentConfig) -> dict[str, object] | None:
-    """gevent StreamServer's ``ssl_context`` for the optional TLS listener."""
+def tls_context(config: AgentConfig) -> Any:
+    """The server-side TLS context for the SPOP listener, or None when TLS is off.
+
+    With ``tls_ca`` set, a client certificate signed by that CA is required: HAProxy presents
+    one with ``server ... ssl crt client.pem``. gevent's ``SSLContext`` so that handshakes and
+    reads cooperate with the other connections whether or not the process is monkey-patched.
+    """
     if not config.tls_cert:
         return None
-    import ssl
+    from gevent import ssl
 
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(config.tls_cert, config.tls_key)
-    if config.tls_ca:
-        context.load_verify_locations(config.tls_ca)
-        context.verify_mode = ssl.CERT_REQUIRED
-    return {"ssl_context": context}
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+        if config.tls_ca:
+            context.load_verify_locations(config.tls_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise StartupError(f"cannot load the TLS certificate, key or CA: {exc}") from None
+    return context

@@ -4,6 +4,24 @@ One greenlet per HAProxy connection reads, feeds the state machine, runs the han
 the queued frames back with one ``sendall`` per batch. Pipelined NOTIFYs whose handlers are
 registered ``concurrent=True`` run in a per-connection pool bounded by ``max_in_flight``; every
 write goes through one lock per connection so frames are never interleaved.
+
+Every way a connection can hurt the process is bounded here, and every bound that is hit is
+counted (:class:`Stats`, read by the metrics endpoint) and logged at most once per interval:
+
+* ``max_connections``: beyond it the agent stops accepting and new connections wait in the
+  kernel's listen backlog (see :class:`_ConnectionPool` for why not refuse them);
+* the HELLO deadline: a connection must complete its HELLO within ``read_timeout`` of being
+  accepted (TLS handshake included), or it gets AGENT-DISCONNECT status 2;
+* the frame deadline: once the first byte of a frame is in, the whole frame must arrive within
+  ``read_timeout`` (a deadline, not an inactivity timer, so dribbling bytes does not extend it);
+* ``idle_timeout``: a ready connection on which nothing arrives for that long gets
+  AGENT-DISCONNECT status 2, which is what HAProxy itself sends on its own ``timeout idle``;
+* ``max_in_flight``: concurrent handlers per connection; a full pool stops reading that
+  connection until a handler finishes (back-pressure, never an error).
+
+Shutdown (:meth:`SpoaServer.stop`) stops accepting, then each connection greenlet serves what
+HAProxy had already sent, waits for its handlers in flight, and ends with AGENT-DISCONNECT
+status 0.
 """
 
 from __future__ import annotations
@@ -18,11 +36,13 @@ from typing import Any
 
 import gevent
 from gevent.lock import Semaphore
+from gevent.monkey import get_original
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
 from spoe_agent.config import AgentConfig, split_bind
 from spoe_agent.handlers import Agent
+from spoe_agent.logs import Throttle
 from spoe_agent.protocol.connection import (
     ConnectionClosed,
     DisconnectReceived,
@@ -38,7 +58,19 @@ from spoe_agent.protocol.types import Status
 log = logging.getLogger(__name__)
 
 _RECV_SIZE = 256 * 1024
+# One receive buffer for every connection: a greenlet copies what it read (exactly that many
+# bytes) before it can yield, so no other greenlet can write over it meanwhile. recv(256 KiB)
+# instead allocates 256 KiB per read and shrinks it, which fragments glibc's heap: the live
+# fuzzer measured RSS creeping up by ~10 MB over minutes that way, and flat with this.
+_RECV_BUFFER = bytearray(_RECV_SIZE)
+_RECV_VIEW = memoryview(_RECV_BUFFER)
+# The real select: the pool's full() runs in a hub callback, where gevent's may not switch.
+_select = get_original("select", "select")
 _NORMAL_CLOSE_ERRNOS = {errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ESHUTDOWN}
+SHUTDOWN_MESSAGE = "agent shutting down"
+BACKLOG = 1024
+LINGER_S = 2.0  # how long a closing connection may wait for the peer to close too
+LINGER_BYTES = 1 << 20
 
 
 class Stats:
@@ -47,24 +79,34 @@ class Stats:
     def __init__(self) -> None:
         self.connections_open = 0
         self.connections_total = 0
-        self.frames: dict[str, int] = {}
-        self.disconnects: dict[int, int] = {}
+        self.hellos = 0  # HAPROXY-HELLO answered with AGENT-HELLO (health checks included)
+        self.healthchecks = 0
         self.notifies = 0
         self.acks = 0
-        self.healthchecks = 0
+        self.aborted = 0  # fragmented NOTIFYs HAProxy aborted (UNSET with FIN|ABORT)
+        self.disconnects_received: dict[int, int] = {}  # HAPROXY-DISCONNECT, by status
+        self.disconnects_sent: dict[int, int] = {}  # AGENT-DISCONNECT, by status
         self.limit_hits: dict[str, int] = {}
-
-    def count_frame(self, kind: str, n: int = 1) -> None:
-        self.frames[kind] = self.frames.get(kind, 0) + n
+        self.tls_handshake_errors = 0
 
     def hit_limit(self, name: str) -> None:
         self.limit_hits[name] = self.limit_hits.get(name, 0) + 1
 
+    def sent_disconnect(self, status: int) -> None:
+        self.disconnects_sent[status] = self.disconnects_sent.get(status, 0) + 1
+
+
+class _Drain(Exception):
+    """Thrown into a connection greenlet parked in ``recv`` when the agent shuts down."""
+
 
 class _Client:
-    """One accepted connection: its state machine, socket and write lock."""
+    """One accepted connection: its state machine, socket, write lock and shutdown flags."""
 
-    __slots__ = ("conn", "sock", "lock", "pool", "address")
+    __slots__ = (
+        "conn", "sock", "lock", "pool", "address", "greenlet", "in_recv", "draining",
+        "peer_closed",
+    )
 
     def __init__(self, conn: SpopConnection, sock: socket.socket, address: Any) -> None:
         self.conn = conn
@@ -72,6 +114,10 @@ class _Client:
         self.lock = Semaphore()
         self.pool: Pool | None = None
         self.address = address
+        self.greenlet = gevent.getcurrent()
+        self.in_recv = False  # parked in sock.recv: the only place a _Drain may be thrown
+        self.draining = False
+        self.peer_closed = False
 
     def flush(self) -> None:
         with self.lock:
@@ -79,9 +125,46 @@ class _Client:
             if data:
                 self.sock.sendall(data)
 
+    def busy(self) -> bool:
+        """Handlers still running for this connection (it is not idle, HAProxy awaits ACKs)."""
+        return self.pool is not None and len(self.pool) > 0
+
+
+class _ConnectionPool(Pool):
+    """The connection greenlets, capped at ``max_connections``; reports when the cap blocks one.
+
+    gevent's StreamServer asks ``full()`` before each accept and, while it is true, stops
+    accepting: new connections then wait in the kernel's listen backlog until a slot frees.
+    That is deliberate. Refusing them instead (accept, then AGENT-DISCONNECT status 13) is worse
+    for HAProxy: 2.6 answers a disconnect at HELLO by reconnecting in a tight loop while streams
+    are queued (about 1 500 connections per 500 ms in the lab), whereas a connection waiting in
+    the backlog costs HAProxy one ``timeout hello`` (the event fails with a timeout) and makes
+    ``option spop-check`` mark a saturated agent DOWN, after which events fail fast.
+    """
+
+    def __init__(self, size: int, listener: Callable[[], Any], on_block: Callable[[], None]):
+        super().__init__(size)
+        self._listener = listener
+        self._on_block = on_block
+
+    def full(self) -> bool:
+        if not super().full():
+            return False
+        # StreamServer asks from its accept callback, so usually a connection is waiting; only
+        # count it if one really is (a zero-timeout, non-blocking poll of the listening socket).
+        sock = self._listener()
+        if sock is not None:
+            try:
+                readable, _, _ = _select([sock.fileno()], [], [], 0)
+            except (OSError, ValueError):
+                readable = []
+            if readable:
+                self._on_block()
+        return True
+
 
 class SpoaServer:
-    """Serve an :class:`~spoe_agent.handlers.Agent` to HAProxy over SPOP."""
+    """Serve an :class:`~spoe_agent.handlers.Agent` to HAProxy over SPOP (optionally TLS)."""
 
     def __init__(
         self,
@@ -89,7 +172,7 @@ class SpoaServer:
         config: AgentConfig,
         *,
         listener: Any = None,
-        ssl_args: dict[str, Any] | None = None,
+        tls_context: Any = None,
         latency_observer: Callable[[float], None] | None = None,
     ) -> None:
         self.agent = agent
@@ -97,12 +180,17 @@ class SpoaServer:
         self.stats = Stats()
         self._clients: set[_Client] = set()
         self._latency_observer = latency_observer
+        self._tls = tls_context
         self._stopping = False
+        self._stop_deadline = float("inf")
+        self._throttle = Throttle(log)
         if listener is None:
             listener = make_listener(config.bind)
-        self._server = StreamServer(
-            listener, self._handle, spawn=Pool(config.max_connections), **(ssl_args or {}),
+        self._pool = _ConnectionPool(
+            config.max_connections, lambda: getattr(self._server, "socket", None),
+            self._connections_blocked,
         )
+        self._server = StreamServer(listener, self._handle, spawn=self._pool)
 
     @property
     def address(self) -> Any:
@@ -116,102 +204,219 @@ class SpoaServer:
         self._latency_observer = observer
 
     def start(self) -> None:
+        # Listening starts here, not when the socket was bound: a connection accepted by the
+        # kernel means the whole agent (metrics, exporter) is up, which readiness checks rely on.
+        self._server.socket.listen(BACKLOG)
         self._server.start()
-        log.info("spoe-agent listening on %s", self.config.bind)
+        log.info("spoe-agent listening on %s%s", self.config.bind,
+                 " (TLS)" if self._tls is not None else "")
 
     def serve_forever(self) -> None:
+        if not self._server.started:
+            self.start()
         self._server.serve_forever()
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop accepting, let NOTIFYs in flight finish, then AGENT-DISCONNECT every connection."""
+        """Stop accepting; every connection then serves what already arrived, waits for its
+        handlers in flight and sends AGENT-DISCONNECT status 0, all within ``timeout``."""
         if self._stopping:
             return
         self._stopping = True
+        self._stop_deadline = time.monotonic() + timeout
         self._server.close()
-        deadline = time.monotonic() + timeout
+        loop = gevent.get_hub().loop
         for client in list(self._clients):
-            if client.pool is not None:
-                client.pool.join(timeout=max(0.0, deadline - time.monotonic()))
-            client.conn.close(Status.NORMAL, "agent shutting down")
-            try:
-                client.flush()
-                # The reading greenlet sees EOF and closes the socket itself; closing it from
-                # here would make that greenlet's recv fail with EBADF.
-                client.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        self._server.stop(timeout=max(0.0, deadline - time.monotonic()))
+            client.draining = True
+            if client.in_recv:
+                loop.run_callback(_wake_for_drain, client)
+        # Waits for the connection greenlets, then kills whatever is left at the deadline.
+        self._server.stop(timeout=max(0.0, self._stop_deadline - time.monotonic()))
+
+    # ------------------------------------------------------------------------------ limits
+
+    def _limit(self, name: str, template: str, *args: object) -> None:
+        """Count a limit hit and log it, at most once per interval per limit."""
+        self.stats.hit_limit(name)
+        self._throttle.warning(name, template, *args)
+
+    def _connections_blocked(self) -> None:
+        self._limit("connections", "max_connections (%d) reached: new HAProxy connections wait "
+                    "in the listen backlog until one closes", self.config.max_connections)
 
     # ------------------------------------------------------------------ connection greenlet
 
     def _handle(self, sock: socket.socket, address: Any) -> None:
-        config = self.config
-        conn = SpopConnection(max_frame_size=config.max_frame_size)
-        client = _Client(conn, sock, address)
-        if sock.family != socket.AF_UNIX:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         stats = self.stats
         stats.connections_open += 1
         stats.connections_total += 1
-        self._clients.add(client)
-        if self._stopping:
-            conn.close(Status.NORMAL, "agent shutting down")
         try:
-            self._serve(client)
-        except OSError as exc:
-            if exc.errno not in _NORMAL_CLOSE_ERRNOS:
-                log.info("connection from %s ended: %s", _peer(address), exc)
+            if sock.family != socket.AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._tls is not None:
+                tls_sock = self._tls_handshake(sock, address)
+                if tls_sock is None:
+                    return
+                sock = tls_sock
+            client = _Client(SpopConnection(max_frame_size=self.config.max_frame_size),
+                             sock, address)
+            self._clients.add(client)
+            try:
+                if self._stopping:
+                    client.draining = True
+                self._serve(client)
+                if not client.peer_closed:
+                    _linger(sock)
+            except OSError as exc:
+                if exc.errno not in _NORMAL_CLOSE_ERRNOS:
+                    log.info("connection from %s ended: %s", _peer(address), exc)
+            finally:
+                if client.pool is not None:
+                    client.pool.kill(block=False)
+                self._clients.discard(client)
         finally:
-            if client.pool is not None:
-                client.pool.kill(block=False)
-            self._clients.discard(client)
             stats.connections_open -= 1
             _close_socket(sock)
+
+    def _tls_handshake(self, sock: socket.socket, address: Any) -> Any:
+        """The TLS socket, or None (counted, logged once per interval) if the handshake failed.
+
+        Done here rather than by StreamServer so it runs under the HELLO deadline (a peer that
+        connects and never sends a ClientHello would otherwise hold a slot for ever) and so a
+        refused client certificate is one log line, not a traceback.
+        """
+        sock.settimeout(self.config.read_timeout or None)
+        try:
+            if not sock.recv(1, socket.MSG_PEEK):
+                return None  # connected and closed without a byte: a TCP probe, not an error
+            return self._tls.wrap_socket(sock, server_side=True)
+        except OSError as exc:  # ssl.SSLError, timeouts and resets are all OSErrors
+            self.stats.tls_handshake_errors += 1
+            self._throttle.warning("tls_handshake", "TLS handshake with %s failed: %s",
+                                   _peer(address), exc)
+            return None
 
     def _serve(self, client: _Client) -> None:
         conn = client.conn
         sock = client.sock
-        agent = self.agent
-        stats = self.stats
         idle = self.config.idle_timeout or None
-        read_deadline = self.config.read_timeout or None
+        read_timeout = self.config.read_timeout or None
+        monotonic = time.monotonic
+        # The HELLO deadline runs from the accept; then frame deadlines, set when a frame starts.
+        deadline = monotonic() + read_timeout if read_timeout else None
         while conn.state is not State.CLOSED:
-            observe = self._latency_observer
-            sock.settimeout(read_deadline if conn.buffered else idle)
-            try:
-                data = sock.recv(_RECV_SIZE)
-            except TimeoutError:
-                kind = "read_timeout" if conn.buffered else "idle_timeout"
-                stats.hit_limit(kind)
-                log.info("closing %s: %s", _peer(client.address), kind.replace("_", " "))
-                conn.close(Status.TIMEOUT, "a timeout occurred")
-                client.flush()
+            if client.draining:
+                self._drain(client)
                 return
-            started = time.perf_counter() if observe is not None else 0.0
-            events = conn.receive_data(data) if data else conn.receive_eof()
-            for event in events:
-                if type(event) is NotifyReceived:
-                    stats.notifies += 1
-                    if agent.needs_greenlet(event.messages):
-                        self._spawn_concurrent(client, event)
-                    else:
-                        conn.send_ack(event.stream_id, event.frame_id,
-                                      agent.dispatch(event.messages))
-                        stats.acks += 1
-                else:
-                    self._on_event(client, event)
-            client.flush()
-            if observe is not None and events:
-                observe(time.perf_counter() - started)
+            if conn.state is State.READY and not conn.buffered:
+                kind, timeout = "idle_timeout", idle
+            else:
+                kind = "read_timeout" if conn.state is State.READY else "hello_timeout"
+                timeout = None
+                if deadline is not None:
+                    timeout = deadline - monotonic()
+                    if timeout <= 0:  # (a zero timeout would make recv non-blocking instead)
+                        self._timed_out(client, kind)
+                        return
+            sock.settimeout(timeout)
+            client.in_recv = True
+            try:
+                data = _RECV_VIEW[:sock.recv_into(_RECV_BUFFER)].tobytes()
+            except TimeoutError:
+                if kind == "idle_timeout" and client.busy():
+                    continue  # HAProxy is waiting for our ACKs: not idle
+                self._timed_out(client, kind)
+                return
+            except _Drain:
+                client.in_recv = False  # now, not in finally: _drain writes
+                self._drain(client)
+                return
+            finally:
+                client.in_recv = False
+            before = conn.buffered
+            self._feed(client, data)
+            after = conn.buffered
+            if after and read_timeout and (not before or after < before + len(data)):
+                # A new frame started, or frames completed and a new one is under way.
+                deadline = monotonic() + read_timeout
         if client.pool is not None:
             client.pool.join(timeout=self.config.read_timeout or None)
             client.flush()
+
+    def _feed(self, client: _Client, data: bytes) -> None:
+        """Run the state machine on ``data`` (b"" is EOF), the handlers, and write the replies."""
+        conn = client.conn
+        agent = self.agent
+        stats = self.stats
+        observe = self._latency_observer
+        started = time.perf_counter() if observe is not None else 0.0
+        if data:
+            events = conn.receive_data(data)
+        else:
+            client.peer_closed = True
+            events = conn.receive_eof()
+        for event in events:
+            if type(event) is NotifyReceived:
+                stats.notifies += 1
+                if agent.needs_greenlet(event.messages):
+                    self._spawn_concurrent(client, event)
+                else:
+                    conn.send_ack(event.stream_id, event.frame_id,
+                                  agent.dispatch(event.messages))
+                    stats.acks += 1
+            else:
+                self._on_event(client, event)
+        client.flush()
+        if observe is not None and events:
+            observe(time.perf_counter() - started)
+
+    def _timed_out(self, client: _Client, kind: str) -> None:
+        what = {
+            "hello_timeout": "no complete HELLO within read_timeout (%.1fs) of connecting",
+            "read_timeout": "a frame did not complete within read_timeout (%.1fs)",
+            "idle_timeout": "nothing received for idle_timeout (%.1fs)",
+        }[kind]
+        seconds = self.config.idle_timeout if kind == "idle_timeout" else self.config.read_timeout
+        self._limit(kind, "closing %s with status 2: " + what, _peer(client.address), seconds)
+        client.conn.close(Status.TIMEOUT)
+        self.stats.sent_disconnect(Status.TIMEOUT)
+        client.flush()
+
+    def _drain(self, client: _Client) -> None:
+        """Shutdown: serve the frames HAProxy already sent, finish the handlers in flight, then
+        AGENT-DISCONNECT status 0. Only data already received is read (non-blocking)."""
+        conn = client.conn
+        sock = client.sock
+        chunks: list[bytes] = []
+        eof = False
+        sock.settimeout(0.0)
+        try:
+            while True:
+                data = _RECV_VIEW[:sock.recv_into(_RECV_BUFFER)].tobytes()
+                if not data:
+                    eof = True
+                    break
+                chunks.append(data)
+        except OSError:  # would block (nothing more has arrived), or the peer is gone
+            pass
+        remaining = max(0.0, self._stop_deadline - time.monotonic())
+        sock.settimeout(remaining or 0.001)  # bounds the final writes too
+        for data in chunks:
+            self._feed(client, data)
+        if client.pool is not None:
+            client.pool.join(timeout=max(0.0, self._stop_deadline - time.monotonic()))
+        if eof:
+            self._feed(client, b"")
+        if conn.state is not State.CLOSED:
+            conn.close(Status.NORMAL, SHUTDOWN_MESSAGE)
+            self.stats.sent_disconnect(Status.NORMAL)
+        client.flush()
 
     def _spawn_concurrent(self, client: _Client, event: NotifyReceived) -> None:
         if client.pool is None:
             client.pool = Pool(self.config.max_in_flight)
         elif client.pool.full():
-            self.stats.hit_limit("in_flight")
+            self._limit("in_flight", "max_in_flight (%d) handlers running on one connection: "
+                        "reading it pauses until one finishes", self.config.max_in_flight)
         # Pool.spawn waits for a free slot: back-pressure on this connection's reads only.
         client.pool.spawn(self._run_concurrent, client, event)
 
@@ -228,27 +433,71 @@ class SpoaServer:
         stats = self.stats
         kind = type(event)
         if kind is HelloReceived:
+            stats.hellos += 1
             if event.healthcheck:
                 stats.healthchecks += 1
             log.debug("HELLO from %s: frame size %d, capabilities %s", _peer(client.address),
                       event.negotiated_frame_size, ",".join(sorted(event.capabilities)))
         elif kind is DisconnectReceived:
-            stats.disconnects[event.status] = stats.disconnects.get(event.status, 0) + 1
-            level = logging.DEBUG if event.status in (0, 2) else logging.WARNING
-            log.log(level, "HAProxy disconnected %s: status %d (%s)", _peer(client.address),
-                    event.status, event.message)
+            status = event.status
+            stats.disconnects_received[status] = stats.disconnects_received.get(status, 0) + 1
+            stats.sent_disconnect(Status.NORMAL)
+            if status in (0, 2):
+                log.debug("HAProxy disconnected %s: status %d (%s)", _peer(client.address),
+                          status, event.message)
+            else:
+                self._throttle.warning("haproxy_disconnect",
+                                       "HAProxy disconnected %s: status %d (%s)",
+                                       _peer(client.address), status, event.message)
         elif kind is ProtocolViolation:
-            stats.hit_limit(f"protocol_error_{int(event.status)}")
-            log.warning("protocol error from %s, sent AGENT-DISCONNECT status %d: %s",
-                        _peer(client.address), event.status, event.message)
+            stats.sent_disconnect(int(event.status))
+            self._throttle.warning(
+                "protocol_error", "protocol error from %s, sent AGENT-DISCONNECT status %d: %s",
+                _peer(client.address), event.status, event.message)
         elif kind is NotifyAborted:
-            stats.count_frame("aborted")
+            stats.aborted += 1
         elif kind is ConnectionClosed:
             pass
 
 
-def make_listener(bind: str, backlog: int = 1024) -> socket.socket:
-    """A bound, listening socket for ``HOST:PORT`` or ``unix:/path`` (stale socket replaced)."""
+def _wake_for_drain(client: _Client) -> None:
+    """Hub callback: interrupt a connection parked in ``recv`` so it drains and says goodbye.
+
+    Checked again here, in the hub, because the greenlet may have woken up meanwhile; a _Drain
+    is only ever thrown into ``recv``, never into a write, so no frame can be cut in half.
+    """
+    if client.in_recv and not client.greenlet.dead:
+        client.greenlet.throw(_Drain)
+
+
+def _linger(sock: socket.socket) -> None:
+    """Close after our last frame without losing it: half-close, then discard what the peer
+    still sends until it closes too, for at most ``LINGER_S``.
+
+    Closing a socket with unread input makes the kernel send a reset, and a reset can destroy
+    the AGENT-DISCONNECT just written before HAProxy reads it (HAProxy would then report an
+    I/O error instead of our status code).
+    """
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + LINGER_S
+        discarded = 0
+        while discarded < LINGER_BYTES:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            sock.settimeout(remaining)
+            data = sock.recv(65536)
+            if not data:
+                return
+            discarded += len(data)
+    except OSError:  # reset, timeout, already shut: nothing more to save
+        pass
+
+
+def make_listener(bind: str, backlog: int = BACKLOG, *, listen: bool = True) -> socket.socket:
+    """A bound socket for ``HOST:PORT`` or ``unix:/path`` (stale socket replaced), listening
+    unless ``listen`` is false (:meth:`SpoaServer.start` then starts it)."""
     target = split_bind(bind)
     if isinstance(target, str):
         if os.path.exists(target):
@@ -259,9 +508,11 @@ def make_listener(bind: str, backlog: int = 1024) -> socket.socket:
         host, port = target
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
+        # A restarted agent (even after SIGKILL) must get its port back despite TIME_WAIT.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
-    sock.listen(backlog)
+    if listen:
+        sock.listen(backlog)
     sock.setblocking(False)
     return sock
 

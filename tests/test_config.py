@@ -100,3 +100,35 @@ def test_bind_and_duration_parsers() -> None:
     assert parse_bind("[::1]:7000") == "::1:7000"
     assert parse_duration("500ms") == 0.5 and parse_duration("2m") == 120.0
     assert parse_duration("30") == 30.0
+
+
+def test_listener_limits_have_safe_defaults_and_parse_from_the_ini(tmp_path: Path) -> None:
+    config = load_config(env={})
+    # Longer than HAProxy's usual "timeout idle"/"timeout server" (2-3m): HAProxy closes its
+    # idle connections first, the agent only reaps the ones it forgot.
+    assert config.idle_timeout == 600.0
+    assert config.read_timeout == 30.0
+    assert (config.max_connections, config.max_in_flight) == (1000, 64)
+    assert (config.max_sessions, config.max_spans_per_session) == (100_000, 64)
+    assert config.max_attribute_length == 4096
+    path = write(tmp_path, "[listener]\nmax_connections = 5\nmax_in_flight = 3\n"
+                           "idle_timeout = 10m\nread_timeout = 1500ms\n[logging]\nformat = json\n"
+                           "[metrics]\nbind = 127.0.0.1:9100\n")
+    config = load_config(path, env={})
+    assert (config.max_connections, config.max_in_flight) == (5, 3)
+    assert (config.idle_timeout, config.read_timeout) == (600.0, 1.5)
+    assert (config.log_format, config.metrics) == ("json", "127.0.0.1:9100")
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("[listener]\nmax_connections = 0\n", "must be >= 1"),
+        ("[listener]\nmax_in_flight = -1\n", "must be between 1 and 100000"),
+        ("[listener]\nidle_timeout = forever\n", "expected a duration"),
+        ("[tracing]\nmax_attribute_length = 0\n", "must be >= 1"),
+    ],
+)
+def test_limits_refuse_unsafe_values(tmp_path: Path, text: str, reason: str) -> None:
+    with pytest.raises(ConfigError, match=reason):
+        load_config(write(tmp_path, text), env={})

@@ -8,6 +8,7 @@ that exports them off the request path, so an ACK never waits for Jaeger.
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -26,6 +27,19 @@ from spoe_agent.tracing.registry import SessionRegistry
 log = logging.getLogger(__name__)
 
 FLUSH_TIMEOUT_S = 5.0
+LIMIT_LOG_INTERVAL_S = 10.0
+# Limit name (as in spoe_agent_limit_hits) -> the registry counter that records its hits.
+_REGISTRY_LIMITS = {
+    "sessions": "sessions_evicted_cap",
+    "spans_per_session": "span_limit",
+    "items_per_span": "item_limit",
+}
+_LIMIT_HELP = {
+    "sessions": "max_sessions reached, the least recently active sessions were ended early",
+    "spans_per_session": "max_spans_per_session reached, further spans were not started",
+    "items_per_span": "too many tags/logs/baggage items on one span, the extra were dropped",
+    "export_queue": "export_queue_size reached, spans were dropped (is the collector slow?)",
+}
 
 
 class TracingAgent(Agent):
@@ -49,6 +63,11 @@ class TracingAgent(Agent):
             emit = self.processor.on_end
         else:
             emit = _discard
+        # An exporter that reads the registry's own span tuples (ours for Jaeger) spares the
+        # request path building SDK spans that would only be taken apart again.
+        records = exporter is None or getattr(exporter, "accepts_span_records", False)
+        if records and self.processor is not None:
+            emit = self.processor.enqueue  # the registry only ever emits sampled spans
         self.registry = SessionRegistry(
             emit,
             propagator=build_propagator(config.propagators),
@@ -59,8 +78,14 @@ class TracingAgent(Agent):
             default_service=config.service_name,
             max_spans_per_session=config.max_spans_per_session,
             max_attr_len=config.max_attribute_length,
+            span_records=records,
         )
         self._expiry: gevent.Greenlet | None = None
+        # Set by a --workers worker (spoe_agent.workers.mesh.PeerMesh): sends each command to
+        # the worker that owns its session. None in a single process: no routing cost at all.
+        self.router: Any = None
+        self._limits_seen: dict[str, int] = {}
+        self._limits_logged: dict[str, float] = {}
         self.fallback(self.handle)
         self.on_startup.append(self.start)
         self.on_shutdown.append(self.stop)
@@ -70,6 +95,9 @@ class TracingAgent(Agent):
         command = parse_message(message, self.language_stats)
         if command is None:
             return None
+        router = self.router
+        if router is not None:
+            return router.route(command)
         return self.registry.apply(command)
 
     def start(self) -> None:
@@ -84,11 +112,40 @@ class TracingAgent(Agent):
             gevent.sleep(interval)
             try:
                 self.registry.expire()
+                self._report_limits()
             except Exception:  # pragma: no cover - a bug here must not stop expiry for good
                 log.exception("session expiry failed")
 
+    def limit_hits(self) -> dict[str, int]:
+        """The tracing side's limits and how often each was hit (never reset)."""
+        reg = self.registry.stats
+        hits = {name: reg[key] for name, key in _REGISTRY_LIMITS.items()}
+        if self.processor is not None:
+            hits["export_queue"] = self.processor.stats.dropped_queue_full
+        return hits
+
+    def _report_limits(self) -> None:
+        """Log the limits hit since the last look, once per interval each (the registry and the
+        processor only count: they run on the request path and must not log per hit)."""
+        now = time.monotonic()
+        for name, value in self.limit_hits().items():
+            grew = value - self._limits_seen.get(name, 0)
+            if grew > 0 and now - self._limits_logged.get(name, -LIMIT_LOG_INTERVAL_S) >= (
+                LIMIT_LOG_INTERVAL_S
+            ):
+                # One template per limit (ours, not peer data): the root logging filter
+                # rate-limits by template, and one limit must not silence another.
+                log.warning(f"tracing limit {name} hit %d times since the last report: %s",
+                            grew, _LIMIT_HELP[name])
+                self._limits_seen[name] = value
+                self._limits_logged[name] = now
+
     def stop(self) -> None:
-        """End what is still open as incomplete and flush the exporter within a deadline."""
+        """End what is still open as incomplete and flush the exporter within a deadline.
+
+        A dead or stalled collector costs at most ``FLUSH_TIMEOUT_S`` here: the processor gives
+        up on the queue at the deadline and the exporter's sockets are closed.
+        """
         if self._expiry is not None:
             self._expiry.kill(block=False)
         ended = self.registry.close_all("shutdown")
@@ -96,11 +153,21 @@ class TracingAgent(Agent):
             log.info("tracing: ended %d open sessions as incomplete at shutdown", ended)
         if self.processor is not None:
             self.processor.shutdown(FLUSH_TIMEOUT_S)
+            stats = self.processor.stats
+            log.info("tracing: %d spans exported in all, %d dropped (queue full %d, export "
+                     "failed %d)", stats.exported, stats.dropped_queue_full
+                     + stats.export_failed_spans, stats.dropped_queue_full,
+                     stats.export_failed_spans)
 
     def metric_samples(self) -> Iterator[MetricSample]:
         reg = self.registry.stats
         yield ("spoe_agent_sessions_open", "gauge", "Sessions (HAProxy streams) being traced",
                {}, len(self.registry))
+        yield ("spoe_agent_spans_started", "counter", "Spans started", {},
+               reg["spans_started"])
+        for name, value in sorted(self.limit_hits().items()):
+            yield ("spoe_agent_limit_hits", "counter", "Times a configured limit was reached",
+                   {"limit": name}, value)
         for name, value in sorted(reg.items()):
             yield ("spoe_agent_tracing_events", "counter",
                    "Session registry events (sessions started/evicted, spans ended, anomalies)",
@@ -108,23 +175,33 @@ class TracingAgent(Agent):
         for name, value in sorted(self.language_stats.items()):
             yield ("spoe_agent_language_events", "counter",
                    "Span-language anomalies in SPOE message arguments", {"event": name}, value)
+        dropped = "Spans dropped, by reason"
         processor = self.processor
         if processor is not None:
             pstats = processor.stats
             yield ("spoe_agent_spans_queued", "counter", "Spans handed to the exporter queue",
                    {}, pstats.queued)
             yield ("spoe_agent_spans_exported", "counter", "Spans exported", {}, pstats.exported)
-            yield ("spoe_agent_spans_dropped", "counter", "Spans dropped",
+            yield ("spoe_agent_spans_dropped", "counter", dropped,
                    {"reason": "queue_full"}, pstats.dropped_queue_full)
-            yield ("spoe_agent_spans_dropped", "counter", "Spans dropped",
+            yield ("spoe_agent_spans_dropped", "counter", dropped,
                    {"reason": "export_failed"}, pstats.export_failed_spans)
+            yield ("spoe_agent_spans_dropped", "counter", dropped,
+                   {"reason": "after_shutdown"}, pstats.dropped_after_shutdown)
             yield ("spoe_agent_exporter_errors", "counter", "Failed export calls", {},
                    pstats.export_errors)
             yield ("spoe_agent_export_queue_size", "gauge", "Spans waiting for export", {},
                    processor.queue_size)
+            yield ("spoe_agent_export_queue_limit", "gauge", "Capacity of the export queue", {},
+                   processor.max_queue_size)
         estats = getattr(self.exporter, "stats", None)
         if estats is not None:
-            for name in ("send_errors", "spans_dropped_oversize", "spans_dropped_invalid"):
+            for name, reason in (("spans_dropped_oversize", "oversize"),
+                                 ("spans_dropped_invalid", "invalid")):
+                if hasattr(estats, name):
+                    yield ("spoe_agent_spans_dropped", "counter", dropped, {"reason": reason},
+                           getattr(estats, name))
+            for name in ("send_errors", "spans_failed", "spans_sent"):
                 if hasattr(estats, name):
                     yield ("spoe_agent_jaeger_exporter", "counter", "Jaeger exporter counters",
                            {"counter": name}, getattr(estats, name))

@@ -1,0 +1,288 @@
+"""Faults around the agent: a collector that refuses or stalls, HAProxy restarting, the agent
+being SIGKILLed. In each case the request path must not notice more than it has to.
+
+The collector is the Jaeger HTTP endpoint (``OTEL_EXPORTER_JAEGER_ENDPOINT``) pointed at a
+port where first nothing listens, or a server accepts and never answers; then a real
+:class:`JaegerReceiver` takes over the same port, playing the collector coming back.
+"""
+
+from __future__ import annotations
+
+import http.client
+import signal
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from spoe_agent.viewer.receiver import JaegerReceiver
+from tests.hardening.support import (
+    agent_on_port,
+    clean_env,
+    notify_ok,
+    scrape,
+    value,
+    wait_until,
+    whole_session,
+)
+from tests.integration.backend import Backend
+from tests.integration.test_haproxy_core import haproxy_config, spoe_config
+from tests.integration.tracing_support import describe, get, hop_config
+from tests.support.haproxy import HAProxy
+from tests.support.procs import AgentProcess, free_port
+from tests.support.spop_client import SpopClient
+
+AgentFactory = Callable[..., AgentProcess]
+
+
+class StallingCollector:
+    """Accepts connections, reads whatever is sent, never answers: a collector stuck for good."""
+
+    def __init__(self, port: int) -> None:
+        self.listener = socket.create_server(("127.0.0.1", port))
+        self.accepted: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                self.accepted.append(conn)
+            threading.Thread(target=self._swallow, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _swallow(conn: socket.socket) -> None:
+        try:
+            while conn.recv(65536):
+                pass
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        # shutdown() first: close() alone does not wake the thread blocked in accept(), and
+        # until it wakes the port stays bound and the recovered collector cannot take it.
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
+        with self._lock:
+            for conn in self.accepted:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                conn.close()
+
+
+def collector_env(port: int, **extra: str) -> dict[str, str]:
+    return clean_env(OTEL_TRACES_EXPORTER="jaeger",
+                     OTEL_EXPORTER_JAEGER_ENDPOINT=f"http://127.0.0.1:{port}/api/traces",
+                     OTEL_BSP_SCHEDULE_DELAY="50", **extra)
+
+
+@pytest.fixture
+def collector_port() -> int:
+    return free_port()
+
+
+@pytest.fixture
+def recovered(collector_port: int) -> Iterator[Callable[[], JaegerReceiver]]:
+    """Factory: start the real collector on the port the agent exports to."""
+    started: list[JaegerReceiver] = []
+
+    def start() -> JaegerReceiver:
+        rec = JaegerReceiver(udp_addr=None, http_addr=("127.0.0.1", collector_port), quiet_s=0.5)
+        started.append(rec.start())
+        return rec
+
+    yield start
+    for rec in started:
+        rec.stop(flush=False)
+
+
+def test_refusing_collector_costs_spans_not_acks_and_recovery_is_automatic(
+    spoe_agent: AgentFactory, collector_port: int, recovered: Callable[[], JaegerReceiver]
+) -> None:
+    metrics = free_port()
+    env = collector_env(collector_port, OTEL_BSP_MAX_QUEUE_SIZE="50",
+                        OTEL_BSP_MAX_EXPORT_BATCH_SIZE="10")
+    agent = spoe_agent("--metrics", f"127.0.0.1:{metrics}", app=None, env=env)
+    with SpopClient((agent.host, agent.port), timeout=10) as client:
+        client.handshake()
+        stream = 1
+        for i in range(40):  # every NOTIFY is ACKed while nothing listens on the collector port
+            for message in whole_session(f"down-{i}"):
+                notify_ok(client, stream, [message])
+                stream += 2
+        wait_until(lambda: (value(scrape(metrics), "spoe_agent_exporter_errors_total") or 0) > 0,
+                   what="failed exports to be counted")
+        s = scrape(metrics)
+        assert value(s, "spoe_agent_export_queue_size") <= 50
+        failed = value(s, "spoe_agent_spans_dropped_total", reason="export_failed") or 0
+        full = value(s, "spoe_agent_spans_dropped_total", reason="queue_full") or 0
+        assert failed > 0 and failed + full <= 80
+
+        receiver = recovered()
+        for i in range(3):
+            for message in whole_session(f"up-{i}", root=f"up-{i}", child=f"up-{i}-child"):
+                notify_ok(client, stream, [message])
+                stream += 2
+        wanted = {f"up-{i}" for i in range(3)} | {f"up-{i}-child" for i in range(3)}
+        assert receiver.wait_for(
+            lambda spans: wanted <= {s.operation_name for s in spans}, timeout=15
+        ), describe(receiver.spans)
+    assert "Traceback" not in agent.logs(), agent.describe_logs()
+    # One warning per minute at most, however many exports failed.
+    assert agent.logs().count("exporting") <= 1, agent.describe_logs()
+
+
+def test_sigterm_with_a_stalled_collector_still_exits_zero(
+    spoe_agent: AgentFactory, collector_port: int
+) -> None:
+    """The flush at shutdown has a deadline: a collector stuck for minutes cannot hold it."""
+    stall = StallingCollector(collector_port)
+    try:
+        agent = spoe_agent(app=None, env=collector_env(collector_port))
+        with SpopClient((agent.host, agent.port), timeout=10) as client:
+            client.handshake()
+            for i, message in enumerate(whole_session("stuck")):
+                notify_ok(client, 2 * i + 1, [message])
+            wait_until(lambda: stall.accepted, what="the exporter to reach the collector")
+            agent.process.send_signal(signal.SIGTERM)
+            assert agent.process.wait(30) == 0, agent.describe_logs()
+        assert "span export did not finish" in agent.logs(), agent.describe_logs()
+    finally:
+        stall.close()
+
+
+# ------------------------------------------------------------------------- with HAProxy
+
+
+@pytest.mark.haproxy
+def test_stalled_collector_leaves_requests_untouched_and_the_queue_bounded(
+    haproxy: Callable[..., HAProxy],
+    spoe_agent: AgentFactory,
+    backend: Backend,
+    collector_port: int,
+    recovered: Callable[[], JaegerReceiver],
+) -> None:
+    """The reference config has ``timeout processing 500ms``: an ACK held up by the stalled
+    exporter would fail its event and show in X-Trace-Error. None may."""
+    stall = StallingCollector(collector_port)
+    metrics = free_port()
+    queue = 200
+    env = collector_env(collector_port, OTEL_BSP_MAX_QUEUE_SIZE=str(queue),
+                        OTEL_BSP_MAX_EXPORT_BATCH_SIZE="50")
+    try:
+        agent = spoe_agent("--metrics", f"127.0.0.1:{metrics}", app=None, env=env)
+        port = free_port()
+        hap = haproxy(hop_config(port=port, service="edge", server=backend.address, agent=agent))
+        hap.wait_server_status("spoe-agents", "agent1", "UP", timeout=15)
+
+        def requests(tag: str, count: int) -> list[str]:
+            trace_ids = []
+            for i in range(count):
+                reply = get(port, f"/{tag}/{i}")
+                assert reply.status == 200, reply
+                assert "x-trace-error" not in reply.headers, reply.headers
+                trace_ids.append(reply.headers["x-trace-id"])
+                if i % 20 == 0:
+                    size = value(scrape(metrics), "spoe_agent_export_queue_size")
+                    assert size is not None and size <= queue
+            return trace_ids
+
+        requests("stalled", 60)  # 540 spans for a queue of 200
+        wait_until(lambda: stall.accepted, what="the exporter to reach the stalled collector")
+        s = scrape(metrics)
+        assert value(s, "spoe_agent_export_queue_size") <= queue
+        assert value(s, "spoe_agent_export_queue_limit") == queue
+        assert value(s, "spoe_agent_spans_dropped_total", reason="queue_full") > 0
+        # The exporter's own timeout ends the stuck export (it does not wedge the loop).
+        wait_until(lambda: (value(scrape(metrics), "spoe_agent_exporter_errors_total") or 0) > 0,
+                   timeout=30, what="the stalled export to time out")
+        assert agent.process.running
+
+        stall.close()
+        receiver = recovered()
+        after = requests("recovered", 5)
+        for trace_id in after:
+            assert receiver.wait_for(
+                lambda spans, t=trace_id: sum(1 for s in spans if s.trace_id == t) >= 9,
+                timeout=20,
+            ), describe(receiver.spans)
+        assert hap.server_stats("spoe-agents", "agent1")["status"] == "UP"
+    finally:
+        stall.close()
+
+
+def _echo_request(port: int, path: str) -> dict[str, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == 200  # SPOE errors never fail the request itself
+        return {k.lower(): v for k, v in resp.getheaders()}
+    finally:
+        conn.close()
+
+
+@pytest.mark.haproxy
+def test_haproxy_restart_leaves_no_connection_behind(
+    haproxy: Callable[..., HAProxy], spoe_agent: AgentFactory, backend: Backend,
+) -> None:
+    metrics = free_port()
+    agent = spoe_agent("--metrics", f"127.0.0.1:{metrics}", app="tests.apps.echo:agent")
+    port = free_port()
+    config = haproxy_config(port, backend, agent)
+    first = haproxy(config, spoe_config())
+    first.wait_server_status("agents", "a1", "UP", timeout=15)
+    assert _echo_request(port, "/check/one").get("x-v-echo_path") == "/check/one"
+    assert value(scrape(metrics), "spoe_agent_connections_open") >= 1
+
+    first.stop()  # a hard stop: HAProxy's connections vanish, with or without DISCONNECT
+    wait_until(lambda: value(scrape(metrics), "spoe_agent_connections_open") == 0,
+               what="the agent to let go of the dead HAProxy's connections")
+    second = haproxy(config, spoe_config())
+    second.wait_server_status("agents", "a1", "UP", timeout=15)
+    headers = _echo_request(port, "/check/two")
+    assert headers.get("x-v-echo_path") == "/check/two" and "x-v-err" not in headers, headers
+    assert "Traceback" not in agent.logs(), agent.describe_logs()
+
+
+@pytest.mark.haproxy
+def test_sigkilled_agent_is_seen_down_then_back_by_spop_check(
+    haproxy: Callable[..., HAProxy], backend: Backend, tmp_path: Path,
+) -> None:
+    port = free_port()
+    agent = agent_on_port(tmp_path / "logs", port, app="tests.apps.echo:agent")
+    restarted: AgentProcess | None = None
+    try:
+        agent.wait_ready()
+        fe_port = free_port()
+        hap = haproxy(haproxy_config(fe_port, backend, agent), spoe_config())
+        hap.wait_server_status("agents", "a1", "UP", timeout=15)
+        assert _echo_request(fe_port, "/check/before").get("x-v-echo_path") == "/check/before"
+
+        agent.process.send_signal(signal.SIGKILL)
+        assert agent.process.wait(10) == -signal.SIGKILL
+        hap.wait_server_status("agents", "a1", "DOWN", timeout=15)
+        assert "x-v-err" in _echo_request(fe_port, "/check/while-dead")  # HAProxy sees it
+
+        restarted = agent_on_port(tmp_path / "logs", port, app="tests.apps.echo:agent",
+                                  name="agent-restarted")
+        restarted.wait_ready()  # the port is free again at once (SO_REUSEADDR)
+        hap.wait_server_status("agents", "a1", "UP", timeout=15)
+        headers = _echo_request(fe_port, "/check/after")
+        assert headers.get("x-v-echo_path") == "/check/after" and "x-v-err" not in headers, headers
+    finally:
+        agent.stop()
+        if restarted is not None:
+            restarted.stop()

@@ -1,0 +1,274 @@
+"""Every configured limit, hit on purpose: the agent counts it, logs it once, and keeps serving.
+
+The agent is the real CLI with an agent.ini; what each test asserts is what HAProxy (here a raw
+SPOP client playing it) sees on the wire, what /metrics reports and what the log says.
+"""
+
+from __future__ import annotations
+
+import http.client
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from spoe_agent.protocol import codec
+from spoe_agent.protocol.types import Frame, FrameType, Message
+from spoe_agent.viewer.receiver import JaegerReceiver
+from tests.hardening.support import (
+    SLOW_APP,
+    clean_env,
+    disconnect_status,
+    notify_ok,
+    read_until_eof,
+    scrape,
+    total,
+    trace,
+    value,
+    wait_until,
+    write_ini,
+)
+from tests.integration.backend import Backend
+from tests.integration.test_haproxy_core import haproxy_config, spoe_config
+from tests.support.haproxy import HAProxy
+from tests.support.procs import AgentProcess, free_port
+from tests.support.spop_client import SpopClient, hello_frame
+
+AgentFactory = Callable[..., AgentProcess]
+
+
+def start(spoe_agent: AgentFactory, tmp_path: Path, listener: str, *, app: str | None = SLOW_APP,
+          tracing: str = "", env: dict[str, str] | None = None) -> tuple[AgentProcess, int]:
+    """An agent with these [listener] (and [tracing]) lines and a metrics port."""
+    ini = write_ini(tmp_path, f"[listener]\n{listener}\n[tracing]\n{tracing}\n")
+    metrics = free_port()
+    agent = spoe_agent("-c", ini, "--metrics", f"127.0.0.1:{metrics}", app=app, env=env)
+    return agent, metrics
+
+
+def limit_hits(metrics: int, limit: str) -> float:
+    return value(scrape(metrics), "spoe_agent_limit_hits_total", limit=limit) or 0.0
+
+
+def still_serving(agent: AgentProcess) -> None:
+    assert agent.process.running, agent.describe_logs()
+    with SpopClient((agent.host, agent.port), timeout=10) as client:
+        assert client.handshake()["version"] == "2.0"
+
+
+# ------------------------------------------------------------------------- connections
+
+
+def test_connection_cap_makes_new_connections_wait_not_fail(
+    spoe_agent: AgentFactory, tmp_path: Path
+) -> None:
+    agent, metrics = start(spoe_agent, tmp_path, "max_connections = 2")
+    address = (agent.host, agent.port)
+    first, second = SpopClient(address), SpopClient(address)
+    first.handshake()
+    second.handshake()
+    waiting = SpopClient(address, timeout=1.5)  # the kernel completes the TCP handshake
+    waiting.send(hello_frame())
+    with pytest.raises(TimeoutError):  # but nobody reads its HELLO while the cap is reached
+        waiting.read_frame()
+    another = SpopClient(address, timeout=1.5)
+    another.send(hello_frame())
+    wait_until(lambda: limit_hits(metrics, "connections") >= 1, what="the connections limit hit")
+
+    first.close()  # a slot frees: the waiting connection is served, in order
+    waiting.sock.settimeout(10)
+    frame = waiting.read_frame()
+    assert frame is not None and frame.type == FrameType.AGENT_HELLO, frame
+    second.close()
+    another.sock.settimeout(10)
+    frame = another.read_frame()
+    assert frame is not None and frame.type == FrameType.AGENT_HELLO, frame
+    waiting.close()
+    another.close()
+
+    assert limit_hits(metrics, "connections") >= 2
+    logged = re.findall(r"max_connections \(2\) reached", agent.logs())
+    assert len(logged) == 1, agent.logs()  # counted every time, logged once per interval
+    still_serving(agent)
+
+
+# ---------------------------------------------------------------------------- deadlines
+
+
+def test_silent_connection_must_say_hello_within_read_timeout(
+    spoe_agent: AgentFactory, tmp_path: Path
+) -> None:
+    agent, metrics = start(spoe_agent, tmp_path, "read_timeout = 1s\nidle_timeout = 0")
+    with SpopClient((agent.host, agent.port), timeout=15) as client:
+        frames = read_until_eof(client)  # sends nothing at all
+    assert [disconnect_status(f) for f in frames] == [2], frames
+    assert limit_hits(metrics, "hello_timeout") == 1
+    still_serving(agent)
+
+
+def dribble(client: SpopClient, data: bytes, pause: float = 0.25) -> tuple[int, Frame | None]:
+    """Send ``data`` one byte per ``pause`` until the agent answers: (bytes sent, its frame)."""
+    client.sock.settimeout(pause)
+    for sent in range(1, len(data) + 1):
+        client.send(data[sent - 1:sent])
+        try:
+            return sent, client.read_frame()
+        except TimeoutError:
+            continue
+    return len(data), None
+
+
+def test_dribbled_hello_hits_the_deadline_despite_activity(
+    spoe_agent: AgentFactory, tmp_path: Path
+) -> None:
+    """A slowloris keeps the connection busy; the deadline is per HELLO, not per byte."""
+    agent, metrics = start(spoe_agent, tmp_path, "read_timeout = 1s\nidle_timeout = 0")
+    hello = hello_frame()
+    with SpopClient((agent.host, agent.port)) as client:
+        sent, frame = dribble(client, hello)
+        assert sent < len(hello), "the whole HELLO went through: no deadline"
+        assert disconnect_status(frame) == 2
+    assert limit_hits(metrics, "hello_timeout") == 1
+    still_serving(agent)
+
+
+def test_frame_that_never_completes_hits_the_read_deadline(
+    spoe_agent: AgentFactory, tmp_path: Path
+) -> None:
+    agent, metrics = start(spoe_agent, tmp_path, "read_timeout = 1s\nidle_timeout = 0")
+    notify = codec.notify(1, 1, [Message("inline", [("pad", "x" * 200)])])
+    with SpopClient((agent.host, agent.port)) as client:
+        client.handshake()
+        # Complete frames keep the connection healthy, however slowly they come...
+        notify_ok(client, 3, [Message("inline", [("v", 1)])])
+        sent, answered = dribble(client, notify)
+        # ... but a frame must complete within read_timeout of its first byte.
+        assert sent < len(notify), "the whole frame went through: no deadline"
+        assert disconnect_status(answered) == 2
+    assert limit_hits(metrics, "read_timeout") == 1
+    still_serving(agent)
+
+
+def test_idle_connection_is_closed_like_haproxy_does_but_not_while_busy(
+    spoe_agent: AgentFactory, tmp_path: Path
+) -> None:
+    agent, metrics = start(spoe_agent, tmp_path, "idle_timeout = 1s")
+    with SpopClient((agent.host, agent.port), timeout=15) as client:
+        client.handshake()
+        # A handler in flight longer than the idle timeout: HAProxy awaits its ACK, so the
+        # connection is not idle and must not be closed under it.
+        ack = notify_ok(client, 1, [Message("nap", [("ms", 2500), ("id", 7)])])
+        assert ack.stream_id == 1
+        frames = read_until_eof(client)  # then nothing more: idle
+    assert [disconnect_status(f) for f in frames] == [2], frames
+    assert limit_hits(metrics, "idle_timeout") == 1
+    samples = scrape(metrics)
+    assert value(samples, "spoe_agent_disconnects_total", direction="sent", status="2",
+                 reason="timeout") == 1
+    still_serving(agent)
+
+
+# ----------------------------------------------------------------------------- in flight
+
+
+def test_in_flight_cap_is_back_pressure_every_notify_still_acked(
+    spoe_agent: AgentFactory, tmp_path: Path
+) -> None:
+    agent, metrics = start(spoe_agent, tmp_path, "max_in_flight = 2")
+    with SpopClient((agent.host, agent.port), timeout=15) as client:
+        client.handshake()
+        count = 8
+        client.send(b"".join(
+            codec.notify(2 * i + 1, 1, [Message("nap", [("ms", 100), ("id", i)])])
+            for i in range(count)
+        ))
+        acked = set()
+        for _ in range(count):
+            frame = client.read_frame()
+            assert frame is not None and frame.type == FrameType.ACK, frame
+            acked.add(frame.stream_id)
+        assert acked == {2 * i + 1 for i in range(count)}
+    assert limit_hits(metrics, "in_flight") >= 1
+    assert len(re.findall(r"max_in_flight \(2\)", agent.logs())) == 1, agent.logs()
+    still_serving(agent)
+
+
+# ------------------------------------------------------------------------------ tracing
+
+
+def test_tracing_limits_are_counted_logged_and_applied(
+    spoe_agent: AgentFactory, tmp_path: Path
+) -> None:
+    with JaegerReceiver(udp_addr=("127.0.0.1", 0), http_addr=None, quiet_s=0.5) as receiver:
+        host, port = receiver.udp_address
+        env = clean_env(OTEL_EXPORTER_JAEGER_AGENT_HOST=str(host),
+                        OTEL_EXPORTER_JAEGER_AGENT_PORT=str(port), OTEL_BSP_SCHEDULE_DELAY="50")
+        agent, metrics = start(
+            spoe_agent, tmp_path, "", app=None, env=env,
+            tracing="max_sessions = 3\nmax_spans_per_session = 2\nmax_attribute_length = 16",
+        )
+        with SpopClient((agent.host, agent.port), timeout=15) as client:
+            client.handshake()
+            # Five sessions open at once with a cap of three: the two oldest are ended early.
+            for i in range(5):
+                notify_ok(client, 2 * i + 1, [trace(f"s{i}", ("span", f"open-{i}"))])
+            # Three spans asked of one session with a cap of two; and an oversized tag value.
+            notify_ok(client, 21, [trace(
+                "s9", ("span", "a"), ("tag", "long"), ("", "y" * 100),
+                ("span", "b"), ("span", "c"), ("finish", "*"),
+            )])
+        received = receiver.wait_for(
+            lambda spans: {"open-0", "open-1", "a", "b"} <= {s.operation_name for s in spans})
+        assert received, [s.operation_name for s in receiver.spans]
+        by_name = {s.operation_name: s for s in receiver.spans}
+        assert "c" not in by_name
+        for evicted in ("open-0", "open-1"):
+            assert by_name[evicted].tags.get("haproxy.span.incomplete") is True
+        assert by_name["a"].tags["long"] == "y" * 16
+
+        samples = scrape(metrics)
+        assert value(samples, "spoe_agent_limit_hits_total", limit="sessions") == 3
+        assert value(samples, "spoe_agent_limit_hits_total", limit="spans_per_session") == 1
+        assert value(samples, "spoe_agent_sessions_open") == 2  # s3, s4 (s9 finished)
+        wait_until(lambda: "tracing limit sessions hit" in agent.logs(), what="limit log line")
+        wait_until(lambda: "tracing limit spans_per_session hit" in agent.logs(),
+                   what="limit log line")
+        still_serving(agent)
+
+
+# ------------------------------------------------------------------------- with HAProxy
+
+
+@pytest.mark.haproxy
+def test_haproxy_takes_the_agents_idle_close_in_its_stride(
+    haproxy: Callable[..., HAProxy], spoe_agent: AgentFactory, backend: Backend,
+    tmp_path: Path,
+) -> None:
+    """The agent's idle_timeout closes HAProxy's connection with status 2, as HAProxy's own
+    ``timeout idle`` does; the next request simply gets a new connection, without an error."""
+    agent, metrics = start(spoe_agent, tmp_path, "idle_timeout = 1s",
+                           app="tests.apps.echo:agent")
+    port = free_port()
+    hap = haproxy(haproxy_config(port, backend, agent), spoe_config())
+    hap.wait_server_status("agents", "a1", "UP", timeout=15)
+
+    def check(path: str) -> dict[str, str]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+        try:
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            resp.read()
+            assert resp.status == 200
+            return {k.lower(): v for k, v in resp.getheaders()}
+        finally:
+            conn.close()
+
+    headers = check("/check/first")
+    assert headers.get("x-v-echo_path") == "/check/first" and "x-v-err" not in headers
+    wait_until(lambda: limit_hits(metrics, "idle_timeout") >= 1, what="the idle close")
+    wait_until(lambda: total(scrape(metrics), "spoe_agent_connections_open") == 0,
+               what="HAProxy's connection to close")
+    headers = check("/check/second")
+    assert headers.get("x-v-echo_path") == "/check/second" and "x-v-err" not in headers, headers
+    assert hap.server_stats("agents", "a1")["status"] == "UP"

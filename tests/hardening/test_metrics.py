@@ -1,0 +1,203 @@
+"""Self-observability: /metrics and /health on their own port, structured rate-limited logs.
+
+Traffic of every kind goes through a real agent process (the tracing app, exporting to a
+receiver in this process); the scrape is parsed with prometheus_client's own parser, so a
+malformed exposition fails here as it would fail Prometheus.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from spoe_agent.logs import JsonFormatter, RateLimitFilter, TextFormatter, Throttle, log_safe
+from spoe_agent.protocol import codec
+from spoe_agent.protocol.types import FrameType, Message
+from spoe_agent.viewer.receiver import JaegerReceiver
+from tests.hardening.support import (
+    SLOW_APP,
+    clean_env,
+    disconnect_status,
+    http_get,
+    notify_ok,
+    read_until_eof,
+    scrape,
+    trace,
+    value,
+    wait_until,
+    whole_session,
+)
+from tests.support.procs import AgentProcess, free_port
+from tests.support.spop_client import SpopClient
+
+AgentFactory = Callable[..., AgentProcess]
+
+
+@pytest.fixture
+def receiver() -> Iterator[JaegerReceiver]:
+    with JaegerReceiver(udp_addr=("127.0.0.1", 0), http_addr=None, quiet_s=0.5) as rec:
+        yield rec
+
+
+def tracing_env(receiver: JaegerReceiver) -> dict[str, str]:
+    host, port = receiver.udp_address
+    return clean_env(OTEL_EXPORTER_JAEGER_AGENT_HOST=str(host),
+                     OTEL_EXPORTER_JAEGER_AGENT_PORT=str(port), OTEL_BSP_SCHEDULE_DELAY="50")
+
+
+def test_metrics_endpoint_reports_every_family(
+    spoe_agent: AgentFactory, receiver: JaegerReceiver
+) -> None:
+    metrics = free_port()
+    agent = spoe_agent("--metrics", f"127.0.0.1:{metrics}", app=None, env=tracing_env(receiver))
+    assert http_get(metrics, "/health") == (200, "ok\n")
+    assert http_get(metrics, "/elsewhere")[0] == 404
+    address = (agent.host, agent.port)
+
+    with SpopClient(address) as check:  # a health check, as option spop-check does
+        check.handshake(capabilities="", healthcheck=True)
+    with SpopClient(address) as client:
+        client.handshake()
+        for i in range(3):
+            first, last = whole_session(f"done-{i}")
+            notify_ok(client, 4 * i + 1, [first])
+            notify_ok(client, 4 * i + 3, [last])
+        notify_ok(client, 99, [trace("still-open", ("span", "open"))])
+        # HAProxy says goodbye with a non-zero status; the agent answers status 0.
+        client.send(codec.disconnect(FrameType.HAPROXY_DISCONNECT, 8, "unsupported version"))
+        assert disconnect_status(client.read_frame()) == 0
+    with SpopClient(address) as broken:  # a protocol error: an unknown data type
+        broken.handshake()
+        broken.send(codec.encode_frame(FrameType.NOTIFY, 1, 1, b"\x01m\x01\x01a\x0e"))
+        assert [disconnect_status(f) for f in read_until_eof(broken)] == [4]
+
+    wait_until(lambda: value(scrape(metrics), "spoe_agent_spans_exported_total") == 6,
+               what="the six finished spans to be exported")
+    s = scrape(metrics)
+    frames = "spoe_agent_frames_total"
+    assert value(s, frames, direction="in", type="haproxy_hello") == 3
+    assert value(s, frames, direction="out", type="agent_hello") == 3
+    assert value(s, frames, direction="in", type="notify") == 7
+    assert value(s, frames, direction="out", type="ack") == 7
+    assert value(s, frames, direction="in", type="haproxy_disconnect") == 1
+    assert value(s, frames, direction="out", type="agent_disconnect") == 2
+    assert value(s, "spoe_agent_healthchecks_total") == 1
+    disconnects = "spoe_agent_disconnects_total"
+    assert value(s, disconnects, direction="received", status="8",
+                 reason="unsupported_version") == 1
+    assert value(s, disconnects, direction="sent", status="0", reason="normal") == 1
+    assert value(s, disconnects, direction="sent", status="4", reason="invalid_frame") == 1
+    assert value(s, "spoe_agent_connections_total") == 4
+    assert value(s, "spoe_agent_connections_open") == 0
+    # One observation per read that produced events; the NOTIFYs were read one by one here.
+    count = value(s, "spoe_agent_ack_latency_seconds_count")
+    assert count is not None and count >= 7
+    assert value(s, "spoe_agent_ack_latency_seconds_bucket", le="+Inf") == count
+    assert value(s, "spoe_agent_sessions_open") == 1
+    assert value(s, "spoe_agent_spans_started_total") == 7
+    assert value(s, "spoe_agent_spans_dropped_total", reason="queue_full") == 0
+    assert value(s, "spoe_agent_spans_dropped_total", reason="export_failed") == 0
+    assert value(s, "spoe_agent_exporter_errors_total") == 0
+    assert value(s, "spoe_agent_export_queue_size") == 0
+    assert value(s, "spoe_agent_export_queue_limit") == 20480
+    for limit in ("sessions", "spans_per_session", "items_per_span", "export_queue"):
+        assert value(s, "spoe_agent_limit_hits_total", limit=limit) == 0, limit
+    assert value(s, "spoe_agent_handler_errors_total") == 0
+    assert (value(s, "process_resident_memory_bytes") or 0) > 0
+
+
+def test_health_turns_503_while_draining_then_the_agent_exits(spoe_agent: AgentFactory) -> None:
+    metrics = free_port()
+    agent = spoe_agent("--metrics", f"127.0.0.1:{metrics}", app=SLOW_APP)
+    with SpopClient((agent.host, agent.port), timeout=15) as client:
+        client.handshake()
+        client.send(codec.notify(1, 1, [Message("nap", [("ms", 1500), ("id", 1)])]))
+        notify_ok(client, 3, [Message("inline", [("v", 1)])])  # the nap is now in flight
+        agent.process.send_signal(signal.SIGTERM)
+        wait_until(lambda: http_get(metrics, "/health")[0] == 503, timeout=10,
+                   what="/health to report the shutdown")
+        frames = read_until_eof(client)
+        assert [f.type for f in frames] == [FrameType.ACK, FrameType.AGENT_DISCONNECT], frames
+    assert agent.process.wait(15) == 0
+
+
+def test_logs_are_json_lines_and_a_storm_is_one_line(spoe_agent: AgentFactory) -> None:
+    metrics = free_port()
+    agent = spoe_agent("--metrics", f"127.0.0.1:{metrics}", "--log-format", "json",
+                       app=SLOW_APP)
+    storm = 40
+    for _ in range(storm):
+        with SpopClient((agent.host, agent.port)) as client:
+            client.handshake()
+            client.send(b"\x00\x00\x00\x03\x03\x00\x00")  # a frame too short to be one
+            assert [disconnect_status(f) for f in read_until_eof(client)] == [4]
+    s = scrape(metrics)
+    assert value(s, "spoe_agent_disconnects_total", direction="sent", status="4",
+                 reason="invalid_frame") == storm
+    lines = [line for line in agent.process.stderr_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]  # every line is one JSON object
+    assert all({"ts", "level", "logger", "msg"} <= set(r) for r in records), records
+    # Counted 40 times, logged once in the interval: the agent's warning with the peer, and
+    # at most one INFO line of the protocol layer's own.
+    warnings = [r for r in records if "protocol error from" in r["msg"]]
+    assert len(warnings) == 1 and warnings[0]["level"] == "warning", warnings
+    mentions = [r for r in records if "protocol error" in r["msg"]]
+    assert len(mentions) <= 2, mentions
+
+
+# ------------------------------------------------------------------------ logging pieces
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_throttle_logs_once_per_interval_and_says_how_many_it_held(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = _Clock()
+    throttle = Throttle(logging.getLogger("t"), interval=10.0, clock=clock)
+    with caplog.at_level(logging.WARNING, logger="t"):
+        assert throttle.warning("limit", "limit hit by %s", "a")
+        for peer in "bcd":
+            assert not throttle.warning("limit", "limit hit by %s", peer)
+        assert throttle.warning("other", "another limit")  # keys are independent
+        clock.now += 10.0
+        assert throttle.warning("limit", "limit hit by %s", "e")
+    assert [r.getMessage() for r in caplog.records] == [
+        "limit hit by a", "another limit",
+        "limit hit by e (and 3 more like it since the last report)",
+    ]
+
+
+def test_rate_limit_filter_covers_info_but_not_debug() -> None:
+    limit = RateLimitFilter(interval=10.0)
+
+    def record(level: int, msg: str) -> logging.LogRecord:
+        return logging.LogRecord("x", level, __file__, 1, msg, ("peer",), None)
+
+    assert limit.filter(record(logging.INFO, "closing %s"))
+    assert not limit.filter(record(logging.INFO, "closing %s"))
+    assert limit.filter(record(logging.DEBUG, "detail %s"))
+    assert limit.filter(record(logging.DEBUG, "detail %s"))
+
+
+def test_log_lines_cannot_be_forged_by_peer_data() -> None:
+    assert log_safe("bye\nCRITICAL forged\r\x1b[31m") == "bye\\x0aCRITICAL forged\\x0d\\x1b[31m"
+    assert log_safe("lone \udcff surrogate") == "lone \\udcff surrogate"
+    assert log_safe("tab\tand é stay") == "tab\tand é stay"
+    formatter = TextFormatter("%(levelname)s %(message)s")
+    line = formatter.format(logging.LogRecord("x", logging.WARNING, __file__, 1,
+                                              "HAProxy said %s", ("a\nERROR b",), None))
+    assert "\n" not in line and line == "WARNING HAProxy said a\\x0aERROR b"
+    entry = json.loads(JsonFormatter().format(logging.LogRecord(
+        "x", logging.WARNING, __file__, 1, "said %s", ("\udcff\n",), None)))
+    assert entry["msg"] == "said \\udcff\\x0a"

@@ -1,0 +1,206 @@
+"""TLS on the SPOP listener, with client certificates verified against a CA.
+
+Certificates are made with the ``openssl`` CLI in the test's directory (a CA, a server
+certificate for 127.0.0.1, a client certificate, and a client certificate from another CA);
+the agent gets them through an agent.ini, and HAProxy through its own ``server ... ssl verify
+required ca-file ... crt ...`` line, exactly as an operator would deploy it.
+"""
+
+from __future__ import annotations
+
+import http.client
+import shutil
+import ssl
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from spoe_agent.protocol import codec
+from spoe_agent.protocol.types import Message, Scope, SetVar
+from tests.hardening.support import (
+    SERVER_APP,
+    clean_env,
+    notify_ok,
+    scrape,
+    value,
+    wait_until,
+    write_ini,
+)
+from tests.integration.backend import Backend
+from tests.integration.test_haproxy_core import haproxy_config, spoe_config
+from tests.support.haproxy import HAProxy
+from tests.support.procs import REPO_ROOT, AgentProcess, free_port
+from tests.support.spop_client import SpopClient, hello_frame
+
+AgentFactory = Callable[..., AgentProcess]
+
+if shutil.which("openssl") is None:  # pragma: no cover - the CLI is part of the test deps
+    pytest.fail("the openssl command is needed to make test certificates", pytrace=False)
+
+
+@dataclass
+class Pki:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_pem: Path  # certificate and key in one file, as HAProxy's "crt" wants
+    client_cert: Path
+    client_key: Path
+    rogue_cert: Path  # a client certificate signed by another CA
+    rogue_key: Path
+
+
+def _openssl(cwd: Path, *args: str) -> None:
+    result = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, f"openssl {' '.join(args)}:\n{result.stderr}"
+
+
+def _ca(cwd: Path, name: str) -> None:
+    _openssl(cwd, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+             "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "2",
+             "-subj", f"/CN=spoe-agent test {name}",
+             "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+
+
+def _leaf(cwd: Path, name: str, ca: str, extensions: str) -> None:
+    (cwd / f"{name}.ext").write_text(extensions)
+    _openssl(cwd, "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
+    _openssl(cwd, "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey",
+             f"{ca}.key", "-CAcreateserial", "-out", f"{name}.pem", "-days", "2",
+             "-extfile", f"{name}.ext")
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    d = tmp_path / "pki"
+    d.mkdir()
+    _ca(d, "ca")
+    _ca(d, "rogue-ca")
+    _leaf(d, "server", "ca", "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1\n"
+                             "extendedKeyUsage=serverAuth\n")
+    _leaf(d, "client", "ca", "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n")
+    _leaf(d, "rogue", "rogue-ca", "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n")
+    client_pem = d / "client-full.pem"
+    client_pem.write_text((d / "client.pem").read_text() + (d / "client.key").read_text())
+    return Pki(d / "ca.pem", d / "server.pem", d / "server.key", client_pem, d / "client.pem",
+               d / "client.key", d / "rogue.pem", d / "rogue.key")
+
+
+def tls_agent(spoe_agent: AgentFactory, tmp_path: Path, pki: Pki, app: str) -> tuple[
+    AgentProcess, int
+]:
+    ini = write_ini(tmp_path, f"[listener]\ntls_cert = {pki.server_cert}\n"
+                              f"tls_key = {pki.server_key}\ntls_ca = {pki.ca}\n")
+    metrics = free_port()
+    agent = spoe_agent("-c", ini, "--metrics", f"127.0.0.1:{metrics}", app=app)
+    return agent, metrics
+
+
+def tls_client(agent: AgentProcess, pki: Pki, cert: Path | None, key: Path | None) -> SpopClient:
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    if cert is not None:
+        context.load_cert_chain(str(cert), str(key))
+    client = SpopClient((agent.host, agent.port), timeout=10)
+    client.sock = context.wrap_socket(client.sock, server_hostname="127.0.0.1")
+    return client
+
+
+def refused(client: SpopClient) -> bool:
+    """True if the agent never answers this client's HELLO (the TLS session was refused)."""
+    try:
+        client.send(hello_frame())
+        frame = client.read_frame()
+    except (ssl.SSLError, ConnectionError):
+        return True
+    finally:
+        client.close()
+    return frame is None
+
+
+def test_agent_requires_a_client_certificate_from_its_ca(
+    spoe_agent: AgentFactory, tmp_path: Path, pki: Pki
+) -> None:
+    agent, metrics = tls_agent(spoe_agent, tmp_path, pki, SERVER_APP)
+    with tls_client(agent, pki, pki.client_cert, pki.client_key) as client:
+        assert client.handshake()["version"] == "2.0"
+        ack = notify_ok(client, 1, [Message("inline", [("v", 42)])])
+        assert codec.decode_actions(ack.payload) == [SetVar(Scope.TXN, "n", 42)]
+
+    assert refused(tls_client(agent, pki, None, None))  # no certificate
+    assert refused(tls_client(agent, pki, pki.rogue_cert, pki.rogue_key))  # another CA
+    plain = SpopClient((agent.host, agent.port), timeout=10)  # no TLS at all
+    assert refused(plain)
+
+    wait_until(lambda: value(scrape(metrics), "spoe_agent_tls_handshake_errors_total") == 3,
+               what="three refused handshakes")
+    assert value(scrape(metrics), "spoe_agent_frames_total", direction="in",
+                 type="haproxy_hello") == 1
+    logs = agent.logs()
+    assert "Traceback" not in logs, agent.describe_logs()
+    assert logs.count("TLS handshake with") == 1, logs  # logged once per interval
+    with tls_client(agent, pki, pki.client_cert, pki.client_key) as client:
+        assert client.handshake()["version"] == "2.0"  # and still serving
+
+
+@pytest.mark.haproxy
+def test_haproxy_talks_to_the_agent_over_verified_tls(
+    haproxy: Callable[..., HAProxy], spoe_agent: AgentFactory, backend: Backend, tmp_path: Path,
+    pki: Pki,
+) -> None:
+    agent, metrics = tls_agent(spoe_agent, tmp_path, pki, "tests.apps.echo:agent")
+    port = free_port()
+    plain_line = f"server a1 {agent.server_address} check inter 500ms"
+    config = haproxy_config(port, backend, agent)
+    assert plain_line in config
+    tls_line = (f"server a1 {agent.server_address} ssl verify required ca-file {pki.ca} "
+                f"crt {pki.client_pem} check inter 500ms")
+    hap = haproxy(config.replace(plain_line, tls_line), spoe_config())
+    row = hap.wait_server_status("agents", "a1", "UP", timeout=15)
+    assert row["check_status"] == "L7OK", row  # spop-check over TLS
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+    conn.request("GET", "/check/over-tls")
+    resp = conn.getresponse()
+    resp.read()
+    headers = {k.lower(): v for k, v in resp.getheaders()}
+    conn.close()
+    assert resp.status == 200 and "x-v-err" not in headers, headers
+    assert headers.get("x-v-echo_path") == "/check/over-tls"
+    s = scrape(metrics)
+    assert value(s, "spoe_agent_tls_handshake_errors_total") == 0
+    assert value(s, "spoe_agent_frames_total", direction="out", type="ack") == 1
+
+    # The same HAProxy without its client certificate is refused: the check fails.
+    no_cert = config.replace(plain_line, f"server a1 {agent.server_address} ssl verify required "
+                                         f"ca-file {pki.ca} check inter 500ms")
+    other = haproxy(no_cert.replace(f"bind 127.0.0.1:{port}", f"bind 127.0.0.1:{free_port()}"),
+                    spoe_config(), name="no-cert")
+    row = other.wait_server_status("agents", "a1", "DOWN", timeout=15)
+    assert not row["check_status"].startswith("L7OK"), row
+    assert (value(scrape(metrics), "spoe_agent_tls_handshake_errors_total") or 0) >= 1
+    assert hap.server_stats("agents", "a1")["status"] == "UP"
+
+
+def test_unreadable_certificate_is_a_clean_startup_error(tmp_path: Path, pki: Pki) -> None:
+    """``--check`` reads the certificates (exit 2); serving without them fails fast (exit 1),
+    with one line that says why, not a traceback."""
+    ini = write_ini(tmp_path, f"[listener]\ntls_cert = {tmp_path / 'missing.pem'}\n"
+                              f"tls_key = {pki.server_key}\n")
+    base = [sys.executable, "-m", "spoe_agent", "-c", ini, "--exporter", "none",
+            "--bind", f"127.0.0.1:{free_port()}"]
+    env = clean_env(PYTHONPATH=str(REPO_ROOT))
+    check = subprocess.run([*base, "--check"], capture_output=True, text=True, timeout=60,
+                           cwd=REPO_ROOT, env=env)
+    assert check.returncode == 2, check.stderr
+    assert "cannot load the TLS certificate" in check.stderr
+    serve = subprocess.run(base, capture_output=True, text=True, timeout=60, cwd=REPO_ROOT,
+                           env=env)
+    assert serve.returncode == 1, serve.stderr
+    assert "cannot load the TLS certificate" in serve.stderr
+    assert "Traceback" not in check.stderr + serve.stderr
