@@ -112,7 +112,7 @@ def server_samples(stats: Any) -> Iterator[MetricSample]:
     for direction, counts in (("received", stats.disconnects_received),
                               ("sent", stats.disconnects_sent)):
         for status, value in sorted(counts.items()):
-            labels = {"direction": direction, "status": str(status),
+            labels = {"direction": direction, "status": str(int(status)),
                       "reason": STATUS_NAMES.get(status, "other")}
             yield ("spoe_agent_disconnects", "counter", doc, labels, value)
     for name, value in sorted(stats.limit_hits.items()):

@@ -198,10 +198,12 @@ def test_works_under_gevent_monkeypatching() -> None:
         from spoe_agent.tracing.processor import QueueSpanProcessor
 
         release = gevent.event.Event()
+        entered = gevent.event.Event()
         exported = []
 
         class Slow(SpanExporter):
             def export(self, spans):
+                entered.set()
                 release.wait()  # cooperative: other greenlets keep running
                 exported.extend(spans)
                 return SpanExportResult.SUCCESS
@@ -214,7 +216,7 @@ def test_works_under_gevent_monkeypatching() -> None:
                                schedule_delay_s=0.01)
         for i in range(10):
             p.on_end(span(i))
-        gevent.sleep(0.05)  # the flush greenlet takes the batch and blocks in export
+        assert entered.wait(10)  # the flush greenlet took the batch and blocks in export
         for i in range(10, 200):
             p.on_end(span(i))
         assert p.queue_size == 50, p.queue_size
