@@ -18,7 +18,6 @@ from spoe_agent.protocol.types import Frame, FrameType, Message
 from tests.support.procs import REPO_ROOT, AgentProcess, ManagedProcess
 from tests.support.spop_client import SpopClient
 
-TRACING_APP = None  # the CLI's default app
 SERVER_APP = "tests.apps.server_app:agent"
 SLOW_APP = "tests.hardening.apps:agent"
 
