@@ -1,0 +1,82 @@
+"""The exporter and sampler choices of the configuration, each exercised for real."""
+
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, TraceIdRatioBased
+
+from spoe_agent.config import load_config
+from spoe_agent.protocol.types import Message
+from spoe_agent.tracing.agent import TracingAgent
+from spoe_agent.tracing.jaeger import FastJaegerExporter
+from spoe_agent.tracing.pipeline import build_exporter, build_sampler
+
+
+def test_samplers_follow_the_otel_vocabulary() -> None:
+    assert build_sampler("always_on") is ALWAYS_ON
+    assert build_sampler("always_off") is ALWAYS_OFF
+    ratio = build_sampler("traceidratio", "0.25")
+    assert isinstance(ratio, TraceIdRatioBased) and ratio.rate == 0.25
+    assert isinstance(build_sampler("parentbased_traceidratio", "0.5"), ParentBased)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        build_sampler("sometimes")
+
+
+def test_jaeger_console_and_none_exporters() -> None:
+    udp = build_exporter(load_config(env={}))
+    assert isinstance(udp, FastJaegerExporter) and udp.collector_endpoint is None
+    http = build_exporter(load_config(env={
+        "OTEL_EXPORTER_JAEGER_ENDPOINT": "http://127.0.0.1:14268/api/traces"}))
+    assert isinstance(http, FastJaegerExporter)
+    assert http.collector_endpoint == "http://127.0.0.1:14268/api/traces"
+    assert isinstance(build_exporter(load_config(env={"OTEL_TRACES_EXPORTER": "console"})),
+                      ConsoleSpanExporter)
+    assert build_exporter(load_config(env={"OTEL_TRACES_EXPORTER": "none"})) is None
+
+
+class _Collector(BaseHTTPRequestHandler):
+    bodies: list[tuple[str, str, bytes]] = []
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.bodies.append((self.path, self.headers.get("Content-Type", ""), body))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_otlp_exporter_sends_protobuf_spans_to_a_collector() -> None:
+    pytest.importorskip("opentelemetry.exporter.otlp.proto.http",
+                        reason="the otlp extra is part of every tox environment")
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Collector)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        endpoint = f"http://127.0.0.1:{server.server_address[1]}/v1/traces"
+        config = load_config(env={"OTEL_TRACES_EXPORTER": "otlp",
+                                  "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": endpoint})
+        agent = TracingAgent(config)
+        agent.handle(Message("m", [("id", "s1"), ("service", "edge"), ("span", "HAProxy session"),
+                                   ("tag", "url.path"), ("", "/x"), ("finish", "*")]))
+        agent.stop()  # flushes the queue through the OTLP exporter
+    finally:
+        server.shutdown()
+    assert _Collector.bodies, "the collector received nothing"
+    path, content_type, body = _Collector.bodies[0]
+    assert path == "/v1/traces" and content_type == "application/x-protobuf"
+    request = ExportTraceServiceRequest.FromString(body)
+    resource_spans = request.resource_spans[0]
+    service = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+    assert service["service.name"] == "edge"
+    span = resource_spans.scope_spans[0].spans[0]
+    assert span.name == "HAProxy session"
+    assert {a.key: a.value.string_value for a in span.attributes}["url.path"] == "/x"
