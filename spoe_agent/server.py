@@ -11,7 +11,8 @@ counted (:class:`Stats`, read by the metrics endpoint) and logged at most once p
 * ``max_connections``: beyond it the agent stops accepting and new connections wait in the
   kernel's listen backlog (see :class:`_ConnectionPool` for why not refuse them);
 * the HELLO deadline: a connection must complete its HELLO within ``read_timeout`` of being
-  accepted (TLS handshake included), or it gets AGENT-DISCONNECT status 2;
+  accepted (of its TLS handshake, with TLS, which has the same bound), or it gets
+  AGENT-DISCONNECT status 2;
 * the frame deadline: once the first byte of a frame is in, the whole frame must arrive within
   ``read_timeout`` (a deadline, not an inactivity timer, so dribbling bytes does not extend it);
 * ``idle_timeout``: a ready connection on which nothing arrives for that long gets

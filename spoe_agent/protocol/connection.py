@@ -230,7 +230,8 @@ class SpopConnection:
         return len(self._inbuf)
 
     def _violation(self, status: Status, message: str, events: list[Event]) -> None:
-        log.info("SPOP protocol error, disconnecting with status %d: %s", status, message)
+        # The server logs it with the peer's address; this is for protocol debugging.
+        log.debug("SPOP protocol error, disconnecting with status %d: %s", status, message)
         self._fragments = None
         self._queue_disconnect(status, message)
         self.state = State.CLOSED
