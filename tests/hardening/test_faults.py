@@ -82,9 +82,11 @@ class StallingCollector:
 
 
 def collector_env(port: int, **extra: str) -> dict[str, str]:
+    # OTEL_BSP_EXPORT_TIMEOUT (ms) bounds one stalled HTTP export.
+    settings = {"OTEL_BSP_SCHEDULE_DELAY": "50", "OTEL_BSP_EXPORT_TIMEOUT": "5000", **extra}
     return clean_env(OTEL_TRACES_EXPORTER="jaeger",
                      OTEL_EXPORTER_JAEGER_ENDPOINT=f"http://127.0.0.1:{port}/api/traces",
-                     OTEL_BSP_SCHEDULE_DELAY="50", **extra)
+                     **settings)
 
 
 @pytest.fixture
@@ -149,7 +151,9 @@ def test_sigterm_with_a_stalled_collector_still_exits_zero(
     """The flush at shutdown has a deadline: a collector stuck for minutes cannot hold it."""
     stall = StallingCollector(collector_port)
     try:
-        agent = spoe_agent(app=None, env=collector_env(collector_port))
+        # An export that would wait a minute: only the shutdown deadline can end it.
+        agent = spoe_agent(app=None, env=collector_env(collector_port,
+                                                       OTEL_BSP_EXPORT_TIMEOUT="60000"))
         with SpopClient((agent.host, agent.port), timeout=10) as client:
             client.handshake()
             for i, message in enumerate(whole_session("stuck")):
