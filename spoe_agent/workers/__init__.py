@@ -1,9 +1,10 @@
 """``--workers N``: N processes on one address, producing the traces of one process.
 
 :mod:`.supervisor` owns the listening socket and keeps N worker interpreters running;
-:mod:`.router` (no I/O) decides which worker owns a session and frames what workers exchange;
-:mod:`.mesh` moves those frames between workers over unix sockets. docs/scaling.md explains the
-design and the measurements behind it.
+:mod:`.handoff` carries each accepted connection to the least loaded worker; :mod:`.router`
+(no I/O) decides which worker owns a session and frames what workers exchange; :mod:`.mesh`
+moves those frames between workers over unix sockets. docs/scaling.md explains the design and
+the measurements behind it.
 
 The CLI calls :func:`worker_config` before it builds the agent (a worker's share of the session
 cap and its metrics port) and :func:`serve` instead of :func:`spoe_agent.runner.run`.
@@ -31,11 +32,13 @@ def worker_config(config: AgentConfig, index: int) -> AgentConfig:
     ``max_sessions`` bounds the whole agent's memory, so each of N workers holds at most
     ``ceil(max_sessions / N)``; sessions are spread evenly by their hash, so the cap still
     evicts the least recently active sessions of the agent to within a fraction of a percent.
-    Worker i serves ``/metrics`` on the configured port + i.
+    Worker i serves ``/metrics`` on the configured port + i (on ``PATH.i`` for a unix socket).
     """
     workers = config.workers
     changes: dict[str, Any] = {"max_sessions": max(1, -(-config.max_sessions // workers))}
-    if config.metrics and not config.metrics.startswith("unix:"):
+    if config.metrics.startswith("unix:"):
+        changes["metrics"] = f"{config.metrics}.{index}"
+    elif config.metrics:
         host, _, port = config.metrics.rpartition(":")
         changes["metrics"] = f"{host}:{int(port) + index}"
     return dataclasses.replace(config, **changes)
@@ -77,6 +80,7 @@ def _run_worker(agent: Any, config: AgentConfig, index: int) -> int:
 
         mesh = PeerMesh(index, config.workers, runtime_dir, registry.apply)
         agent.router = mesh
+        agent.needs_greenlet = mesh.waits_for_owner
         agent.on_startup.append(mesh.start)
         # Before the tracing agent's own hook: what peers already sent must reach the registry
         # before it ends the open sessions.

@@ -68,6 +68,8 @@ log = logging.getLogger(__name__)
 _socket_class = get_original("socket", "socket")
 _AF_UNIX = get_original("socket", "AF_UNIX")
 _SOCK_STREAM = get_original("socket", "SOCK_STREAM")
+_poll = get_original("select", "poll")
+_POLLIN = get_original("select", "POLLIN")
 
 #: The longest a forwarded fire-and-forget command waits in an idle owner's socket buffer.
 TICK_S = 0.01
@@ -255,6 +257,8 @@ class PeerMesh:
         self._next_try = [0.0] * workers
         self._reorder = Reorderer()
         self._pump_lock = Semaphore()
+        self._poller = _poll()
+        self._listener_fd = -1
         self._pending: dict[int, tuple[int, AsyncResult]] = {}
         self._rpc_ids = count(1)
         self._syncing = True
@@ -275,6 +279,25 @@ class PeerMesh:
         if has_inject(command):
             return self._call(owner, command)
         return self.forward(owner, command)
+
+    def waits_for_owner(self, messages: list[Any]) -> bool:
+        """Whether a NOTIFY holds an inject for a session another worker owns.
+
+        Such a NOTIFY waits for the owner's answer; the server then runs it in a greenlet of
+        its own (``Agent.needs_greenlet``), so the NOTIFYs HAProxy pipelined behind it on the
+        same connection do not wait as well. The others stay inline: cheaper.
+        """
+        for message in messages:
+            key = None
+            inject = False
+            for name, value in message.args:
+                if name == "inject":
+                    inject = True
+                elif name == "id" and key is None and type(value) is str:
+                    key = value
+            if inject and key is not None and owner_of(key, self.workers) != self.index:
+                return True
+        return False
 
     def forward(self, owner: int, command: Command) -> list[SetVar]:
         """Hand a fire-and-forget ``command`` to ``owner``; returns once the kernel has it (or
@@ -391,14 +414,21 @@ class PeerMesh:
         self.stats["received"] += received
 
     def _read_inbound(self, reorder: Reorderer) -> bool:
-        """One pass over every inbound link; whether it read anything."""
-        # A link a peer has just opened may still wait in the listen queue with a command in
-        # it: take it now, or this pass would miss that command.
-        self._accept_pending()
+        """One pass over the inbound links that have data; whether it read anything.
+
+        One ``poll`` says which links (and whether the listener: a peer that just connected
+        may have a command in a link not accepted yet) have something, so a pass that finds
+        nothing, the common case before applying a local command, costs one system call.
+        """
+        ready = self._poller.poll(0)
+        if not ready:
+            return False
+        fds = {fd for fd, _ in ready}
+        new = self._accept_pending() if self._listener_fd in fds else ()
         got = False
         # Closing a link rebinds self._inbound rather than mutating it, so this stays valid.
         for link in self._inbound:
-            if link.closed:
+            if link.closed or (link.fd not in fds and link not in new):
                 continue
             sock = link.sock
             while True:
@@ -450,6 +480,8 @@ class PeerMesh:
         listener.listen(64)
         listener.setblocking(False)
         self._listener = listener
+        self._listener_fd = listener.fileno()
+        self._poller.register(self._listener_fd, _POLLIN)
         self._greenlets.append(gevent.spawn(self._accept_loop))
         deadline = time.monotonic() + self.sync_timeout
         missing = set(range(self.workers)) - {self.index}
@@ -487,7 +519,9 @@ class PeerMesh:
         self.pump()
         gevent.killall(self._greenlets)
         if self._listener is not None:
+            self._poller.unregister(self._listener_fd)
             self._listener.close()
+            self._listener = None
             try:
                 os.unlink(peer_path(self.runtime_dir, self.index))
             except OSError:
@@ -536,22 +570,28 @@ class PeerMesh:
             link.send(hello + self._backlogs[peer].take())
         return link
 
-    def _accept_pending(self) -> None:
+    def _accept_pending(self) -> list[_Link]:
         listener = self._listener
+        new: list[_Link] = []
         if listener is None:
-            return
+            return new
         while True:
             try:
                 sock, _ = listener.accept()
             except BlockingIOError:
-                return
+                return new
             except OSError as exc:
                 if exc.errno not in (errno.EMFILE, errno.ENFILE):
                     log.warning("accepting a peer connection failed: %s", exc)
-                return
+                return new
             link = _Link(self, sock, None, urgent=False, outbound=False)
-            self._inbound = [*self._inbound, link]
-            link.watcher = gevent.spawn(self._inbound_loop, link)
+            self._add_inbound(link)
+            new.append(link)
+
+    def _add_inbound(self, link: _Link) -> None:
+        self._inbound = [*self._inbound, link]
+        self._poller.register(link.fd, _POLLIN)
+        link.watcher = gevent.spawn(self._inbound_loop, link)
 
     def _accept_loop(self) -> None:
         hub = gevent.get_hub()
@@ -646,6 +686,10 @@ class PeerMesh:
                   link.peer)
         if not link.outbound:
             self._inbound = [other for other in self._inbound if other is not link]
+            try:
+                self._poller.unregister(link.fd)
+            except KeyError:
+                pass
             return
         peer = link.peer
         assert peer is not None

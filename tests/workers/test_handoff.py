@@ -1,0 +1,78 @@
+"""The supervisor's side of ``--workers``: connection hand-off and each worker's configuration."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+from spoe_agent.config import AgentConfig
+from spoe_agent.workers import worker_config
+from spoe_agent.workers.handoff import (
+    HandoffListener,
+    channel_pair,
+    read_report,
+    send_connection,
+)
+
+
+def test_a_handed_connection_is_the_accepted_one() -> None:
+    ours, theirs = channel_pair()
+    listener = HandoffListener(os.dup(theirs.fileno()), socket.AF_INET, "127.0.0.1:0")
+    theirs.close()
+    server = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(server.getsockname())
+    accepted, address = server.accept()
+    try:
+        send_connection(ours, accepted, address)
+        accepted.close()  # the supervisor's copy: the worker's is the one that lives on
+        fd, got_address = listener._accept()
+        assert got_address == address
+        handed = socket.socket(fileno=fd)
+        client.sendall(b"ping")
+        assert handed.recv(4) == b"ping"
+        handed.sendall(b"pong")
+        assert client.recv(4) == b"pong"
+        assert listener.open_connections() == 1
+        handed.close()
+        assert listener.open_connections() == 0
+        with pytest.raises(BlockingIOError):
+            listener._accept()  # nothing more was handed over
+    finally:
+        client.close()
+        server.close()
+        listener.close()
+        ours.close()
+
+
+def test_the_worker_reports_its_open_connections() -> None:
+    ours, theirs = channel_pair()
+    listener = HandoffListener(os.dup(theirs.fileno()), socket.AF_INET, "x")
+    theirs.close()
+    try:
+        listener.report()
+        assert read_report(ours.recv(64)) == 0
+        assert read_report(b"L12") == 12
+        assert read_report(b"garbage") is None
+    finally:
+        listener.close()
+        ours.close()
+
+
+@pytest.mark.parametrize("metrics, index, expected", [
+    ("127.0.0.1:9100", 0, "127.0.0.1:9100"),
+    ("127.0.0.1:9100", 2, "127.0.0.1:9102"),
+    ("unix:/run/agent-metrics.sock", 1, "unix:/run/agent-metrics.sock.1"),
+    ("", 3, ""),
+])
+def test_each_worker_gets_its_metrics_address(metrics: str, index: int, expected: str) -> None:
+    config = AgentConfig(workers=4, metrics=metrics)
+    assert worker_config(config, index).metrics == expected
+
+
+@pytest.mark.parametrize("cap, workers, share", [(100_000, 2, 50_000), (10, 3, 4), (1, 4, 1)])
+def test_the_session_cap_is_shared_by_the_workers(cap: int, workers: int, share: int) -> None:
+    config = AgentConfig(workers=workers, max_sessions=cap)
+    assert worker_config(config, 0).max_sessions == share
+    assert config.max_sessions == cap  # the original is left alone
