@@ -319,7 +319,7 @@ class Bench:
 
     def _log(self, name: str) -> Path:
         self._n += 1
-        return self.workdir / f"{self._n:02d}-{name}.log"
+        return self.workdir / f"{self._n:04d}-{name}.log"
 
     def measure(self, sc: Scenario, layout: str) -> Measurement:
         args = self.args
@@ -370,7 +370,7 @@ class Bench:
             procs.append(edge)
             wait_port(edge_port, edge)
             # Warm-up: connections open, imports and caches hot, the JIT-less interpreter steady.
-            run_wrk(edge_port, args.connections, args.warmup, front, self._log("warmup"))
+            warm = run_wrk(edge_port, args.connections, args.warmup, front, self._log("warmup"))
             agent_pids = process_tree(agent.pid) if agent else []
             watched = {"haproxy": [edge.pid], "agent": agent_pids, "origin": [origin.pid]}
             before = {k: cpu_seconds(v) for k, v in watched.items()}
@@ -404,16 +404,9 @@ class Bench:
         if sc.spoe == "trace" and sc.agent == "spoe-agent" and sc.exporter != "none":
             exported = sum(int(n) for n in re.findall(r"tracing: (\d+) spans exported in all",
                                                       agent_log.read_text(errors="replace")))
-            total = sat.requests + lat.requests + self._warmup_requests()
+            total = sat.requests + lat.requests + warm.requests
             m.spans_per_request = exported / max(1, total)
         return m
-
-    def _warmup_requests(self) -> int:
-        """Requests of the last warm-up run (they were traced too)."""
-        logs = sorted(self.workdir.glob("*-warmup.log"))
-        if not logs:
-            return 0
-        return parse_wrk(logs[-1].read_text(errors="replace")).requests
 
 
 def system_busy_seconds() -> float:

@@ -175,11 +175,13 @@ def test_an_unanswered_inject_gives_up_after_the_timeout(
 
     conns: list[socket.socket] = []
 
+    servers: list[gevent.Greenlet] = []
+
     def accept() -> None:
         while True:
             conn, _ = silent.accept()
             conns.append(conn)
-            gevent.spawn(serve, conn)
+            servers.append(gevent.spawn(serve, conn))
 
     acceptor = gevent.spawn(accept)
     try:
@@ -193,6 +195,7 @@ def test_an_unanswered_inject_gives_up_after_the_timeout(
         assert [f[0] for f in received].count(1) == 2  # both commands reached the owner
     finally:
         acceptor.kill()
+        gevent.killall(servers)
         for conn in conns:
             conn.close()
         silent.close()
