@@ -164,6 +164,7 @@ def measure_agent(sessions: int, workers: int, connections: int = 8,
             for i in range(workers):
                 wait_port(metrics + i, proc)
             pids = [p for p in process_tree(proc.pid) if p != proc.pid] or [proc.pid]
+            index = {0: pids[0]} if workers == 1 else {_worker_index(p): p for p in pids}
             before = {pid: rss_kib(pid) for pid in pids}
             _feed(port, notify_frames(sessions), connections, window)
             time.sleep(1.0)
@@ -172,10 +173,6 @@ def measure_agent(sessions: int, workers: int, connections: int = 8,
         finally:
             proc.terminate()
             proc.wait(60)
-    if workers == 1:
-        index = {0: pids[0]}
-    else:
-        index = {_worker_index(pid): pid for pid in pids}
     return {
         "workers": workers,
         "sessions": sum(opened),
