@@ -33,11 +33,13 @@ _REGISTRY_LIMITS = {
     "sessions": "sessions_evicted_cap",
     "spans_per_session": "span_limit",
     "items_per_span": "item_limit",
+    "attribute_length": "value_truncated",
 }
 _LIMIT_HELP = {
     "sessions": "max_sessions reached, the least recently active sessions were ended early",
     "spans_per_session": "max_spans_per_session reached, further spans were not started",
     "items_per_span": "too many tags/logs/baggage items on one span, the extra were dropped",
+    "attribute_length": "max_attribute_length reached, a tag, log or baggage value was cut",
     "export_queue": "export_queue_size reached, spans were dropped (is the collector slow?)",
 }
 

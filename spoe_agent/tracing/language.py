@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import codecs
 from collections.abc import MutableMapping
+from ipaddress import IPv4Address, IPv6Address
 from typing import Any, NamedTuple
 
 from spoe_agent.protocol.types import Message, Typed
@@ -133,7 +134,24 @@ def to_text(value: Any) -> str:
         return ""
     if t is Typed:
         return to_text(value.value)
+    if t is IPv4Address or t is IPv6Address:
+        return _address_text(value)
     return clean_str(str(value))
+
+
+# Client addresses repeat (keep-alive, the same clients all day) and the reference config tags
+# each twice; ``str()`` of an address costs microseconds and a new string each time.
+_ADDRESS_TEXT: dict[IPv4Address | IPv6Address, str] = {}
+_ADDRESS_CACHE_SIZE = 4096
+
+
+def _address_text(address: IPv4Address | IPv6Address) -> str:
+    text = _ADDRESS_TEXT.get(address)
+    if text is None:
+        if len(_ADDRESS_TEXT) >= _ADDRESS_CACHE_SIZE:
+            _ADDRESS_TEXT.clear()
+        text = _ADDRESS_TEXT[address] = str(address)
+    return text
 
 
 def to_attribute(value: Any) -> str | int | bool | None:

@@ -104,7 +104,8 @@ def test_metrics_endpoint_reports_every_family(
     assert value(s, "spoe_agent_exporter_errors_total") == 0
     assert value(s, "spoe_agent_export_queue_size") == 0
     assert value(s, "spoe_agent_export_queue_limit") == 20480
-    for limit in ("sessions", "spans_per_session", "items_per_span", "export_queue"):
+    limits = ("sessions", "spans_per_session", "items_per_span", "attribute_length", "export_queue")
+    for limit in limits:
         assert value(s, "spoe_agent_limit_hits_total", limit=limit) == 0, limit
     assert value(s, "spoe_agent_handler_errors_total") == 0
     assert (value(s, "process_resident_memory_bytes") or 0) > 0

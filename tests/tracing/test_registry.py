@@ -502,6 +502,27 @@ def test_tag_values_are_truncated_and_sanitized() -> None:
     assert span.name == "a\ufffd"
     assert span.attributes["long"] == "x" * 8
     assert span.attributes["bad"] == "ét\ufffd"
+    assert h.reg.stats["value_truncated"] == 1
+
+
+def test_repeated_tag_keeps_its_first_position_and_last_value() -> None:
+    h = Harness()
+    h.send(("id", "s"), ("span", "a"), ("tag", "k"), ("", 1), ("tag", "j"), ("", 2))
+    h.send(("id", "s"), ("span", "a"), ("tag", "k"), ("", "three"), ("finish", "*"))
+    (span,) = h.spans
+    assert list(span.attributes.items()) == [("k", "three"), ("j", 2)]
+
+
+def test_a_full_span_still_updates_its_existing_tags_and_counts_new_ones() -> None:
+    h = Harness()
+    tags = [arg for i in range(128) for arg in (("tag", f"k{i}"), ("", i))]
+    h.send(("id", "s"), ("span", "a"), *tags)
+    h.send(("id", "s"), ("span", "a"), ("tag", "k5"), ("", "new"), ("tag", "extra"), ("", 1))
+    h.send(("id", "s"), ("finish", "*"))
+    (span,) = h.spans
+    assert len(span.attributes) == 128 and span.attributes["k5"] == "new"
+    assert "extra" not in span.attributes
+    assert h.reg.stats["item_limit"] == 1
 
 
 def test_error_tag_sets_status() -> None:
