@@ -40,17 +40,20 @@ from spoe_agent.protocol import codec  # noqa: E402
 from spoe_agent.protocol.types import Message  # noqa: E402
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
-_SRC = ipaddress.IPv4Address("203.0.113.57")
+# Every session from its own client address (the worst case for the agent's address-text
+# cache), within 10.0.0.0/8.
+_SRC_BASE = int(ipaddress.IPv4Address("10.0.0.1"))
 
 
 def first_events(uid: str, i: int, ts_us: int) -> list[list[Message]]:
     """The NOTIFYs (message lists) of the first four events, as spoe.cfg defines them."""
+    src = ipaddress.IPv4Address(_SRC_BASE + i)
     return [
         [Message("trace-client-session", [
             ("id", uid), ("ts", ts_us), ("service", "haproxy-edge"),
             ("span", "HAProxy session"), ("kind", "server"),
-            ("tag", "client.address"), ("", _SRC),
-            ("tag", "network.peer.address"), ("", _SRC),
+            ("tag", "client.address"), ("", src),
+            ("tag", "network.peer.address"), ("", src),
             ("tag", "network.peer.port"), ("", 40000 + i % 20000),
             ("tag", "haproxy.frontend"), ("", "traced"),
             ("span", "Client session"), ("child-of", "HAProxy session"),
