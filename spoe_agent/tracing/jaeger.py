@@ -1053,7 +1053,6 @@ class FastJaegerExporter(SpanExporter):
     """
 
     accepts_span_records = True
-    pause_every = 32  # spans translated and encoded between two pauses (~0.3 ms of CPU)
 
     def __init__(
         self,
@@ -1110,50 +1109,21 @@ class FastJaegerExporter(SpanExporter):
         return cls(**kwargs)
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        """Send the spans; FAILURE if any of them could not be sent (the others still are).
-
-        Spans are translated and encoded ``pause_every`` at a time with a :meth:`pause` between
-        slices: under gevent the export shares the only thread with the request path, and a
-        512-span batch encoded in one go (~5 ms) would hold up every NOTIFY arriving meanwhile.
-        """
+        """Send the spans; FAILURE if any of them could not be sent (the others still are)."""
         if self._shutdown:
             return SpanExportResult.FAILURE
         if not spans:
             return SpanExportResult.SUCCESS
-        http = self._http is not None
-        encode = encode_span_binary if http else encode_span_compact
-        step = self.pause_every
-        groups: dict[str, tuple[ThriftProcess, list[bytes]]] = {}
-        failed = 0
-        for start in range(0, len(spans), step):
-            if start:
-                self.pause()
-            batches, invalid = self.translator.batches(spans[start : start + step])
-            failed += invalid
-            for batch in batches:
-                encoded = self._encode_spans(batch, encode)
-                failed += len(batch.spans) - len(encoded)
-                group = groups.get(batch.process.serviceName)
-                if group is None:
-                    groups[batch.process.serviceName] = (batch.process, encoded)
-                else:
-                    group[1].extend(encoded)
-        self.stats.spans_dropped_invalid += failed
-        ok = failed == 0
+        batches, invalid = self.translator.batches(spans)
+        self.stats.spans_dropped_invalid += invalid
+        ok = invalid == 0
         with self._lock:
-            for process, encoded in groups.values():
-                if not encoded:
-                    continue
-                if http:
-                    ok = self._send_http(process, encoded) and ok
+            for batch in batches:
+                if self._http is not None:
+                    ok = self._send_http(batch) and ok
                 else:
-                    ok = self._send_udp(process, encoded) and ok
+                    ok = self._send_udp(batch) and ok
         return SpanExportResult.SUCCESS if ok else SpanExportResult.FAILURE
-
-    @staticmethod
-    def pause() -> None:
-        """Let other greenlets run (a no-op yield for a plain thread)."""
-        time.sleep(0)
 
     def _encode_spans(self, batch: ThriftBatch, encode: Any) -> list[bytes]:
         encoded = []
@@ -1162,11 +1132,15 @@ class FastJaegerExporter(SpanExporter):
                 encoded.append(encode(span))
             except Exception:  # e.g. a lone surrogate in a string cannot become UTF-8
                 log.debug("cannot encode span %r", span.operationName, exc_info=True)
+                self.stats.spans_dropped_invalid += 1
         return encoded
 
-    def _send_http(self, process: ThriftProcess, spans: list[bytes]) -> bool:
+    def _send_http(self, batch: ThriftBatch) -> bool:
         stats = self.stats
-        body = batch_binary_from_parts(encode_process_binary(process), spans)
+        spans = self._encode_spans(batch, encode_span_binary)
+        if not spans:
+            return False
+        body = batch_binary_from_parts(encode_process_binary(batch.process), spans)
         try:
             self._http.send(body)  # type: ignore[union-attr]
         except Exception as exc:
@@ -1177,15 +1151,18 @@ class FastJaegerExporter(SpanExporter):
         stats.http_posts += 1
         stats.bytes_sent += len(body)
         stats.spans_sent += len(spans)
-        return True
+        return len(spans) == len(batch.spans)
 
-    def _send_udp(self, process_struct: ThriftProcess, spans: list[bytes]) -> bool:
+    def _send_udp(self, batch: ThriftBatch) -> bool:
         stats = self.stats
-        ok = True
-        service = process_struct.serviceName
+        spans = self._encode_spans(batch, encode_span_compact)
+        ok = len(spans) == len(batch.spans)
+        if not spans:
+            return ok
+        service = batch.process.serviceName
         process = self._process_bytes.get(service)
         if process is None:
-            process = encode_process_compact(process_struct)
+            process = encode_process_compact(batch.process)
             if len(self._process_bytes) >= _CACHE_LIMIT:
                 self._process_bytes.clear()
             self._process_bytes[service] = process

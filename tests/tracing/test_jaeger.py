@@ -369,23 +369,6 @@ def test_one_batch_per_service() -> None:
         assert datagram == fast.encode_emit_batch(JaegerTranslator().batches(group)[0][0])
 
 
-def test_export_pauses_between_slices_and_sends_the_same_bytes() -> None:
-    """Slicing is invisible on the wire: one datagram per service, as if encoded in one go."""
-    a = sdk_spans("svc-a") * 8
-    b = sdk_spans("svc-b", {"region": "eu"}) * 8
-    mixed = [span for pair in zip(a, b, strict=True) for span in pair]
-    pauses: list[int] = []
-    exporter = FastJaegerExporter()
-    exporter.pause_every = 5
-    exporter.pause = lambda: pauses.append(len(captured.datagrams))  # type: ignore[method-assign]
-    exporter._udp = captured = Captured()
-    assert exporter.export(mixed) is SpanExportResult.SUCCESS
-    assert len(pauses) == (len(mixed) - 1) // 5 and set(pauses) == {0}  # all before sending
-    assert len(captured.datagrams) == 2
-    for datagram, group in zip(captured.datagrams, (a, b), strict=True):
-        assert datagram == fast.encode_emit_batch(JaegerTranslator().batches(group)[0][0])
-
-
 def test_default_service_name_when_the_resource_has_none() -> None:
     span = handmade_spans()[0]
     bare = ReadableSpan(
