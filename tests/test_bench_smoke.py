@@ -7,6 +7,9 @@ expected set-var decoded, pipelined and sequenced. No speed is asserted: CI mach
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +28,8 @@ from benchmarks.spop_load import (
 )
 from spoe_agent.protocol import codec
 from spoe_agent.protocol.types import Message
+from tests.conftest import MISSING_REASON
+from tests.support.haproxy import haproxy_binaries
 from tests.support.procs import ManagedProcess, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -116,3 +121,29 @@ def test_traced_replay_against_the_tracing_agent(tmp_path: Path) -> None:
     _assert_all_answered(result)
     assert result.sequenced and result.requests > 0
     assert any(a.name == "traceparent" for actions in seen for a in actions), seen[:10]
+
+
+@pytest.mark.haproxy
+def test_soak_smoke(tmp_path: Path) -> None:
+    """The soak harness end to end at a tiny scale: 20 s at 200 req/s through HAProxy 2.6 with
+    two 2 s collector outages. Its own checks (RSS, no failed request, every span of every
+    request served while the collector was up) must pass, or the 30-minute numbers in
+    benchmarks/README.md could come from a harness that cannot see a lost span."""
+    haproxy = haproxy_binaries().get("2.6")
+    if haproxy is None:
+        pytest.skip(MISSING_REASON["2.6"])
+    if shutil.which("wrk") is None:
+        pytest.skip("wrk not found: apt-get install wrk")
+    out = tmp_path / "soak.json"
+    # a subprocess: the harness pins its own process to a core
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.soak", "--duration", "20", "--rate", "200",
+         "--margin", "1.5", "--haproxy", haproxy, "--json", str(out)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert out.exists(), proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert all(c["ok"] for c in result["checks"]), result["checks"]
+    assert result["traces_checked"] > 500 and result["traces_incomplete"] == 0
+    assert len(result["outages"]) == 2 and all(w["dropped_spans"] > 0 for w in result["outages"])
