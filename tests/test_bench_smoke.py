@@ -147,3 +147,14 @@ def test_soak_smoke(tmp_path: Path) -> None:
     assert all(c["ok"] for c in result["checks"]), result["checks"]
     assert result["traces_checked"] > 500 and result["traces_incomplete"] == 0
     assert len(result["outages"]) == 2 and all(w["dropped_spans"] > 0 for w in result["outages"])
+
+
+def test_traced_path_replays_whole_requests() -> None:
+    """benchmarks/traced_path.py's measured process, without valgrind: every replayed request
+    must close its session and export its 9 spans, or its instruction counts measure a broken
+    path (the process raises if not)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.traced_path", "--inner", "export", "20", "20"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
