@@ -26,7 +26,7 @@ from spoe_agent.protocol.types import (
     Typed,
     UnsetVar,
 )
-from spoe_agent.protocol.varint import MAX_UINT64, decode_varint, encode_varint
+from spoe_agent.protocol.varint import decode_varint, encode_varint
 
 _U32 = struct.Struct(">I")
 _HEADER = struct.Struct(">BI")  # type, flags
@@ -290,21 +290,9 @@ def decode_messages(payload: bytes) -> list[Message]:
                         if value < 240:
                             stop = vpos + 2
                         else:
-                            # A long one (``ts=date(0,us)`` in every tracing message): the
-                            # varint inline, the name from the name cache.
-                            vpos += 2
-                            shift = 4
-                            while True:
-                                b = payload[vpos]
-                                vpos += 1
-                                value += b << shift
-                                shift += 7
-                                if b < 128:
-                                    break
-                                if shift > 67:
-                                    raise InvalidFrame("varint longer than 10 bytes")
-                            if value > MAX_UINT64:
-                                raise InvalidFrame("varint overflows 64 bits")
+                            # A long one (``ts=date(0,us)`` in every tracing message): straight
+                            # to the varint, the name from the name cache.
+                            value, vpos = decode_varint(payload, vpos + 1)
                             if n:
                                 raw = payload[pos + 1:pos + 1 + n]
                                 key = names.get(raw) or _new_name(raw)
