@@ -361,17 +361,14 @@ class SpoaServer:
             except TimeoutError:
                 self._timed_out(client, kind)
                 return
-            except _Idle:
-                client.in_recv = False  # now, not in finally: _timed_out writes
+            except (_Idle, _Drain) as interrupt:
+                client.in_recv = False  # now, not in finally: both write a DISCONNECT
                 client.idle_since = None
                 sock.settimeout(idle)
-                self._timed_out(client, kind)
-                return
-            except _Drain:
-                client.in_recv = False  # now, not in finally: _drain writes
-                client.idle_since = None
-                sock.settimeout(idle)
-                self._drain(client)
+                if type(interrupt) is _Drain:
+                    self._drain(client)
+                else:
+                    self._timed_out(client, kind)
                 return
             finally:
                 client.in_recv = False
