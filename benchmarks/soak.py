@@ -61,7 +61,6 @@ from benchmarks.haproxy_e2e import (
     system_busy_seconds,
     wait_port,
 )
-from spoe_agent.tracing.jaeger import decode_batch_binary
 from spoe_agent.viewer.receiver import JaegerReceiver
 
 # The reference config's span tree (devenv/conf/spoe.cfg): a trace is complete with all of them.
@@ -163,13 +162,7 @@ class TallyReceiver(JaegerReceiver):
             self._httpd.handle_error = lambda request, address: None  # type: ignore[method-assign]
         return self
 
-    def ingest_http(self, body: bytes) -> list[Any]:
-        try:
-            batch = decode_batch_binary(body)
-        except ValueError:
-            self.decode_errors += 1
-            raise
-        self.http_posts += 1
+    def take_batch(self, batch: Any, source: str) -> list[Any]:
         self.tally.add_batch(batch)
         return []
 
