@@ -24,14 +24,13 @@ from tests.hardening.support import (
     notify_ok,
     scrape,
     value,
-    wait_until,
     whole_session,
 )
 from tests.integration.backend import Backend
 from tests.integration.test_haproxy_core import haproxy_config, spoe_config
 from tests.integration.tracing_support import describe, get, hop_config
 from tests.support.haproxy import HAProxy
-from tests.support.procs import AgentProcess, free_port
+from tests.support.procs import AgentProcess, free_port, wait_until
 from tests.support.spop_client import SpopClient
 
 AgentFactory = Callable[..., AgentProcess]

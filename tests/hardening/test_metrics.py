@@ -28,10 +28,9 @@ from tests.hardening.support import (
     scrape,
     trace,
     value,
-    wait_until,
     whole_session,
 )
-from tests.support.procs import AgentProcess, free_port
+from tests.support.procs import AgentProcess, free_port, wait_until
 from tests.support.spop_client import SpopClient
 
 AgentFactory = Callable[..., AgentProcess]

@@ -27,13 +27,12 @@ from tests.hardening.support import (
     notify_ok,
     scrape,
     value,
-    wait_until,
     write_ini,
 )
 from tests.integration.backend import Backend
 from tests.integration.test_haproxy_core import haproxy_config, spoe_config
 from tests.support.haproxy import HAProxy
-from tests.support.procs import REPO_ROOT, AgentProcess, free_port
+from tests.support.procs import REPO_ROOT, AgentProcess, free_port, wait_until
 from tests.support.spop_client import SpopClient, hello_frame
 
 AgentFactory = Callable[..., AgentProcess]

@@ -20,7 +20,7 @@ import pytest
 from tests.apps import echo
 from tests.integration.backend import Backend
 from tests.support.haproxy import HAProxy
-from tests.support.procs import AgentProcess, free_port
+from tests.support.procs import AgentProcess, free_port, wait_until
 
 pytestmark = pytest.mark.haproxy
 
@@ -390,7 +390,12 @@ def test_500_requests_at_concurrency_50(stack: StackFactory) -> None:
     assert not failures, f"{len(failures)} bad responses, first: {failures[:3]}"
     assert_agent_log_clean(s.agent)
     # HAProxy's side of the story: one successful SPOE log line per request, no error status.
-    statuses = spoe_log_statuses(s.hap)
+    # HAProxy may write a stream's SPOE line just after its response went out, so wait for all.
+    def all_logged() -> list[int] | None:
+        statuses = spoe_log_statuses(s.hap)
+        return statuses if len(statuses) >= 500 else None
+
+    statuses = wait_until(all_logged, timeout=10, what="500 SPOE log lines from HAProxy")
     assert len(statuses) == 500 and set(statuses) == {0}, sorted(set(statuses))
     # Connections are reused: nowhere near one per request.
     assert s.agent_connects() < 100, s.hap.server_stats("agents", "a1")

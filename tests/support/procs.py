@@ -13,10 +13,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -42,6 +42,20 @@ def unix_socket_accepts(path: str | os.PathLike[str]) -> bool:
             return True
         except OSError:
             return False
+
+
+def wait_until(
+    predicate: Callable[[], Any], timeout: float = 15.0, what: str = "condition"
+) -> Any:
+    """Poll until ``predicate()`` is truthy; returns its value or fails saying what was awaited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
 
 
 def wait_for_port(
