@@ -329,6 +329,8 @@ class LoadResult:
     acks_per_s: float = 0.0
     requests_per_s: float = 0.0
     latency_us: dict[str, float] = field(default_factory=dict)
+    # first NOTIFY sent to last ACK back, per request (a request's share of HTTP latency)
+    request_latency_us: dict[str, float] = field(default_factory=dict)
     agent_cpu_s: float | None = None
     agent_cpu_us_per_ack: float | None = None
     agent_cpu_pct: float | None = None
@@ -457,6 +459,7 @@ def _drive(
 
     latencies: list[float] = []
     record = latencies.append
+    request_latencies: list[float] = []
     recording = False
     refill = True
     acks = 0
@@ -472,7 +475,7 @@ def _drive(
         now = perf()
         conn.sock.sendall(b"".join(req[0][1] for req in batch))
         for req in batch:
-            conn.outstanding[req[0][0]] = (now, req, 0)
+            conn.outstanding[req[0][0]] = (now, req, 0, now)
         sent += len(batch)
 
     start = perf()
@@ -500,7 +503,7 @@ def _drive(
                 continue
             buf = conn.buf + data if conn.buf else data
             outstanding = conn.outstanding
-            sends: list[tuple[bytes, bytes, _Request, int]] = []
+            sends: list[tuple[bytes, bytes, _Request, int, float | None]] = []
             pos = 0
             end = len(buf)
             while end - pos >= 4:
@@ -537,22 +540,24 @@ def _drive(
                 req = entry[1]
                 index = entry[2] + 1
                 if index < len(req):
-                    sends.append((req[index][0], req[index][1], req, index))
+                    sends.append((req[index][0], req[index][1], req, index, entry[3]))
                 else:
                     requests_done += 1
+                    if recording:
+                        request_latencies.append(now - entry[3])
                     if refill:
                         req = conn.pool[conn.next_index]
                         conn.next_index += 1
                         if conn.next_index == len(conn.pool):
                             conn.next_index = 0
-                        sends.append((req[0][0], req[0][1], req, 0))
+                        sends.append((req[0][0], req[0][1], req, 0, None))
                 pos = frame_end
             conn.buf = buf[pos:] if pos < end else b""
             if sends:
                 t_sent = perf()
                 conn.sock.sendall(b"".join([s[1] for s in sends]))
-                for ident, _, req, index in sends:
-                    outstanding[ident] = (t_sent, req, index)
+                for ident, _, req, index, started in sends:
+                    outstanding[ident] = (t_sent, req, index, t_sent if started is None else started)
                 sent += len(sends)
 
         if refill:
@@ -588,12 +593,19 @@ def _drive(
     result.notifies_sent = sent
     result.acks_matched = acks
     result.unanswered = sum(len(c.outstanding) for c in conns)
-    latencies.sort()
-    if latencies:
-        result.latency_us = {
-            name: round(1e6 * _percentile(latencies, q), 1)
-            for name, q in (("p50", 0.50), ("p90", 0.90), ("p99", 0.99), ("max", 1.0))
-        }
+    result.latency_us = _summary(latencies)
+    result.request_latency_us = _summary(request_latencies)
+
+
+def _summary(samples: list[float]) -> dict[str, float]:
+    """Percentiles in µs (empty when nothing was recorded)."""
+    samples.sort()
+    if not samples:
+        return {}
+    return {
+        name: round(1e6 * _percentile(samples, q), 1)
+        for name, q in (("p50", 0.50), ("p90", 0.90), ("p99", 0.99), ("p99.9", 0.999), ("max", 1.0))
+    }
 
 
 class _AckChecker:
@@ -666,8 +678,14 @@ def format_result(result: LoadResult) -> str:
         f"  ACK/s        {result.acks_per_s:,.0f}  ({result.acks:,} ACKs, "
         f"{result.requests_per_s:,.0f} requests/s)",
         f"  latency us   p50 {lat.get('p50')}  p90 {lat.get('p90')}  p99 {lat.get('p99')}  "
-        f"max {lat.get('max')}",
+        f"p99.9 {lat.get('p99.9')}  max {lat.get('max')}",
     ]
+    req = result.request_latency_us
+    if req:
+        lines.append(
+            f"  request us   p50 {req.get('p50')}  p90 {req.get('p90')}  p99 {req.get('p99')}  "
+            f"p99.9 {req.get('p99.9')}  max {req.get('max')}  (first NOTIFY to last ACK)"
+        )
     if result.agent_cpu_us_per_ack is not None:
         lines.append(f"  agent CPU    {result.agent_cpu_us_per_ack:.1f} us/ACK "
                      f"({result.agent_cpu_pct:.0f}% of a core)")
