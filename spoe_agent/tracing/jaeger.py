@@ -250,6 +250,24 @@ class ThriftBatch:
         self.spans = spans
 
 
+class EncodedSpans:
+    """Spans translated and encoded for one transport, grouped by service, not yet sent.
+
+    ``spans`` counts every span handed to ``encode``; ``invalid`` those that could not be
+    translated or encoded (dropped, and counted in the exporter's stats when found).
+    """
+
+    __slots__ = ("groups", "spans", "invalid")
+
+    def __init__(self) -> None:
+        self.groups: dict[str, tuple[ThriftProcess, list[bytes]]] = {}
+        self.spans = 0
+        self.invalid = 0
+
+    def __len__(self) -> int:
+        return self.spans
+
+
 def _pairs(tags: Any) -> TagPairs:
     if not tags:
         return ()
@@ -1114,15 +1132,45 @@ class FastJaegerExporter(SpanExporter):
             return SpanExportResult.FAILURE
         if not spans:
             return SpanExportResult.SUCCESS
+        return self.send_encoded(self.encode(spans))
+
+    def encode(self, spans: Sequence[ReadableSpan], into: EncodedSpans | None = None) -> EncodedSpans:
+        """Translate and encode spans for this exporter's transport, adding them to ``into``.
+
+        Split from sending so that a processor can encode a few spans at a time as they end and
+        still send them in the large units the transport wants (see ``QueueSpanProcessor``).
+        """
+        out = EncodedSpans() if into is None else into
+        encode = encode_span_compact if self._http is None else encode_span_binary
         batches, invalid = self.translator.batches(spans)
         self.stats.spans_dropped_invalid += invalid
-        ok = invalid == 0
+        out.spans += len(spans)
+        out.invalid += invalid
+        groups = out.groups
+        for batch in batches:
+            encoded = self._encode_spans(batch, encode)
+            out.invalid += len(batch.spans) - len(encoded)
+            service = batch.process.serviceName
+            group = groups.get(service)
+            if group is None:
+                groups[service] = (batch.process, encoded)
+            else:
+                group[1].extend(encoded)
+        return out
+
+    def send_encoded(self, encoded: EncodedSpans) -> SpanExportResult:
+        """Send what ``encode`` produced; FAILURE if any span of it was lost."""
+        if self._shutdown:
+            return SpanExportResult.FAILURE
+        ok = encoded.invalid == 0
         with self._lock:
-            for batch in batches:
+            for process, spans in encoded.groups.values():
+                if not spans:
+                    continue
                 if self._http is not None:
-                    ok = self._send_http(batch) and ok
+                    ok = self._send_http(process, spans) and ok
                 else:
-                    ok = self._send_udp(batch) and ok
+                    ok = self._send_udp(process, spans) and ok
         return SpanExportResult.SUCCESS if ok else SpanExportResult.FAILURE
 
     def _encode_spans(self, batch: ThriftBatch, encode: Any) -> list[bytes]:
@@ -1135,12 +1183,9 @@ class FastJaegerExporter(SpanExporter):
                 self.stats.spans_dropped_invalid += 1
         return encoded
 
-    def _send_http(self, batch: ThriftBatch) -> bool:
+    def _send_http(self, process: ThriftProcess, spans: list[bytes]) -> bool:
         stats = self.stats
-        spans = self._encode_spans(batch, encode_span_binary)
-        if not spans:
-            return False
-        body = batch_binary_from_parts(encode_process_binary(batch.process), spans)
+        body = batch_binary_from_parts(encode_process_binary(process), spans)
         try:
             self._http.send(body)  # type: ignore[union-attr]
         except Exception as exc:
@@ -1151,18 +1196,15 @@ class FastJaegerExporter(SpanExporter):
         stats.http_posts += 1
         stats.bytes_sent += len(body)
         stats.spans_sent += len(spans)
-        return len(spans) == len(batch.spans)
+        return True
 
-    def _send_udp(self, batch: ThriftBatch) -> bool:
+    def _send_udp(self, process_struct: ThriftProcess, spans: list[bytes]) -> bool:
         stats = self.stats
-        spans = self._encode_spans(batch, encode_span_compact)
-        ok = len(spans) == len(batch.spans)
-        if not spans:
-            return ok
-        service = batch.process.serviceName
+        ok = True
+        service = process_struct.serviceName
         process = self._process_bytes.get(service)
         if process is None:
-            process = encode_process_compact(batch.process)
+            process = encode_process_compact(process_struct)
             if len(self._process_bytes) >= _CACHE_LIMIT:
                 self._process_bytes.clear()
             self._process_bytes[service] = process

@@ -369,6 +369,41 @@ def test_one_batch_per_service() -> None:
         assert datagram == fast.encode_emit_batch(JaegerTranslator().batches(group)[0][0])
 
 
+def test_encoding_in_slices_then_sending_equals_one_export() -> None:
+    """The processor encodes spans a few at a time as they end and sends them later: the
+    datagrams (one per service) must be exactly those of a single export of all of them."""
+    a = sdk_spans("svc-a")
+    b = sdk_spans("svc-b", {"region": "eu"})
+    mixed = [span for pair in zip(a, b, strict=True) for span in pair]
+    whole = FastJaegerExporter()
+    whole._udp = expected = Captured()
+    assert whole.export(mixed) is SpanExportResult.SUCCESS
+    sliced = FastJaegerExporter()
+    sliced._udp = captured = Captured()
+    encoded = None
+    for start in range(0, len(mixed), 3):
+        encoded = sliced.encode(mixed[start : start + 3], encoded)
+    assert encoded is not None and len(encoded) == len(mixed)
+    assert captured.datagrams == []  # encoding sends nothing
+    assert sliced.send_encoded(encoded) is SpanExportResult.SUCCESS
+    assert captured.datagrams == expected.datagrams and len(captured.datagrams) == 2
+    assert sliced.stats.spans_sent == len(mixed)
+
+
+def test_a_slice_with_an_unencodable_span_fails_its_send_not_the_others() -> None:
+    good, bad = handmade_spans()[0], handmade_spans()[0]
+    bad._name = "lone surrogate \ud800"
+    exporter = FastJaegerExporter()
+    exporter._udp = captured = Captured()
+    encoded = exporter.encode([good])
+    encoded = exporter.encode([bad], encoded)
+    assert exporter.stats.spans_dropped_invalid == 1  # counted when found
+    assert exporter.send_encoded(encoded) is SpanExportResult.FAILURE
+    assert exporter.stats.spans_sent == 1
+    [datagram] = captured.datagrams
+    assert [s.operationName for s in agent_decode(datagram).spans] == ["plain dict"]
+
+
 def test_default_service_name_when_the_resource_has_none() -> None:
     span = handmade_spans()[0]
     bare = ReadableSpan(
