@@ -57,6 +57,7 @@ def _inner(stage: str, requests: int, built: int) -> None:
     # The background loop must not export on its own: the stage decides what is exported.
     processor.max_export_batch_size = 1 << 30
     processor.schedule_delay_s = 1e9
+    processor._wake_at = 1 << 30  # nor encode as spans end
     conn = SpopConnection()
     conn.receive_data(haproxy_hello("traced-path"))
     conn.data_to_send()

@@ -234,3 +234,184 @@ def test_works_under_gevent_monkeypatching() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+# ------------------------------------------------- exporters that encode apart from sending
+
+
+class _Encoded:
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+class Encoding(Recording):
+    """Like FastJaegerExporter: ``encode`` slices as spans end, ``send_encoded`` whole batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.slices: list[list[str]] = []
+        self.encode_raises: Exception | None = None
+
+    def encode(self, spans: Sequence[ReadableSpan], into: _Encoded | None = None) -> _Encoded:
+        if self.encode_raises is not None:
+            raise self.encode_raises
+        out = _Encoded() if into is None else into
+        with self._cond:
+            self.slices.append([s.name for s in spans])
+            self._cond.notify_all()
+        out.names.extend(s.name for s in spans)
+        return out
+
+    def send_encoded(self, encoded: _Encoded) -> SpanExportResult:
+        with self._cond:
+            self.batches.append(list(encoded.names))
+            self._cond.notify_all()
+        if self.raises is not None:
+            raise self.raises
+        return self.result
+
+    def wait_for_encoded(self, count: int) -> bool:
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: sum(len(s) for s in self.slices) >= count, WAIT
+            )
+
+
+def names(first: int, stop: int) -> list[str]:
+    return [f"span {i}" for i in range(first, stop)]
+
+
+def test_encoding_exporter_encodes_as_spans_end_and_sends_whole_batches() -> None:
+    exporter = Encoding()
+    processor = QueueSpanProcessor(
+        exporter, max_export_batch_size=8, schedule_delay_s=3600, encode_slice=2
+    )
+    processor.on_end(span(0))
+    processor.on_end(span(1))  # encode_slice spans queued: the worker encodes them ...
+    assert exporter.wait_for_encoded(2)
+    assert exporter.slices == [names(0, 2)]
+    assert exporter.batches == []  # ... but does not send less than a batch
+    assert processor.queue_size == 2  # encoded, not sent: still counted as queued
+    for i in range(2, 8):
+        processor.on_end(span(i))
+    assert exporter.wait_for_spans(8)
+    assert exporter.batches == [names(0, 8)]
+    assert all(1 <= len(s) <= 8 for s in exporter.slices)
+    assert [n for s in exporter.slices for n in s] == names(0, 8)
+    assert processor.stats.exported == 8 and processor.queue_size == 0
+    processor.shutdown()
+
+
+def test_encoded_spans_go_out_after_the_delay_on_flush_and_at_shutdown() -> None:
+    exporter = Encoding()
+    processor = QueueSpanProcessor(
+        exporter, max_export_batch_size=100, schedule_delay_s=0.05, encode_slice=2
+    )
+    for i in range(3):
+        processor.on_end(span(i))
+    assert exporter.wait_for_spans(3)  # the delay sends what is encoded
+    assert exporter.batches == [names(0, 3)]
+    processor.shutdown()
+
+    exporter = Encoding()
+    processor = QueueSpanProcessor(
+        exporter, max_export_batch_size=100, schedule_delay_s=3600, encode_slice=2
+    )
+    for i in range(5):
+        processor.on_end(span(i))
+    assert processor.force_flush(int(WAIT * 1000))
+    assert [n for b in exporter.batches for n in b] == names(0, 5)
+    for i in range(5, 8):
+        processor.on_end(span(i))
+    processor.shutdown()
+    assert [n for b in exporter.batches for n in b] == names(0, 8)
+    assert processor.stats.exported == 8
+
+
+@pytest.mark.parametrize("failure", ["encode raises", "send raises", "send returns FAILURE"])
+def test_encoding_failures_are_counted_never_raised(failure: str) -> None:
+    exporter = Encoding()
+    if failure == "encode raises":
+        exporter.encode_raises = ValueError("cannot encode")
+    elif failure == "send raises":
+        exporter.raises = RuntimeError("collector on fire")
+    else:
+        exporter.result = SpanExportResult.FAILURE
+    processor = QueueSpanProcessor(
+        exporter, max_export_batch_size=4, schedule_delay_s=3600, encode_slice=4
+    )
+    for i in range(6):
+        processor.on_end(span(i))  # must not raise
+    assert processor.force_flush(int(WAIT * 1000))
+    assert processor.stats.export_failed_spans == 6
+    assert processor.stats.exported == 0 and processor.stats.export_errors >= 1
+    processor.shutdown()
+
+
+def test_the_request_path_runs_between_encoded_slices_under_gevent() -> None:
+    """Why encoding is sliced: between two slices the event loop must poll I/O, so a NOTIFY
+    that arrived meanwhile is served before the next slice (gevent's sleep(0) would not)."""
+    script = textwrap.dedent(
+        """
+        from gevent import monkey
+        monkey.patch_all()
+        import gevent, socket
+        from opentelemetry.sdk.trace import ReadableSpan
+        from opentelemetry.sdk.trace.export import SpanExportResult
+        from opentelemetry.trace import SpanContext, TraceFlags
+        from spoe_agent.tracing.processor import QueueSpanProcessor
+
+        log = []
+        reader, writer = socket.socketpair()
+
+        def span(i):
+            ctx = SpanContext(i + 1, i + 1, False, TraceFlags(1))
+            return ReadableSpan(name=str(i), context=ctx, start_time=1, end_time=2)
+
+        def serve():  # stands for a connection's greenlet parked in recv
+            reader.recv(1)
+            log.append("io")
+
+        class Encoded(list):
+            pass
+
+        class Exporter:
+            def encode(self, spans, into=None):
+                log.append(f"encode {len(spans)}")
+                if len(log) == 1:
+                    writer.send(b"x")  # a NOTIFY arrives while the first slice encodes ...
+                    for i in range(2, 4):
+                        p.on_end(span(i))  # ... and so do more spans
+                out = Encoded() if into is None else into
+                out.extend(spans)
+                return out
+            def send_encoded(self, encoded):
+                log.append(f"send {len(encoded)}")
+                return SpanExportResult.SUCCESS
+            def export(self, spans):
+                raise AssertionError("an encoding exporter is never asked to export")
+            def shutdown(self):
+                pass
+
+        server = gevent.spawn(serve)
+        gevent.sleep(0.01)  # parked in recv
+        p = QueueSpanProcessor(Exporter(), max_export_batch_size=4, schedule_delay_s=3600,
+                               encode_slice=2)
+        p.on_end(span(0))
+        p.on_end(span(1))
+        server.join(10)
+        assert p.force_flush(10000)
+        p.shutdown()
+        print(log)
+        assert log == ["encode 2", "io", "encode 2", "send 4"], log
+        print("ok")
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert result.stdout.strip().endswith("ok")
