@@ -21,7 +21,7 @@ Families (``_total`` is added to counters by the exposition format):
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from gevent.pywsgi import WSGIServer
@@ -133,24 +133,12 @@ class MetricsServer:
         )
         server.set_latency_observer(self.ack_latency.observe)
         self._server = server
-        metrics_app = make_wsgi_app(self.registry)
 
-        def app(environ: dict[str, Any], start_response: Any) -> Any:
-            path = environ.get("PATH_INFO", "")
-            if path == "/health":
-                serving = server.serving
-                status = "200 OK" if serving else "503 Service Unavailable"
-                start_response(status, [("Content-Type", "text/plain")])
-                return [b"ok\n" if serving else b"not serving\n"]
-            if path in ("/metrics", "/"):
-                return metrics_app(environ, start_response)
-            start_response("404 Not Found", [("Content-Type", "text/plain")])
-            return [b"try /metrics or /health\n"]
+        def health() -> tuple[bool, bytes]:
+            serving = server.serving
+            return serving, b"ok\n" if serving else b"not serving\n"
 
-        target = split_bind(bind)
-        if isinstance(target, str):
-            raise ValueError("the metrics endpoint listens on HOST:PORT, not a unix socket")
-        self.wsgi = WSGIServer(target, app, log=None, error_log=log)
+        self.wsgi = endpoint_server(bind, self.registry, health)
 
     def start(self) -> None:
         self.wsgi.start()
@@ -158,6 +146,32 @@ class MetricsServer:
 
     def stop(self) -> None:
         self.wsgi.stop(timeout=1)
+
+
+def endpoint_server(
+    bind: str, registry: CollectorRegistry, health: Callable[[], tuple[bool, bytes]]
+) -> WSGIServer:
+    """``/metrics`` (also ``/``) from ``registry`` and ``/health`` (200 or 503 with
+    ``health()``'s body) on ``bind``, not started. The supervisor of ``--workers`` serves the same
+    shape (spoe_agent.workers.metrics)."""
+    metrics_app = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        path = environ.get("PATH_INFO", "")
+        if path == "/health":
+            ok, body = health()
+            start_response("200 OK" if ok else "503 Service Unavailable",
+                           [("Content-Type", "text/plain")])
+            return [body]
+        if path in ("/metrics", "/"):
+            return metrics_app(environ, start_response)
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"try /metrics or /health\n"]
+
+    target = split_bind(bind)
+    if isinstance(target, str):
+        raise ValueError("the metrics endpoint listens on HOST:PORT, not a unix socket")
+    return WSGIServer(target, app, log=None, error_log=log)
 
 
 def start_metrics_server(bind: str, server: Any, agent: Agent) -> MetricsServer:

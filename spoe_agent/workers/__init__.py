@@ -32,7 +32,9 @@ def worker_config(config: AgentConfig, index: int) -> AgentConfig:
     ``max_sessions`` bounds the whole agent's memory, so each of N workers holds at most
     ``ceil(max_sessions / N)``; sessions are spread evenly by their hash, so the cap still
     evicts the least recently active sessions of the agent to within a fraction of a percent.
-    Worker i serves ``/metrics`` on the configured port + i (on ``PATH.i`` for a unix socket).
+    Worker i serves ``/metrics`` on the configured port + 1 + i (on ``PATH.i`` for a unix
+    socket): the configured port is the supervisor's, which serves all of them with a
+    ``worker`` label (:mod:`spoe_agent.workers.metrics`).
     """
     workers = config.workers
     changes: dict[str, Any] = {"max_sessions": max(1, -(-config.max_sessions // workers))}
@@ -40,7 +42,7 @@ def worker_config(config: AgentConfig, index: int) -> AgentConfig:
         changes["metrics"] = f"{config.metrics}.{index}"
     elif config.metrics:
         host, _, port = config.metrics.rpartition(":")
-        changes["metrics"] = f"{host}:{int(port) + index}"
+        changes["metrics"] = f"{host}:{int(port) + 1 + index}"
     return dataclasses.replace(config, **changes)
 
 

@@ -93,6 +93,9 @@ class Supervisor:
             raise StartupError(f"cannot listen on {self.config.bind}: {exc.strerror or exc}") \
                 from None
         self._listener.setblocking(True)  # a cooperative wait under gevent, not a busy one
+        metrics = None
+        if self.config.metrics and not self.config.metrics.startswith("unix:"):
+            metrics = self._start_metrics()
         gevent.signal_handler(signal.SIGTERM, self._stop.set)
         gevent.signal_handler(signal.SIGINT, self._stop.set)
         log.info("spoe-agent supervisor: %d workers on %s (peer sockets in %s)",
@@ -108,7 +111,24 @@ class Supervisor:
             if acceptor is not None:
                 acceptor.kill()
             self._shutdown()
+            if metrics is not None:
+                metrics.stop()
         return 0
+
+    def _start_metrics(self) -> Any:
+        from spoe_agent.workers.metrics import WorkersMetricsServer, worker_metrics_urls
+
+        bind = self.config.metrics
+        urls = worker_metrics_urls(bind, len(self.slots))
+        metrics = WorkersMetricsServer(bind, urls, lambda: [s.restarts for s in self.slots])
+        try:
+            metrics.start()
+        except OSError as exc:
+            assert self._listener is not None
+            self._listener.close()
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+            raise StartupError(f"cannot serve metrics on {bind}: {exc.strerror or exc}") from None
+        return metrics
 
     def _spawn(self, slot: _Slot) -> None:
         assert self._listener is not None

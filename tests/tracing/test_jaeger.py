@@ -354,13 +354,23 @@ def test_whole_exporter_sends_what_the_official_exporter_sends(udp_sink: socket.
     assert ours_exporter.export(spans) is SpanExportResult.FAILURE
 
 
-def test_one_batch_per_service() -> None:
-    """The official exporter labels a mixed batch with the first service; we split by service."""
+def two_services() -> tuple[list[ReadableSpan], list[ReadableSpan], list[ReadableSpan]]:
+    """Spans of two services, and both interleaved."""
     a = sdk_spans("svc-a")
     b = sdk_spans("svc-b", {"region": "eu"})
-    mixed = [span for pair in zip(a, b, strict=True) for span in pair]
+    return a, b, [span for pair in zip(a, b, strict=True) for span in pair]
+
+
+def capturing_exporter() -> tuple[FastJaegerExporter, Captured]:
     exporter = FastJaegerExporter()
     exporter._udp = captured = Captured()
+    return exporter, captured
+
+
+def test_one_batch_per_service() -> None:
+    """The official exporter labels a mixed batch with the first service; we split by service."""
+    a, b, mixed = two_services()
+    exporter, captured = capturing_exporter()
     assert exporter.export(mixed) is SpanExportResult.SUCCESS
     assert len(captured.datagrams) == 2
     for datagram, group in zip(captured.datagrams, (a, b), strict=True):
@@ -372,14 +382,10 @@ def test_one_batch_per_service() -> None:
 def test_encoding_in_slices_then_sending_equals_one_export() -> None:
     """The processor encodes spans a few at a time as they end and sends them later: the
     datagrams (one per service) must be exactly those of a single export of all of them."""
-    a = sdk_spans("svc-a")
-    b = sdk_spans("svc-b", {"region": "eu"})
-    mixed = [span for pair in zip(a, b, strict=True) for span in pair]
-    whole = FastJaegerExporter()
-    whole._udp = expected = Captured()
+    _, _, mixed = two_services()
+    whole, expected = capturing_exporter()
     assert whole.export(mixed) is SpanExportResult.SUCCESS
-    sliced = FastJaegerExporter()
-    sliced._udp = captured = Captured()
+    sliced, captured = capturing_exporter()
     encoded = None
     for start in range(0, len(mixed), 3):
         encoded = sliced.encode(mixed[start : start + 3], encoded)

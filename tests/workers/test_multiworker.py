@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from spoe_agent.viewer.receiver import JaegerReceiver, ReceivedSpan
 from tests.integration.backend import Backend
@@ -75,19 +76,24 @@ class Node:
     taps: list[SpopTap] = field(default_factory=list)
 
     def counters(self) -> list[dict[str, float]]:
-        """Each worker's routing counters and connection count, from its /metrics."""
-        out = []
-        for i in range(self.workers):
-            url = f"http://127.0.0.1:{self.metrics_port + i}/metrics"
-            text = urllib.request.urlopen(url, timeout=5).read().decode()
-            values: dict[str, float] = {}
-            for line in text.splitlines():
-                match = re.match(r'spoe_agent_worker_routing_total\{event="(\w+)"\} (\S+)', line)
-                if match:
-                    values[match.group(1)] = float(match.group(2))
-                elif line.startswith("spoe_agent_connections_open "):
-                    values["connections_open"] = float(line.split()[1])
-            out.append(values)
+        """Each worker's routing counters and connection count, from the supervisor's /metrics
+        (every worker's samples, labelled ``worker``)."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        out: list[dict[str, float]] = [{} for _ in range(self.workers)]
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                worker = sample.labels.get("worker")
+                if worker is None:
+                    continue
+                if sample.name == "spoe_agent_worker_routing_total":
+                    out[int(worker)][sample.labels["event"]] = sample.value
+                elif sample.name == "spoe_agent_connections_open":
+                    out[int(worker)]["connections_open"] = sample.value
+                elif sample.name == "spoe_agent_worker_up":
+                    out[int(worker)]["up"] = sample.value
+                elif sample.name == "spoe_agent_worker_restarts_total":
+                    out[int(worker)]["restarts"] = sample.value
         return out
 
     def worker_pids(self) -> dict[int, int]:
@@ -116,7 +122,7 @@ def node(
 
     def build(workers: int, *, service: str = "hop-1", server: str | None = None,
               tap: bool = False) -> Node:
-        metrics_port = free_port_range(workers)
+        metrics_port = free_port_range(workers + 1)
         agent = spoe_agent("--workers", str(workers), "--metrics", f"127.0.0.1:{metrics_port}",
                            "--log-level", "debug", app=None, env=agent_env(receiver),
                            name=f"agent-{service}")
@@ -145,7 +151,8 @@ def node(
 
 
 def free_port_range(count: int) -> int:
-    """A base port with ``count`` free ports from it (worker i serves metrics on base + i),
+    """A base port with ``count`` free ports from it (the supervisor serves metrics on base,
+    worker i on base + 1 + i),
     below the kernel's ephemeral range so the ports handed out for the agent and HAProxy
     (free_port) cannot land inside it."""
     rng = random.Random()
@@ -417,6 +424,9 @@ def test_a_killed_worker_is_replaced_and_loses_only_the_sessions_it_held(
         for r in late[:3])
     counters = multi.counters()
     assert counters[victim_index]["received"] > 0, counters  # the replacement owns sessions
+    restarts = [c["restarts"] for c in counters]
+    assert restarts == [int(i == victim_index) for i in range(WORKERS)], counters
+    assert all(c["up"] == 1 for c in counters), counters
     print(f"\n{len(results)} requests during the kill, {len(lost)} traces lost "
           f"({len(failed)} requests failed), {len(in_flight)} requests in flight at the kill; "
           f"held by peers meanwhile: {[c['held'] for c in counters]}")

@@ -1,0 +1,118 @@
+"""One metrics endpoint for ``--workers N``: the supervisor serves every worker's samples.
+
+Real processes: a supervisor with two workers, driven by a raw SPOP client, scraped over HTTP and
+parsed with prometheus_client's own parser.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from spoe_agent.protocol import codec
+from spoe_agent.protocol.types import FrameType, Message
+from tests.support.procs import AgentProcess, wait_until
+from tests.support.spop_client import SpopClient
+from tests.workers.test_multiworker import free_port_range, worker_pids
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(port: int) -> Samples:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def per_worker(samples: Samples, name: str, **labels: str) -> dict[str, float]:
+    want = set(labels.items())
+    return {
+        dict(ls)["worker"]: v
+        for (n, ls), v in samples.items()
+        if n == name and want <= ls and "worker" in dict(ls)
+    }
+
+
+def health(port: int) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError:  # not listening yet
+        return 0, ""
+
+
+def notify_some(agent: AgentProcess, count: int) -> None:
+    with SpopClient((agent.host, agent.port)) as client:
+        client.handshake()
+        for i in range(count):
+            client.send(codec.notify(2 * i + 1, 1, [Message("check", [("path", "/x")])]))
+            assert client.read_frame().type == FrameType.ACK
+
+
+def two_workers(spoe_agent: Callable[..., AgentProcess]) -> tuple[AgentProcess, int]:
+    """A supervisor with two workers, serving metrics on the returned port, both serving."""
+    port = free_port_range(3)  # the supervisor's, then one per worker
+    agent = spoe_agent("--workers", "2", "--metrics", f"127.0.0.1:{port}")
+    wait_until(lambda: health(port)[0] == 200, what="both workers serving")
+    return agent, port
+
+
+def test_supervisor_serves_every_workers_metrics_with_a_worker_label(
+    spoe_agent: Callable[..., AgentProcess],
+) -> None:
+    agent, port = two_workers(spoe_agent)
+    with SpopClient((agent.host, agent.port)) as a, SpopClient((agent.host, agent.port)) as b:
+        a.handshake()
+        b.handshake()
+        for n, client in enumerate((a, a, a, b, b)):
+            client.send(codec.notify(2 * n + 1, 1, [Message("check", [("path", "/x")])]))
+            assert client.read_frame().type == FrameType.ACK
+
+        samples = scrape(port)
+        assert per_worker(samples, "spoe_agent_worker_up") == {"0": 1, "1": 1}
+        # Each worker's own samples (which worker got which connection is the hand-off's
+        # choice), summable into the agent's totals.
+        open_ = per_worker(samples, "spoe_agent_connections_open")
+        assert set(open_) == {"0", "1"} and sum(open_.values()) == 2
+        notifies = per_worker(
+            samples, "spoe_agent_frames_total", direction="in", type="notify"
+        )
+        assert set(notifies) == {"0", "1"} and sum(notifies.values()) == 5
+        assert per_worker(samples, "spoe_agent_worker_restarts_total") == {"0": 0, "1": 0}
+        # Every family the workers expose comes through, histograms and process_* included.
+        names = {n for n, _ in samples}
+        assert {"spoe_agent_ack_latency_seconds_count", "process_resident_memory_bytes"} <= names
+    status, body = health(port)
+    assert status == 200 and "worker 0: ok" in body and "worker 1: ok" in body
+
+
+def test_a_dead_worker_shows_up_and_is_counted_when_replaced(
+    spoe_agent: Callable[..., AgentProcess],
+) -> None:
+    agent, port = two_workers(spoe_agent)
+    pids = wait_until(lambda: len(worker_pids(agent.process.pid)) == 2 and
+                      worker_pids(agent.process.pid), what="two worker pids")
+    # Stopped, not killed: it cannot answer, and the supervisor does not replace it yet.
+    os.kill(pids[1], signal.SIGSTOP)
+    try:
+        status, body = health(port)
+        assert status == 503 and "worker 1: not serving" in body, body
+        assert per_worker(scrape(port), "spoe_agent_worker_up") == {"0": 1, "1": 0}
+    finally:
+        os.kill(pids[1], signal.SIGKILL)
+        os.kill(pids[1], signal.SIGCONT)
+    wait_until(lambda: per_worker(scrape(port), "spoe_agent_worker_restarts_total").get("1") == 1,
+               what="worker 1 restarted")
+    wait_until(lambda: health(port)[0] == 200, what="the replacement serving")
+    notify_some(agent, 3)
+    assert per_worker(scrape(port), "spoe_agent_worker_up") == {"0": 1, "1": 1}
