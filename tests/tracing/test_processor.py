@@ -286,19 +286,20 @@ def names(first: int, stop: int) -> list[str]:
 
 def test_encoding_exporter_encodes_as_spans_end_and_sends_whole_batches() -> None:
     exporter = Encoding()
+    # encode_slice=1: every span wakes the worker (more would leave the last few queued until
+    # the delay, which is the point of the threshold but not of this test)
     processor = QueueSpanProcessor(
-        exporter, max_export_batch_size=8, schedule_delay_s=3600, encode_slice=2
+        exporter, max_export_batch_size=8, schedule_delay_s=3600, encode_slice=1
     )
     processor.on_end(span(0))
-    processor.on_end(span(1))  # encode_slice spans queued: the worker encodes them ...
-    assert exporter.wait_for_encoded(2)
-    assert exporter.slices == [names(0, 2)]
-    assert exporter.batches == []  # ... but does not send less than a batch
-    assert processor.queue_size == 2  # encoded, not sent: still counted as queued
-    for i in range(2, 8):
+    assert exporter.wait_for_encoded(1)  # encoded as soon as it ended ...
+    assert exporter.slices == [names(0, 1)]
+    assert exporter.batches == []  # ... but not sent: less than a batch
+    assert processor.queue_size == 1  # encoded, not sent: still counted as queued
+    for i in range(1, 8):
         processor.on_end(span(i))
     assert exporter.wait_for_spans(8)
-    assert exporter.batches == [names(0, 8)]
+    assert exporter.batches == [names(0, 8)]  # one send of the whole batch
     assert all(1 <= len(s) <= 8 for s in exporter.slices)
     assert [n for s in exporter.slices for n in s] == names(0, 8)
     assert processor.stats.exported == 8 and processor.queue_size == 0
