@@ -12,6 +12,7 @@ status code from SPOE.txt's table, a :class:`ProtocolViolation` event and the CL
 from __future__ import annotations
 
 import logging
+import struct
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -43,6 +44,16 @@ class State(Enum):
     AWAIT_HELLO = "await-hello"
     READY = "ready"
     CLOSED = "closed"
+
+
+# Module-level aliases for the per-frame paths: reading an Enum member off its class costs
+# ~100 ns on CPython 3.11 (a global, ~15 ns), and a traced request reads a dozen of them.
+_READY = State.READY
+_CLOSED = State.CLOSED
+_NOTIFY = int(FrameType.NOTIFY)
+_UNSET = int(FrameType.UNSET)
+_FIN_ONLY = FLAG_FIN.to_bytes(4, "big")
+_U32_FROM = struct.Struct(">I").unpack_from
 
 
 @dataclass(slots=True)
@@ -157,7 +168,7 @@ class SpopConnection:
         not fit, HAProxy still gets an empty ACK (the request goes on, the variables are not
         set) rather than a frame it would answer with "frame is too big".
         """
-        if self.state is State.CLOSED:
+        if self.state is _CLOSED:
             return
         frame = codec.ack(stream_id, frame_id, actions)
         if len(frame) - _LENGTH_PREFIX > self.frame_size:
@@ -193,36 +204,71 @@ class SpopConnection:
         return [ConnectionClosed("peer closed the connection")]
 
     def receive_data(self, data: bytes) -> list[Event]:
-        """Feed bytes from the socket; return the events the complete frames produced."""
-        if self.state is State.CLOSED:
+        """Feed bytes from the socket; return the events the complete frames produced.
+
+        Frames are read straight from ``data`` (bytes: a slice is one copy); only a frame cut
+        by the end of a read waits in the bytearray, and is joined to what follows once it is
+        complete, so a peer dribbling a frame byte by byte costs no quadratic copying.
+        """
+        if self.state is _CLOSED:
             return []
+        if type(data) is not bytes:  # a bytearray or memoryview: slices must be hashable
+            data = bytes(data)
         buf = self._inbuf
-        buf += data
+        if buf:
+            buf += data
+            if not self._frame_complete(buf):
+                return []
+            data = bytes(buf)
+            buf.clear()
         events: list[Event] = []
         pos = 0
-        end = len(buf)
+        end = len(data)
+        unpack_length = _U32_FROM
         try:
-            while end - pos >= _LENGTH_PREFIX and self.state is not State.CLOSED:
-                length = int.from_bytes(buf[pos:pos + 4], "big")
+            while end - pos >= _LENGTH_PREFIX and self.state is not _CLOSED:
+                length = unpack_length(data, pos)[0]
                 if length > self.frame_size:
                     raise FrameTooBig(
                         f"frame of {length} bytes exceeds the max-frame-size of {self.frame_size}"
                     )
-                if end - pos - _LENGTH_PREFIX < length:
+                frame_end = pos + _LENGTH_PREFIX + length
+                if frame_end > end:
                     break
-                body = bytes(buf[pos + 4:pos + 4 + length])
-                pos += _LENGTH_PREFIX + length
-                self._handle_frame(body, events)
+                # The common frame, inlined: an unfragmented NOTIFY with one-byte ids. Anything
+                # else (and any doubt) takes the general path, which decides the same way.
+                if (
+                    length >= 7
+                    and data[pos + 4] == _NOTIFY
+                    and data[pos + 5:pos + 9] == _FIN_ONLY
+                    and data[pos + 9] < 240
+                    and data[pos + 10] < 240
+                    and self.state is _READY
+                    and self._fragments is None
+                ):
+                    events.append(NotifyReceived(
+                        data[pos + 9], data[pos + 10],
+                        codec.decode_messages(data[pos + 11:frame_end]),
+                    ))
+                else:
+                    self._handle_frame(data[pos + _LENGTH_PREFIX:frame_end], events)
+                pos = frame_end
         except ProtocolError as exc:
             self._violation(exc.status, exc.message, events)
         except Exception as exc:  # a bug of ours must cost one connection, not the process
             log.exception("unexpected error while decoding SPOP input")
             self._violation(Status.UNKNOWN, f"internal error: {type(exc).__name__}", events)
-        if self.state is State.CLOSED:
-            buf.clear()
-        elif pos:
-            del buf[:pos]
+        if self.state is not _CLOSED and pos < end:
+            buf += memoryview(data)[pos:]
         return events
+
+    def _frame_complete(self, buf: bytearray) -> bool:
+        """True once ``buf`` holds a whole frame, or a length prefix over the frame size (which
+        ``receive_data`` then refuses without waiting for the rest)."""
+        if len(buf) < _LENGTH_PREFIX:
+            return False
+        length = _U32_FROM(buf, 0)[0]
+        return length > self.frame_size or len(buf) >= _LENGTH_PREFIX + length
 
     @property
     def buffered(self) -> int:
@@ -241,8 +287,8 @@ class SpopConnection:
     def _handle_frame(self, body: bytes, events: list[Event]) -> None:
         frame = codec.decode_frame(body)
         ftype = frame.type
-        if self.state is State.READY:
-            if ftype == FrameType.NOTIFY or ftype == FrameType.UNSET:
+        if self.state is _READY:
+            if ftype == _NOTIFY or ftype == _UNSET:
                 self._handle_notify(frame, events)
                 return
             if ftype == FrameType.HAPROXY_DISCONNECT:
@@ -329,7 +375,7 @@ class SpopConnection:
     def _handle_notify(self, frame: codec.Frame, events: list[Event]) -> None:
         flags = frame.flags
         pending = self._fragments
-        if frame.type == FrameType.NOTIFY:
+        if frame.type == _NOTIFY:
             if pending is not None:
                 raise ProtocolError(
                     "NOTIFY received while a fragmented NOTIFY is incomplete",

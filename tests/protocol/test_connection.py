@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spoe_agent.protocol import codec
 from spoe_agent.protocol.connection import (
@@ -307,3 +309,52 @@ def test_internal_errors_never_escape(monkeypatch: pytest.MonkeyPatch) -> None:
     events = conn.receive_data(codec.notify(1, 1, []))
     assert events[0].status == Status.UNKNOWN
     assert disconnect_status(conn.data_to_send())[0] == 99
+
+
+# ---------------------------------------------- the inlined NOTIFY path equals the general one
+
+_ids = st.one_of(st.integers(0, 239), st.integers(240, 1 << 40))
+_notify_frames = st.builds(
+    lambda sid, fid, flags, n: codec.notify(
+        sid, fid, [Message("m", [("i", n), ("", "x" * (n % 300))])], flags=flags
+    ),
+    _ids,
+    _ids,
+    st.sampled_from([FLAG_FIN, FLAG_FIN | FLAG_ABORT]),
+    st.integers(0, 1000),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_notify_frames, min_size=1, max_size=12), st.data())
+def test_notifies_in_any_split_give_what_the_general_path_gives(
+    frames: list[bytes], data: st.DataObject
+) -> None:
+    """receive_data decodes the common NOTIFY (FIN only, one-byte ids) inline; every other
+    frame goes through _handle_frame. Whatever the ids, flags and read boundaries, the events
+    must be those _handle_frame produces frame by frame."""
+    reference = SpopConnection()
+    reference.receive_data(HAPROXY_HELLO)
+    expected: list = []
+    for frame in frames:
+        reference._handle_frame(frame[4:], expected)
+
+    stream = b"".join(frames)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
+    conn = SpopConnection()
+    conn.receive_data(HAPROXY_HELLO)
+    got = []
+    for start, stop in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+        got.extend(conn.receive_data(stream[start:stop]))
+    assert got == expected
+    assert conn.buffered == 0
+
+
+def test_an_oversized_length_is_refused_before_the_frame_arrives() -> None:
+    conn = SpopConnection(max_frame_size=1024)
+    conn.receive_data(HAPROXY_HELLO)
+    conn.data_to_send()
+    assert conn.receive_data(b"\x00\x00") == []  # not even the length yet
+    events = conn.receive_data(b"\x10\x00")  # 4096 > 1024: no need to wait for its bytes
+    assert isinstance(events[0], ProtocolViolation) and events[0].status == Status.FRAME_TOO_BIG
+    assert conn.state is State.CLOSED and conn.buffered == 0
