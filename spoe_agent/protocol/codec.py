@@ -223,13 +223,17 @@ _NAMES_LIMIT = 1024
 
 def _new_pair(raw: bytes, key_len: int) -> tuple[str, Any]:
     """Decode and remember an argument the fast path of ``decode_messages`` delimited in ``raw``:
-    its name, then a STRING, INT64 or NULL whose extent is already checked."""
+    its name, then a STRING, small INT64, IPV4, IPV6 or NULL whose extent is already checked."""
     key = raw[1:1 + key_len].decode("utf-8", "surrogateescape") if key_len else ""
     tag = raw[1 + key_len]
     if tag == 8:
         value: Any = raw[3 + key_len:].decode("utf-8", "surrogateescape")
     elif tag == 4:
         value = raw[2 + key_len]
+    elif tag == 6:
+        value = ipaddress.IPv4Address(raw[2 + key_len:])
+    elif tag == 7:
+        value = ipaddress.IPv6Address(raw[2 + key_len:])
     else:
         value = None
     pair = (key, value)
@@ -253,8 +257,8 @@ def decode_messages(payload: bytes) -> list[Message]:
 
     This is the hottest loop of the agent (a traced request is 8 NOTIFYs of ~20 arguments), so
     the common cases are inlined: names shorter than 240 bytes (one-byte varint length), and
-    arguments whose value is such a string, a small INT64 or NULL are delimited and looked up
-    whole in ``_PAIRS``; anything else goes through the general decoders.
+    arguments whose value is such a string, a small INT64, an address or NULL are delimited and
+    looked up whole in ``_PAIRS``; anything else goes through the general decoders.
     """
     messages: list[Message] = []
     pos = 0
@@ -301,6 +305,10 @@ def decode_messages(payload: bytes) -> list[Message]:
                             append((key, value - _WRAP if value & _SIGN else value))
                             pos = vpos
                             continue
+                    elif tag == 6:  # IPV4: client and server addresses repeat
+                        stop = vpos + 5
+                    elif tag == 7:  # IPV6
+                        stop = vpos + 17
                     else:
                         stop = vpos + 1 if tag == 0 else 0  # NULL
                     if stop:
