@@ -12,7 +12,10 @@ them byte for byte) while avoiding most of that work:
   flag, are the majority of a span's tags: they are encoded once and their bytes spliced into
   every span that shares them;
 * each span is encoded on its own, so an oversized UDP batch is packed by exact encoded size and
-  nothing is encoded twice.
+  nothing is encoded twice;
+* on the UDP path the registry's ``SpanRecord`` tuples go straight to bytes
+  (``encode_record_compact``), without a translated ``JaegerSpan`` in between, and all the tags
+  they share (resource, status, kind and scope) are one cached byte string.
 
 The generated ``thrift_spec`` tuples shipped with the exporter predate fastbinary's current calling
 convention (it wants every struct argument as a ``[class, spec]`` list), so they are converted once
@@ -248,6 +251,69 @@ class ThriftBatch:
     def __init__(self, process: ThriftProcess, spans: list[JaegerSpan]) -> None:
         self.process = process
         self.spans = spans
+
+
+class _RecordHead:
+    """The fixed Span fields (1-9) of one record, as fastbinary reads them (by attribute).
+
+    ``encode_record_compact`` refills one instance per span instead of building a ``JaegerSpan``:
+    an allocation and a dozen attributes per span that the compact UDP path never reads.
+    ``trace_id`` is the trace whose ids ``traceIdLow``/``traceIdHigh`` hold: records come a
+    trace at a time, and the next record of the same trace keeps them rather than redo the
+    big-integer arithmetic. Not shared between threads: each ``encode`` call uses its own.
+    """
+
+    __slots__ = (
+        "trace_id",
+        "traceIdLow",
+        "traceIdHigh",
+        "spanId",
+        "parentSpanId",
+        "operationName",
+        "references",
+        "flags",
+        "startTime",
+        "duration",
+    )
+
+    def __init__(self) -> None:
+        self.trace_id: int | None = None
+
+
+class RecordTags:
+    """What every record with the same resource, kind, scope and status shares, encoded once.
+
+    The resource, status and suffix (span.kind, scope, error) tags follow a span's own
+    attributes in this order with nothing in between, so they are one compact byte string
+    (``compact``); ``count`` is how many tags that is. After the head, a record without
+    attributes or events is all shared bytes: the tags field with its list header, then the
+    Span's STOP (``without_own``); one without events ends with ``compact_end``.
+    ``service`` names the span's Process. The objects it was built from are kept so that an
+    id reused by a new object is detected.
+    """
+
+    __slots__ = (
+        "resource",
+        "scope",
+        "status",
+        "service",
+        "count",
+        "compact",
+        "compact_end",
+        "without_own",
+    )
+
+    def __init__(
+        self, resource: Any, scope: Any, status: Any, service: str, parts: Sequence[ConstTags]
+    ) -> None:
+        self.resource = resource
+        self.scope = scope
+        self.status = status
+        self.service = service
+        self.count = sum(part.count for part in parts)
+        self.compact = b"".join(part.compact for part in parts)
+        self.compact_end = self.compact + _STOP
+        self.without_own = b"\x19" + _list_header_compact(self.count) + self.compact_end
 
 
 class EncodedSpans:
@@ -524,6 +590,7 @@ class JaegerTranslator:
         # keyed by id(obj); entries hold obj so its id cannot be reused while cached
         self._resources: dict[int, tuple[Any, ConstTags, str]] = {}
         self._suffixes: dict[tuple[int, int, bool], tuple[Any, ConstTags]] = {}
+        self._record_tags: dict[tuple[int, int, Any], RecordTags] = {}
 
     def _resource_entry(self, resource: Any) -> tuple[Any, ConstTags, str]:
         entry = self._resources.get(id(resource))
@@ -562,6 +629,40 @@ class JaegerTranslator:
     def service_name(self, span: ReadableSpan) -> str:
         """The Process service name the span belongs to (its Resource's ``service.name``)."""
         return self._resource_entry(span.resource)[2]
+
+    def record_tags(self, record: SpanRecord) -> RecordTags:
+        """The pre-encoded tags a record shares with others (see ``RecordTags``).
+
+        The registry reuses a few resource, scope and status objects for all its records, so
+        one lookup replaces the resource and suffix lookups and the status tags that
+        ``translate_record`` does per span. Keyed by the resource's id (``Resource`` hashes its
+        attributes, in Python), the kind and the status (hashed by identity); the scope, always
+        the registry's, is checked rather than hashed: another one replaces the entry.
+        """
+        resource = record[12]
+        key = (id(resource), record[5], record[9])
+        entry = self._record_tags.get(key)
+        if entry is None or entry.resource is not resource or entry.scope is not record[13]:
+            entry = self._new_record_tags(key, record)
+        return entry
+
+    def _new_record_tags(self, key: tuple[int, int, Any], record: SpanRecord) -> RecordTags:
+        resource, kind, scope, status = record[12], record[5], record[13], record[9]
+        _, resource_tags, service = self._resource_entry(resource)
+        error = False
+        parts = [resource_tags]
+        if status is not None and status.status_code is not _UNSET:
+            error = status.status_code is _ERROR
+            status_tags = _STATUS_ERROR if error else _STATUS_OK
+            if status.description is not None:
+                status_tags = [*status_tags, ("otel.status_description", status.description)]
+            parts.append(ConstTags(status_tags, None))
+        parts.append(self._suffix(SPAN_KINDS[kind], scope, error))
+        entry = RecordTags(resource, scope, status, service, parts)
+        if len(self._record_tags) >= _CACHE_LIMIT:
+            self._record_tags.clear()
+        self._record_tags[key] = entry
+        return entry
 
     def translate(self, span: ReadableSpan) -> JaegerSpan:
         """Translate one ended span into what the official ``ThriftTranslator`` would produce."""
@@ -707,13 +808,7 @@ class JaegerTranslator:
             ]
         else:
             out.references = None
-        if events:
-            out.logs = [
-                ((ts + 500) // 1000, ((key, value),), [("message", key)])
-                for key, value, ts in events
-            ]
-        else:
-            out.logs = None
+        out.logs = _record_logs(events) if events else None
         return out
 
     def batches(self, spans: Iterable[ReadableSpan]) -> tuple[list[ThriftBatch], int]:
@@ -740,6 +835,14 @@ class JaegerTranslator:
         return batches, failed
 
 
+def _record_logs(events: list[tuple[str, Any, int]]) -> list[tuple[int, TagPairs, TagPairs]]:
+    """A record's events as ``JaegerSpan.logs``: (time in µs, fields, tail).
+
+    The event's value is its only attribute, under the event's name, which is also the message.
+    """
+    return [((ts + 500) // 1000, ((key, value),), [("message", key)]) for key, value, ts in events]
+
+
 # --------------------------------------------------------------------------------------------------
 # span, batch and datagram encoding
 
@@ -761,19 +864,101 @@ def encode_span_compact(span: JaegerSpan) -> bytes:
     # duration (field 9) is always the last head field, so tags (10) has delta 1, and logs too
     parts = [head[:-1], b"\x19", _list_header_compact(count), *own]
     if span.logs is not None:
-        parts.append(b"\x19")
-        parts.append(_list_header_compact(len(span.logs)))
-        for timestamp, fields, tail in span.logs:
-            log_parts: list[bytes] = []
-            n = _tags_compact(fields, max_len, log_parts) + _tags_compact(tail, None, log_parts)
-            parts.append(b"\x16")  # Log.timestamp: field 1, i64
-            parts.append(_zigzag_varint(timestamp))
-            parts.append(b"\x19")  # Log.fields: field 2, list
-            parts.append(_list_header_compact(n))
-            parts.extend(log_parts)
-            parts.append(_STOP)
+        _logs_compact(span.logs, max_len, parts)
     parts.append(_STOP)
     return b"".join(parts)
+
+
+def _logs_compact(
+    logs: Sequence[tuple[int, TagPairs, TagPairs]], max_len: int | None, parts: list[bytes]
+) -> None:
+    """Append a Span's logs field (11, right after the tags) to ``parts``.
+
+    Each log is (timestamp in µs, fields truncated to ``max_len``, tail never truncated).
+    """
+    parts.append(b"\x19")
+    parts.append(_list_header_compact(len(logs)))
+    for timestamp, fields, tail in logs:
+        log_parts: list[bytes] = []
+        n = _tags_compact(fields, max_len, log_parts) + _tags_compact(tail, None, log_parts)
+        parts.append(b"\x16")  # Log.timestamp: field 1, i64
+        parts.append(_zigzag_varint(timestamp))
+        parts.append(b"\x19")  # Log.fields: field 2, list
+        parts.append(_list_header_compact(n))
+        parts.extend(log_parts)
+        parts.append(_STOP)
+
+
+def encode_record_compact(
+    record: SpanRecord, tags: RecordTags, max_len: int | None, head: _RecordHead
+) -> bytes:
+    """A registry record as a compact Span struct: ``encode_span_compact(translate_record(r))``.
+
+    The same bytes without the ``JaegerSpan`` in between, which on the UDP path is most of the
+    cost of a span: the head's fields go into the scratch ``head`` for fastbinary, the shared
+    tags come pre-encoded from ``tags`` (``JaegerTranslator.record_tags(record)``).
+    """
+    name, trace_id, span_id, parent_id, flags, _, attrs, events, links, _, start, end, _, _ = record
+    if trace_id != head.trace_id:
+        _set_trace(head, trace_id)
+    head.spanId = span_id - _U64 if span_id > _I64_MAX else span_id
+    head.parentSpanId = parent_id - _U64 if parent_id > _I64_MAX else parent_id
+    head.operationName = name
+    head.references = _record_refs(head, links) if links else None
+    head.flags = flags  # a TraceFlags: fastbinary takes it as the int it is
+    head.startTime = (start + 500) // 1000
+    head.duration = (end - start + 500) // 1000
+    # duration (field 9) ends the head: its STOP gives way to the tags (field 10, delta 1)
+    encoded_head = _encode_compact(head, _SPAN_HEAD_ARGS)[:-1]
+    if not attrs and not events:
+        return encoded_head + tags.without_own
+    parts = [encoded_head, b"\x19", b""]  # the list header goes in once the tags are counted
+    count = tags.count
+    if attrs:
+        count += _tags_compact(attrs.items(), max_len, parts)
+    parts[2] = _list_header_compact(count)
+    if events:
+        parts.append(tags.compact)
+        _logs_compact(_record_logs(events), max_len, parts)
+        parts.append(_STOP)
+    else:
+        parts.append(tags.compact_end)
+    return b"".join(parts)
+
+
+def _set_trace(head: _RecordHead, trace_id: int) -> None:
+    """Split a 128-bit trace id into the head's two signed 64-bit halves."""
+    high = trace_id >> 64
+    low = trace_id & _LOW64
+    head.traceIdHigh = high - _U64 if high > _I64_MAX else high
+    head.traceIdLow = low - _U64 if low > _I64_MAX else low
+    head.trace_id = trace_id
+
+
+class _FollowsFrom:
+    """A SpanRef to a span of the head's trace, as all of a record's links are.
+
+    Filled in attribute by attribute: a constructor call would cost more than the span ids.
+    """
+
+    __slots__ = ("traceIdLow", "traceIdHigh", "spanId")
+    refType = _FOLLOWS_FROM
+
+
+def _record_refs(head: _RecordHead, link_ids: Iterable[int]) -> list[_FollowsFrom]:
+    """A record's follows-from links, for the span whose trace ``head`` holds.
+
+    A loop rather than a comprehension: that is one more function call (Python 3.11), for what
+    is mostly a single link.
+    """
+    refs = []
+    for span_id in link_ids:
+        ref = _FollowsFrom()
+        ref.traceIdLow = head.traceIdLow
+        ref.traceIdHigh = head.traceIdHigh
+        ref.spanId = span_id - _U64 if span_id > _I64_MAX else span_id
+        refs.append(ref)
+    return refs
 
 
 def encode_span_binary(span: JaegerSpan) -> bytes:
@@ -1141,14 +1326,21 @@ class FastJaegerExporter(SpanExporter):
         still send them in the large units the transport wants (see ``QueueSpanProcessor``).
         """
         out = EncodedSpans() if into is None else into
-        encode = encode_span_compact if self._http is None else encode_span_binary
+        out.spans += len(spans)
+        if self._http is None:
+            self._encode_compact(spans, out)
+        else:
+            self._encode_binary(spans, out)
+        return out
+
+    def _encode_binary(self, spans: Sequence[ReadableSpan], out: EncodedSpans) -> None:
+        """Translate all the spans into batches, then encode each batch's spans."""
         batches, invalid = self.translator.batches(spans)
         self.stats.spans_dropped_invalid += invalid
-        out.spans += len(spans)
         out.invalid += invalid
         groups = out.groups
         for batch in batches:
-            encoded = self._encode_spans(batch, encode)
+            encoded = self._encode_spans(batch, encode_span_binary)
             out.invalid += len(batch.spans) - len(encoded)
             service = batch.process.serviceName
             group = groups.get(service)
@@ -1156,7 +1348,47 @@ class FastJaegerExporter(SpanExporter):
                 groups[service] = (batch.process, encoded)
             else:
                 group[1].extend(encoded)
-        return out
+
+    def _encode_compact(self, spans: Sequence[ReadableSpan], out: EncodedSpans) -> None:
+        """Encode spans one by one, the registry's records straight from the tuple.
+
+        Same groups, order and failures as translating everything first (``_encode_binary``):
+        a span that cannot be translated joins no group, one that cannot be encoded still
+        creates its service's group, just as its translation did there.
+        """
+        translator = self.translator
+        max_len = translator.max_tag_value_length
+        head = _RecordHead()
+        groups = out.groups
+        invalid = 0
+        for span in spans:
+            is_record = type(span) is SpanRecord
+            try:
+                if is_record:
+                    tags = translator.record_tags(span)  # type: ignore[arg-type]
+                    service = tags.service
+                else:
+                    translated = translator.translate(span)
+                    service = translated.service
+            except Exception:  # a malformed span must not sink the others
+                log.debug("cannot translate span %r", getattr(span, "name", span), exc_info=True)
+                invalid += 1
+                continue
+            group = groups.get(service)
+            if group is None:
+                group = groups[service] = (ThriftProcess(service), [])
+            try:
+                if is_record:
+                    encoded = encode_record_compact(span, tags, max_len, head)  # type: ignore[arg-type]
+                else:
+                    encoded = encode_span_compact(translated)
+            except Exception:  # e.g. a lone surrogate in a string cannot become UTF-8
+                log.debug("cannot encode span %r", getattr(span, "name", span), exc_info=True)
+                invalid += 1
+                continue
+            group[1].append(encoded)
+        self.stats.spans_dropped_invalid += invalid
+        out.invalid += invalid
 
     def send_encoded(self, encoded: EncodedSpans) -> SpanExportResult:
         """Send what ``encode`` produced; FAILURE if any span of it was lost."""

@@ -9,6 +9,7 @@ bodies are compared byte for byte.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from typing import Any
 
@@ -17,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
 
 from spoe_agent.config import load_config
@@ -126,8 +128,9 @@ def test_reference_tree_without_incoming_context() -> None:
     assert twin.check() == 9
 
 
-@pytest.mark.parametrize("max_len", [None, 3])
-def test_remote_parent_error_status_events_baggage_and_two_services(max_len: int | None) -> None:
+def two_services_twin() -> Twin:
+    """Links, events (one not UTF-8 encodable), error status, baggage, a remote parent, an
+    out-of-range tag and a second service, the two sessions interleaved."""
     twin = Twin(sampler=ParentBased(ALWAYS_ON))
     first = reference_notifies("u1", headers=[("traceparent", TRACEPARENT)], status=503, ts=5)
     first[2].append(
@@ -155,10 +158,11 @@ def test_remote_parent_error_status_events_baggage_and_two_services(max_len: int
         twin.notify(a)
         twin.clock.advance(0.001_234)
         twin.notify(b)
-    assert twin.check(max_len) == 18
+    return twin
 
 
-def test_incomplete_spans_from_ttl_cap_and_shutdown() -> None:
+def incomplete_twin() -> Twin:
+    """Spans ended by the TTL, the session cap and shutdown: ERROR statuses with descriptions."""
     twin = Twin(ttl_s=10, max_sessions=2)
     for notify in reference_notifies("ttl")[:3]:
         twin.notify(notify)
@@ -168,7 +172,16 @@ def test_incomplete_spans_from_ttl_cap_and_shutdown() -> None:
     twin.send(("id", "b"), ("span", "y"), ("traceparent", TRACEPARENT), ("log", "l"), ("", 1))
     twin.send(("id", "c"), ("span", "z"), ("kind", "producer"))  # evicts "a"
     twin.each("close_all", "shutdown")
-    assert twin.check() == 7
+    return twin
+
+
+@pytest.mark.parametrize("max_len", [None, 3])
+def test_remote_parent_error_status_events_baggage_and_two_services(max_len: int | None) -> None:
+    assert two_services_twin().check(max_len) == 18
+
+
+def test_incomplete_spans_from_ttl_cap_and_shutdown() -> None:
+    assert incomplete_twin().check() == 7
 
 
 def test_unsampled_sessions_emit_nothing_on_either_path() -> None:
@@ -187,6 +200,89 @@ def test_any_message_sequence_encodes_identically(messages, sampled) -> None:
         twin.clock.advance(0.1)
     twin.each("close_all")
     twin.check()
+
+
+# -- the UDP exporter encodes records straight from the tuple ----------------------------------
+
+
+def translated_datagrams(spans: list[Any], max_len: int | None = None) -> list[bytes]:
+    """The datagrams of the general path: every span translated into a ``JaegerSpan``, grouped
+    by service, then encoded (each service's spans fit one datagram here)."""
+    batches, failed = fast.JaegerTranslator(max_len).batches(spans)
+    assert failed == 0
+    return [fast.encode_emit_batch(batch) for batch in batches]
+
+
+def udp_exporter(max_len: int | None = None) -> tuple[FastJaegerExporter, Captured]:
+    exporter = FastJaegerExporter(max_tag_value_length=max_len)
+    exporter._udp = captured = Captured()  # type: ignore[assignment]
+    return exporter, captured
+
+
+def interleaved(*lists: list[Any]) -> list[Any]:
+    return [span for group in itertools.zip_longest(*lists) for span in group if span is not None]
+
+
+@pytest.mark.parametrize("max_len", [None, 3])
+@pytest.mark.parametrize("make_twin", [two_services_twin, incomplete_twin])
+@pytest.mark.parametrize("order", ["emitted", "reversed", "traces interleaved"])
+def test_records_encode_as_their_translation_does(make_twin: Any, max_len: Any, order: str) -> None:
+    """Records in any order (the encoder keeps the previous record's trace ids)."""
+    records = make_twin().records
+    if order == "reversed":
+        records = records[::-1]
+    elif order == "traces interleaved":
+        by_trace: dict[int, list[Any]] = {}
+        for record in records:
+            by_trace.setdefault(record.trace_id, []).append(record)
+        assert len(by_trace) > 1
+        records = interleaved(*by_trace.values())
+    exporter, captured = udp_exporter(max_len)
+    assert exporter.export(records) is SpanExportResult.SUCCESS
+    assert captured.datagrams == translated_datagrams(records, max_len)
+    assert exporter.stats.spans_sent == len(records)
+
+
+def test_records_and_sdk_spans_mixed_in_one_encode_and_in_slices() -> None:
+    twin = two_services_twin()
+    mixed = interleaved(twin.records, twin.sdk[::-1])
+    expected = translated_datagrams(mixed)
+    assert len(expected) == 2  # one datagram per service, records and SDK spans together
+    exporter, captured = udp_exporter()
+    assert exporter.export(mixed) is SpanExportResult.SUCCESS
+    assert captured.datagrams == expected
+    sliced, captured = udp_exporter()
+    encoded = None
+    for start in range(0, len(mixed), 5):
+        encoded = sliced.encode(mixed[start : start + 5], encoded)
+    assert encoded is not None and len(encoded) == len(mixed)
+    assert sliced.send_encoded(encoded) is SpanExportResult.SUCCESS
+    assert captured.datagrams == expected
+
+
+def test_an_unencodable_record_is_dropped_and_its_service_keeps_its_place() -> None:
+    """As when all spans were translated before any was encoded: the failed record's service
+    comes first, though its only other record comes after another service's."""
+    records = two_services_twin().records
+    services = [record.resource.attributes["service.name"] for record in records]
+    first = records[services.index("haproxy")]
+    bad = first._replace(name="lone surrogate \ud800")
+    assert type(bad) is SpanRecord
+    good_a = records[len(services) - 1 - services[::-1].index("haproxy")]
+    good_b = records[services.index("edge")]
+    spans = [bad, good_b, good_a]
+    batches, _ = fast.JaegerTranslator().batches(spans)
+    for batch in batches:
+        batch.spans = [span for span in batch.spans if span.operationName != bad.name]
+    exporter, captured = udp_exporter()
+    assert exporter.export(spans) is SpanExportResult.FAILURE
+    assert exporter.stats.spans_dropped_invalid == 1
+    assert exporter.stats.spans_sent == 2
+    assert captured.datagrams == [fast.encode_emit_batch(batch) for batch in batches]
+    assert [fast.decode_emit_batch(d)[1].process.serviceName for d in captured.datagrams] == [
+        "haproxy",
+        "edge",
+    ]
 
 
 def test_the_tracing_agent_sends_records_through_its_counted_queue() -> None:
