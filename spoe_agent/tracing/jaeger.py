@@ -170,6 +170,10 @@ class ConstTags:
         self.binary = b"".join(parts)
 
 
+# The Span fields 1-9 that fastbinary encodes by attribute (_SPAN_HEAD_ARGS), by name.
+_SPAN_HEAD_FIELDS = tuple(field[2] for field in _SPAN_FIELDS[1:10])
+
+
 class JaegerSpan:
     """A translated span: the thrift ``Span`` fields, with its tags kept as (key, value) segments.
 
@@ -180,15 +184,7 @@ class JaegerSpan:
     """
 
     __slots__ = (
-        "traceIdLow",
-        "traceIdHigh",
-        "spanId",
-        "parentSpanId",
-        "operationName",
-        "references",
-        "flags",
-        "startTime",
-        "duration",
+        *_SPAN_HEAD_FIELDS,
         "max_len",
         "service",
         "own_tags",
@@ -263,18 +259,7 @@ class _RecordHead:
     big-integer arithmetic. Not shared between threads: each ``encode`` call uses its own.
     """
 
-    __slots__ = (
-        "trace_id",
-        "traceIdLow",
-        "traceIdHigh",
-        "spanId",
-        "parentSpanId",
-        "operationName",
-        "references",
-        "flags",
-        "startTime",
-        "duration",
-    )
+    __slots__ = ("trace_id", *_SPAN_HEAD_FIELDS)
 
     def __init__(self) -> None:
         self.trace_id: int | None = None
