@@ -58,7 +58,7 @@ def build_exporter(config: AgentConfig) -> SpanExporter | None:
             ) from None
         return OTLPSpanExporter(endpoint=config.otlp_endpoint or None,
                                 timeout=int(config.export_timeout))
-    from spoe_agent.tracing.jaeger import FastJaegerExporter
+    from spoe_agent.tracing.jaeger.exporter import FastJaegerExporter
 
     return FastJaegerExporter(
         agent_host_name=config.jaeger_agent_host,

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from spoe_agent.tracing.jaeger import decode_batch_binary, decode_emit_batch
+from spoe_agent.tracing.jaeger.decode import decode_batch_binary, decode_emit_batch
 
 log = logging.getLogger(__name__)
 

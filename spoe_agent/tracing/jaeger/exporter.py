@@ -1,0 +1,310 @@
+"""The span exporter: translate, encode, and send spans to jaeger-agent or jaeger-collector.
+
+``FastJaegerExporter`` takes the official ``JaegerExporter``'s arguments and writes its bytes; it
+can also encode spans ahead of sending them (``encode``/``send_encoded``, for the queue processor)
+and takes the registry's ``SpanRecord`` tuples as well as SDK spans.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+from spoe_agent.tracing.jaeger.encode import (
+    UDP_PACKET_MAX_LENGTH,
+    _RecordHead,
+    batch_binary_from_parts,
+    datagram_size,
+    emit_batch_datagram,
+    encode_process_binary,
+    encode_process_compact,
+    encode_record_compact,
+    encode_span_binary,
+    encode_span_compact,
+    pack_span_bytes,
+)
+from spoe_agent.tracing.jaeger.spans import ThriftBatch, ThriftProcess
+from spoe_agent.tracing.jaeger.translate import _CACHE_LIMIT, JaegerTranslator
+from spoe_agent.tracing.jaeger.transport import _HTTPSender, _UDPSender
+from spoe_agent.tracing.registry import SpanRecord
+
+# The package's logger, as before it was split: log lines and logging configuration keep its name.
+log = logging.getLogger(__package__)
+
+
+@dataclass
+class ExportStats:
+    """Plain counters; read them for metrics, never reset by the exporter."""
+
+    spans_sent: int = 0
+    datagrams_sent: int = 0
+    http_posts: int = 0
+    bytes_sent: int = 0
+    send_errors: int = 0
+    spans_failed: int = 0  # spans in datagrams/posts that could not be sent
+    spans_dropped_oversize: int = 0
+    spans_dropped_invalid: int = 0  # spans that could not be translated or encoded
+
+
+class EncodedSpans:
+    """Spans translated and encoded for one transport, grouped by service, not yet sent.
+
+    ``spans`` counts every span handed to ``encode``; ``invalid`` those that could not be
+    translated or encoded (dropped, and counted in the exporter's stats when found).
+    """
+
+    __slots__ = ("groups", "spans", "invalid")
+
+    def __init__(self) -> None:
+        self.groups: dict[str, tuple[ThriftProcess, list[bytes]]] = {}
+        self.spans = 0
+        self.invalid = 0
+
+    def __len__(self) -> int:
+        return self.spans
+
+
+class FastJaegerExporter(SpanExporter):
+    """A drop-in for the official ``JaegerExporter`` (same arguments, same wire bytes), but fast.
+
+    With ``collector_endpoint`` set, batches go to the collector over HTTP only; otherwise to the
+    agent over UDP, as the official exporter does. ``export`` also takes the registry's
+    :class:`SpanRecord` tuples (``accepts_span_records``), mixed with SDK spans or not.
+    """
+
+    accepts_span_records = True
+
+    def __init__(
+        self,
+        agent_host_name: str = "localhost",
+        agent_port: int = 6831,
+        collector_endpoint: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        max_tag_value_length: int | None = None,
+        timeout: float = 10,
+        udp_split_oversized_batches: bool = True,
+        *,
+        max_packet_size: int = UDP_PACKET_MAX_LENGTH,
+        default_service_name: str | None = None,
+    ) -> None:
+        self.agent_host_name = agent_host_name
+        self.agent_port = agent_port
+        self.collector_endpoint = collector_endpoint or None
+        self.udp_split_oversized_batches = udp_split_oversized_batches
+        self.max_packet_size = max_packet_size
+        self.stats = ExportStats()
+        self.translator = JaegerTranslator(max_tag_value_length, default_service_name)
+        self._udp = _UDPSender(agent_host_name, agent_port)
+        self._http = (
+            _HTTPSender(self.collector_endpoint, username, password, timeout)
+            if self.collector_endpoint
+            else None
+        )
+        self._process_bytes: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+        self._shutdown = False
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> FastJaegerExporter:
+        """Build from the official ``OTEL_EXPORTER_JAEGER_*`` variables; explicit args win."""
+        env = os.environ
+        kwargs: dict[str, Any] = {}
+        if env.get("OTEL_EXPORTER_JAEGER_AGENT_HOST"):
+            kwargs["agent_host_name"] = env["OTEL_EXPORTER_JAEGER_AGENT_HOST"]
+        if env.get("OTEL_EXPORTER_JAEGER_AGENT_PORT"):
+            kwargs["agent_port"] = int(env["OTEL_EXPORTER_JAEGER_AGENT_PORT"])
+        if env.get("OTEL_EXPORTER_JAEGER_ENDPOINT"):
+            kwargs["collector_endpoint"] = env["OTEL_EXPORTER_JAEGER_ENDPOINT"]
+        if "OTEL_EXPORTER_JAEGER_USER" in env:
+            kwargs["username"] = env["OTEL_EXPORTER_JAEGER_USER"]
+        if "OTEL_EXPORTER_JAEGER_PASSWORD" in env:
+            kwargs["password"] = env["OTEL_EXPORTER_JAEGER_PASSWORD"]
+        if env.get("OTEL_EXPORTER_JAEGER_TIMEOUT"):
+            kwargs["timeout"] = float(env["OTEL_EXPORTER_JAEGER_TIMEOUT"])
+        split = env.get("OTEL_EXPORTER_JAEGER_AGENT_SPLIT_OVERSIZED_BATCHES")
+        if split:
+            kwargs["udp_split_oversized_batches"] = split.strip().lower() in ("1", "true", "yes")
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        """Send the spans; FAILURE if any of them could not be sent (the others still are)."""
+        if self._shutdown:
+            return SpanExportResult.FAILURE
+        if not spans:
+            return SpanExportResult.SUCCESS
+        return self.send_encoded(self.encode(spans))
+
+    def encode(self, spans: Sequence[ReadableSpan], into: EncodedSpans | None = None) -> EncodedSpans:
+        """Translate and encode spans for this exporter's transport, adding them to ``into``.
+
+        Split from sending so that a processor can encode a few spans at a time as they end and
+        still send them in the large units the transport wants (see ``QueueSpanProcessor``).
+        """
+        out = EncodedSpans() if into is None else into
+        out.spans += len(spans)
+        if self._http is None:
+            self._encode_compact(spans, out)
+        else:
+            self._encode_binary(spans, out)
+        return out
+
+    def _encode_binary(self, spans: Sequence[ReadableSpan], out: EncodedSpans) -> None:
+        """Translate all the spans into batches, then encode each batch's spans."""
+        batches, invalid = self.translator.batches(spans)
+        self.stats.spans_dropped_invalid += invalid
+        out.invalid += invalid
+        groups = out.groups
+        for batch in batches:
+            encoded = self._encode_spans(batch, encode_span_binary)
+            out.invalid += len(batch.spans) - len(encoded)
+            service = batch.process.serviceName
+            group = groups.get(service)
+            if group is None:
+                groups[service] = (batch.process, encoded)
+            else:
+                group[1].extend(encoded)
+
+    def _encode_compact(self, spans: Sequence[ReadableSpan], out: EncodedSpans) -> None:
+        """Encode spans one by one, the registry's records straight from the tuple.
+
+        Same groups, order and failures as translating everything first (``_encode_binary``):
+        a span that cannot be translated joins no group, one that cannot be encoded still
+        creates its service's group, just as its translation did there.
+        """
+        translator = self.translator
+        max_len = translator.max_tag_value_length
+        head = _RecordHead()
+        groups = out.groups
+        invalid = 0
+        for span in spans:
+            is_record = type(span) is SpanRecord
+            try:
+                if is_record:
+                    tags = translator.record_tags(span)  # type: ignore[arg-type]
+                    service = tags.service
+                else:
+                    translated = translator.translate(span)
+                    service = translated.service
+            except Exception:  # a malformed span must not sink the others
+                log.debug("cannot translate span %r", getattr(span, "name", span), exc_info=True)
+                invalid += 1
+                continue
+            group = groups.get(service)
+            if group is None:
+                group = groups[service] = (ThriftProcess(service), [])
+            try:
+                if is_record:
+                    encoded = encode_record_compact(span, tags, max_len, head)  # type: ignore[arg-type]
+                else:
+                    encoded = encode_span_compact(translated)
+            except Exception:  # e.g. a lone surrogate in a string cannot become UTF-8
+                log.debug("cannot encode span %r", getattr(span, "name", span), exc_info=True)
+                invalid += 1
+                continue
+            group[1].append(encoded)
+        self.stats.spans_dropped_invalid += invalid
+        out.invalid += invalid
+
+    def send_encoded(self, encoded: EncodedSpans) -> SpanExportResult:
+        """Send what ``encode`` produced; FAILURE if any span of it was lost."""
+        if self._shutdown:
+            return SpanExportResult.FAILURE
+        ok = encoded.invalid == 0
+        with self._lock:
+            for process, spans in encoded.groups.values():
+                if not spans:
+                    continue
+                if self._http is not None:
+                    ok = self._send_http(process, spans) and ok
+                else:
+                    ok = self._send_udp(process, spans) and ok
+        return SpanExportResult.SUCCESS if ok else SpanExportResult.FAILURE
+
+    def _encode_spans(self, batch: ThriftBatch, encode: Any) -> list[bytes]:
+        encoded = []
+        for span in batch.spans:
+            try:
+                encoded.append(encode(span))
+            except Exception:  # e.g. a lone surrogate in a string cannot become UTF-8
+                log.debug("cannot encode span %r", span.operationName, exc_info=True)
+                self.stats.spans_dropped_invalid += 1
+        return encoded
+
+    def _send_http(self, process: ThriftProcess, spans: list[bytes]) -> bool:
+        stats = self.stats
+        body = batch_binary_from_parts(encode_process_binary(process), spans)
+        try:
+            self._http.send(body)  # type: ignore[union-attr]
+        except Exception as exc:
+            stats.send_errors += 1
+            stats.spans_failed += len(spans)
+            log.warning("Jaeger collector export failed: %s", exc)
+            return False
+        stats.http_posts += 1
+        stats.bytes_sent += len(body)
+        stats.spans_sent += len(spans)
+        return True
+
+    def _send_udp(self, process_struct: ThriftProcess, spans: list[bytes]) -> bool:
+        stats = self.stats
+        ok = True
+        service = process_struct.serviceName
+        process = self._process_bytes.get(service)
+        if process is None:
+            process = encode_process_compact(process_struct)
+            if len(self._process_bytes) >= _CACHE_LIMIT:
+                self._process_bytes.clear()
+            self._process_bytes[service] = process
+        size = datagram_size(process, map(len, spans))
+        if size <= self.max_packet_size:
+            datagrams = [(emit_batch_datagram(process, spans), len(spans))]
+        elif not self.udp_split_oversized_batches and len(spans) > 1:
+            stats.spans_dropped_oversize += len(spans)
+            log.warning(
+                "Jaeger batch of ~%d bytes exceeds the max UDP packet size %d; dropped",
+                size,
+                self.max_packet_size,
+            )
+            return False
+        else:
+            datagrams, dropped = pack_span_bytes(process, spans, self.max_packet_size)
+            if dropped:
+                stats.spans_dropped_oversize += dropped
+                log.warning("%d span(s) larger than a UDP packet dropped", dropped)
+                ok = False
+        for data, count in datagrams:
+            try:
+                self._udp.send(data)
+            except Exception as exc:
+                stats.send_errors += 1
+                stats.spans_failed += count
+                log.warning("Jaeger agent export failed: %s", exc)
+                ok = False
+                continue
+            stats.datagrams_sent += 1
+            stats.bytes_sent += len(data)
+            stats.spans_sent += count
+        return ok
+
+    def shutdown(self) -> None:
+        """Refuse further exports and close the sockets.
+
+        Not under the export lock: an export stuck on a dead collector must not hold this up.
+        """
+        self._shutdown = True
+        self._udp.close()
+        if self._http is not None:
+            self._http.close()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        """Nothing is buffered here: every export is sent before it returns."""
+        return True

@@ -1,0 +1,118 @@
+"""The transports to Jaeger: UDP datagrams to jaeger-agent, HTTP posts to jaeger-collector.
+
+They send bytes that are already encoded and know nothing of thrift; the exporter counts what
+they fail to send.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import socket
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+
+class _UDPSender:
+    """Sends datagrams to jaeger-agent; resolves the host now and then rather than per packet."""
+
+    RESOLVE_EVERY_S = 30.0
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self._sock: socket.socket | None = None
+        self._addr: Any = None
+        self._resolved_at = 0.0
+
+    def _target(self) -> tuple[socket.socket, Any]:
+        now = time.monotonic()
+        if self._sock is None or now - self._resolved_at > self.RESOLVE_EVERY_S:
+            infos = socket.getaddrinfo(self.host, self.port, 0, socket.SOCK_DGRAM)
+            family, _, _, _, addr = infos[0]
+            if self._sock is None or self._sock.family != family:
+                self.close()
+                self._sock = socket.socket(family, socket.SOCK_DGRAM)
+            self._addr = addr
+            self._resolved_at = now
+        return self._sock, self._addr
+
+    def send(self, datagram: bytes) -> None:
+        sock, addr = self._target()
+        try:
+            sock.sendto(datagram, addr)
+        except OSError:
+            self._resolved_at = 0.0  # re-resolve on the next attempt
+            raise
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+class _HTTPSender:
+    """POSTs binary thrift Batches to jaeger-collector, keeping the connection alive between posts.
+
+    Plain ``http.client`` so gevent's monkeypatching makes it cooperative, and no dependency
+    beyond the standard library.
+    """
+
+    def __init__(
+        self, endpoint: str, username: str | None, password: str | None, timeout: float
+    ) -> None:
+        parts = urlsplit(endpoint)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"unsupported Jaeger collector endpoint: {endpoint!r}")
+        self.endpoint = endpoint
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname
+        self._port = parts.port or (443 if self._https else 80)
+        self._path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self._timeout = timeout
+        self._headers = {"Content-Type": "application/x-thrift"}
+        if username is not None and password is not None:
+            token = base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
+            self._headers["Authorization"] = f"Basic {token}"
+        self._conn: http.client.HTTPConnection | None = None
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._conn is None:
+            cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+            self._conn = cls(self._host, self._port, timeout=self._timeout)
+        return self._conn
+
+    def send(self, body: bytes) -> None:
+        """Raise on transport errors and non-2xx answers."""
+        reused = self._conn is not None
+        try:
+            status, reason = self._post(body)
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+            self.close()
+            if not reused:
+                raise
+            status, reason = self._post(body)  # the kept-alive connection had gone stale
+        except Exception:
+            self.close()
+            raise
+        if not 200 <= status < 300:
+            raise OSError(f"Jaeger collector answered HTTP {status} {reason}")
+
+    def _post(self, body: bytes) -> tuple[int, str]:
+        conn = self._connection()
+        try:
+            conn.request("POST", self._path, body=body, headers=self._headers)
+            response = conn.getresponse()
+            response.read()
+        except Exception:
+            self.close()
+            raise
+        if response.will_close:
+            self.close()
+        return response.status, response.reason
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
