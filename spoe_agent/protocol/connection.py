@@ -30,6 +30,7 @@ from spoe_agent.protocol.types import (
     Status,
     Typed,
 )
+from spoe_agent.protocol.varint import decode_varint
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,16 @@ _NOTIFY = int(FrameType.NOTIFY)
 _UNSET = int(FrameType.UNSET)
 _FIN_ONLY = FLAG_FIN.to_bytes(4, "big")
 _U32_FROM = struct.Struct(">I").unpack_from
+
+
+def _frame_varint(data: bytes, pos: int, frame_end: int) -> tuple[int, int]:
+    """A multi-byte id for the inline NOTIFY path; past ``frame_end`` (or malformed) when the
+    general path must decide, so that both raise the same error."""
+    try:
+        value, pos = decode_varint(data, pos)
+    except InvalidFrame:
+        return 0, frame_end + 1
+    return value, pos
 
 
 @dataclass(slots=True)
@@ -235,21 +246,31 @@ class SpopConnection:
                 frame_end = pos + _LENGTH_PREFIX + length
                 if frame_end > end:
                     break
-                # The common frame, inlined: an unfragmented NOTIFY with one-byte ids. Anything
-                # else (and any doubt) takes the general path, which decides the same way.
+                # The common frame, inlined: an unfragmented NOTIFY. Anything else (and any
+                # doubt: ids running past the frame) takes the general path, which decides the
+                # same way.
                 if (
                     length >= 7
                     and data[pos + 4] == _NOTIFY
                     and data[pos + 5:pos + 9] == _FIN_ONLY
-                    and data[pos + 9] < 240
-                    and data[pos + 10] < 240
                     and self.state is _READY
                     and self._fragments is None
                 ):
-                    events.append(NotifyReceived(
-                        data[pos + 9], data[pos + 10],
-                        codec.decode_messages(data[pos + 11:frame_end]),
-                    ))
+                    sid = data[pos + 9]
+                    at = pos + 10
+                    if sid >= 240:
+                        sid, at = _frame_varint(data, pos + 9, frame_end)
+                    fid = data[at] if at < frame_end else 240
+                    if fid < 240:
+                        at += 1
+                    else:
+                        fid, at = _frame_varint(data, at, frame_end)
+                    if at <= frame_end:
+                        events.append(NotifyReceived(
+                            sid, fid, codec.decode_messages(data[at:frame_end])
+                        ))
+                    else:
+                        self._handle_frame(data[pos + _LENGTH_PREFIX:frame_end], events)
                 else:
                     self._handle_frame(data[pos + _LENGTH_PREFIX:frame_end], events)
                 pos = frame_end

@@ -17,6 +17,7 @@ from spoe_agent.protocol.connection import (
     SpopConnection,
     State,
 )
+from spoe_agent.protocol.errors import ProtocolError
 from spoe_agent.protocol.types import (
     FLAG_ABORT,
     FLAG_FIN,
@@ -330,7 +331,7 @@ _notify_frames = st.builds(
 def test_notifies_in_any_split_give_what_the_general_path_gives(
     frames: list[bytes], data: st.DataObject
 ) -> None:
-    """receive_data decodes the common NOTIFY (FIN only, one-byte ids) inline; every other
+    """receive_data decodes the common NOTIFY (FIN only) inline; every other
     frame goes through _handle_frame. Whatever the ids, flags and read boundaries, the events
     must be those _handle_frame produces frame by frame."""
     reference = SpopConnection()
@@ -348,6 +349,35 @@ def test_notifies_in_any_split_give_what_the_general_path_gives(
         got.extend(conn.receive_data(stream[start:stop]))
     assert got == expected
     assert conn.buffered == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=24), st.binary(max_size=12))
+def test_notify_ids_running_past_the_frame_are_refused_as_the_general_path_does(
+    ids_and_payload: bytes, next_bytes: bytes
+) -> None:
+    """A FIN NOTIFY whose stream or frame id is truncated, too long or runs into the next
+    frame: the inline path must answer exactly what _handle_frame answers, bytes included."""
+    body = bytes((int(FrameType.NOTIFY),)) + FLAG_FIN.to_bytes(4, "big") + ids_and_payload
+    wire = len(body).to_bytes(4, "big") + body + next_bytes
+
+    reference = SpopConnection()
+    reference.receive_data(HAPROXY_HELLO)
+    reference.data_to_send()
+    expected: list = []
+    try:
+        reference._handle_frame(body, expected)
+    except ProtocolError as exc:
+        reference._violation(exc.status, exc.message, expected)
+
+    conn = SpopConnection()
+    conn.receive_data(HAPROXY_HELLO)
+    conn.data_to_send()
+    got = conn.receive_data(wire)
+    assert got[: len(expected)] == expected
+    if reference.state is State.CLOSED:
+        assert got == expected
+        assert conn.data_to_send() == reference.data_to_send()
 
 
 def test_an_oversized_length_is_refused_before_the_frame_arrives() -> None:
