@@ -29,14 +29,56 @@ def encode_varint(value: int) -> bytes:
 
 
 def decode_varint(buf: bytes, pos: int) -> tuple[int, int]:
-    """Return ``(value, next_pos)``; raises :class:`InvalidFrame` when truncated or > 64 bits."""
+    """Return ``(value, next_pos)``; raises :class:`InvalidFrame` when truncated or > 64 bits.
+
+    Unrolled up to 9 bytes, which cannot overflow: every traced message carries an 8-byte
+    ``ts=date(0,us)``, and the loop cost several times these straight lines. Longer varints
+    (values of 2**57 and more, or malformed ones) take the general loop.
+    """
     try:
         value = buf[pos]
+        if value < 240:
+            return value, pos + 1
+        b = buf[pos + 1]
+        value += b << 4
+        if b < 128:
+            return value, pos + 2
+        b = buf[pos + 2]
+        value += b << 11
+        if b < 128:
+            return value, pos + 3
+        b = buf[pos + 3]
+        value += b << 18
+        if b < 128:
+            return value, pos + 4
+        b = buf[pos + 4]
+        value += b << 25
+        if b < 128:
+            return value, pos + 5
+        b = buf[pos + 5]
+        value += b << 32
+        if b < 128:
+            return value, pos + 6
+        b = buf[pos + 6]
+        value += b << 39
+        if b < 128:
+            return value, pos + 7
+        b = buf[pos + 7]
+        value += b << 46
+        if b < 128:
+            return value, pos + 8
+        b = buf[pos + 8]
+        value += b << 53
+        if b < 128:
+            return value, pos + 9
     except IndexError:
         raise InvalidFrame("truncated varint") from None
+    return _decode_long_varint(buf, pos)
+
+
+def _decode_long_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    value = buf[pos]
     pos += 1
-    if value < 240:
-        return value, pos
     shift = 4
     while True:
         try:

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from spoe_agent.protocol import codec, grammar
 from spoe_agent.protocol.errors import InvalidFrame
 from spoe_agent.protocol.types import Frame, FrameType, Message
-from spoe_agent.protocol.varint import decode_varint
+from spoe_agent.protocol.varint import _decode_long_varint, decode_varint
 
 from .strategies import (
     CODEC,
@@ -233,3 +233,26 @@ def test_notify_and_ack_frames_end_to_end(
     assert canon(codec.decode_actions(grammar.parse_frame(ack[4:]).payload)) == canon(
         [expected(action) for action in actions]
     )
+
+
+def _varint_outcome(decode: Callable[[bytes, int], tuple[int, int]], data: bytes) -> Any:
+    try:
+        return decode(data, 1)
+    except InvalidFrame as exc:
+        return str(exc)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.integers(240, 255),
+    st.lists(st.integers(128, 255), max_size=11),
+    st.one_of(st.none(), st.integers(0, 127)),
+    st.binary(max_size=3),
+)
+def test_unrolled_varint_decoder_is_the_loop(
+    first: int, more: list[int], last: int | None, after: bytes
+) -> None:
+    """decode_varint unrolls the first 9 bytes; at every length, truncated or too long, it must
+    answer what the general loop answers (value, end, or error), read at an offset."""
+    data = bytes([7, first, *more]) + (bytes([last]) if last is not None else b"") + after
+    assert _varint_outcome(decode_varint, data) == _varint_outcome(_decode_long_varint, data)
