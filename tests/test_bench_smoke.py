@@ -158,3 +158,23 @@ def test_traced_path_replays_whole_requests() -> None:
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_run_spop_bench_alternates_interpreters_on_the_traced_replay(tmp_path: Path) -> None:
+    """run_spop_bench with two --agent-python (here the same one twice): one round runs the
+    traced replay against each, with export on, and the table reports the agent CPU per traced
+    request of each, the number issue 3's target is about."""
+    out = tmp_path / "runs.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run_spop_bench", "--workload", "traced",
+         "--duration", "0.5", "--warmup", "0.2", "-c", "1", "-w", "2", "--skip-forge",
+         "--agent-python", sys.executable, "--agent-python", sys.executable,
+         "--agent-args", "--exporter console", "--logs", str(tmp_path / "logs"),
+         "--json", str(out)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = json.loads(out.read_text())
+    assert len(runs) == 2 and all(r["agent"].startswith("spoe-agent [") for r in runs), runs
+    assert all(r["requests"] > 0 and r["errors"] == 0 for r in runs), runs
+    assert "agent CPU per traced request median" in proc.stdout, proc.stdout
