@@ -281,6 +281,7 @@ class Scenario:
     spoe: str | None  # "trace", "minimal" or None
     workers: int = 1
     exporter: str = "jaeger"  # "none": the tracing work without the export, to split costs
+    agent_args: tuple[str, ...] = ()  # extra spoe-agent flags (--busy-poll)
 
 
 @dataclass
@@ -338,7 +339,7 @@ class Bench:
             wait_port(origin_port, origin)
             if sc.agent == "spoe-agent":
                 argv = [sys.executable, "-m", "spoe_agent", "--bind", f"127.0.0.1:{agent_port}",
-                        "--workers", str(sc.workers), "--log-level", "info"]
+                        "--workers", str(sc.workers), "--log-level", "info", *sc.agent_args]
                 env = clean_env()
                 if sc.spoe == "minimal":
                     argv += ["--app", "benchmarks.apps:minimal_agent", "--exporter", "none"]
@@ -541,6 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=1, help="alternate all configs this often")
     p.add_argument("--diagnose", action="store_true",
                    help="also the traced configs with --exporter none (export's share)")
+    p.add_argument("--busy-poll", action="store_true",
+                   help="also the traced configs with spoe-agent --busy-poll (the latency a "
+                        "sleeping event loop costs)")
     p.add_argument("--wait-quiet", type=float, default=0.15, metavar="CORES",
                    help="before each run, wait until other processes use under this (0: off)")
     p.add_argument("--quiet-timeout", type=float, default=300.0)
@@ -557,6 +561,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.diagnose:
         scenarios += [Scenario(f"traced x{n}, no export", "spoe-agent", "trace", n, "none")
                       for n in args.workers]
+    if args.busy_poll:
+        scenarios += [Scenario(f"traced x{n}, busy-poll", "spoe-agent", "trace", n,
+                               agent_args=("--busy-poll",)) for n in args.workers]
     scenarios.append(Scenario("minimal spoe-agent", "spoe-agent", "minimal"))
     if os.path.exists(args.forge_python):
         scenarios.append(Scenario("minimal spoe-forge", "spoe-forge", "minimal"))

@@ -31,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, metavar="N", help="worker processes")
     # Set by the --workers supervisor on the processes it starts (docs/scaling.md).
     parser.add_argument("--worker-index", dest="worker_index", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--busy-poll", dest="busy_poll", action="store_true", default=None,
+                        help="poll without ever sleeping, like HAProxy's busy-polling: lower "
+                             "latency per event (on VMs especially) for one busy core per "
+                             "process")
     parser.add_argument("--metrics", metavar="HOST:PORT",
                         help="serve Prometheus /metrics and /health there (off by default)")
     parser.add_argument("--service-name", dest="service_name", metavar="NAME",
@@ -58,6 +62,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "exporter": args.exporter,
         "log_level": args.log_level.upper() if args.log_level else None,
         "log_format": args.log_format,
+        "busy_poll": args.busy_poll,
     }
     if args.bind is not None:
         overrides["bind"] = parse_bind(args.bind)

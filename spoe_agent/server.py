@@ -199,6 +199,7 @@ class SpoaServer:
         self._stopping = False
         self._stop_deadline = float("inf")
         self._throttle = Throttle(log)
+        self._busy_poll: Any = None  # the idle watcher of --busy-poll, while serving
         if listener is None:
             listener = make_listener(config.bind)
         self._pool = _ConnectionPool(
@@ -225,8 +226,13 @@ class SpoaServer:
         self._server.start()
         if self.config.idle_timeout:
             gevent.spawn(self._sweep_idle, self.config.idle_timeout)
-        log.info("spoe-agent listening on %s%s", self.config.bind,
-                 " (TLS)" if self._tls is not None else "")
+        if self.config.busy_poll:
+            # An active idle watcher makes the loop poll with a null timeout: it never sleeps.
+            self._busy_poll = gevent.get_hub().loop.idle()
+            self._busy_poll.start(_busy_poll_tick)
+        log.info("spoe-agent listening on %s%s%s", self.config.bind,
+                 " (TLS)" if self._tls is not None else "",
+                 ", busy polling" if self.config.busy_poll else "")
 
     def serve_forever(self) -> None:
         if not self._server.started:
@@ -241,6 +247,9 @@ class SpoaServer:
         self._stopping = True
         self._stop_deadline = time.monotonic() + timeout
         self._server.close()
+        if self._busy_poll is not None:
+            self._busy_poll.stop()
+            self._busy_poll = None
         loop = gevent.get_hub().loop
         for client in list(self._clients):
             client.draining = True
@@ -517,6 +526,10 @@ def _wake_for_idle(client: _Client) -> None:
     """Hub callback: end a connection still parked in ``recv`` with nothing buffered."""
     if client.in_recv and client.idle_since is not None and not client.greenlet.dead:
         client.greenlet.throw(_Idle)
+
+
+def _busy_poll_tick() -> None:
+    """The idle watcher's callback: nothing to do, being active is the point."""
 
 
 def _wake_for_drain(client: _Client) -> None:

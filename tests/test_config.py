@@ -120,6 +120,16 @@ def test_listener_limits_have_safe_defaults_and_parse_from_the_ini(tmp_path: Pat
     assert (config.log_format, config.metrics) == ("json", "127.0.0.1:9100")
 
 
+def test_busy_poll_is_off_unless_the_ini_or_the_flag_asks(tmp_path: Path) -> None:
+    from spoe_agent.cli import _overrides, build_parser
+
+    assert load_config(env={}).busy_poll is False
+    assert load_config(write(tmp_path, "[listener]\nbusy_poll = yes\n"), env={}).busy_poll is True
+    assert load_config(overrides=_overrides(build_parser().parse_args([])), env={}).busy_poll is False
+    flagged = load_config(overrides=_overrides(build_parser().parse_args(["--busy-poll"])), env={})
+    assert flagged.busy_poll is True and flagged.sources["busy_poll"]
+
+
 @pytest.mark.parametrize(
     ("text", "reason"),
     [
@@ -127,6 +137,7 @@ def test_listener_limits_have_safe_defaults_and_parse_from_the_ini(tmp_path: Pat
         ("[listener]\nmax_in_flight = -1\n", "must be between 1 and 100000"),
         ("[listener]\nidle_timeout = forever\n", "expected a duration"),
         ("[tracing]\nmax_attribute_length = 0\n", "must be >= 1"),
+        ("[listener]\n\nbusy_poll = sometimes\n", "agent.ini:3: .*busy_poll: expected true or false"),
     ],
 )
 def test_limits_refuse_unsafe_values(tmp_path: Path, text: str, reason: str) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import time
 
 from spoe_agent.protocol import codec
 from spoe_agent.protocol.types import FrameType, Message, Scope, SetVar
@@ -94,3 +96,36 @@ def test_sigterm_disconnects_open_connections_and_exits_zero(spoe_agent) -> None
         assert codec.decode_kv_list(frame.payload)["status-code"] == 0
         assert client.read_frame() is None
     assert agent.process.wait(10) == 0
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _idle_cpu(pid: int, seconds: float = 1.0) -> float:
+    """Cores the process used while nobody talked to it."""
+    before, start = _cpu_seconds(pid), time.monotonic()
+    time.sleep(seconds)
+    return (_cpu_seconds(pid) - before) / (time.monotonic() - start)
+
+
+def test_busy_poll_never_sleeps_serves_and_still_stops_cleanly(spoe_agent) -> None:
+    """--busy-poll (HAProxy's busy-polling, for the agent): the loop polls instead of sleeping,
+    so an idle agent keeps its core busy where a default one sleeps; it serves as usual, and
+    SIGTERM still drains and exits 0."""
+    plain = spoe_agent(app=APP)
+    busy = spoe_agent("--busy-poll", app=APP)
+    with SpopClient((busy.host, busy.port)) as client:
+        client.handshake()
+        client.send(codec.notify(3, 1, [Message("inline", [("v", 2)])]))
+        assert ack_actions(client.read_frame()) == [SetVar(Scope.TXN, "n", 2)]
+        plain_cpu, busy_cpu = _idle_cpu(plain.process.pid), _idle_cpu(busy.process.pid)
+        assert plain_cpu < 0.1 and busy_cpu > 0.25 and busy_cpu > 5 * plain_cpu, (
+            plain_cpu, busy_cpu)
+        busy.process.send_signal(signal.SIGTERM)
+        frame = client.read_frame()
+        assert frame.type == FrameType.AGENT_DISCONNECT
+        assert codec.decode_kv_list(frame.payload)["status-code"] == 0
+    assert busy.process.wait(10) == 0
+    assert "busy polling" in busy.process.stderr_text()
