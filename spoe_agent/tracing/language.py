@@ -222,10 +222,104 @@ def _flush(
     ops.append((op, key, value))
 
 
+# Compiled message tails: what the arguments after ``id`` and ``ts`` compile to, keyed by those
+# arguments. HAProxy sends a message's constant arguments (span names, tag keys, most tag values)
+# as the same bytes every time, and the codec hands them over as the same (name, value) tuples,
+# so most messages of a request compile exactly as last time; only id and ts always differ.
+_TAILS: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+_TAILS_LIMIT = 4096
+# Messages whose tails never repeat (a URL path, a client port in them) would only pay for the
+# lookup and fill the cache: after _GIVE_UP misses in a row a message name is compiled directly,
+# but for one lookup every _RETRY messages (and all again once the cache is cleared).
+_MISSES: dict[str, int] = {}
+_GIVE_UP = 16
+_RETRY = 1024
+
+
 def parse_message(
     message: Message, stats: MutableMapping[str, int] | None = None
 ) -> Command | None:
     """Compile a message, or return ``None`` when it asks nothing of a session.
+
+    The usual message starts with ``id=<str> ts=<int>`` (the reference configuration's first
+    line): its other arguments are looked up in a cache of compiled tails, so a message seen
+    before costs a hash of its arguments instead of a compile. Anything else compiles.
+    """
+    args = message.args
+    if len(args) > 2:
+        first = args[0]
+        second = args[1]
+        if first[0] == "id" and second[0] == "ts":
+            key = first[1]
+            t = second[1]
+            name = message.name
+            misses = _MISSES.get(name, 0)
+            if misses >= _GIVE_UP:
+                # Given up on: counted on, and looked up again once every _RETRY messages.
+                _MISSES[name] = misses + 1
+            if ((misses < _GIVE_UP or not misses % _RETRY) and type(key) is str and key
+                    and type(t) is int and t > 0 and key.isascii()):
+                tail = tuple(args[2:])
+                try:
+                    compiled = _TAILS.get(tail)
+                except TypeError:  # an unhashable value: compile as usual
+                    return _compile(args, stats)
+                if compiled is None:
+                    if len(_MISSES) >= _TAILS_LIMIT:
+                        _MISSES.clear()
+                    _MISSES[name] = misses + 1
+                    compiled = _compile_tail(tail, key, t)
+                elif misses:
+                    _MISSES[name] = 0
+                service, carrier, ops, ts_ns, counts = compiled
+                if counts and stats is not None:
+                    for name, n in counts:
+                        stats[name] = stats.get(name, 0) + n
+                if ops is None:
+                    return None
+                return _tuple_new(Command, (
+                    key, t * 1000 if ts_ns is None else ts_ns, service,
+                    None if carrier is None else dict(carrier), ops,
+                ))
+    return _compile(args, stats)
+
+
+def _compile_tail(tail: tuple[Any, ...], key: str, t: int) -> tuple[Any, ...]:
+    """Compile ``id=key ts=t`` + ``tail`` and keep what does not depend on key and t.
+
+    A tail holding a bool, or an int equal to 0 or 1, is not kept: ``True == 1`` (and their
+    hashes agree), so ``bool(true)`` and ``int(1)``, which compile differently, would share it.
+    """
+    counts: dict[str, int] = {}
+    command = _compile([("id", key), ("ts", t), *tail], counts)
+    if command is None:
+        compiled: tuple[Any, ...] = (None, None, None, None, tuple(counts.items()))
+    else:
+        compiled = (command.service, command.carrier, command.ops, _tail_ts(tail),
+                    tuple(counts.items()))
+    for _, value in tail:
+        if value is True or value is False or (type(value) is int and 0 <= value <= 1):
+            return compiled
+    if len(_TAILS) >= _TAILS_LIMIT:
+        _TAILS.clear()
+        _MISSES.clear()
+    _TAILS[tail] = compiled
+    return compiled
+
+
+def _tail_ts(tail: tuple[Any, ...]) -> int | None:
+    """The ts a tail sets by itself: its last valid one (an invalid one leaves the first)."""
+    ts_ns = None
+    for name, value in tail:
+        if name == "ts" and type(value) is int and value > 0:
+            ts_ns = value * 1000
+    return ts_ns
+
+
+def _compile(
+    args: list[tuple[str, Any]], stats: MutableMapping[str, int] | None
+) -> Command | None:
+    """The compiler itself, argument by argument.
 
     Anomalies (a missing id, unknown argument names, stray unnamed values, bad names...) are
     counted in ``stats`` when given, and otherwise skipped: a configuration mistake must cost
@@ -234,7 +328,6 @@ def parse_message(
     ``baggage`` is both a keyword and the W3C header: followed by unnamed values it is the
     keyword (``baggage=str("k") unique-id``), otherwise the header (``baggage=req.hdr(baggage)``).
     """
-    args = message.args
     n = len(args)
     key: str | None = None
     ts_ns: int | None = None

@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from spoe_agent.protocol.types import DataType, Message, Typed
+from spoe_agent.tracing import language
 from spoe_agent.tracing.language import (
     OP_BAGGAGE,
     OP_CHILD_OF,
@@ -379,3 +380,79 @@ def test_any_arguments_compile_or_are_ignored(args: list[tuple[str, Any]]) -> No
             for item in op[1:]:
                 if isinstance(item, str):
                     item.encode("utf-8")
+
+
+_TAIL_ARGS = st.tuples(
+    st.sampled_from(["", "id", "span", "child-of", "follows-from", "tag", "baggage", "log",
+                     "finish", "ts", "kind", "service", "inject", "traceparent", "x-b3-sampled",
+                     "nonsense"]),
+    st.one_of(
+        st.sampled_from([None, True, False, 0, 1, 2, -1, 10**20, "", "a", "*", "server", "b",
+                         "\udcff", ipaddress.IPv4Address("192.0.2.1")]),
+        st.integers(),
+        st.text(max_size=4),
+        st.builds(Typed, st.sampled_from([DataType.INT32, DataType.UINT32]), st.integers(0, 3)),
+    ),
+)
+
+
+# Each message also comes back with True/1 and False/0 swapped: equal tails, other commands.
+_TWIN = {(bool, True): 1, (int, 1): True, (bool, False): 0, (int, 0): False}
+
+
+@given(st.lists(st.tuples(st.sampled_from(["k", "other", "ü"]),
+                          st.one_of(st.integers(1, 3), st.integers(-1, 0), st.text(max_size=2)),
+                          st.lists(_TAIL_ARGS, max_size=6)),
+                min_size=1, max_size=8))
+def test_cached_tails_compile_exactly_like_the_compiler(
+    messages: list[tuple[str, Any, list[tuple[str, Any]]]]
+) -> None:
+    """parse_message answers a message starting ``id ts`` from its cache of compiled tails.
+    Whatever the tail (repeated, or equal to another under ``==`` but not in type, like
+    ``True`` and ``1``) and however often it comes back, the command and the counted anomalies
+    must be exactly what compiling the whole message gives (compared by repr: ``True == 1``)."""
+    language._TAILS.clear()
+    language._MISSES.clear()
+    give_up, language._GIVE_UP = language._GIVE_UP, 1 << 30  # never stop looking up here
+    try:
+        _compare_cached_and_compiled(messages)
+    finally:
+        language._GIVE_UP = give_up
+
+
+def _compare_cached_and_compiled(messages: list[tuple[str, Any, list[tuple[str, Any]]]]) -> None:
+    twins = [(key, ts, [(name, _TWIN.get((type(value), value), value)) for name, value in tail])
+             for key, ts, tail in messages]
+    for key, ts, tail in messages + twins + messages:
+        args = [("id", key), ("ts", ts), *tail]
+        cached_stats: Counter[str] = Counter()
+        compiled_stats: Counter[str] = Counter()
+        cached = parse_message(Message("m", list(args)), cached_stats)
+        compiled = language._compile(list(args), compiled_stats)
+        assert repr(cached) == repr(compiled)
+        assert cached_stats == compiled_stats
+
+
+def test_a_message_whose_tails_never_repeat_stops_being_cached() -> None:
+    """A URL path in every frontend message: after 16 misses in a row its name compiles
+    directly (the cache stops growing), with one lookup every 1,024 messages in case its tails
+    start repeating; a message that repeats is served from the cache meanwhile."""
+    language._TAILS.clear()
+    language._MISSES.clear()
+
+    def message(name: str, path: str) -> Message:
+        return Message(name, [("id", "k"), ("ts", 5), ("span", "s"), ("tag", "url.path"),
+                              ("", path)])
+
+    for i in range(16):
+        assert parse_message(message("unique", f"/{i}")).ops[-1] == (OP_TAG, "url.path", f"/{i}")
+    assert len(language._TAILS) == 16
+    for i in range(16, 1024):
+        assert parse_message(message("unique", f"/{i}")).ops[-1] == (OP_TAG, "url.path", f"/{i}")
+    assert len(language._TAILS) == 16  # compiled directly, nothing stored
+    parse_message(message("unique", "/1024"))  # the 1,024th: looked up (and stored) again
+    assert len(language._TAILS) == 17
+    parse_message(message("repeats", "/"))
+    assert language._MISSES["repeats"] == 1
+    parse_message(message("repeats", "/"))
+    assert language._MISSES["repeats"] == 0 and len(language._TAILS) == 18
