@@ -219,6 +219,10 @@ _PAIRS_LIMIT = 4096
 _PAIR_MAX_BYTES = 96
 _NAMES: dict[bytes, str] = {}
 _NAMES_LIMIT = 1024
+# The decoded arguments that ended a payload, by their bytes: (how many, the arguments).
+_SUFFIXES: dict[bytes, tuple[int, tuple[tuple[str, Any], ...]]] = {}
+_SUFFIXES_LIMIT = 4096
+_SUFFIX_MAX_BYTES = 1024
 
 
 def _new_pair(raw: bytes, key_len: int) -> tuple[str, Any]:
@@ -259,12 +263,19 @@ def decode_messages(payload: bytes) -> list[Message]:
     the common cases are inlined: names shorter than 240 bytes (one-byte varint length), and
     arguments whose value is such a string, a small INT64, an address or NULL are delimited and
     looked up whole in ``_PAIRS``; anything else goes through the general decoders.
+
+    After an argument ``_PAIRS`` did not know (a request's id, its ``ts``, a URL path), the rest
+    of the payload is looked up in ``_SUFFIXES``: the arguments that end a payload's last message
+    (span names, tag keys and values) are mostly the same bytes as in the previous request's,
+    and decoding is deterministic, so bytes decoded once into N arguments that ended the payload
+    decode into the same N arguments again.
     """
     messages: list[Message] = []
     pos = 0
     end = len(payload)
     pairs = _PAIRS
     names = _NAMES
+    suffixes = _SUFFIXES
     try:
         while pos < end:
             n = payload[pos]
@@ -281,7 +292,9 @@ def decode_messages(payload: bytes) -> list[Message]:
             pos += 1
             args: list[tuple[str, Any]] = []
             append = args.append
-            for _ in range(nb_args):
+            mark = -1  # where the arguments after the last unknown one start (pos, index)
+            mark_index = 0
+            for i in range(nb_args):
                 n = payload[pos]
                 if n < 240:
                     vpos = pos + 1 + n
@@ -291,39 +304,56 @@ def decode_messages(payload: bytes) -> list[Message]:
                         stop = vpos + 2 + m if m < 240 else 0
                     elif tag == 4:  # INT64
                         value = payload[vpos + 1]
-                        if value < 240:
-                            stop = vpos + 2
-                        else:
-                            # A long one (``ts=date(0,us)`` in every tracing message): straight
-                            # to the varint, the name from the name cache.
-                            value, vpos = decode_varint(payload, vpos + 1)
-                            if n:
-                                raw = payload[pos + 1:pos + 1 + n]
-                                key = names.get(raw) or _new_name(raw)
-                            else:
-                                key = ""
-                            append((key, value - _WRAP if value & _SIGN else value))
-                            pos = vpos
-                            continue
+                        stop = vpos + 2 if value < 240 else -1
                     elif tag == 6:  # IPV4: client and server addresses repeat
                         stop = vpos + 5
                     elif tag == 7:  # IPV6
                         stop = vpos + 17
                     else:
                         stop = vpos + 1 if tag == 0 else 0  # NULL
-                    if stop:
+                    if stop > 0:
                         if stop > end:
                             raise InvalidFrame("string runs past the end of the frame")
                         raw = payload[pos:stop]
-                        append(pairs.get(raw) or _new_pair(raw, n))
                         pos = stop
-                        continue
-                    key = payload[pos + 1:vpos].decode("utf-8", "surrogateescape") if n else ""
-                    pos = vpos
+                        pair = pairs.get(raw)
+                        if pair is not None:
+                            append(pair)
+                            continue
+                        append(_new_pair(raw, n))
+                    elif stop < 0:
+                        # A long INT64 (``ts=date(0,us)`` in every tracing message): straight
+                        # to the varint, the name from the name cache.
+                        value, vpos = decode_varint(payload, vpos + 1)
+                        if n:
+                            raw = payload[pos + 1:pos + 1 + n]
+                            key = names.get(raw) or _new_name(raw)
+                        else:
+                            key = ""
+                        append((key, value - _WRAP if value & _SIGN else value))
+                        pos = vpos
+                    else:
+                        key = payload[pos + 1:vpos].decode("utf-8", "surrogateescape") if n else ""
+                        value, pos = decode_typed(payload, vpos)
+                        append((key, value))
                 else:
                     key, pos = decode_string(payload, pos)
-                value, pos = decode_typed(payload, pos)
-                append((key, value))
+                    value, pos = decode_typed(payload, pos)
+                    append((key, value))
+                # An argument the pair cache did not know: the rest may be a known suffix.
+                if i + 1 < nb_args:
+                    known = suffixes.get(payload[pos:])
+                    if known is not None and known[0] == nb_args - i - 1:
+                        args += known[1]
+                        pos = end
+                        break
+                    mark = pos
+                    mark_index = i + 1
+            else:
+                if mark >= 0 and pos == end and end - mark <= _SUFFIX_MAX_BYTES:
+                    if len(suffixes) >= _SUFFIXES_LIMIT:
+                        suffixes.clear()
+                    suffixes[payload[mark:]] = (nb_args - mark_index, tuple(args[mark_index:]))
             messages.append(Message(name, args))
     except IndexError:
         raise InvalidFrame("truncated list of messages") from None

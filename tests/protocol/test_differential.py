@@ -256,3 +256,25 @@ def test_unrolled_varint_decoder_is_the_loop(
     answer what the general loop answers (value, end, or error), read at an offset."""
     data = bytes([7, first, *more]) + (bytes([last]) if last is not None else b"") + after
     assert _varint_outcome(decode_varint, data) == _varint_outcome(_decode_long_varint, data)
+
+
+@FUZZ
+@given(message_lists, st.lists(values, max_size=3), st.data())
+def test_payloads_ending_in_known_arguments_decode_as_the_grammar_does(
+    messages: list[Message], firsts: list[Any], data: st.DataObject
+) -> None:
+    """decode_messages reuses the decoded arguments that ended an earlier payload when the rest
+    of a payload is the same bytes. Whatever changes before them (the last message's first
+    argument, as a request's id does, or a cut-off or mutated copy), every decode, with the
+    cache cold or warm, must still give what the grammar gives."""
+    codec._SUFFIXES.clear()
+    payloads = [codec.encode_messages(messages)]
+    if messages and messages[-1].args:
+        last = messages[-1]
+        for value in firsts:
+            changed = [*messages[:-1], Message(last.name, [(last.args[0][0], value),
+                                                           *last.args[1:]])]
+            payloads.append(codec.encode_messages(changed))
+    payloads.append(data.draw(mutated(st.sampled_from(payloads))))
+    for payload in payloads + payloads:
+        agree("parse_messages", payload)
