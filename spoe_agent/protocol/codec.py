@@ -422,8 +422,25 @@ def ack(stream_id: int, frame_id: int, actions: list[Action] | None = None) -> b
     if actions:
         return encode_frame(FrameType.ACK, stream_id, frame_id, encode_actions(actions))
     # Most ACKs carry no action: only the ids vary, after a prefix that depends on their size.
-    ids = _varint(stream_id) + _varint(frame_id)
+    # A stream's ~8 events are ACKed with the same stream id, which HAProxy counts up into
+    # multi-byte varints: its encoding is looked up rather than recomputed.
+    sid = _STREAM_IDS.get(stream_id)
+    if sid is None:
+        sid = _stream_id_bytes(stream_id)
+    ids = sid + (_VARINT1[frame_id] if 0 <= frame_id < 240 else _varint(frame_id))
     return _EMPTY_ACK_PREFIXES[len(ids)] + ids
+
+
+_STREAM_IDS: dict[int, bytes] = {}
+_STREAM_IDS_LIMIT = 4096
+
+
+def _stream_id_bytes(stream_id: int) -> bytes:
+    encoded = _varint(stream_id)
+    if len(_STREAM_IDS) >= _STREAM_IDS_LIMIT:
+        _STREAM_IDS.clear()
+    _STREAM_IDS[stream_id] = encoded
+    return encoded
 
 
 # The length prefix and header of an empty ACK, by the size of its two varints (2 to 20 bytes).

@@ -278,3 +278,16 @@ def test_payloads_ending_in_known_arguments_decode_as_the_grammar_does(
     payloads.append(data.draw(mutated(st.sampled_from(payloads))))
     for payload in payloads + payloads:
         agree("parse_messages", payload)
+
+
+@VALID
+@given(uint64s, st.lists(uint64s, min_size=1, max_size=4))
+def test_empty_acks_with_remembered_stream_ids_are_the_grammars(
+    stream_id: int, frame_ids: list[int]
+) -> None:
+    """codec.ack remembers each stream id's encoding (a stream's events share it): cold or
+    warm, an empty ACK is byte for byte the grammar's."""
+    for frame_id in frame_ids + frame_ids:
+        assert codec.ack(stream_id, frame_id) == grammar.build_frame(
+            FrameType.ACK, stream_id, frame_id, b""
+        )
