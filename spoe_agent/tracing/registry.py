@@ -384,6 +384,24 @@ class SessionRegistry:
         max_len = self._max_attr_len
         for op in ops:
             code = op[0]
+            if code == OP_TAG:  # the most frequent op first (16 of a reference request's 48)
+                if sel is None:
+                    self.stats["no_span_selected"] += 1
+                elif sel.end_ns is not None and session.trace_id is not None:
+                    self.stats["span_ended"] += 1
+                elif session.sampled is not False:
+                    attrs = sel.attrs
+                    value = op[2]
+                    if (
+                        attrs is not None
+                        and len(attrs) < _MAX_ATTR_SLOTS
+                        and (type(value) is not str or len(value) <= max_len)
+                    ):
+                        attrs.append(op[1])  # _set_attr's common case, inlined
+                        attrs.append(value)
+                    else:
+                        self._set_attr(sel, op[1], value)
+                continue
             if code == OP_SPAN:
                 sel = spans.get(op[1])
                 if sel is None or sel.end_ns is not None:
@@ -426,19 +444,6 @@ class SessionRegistry:
                         sel.links = (parent,)
                     elif len(sel.links) < _MAX_ITEMS_PER_SPAN:
                         sel.links += (parent,)
-            elif code == OP_TAG:
-                if session.sampled is not False:
-                    attrs = sel.attrs
-                    value = op[2]
-                    if (
-                        attrs is not None
-                        and len(attrs) < _MAX_ATTR_SLOTS
-                        and (type(value) is not str or len(value) <= max_len)
-                    ):
-                        attrs.append(op[1])  # _set_attr's common case, inlined
-                        attrs.append(value)
-                    else:
-                        self._set_attr(sel, op[1], value)
             elif code == OP_KIND:
                 sel.kind = op[1]
             elif code == OP_ERROR:

@@ -442,6 +442,18 @@ def test_ops_without_selected_span_are_counted() -> None:
     assert h.reg.stats["no_span_selected"] == 1
 
 
+def test_changes_to_a_span_already_emitted_are_counted_not_applied() -> None:
+    """Once the trace context is fixed an ended span is emitted at once: a tag or a parent
+    given to it afterwards (same message) is counted, never half-applied."""
+    h = Harness()
+    h.send(("id", "s"), ("traceparent", None), ("span", "a"), ("finish", "a"),
+           ("tag", "k"), ("", 1), ("child-of", "b"), ("span", "b"))
+    h.send(("id", "s"), ("finish", "*"))
+    spans = h.by_name()
+    assert dict(spans["a"].attributes or {}) == {} and spans["a"].parent is None
+    assert h.reg.stats["span_ended"] == 2
+
+
 def test_clock_is_used_without_ts() -> None:
     h = Harness()
     h.send(("id", "s"), ("span", "a"))
