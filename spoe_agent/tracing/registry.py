@@ -206,6 +206,13 @@ def _attr_dict(pairs: list[Any]) -> dict[str, Any]:
     return dict(zip(it, it, strict=True))
 
 
+def _link_ids(links: tuple[_Span, ...]) -> tuple[int, ...]:
+    # One link (follows-from) is the rule: no comprehension frame for it.
+    if len(links) == 1:
+        return (links[0].span_id,)
+    return tuple([target.span_id for target in links])
+
+
 def _events(events: list[tuple[str, Any, int]]) -> tuple[Event, ...]:
     # The Jaeger translator reads ``event.attributes.dropped``: BoundedAttributes it must be.
     return tuple(
@@ -785,7 +792,7 @@ class SessionRegistry:
                 span.kind,
                 _attr_dict(span.attrs) if span.attrs else None,
                 span.events,
-                tuple([target.span_id for target in links]) if links else None,
+                _link_ids(links) if links else None,
                 span.status,
                 span.start_ns,
                 span.end_ns,
