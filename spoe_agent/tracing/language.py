@@ -228,6 +228,7 @@ def _flush(
 # so most messages of a request compile exactly as last time; only id and ts always differ.
 _TAILS: dict[tuple[Any, ...], tuple[Any, ...]] = {}
 _TAILS_LIMIT = 4096
+_TAIL_MAX_VALUE = 256
 # Messages whose tails never repeat (a URL path, a client port in them) would only pay for the
 # lookup and fill the cache: after _GIVE_UP misses in a row a message name is compiled directly,
 # but for one lookup every _RETRY messages (and all again once the cache is cleared).
@@ -289,6 +290,7 @@ def _compile_tail(tail: tuple[Any, ...], key: str, t: int) -> tuple[Any, ...]:
 
     A tail holding a bool, or an int equal to 0 or 1, is not kept: ``True == 1`` (and their
     hashes agree), so ``bool(true)`` and ``int(1)``, which compile differently, would share it.
+    Nor is one holding a value longer than _TAIL_MAX_VALUE, so the cache's memory stays small.
     """
     counts: dict[str, int] = {}
     command = _compile([("id", key), ("ts", t), *tail], counts)
@@ -300,6 +302,8 @@ def _compile_tail(tail: tuple[Any, ...], key: str, t: int) -> tuple[Any, ...]:
     for _, value in tail:
         if value is True or value is False or (type(value) is int and 0 <= value <= 1):
             return compiled
+        if (type(value) is str or type(value) is bytes) and len(value) > _TAIL_MAX_VALUE:
+            return compiled  # memory: 4096 tails of frame-sized values would be ~64 MB
     if len(_TAILS) >= _TAILS_LIMIT:
         _TAILS.clear()
         _MISSES.clear()

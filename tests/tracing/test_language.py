@@ -456,3 +456,16 @@ def test_a_message_whose_tails_never_repeat_stops_being_cached() -> None:
     assert language._MISSES["repeats"] == 1
     parse_message(message("repeats", "/"))
     assert language._MISSES["repeats"] == 0 and len(language._TAILS) == 18
+
+
+def test_tails_with_long_values_are_compiled_not_kept() -> None:
+    """The cache holds up to 4,096 tails: one with a frame-sized value is compiled every time
+    rather than kept, so the cache stays a few MB whatever HAProxy sends."""
+    language._TAILS.clear()
+    language._MISSES.clear()
+    long_value = "x" * (language._TAIL_MAX_VALUE + 1)
+    message = Message("ua", [("id", "k"), ("ts", 5), ("span", "s"), ("tag", "user_agent"),
+                             ("", long_value)])
+    for _ in range(2):
+        assert parse_message(message).ops[-1] == (OP_TAG, "user_agent", long_value)
+    assert not language._TAILS
