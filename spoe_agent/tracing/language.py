@@ -230,11 +230,21 @@ _TAILS: dict[tuple[Any, ...], tuple[Any, ...]] = {}
 _TAILS_LIMIT = 4096
 _TAIL_MAX_VALUE = 256
 # Messages whose tails never repeat (a URL path, a client port in them) would only pay for the
-# lookup and fill the cache: after _GIVE_UP misses in a row a message name is compiled directly,
-# but for one lookup every _RETRY messages (and all again once the cache is cleared).
+# lookup and fill the cache: after _GIVE_UP misses in a row a message name is compiled from its
+# shape (below), but for one lookup every _RETRY messages (and all again once the cache is
+# cleared).
 _MISSES: dict[str, int] = {}
 _GIVE_UP = 16
 _RETRY = 1024
+# Compiled shapes: a tail with its unnamed str, int and address values (the samples after
+# ``tag`` and ``log``: a URL path, a client's address and port) left out, and what it compiles to with a hole for each.
+# The tails that never repeat keep their shape from one request to the next, and filling holes
+# costs a fraction of a compile. ``None`` marks a shape whose values do more than fill a hole
+# (several concatenated, a baggage value): such tails always compile.
+_SHAPES: dict[tuple[Any, ...], tuple[Any, ...] | None] = {}
+_HOLE = object()  # a left-out value in a shape key
+_HOLE_TYPES = frozenset({str, int, IPv4Address, IPv6Address})
+_PROBE_MARK = "\ue000"  # in the strings that stand for left-out values while a shape compiles
 
 
 def parse_message(
@@ -253,25 +263,26 @@ def parse_message(
         if first[0] == "id" and second[0] == "ts":
             key = first[1]
             t = second[1]
-            name = message.name
-            misses = _MISSES.get(name, 0)
-            if misses >= _GIVE_UP:
-                # Given up on: counted on, and looked up again once every _RETRY messages.
-                _MISSES[name] = misses + 1
-            if ((misses < _GIVE_UP or not misses % _RETRY) and type(key) is str and key
-                    and type(t) is int and t > 0 and key.isascii()):
-                tail = tuple(args[2:])
+            if type(key) is str and key and type(t) is int and t > 0 and key.isascii():
+                name = message.name
+                misses = _MISSES.get(name, 0)
                 try:
-                    compiled = _TAILS.get(tail)
+                    if misses < _GIVE_UP or not misses % _RETRY:
+                        tail = tuple(args[2:])
+                        compiled = _TAILS.get(tail)
+                        if compiled is None:
+                            if len(_MISSES) >= _TAILS_LIMIT:
+                                _MISSES.clear()
+                            _MISSES[name] = misses + 1
+                            compiled = _compile_tail(tail, key, t)
+                        elif misses:
+                            _MISSES[name] = 0
+                    else:
+                        # Given up on: counted on, and looked up again once every _RETRY.
+                        _MISSES[name] = misses + 1
+                        compiled = _compile_shaped(args, 2, key, t)
                 except TypeError:  # an unhashable value: compile as usual
                     return _compile(args, stats)
-                if compiled is None:
-                    if len(_MISSES) >= _TAILS_LIMIT:
-                        _MISSES.clear()
-                    _MISSES[name] = misses + 1
-                    compiled = _compile_tail(tail, key, t)
-                elif misses:
-                    _MISSES[name] = 0
                 service, carrier, ops, ts_ns, counts = compiled
                 if counts and stats is not None:
                     for name, n in counts:
@@ -292,13 +303,7 @@ def _compile_tail(tail: tuple[Any, ...], key: str, t: int) -> tuple[Any, ...]:
     hashes agree), so ``bool(true)`` and ``int(1)``, which compile differently, would share it.
     Nor is one holding a value longer than _TAIL_MAX_VALUE, so the cache's memory stays small.
     """
-    counts: dict[str, int] = {}
-    command = _compile([("id", key), ("ts", t), *tail], counts)
-    if command is None:
-        compiled: tuple[Any, ...] = (None, None, None, None, tuple(counts.items()))
-    else:
-        compiled = (command.service, command.carrier, command.ops, _tail_ts(tail),
-                    tuple(counts.items()))
+    compiled = _compile_shaped(tail, 0, key, t)
     for _, value in tail:
         if value is True or value is False or (type(value) is int and 0 <= value <= 1):
             return compiled
@@ -309,6 +314,99 @@ def _compile_tail(tail: tuple[Any, ...], key: str, t: int) -> tuple[Any, ...]:
         _MISSES.clear()
     _TAILS[tail] = compiled
     return compiled
+
+
+def _compile_shaped(args: Any, start: int, key: str, t: int) -> tuple[Any, ...]:
+    """What ``id=key ts=t`` + ``args[start:]`` compiles to, from its shape if seen before.
+
+    The values that may differ between tails of one shape are their unnamed str, int and
+    address ones. A hole holds the one value of a ``tag`` or ``log``, which compiles to that
+    value itself (as ``_flush`` has it: text cleaned when not ascii, an int beyond int64 or an
+    address as text), whatever else the message holds; the rest is the shape's.
+    """
+    shape = tuple([
+        _HOLE if not pair[0] and type(pair[1]) in _HOLE_TYPES else pair for pair in args[start:]
+    ])
+    entry = _SHAPES.get(shape, _HOLE)
+    if entry is _HOLE:
+        entry = _compile_shape(args[start:], shape)
+    if entry is None:
+        return _compile_tail_args(args[start:], key, t)
+    service, carrier, ops, ts_ns, counts, holes = entry
+    if holes:
+        filled = list(ops)
+        for op_index, arg_index in holes:
+            value = args[start + arg_index][1]
+            kind = type(value)
+            if kind is str:
+                if not value.isascii():
+                    value = clean_str(value)
+            elif kind is int:
+                if not _INT64_MIN <= value <= _INT64_MAX:
+                    value = str(value)
+            else:
+                value = _address_text(value)
+            op = filled[op_index]
+            filled[op_index] = (op[0], op[1], value)
+        ops = tuple(filled)
+    return service, carrier, ops, ts_ns, counts
+
+
+def _compile_tail_args(tail: Any, key: str, t: int) -> tuple[Any, ...]:
+    """The compiler's answer for ``id=key ts=t`` + ``tail``, less what depends on key and t."""
+    counts: dict[str, int] = {}
+    command = _compile([("id", key), ("ts", t), *tail], counts)
+    if command is None:
+        return (None, None, None, None, tuple(counts.items()))
+    return (command.service, command.carrier, command.ops, _tail_ts(tail), tuple(counts.items()))
+
+
+def _compile_shape(tail: Any, shape: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """Compile a shape with a marked stand-in string in each hole, and keep where each landed.
+
+    A stand-in found whole as the value of a tag or log op is that op's hole. One found anywhere
+    else (several values concatenated, a baggage value), or a marked string from the message
+    itself, means the values do more than fill holes: the shape is kept as ``None``. A shape
+    that holds a bool, an int 0 or 1 or a long value is not kept (see ``_compile_tail``).
+    """
+    probe: list[tuple[str, Any]] = []
+    stand_ins: dict[int, int] = {}  # id(stand-in) -> its argument's index in the tail
+    for index, pair in enumerate(tail):
+        if shape[index] is _HOLE:
+            stand_in = f"{_PROBE_MARK}{index}{_PROBE_MARK}"
+            stand_ins[id(stand_in)] = index
+            probe.append(("", stand_in))
+        else:
+            probe.append(pair)
+    # The key and ts only need to be valid: what depends on them is not part of the entry.
+    service, carrier, ops, ts_ns, counts = _compile_tail_args(probe, "k", 1)
+    entry: tuple[Any, ...] | None = (service, carrier, ops, ts_ns, counts, ())
+    holes: list[tuple[int, int]] = []
+    for op_index, op in enumerate(ops or ()):
+        for item_index, item in enumerate(op):
+            if type(item) is str and _PROBE_MARK in item:
+                if (item_index == 2 and (op[0] == OP_TAG or op[0] == OP_LOG)
+                        and id(item) in stand_ins):
+                    holes.append((op_index, stand_ins[id(item)]))
+                else:
+                    entry = None
+    texts = [service, *(carrier or {}).values()]
+    if entry is not None and any(_PROBE_MARK in text for text in texts if text):
+        entry = None
+    if entry is not None:
+        entry = (*entry[:5], tuple(holes))
+    for pair in shape:
+        if pair is _HOLE:
+            continue
+        value = pair[1]
+        if value is True or value is False or (type(value) is int and 0 <= value <= 1):
+            return entry
+        if (type(value) is str or type(value) is bytes) and len(value) > _TAIL_MAX_VALUE:
+            return entry
+    if len(_SHAPES) >= _TAILS_LIMIT:
+        _SHAPES.clear()
+    _SHAPES[shape] = entry
+    return entry
 
 
 def _tail_ts(tail: tuple[Any, ...]) -> int | None:

@@ -8,7 +8,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spoe_agent.protocol.types import DataType, Message, Typed
@@ -469,3 +469,105 @@ def test_tails_with_long_values_are_compiled_not_kept() -> None:
     for _ in range(2):
         assert parse_message(message).ops[-1] == (OP_TAG, "user_agent", long_value)
     assert not language._TAILS
+
+
+_SHAPE_KEYWORDS = st.sampled_from(["span", "tag", "tag", "log", "baggage", "finish", "kind",
+                                   "service", "traceparent", "ts", "id", "nonsense", ""])
+# A keyword and the unnamed values after it (a tag's sample, or several concatenated).
+_SHAPE_NAMES = st.lists(st.tuples(_SHAPE_KEYWORDS, st.sampled_from([0, 1, 1, 1, 2])),
+                        min_size=1, max_size=5).map(
+    lambda groups: [name for keyword, n in groups for name in [keyword] + [""] * n])
+_SAMPLES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-2, 2),
+    st.integers(),
+    st.text(max_size=3),
+    st.sampled_from(["é", "\udcff", "\ue000", "\ue0001\ue000", "server", "*", "error",
+                     "x" * 300]),
+    st.binary(max_size=2),
+    st.builds(ipaddress.IPv4Address, st.integers(0, 2**32 - 1)),
+    st.builds(ipaddress.IPv6Address, st.integers(0, 2**128 - 1)),
+    st.builds(Typed, st.sampled_from([DataType.INT32, DataType.UINT64]), st.integers(0, 2**64)),
+)
+# What fills a hole differently from the stand-in: text to clean, ints past int64, a bool.
+_HOLE_SAMPLES = st.one_of(st.sampled_from(["/é", "\udcff", 2**64, -(2**63) - 1, True, "/a", 5]),
+                          _SAMPLES)
+
+
+@settings(max_examples=300)
+@given(
+    names=_SHAPE_NAMES,
+    rounds=st.lists(st.lists(_HOLE_SAMPLES, min_size=15, max_size=15), min_size=2, max_size=5),
+    give_up=st.sampled_from([1, 1 << 30]),
+)
+def test_shapes_compile_exactly_like_the_compiler(
+    names: list[str], rounds: list[list[Any]], give_up: int
+) -> None:
+    """Tails of one shape (the same arguments but for their unnamed values, like a URL path
+    after ``tag=str("url.path")``) compile from the shape's entry, its holes filled with this
+    message's values. Whatever the values (of any type: a bool or a Typed one is not a hole,
+    non-ascii text is cleaned, an int past int64 becomes text, several values concatenate, a
+    value may even look like the stand-ins a shape compiles with), whether the name was given
+    up on or not, and with the named values' True/1 and False/0 twins (equal keys, other
+    commands) coming next, the command and the counted anomalies are the compiler's."""
+    language._TAILS.clear()
+    language._MISSES.clear()
+    language._SHAPES.clear()
+    saved, language._GIVE_UP = language._GIVE_UP, give_up
+    try:
+        named = rounds[0]
+        twins = [_TWIN.get((type(value), value), value) for value in named]
+        for values, named_values in [(v, named) for v in rounds] + [(v, twins) for v in rounds]:
+            tail = [(name, values[i] if not name else named_values[i])
+                    for i, name in enumerate(names)]
+            args = [("id", "k"), ("ts", 7), *tail]
+            cached_stats: Counter[str] = Counter()
+            compiled_stats: Counter[str] = Counter()
+            cached = parse_message(Message("m", list(args)), cached_stats)
+            compiled = language._compile(list(args), compiled_stats)
+            assert repr(cached) == repr(compiled)
+            assert cached_stats == compiled_stats
+    finally:
+        language._GIVE_UP = saved
+
+
+def test_a_url_path_fills_the_shape_of_the_message_it_is_in() -> None:
+    """The frontend message of the reference config carries a new path each request: its
+    tails are compiled from one shape entry with a hole for each unnamed value."""
+    language._TAILS.clear()
+    language._MISSES.clear()
+    language._SHAPES.clear()
+
+    def message(path: Any) -> Message:
+        return Message("fe", [("id", "k"), ("ts", 5), ("span", "s"), ("tag", "url.path"),
+                              ("", path), ("tag", "http.request.method"), ("", "GET")])
+
+    address = ipaddress.IPv6Address("2001:db8::1")
+    expected: dict[Any, Any] = {"/\udcff": clean_str("/\udcff"), 10**20: str(10**20),
+                                address: "2001:db8::1"}
+    for path in ["/a", "/b", "/é", "/\udcff", 10**20, 42, address]:
+        command = parse_message(message(path))
+        assert command is not None
+        assert command.ops[1] == (OP_TAG, "url.path", expected.get(path, path))
+        assert command.ops[2] == (OP_TAG, "http.request.method", "GET")
+    assert len(language._SHAPES) == 1
+    (entry,) = language._SHAPES.values()
+    assert entry is not None and entry[5] == ((1, 2), (2, 4))
+
+
+def test_a_bool_is_no_hole() -> None:
+    """``tag=str("error") bool(true)`` sets the status, where ``str("true")`` is a tag: a bool
+    is part of a shape's key, not a hole a string could have compiled."""
+    language._TAILS.clear()
+    language._MISSES.clear()
+    language._SHAPES.clear()
+    saved, language._GIVE_UP = language._GIVE_UP, 1
+    try:
+        for value in ["yes", True, "no", True]:
+            command = parse_message(Message("m", [("id", "k"), ("ts", 5), ("span", "s"),
+                                                  ("tag", "error"), ("", value)]))
+            assert command is not None
+            assert command.ops[1] == ((OP_ERROR,) if value is True else (OP_TAG, "error", value))
+    finally:
+        language._GIVE_UP = saved
