@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 from spoe_agent.protocol.types import Action, Message
@@ -19,6 +20,7 @@ log = logging.getLogger(__name__)
 Args = list[tuple[str, Any]]
 Handler = Callable[[Args], "Iterable[Action] | None"]
 Fallback = Callable[[Message], "Iterable[Action] | None"]
+Work = Callable[[], "list[Action]"]
 MetricSample = tuple[str, str, str, dict[str, str], float]
 
 
@@ -63,6 +65,17 @@ class Agent:
     def needs_greenlet(self, messages: list[Message]) -> bool:
         concurrent = self._concurrent
         return bool(concurrent) and any(m.name in concurrent for m in messages)
+
+    def prepare(self, messages: list[Message]) -> tuple[Work | None, Work | None]:
+        """Split one NOTIFY's work into what its ACK waits for and what can run after it.
+
+        Returns ``(now, later)``: the server calls ``now`` (if any) for the ACK's actions, writes
+        the ACK, then calls ``later``. HAProxy's stream moves on meanwhile (the tracing agent
+        defers every message that injects nothing). Work kept for later runs, in order, before
+        the next ``now`` and before the connection can yield. Here every handler's result may
+        be an action, so all of it is ``now``.
+        """
+        return partial(self.dispatch, messages), None
 
     def dispatch(self, messages: list[Message]) -> list[Action]:
         """Run the handlers of one NOTIFY in order and collect their actions.

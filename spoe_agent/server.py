@@ -40,9 +40,10 @@ from gevent.lock import Semaphore
 from gevent.monkey import get_original
 from gevent.pool import Pool
 from gevent.server import StreamServer
+from gevent.socket import socket as _GeventSocket
 
 from spoe_agent.config import AgentConfig, split_bind
-from spoe_agent.handlers import Agent
+from spoe_agent.handlers import Agent, Work
 from spoe_agent.logs import Throttle
 from spoe_agent.protocol.connection import (
     ConnectionClosed,
@@ -112,13 +113,16 @@ class _Client:
     """One accepted connection: its state machine, socket, write lock and shutdown flags."""
 
     __slots__ = (
-        "conn", "sock", "lock", "pool", "address", "greenlet", "in_recv", "draining",
+        "conn", "sock", "raw", "lock", "pool", "address", "greenlet", "in_recv", "draining",
         "peer_closed", "idle_since",
     )
 
     def __init__(self, conn: SpopConnection, sock: socket.socket, address: Any) -> None:
         self.conn = conn
         self.sock = sock
+        # The OS socket under gevent's (non-blocking: a send on it never waits, never yields);
+        # None for TLS, whose bytes must go through the SSL object.
+        self.raw = sock._sock if type(sock) is _GeventSocket else None  # type: ignore[attr-defined]
         self.lock = Semaphore()
         self.pool: Pool | None = None
         self.address = address
@@ -130,15 +134,38 @@ class _Client:
         # sweep, not a socket timeout, ends that wait (see SpoaServer._sweep_idle).
         self.idle_since: float | None = None
 
-    def flush(self) -> None:
+    def flush(self, later: list[Work] | None = None) -> None:
+        """Write what the connection queued, then run ``later``: work whose ACKs are in it.
+
+        ``later`` runs as soon as the ACKs are handed to the kernel and before anything that
+        could yield: HAProxy may send a stream's next event, on any connection, once it reads
+        an ACK, and that event must find the work of this one done. If the kernel takes only
+        part of the bytes (or the socket is TLS), ``later`` runs before the rest is written.
+        """
         with self.lock:
             data = self.conn.data_to_send()
-            if data:
+            if later:
+                self._send_then(data, later)
+            elif data:
                 # One send() is almost always all of it; gevent's sendall() adds a getsockopt
                 # and its chunking machinery to every call.
                 sent = self.sock.send(data)
                 if sent < len(data):
                     self.sock.sendall(memoryview(data)[sent:])
+
+    def _send_then(self, data: bytes, later: list[Work]) -> None:
+        sent = 0
+        if data and self.raw is not None:
+            try:
+                sent = self.raw.send(data)  # the non-blocking socket under gevent's: no yield
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                _run_all(later)
+                raise
+        _run_all(later)
+        if sent < len(data):
+            self.sock.sendall(memoryview(data)[sent:])
 
     def busy(self) -> bool:
         """Handlers still running for this connection (it is not idle, HAProxy awaits ACKs)."""
@@ -416,18 +443,30 @@ class SpoaServer:
         else:
             client.peer_closed = True
             events = conn.receive_eof()
+        deferred: list[Work] = []  # run in order, after the ACKs are written (Agent.prepare)
         for event in events:
             if type(event) is NotifyReceived:
                 stats.notifies += 1
                 if agent.needs_greenlet(event.messages):
+                    if deferred:  # spawning may wait for a free slot: no yield with work due
+                        _run_all(deferred)
+                        deferred = []
                     self._spawn_concurrent(client, event)
-                else:
-                    conn.send_ack(event.stream_id, event.frame_id,
-                                  agent.dispatch(event.messages))
-                    stats.acks += 1
+                    continue
+                now, later = agent.prepare(event.messages)
+                actions = None
+                if now is not None:
+                    if deferred:
+                        _run_all(deferred)
+                        deferred = []
+                    actions = now()
+                conn.send_ack(event.stream_id, event.frame_id, actions)
+                stats.acks += 1
+                if later is not None:
+                    deferred.append(later)
             else:
                 self._on_event(client, event)
-        client.flush()
+        client.flush(deferred)
         if observe is not None and events:
             observe(time.perf_counter() - started)
 
@@ -520,6 +559,14 @@ class SpoaServer:
             stats.aborted += 1
         elif kind is ConnectionClosed:
             pass
+
+
+def _run_all(work: list[Work]) -> None:
+    for item in work:
+        try:
+            item()
+        except Exception:  # the agents' own work catches its errors: this is a bug of theirs
+            log.exception("deferred handler work failed")
 
 
 def _wake_for_idle(client: _Client) -> None:

@@ -11,14 +11,15 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import gevent
 
 from spoe_agent.config import AgentConfig
-from spoe_agent.handlers import Agent, MetricSample
-from spoe_agent.protocol.types import Message, SetVar
-from spoe_agent.tracing.language import parse_message
+from spoe_agent.handlers import Agent, MetricSample, Work
+from spoe_agent.protocol.types import Action, Message, SetVar
+from spoe_agent.tracing.language import OP_INJECT, Command, parse_message
 from spoe_agent.tracing.pipeline import Resources, build_exporter, build_sampler
 from spoe_agent.tracing.processor import QueueSpanProcessor
 from spoe_agent.tracing.propagation import build_propagator
@@ -92,6 +93,55 @@ class TracingAgent(Agent):
         self.on_startup.append(self.start)
         self.on_shutdown.append(self.stop)
         self.metric_sources.append(self.metric_samples)
+
+    def prepare(self, messages: list[Message]) -> tuple[Work | None, Work | None]:
+        """Compile the NOTIFY's messages: applying them is ``now`` only if one injects (its ACK
+        carries the variables), else ``later``, once the empty ACK is written.
+
+        Seven of the reference config's eight events inject nothing: HAProxy's stream no
+        longer waits for their spans to be started and ended. A stream's next event is only
+        sent once this ACK is read, and the server runs deferred work before anything that
+        could yield, so the next event always finds this one applied.
+        """
+        if self.router is not None or (self._handlers and not self._all_fallback(messages)):
+            return super().prepare(messages)
+        commands: list[Command] = []
+        stats = self.language_stats
+        for message in messages:
+            try:
+                command = parse_message(message, stats)
+            except Exception:
+                self.handler_errors += 1
+                log.exception("handler for SPOE message %r failed", message.name)
+                continue
+            if command is not None:
+                commands.append(command)
+        if not commands:
+            return None, None
+        work = partial(self._apply, commands)
+        for command in commands:
+            for op in command.ops:
+                if op[0] == OP_INJECT:
+                    return work, None
+        return None, work
+
+    def _all_fallback(self, messages: list[Message]) -> bool:
+        handlers = self._handlers
+        return not any(message.name in handlers for message in messages)
+
+    def _apply(self, commands: list[Command]) -> list[Action]:
+        actions: list[Action] = []
+        apply = self.registry.apply
+        for command in commands:
+            try:
+                result = apply(command)
+            except Exception:
+                self.handler_errors += 1
+                log.exception("applying SPOE message of session %r failed", command.key)
+                continue
+            if result:
+                actions.extend(result)
+        return actions
 
     def handle(self, message: Message) -> list[SetVar] | None:
         command = parse_message(message, self.language_stats)

@@ -1,0 +1,163 @@
+"""Work after the ACK: what the tracing agent defers, and the server's order of write and work.
+
+HAProxy sends a stream's next event once it has read the ACK of the previous one, possibly on
+another connection. So the work deferred past an ACK must be done before the connection greenlet
+can yield, and before any later event of the same batch is applied.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import gevent
+import gevent.socket
+
+from spoe_agent.config import AgentConfig
+from spoe_agent.handlers import Agent
+from spoe_agent.protocol import codec
+from spoe_agent.protocol.connection import SpopConnection
+from spoe_agent.protocol.types import FrameType, Message, Scope, SetVar
+from spoe_agent.server import _Client
+from spoe_agent.tracing.agent import TracingAgent
+from tests.support.spop_client import SpopClient
+
+KEY = "0a1b2c3d-0000-4000-8000-000000000001"
+
+
+def _msg(name: str, *args: tuple[str, Any]) -> Message:
+    return Message(name, [("id", KEY), ("ts", 1_700_000_000_000_000), *args])
+
+
+def _agent() -> TracingAgent:
+    return TracingAgent(AgentConfig(exporter="none"))
+
+
+def test_only_a_message_that_injects_is_applied_before_its_ack() -> None:
+    agent = _agent()
+    now, later = agent.prepare([_msg("start", ("span", "a")), _msg("tag", ("span", "a"))])
+    assert now is None and later is not None
+    assert KEY not in agent.registry  # nothing applied yet
+    assert later() == []
+    assert KEY in agent.registry
+
+    now, later = agent.prepare([_msg("inject", ("inject", "a"))])
+    assert later is None and now is not None
+    actions = now()
+    assert [a.name for a in actions] == ["traceparent"]
+    assert all(isinstance(a, SetVar) and a.scope is Scope.TXN for a in actions)
+
+    # Messages asking nothing of a session are neither now nor later.
+    assert agent.prepare([Message("other", [("x", 1)])]) == (None, None)
+
+
+def test_a_failing_message_costs_itself_only(monkeypatch) -> None:
+    agent = _agent()
+
+    def broken_apply(command: Any) -> list[Any]:
+        raise RuntimeError("registry bug")
+
+    monkeypatch.setattr(agent.registry, "apply", broken_apply)
+    now, later = agent.prepare([_msg("start", ("span", "a"))])
+    assert now is None and later is not None
+    assert later() == []
+    assert agent.handler_errors == 1
+
+
+def test_a_plain_agent_does_everything_before_the_ack() -> None:
+    agent = Agent("plain")
+    agent.on_message("m", lambda args: [SetVar(Scope.TXN, "v", args[0][1])])
+    now, later = agent.prepare([Message("m", [("x", 5)])])
+    assert later is None and now is not None
+    assert now() == [SetVar(Scope.TXN, "v", 5)]
+
+
+def _ready_pair() -> tuple[_Client, socket.socket]:
+    """A server-side _Client on one end of a gevent socket pair, past HELLO; the peer end."""
+    ours, peer = gevent.socket.socketpair()
+    conn = SpopConnection()
+    conn.receive_data(codec.encode_frame(FrameType.HAPROXY_HELLO, 0, 0, codec.encode_kv_list(
+        {"supported-versions": "2.0", "max-frame-size": 16380, "capabilities": "pipelining"})))
+    client = _Client(conn, ours, None)
+    client.flush()
+    peer.recv(65536)  # the AGENT-HELLO
+    return client, peer
+
+
+def _peer_bytes(peer: socket.socket) -> bytes:
+    """What the peer can read right now, without waiting (a wait would yield to the hub)."""
+    peer.settimeout(0.0)
+    try:
+        return peer.recv(1 << 20)
+    except BlockingIOError:
+        return b""
+    finally:
+        peer.settimeout(None)
+
+
+def test_deferred_work_runs_once_the_ack_is_in_the_kernel() -> None:
+    client, peer = _ready_pair()
+    try:
+        client.conn.send_ack(7, 1)
+        expected = codec.ack(7, 1)
+        seen: list[bytes] = []
+        client.flush([lambda: seen.append(_peer_bytes(peer))])
+        assert seen == [expected]  # readable by HAProxy before the work began
+    finally:
+        client.sock.close()
+        peer.close()
+
+
+def test_deferred_work_runs_before_a_write_that_has_to_wait() -> None:
+    """The kernel takes none of the ACK (the peer reads nothing): the work runs first, then
+    the write waits for the peer, yielding; everything still arrives, in order."""
+    client, peer = _ready_pair()
+    try:
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        filler = b"\0" * 4096
+        queued = 0
+        while True:  # fill the socket until the kernel takes no more
+            try:
+                queued += client.raw.send(filler)
+            except BlockingIOError:
+                break
+        client.conn.send_ack(9, 2)
+        order: list[str] = []
+        received = bytearray()
+
+        def read_all() -> None:
+            order.append("peer reads")
+            while len(received) < queued + len(codec.ack(9, 2)):
+                received.extend(peer.recv(65536))
+
+        reader = gevent.spawn(read_all)
+        client.flush([lambda: order.append("work")])
+        reader.join(timeout=10)
+        assert order == ["work", "peer reads"]  # the work ran before the write could yield
+        assert bytes(received[queued:]) == codec.ack(9, 2)
+    finally:
+        client.sock.close()
+        peer.close()
+
+
+def test_a_batch_defers_its_work_past_every_ack_and_keeps_the_session_order(
+    spoe_agent,
+) -> None:
+    """One read holding a stream's deferred events then an inject (HAProxy pipelining): the
+    inject must see the spans the deferred events started, and every frame gets its ACK."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    agent = spoe_agent(app=None, env={**env, "OTEL_TRACES_EXPORTER": "none"})
+    with SpopClient((agent.host, agent.port)) as client:
+        client.handshake()
+        client.send(b"".join([
+            codec.notify(5, 1, [_msg("s", ("span", "root"), ("kind", "server"))]),
+            codec.notify(5, 2, [_msg("c", ("span", "child"), ("child-of", "root"))]),
+            codec.notify(5, 3, [_msg("i", ("inject", "child"))]),
+        ]))
+        frames = [client.read_frame() for _ in range(3)]
+    assert [(f.type, f.stream_id, f.frame_id) for f in frames] == [
+        (FrameType.ACK, 5, 1), (FrameType.ACK, 5, 2), (FrameType.ACK, 5, 3)]
+    assert frames[0].payload == frames[1].payload == b""
+    actions = codec.decode_actions(frames[2].payload)
+    assert [a.name for a in actions] == ["traceparent"]
