@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("decode", "language", "registry", "export")
@@ -63,6 +64,8 @@ def _inner(stage: str, requests: int, built: int) -> None:
     conn.data_to_send()
     level = STAGES.index(stage)
 
+    deferred: list[Any] = []
+
     def replay(batch: list[list[bytes]]) -> None:
         for frames in batch:
             for frame in frames:
@@ -75,10 +78,19 @@ def _inner(stage: str, requests: int, built: int) -> None:
                         for message in event.messages:
                             parse_message(message)
                         conn.send_ack(event.stream_id, event.frame_id, None)
-                    else:
-                        actions = agent.dispatch(event.messages)
-                        conn.send_ack(event.stream_id, event.frame_id, actions)
+                    else:  # as the server does it: ACK first, deferred work after
+                        now, later = agent.prepare(event.messages)
+                        if now is not None:
+                            for work in deferred:
+                                work()
+                            deferred.clear()
+                        conn.send_ack(event.stream_id, event.frame_id, now and now())
+                        if later is not None:
+                            deferred.append(later)
                 conn.data_to_send()
+                for work in deferred:
+                    work()
+                deferred.clear()
         queue = processor._queue
         spans = [queue.popleft() for _ in range(len(queue))]
         if level == 3:

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 Args = list[tuple[str, Any]]
 Handler = Callable[[Args], "Iterable[Action] | None"]
 Fallback = Callable[[Message], "Iterable[Action] | None"]
-Work = Callable[[], "list[Action]"]
+Work = Callable[[], "list[Action] | None"]
 MetricSample = tuple[str, str, str, dict[str, str], float]
 
 

@@ -118,12 +118,11 @@ class TracingAgent(Agent):
                 commands.append(command)
         if not commands:
             return None, None
-        work = partial(self._apply, commands)
         for command in commands:
             for op in command.ops:
                 if op[0] == OP_INJECT:
-                    return work, None
-        return None, work
+                    return partial(self._apply, commands), None
+        return None, partial(self._apply_later, commands)
 
     def _all_fallback(self, messages: list[Message]) -> bool:
         handlers = self._handlers
@@ -142,6 +141,16 @@ class TracingAgent(Agent):
             if result:
                 actions.extend(result)
         return actions
+
+    def _apply_later(self, commands: list[Command]) -> None:
+        """``_apply`` for commands that inject nothing, so set no variables."""
+        apply = self.registry.apply
+        for command in commands:
+            try:
+                apply(command)
+            except Exception:
+                self.handler_errors += 1
+                log.exception("applying SPOE message of session %r failed", command.key)
 
     def handle(self, message: Message) -> list[SetVar] | None:
         command = parse_message(message, self.language_stats)
