@@ -424,13 +424,18 @@ def _compare_cached_and_compiled(messages: list[tuple[str, Any, list[tuple[str, 
     twins = [(key, ts, [(name, _TWIN.get((type(value), value), value)) for name, value in tail])
              for key, ts, tail in messages]
     for key, ts, tail in messages + twins + messages:
-        args = [("id", key), ("ts", ts), *tail]
-        cached_stats: Counter[str] = Counter()
-        compiled_stats: Counter[str] = Counter()
-        cached = parse_message(Message("m", list(args)), cached_stats)
-        compiled = language._compile(list(args), compiled_stats)
-        assert repr(cached) == repr(compiled)
-        assert cached_stats == compiled_stats
+        _assert_parsed_as_compiled([("id", key), ("ts", ts), *tail])
+
+
+def _assert_parsed_as_compiled(args: list[tuple[str, Any]]) -> None:
+    """parse_message (from whatever cache) gives the compiler's command and anomaly counts
+    (compared by repr: ``True == 1``)."""
+    cached_stats: Counter[str] = Counter()
+    compiled_stats: Counter[str] = Counter()
+    cached = parse_message(Message("m", list(args)), cached_stats)
+    compiled = language._compile(list(args), compiled_stats)
+    assert repr(cached) == repr(compiled)
+    assert cached_stats == compiled_stats
 
 
 def test_a_message_whose_tails_never_repeat_stops_being_cached() -> None:
@@ -521,13 +526,7 @@ def test_shapes_compile_exactly_like_the_compiler(
         for values, named_values in [(v, named) for v in rounds] + [(v, twins) for v in rounds]:
             tail = [(name, values[i] if not name else named_values[i])
                     for i, name in enumerate(names)]
-            args = [("id", "k"), ("ts", 7), *tail]
-            cached_stats: Counter[str] = Counter()
-            compiled_stats: Counter[str] = Counter()
-            cached = parse_message(Message("m", list(args)), cached_stats)
-            compiled = language._compile(list(args), compiled_stats)
-            assert repr(cached) == repr(compiled)
-            assert cached_stats == compiled_stats
+            _assert_parsed_as_compiled([("id", "k"), ("ts", 7), *tail])
     finally:
         language._GIVE_UP = saved
 
