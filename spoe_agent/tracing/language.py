@@ -299,21 +299,29 @@ def parse_message(
 def _compile_tail(tail: tuple[Any, ...], key: str, t: int) -> tuple[Any, ...]:
     """Compile ``id=key ts=t`` + ``tail`` and keep what does not depend on key and t.
 
-    A tail holding a bool, or an int equal to 0 or 1, is not kept: ``True == 1`` (and their
-    hashes agree), so ``bool(true)`` and ``int(1)``, which compile differently, would share it.
-    Nor is one holding a value longer than _TAIL_MAX_VALUE, so the cache's memory stays small.
+    Only ``_keepable`` tails are kept: ``bool(true)`` and ``int(1)``, equal as keys, compile
+    differently, and the cache's memory must stay small.
     """
     compiled = _compile_shaped(tail, 0, key, t)
-    for _, value in tail:
-        if value is True or value is False or (type(value) is int and 0 <= value <= 1):
-            return compiled
-        if (type(value) is str or type(value) is bytes) and len(value) > _TAIL_MAX_VALUE:
-            return compiled  # memory: 4096 tails of frame-sized values would be ~64 MB
+    if not _keepable(tail):
+        return compiled
     if len(_TAILS) >= _TAILS_LIMIT:
         _TAILS.clear()
         _MISSES.clear()
     _TAILS[tail] = compiled
     return compiled
+
+
+def _keepable(pairs: Any) -> bool:
+    """Whether a cache may key on these arguments: no bool and no int 0 or 1 (``True == 1``,
+    with equal hashes), no value over _TAIL_MAX_VALUE (memory: 4096 entries of frame-sized
+    values would be ~64 MB)."""
+    for _, value in pairs:
+        if value is True or value is False or (type(value) is int and 0 <= value <= 1):
+            return False
+        if (type(value) is str or type(value) is bytes) and len(value) > _TAIL_MAX_VALUE:
+            return False
+    return True
 
 
 def _compile_shaped(args: Any, start: int, key: str, t: int) -> tuple[Any, ...]:
@@ -367,7 +375,7 @@ def _compile_shape(tail: Any, shape: tuple[Any, ...]) -> tuple[Any, ...] | None:
     A stand-in found whole as the value of a tag or log op is that op's hole. One found anywhere
     else (several values concatenated, a baggage value), or a marked string from the message
     itself, means the values do more than fill holes: the shape is kept as ``None``. A shape
-    that holds a bool, an int 0 or 1 or a long value is not kept (see ``_compile_tail``).
+    whose other values are not ``_keepable`` is not kept.
     """
     probe: list[tuple[str, Any]] = []
     stand_ins: dict[int, int] = {}  # id(stand-in) -> its argument's index in the tail
@@ -380,8 +388,8 @@ def _compile_shape(tail: Any, shape: tuple[Any, ...]) -> tuple[Any, ...] | None:
             probe.append(pair)
     # The key and ts only need to be valid: what depends on them is not part of the entry.
     service, carrier, ops, ts_ns, counts = _compile_tail_args(probe, "k", 1)
-    entry: tuple[Any, ...] | None = (service, carrier, ops, ts_ns, counts, ())
     holes: list[tuple[int, int]] = []
+    mixed = any(_PROBE_MARK in text for text in [service, *(carrier or {}).values()] if text)
     for op_index, op in enumerate(ops or ()):
         for item_index, item in enumerate(op):
             if type(item) is str and _PROBE_MARK in item:
@@ -389,20 +397,10 @@ def _compile_shape(tail: Any, shape: tuple[Any, ...]) -> tuple[Any, ...] | None:
                         and id(item) in stand_ins):
                     holes.append((op_index, stand_ins[id(item)]))
                 else:
-                    entry = None
-    texts = [service, *(carrier or {}).values()]
-    if entry is not None and any(_PROBE_MARK in text for text in texts if text):
-        entry = None
-    if entry is not None:
-        entry = (*entry[:5], tuple(holes))
-    for pair in shape:
-        if pair is _HOLE:
-            continue
-        value = pair[1]
-        if value is True or value is False or (type(value) is int and 0 <= value <= 1):
-            return entry
-        if (type(value) is str or type(value) is bytes) and len(value) > _TAIL_MAX_VALUE:
-            return entry
+                    mixed = True
+    entry = None if mixed else (service, carrier, ops, ts_ns, counts, tuple(holes))
+    if not _keepable(pair for pair in shape if pair is not _HOLE):
+        return entry
     if len(_SHAPES) >= _TAILS_LIMIT:
         _SHAPES.clear()
     _SHAPES[shape] = entry
