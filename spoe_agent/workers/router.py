@@ -80,9 +80,61 @@ def encode_command(command: Command, rpc_id: int = 0, stamp_ns: int | None = Non
     return encode((COMMAND, stamp_ns, rpc_id) + command)
 
 
+# What forwarded commands carry, by value. ``marshal.loads`` makes every string of every command
+# anew, where the decoder of a local NOTIFY hands out the same objects again (its argument
+# caches): without this, an open session whose events were forwarded kept its own copies of its
+# span names, tag keys and constant values (~1.5 KB more per session, measured). Only strings
+# and ops made of strings are looked up: True == 1 == 1.0, so an op holding a number could come
+# back as another type. Bounded, cleared when full (the unique values, paths and ids, churn it).
+_SHARED: dict[Any, Any] = {}
+_SHARED_LIMIT = 8192
+_SHARED_MAX_CHARS = 256
+
+
+def _shared_str(value: Any) -> Any:
+    if type(value) is not str or len(value) > _SHARED_MAX_CHARS:
+        return value
+    known = _SHARED.get(value)
+    if known is None:
+        if len(_SHARED) >= _SHARED_LIMIT:
+            _SHARED.clear()
+        _SHARED[value] = known = value
+    return known
+
+
+def _shared_ops(ops: tuple[tuple[Any, ...], ...]) -> tuple[tuple[Any, ...], ...]:
+    try:
+        known = _SHARED.get(ops)
+    except TypeError:  # not plain data: leave it as it came
+        return ops
+    if known is not None:
+        return known
+    keep = True
+    shared = []
+    for op in ops:
+        known = _SHARED.get(op)
+        if known is None:
+            known = (op[0], *[_shared_str(x) for x in op[1:]])
+            if all(type(x) is str and len(x) <= _SHARED_MAX_CHARS for x in op[1:]):
+                if len(_SHARED) >= _SHARED_LIMIT:
+                    _SHARED.clear()
+                _SHARED[op] = known
+            else:
+                keep = False
+        shared.append(known)
+    result = tuple(shared)
+    if keep:
+        if len(_SHARED) >= _SHARED_LIMIT:
+            _SHARED.clear()
+        _SHARED[ops] = result
+    return result
+
+
 def command_of(frame: tuple[Any, ...]) -> Command:
-    """The :class:`Command` inside a COMMAND frame (built like ``parse_message`` builds it)."""
-    return _tuple_new(Command, frame[3:8])
+    """The :class:`Command` inside a COMMAND frame (built like ``parse_message`` builds it), its
+    strings shared with earlier commands' equal ones (see ``_SHARED``)."""
+    key, ts_ns, service, carrier, ops = frame[3:8]
+    return _tuple_new(Command, (key, ts_ns, _shared_str(service), carrier, _shared_ops(ops)))
 
 
 def encode_reply(rpc_id: int, actions: Iterable[SetVar]) -> bytes:

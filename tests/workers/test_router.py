@@ -111,7 +111,29 @@ def test_commands_survive_the_wire_in_any_chunking(
     assert [f[2] for f in frames] == list(range(len(batch)))
     decoded = [command_of(f) for f in frames]
     assert decoded == batch
+    # repr tells True from 1, which == does not: sharing must not swap one for the other.
+    assert [repr(c) for c in decoded] == [repr(c) for c in batch]
     assert all(type(c) is Command for c in decoded)
+
+
+def test_forwarded_commands_share_their_strings() -> None:
+    """marshal makes every string anew; an owner keeping thousands of forwarded sessions must
+    not keep a copy of each span name and tag per session (the local decoder shares them)."""
+    first, second = (
+        command_of(FrameReader().feed(encode_command(Command(
+            key, 1, "svc", None,
+            ((OP_SPAN, "HAProxy session"), (OP_TAG, "http.request.method", "GET"),
+             (OP_TAG, "url.path", path), (OP_TAG, "n", n)),
+        )))[0])
+        for key, path, n in (("k1", "/a", True), ("k2", "/b", 1))
+    )
+    assert second.service is first.service
+    assert second.ops[0] is first.ops[0]  # an op of strings only: the op itself
+    assert second.ops[1] is first.ops[1]
+    assert second.ops[2][1] is first.ops[2][1]  # the key of an op whose value differs
+    assert first.ops[3][2] is True
+    assert type(second.ops[3][2]) is int  # not the True seen before, though True == 1
+    assert second.ops[2][2] == "/b" and second.key == "k2"
 
 
 def test_a_partial_frame_waits_for_the_rest() -> None:
