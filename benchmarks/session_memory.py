@@ -152,7 +152,9 @@ def measure_agent(sessions: int, workers: int, connections: int = 8,
     """Feed the running agent every session's first events and read each worker's RSS."""
     from benchmarks.haproxy_e2e import clean_env, free_port, process_tree, wait_port
 
-    port, metrics = free_port(), _free_range(workers)
+    # With several workers the supervisor serves PORT and worker i serves PORT + 1 + i.
+    port, metrics = free_port(), _free_range(workers + (workers > 1))
+    worker_metrics = [metrics + i + (workers > 1) for i in range(workers)]
     with tempfile.TemporaryDirectory() as tmp:
         ini = Path(tmp) / "agent.ini"
         # The cap is the agent's total (each of N workers holds cap/N): room for all of them.
@@ -164,15 +166,15 @@ def measure_agent(sessions: int, workers: int, connections: int = 8,
             cwd=REPO_ROOT, env=clean_env(), stdin=subprocess.DEVNULL)
         try:
             wait_port(port, proc)
-            for i in range(workers):
-                wait_port(metrics + i, proc)
+            for worker_port in worker_metrics:
+                wait_port(worker_port, proc)
             pids = [p for p in process_tree(proc.pid) if p != proc.pid] or [proc.pid]
             index = {0: pids[0]} if workers == 1 else {_worker_index(p): p for p in pids}
             before = {pid: rss_kib(pid) for pid in pids}
             _feed(port, notify_frames(sessions), connections, window)
             time.sleep(1.0)
             after = {pid: rss_kib(pid) for pid in pids}
-            opened = [_open_sessions(metrics + i) for i in range(workers)]
+            opened = [_open_sessions(worker_port) for worker_port in worker_metrics]
         finally:
             proc.terminate()
             proc.wait(60)
