@@ -12,6 +12,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.exporter.jaeger.thrift.gen.agent import Agent
 from opentelemetry.exporter.jaeger.thrift.gen.jaeger import Collector as jaeger
@@ -42,6 +44,7 @@ from thrift.transport.TTransport import TMemoryBuffer
 
 from spoe_agent.tracing import jaeger as fast
 from spoe_agent.tracing.jaeger import FastJaegerExporter, JaegerTranslator
+from spoe_agent.tracing.jaeger import encode as encode_module
 from spoe_agent.viewer.receiver import JaegerReceiver
 
 with warnings.catch_warnings():
@@ -491,6 +494,26 @@ def test_packing_respects_any_limit_exactly() -> None:
         assert all(len(d) <= limit for d in datagrams)
         assert sum(len(agent_decode(d).spans) for d in datagrams) == 40
     assert fast.pack_datagrams(batch, len(whole)) == ([whole], 0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 700), max_size=600),
+    limit=st.integers(60, 4000),
+    process=st.binary(max_size=40),
+)
+def test_packing_cuts_where_the_greedy_loop_does(sizes: list[int], limit: int,
+                                                 process: bytes) -> None:
+    """The bisecting packer against the span-by-span greedy loop: the same datagrams, byte for
+    byte, for any sizes (through the 15- and 128-span list headers) and limits (some spans
+    too big to send at all)."""
+    spans = [bytes([i % 251]) * size for i, size in enumerate(sizes)]
+    budget = limit - encode_module._DATAGRAM_OVERHEAD - len(process)
+    expected = encode_module._pack_one_by_one(process, spans, budget)
+    assert fast.pack_span_bytes(process, spans, limit) == expected
+    datagrams, dropped = expected
+    assert all(len(d) <= limit for d, _ in datagrams)
+    assert sum(n for _, n in datagrams) + dropped == len(spans)
 
 
 def test_many_spans_use_the_long_list_header() -> None:

@@ -8,7 +8,9 @@ encoded size without encoding anything twice.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Iterable, Sequence
+from itertools import accumulate
 from typing import Any
 
 from thrift.protocol import fastbinary
@@ -298,8 +300,42 @@ def pack_span_bytes(
     """Pack encoded spans greedily into emitBatch datagrams of at most ``max_size`` bytes.
 
     Returns ([(datagram, span count)], spans dropped because alone they exceed a datagram).
+
+    The export path runs this between two NOTIFYs, whatever the load: a loop in Python over a
+    batch's 512 spans held the next NOTIFY up for ~0.5 ms. So the cut points come from the
+    running sum of the sizes by bisection, and Python only loops once per datagram; the result
+    is the greedy one (``_pack_one_by_one``, which the tests hold it to).
     """
     budget = max_size - _DATAGRAM_OVERHEAD - len(process_bytes)  # for list header and spans
+    sizes = list(map(len, span_bytes))
+    if not sizes:
+        return [], 0
+    if max(sizes) + 1 > budget:  # some span is dropped: the slow way, which says which
+        return _pack_one_by_one(process_bytes, span_bytes, budget)
+    ends = list(accumulate(sizes))  # ends[j]: bytes of spans 0..j
+    longest_header = _list_header_len(total := len(sizes))
+    datagrams: list[tuple[bytes, int]] = []
+    first = 0
+    before = 0  # bytes of the spans before ``first``
+    while first < total:
+        # The most spans from ``first`` whose bytes fit with the longest list header they could
+        # need, then one more while one more fits with its exact header. Whether spans
+        # first..j fit only gets worse as j grows, so this is where the greedy loop stops.
+        last = bisect_right(ends, before + budget - longest_header, first) - 1
+        while (last + 1 < total
+               and ends[last + 1] - before + _list_header_len(last + 2 - first) <= budget):
+            last += 1
+        datagrams.append(
+            (emit_batch_datagram(process_bytes, span_bytes[first:last + 1]), last + 1 - first)
+        )
+        before = ends[last]
+        first = last + 1
+    return datagrams, 0
+
+
+def _pack_one_by_one(
+    process_bytes: bytes, span_bytes: Sequence[bytes], budget: int
+) -> tuple[list[tuple[bytes, int]], int]:
     datagrams: list[tuple[bytes, int]] = []
     dropped = 0
     current: list[bytes] = []
