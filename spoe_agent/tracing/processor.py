@@ -248,13 +248,22 @@ class QueueSpanProcessor(SpanProcessor):
             except Exception as exc:  # the exporter counts what it can; this must not kill us
                 self._failed(len(slice_), exc)
             if self._encoded is not None and len(self._encoded) >= size:
+                self._pause_if_light()  # the slice and the send are two hold-ups, not one
                 self._send_encoded()
         if everything and self._encoded is not None:
             self._send_encoded()
 
     def _send_encoded(self) -> None:
         encoded, self._encoded = self._encoded, None
-        self._deliver(self._encoder.send_encoded, encoded)
+        self._deliver(self._send_with_pauses, encoded)
+
+    def _send_with_pauses(self, encoded: Any) -> Any:
+        # A batch is several 65 KB datagrams: the ready connections go between two of them.
+        return self._encoder.send_encoded(encoded, between=self._pause_if_light)
+
+    def _pause_if_light(self) -> None:
+        if len(self._queue) < self.max_export_batch_size:
+            _pause()
 
     def _export_batch(self, batch: list[ReadableSpan]) -> None:
         self._deliver(self.exporter.export, batch)

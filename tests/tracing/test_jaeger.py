@@ -484,6 +484,30 @@ def test_oversized_batch_is_split_into_datagrams_that_hold_every_span() -> None:
     assert exporter.stats.spans_dropped_oversize == 0
 
 
+def test_other_work_runs_between_the_datagrams_of_a_batch() -> None:
+    """A 512-span batch is several 65 KB datagrams; the processor's ``between`` lets the ready
+    connections run between two sends instead of after all of them."""
+    spans = big_spans(200, 1500)
+    exporter = FastJaegerExporter()
+    exporter._udp = captured = Captured()
+    order: list[str] = []
+    captured_send = captured.send
+
+    def send(data: bytes) -> None:
+        order.append("send")
+        captured_send(data)
+
+    captured.send = send  # type: ignore[method-assign]
+    encoded = exporter.encode(spans)
+    result = exporter.send_encoded(encoded, between=lambda: order.append("between"))
+    assert result is SpanExportResult.SUCCESS
+    sends = len(captured.datagrams)
+    assert sends > 2
+    assert order == ["send"] + ["between", "send"] * (sends - 1)
+    decoded = [span for d in captured.datagrams for span in agent_decode(d).spans]
+    assert [s.operationName for s in decoded] == [f"span {i}" for i in range(200)]
+
+
 def test_packing_respects_any_limit_exactly() -> None:
     spans = big_spans(40, 100)
     [batch], _ = JaegerTranslator().batches(spans)

@@ -265,7 +265,7 @@ class Encoding(Recording):
         out.names.extend(s.name for s in spans)
         return out
 
-    def send_encoded(self, encoded: _Encoded) -> SpanExportResult:
+    def send_encoded(self, encoded: _Encoded, between: object = None) -> SpanExportResult:
         with self._cond:
             self.batches.append(list(encoded.names))
             self._cond.notify_all()
@@ -352,10 +352,18 @@ def test_encoding_failures_are_counted_never_raised(failure: str) -> None:
     processor.shutdown()
 
 
-def test_the_request_path_runs_between_encoded_slices_under_gevent() -> None:
-    """Why encoding is sliced: between two slices the event loop must poll I/O, so a NOTIFY
-    that arrived meanwhile is served before the next slice (gevent's sleep(0) would not)."""
-    script = textwrap.dedent(
+@pytest.mark.parametrize("scenario, spans, expected", [
+    # Why encoding is sliced: between two slices the event loop must poll I/O, so a NOTIFY
+    # that arrived meanwhile is served before the next slice (gevent's sleep(0) would not).
+    ("slices", 2, ["encode 2", "io", "encode 2", "send 4"]),
+    # A batch leaves as several datagrams: a NOTIFY that arrives while one is sent is served
+    # before the next one.
+    ("datagrams", 4, ["encode 4", "datagram 1", "io", "datagram 2"]),
+])
+def test_the_request_path_runs_between_export_steps_under_gevent(
+    scenario: str, spans: int, expected: list[str]
+) -> None:
+    script = f"SCENARIO, SPANS, EXPECTED = {scenario!r}, {spans}, {expected!r}\n" + textwrap.dedent(
         """
         from gevent import monkey
         monkey.patch_all()
@@ -382,15 +390,21 @@ def test_the_request_path_runs_between_encoded_slices_under_gevent() -> None:
         class Exporter:
             def encode(self, spans, into=None):
                 log.append(f"encode {len(spans)}")
-                if len(log) == 1:
+                if SCENARIO == "slices" and len(log) == 1:
                     writer.send(b"x")  # a NOTIFY arrives while the first slice encodes ...
                     for i in range(2, 4):
                         p.on_end(span(i))  # ... and so do more spans
                 out = Encoded() if into is None else into
                 out.extend(spans)
                 return out
-            def send_encoded(self, encoded):
-                log.append(f"send {len(encoded)}")
+            def send_encoded(self, encoded, between=None):
+                if SCENARIO == "slices":
+                    log.append(f"send {len(encoded)}")
+                else:
+                    log.append("datagram 1")
+                    writer.send(b"x")  # a NOTIFY arrives while the first datagram is sent
+                    between()
+                    log.append("datagram 2")
                 return SpanExportResult.SUCCESS
             def export(self, spans):
                 raise AssertionError("an encoding exporter is never asked to export")
@@ -401,13 +415,13 @@ def test_the_request_path_runs_between_encoded_slices_under_gevent() -> None:
         gevent.sleep(0.01)  # parked in recv
         p = QueueSpanProcessor(Exporter(), max_export_batch_size=4, schedule_delay_s=3600,
                                encode_slice=2)
-        p.on_end(span(0))
-        p.on_end(span(1))
+        for i in range(SPANS):
+            p.on_end(span(i))
         server.join(10)
         assert p.force_flush(10000)
         p.shutdown()
         print(log)
-        assert log == ["encode 2", "io", "encode 2", "send 4"], log
+        assert log == EXPECTED, log
         print("ok")
         """
     )
@@ -416,3 +430,4 @@ def test_the_request_path_runs_between_encoded_slices_under_gevent() -> None:
     )
     assert result.returncode == 0, result.stderr + result.stdout
     assert result.stdout.strip().endswith("ok")
+

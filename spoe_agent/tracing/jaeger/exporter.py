@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -214,8 +214,11 @@ class FastJaegerExporter(SpanExporter):
         self.stats.spans_dropped_invalid += invalid
         out.invalid += invalid
 
-    def send_encoded(self, encoded: EncodedSpans) -> SpanExportResult:
-        """Send what ``encode`` produced; FAILURE if any span of it was lost."""
+    def send_encoded(
+        self, encoded: EncodedSpans, between: Callable[[], None] | None = None
+    ) -> SpanExportResult:
+        """Send what ``encode`` produced; FAILURE if any span of it was lost. ``between`` is
+        called between two UDP datagrams (the caller's chance to let other work run)."""
         if self._shutdown:
             return SpanExportResult.FAILURE
         ok = encoded.invalid == 0
@@ -226,7 +229,7 @@ class FastJaegerExporter(SpanExporter):
                 if self._http is not None:
                     ok = self._send_http(process, spans) and ok
                 else:
-                    ok = self._send_udp(process, spans) and ok
+                    ok = self._send_udp(process, spans, between) and ok
         return SpanExportResult.SUCCESS if ok else SpanExportResult.FAILURE
 
     def _encode_spans(self, batch: ThriftBatch, encode: Any) -> list[bytes]:
@@ -254,7 +257,12 @@ class FastJaegerExporter(SpanExporter):
         stats.spans_sent += len(spans)
         return True
 
-    def _send_udp(self, process_struct: ThriftProcess, spans: list[bytes]) -> bool:
+    def _send_udp(
+        self,
+        process_struct: ThriftProcess,
+        spans: list[bytes],
+        between: Callable[[], None] | None = None,
+    ) -> bool:
         stats = self.stats
         ok = True
         service = process_struct.serviceName
@@ -281,7 +289,9 @@ class FastJaegerExporter(SpanExporter):
                 stats.spans_dropped_oversize += dropped
                 log.warning("%d span(s) larger than a UDP packet dropped", dropped)
                 ok = False
-        for data, count in datagrams:
+        for n, (data, count) in enumerate(datagrams):
+            if n and between is not None:
+                between()
             try:
                 self._udp.send(data)
             except Exception as exc:
