@@ -10,6 +10,7 @@ exits at once (status 1), for an operator who would rather lose the flush than w
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -63,6 +64,11 @@ def run(agent: Agent, config: AgentConfig, *, listener: object = None) -> int:
 
     gevent.signal_handler(signal.SIGTERM, on_signal)
     gevent.signal_handler(signal.SIGINT, on_signal)
+    # What start-up built (modules, the configuration, the exporter) lives as long as the
+    # process: frozen, it is out of the cyclic collector's sight, whose full collections had to
+    # walk it (~15 ms of stall each, about one every few thousand traced requests).
+    gc.collect()
+    gc.freeze()
     server.start()
     stop.wait()
     log.info("shutting down: draining %d connections", server.stats.connections_open)

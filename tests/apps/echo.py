@@ -10,6 +10,7 @@ concurrent handler that yields to the event loop.
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 from typing import Any
 
@@ -96,6 +97,12 @@ def slow(args: Args) -> list[Action]:
         SetVar(Scope.TXN, "slow_done", True),
         SetVar(Scope.TXN, "slow_id", dict(args).get("id")),
     ]
+
+
+@agent.message("gc")
+def gc_state(args: Args) -> list[Action]:
+    """How many objects start-up froze out of the cyclic collector's reach (the runner's doing)."""
+    return [SetVar(Scope.TXN, "frozen", gc.get_freeze_count())]
 
 
 @agent.message("explode")
