@@ -1,0 +1,137 @@
+"""What ``--workers N`` costs per traced request, counted in instructions rather than timed.
+
+The issue's target is N workers >= 0.8 x N the throughput of one, each worker with a core of its
+own. This 2-core VM cannot give N workers N cores next to the load generator, and its CPU time
+per request swings with whatever shares the cores (two busy workers on two vCPUs cost each
+other). Instructions do not: under callgrind, the agent's processes (supervisor and workers,
+``--trace-children=yes``) are saturated by ``spop_load``'s traced replay (8 sequenced NOTIFYs
+and 9 spans per request, Jaeger export to a UDP socket nobody reads), and the instructions they
+execute per request are compared with one worker's. Since the work is the same, a worker with a
+core of its own would serve ``instructions(1) / instructions(N)`` x N the throughput of one.
+
+It counts user-space instructions only: the system calls forwarding adds (a ``send`` per
+forwarded command, a ``poll`` per drain) are not in it, so the real ratio is lower. Counters are
+zeroed after a warm-up and dumped after the measured load with ``callgrind_control``, which acts
+on every callgrind process of this user: run nothing else under callgrind meanwhile.
+
+    python -m benchmarks.worker_scaling [--workers 1 2] [--seconds 30]
+
+Needs valgrind (Debian's package). Each configuration takes about two minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks.haproxy_e2e import clean_env, free_port, wait_port  # noqa: E402
+
+NOTIFYS_PER_REQUEST = 8
+_ACKS = re.compile(r"\(([\d,]+) ACKs, ")
+_ERRORS = re.compile(r"errors (\d+)")
+
+
+def _drive(port: int, seconds: float, connections: int, window: int) -> tuple[int, int]:
+    """``spop_load``'s traced replay for ``seconds``: (ACKs, errors)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.spop_load", "--connect", f"127.0.0.1:{port}",
+         "--workload", "traced", "--sequenced", "-c", str(connections), "-w", str(window),
+         "--duration", str(seconds), "--warmup", "0"],
+        cwd=REPO_ROOT, capture_output=True, text=True, check=False,
+    )
+    out = proc.stdout + proc.stderr
+    acks, errors = _ACKS.search(out), _ERRORS.search(out)
+    if acks is None or errors is None:
+        raise RuntimeError(f"unexpected spop_load output:\n{out}")
+    return int(acks.group(1).replace(",", "")), int(errors.group(1))
+
+
+def _callgrind_control(flag: str) -> None:
+    subprocess.run(["callgrind_control", flag], capture_output=True, check=False)
+
+
+def measure(workers: int, seconds: float, warmup: float, connections: int,
+            window: int) -> dict[str, float]:
+    """Instructions per traced request of an agent with ``workers`` workers, saturated."""
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind(("127.0.0.1", 0))
+    port = free_port()
+    env = clean_env()
+    env.update(OTEL_TRACES_EXPORTER="jaeger", OTEL_EXPORTER_JAEGER_AGENT_HOST="127.0.0.1",
+               OTEL_EXPORTER_JAEGER_AGENT_PORT=str(sink.getsockname()[1]))
+    with tempfile.TemporaryDirectory() as tmp:
+        agent = subprocess.Popen(
+            ["valgrind", "--tool=callgrind", "--trace-children=yes",
+             f"--callgrind-out-file={tmp}/cg.%p", sys.executable, "-m", "spoe_agent",
+             "--bind", f"127.0.0.1:{port}", "--workers", str(workers)],
+            cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_port(port, agent, timeout=300)
+            # Under valgrind, workers take tens of seconds to start and greet their peers; the
+            # warm-up load runs until every one of them serves (and their caches are warm).
+            time.sleep(20 * workers if workers > 1 else 0)
+            _drive(port, warmup, connections, window)  # its errors (a worker not up yet) aside
+            _callgrind_control("-z")
+            acks, errors = _drive(port, seconds, connections, window)
+            _callgrind_control("-d")
+        finally:
+            agent.send_signal(signal.SIGINT)
+            try:
+                agent.wait(120)
+            except subprocess.TimeoutExpired:
+                agent.kill()
+                agent.wait()
+        # The dump callgrind_control -d asked for is each process's ``.1`` file: what it ran
+        # between the zeroing and the dump, i.e. during the measured load.
+        total = 0
+        processes = 0
+        for dump in Path(tmp).glob("cg.*.1"):
+            match = re.search(r"^summary: (\d+)", dump.read_text(errors="replace"), re.M)
+            if match:
+                total += int(match.group(1))
+                processes += 1
+    if errors:
+        raise RuntimeError(f"--workers {workers}: {errors} errors in the driver's checks")
+    if processes < workers:
+        raise RuntimeError(f"--workers {workers}: only {processes} processes were counted")
+    requests = acks / NOTIFYS_PER_REQUEST
+    return {"workers": workers, "requests": requests, "instructions": total,
+            "per_request": total / requests}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--warmup", type=float, default=15.0)
+    parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--window", type=int, default=20)
+    args = parser.parse_args(argv)
+    if subprocess.run(["which", "valgrind"], capture_output=True).returncode != 0:
+        print("valgrind is needed (apt-get install -y valgrind)", file=sys.stderr)
+        return 2
+    results = [measure(n, args.seconds, args.warmup, args.connections, args.window)
+               for n in args.workers]
+    base = next((r for r in results if r["workers"] == 1), None)
+    print("| workers | requests counted | instructions per request | x N the throughput of one |")
+    print("|---:|---:|---:|---:|")
+    for r in results:
+        ratio = f"{base['per_request'] / r['per_request']:.2f}" if base else "-"
+        print(f"| {r['workers']} | {r['requests']:,.0f} | {r['per_request']:,.0f} | {ratio} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
