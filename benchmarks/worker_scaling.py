@@ -50,7 +50,11 @@ def _drive(port: int, seconds: float, connections: int, window: int) -> tuple[in
          "--duration", str(seconds), "--warmup", "0"],
         cwd=REPO_ROOT, capture_output=True, text=True, check=False,
     )
-    out = proc.stdout + proc.stderr
+    return parse_load_output(proc.stdout + proc.stderr)
+
+
+def parse_load_output(out: str) -> tuple[int, int]:
+    """(ACKs in the measured window, errors) from ``spop_load``'s printed result."""
     acks, errors = _ACKS.search(out), _ERRORS.search(out)
     if acks is None or errors is None:
         raise RuntimeError(f"unexpected spop_load output:\n{out}")

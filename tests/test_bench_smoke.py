@@ -123,6 +123,29 @@ def test_traced_replay_against_the_tracing_agent(tmp_path: Path) -> None:
     assert any(a.name == "traceparent" for actions in seen for a in actions), seen[:10]
 
 
+def test_worker_scaling_counts_the_driven_requests(tmp_path: Path) -> None:
+    """worker_scaling reads its request count from spop_load's output (the callgrind part
+    needs minutes, so not here): a wrong parse would make every ratio it prints wrong."""
+    from benchmarks.spop_load import LoadResult, format_result
+    from benchmarks.worker_scaling import NOTIFYS_PER_REQUEST, _drive, parse_load_output
+
+    port = free_port()
+    proc = ManagedProcess(
+        "tracing-agent",
+        [sys.executable, "-m", "spoe_agent", "--bind", f"127.0.0.1:{port}",
+         "--log-level", "warning", "--exporter", "none"],
+        tmp_path, cwd=REPO_ROOT,
+    )
+    with proc:
+        acks, errors = _drive(port, 0.5, connections=1, window=4)
+    assert errors == 0
+    assert acks >= NOTIFYS_PER_REQUEST
+    # Thousands separators and a non-zero error count, as spop_load prints them.
+    result = LoadResult("traced", 8, 20, True, duration_s=30.0, acks=1_234_567,
+                        unanswered=2, agent_disconnects=["1 io error"])
+    assert parse_load_output(format_result(result)) == (1_234_567, 3)
+
+
 @pytest.mark.haproxy
 def test_soak_smoke(tmp_path: Path) -> None:
     """The soak harness end to end at a tiny scale: 20 s at 200 req/s through HAProxy 2.6 with
