@@ -98,9 +98,8 @@ def test_wrong_actions_are_counted(bench_agent: tuple[int, int]) -> None:
     assert result.bad_acks == result.acks_matched > 0
 
 
-def test_traced_replay_against_the_tracing_agent(tmp_path: Path) -> None:
-    """The reference config's 8 events per request, sequenced, through the default agent: all
-    ACKed, and the on-backend-http-request ACK carries the injected traceparent."""
+def _tracing_agent(tmp_path: Path) -> tuple[ManagedProcess, int]:
+    """The default (tracing) agent, export off, as a managed process: (process, port)."""
     port = free_port()
     proc = ManagedProcess(
         "tracing-agent",
@@ -108,6 +107,13 @@ def test_traced_replay_against_the_tracing_agent(tmp_path: Path) -> None:
          "--log-level", "warning", "--exporter", "none"],
         tmp_path, cwd=REPO_ROOT,
     )
+    return proc, port
+
+
+def test_traced_replay_against_the_tracing_agent(tmp_path: Path) -> None:
+    """The reference config's 8 events per request, sequenced, through the default agent: all
+    ACKed, and the on-backend-http-request ACK carries the injected traceparent."""
+    proc, port = _tracing_agent(tmp_path)
     seen: list[list[Any]] = []
 
     def check(actions: list[Any]) -> bool:
@@ -129,13 +135,7 @@ def test_worker_scaling_counts_the_driven_requests(tmp_path: Path) -> None:
     from benchmarks.spop_load import LoadResult, format_result
     from benchmarks.worker_scaling import NOTIFYS_PER_REQUEST, _drive, parse_load_output
 
-    port = free_port()
-    proc = ManagedProcess(
-        "tracing-agent",
-        [sys.executable, "-m", "spoe_agent", "--bind", f"127.0.0.1:{port}",
-         "--log-level", "warning", "--exporter", "none"],
-        tmp_path, cwd=REPO_ROOT,
-    )
+    proc, port = _tracing_agent(tmp_path)
     with proc:
         acks, errors = _drive(port, 0.5, connections=1, window=4)
     assert errors == 0
