@@ -19,7 +19,7 @@ import gevent
 from spoe_agent.config import AgentConfig
 from spoe_agent.handlers import Agent, MetricSample, Work
 from spoe_agent.protocol.types import Action, Message, SetVar
-from spoe_agent.tracing.language import OP_INJECT, Command, parse_message
+from spoe_agent.tracing.language import Command, has_inject, parse_message
 from spoe_agent.tracing.pipeline import Resources, build_exporter, build_sampler
 from spoe_agent.tracing.processor import QueueSpanProcessor
 from spoe_agent.tracing.propagation import build_propagator
@@ -119,9 +119,8 @@ class TracingAgent(Agent):
         if not commands:
             return None, None
         for command in commands:
-            for op in command.ops:
-                if op[0] == OP_INJECT:
-                    return partial(self._apply, commands), None
+            if has_inject(command):
+                return partial(self._apply, commands), None
         return None, partial(self._apply_later, commands)
 
     def _all_fallback(self, messages: list[Message]) -> bool:

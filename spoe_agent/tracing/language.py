@@ -58,6 +58,15 @@ class Command(NamedTuple):
     ops: tuple[tuple[Any, ...], ...]
 
 
+def has_inject(command: Command) -> bool:
+    """Whether applying ``command`` answers with variables, so its ACK (or its sender, when
+    forwarded to another worker) must wait for them."""
+    for op in command[4]:
+        if op[0] == OP_INJECT:
+            return True
+    return False
+
+
 # Argument names to codes: below _K_ID, the op the keyword compiles to.
 _K_ID, _K_TS, _K_SERVICE, _K_KIND, _K_HEADER, _K_UNKNOWN = 20, 21, 22, 23, 24, 25
 _ARGS: dict[str, int] = {

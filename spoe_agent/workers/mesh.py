@@ -41,7 +41,7 @@ from gevent.monkey import get_original
 
 from spoe_agent.handlers import MetricSample
 from spoe_agent.protocol.types import SetVar
-from spoe_agent.tracing.language import Command
+from spoe_agent.tracing.language import Command, has_inject
 from spoe_agent.workers.router import (
     COMMAND,
     HELLO,
@@ -56,7 +56,6 @@ from spoe_agent.workers.router import (
     encode,
     encode_command,
     encode_reply,
-    has_inject,
     owner_of,
     reply_actions,
 )

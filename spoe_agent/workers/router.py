@@ -32,7 +32,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from spoe_agent.protocol.types import Scope, SetVar
-from spoe_agent.tracing.language import OP_INJECT, Command
+from spoe_agent.tracing.language import Command
 
 # Frame kinds: the first item of every frame tuple.
 HELLO = 0  # (HELLO, sender_index, fresh, urgent): first frame of a link; fresh asks for SYNC
@@ -57,14 +57,6 @@ def owner_of(key: str, workers: int) -> int:
     """The index of the worker that holds session ``key``: the same answer in every process
     (``hash()`` would not be, it is salted per interpreter)."""
     return zlib.crc32(key.encode("utf-8", "surrogatepass")) % workers
-
-
-def has_inject(command: Command) -> bool:
-    """Whether applying ``command`` answers with variables, so its sender must wait for them."""
-    for op in command[4]:
-        if op[0] == OP_INJECT:
-            return True
-    return False
 
 
 def encode(frame: tuple[Any, ...]) -> bytes:

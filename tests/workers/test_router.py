@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spoe_agent.protocol.types import Scope, SetVar
-from spoe_agent.tracing.language import OP_INJECT, OP_SPAN, OP_TAG, Command
+from spoe_agent.tracing.language import OP_INJECT, OP_SPAN, OP_TAG, Command, has_inject
 from spoe_agent.workers.router import (
     COMMAND,
     HELLO,
@@ -28,7 +28,6 @@ from spoe_agent.workers.router import (
     encode,
     encode_command,
     encode_reply,
-    has_inject,
     owner_of,
     reply_actions,
 )
