@@ -248,8 +248,9 @@ _RETRY = 1024
 # Compiled shapes: a tail with its unnamed str, int and address values (the samples after
 # ``tag`` and ``log``: a URL path, a client's address and port) left out, and what it compiles
 # to with a hole for each. The tails that never repeat keep their shape from one request to
-# the next, and filling holes costs a fraction of a compile. ``None`` marks a shape whose values do more than fill a hole
-# (several concatenated, a baggage value): such tails always compile.
+# the next, and filling holes costs a fraction of a compile. ``None`` marks a shape whose
+# values do more than fill a hole (several concatenated, a baggage value): such tails always
+# compile.
 _SHAPES: dict[tuple[Any, ...], tuple[Any, ...] | None] = {}
 _HOLE = object()  # a left-out value in a shape key
 _HOLE_TYPES = frozenset({str, int, IPv4Address, IPv6Address})
