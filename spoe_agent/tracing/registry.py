@@ -206,13 +206,6 @@ def _attr_dict(pairs: list[Any]) -> dict[str, Any]:
     return dict(zip(it, it, strict=True))
 
 
-def _link_ids(links: tuple[_Span, ...]) -> tuple[int, ...]:
-    # One link (follows-from) is the rule: no comprehension frame for it.
-    if len(links) == 1:
-        return (links[0].span_id,)
-    return tuple([target.span_id for target in links])
-
-
 def _events(events: list[tuple[str, Any, int]]) -> tuple[Event, ...]:
     # The Jaeger translator reads ``event.attributes.dropped``: BoundedAttributes it must be.
     return tuple(
@@ -221,7 +214,13 @@ def _events(events: list[tuple[str, Any, int]]) -> tuple[Event, ...]:
 
 
 class _Span:
-    """A span of an open session; ``parent`` and ``links`` point at records of the same session."""
+    """A span of an open session; ``parent`` and ``links`` point at records of the same session.
+
+    ``span_id`` is 0 until something needs it (the span's emission, a child's or a follower's,
+    an inject): a 64-bit int costs 48 B, and a slow request's open spans mostly never do
+    before they end. ``links`` is the one span it follows from (the rule: a tuple of one would
+    cost 48 B more), or a tuple of several.
+    """
 
     __slots__ = (
         "name",
@@ -236,11 +235,11 @@ class _Span:
         "status",
     )
 
-    def __init__(self, name: str, span_id: int, start_ns: int) -> None:
+    def __init__(self, name: str, start_ns: int) -> None:
         self.name = name
-        self.span_id = span_id
+        self.span_id = 0
         self.parent: _Span | None = None
-        self.links: tuple[_Span, ...] | None = None
+        self.links: _Span | tuple[_Span, ...] | None = None
         self.kind = 0
         # Tags as a flat [key, value, ...] list, folded into a dict when the span is emitted:
         # the root span's eleven reference tags cost 248 B this way, 464 B as a dict.
@@ -447,10 +446,13 @@ class SessionRegistry:
                     continue
                 sel.parent = parent
                 if code == OP_FOLLOWS_FROM:
-                    if sel.links is None:
-                        sel.links = (parent,)
-                    elif len(sel.links) < _MAX_ITEMS_PER_SPAN:
-                        sel.links += (parent,)
+                    links = sel.links
+                    if links is None:
+                        sel.links = parent
+                    elif type(links) is _Span:
+                        sel.links = (links, parent)
+                    elif len(links) < _MAX_ITEMS_PER_SPAN:
+                        sel.links = links + (parent,)
             elif code == OP_KIND:
                 sel.kind = op[1]
             elif code == OP_ERROR:
@@ -628,7 +630,8 @@ class SessionRegistry:
                     span.attrs = span.events = span.links = None
 
     def _ctx(self, session: _Session, span: _Span) -> SpanContext:
-        return _new_context(session.trace_id, span.span_id, session.flags, session.trace_state)
+        span_id = span.span_id or self._draw_span_id(span)
+        return _new_context(session.trace_id, span_id, session.flags, session.trace_state)
 
     def _inject(self, session: _Session, name: str, out: list[SetVar]) -> None:
         span = session.spans.get(name)
@@ -653,12 +656,17 @@ class SessionRegistry:
             return None
         session.started += 1
         self.stats["spans_started"] += 1
+        span = _Span(name, t)
+        session.spans[name] = span
+        return span
+
+    def _draw_span_id(self, span: _Span) -> int:
+        """Give ``span`` its id, the first time one is needed (see ``_Span``)."""
         span_id = self._span_id()
         while not 0 < span_id < _ID_LIMIT:
             span_id = random.getrandbits(64)
-        span = _Span(name, span_id, t)
-        session.spans[name] = span
-        return span
+        span.span_id = span_id
+        return span_id
 
     def _set_attr(self, span: _Span, key: str, value: Any) -> None:
         if type(value) is str and len(value) > self._max_attr_len:
@@ -720,10 +728,11 @@ class SessionRegistry:
         flags = session.flags
         state = session.trace_state
         # Contexts are built when needed rather than kept: they would double a record's size.
-        ctx = _new_context(trace_id, span.span_id, flags, state)
+        ctx = _new_context(trace_id, span.span_id or self._draw_span_id(span), flags, state)
         parent = span.parent
         if parent is not None:
-            parent_ctx = _new_context(trace_id, parent.span_id, flags, state)
+            parent_id = parent.span_id or self._draw_span_id(parent)
+            parent_ctx = _new_context(trace_id, parent_id, flags, state)
         elif session.remote_id:
             parent_ctx = _remote_context(
                 trace_id, session.remote_id, TraceFlags(session.remote_flags), state
@@ -775,8 +784,13 @@ class SessionRegistry:
 
     def _emit_record(self, session: _Session, span: _Span) -> None:
         """``_emit_span`` for a direct exporter: the same span, as one plain tuple."""
+        # Ids drawn in the order _emit_span draws them: the span's, its parent's, its links'.
+        span_id = span.span_id or self._draw_span_id(span)
         parent = span.parent
-        parent_id = session.remote_id if parent is None else parent.span_id
+        if parent is None:
+            parent_id = session.remote_id
+        else:
+            parent_id = parent.span_id or self._draw_span_id(parent)
         links = span.links
         resource = session.resource
         if resource is None:
@@ -786,13 +800,13 @@ class SessionRegistry:
             (
                 span.name,
                 session.trace_id,
-                span.span_id,
+                span_id,
                 parent_id,
                 session.flags,
                 span.kind,
                 _attr_dict(span.attrs) if span.attrs else None,
                 span.events,
-                _link_ids(links) if links else None,
+                self._link_ids(links) if links else None,
                 span.status,
                 span.start_ns,
                 span.end_ns,
@@ -807,9 +821,16 @@ class SessionRegistry:
         except Exception:
             self.stats["emit_error"] += 1
 
-    def _links(self, session: _Session, targets: tuple[_Span, ...]) -> tuple[Link, ...]:
+    def _link_ids(self, links: _Span | tuple[_Span, ...]) -> tuple[int, ...]:
+        if type(links) is _Span:  # one link (follows-from) is the rule
+            return (links.span_id or self._draw_span_id(links),)  # type: ignore[union-attr]
+        return tuple([target.span_id or self._draw_span_id(target) for target in links])
+
+    def _links(self, session: _Session, links: _Span | tuple[_Span, ...]) -> tuple[Link, ...]:
         trace_id, flags, state = session.trace_id, session.flags, session.trace_state
-        return tuple([Link(_new_context(trace_id, t.span_id, flags, state)) for t in targets])
+        return tuple(
+            [Link(_new_context(trace_id, span_id, flags, state)) for span_id in self._link_ids(links)]
+        )
 
     def _resource(self, service: str | None) -> Resource:
         name = service or self._default_service

@@ -603,6 +603,47 @@ def test_random_ids_by_default() -> None:
     assert a.context.trace_id != b.context.trace_id
 
 
+def test_span_ids_are_drawn_when_first_needed_and_kept() -> None:
+    """An open span holds no id (48 B) until its emission, a child's or follower's emission or
+    an inject needs one; whoever needs it first fixes it for all the others."""
+    h = Harness()
+    notifies = reference_notifies("lazy")
+    for notify in notifies[:2]:
+        h.notify(notify)
+    assert h.ids.span == 0  # three spans open, none needed yet
+    h.notify(notifies[2])  # Frontend TCP request ends: its id and its parent's
+    assert h.ids.span == 2
+    (ftr,) = h.spans
+    assert ftr.name == "Frontend TCP request" and ftr.parent is not None
+    h.notify(notifies[3])  # Frontend HTTP request ends: its own id only
+    assert h.ids.span == 3
+    for notify in notifies[4:]:
+        h.notify(notify)
+    spans = h.by_name()
+    assert h.ids.span == len(spans) == 9  # one draw per span, none twice
+    ids = {span.context.span_id for span in spans.values()}
+    assert len(ids) == 9
+    assert spans["Client session"].context.span_id == ftr.parent.span_id
+    for span in spans.values():
+        assert span.parent is None or span.parent.span_id in ids
+        assert all(link.context.span_id in ids for link in span.links)
+    assert spans["Frontend HTTP request"].links[0].context.span_id == ftr.context.span_id
+
+
+def test_a_span_following_several_links_them_all_in_order() -> None:
+    h = Harness()
+    h.send(("id", "s"), ("span", "a"), ("span", "b"), ("span", "c"))
+    h.send(
+        ("id", "s"), ("span", "c"), ("follows-from", "a"), ("follows-from", "b"),
+        ("follows-from", "a"), ("finish", "*"),
+    )
+    spans = h.by_name()
+    c = spans["c"]
+    a, b = spans["a"].context.span_id, spans["b"].context.span_id
+    assert [link.context.span_id for link in c.links] == [a, b, a]
+    assert c.parent is not None and c.parent.span_id == a
+
+
 # -- baggage and inject -------------------------------------------------------------------------
 
 
