@@ -206,10 +206,13 @@ def _attr_dict(pairs: list[Any]) -> dict[str, Any]:
     return dict(zip(it, it, strict=True))
 
 
-def _events(events: list[tuple[str, Any, int]]) -> tuple[Event, ...]:
+def _events(events: list[tuple[str, Any, int]], epoch_ns: int) -> tuple[Event, ...]:
     # The Jaeger translator reads ``event.attributes.dropped``: BoundedAttributes it must be.
     return tuple(
-        [Event(key, BoundedAttributes(attributes={key: value}), ts) for key, value, ts in events]
+        [
+            Event(key, BoundedAttributes(attributes={key: value}), ts + epoch_ns)
+            for key, value, ts in events
+        ]
     )
 
 
@@ -336,6 +339,10 @@ class SessionRegistry:
             self._span_id = id_generator.generate_span_id
             self._trace_id = id_generator.generate_trace_id
         self._clock_ns = clock_ns
+        # Times are kept as nanoseconds since this epoch: today's time_ns() is a 61-bit int
+        # (48 B), an offset from the agent's start a 32 B one, for every span start and every
+        # session's last activity. Emission adds the epoch back.
+        self._epoch_ns = clock_ns()
         self._ttl_ns = int(ttl_s * 1e9)
         self._max_sessions = max_sessions
         self._resource_for_service = resource_for_service
@@ -363,8 +370,8 @@ class SessionRegistry:
         """Apply one compiled message to its session; return the variables its injects set."""
         key, ts_ns, service, carrier, ops = command
         sessions = self._sessions
-        now = self._clock_ns()
-        t = ts_ns or now
+        now = self._clock_ns() - self._epoch_ns
+        t = ts_ns - self._epoch_ns if ts_ns else now
         session = sessions.get(key)
         if session is None:
             if key in self._evicted:
@@ -465,7 +472,7 @@ class SessionRegistry:
 
     def expire(self, now_ns: int | None = None) -> int:
         """End the sessions idle for longer than the TTL; return how many were ended."""
-        now = self._clock_ns() if now_ns is None else now_ns
+        now = (self._clock_ns() if now_ns is None else now_ns) - self._epoch_ns
         cutoff = now - self._ttl_ns
         sessions = self._sessions
         ended = 0
@@ -485,7 +492,7 @@ class SessionRegistry:
 
     def close_all(self, reason: str = "shutdown") -> int:
         """End every session (at shutdown), their open spans marked incomplete."""
-        now = self._clock_ns()
+        now = self._clock_ns() - self._epoch_ns
         sessions = self._sessions
         ended = 0
         while sessions:
@@ -741,6 +748,7 @@ class SessionRegistry:
             parent_ctx = None
         links = span.links
         events = span.events
+        epoch = self._epoch_ns
         resource = session.resource
         if resource is None:
             resource = session.resource = self._resource(session.service)
@@ -751,13 +759,13 @@ class SessionRegistry:
                 parent_ctx,
                 resource,
                 _attr_dict(span.attrs) if span.attrs else None,
-                _events(events) if events else (),
+                _events(events, epoch) if events else (),
                 self._links(session, links) if links else (),
                 SPAN_KINDS[span.kind],
                 None,
                 span.status or _UNSET_STATUS,
-                span.start_ns,
-                span.end_ns,
+                span.start_ns + epoch,
+                span.end_ns + epoch,
                 _SCOPE,
             )
         else:  # pragma: no cover - depends on the installed SDK
@@ -767,12 +775,12 @@ class SessionRegistry:
                 parent=parent_ctx,
                 resource=resource,
                 attributes=_attr_dict(span.attrs) if span.attrs else None,
-                events=_events(events) if events else (),
+                events=_events(events, epoch) if events else (),
                 links=self._links(session, links) if links else (),
                 kind=SPAN_KINDS[span.kind],
                 status=span.status or _UNSET_STATUS,
-                start_time=span.start_ns,
-                end_time=span.end_ns,
+                start_time=span.start_ns + epoch,
+                end_time=span.end_ns + epoch,
                 instrumentation_scope=_SCOPE,
             )
         span.attrs = span.events = span.links = None
@@ -792,6 +800,8 @@ class SessionRegistry:
         else:
             parent_id = parent.span_id or self._draw_span_id(parent)
         links = span.links
+        events = span.events
+        epoch = self._epoch_ns
         resource = session.resource
         if resource is None:
             resource = session.resource = self._resource(session.service)
@@ -805,11 +815,11 @@ class SessionRegistry:
                 session.flags,
                 span.kind,
                 _attr_dict(span.attrs) if span.attrs else None,
-                span.events,
+                [(k, v, ts + epoch) for k, v, ts in events] if events else None,
                 self._link_ids(links) if links else None,
                 span.status,
-                span.start_ns,
-                span.end_ns,
+                span.start_ns + epoch,
+                span.end_ns + epoch,
                 resource,
                 _SCOPE,
             ),
