@@ -216,27 +216,33 @@ def _events(events: list[tuple[str, Any, int]], epoch_ns: int) -> tuple[Event, .
     )
 
 
-class _Span:
-    """A span of an open session; ``parent`` and ``links`` point at records of the same session.
+class _Extra:
+    """What few spans have: an error status, log events."""
 
-    ``span_id`` is 0 until something needs it (the span's emission, a child's or a follower's,
-    an inject): a 64-bit int costs 48 B, and a slow request's open spans mostly never do
-    before they end. ``links`` is the one span it follows from (the rule: a tuple of one would
-    cost 48 B more), or a tuple of several.
+    __slots__ = ("status", "events")
+
+    def __init__(self) -> None:
+        self.status: Status | None = None
+        self.events: list[tuple[str, Any, int]] | None = None
+
+
+class _Span:
+    """A span of a session; ``parent`` and ``links`` point at records of the same session.
+
+    Every open session holds several, so each field is paid for (the object is 96 B with eight
+    slots, 112 B with nine or ten):
+
+    * ``span_id`` is 0 until something needs it (the span's emission, a child's or a
+      follower's, an inject): a 64-bit int costs 48 B, and a slow request's open spans mostly
+      need none before they end;
+    * ``links`` is the one span it follows from (the rule: a tuple of one would cost 48 B
+      more), or a tuple of several;
+    * ``start_ns`` is ``None`` once the span ended: it was emitted then, or waits in its
+      session's ``pending`` list with its start and end;
+    * ``extra`` holds the rare rest (:class:`_Extra`).
     """
 
-    __slots__ = (
-        "name",
-        "span_id",
-        "parent",
-        "links",
-        "kind",
-        "attrs",
-        "events",
-        "start_ns",
-        "end_ns",
-        "status",
-    )
+    __slots__ = ("name", "span_id", "parent", "links", "kind", "attrs", "start_ns", "extra")
 
     def __init__(self, name: str, start_ns: int) -> None:
         self.name = name
@@ -247,17 +253,22 @@ class _Span:
         # Tags as a flat [key, value, ...] list, folded into a dict when the span is emitted:
         # the root span's eleven reference tags cost 248 B this way, 464 B as a dict.
         self.attrs: list[Any] | None = None
-        self.events: list[tuple[str, Any, int]] | None = None
-        self.start_ns = start_ns
-        self.end_ns: int | None = None
-        self.status: Status | None = None
+        self.start_ns: int | None = start_ns
+        self.extra: _Extra | None = None
+
+    def more(self) -> _Extra:
+        extra = self.extra
+        if extra is None:
+            extra = self.extra = _Extra()
+        return extra
 
 
 class _Session:
     """One HAProxy stream: its spans by name (the latest record of each) and its trace context.
 
     ``trace_id is None`` means the context is not fixed yet; ended spans then wait in
-    ``pending``. Once fixed, an ended span has been emitted (or dropped, if unsampled).
+    ``pending``, each with its start and end. Once fixed, an ended span has been emitted (or
+    dropped, if unsampled).
     """
 
     __slots__ = (
@@ -292,7 +303,7 @@ class _Session:
         self.remote_id = 0
         self.remote_flags = 0
         self.baggage: dict[str, str] | None = None
-        self.pending: list[_Span] | None = None
+        self.pending: list[tuple[_Span, int, int]] | None = None
         self.resource: Resource | None = None  # resolved at the first emission
 
 
@@ -400,7 +411,7 @@ class SessionRegistry:
             if code == OP_TAG:  # the most frequent op first (16 of a reference request's 48)
                 if sel is None:
                     self.stats["no_span_selected"] += 1
-                elif sel.end_ns is not None and session.trace_id is not None:
+                elif sel.start_ns is None and session.trace_id is not None:
                     self.stats["span_ended"] += 1
                 elif session.sampled is not False:
                     attrs = sel.attrs
@@ -417,12 +428,12 @@ class SessionRegistry:
                 continue
             if code == OP_SPAN:
                 sel = spans.get(op[1])
-                if sel is None or sel.end_ns is not None:
+                if sel is None or sel.start_ns is None:
                     sel = self._start(session, op[1], t)
                 continue
             if code == OP_FINISH:
                 span = spans.get(op[1])
-                if span is None or span.end_ns is not None:
+                if span is None or span.start_ns is None:
                     self.stats["unknown_span"] += 1
                 else:
                     self._end_span(session, span, t)
@@ -442,7 +453,7 @@ class SessionRegistry:
             if sel is None:
                 self.stats["no_span_selected"] += 1
                 continue
-            if sel.end_ns is not None and session.trace_id is not None:
+            if sel.start_ns is None and session.trace_id is not None:
                 self.stats["span_ended"] += 1
                 continue
             if code == OP_CHILD_OF or code == OP_FOLLOWS_FROM:
@@ -463,8 +474,9 @@ class SessionRegistry:
             elif code == OP_KIND:
                 sel.kind = op[1]
             elif code == OP_ERROR:
-                if sel.status is None:
-                    sel.status = _ERROR_STATUS
+                extra = sel.more()
+                if extra.status is None:
+                    extra.status = _ERROR_STATUS
             elif code == OP_LOG:
                 if session.sampled is not False:
                     self._add_event(sel, op[1], op[2], t)
@@ -530,9 +542,9 @@ class SessionRegistry:
         """
         status = None if reason is None else self._incomplete_status(reason)
         for span in reversed(session.spans.values()):
-            if span.end_ns is None:
+            if span.start_ns is not None:
                 if status is not None:
-                    span.status = status
+                    span.more().status = status
                     self.stats["spans_incomplete"] += 1
                     if session.sampled is not False:
                         if span.attrs is None:
@@ -627,14 +639,14 @@ class SessionRegistry:
         session.pending = None
         if sampled:
             if pending:
-                for span in pending:
-                    self._emit_span(session, span)
+                for span, start, end in pending:
+                    self._emit_span(session, span, start, end)
         else:
             for span in session.spans.values():
-                span.attrs = span.events = None
+                span.attrs = span.extra = None
             if pending:
-                for span in pending:
-                    span.attrs = span.events = span.links = None
+                for span, _, _ in pending:
+                    span.attrs = span.extra = span.links = None
 
     def _ctx(self, session: _Session, span: _Span) -> SpanContext:
         span_id = span.span_id or self._draw_span_id(span)
@@ -693,9 +705,10 @@ class SessionRegistry:
             self.stats["item_limit"] += 1
 
     def _add_event(self, span: _Span, key: str, value: Any, t: int) -> None:
-        events = span.events
+        extra = span.more()
+        events = extra.events
         if events is None:
-            events = span.events = []
+            events = extra.events = []
         elif len(events) >= _MAX_ITEMS_PER_SPAN:
             self.stats["item_limit"] += 1
             return
@@ -717,18 +730,21 @@ class SessionRegistry:
         baggage[key] = value
 
     def _end_span(self, session: _Session, span: _Span, t: int) -> None:
-        span.end_ns = t if t >= span.start_ns else span.start_ns
+        start = span.start_ns
+        assert start is not None
+        end = t if t >= start else start
+        span.start_ns = None
         if session.trace_id is None:
             if session.pending is None:
-                session.pending = [span]
+                session.pending = [(span, start, end)]
             else:
-                session.pending.append(span)
+                session.pending.append((span, start, end))
         elif session.sampled:
-            self._emit_span(session, span)
+            self._emit_span(session, span, start, end)
         else:
-            span.attrs = span.events = span.links = None
+            span.attrs = span.extra = span.links = None
 
-    def _emit_span(self, session: _Session, span: _Span) -> None:
+    def _emit_span(self, session: _Session, span: _Span, start: int, end: int) -> None:
         """Emit an ended span as an SDK ``ReadableSpan`` (``_emit_record`` replaces this method
         when the registry emits records)."""
         trace_id = session.trace_id
@@ -747,7 +763,8 @@ class SessionRegistry:
         else:
             parent_ctx = None
         links = span.links
-        events = span.events
+        extra = span.extra
+        status, events = (None, None) if extra is None else (extra.status, extra.events)
         epoch = self._epoch_ns
         resource = session.resource
         if resource is None:
@@ -763,9 +780,9 @@ class SessionRegistry:
                 self._links(session, links) if links else (),
                 SPAN_KINDS[span.kind],
                 None,
-                span.status or _UNSET_STATUS,
-                span.start_ns + epoch,
-                span.end_ns + epoch,
+                status or _UNSET_STATUS,
+                start + epoch,
+                end + epoch,
                 _SCOPE,
             )
         else:  # pragma: no cover - depends on the installed SDK
@@ -778,19 +795,19 @@ class SessionRegistry:
                 events=_events(events, epoch) if events else (),
                 links=self._links(session, links) if links else (),
                 kind=SPAN_KINDS[span.kind],
-                status=span.status or _UNSET_STATUS,
-                start_time=span.start_ns + epoch,
-                end_time=span.end_ns + epoch,
+                status=status or _UNSET_STATUS,
+                start_time=start + epoch,
+                end_time=end + epoch,
                 instrumentation_scope=_SCOPE,
             )
-        span.attrs = span.events = span.links = None
+        span.attrs = span.extra = span.links = None
         self.stats["spans_emitted"] += 1
         try:
             self._emit(readable)
         except Exception:
             self.stats["emit_error"] += 1
 
-    def _emit_record(self, session: _Session, span: _Span) -> None:
+    def _emit_record(self, session: _Session, span: _Span, start: int, end: int) -> None:
         """``_emit_span`` for a direct exporter: the same span, as one plain tuple."""
         # Ids drawn in the order _emit_span draws them: the span's, its parent's, its links'.
         span_id = span.span_id or self._draw_span_id(span)
@@ -800,7 +817,8 @@ class SessionRegistry:
         else:
             parent_id = parent.span_id or self._draw_span_id(parent)
         links = span.links
-        events = span.events
+        extra = span.extra
+        status, events = (None, None) if extra is None else (extra.status, extra.events)
         epoch = self._epoch_ns
         resource = session.resource
         if resource is None:
@@ -817,14 +835,14 @@ class SessionRegistry:
                 _attr_dict(span.attrs) if span.attrs else None,
                 [(k, v, ts + epoch) for k, v, ts in events] if events else None,
                 self._link_ids(links) if links else None,
-                span.status,
-                span.start_ns + epoch,
-                span.end_ns + epoch,
+                status,
+                start + epoch,
+                end + epoch,
                 resource,
                 _SCOPE,
             ),
         )
-        span.attrs = span.events = span.links = None
+        span.attrs = span.extra = span.links = None
         self.stats["spans_emitted"] += 1
         try:
             self._emit(record)
