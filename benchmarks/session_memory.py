@@ -8,7 +8,8 @@ records, two of them already emitted, its trace context, the root span's tags.
 Two measurements:
 
 * ``registry``: in this process, commands decoded from real NOTIFY frames and applied to a
-  SessionRegistry: tracemalloc's count of the bytes the sessions keep, and the RSS growth;
+  SessionRegistry: tracemalloc's count of the bytes the sessions keep, the same with each
+  block rounded up to 16 bytes as pymalloc hands it out (what RSS sees), and the RSS growth;
 * ``agent``: the real agent (``--workers N``) fed the same NOTIFYs over SPOP; each worker's RSS
   and its open sessions, from /proc and /metrics.
 
@@ -30,6 +31,7 @@ import tracemalloc
 import urllib.request
 import uuid
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -38,6 +40,7 @@ if str(REPO_ROOT) not in sys.path:
 from benchmarks.spop_load import handshake  # noqa: E402
 from spoe_agent.protocol import codec  # noqa: E402
 from spoe_agent.protocol.types import Message  # noqa: E402
+from spoe_agent.tracing.language import parse_message  # noqa: E402
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 # Every session from its own client address (the worst case for the agent's address-text
@@ -106,15 +109,14 @@ def rss_kib(pid: int | str = "self") -> int:
 # -------------------------------------------------------------------------------- registry
 
 
-def measure_registry(sessions: int) -> dict[str, float]:
+def _registry(sessions: int) -> Any:
     from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
 
-    from spoe_agent.tracing.language import parse_message
     from spoe_agent.tracing.pipeline import Resources
     from spoe_agent.tracing.propagation import build_propagator
     from spoe_agent.tracing.registry import SessionRegistry
 
-    reg = SessionRegistry(
+    return SessionRegistry(
         lambda span: None,
         propagator=build_propagator("tracecontext,baggage"),
         sampler=ParentBased(ALWAYS_ON),
@@ -123,6 +125,10 @@ def measure_registry(sessions: int) -> dict[str, float]:
         max_sessions=sessions + 1,
         ttl_s=3600,
     )
+
+
+def measure_registry(sessions: int) -> dict[str, float]:
+    reg = _registry(sessions)
     frames = notify_frames(sessions)
     gc.collect()
     rss0 = rss_kib()
@@ -137,11 +143,47 @@ def measure_registry(sessions: int) -> dict[str, float]:
     del frames  # what stays is what the sessions hold
     gc.collect()
     traced = tracemalloc.get_traced_memory()[0] - traced0
+    rounded = sum(-(-trace.size // 16) * 16 for trace in tracemalloc.take_snapshot().traces)
     tracemalloc.stop()
     rss = rss_kib() - rss0
     assert len(reg) == sessions, len(reg)
     return {"sessions": sessions, "traced_bytes_per_session": traced / sessions,
+            "rounded_bytes_per_session": rounded / sessions,
             "rss_kib": rss, "rss_bytes_per_session": rss * 1024 / sessions}
+
+
+def measure_marginal(warm: int, sessions: int) -> dict[str, float]:
+    """What each of ``sessions`` more open sessions adds, after ``warm`` opened first (the
+    decoder's and the language's caches full, as in a running agent): bytes asked for, and
+    in 16-byte blocks as pymalloc hands them out. Cheap enough for a test."""
+    registry = _registry(warm + sessions)
+    frames = notify_frames(warm + sessions)
+    split = 4 * warm  # first_events: four NOTIFYs per session
+
+    def feed(chunk: list[bytes]) -> None:
+        for frame in chunk:
+            for message in codec.decode_messages(codec.decode_frame(frame[4:]).payload):
+                command = parse_message(message)
+                if command is not None:
+                    registry.apply(command)
+
+    def in_blocks() -> int:
+        return sum(-(-trace.size // 16) * 16 for trace in tracemalloc.take_snapshot().traces)
+
+    tracemalloc.start()
+    try:
+        feed(frames[:split])
+        gc.collect()
+        asked0, blocks0 = tracemalloc.get_traced_memory()[0], in_blocks()
+        feed(frames[split:])
+        del frames
+        gc.collect()
+        asked, blocks = tracemalloc.get_traced_memory()[0], in_blocks()
+    finally:
+        tracemalloc.stop()
+    assert len(registry) == warm + sessions, len(registry)
+    return {"bytes_per_session": (asked - asked0) / sessions,
+            "blocks_bytes_per_session": (blocks - blocks0) / sessions}
 
 
 # ----------------------------------------------------------------------------------- agent
@@ -263,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     reg = measure_registry(args.sessions)
     print(f"registry: {reg['sessions']:,} open sessions, "
           f"{reg['traced_bytes_per_session']:,.0f} B/session allocated (tracemalloc), "
+          f"{reg['rounded_bytes_per_session']:,.0f} B in 16-byte blocks, "
           f"{reg['rss_bytes_per_session']:,.0f} B/session RSS growth")
     for workers in args.workers:
         result = measure_agent(args.sessions, workers)
