@@ -37,6 +37,9 @@ class Agent:
         # them to start its exporter and to end open spans and flush on shutdown).
         self.on_startup: list[Callable[[], None]] = []
         self.on_shutdown: list[Callable[[], None]] = []
+        # Called by the server once per read that brought NOTIFYs, before it handles any of
+        # them (the workers' mesh drains its peers there: see PeerMesh.drains_per_read).
+        self.before_notifies: list[Callable[[], None]] = []
         # Extra samples for /metrics, read at scrape time: (name, kind, help, labels, value)
         # with kind "counter" or "gauge", so the request path pays nothing for them.
         self.metric_sources: list[Callable[[], Iterable[MetricSample]]] = []

@@ -444,8 +444,12 @@ class SpoaServer:
             client.peer_closed = True
             events = conn.receive_eof()
         deferred: list[Work] = []  # run in order, after the ACKs are written (Agent.prepare)
+        announced = not agent.before_notifies
         for event in events:
             if type(event) is NotifyReceived:
+                if not announced:
+                    announced = True
+                    self._before_notifies()
                 stats.notifies += 1
                 if agent.needs_greenlet(event.messages):
                     if deferred:  # spawning may wait for a free slot: no yield with work due
@@ -469,6 +473,14 @@ class SpoaServer:
         client.flush(deferred)
         if observe is not None and events:
             observe(time.perf_counter() - started)
+
+    def _before_notifies(self) -> None:
+        for hook in self.agent.before_notifies:
+            try:
+                hook()
+            except Exception:
+                self.agent.handler_errors += 1
+                log.exception("before_notifies hook %r failed", hook)
 
     def _timed_out(self, client: _Client, kind: str) -> None:
         what = {

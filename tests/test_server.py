@@ -55,6 +55,17 @@ def test_pipelined_concurrent_handlers_get_whole_acks_in_any_order(spoe_agent) -
         assert order != sorted(order), "concurrent handlers should complete out of order"
 
 
+def test_before_notifies_runs_once_per_read_of_notifies_before_any_is_handled(spoe_agent) -> None:
+    agent = spoe_agent(app=APP)
+    with SpopClient((agent.host, agent.port)) as client:
+        client.handshake()  # a read without NOTIFYs: no call
+        client.send(b"".join(codec.notify(1 + 2 * i, 1, [Message("reads", [])]) for i in range(3)))
+        counts = [ack_actions(client.read_frame())[0].value for _ in range(3)]
+        assert counts == [1, 1, 1]  # one read, one call, before the first was handled
+        client.send(codec.notify(7, 1, [Message("reads", [])]))
+        assert ack_actions(client.read_frame())[0].value == 2
+
+
 def test_malformed_frame_gets_agent_disconnect_with_status(spoe_agent) -> None:
     agent = spoe_agent(app=APP)
     with SpopClient((agent.host, agent.port)) as client:

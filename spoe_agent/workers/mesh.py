@@ -266,6 +266,10 @@ class PeerMesh:
         self._listener: Any = None
         self._greenlets: list[gevent.Greenlet] = []
         self._stopped = False
+        #: Whether the server calls :meth:`pump` after every read that brought NOTIFYs, before
+        #: it handles them (``Agent.before_notifies``); :meth:`route` then applies a local
+        #: command without draining again.
+        self.drains_per_read = False
 
     # ------------------------------------------------------------------------ request path
 
@@ -273,7 +277,8 @@ class PeerMesh:
         """Apply ``command`` here if this worker owns its session, else forward it."""
         owner = owner_of(command[0], self.workers)
         if owner == self.index:
-            self.pump()
+            if not self.drains_per_read:
+                self.pump()
             return self._apply(command)
         if has_inject(command):
             return self._call(owner, command)
@@ -375,6 +380,13 @@ class PeerMesh:
         before it in its stream, which that pass would have found had it not been read already.
         (Bounded: an owner that never sees a quiet pass applies what it has after
         :data:`_MAX_PASSES`, counted as ``drain_cut_short``.)
+
+        One pump after a read of NOTIFYs is enough for all of them (``drains_per_read``): an
+        event's forwarded predecessor was written before its ACK, so before HAProxy sent the
+        event and so before the read; and an event's successor cannot exist before the
+        event's ACK is written, which is after the event was applied. A pump that another
+        greenlet began earlier and has not finished holds the lock, so this one (and the
+        read's events) wait for it.
 
         Reads are non-blocking and replies are queued, not awaited; ``apply`` should not yield
         either, but when it does (the first span of a service builds its OpenTelemetry

@@ -26,3 +26,20 @@ def slow(args):
 @agent.message("boom")
 def boom(args):
     raise RuntimeError("handler bug")
+
+
+reads_announced = 0
+
+
+def _announce() -> None:
+    global reads_announced
+    reads_announced += 1
+
+
+agent.before_notifies.append(_announce)
+
+
+@agent.message("reads")
+def reads(args):
+    """How many reads of NOTIFYs the server announced so far (``Agent.before_notifies``)."""
+    return [SetVar(Scope.TXN, "reads", reads_announced)]

@@ -131,6 +131,23 @@ def test_a_worker_owning_the_session_applies_it_without_forwarding(
     assert nodes[1].mesh.counters()["received"] == 0
 
 
+@pytest.mark.parametrize("drains_per_read", [False, True])
+def test_a_local_command_drains_first_unless_the_server_drains_per_read(
+    cluster: Callable[..., list[Node]], drains_per_read: bool,
+) -> None:
+    nodes = cluster(2)
+    forwarded, local = owned(2, 0, 2)
+    nodes[1].mesh.route(stream(forwarded)[0])  # waits in worker 0's bulk link, unwatched
+    owner = nodes[0].mesh
+    owner.drains_per_read = drains_per_read
+    owner.route(stream(local)[0])
+    # Draining per read, the server's pump after the read is what takes it in.
+    assert owner.counters()["received"] == (0 if drains_per_read else 1)
+    owner.pump()
+    assert owner.counters()["received"] == 1
+    assert forwarded in nodes[0].reg and local in nodes[0].reg
+
+
 def test_commands_for_a_restarting_owner_are_held_and_replayed_in_order(
     cluster: Callable[..., list[Node]],
 ) -> None:
