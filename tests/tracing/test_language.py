@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import ipaddress
+import marshal
 import pickle
+import sys
+import uuid
 from collections import Counter
 from typing import Any
 
@@ -570,3 +573,28 @@ def test_a_bool_is_no_hole() -> None:
             assert command.ops[1] == ((OP_ERROR,) if value is True else (OP_TAG, "error", value))
     finally:
         language._GIVE_UP = saved
+
+
+@pytest.mark.parametrize("values", [1, 2], ids=["a value in a hole", "two values joined"])
+def test_cached_commands_hold_interned_strings_that_marshal_hands_back(values: int) -> None:
+    """The workers' wire is marshal: an interned string comes back as the receiver's own copy,
+    so the owner of a forwarded session keeps fewer copies of its span names and tag keys.
+    (Two values joined into one tag do more than fill a hole: once its tails are given up on,
+    such a message compiles every time and the owner's sharing table alone finds its strings.)"""
+    # Equal strings interned already: the messages' own (equal, other) objects are not.
+    span, key = (sys.intern(f"{part} {uuid.uuid4().hex}") for part in ("span", "tag"))
+
+    def command(uid: str) -> Command:
+        compiled = parse_message(Message(f"interned-{values}", [
+            ("id", uid), ("ts", 1_700_000_000_000_000),
+            ("span", "".join(span)), ("tag", "".join(key)), *[("", f"/{uid}")] * values,
+        ]))
+        assert compiled is not None
+        return compiled
+
+    commands = [command(f"req-{i}") for i in range(language._GIVE_UP + 2)]
+    # The first compiled and kept whole; the last as its shape has it (its tails never repeat).
+    for command_ in commands[:1] if values > 1 else (commands[0], commands[-1]):
+        (_, name), (_, tag, _) = marshal.loads(marshal.dumps(command_.ops))
+        assert name is command_.ops[0][1] and name == span
+        assert tag is command_.ops[1][1] and tag == key
