@@ -127,6 +127,20 @@ def _registry(sessions: int) -> Any:
     )
 
 
+def _open(registry: Any, frames: list[bytes]) -> None:
+    """Decode the NOTIFYs and apply what they compile to, as the agent does."""
+    for frame in frames:
+        for message in codec.decode_messages(codec.decode_frame(frame[4:]).payload):
+            command = parse_message(message)
+            if command is not None:
+                registry.apply(command)
+
+
+def _in_blocks() -> int:
+    """What tracemalloc holds, each block rounded up to 16 bytes as pymalloc hands it out."""
+    return sum(-(-trace.size // 16) * 16 for trace in tracemalloc.take_snapshot().traces)
+
+
 def measure_registry(sessions: int) -> dict[str, float]:
     reg = _registry(sessions)
     frames = notify_frames(sessions)
@@ -134,16 +148,11 @@ def measure_registry(sessions: int) -> dict[str, float]:
     rss0 = rss_kib()
     tracemalloc.start()
     traced0 = tracemalloc.get_traced_memory()[0]
-    for frame in frames:
-        body = codec.decode_frame(frame[4:])
-        for message in codec.decode_messages(body.payload):
-            command = parse_message(message)
-            if command is not None:
-                reg.apply(command)
+    _open(reg, frames)
     del frames  # what stays is what the sessions hold
     gc.collect()
     traced = tracemalloc.get_traced_memory()[0] - traced0
-    rounded = sum(-(-trace.size // 16) * 16 for trace in tracemalloc.take_snapshot().traces)
+    rounded = _in_blocks()
     tracemalloc.stop()
     rss = rss_kib() - rss0
     assert len(reg) == sessions, len(reg)
@@ -159,26 +168,15 @@ def measure_marginal(warm: int, sessions: int) -> dict[str, float]:
     registry = _registry(warm + sessions)
     frames = notify_frames(warm + sessions)
     split = 4 * warm  # first_events: four NOTIFYs per session
-
-    def feed(chunk: list[bytes]) -> None:
-        for frame in chunk:
-            for message in codec.decode_messages(codec.decode_frame(frame[4:]).payload):
-                command = parse_message(message)
-                if command is not None:
-                    registry.apply(command)
-
-    def in_blocks() -> int:
-        return sum(-(-trace.size // 16) * 16 for trace in tracemalloc.take_snapshot().traces)
-
     tracemalloc.start()
     try:
-        feed(frames[:split])
+        _open(registry, frames[:split])
         gc.collect()
-        asked0, blocks0 = tracemalloc.get_traced_memory()[0], in_blocks()
-        feed(frames[split:])
+        asked0, blocks0 = tracemalloc.get_traced_memory()[0], _in_blocks()
+        _open(registry, frames[split:])
         del frames
         gc.collect()
-        asked, blocks = tracemalloc.get_traced_memory()[0], in_blocks()
+        asked, blocks = tracemalloc.get_traced_memory()[0], _in_blocks()
     finally:
         tracemalloc.stop()
     assert len(registry) == warm + sessions, len(registry)
