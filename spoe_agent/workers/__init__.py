@@ -83,8 +83,7 @@ def _run_worker(agent: Any, config: AgentConfig, index: int) -> int:
         mesh = PeerMesh(index, config.workers, runtime_dir, registry.apply)
         agent.router = mesh
         agent.needs_greenlet = mesh.waits_for_owner
-        agent.before_notifies.append(mesh.pump)
-        mesh.drains_per_read = True
+        mesh.drain_per_read(agent.before_notifies)
         agent.on_startup.append(mesh.start)
         # Before the tracing agent's own hook: what peers already sent must reach the registry
         # before it ends the open sessions.

@@ -267,11 +267,17 @@ class PeerMesh:
         self._greenlets: list[gevent.Greenlet] = []
         self._stopped = False
         #: Whether the server calls :meth:`pump` after every read that brought NOTIFYs, before
-        #: it handles them (``Agent.before_notifies``); :meth:`route` then applies a local
-        #: command without draining again.
+        #: it handles them (:meth:`drain_per_read`); :meth:`route` then applies a local command
+        #: without draining again.
         self.drains_per_read = False
 
     # ------------------------------------------------------------------------ request path
+
+    def drain_per_read(self, before_notifies: list[Callable[[], None]]) -> None:
+        """Drain once per read of NOTIFYs (the server's ``Agent.before_notifies`` hooks)
+        rather than before each local command: see :meth:`pump` for why that is enough."""
+        before_notifies.append(self.pump)
+        self.drains_per_read = True
 
     def route(self, command: Command) -> list[SetVar]:
         """Apply ``command`` here if this worker owns its session, else forward it."""

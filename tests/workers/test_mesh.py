@@ -139,7 +139,10 @@ def test_a_local_command_drains_first_unless_the_server_drains_per_read(
     forwarded, local = owned(2, 0, 2)
     nodes[1].mesh.route(stream(forwarded)[0])  # waits in worker 0's bulk link, unwatched
     owner = nodes[0].mesh
-    owner.drains_per_read = drains_per_read
+    hooks: list[Callable[[], None]] = []
+    if drains_per_read:
+        owner.drain_per_read(hooks)
+        assert hooks == [owner.pump]
     owner.route(stream(local)[0])
     # Draining per read, the server's pump after the read is what takes it in.
     assert owner.counters()["received"] == (0 if drains_per_read else 1)
