@@ -40,6 +40,9 @@ class Agent:
         # Called by the server once per read that brought NOTIFYs, before it handles any of
         # them (the workers' mesh drains its peers there: see PeerMesh.drains_per_read).
         self.before_notifies: list[Callable[[], None]] = []
+        # Called once per such read after the NOTIFYs it handled inline, before their ACKs are
+        # queued (the mesh writes the read's forwarded commands there, in one write per owner).
+        self.after_notifies: list[Callable[[], None]] = []
         # Extra samples for /metrics, read at scrape time: (name, kind, help, labels, value)
         # with kind "counter" or "gauge", so the request path pays nothing for them.
         self.metric_sources: list[Callable[[], Iterable[MetricSample]]] = []

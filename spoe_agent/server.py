@@ -55,7 +55,7 @@ from spoe_agent.protocol.connection import (
     SpopConnection,
     State,
 )
-from spoe_agent.protocol.types import Status
+from spoe_agent.protocol.types import Action, Status
 
 log = logging.getLogger(__name__)
 
@@ -444,43 +444,59 @@ class SpoaServer:
             client.peer_closed = True
             events = conn.receive_eof()
         deferred: list[Work] = []  # run in order, after the ACKs are written (Agent.prepare)
-        announced = not agent.before_notifies
-        for event in events:
-            if type(event) is NotifyReceived:
-                if not announced:
-                    announced = True
-                    self._before_notifies()
-                stats.notifies += 1
-                if agent.needs_greenlet(event.messages):
-                    if deferred:  # spawning may wait for a free slot: no yield with work due
-                        _run_all(deferred)
-                        deferred = []
-                    self._spawn_concurrent(client, event)
-                    continue
-                now, later = agent.prepare(event.messages)
-                actions = None
-                if now is not None:
-                    if deferred:
-                        _run_all(deferred)
-                        deferred = []
-                    actions = now()
-                conn.send_ack(event.stream_id, event.frame_id, actions)
-                stats.acks += 1
-                if later is not None:
-                    deferred.append(later)
-            else:
-                self._on_event(client, event)
+        announced = False
+        after = agent.after_notifies
+        # With after_notifies hooks, the read's inline ACKs are queued once the hooks ran: a
+        # concurrent handler's flush (the hooks may yield) must not send them earlier.
+        held: list[tuple[int, int, list[Action] | None]] | None = [] if after else None
+        try:
+            for event in events:
+                if type(event) is NotifyReceived:
+                    if not announced:
+                        announced = True
+                        if agent.before_notifies:
+                            self._run_hooks(agent.before_notifies)
+                    stats.notifies += 1
+                    if agent.needs_greenlet(event.messages):
+                        if deferred:  # spawning may wait for a free slot: no yield, work due
+                            _run_all(deferred)
+                            deferred = []
+                        self._spawn_concurrent(client, event)
+                        continue
+                    now, later = agent.prepare(event.messages)
+                    actions = None
+                    if now is not None:
+                        if deferred:
+                            _run_all(deferred)
+                            deferred = []
+                        actions = now()
+                    if held is None:
+                        conn.send_ack(event.stream_id, event.frame_id, actions)
+                    else:
+                        held.append((event.stream_id, event.frame_id, actions))
+                    stats.acks += 1
+                    if later is not None:
+                        deferred.append(later)
+                else:
+                    self._on_event(client, event)
+        finally:
+            if announced and after:
+                self._run_hooks(after)
+        if held:
+            for stream_id, frame_id, actions in held:
+                conn.send_ack(stream_id, frame_id, actions)
         client.flush(deferred)
         if observe is not None and events:
             observe(time.perf_counter() - started)
 
-    def _before_notifies(self) -> None:
-        for hook in self.agent.before_notifies:
+    def _run_hooks(self, hooks: list[Callable[[], None]]) -> None:
+        """``Agent.before_notifies`` or ``after_notifies``: a hook that fails costs itself."""
+        for hook in hooks:
             try:
                 hook()
             except Exception:
                 self.agent.handler_errors += 1
-                log.exception("before_notifies hook %r failed", hook)
+                log.exception("read hook %r failed", hook)
 
     def _timed_out(self, client: _Client, kind: str) -> None:
         what = {

@@ -83,7 +83,7 @@ def _run_worker(agent: Any, config: AgentConfig, index: int) -> int:
         mesh = PeerMesh(index, config.workers, runtime_dir, registry.apply)
         agent.router = mesh
         agent.needs_greenlet = mesh.waits_for_owner
-        mesh.drain_per_read(agent.before_notifies)
+        mesh.drain_per_read(agent.before_notifies, agent.after_notifies)
         agent.on_startup.append(mesh.start)
         # Before the tracing agent's own hook: what peers already sent must reach the registry
         # before it ends the open sessions.

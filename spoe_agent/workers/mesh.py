@@ -14,7 +14,9 @@ Worker ``i`` listens on ``<runtime dir>/peer-<i>.sock``. To send to worker ``j``
 The invariants that make the traces those of one process (see :mod:`spoe_agent.workers.router`):
 
 * a forwarded command is in the owner's socket buffer before its ACK is queued (:meth:`forward`
-  waits for the kernel to take it), so it exists before HAProxy can send the stream's next event;
+  waits for the kernel to take it or, in a read the server handles inline, the read's batch is
+  written before its ACKs are queued), so it exists before HAProxy can send the stream's next
+  event;
 * the owner drains every inbound link until a pass finds nothing and applies what it read in
   stamp order before it applies anything else (:meth:`pump`), one pump at a time;
 * while an owner is down its peers hold its commands (:class:`~spoe_agent.workers.router.Backlog`);
@@ -43,6 +45,7 @@ from spoe_agent.handlers import MetricSample
 from spoe_agent.protocol.types import SetVar
 from spoe_agent.tracing.language import Command, has_inject
 from spoe_agent.workers.router import (
+    BATCH,
     COMMAND,
     HELLO,
     NUDGE,
@@ -52,8 +55,9 @@ from spoe_agent.workers.router import (
     FrameError,
     FrameReader,
     Reorderer,
-    command_of,
+    commands_of,
     encode,
+    encode_batch,
     encode_command,
     encode_reply,
     owner_of,
@@ -74,6 +78,7 @@ _POLLIN = get_original("select", "POLLIN")
 TICK_S = 0.01
 _RECV = 256 * 1024
 _MAX_PASSES = 16
+_PLAIN_MESSAGES_LIMIT = 1024
 _DOWN_ERRNOS = {errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN, errno.ENOTSOCK}
 _NUDGE_FRAME = encode((NUDGE,))
 _SYNC_FRAME = encode((SYNC,))
@@ -270,14 +275,33 @@ class PeerMesh:
         #: it handles them (:meth:`drain_per_read`); :meth:`route` then applies a local command
         #: without draining again.
         self.drains_per_read = False
+        #: The fire-and-forget commands of the reads being handled, by reading greenlet, then
+        #: by owner: written once per owner when the read's NOTIFYs are handled (:meth:`forward`).
+        self._batches: dict[Any, dict[int, list[Command]]] = {}
+        #: Message names seen without an ``inject`` argument, with their argument count
+        #: (:meth:`waits_for_owner`).
+        self._plain_messages: dict[str, int] = {}
 
     # ------------------------------------------------------------------------ request path
 
-    def drain_per_read(self, before_notifies: list[Callable[[], None]]) -> None:
+    def drain_per_read(self, before_notifies: list[Callable[[], None]],
+                       after_notifies: list[Callable[[], None]]) -> None:
         """Drain once per read of NOTIFYs (the server's ``Agent.before_notifies`` hooks)
-        rather than before each local command: see :meth:`pump` for why that is enough."""
-        before_notifies.append(self.pump)
+        rather than before each local command (see :meth:`pump` for why that is enough), and
+        write the read's forwarded commands once per owner (``after_notifies``, which the
+        server runs before it queues the read's ACKs: see :meth:`forward`)."""
+        before_notifies.append(self._read_begins)
+        after_notifies.append(self._read_ends)
         self.drains_per_read = True
+
+    def _read_begins(self) -> None:
+        self._batches[gevent.getcurrent()] = {}
+        self.pump()
+
+    def _read_ends(self) -> None:
+        batch = self._batches.pop(gevent.getcurrent(), None)
+        if batch:
+            self._write_batches(batch)
 
     def route(self, command: Command) -> list[SetVar]:
         """Apply ``command`` here if this worker owns its session, else forward it."""
@@ -296,22 +320,54 @@ class PeerMesh:
         Such a NOTIFY waits for the owner's answer; the server then runs it in a greenlet of
         its own (``Agent.needs_greenlet``), so the NOTIFYs HAProxy pipelined behind it on the
         same connection do not wait as well. The others stay inline: cheaper.
+
+        HAProxy sends a message's arguments as its configuration lists them, so a message
+        name seen once without ``inject`` (with as many arguments) is not searched again. The
+        answer is only a choice of greenlet: an inject handled inline is still right, its
+        read just waits for the owner.
         """
+        plain = self._plain_messages
         for message in messages:
+            args = message.args
+            if plain.get(message.name) == len(args):
+                continue
             key = None
             inject = False
-            for name, value in message.args:
+            for name, value in args:
                 if name == "inject":
                     inject = True
                 elif name == "id" and key is None and type(value) is str:
                     key = value
-            if inject and key is not None and owner_of(key, self.workers) != self.index:
+            if not inject:
+                if len(plain) >= _PLAIN_MESSAGES_LIMIT:
+                    plain.clear()
+                plain[message.name] = len(args)
+            elif key is not None and owner_of(key, self.workers) != self.index:
                 return True
         return False
 
     def forward(self, owner: int, command: Command) -> list[SetVar]:
         """Hand a fire-and-forget ``command`` to ``owner``; returns once the kernel has it (or
-        it is held for a restarting owner)."""
+        it is held for a restarting owner), or, in a read the server handles inline, once it
+        is in that read's batch.
+
+        A batch is written when the read's NOTIFYs are handled and before their ACKs are
+        queued, so the rule that makes order (a command is in its owner's socket buffer before
+        its ACK exists) holds for each of its commands, and each stamp still follows its
+        stream's order: a batch is stamped when it is written, after every ACK that its
+        commands' predecessors waited for. One write per owner and read rather than one per
+        command saves, per forwarded command, a ``send`` system call and the Python around
+        it (gevent's socket method, the link's bookkeeping, a frame to cut and order).
+        """
+        if self._batches:
+            batch = self._batches.get(gevent.getcurrent())
+            if batch is not None:
+                pending = batch.get(owner)
+                if pending is None:
+                    batch[owner] = [command]
+                else:
+                    pending.append(command)
+                return []
         link = self._bulk[owner]
         if link is None or link.closed:
             link = self._connect(owner, urgent=False)
@@ -327,8 +383,33 @@ class PeerMesh:
         self.stats["forwarded"] += 1
         return []
 
+    def _write_batches(self, batch: dict[int, list[Command]]) -> None:
+        """Write each owner's commands as one frame, then wait until the kernel has them all."""
+        written = []
+        for owner, commands in batch.items():
+            link = self._bulk[owner]
+            if link is None or link.closed:
+                link = self._connect(owner, urgent=False)
+                if link is None:
+                    self._hold(owner, encode_batch(commands), len(commands))
+                    continue
+            data = encode_batch(commands)
+            written.append((owner, link, link.send(data), data, len(commands)))
+        for owner, link, end, data, n in written:
+            if end < 0 or not link.wait_sent(end):
+                self._hold(owner, data, n)
+            else:
+                self.stats["forwarded"] += n
+
     def _call(self, owner: int, command: Command) -> list[SetVar]:
         """An inject: the owner applies it and answers with the variables HAProxy must set."""
+        if self._batches:
+            # Handled inline after all: what this read forwarded so far goes first, in order.
+            current = gevent.getcurrent()
+            batch = self._batches.get(current)
+            if batch:
+                self._batches[current] = {}
+                self._write_batches(batch)
         stamp = time.monotonic_ns()
         bulk = self._bulk[owner]
         if bulk is None or bulk.closed:
@@ -359,9 +440,9 @@ class PeerMesh:
             self.stats["inject_timeout"] += 1
             return []
 
-    def _hold(self, owner: int, data: bytes) -> None:
+    def _hold(self, owner: int, data: bytes, commands: int = 1) -> None:
         self._backlogs[owner].add(data)
-        self.stats["held"] += 1
+        self.stats["held"] += commands
         link = self._bulk[owner]
         if link is not None and not link.closed:
             # A newer link exists already (the owner restarted meanwhile): send it on.
@@ -417,17 +498,25 @@ class PeerMesh:
         if self._syncing or not reorder:
             return
         received = 0
+        apply = self._apply
         for link, frame in reorder.pop_all():
-            received += 1
+            actions: list[SetVar] = []
             try:
-                actions = self._apply(command_of(frame))
+                commands = commands_of(frame)
             except Exception:
                 self.apply_errors += 1
-                log.exception("applying a forwarded command failed")
-                actions = []
-            rpc_id = frame[2]
-            if rpc_id:
-                link.send(encode_reply(rpc_id, actions))
+                log.exception("a forwarded frame holds no commands")
+                commands = []
+            for command in commands:
+                received += 1
+                try:
+                    actions = apply(command)
+                except Exception:
+                    self.apply_errors += 1
+                    log.exception("applying a forwarded command failed")
+                    actions = []
+            if frame[0] == COMMAND and frame[2]:
+                link.send(encode_reply(frame[2], actions))
         self.stats["received"] += received
 
     def _read_inbound(self, reorder: Reorderer) -> bool:
@@ -469,7 +558,7 @@ class PeerMesh:
                     break
                 for frame in frames:
                     kind = frame[0]
-                    if kind == COMMAND:
+                    if kind == BATCH or kind == COMMAND:
                         reorder.push(frame[1], link, frame)
                     elif kind == HELLO:
                         self._on_hello(link, frame)

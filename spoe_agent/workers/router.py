@@ -40,6 +40,7 @@ COMMAND = 1  # (COMMAND, stamp_ns, rpc_id, key, ts_ns, service, carrier, ops); r
 REPLY = 2  # (REPLY, rpc_id, ((scope, name, value), ...)): the SetVars of an inject
 SYNC = 3  # (SYNC,): everything this peer held back for the receiver has been written before it
 NUDGE = 4  # (NUDGE,): wake up and drain (a bulk link the receiver does not watch is full)
+BATCH = 5  # (BATCH, stamp_ns, ((key, ts_ns, service, carrier, ops), ...)): commands, in order
 
 #: A frame bigger than this is a bug or not one of our peers: the connection is dropped.
 MAX_FRAME = 16 << 20
@@ -70,6 +71,15 @@ def encode_command(command: Command, rpc_id: int = 0, stamp_ns: int | None = Non
         stamp_ns = time.monotonic_ns()
     # tuple + NamedTuple is a plain tuple, which marshal accepts (it refuses subclasses).
     return encode((COMMAND, stamp_ns, rpc_id) + command)
+
+
+def encode_batch(commands: list[Command], stamp_ns: int | None = None) -> bytes:
+    """Fire-and-forget commands for one owner, one frame: the owner applies them in this
+    order, at the batch's stamp, taken here, as late as possible before the write. One
+    ``marshal.dumps`` also writes a string object the commands share only once."""
+    if stamp_ns is None:
+        stamp_ns = time.monotonic_ns()
+    return encode((BATCH, stamp_ns, tuple([_tuple_new(tuple, c) for c in commands])))
 
 
 # What forwarded commands carry, by value. ``marshal.loads`` makes every string of every command
@@ -122,10 +132,17 @@ def _shared_ops(ops: tuple[tuple[Any, ...], ...]) -> tuple[tuple[Any, ...], ...]
     return result
 
 
-def command_of(frame: tuple[Any, ...]) -> Command:
-    """The :class:`Command` inside a COMMAND frame (built like ``parse_message`` builds it), its
-    strings shared with earlier commands' equal ones (see ``_SHARED``)."""
-    key, ts_ns, service, carrier, ops = frame[3:8]
+def commands_of(frame: tuple[Any, ...]) -> list[Command]:
+    """The :class:`Command` s of a COMMAND or BATCH frame, in the order they are to be applied
+    (built like ``parse_message`` builds them), their strings shared with earlier commands'
+    equal ones (see ``_SHARED``)."""
+    if frame[0] == BATCH:
+        return [_command(item) for item in frame[2]]
+    return [_command(frame[3:8])]
+
+
+def _command(item: tuple[Any, ...]) -> Command:
+    key, ts_ns, service, carrier, ops = item
     return _tuple_new(Command, (key, ts_ns, _shared_str(service), carrier, _shared_ops(ops)))
 
 

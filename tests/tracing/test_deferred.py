@@ -161,3 +161,44 @@ def test_a_batch_defers_its_work_past_every_ack_and_keeps_the_session_order(
     assert frames[0].payload == frames[1].payload == b""
     actions = codec.decode_actions(frames[2].payload)
     assert [a.name for a in actions] == ["traceparent"]
+
+
+def test_after_notifies_runs_once_per_read_before_its_inline_acks_are_queued() -> None:
+    """The workers' mesh writes a read's forwarded commands there: HAProxy must not have an
+    ACK (nor a concurrent handler flush one) before the hook is done, even if it yields."""
+    from spoe_agent.server import SpoaServer
+
+    agent = Agent("hooks")
+    agent.on_message("m", lambda args: [SetVar(Scope.TXN, "v", args[0][1])])
+    client, peer = _ready_pair()
+    calls: list[tuple[bytes, int]] = []
+
+    def after() -> None:
+        gevent.sleep(0.01)  # yields, as a write to a full peer buffer would
+        calls.append((_peer_bytes(peer), len(handled)))
+
+    handled: list[int] = []
+    agent.on_message("h", lambda args: handled.append(args[0][1]))
+    agent.on_message("c", lambda args: [SetVar(Scope.TXN, "c", 1)], concurrent=True)
+    agent.after_notifies.append(after)
+    listener = gevent.socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    server = SpoaServer(agent, AgentConfig(exporter="none"), listener=listener)
+    try:
+        concurrent = codec.notify(99, 1, [Message("c", [])])
+        read = concurrent + b"".join(codec.notify(1 + 2 * i, 1, [Message("h", [("i", i)]),
+                                                                 Message("m", [("x", i)])])
+                                     for i in range(3))
+        server._feed(client, read)
+        # After the three inline NOTIFYs; meanwhile the concurrent handler ran and wrote its
+        # own ACK, and only that one.
+        assert calls == [(codec.ack(99, 1, [SetVar(Scope.TXN, "c", 1)]), 3)]
+        assert _peer_bytes(peer) == b"".join(
+            codec.ack(1 + 2 * i, 1, [SetVar(Scope.TXN, "v", i)]) for i in range(3))
+        server._feed(client, codec.notify(9, 1, [Message("h", [("i", 9)])]))
+        assert calls[1:] == [(b"", 4)]
+    finally:
+        listener.close()
+        client.sock.close()
+        peer.close()

@@ -12,14 +12,16 @@ import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import gevent
 import pytest
 from gevent import socket
 from opentelemetry.sdk.trace import ReadableSpan
 
+from spoe_agent.protocol.types import Message
 from spoe_agent.tracing.registry import SessionRegistry
-from spoe_agent.workers.mesh import PeerMesh, peer_path
+from spoe_agent.workers.mesh import PeerMesh, _Link, peer_path
 from spoe_agent.workers.router import HELLO, SYNC, FrameReader, encode, owner_of
 from tests.workers.streams import expected_shape, registry, shapes, stream
 
@@ -139,16 +141,103 @@ def test_a_local_command_drains_first_unless_the_server_drains_per_read(
     forwarded, local = owned(2, 0, 2)
     nodes[1].mesh.route(stream(forwarded)[0])  # waits in worker 0's bulk link, unwatched
     owner = nodes[0].mesh
-    hooks: list[Callable[[], None]] = []
+    before: list[Callable[[], None]] = []
+    after: list[Callable[[], None]] = []
     if drains_per_read:
-        owner.drain_per_read(hooks)
-        assert hooks == [owner.pump]
+        owner.drain_per_read(before, after)
+        assert len(before) == len(after) == 1
     owner.route(stream(local)[0])
-    # Draining per read, the server's pump after the read is what takes it in.
+    # Draining per read, what the server runs before the next read's NOTIFYs takes it in.
     assert owner.counters()["received"] == (0 if drains_per_read else 1)
-    owner.pump()
+    _read(owner, before, after, [])
     assert owner.counters()["received"] == 1
     assert forwarded in nodes[0].reg and local in nodes[0].reg
+
+
+def _read(mesh: PeerMesh, before: list[Callable[[], None]], after: list[Callable[[], None]],
+          commands: list[Any]) -> list[list[Any]]:
+    """What the server does with one read of NOTIFYs handled inline, one command each."""
+    for hook in before:
+        hook()
+    try:
+        return [mesh.route(command) for command in commands]
+    finally:
+        for hook in after:
+            hook()
+
+
+def test_a_reads_forwards_are_written_once_per_owner_before_its_acks(
+    cluster: Callable[..., list[Node]], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    nodes = cluster(3)
+    mesh = nodes[0].mesh
+    before: list[Callable[[], None]] = []
+    after: list[Callable[[], None]] = []
+    mesh.drain_per_read(before, after)
+    keys = {owner: owned(3, owner, 3) for owner in (1, 2)}
+    writes: Counter[int | None] = Counter()
+    send = _Link.send
+
+    def counted(link: _Link, data: bytes) -> int:
+        writes[link.peer] += 1
+        return send(link, data)
+
+    monkeypatch.setattr(_Link, "send", counted)
+    seen: list[int] = []
+    after.insert(0, lambda: seen.append(nodes[1].mesh.counters()["received"]))
+    commands = [stream(key)[step] for step in range(2) for ks in keys.values() for key in ks]
+    assert _read(mesh, before, after, commands) == [[]] * len(commands)
+    assert seen == [0]  # nothing was written while the read was handled
+    assert writes == Counter({1: 1, 2: 1})  # then one frame per owner
+    settle(nodes)
+    for owner, owned_keys in keys.items():
+        assert nodes[owner].mesh.counters()["received"] == 6
+        assert all(key in nodes[owner].reg for key in owned_keys)
+    assert mesh.counters()["forwarded"] == 12
+    for owner, owned_keys in keys.items():  # the rest of each stream, one read per event
+        for step in (2, 3):
+            _read(mesh, before, after, [stream(key)[step] for key in owned_keys])
+        settle(nodes)
+        assert shapes(nodes[owner].spans) == Counter(
+            {expected_shape(key): 1 for key in owned_keys})
+
+
+def test_an_inject_handled_inline_follows_what_its_read_forwarded(
+    cluster: Callable[..., list[Node]],
+) -> None:
+    """The server guessed wrong (the NOTIFY's inject was not seen): the RPC must not overtake
+    the batch the same read filled for the same session."""
+    nodes = cluster(2)
+    mesh = nodes[0].mesh
+    before: list[Callable[[], None]] = []
+    after: list[Callable[[], None]] = []
+    mesh.drain_per_read(before, after)
+    (key,) = owned(2, 1, 1)
+    commands = stream(key, inject=True)
+    results = _read(mesh, before, after, commands)
+    (var,) = results[2]
+    settle(nodes)
+    assert shapes(nodes[1].spans) == Counter({expected_shape(key): 1})
+    (nxt,) = [s for s in nodes[1].spans if s.name == "next"]
+    assert var.value.split("-")[2] == f"{nxt.context.span_id:016x}"
+
+
+def test_a_message_seen_without_inject_is_not_searched_again(
+    cluster: Callable[..., list[Node]],
+) -> None:
+    nodes = cluster(2)
+    mesh = nodes[0].mesh
+    (remote,) = owned(2, 1, 1)
+    (local,) = owned(2, 0, 1)
+    plain = Message("m", [("id", remote), ("span", "x")])
+    assert not mesh.waits_for_owner([plain])
+    # Remembered: the same name with as many arguments is not searched (were it an inject,
+    # it would be handled inline: its read waits for the owner, the trace is the same).
+    assert not mesh.waits_for_owner([Message("m", [("id", remote), ("inject", "x")])])
+    # The same name with other arguments (HAProxy's configuration changed) is searched.
+    assert mesh.waits_for_owner([Message("m", [("id", remote), ("span", "x"), ("inject", "x")])])
+    assert mesh.waits_for_owner([plain, Message("n", [("id", remote), ("inject", "x")])])
+    assert not mesh.waits_for_owner([Message("n", [("id", local), ("inject", "x")])])
 
 
 def test_commands_for_a_restarting_owner_are_held_and_replayed_in_order(

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from spoe_agent.protocol.types import Scope, SetVar
 from spoe_agent.tracing.language import OP_INJECT, OP_SPAN, OP_TAG, Command, has_inject
 from spoe_agent.workers.router import (
+    BATCH,
     COMMAND,
     HELLO,
     MAX_FRAME,
@@ -24,8 +25,9 @@ from spoe_agent.workers.router import (
     FrameError,
     FrameReader,
     Reorderer,
-    command_of,
+    commands_of,
     encode,
+    encode_batch,
     encode_command,
     encode_reply,
     owner_of,
@@ -108,9 +110,28 @@ def test_commands_survive_the_wire_in_any_chunking(
     assert [f[0] for f in frames] == [COMMAND] * len(batch)
     assert [f[1] for f in frames] == stamps[:len(batch)]
     assert [f[2] for f in frames] == list(range(len(batch)))
-    decoded = [command_of(f) for f in frames]
+    decoded = [c for f in frames for c in commands_of(f)]
     assert decoded == batch
     # repr tells True from 1, which == does not: sharing must not swap one for the other.
+    assert [repr(c) for c in decoded] == [repr(c) for c in batch]
+    assert all(type(c) is Command for c in decoded)
+
+
+@settings(max_examples=200, deadline=None)
+@given(batch=st.lists(commands, min_size=1, max_size=8), cut=st.integers(1, 64),
+       stamp=st.integers(0, 2**63 - 1))
+def test_a_batch_is_one_frame_of_its_commands_in_order(
+    batch: list[Command], cut: int, stamp: int
+) -> None:
+    wire = encode_batch(batch, stamp_ns=stamp)
+    reader = FrameReader()
+    frames = []
+    for start in range(0, len(wire), cut):
+        frames += reader.feed(wire[start:start + cut])
+    (frame,) = frames
+    assert frame[:2] == (BATCH, stamp)
+    decoded = commands_of(frame)
+    assert decoded == batch
     assert [repr(c) for c in decoded] == [repr(c) for c in batch]
     assert all(type(c) is Command for c in decoded)
 
@@ -119,11 +140,11 @@ def test_forwarded_commands_share_their_strings() -> None:
     """marshal makes every string anew; an owner keeping thousands of forwarded sessions must
     not keep a copy of each span name and tag per session (the local decoder shares them)."""
     first, second = (
-        command_of(FrameReader().feed(encode_command(Command(
+        commands_of(FrameReader().feed(encode_command(Command(
             key, 1, "svc", None,
             ((OP_SPAN, "HAProxy session"), (OP_TAG, "http.request.method", "GET"),
              (OP_TAG, "url.path", path), (OP_TAG, "n", n)),
-        )))[0])
+        )))[0])[0]
         for key, path, n in (("k1", "/a", True), ("k2", "/b", 1))
     )
     assert second.service is first.service
@@ -201,7 +222,7 @@ def test_stamp_order_rebuilds_streams_split_over_peers() -> None:
     spans: list = []
     reg = registry(spans)
     for _, frame in reorder.pop_all():
-        reg.apply(command_of(frame))
+        reg.apply(*commands_of(frame))
     assert shapes(spans) == Counter({expected_shape(key): 1 for key in keys})
 
     # The same bytes applied in arrival order (what trusting the event loop would do) break.
@@ -209,7 +230,7 @@ def test_stamp_order_rebuilds_streams_split_over_peers() -> None:
     reg = registry(arrival)
     for peer in (2, 1, 0):
         for frame in FrameReader().feed(bytes(wires[peer])):
-            reg.apply(command_of(frame))
+            reg.apply(*commands_of(frame))
     assert shapes(arrival) != shapes(spans)
 
 
