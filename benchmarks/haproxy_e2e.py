@@ -7,7 +7,10 @@ One run measures, with ``wrk`` against HAProxy 2.6 (``nbthread 1``) in front of 
 * ``traced xN``: the reference tracing config (devenv/conf/spoe.cfg, 10 messages on 8 events per
   request) with spoe-agent ``--workers N``, for each N asked (default 1 and 2);
 * ``minimal``: one message on one event answered with one set-var (benchmarks/apps.py), by
-  spoe-agent and by spoe-forge 0.0.8 (if /tmp/venv-forge has it), for scale.
+  spoe-agent and by spoe-forge 0.0.8 (if /tmp/venv-forge has it), for scale;
+* ``reference events, bare ACKs`` (``--ceiling``): the reference tracing config answered by
+  benchmarks/bare_agent.py, which ACKs every NOTIFY off its header and does nothing else: the
+  most traced throughput HAProxy itself allows with that config, whatever the agent.
 
 Each configuration gets a saturation run (``--connections`` keep-alive connections: req/s and
 CPU) and a latency run (``--latency-connections``, far below saturation: p50/p99, compared with
@@ -277,7 +280,7 @@ def run_wrk(port: int, connections: int, duration: float, cores: set[int] | None
 @dataclass
 class Scenario:
     name: str
-    agent: str | None  # "spoe-agent", "spoe-forge" or None
+    agent: str | None  # "spoe-agent", "spoe-forge", "bare" or None
     spoe: str | None  # "trace", "minimal" or None
     workers: int = 1
     exporter: str = "jaeger"  # "none": the tracing work without the export, to split costs
@@ -351,6 +354,9 @@ class Bench:
                                OTEL_EXPORTER_JAEGER_AGENT_HOST=host,
                                OTEL_EXPORTER_JAEGER_AGENT_PORT=str(port))
                 agent = start(argv, agent_cores, agent_log, env)
+            elif sc.agent == "bare":
+                agent = start([sys.executable, "-m", "benchmarks.bare_agent", "--port",
+                               str(agent_port)], agent_cores, agent_log)
             elif sc.agent == "spoe-forge":
                 agent = start([args.forge_python, str(REPO_ROOT / "benchmarks" / "apps.py"),
                                "forge", "--port", str(agent_port)], agent_cores, agent_log)
@@ -545,6 +551,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--busy-poll", action="store_true",
                    help="also the traced configs with spoe-agent --busy-poll (the latency a "
                         "sleeping event loop costs)")
+    p.add_argument("--ceiling", action="store_true",
+                   help="also the reference config answered by benchmarks/bare_agent.py, which "
+                        "only ACKs: what HAProxy itself allows with that config")
     p.add_argument("--wait-quiet", type=float, default=0.15, metavar="CORES",
                    help="before each run, wait until other processes use under this (0: off)")
     p.add_argument("--quiet-timeout", type=float, default=300.0)
@@ -564,6 +573,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.busy_poll:
         scenarios += [Scenario(f"traced x{n}, busy-poll", "spoe-agent", "trace", n,
                                agent_args=("--busy-poll",)) for n in args.workers]
+    if args.ceiling:
+        scenarios.append(Scenario("reference events, bare ACKs", "bare", "trace"))
     scenarios.append(Scenario("minimal spoe-agent", "spoe-agent", "minimal"))
     if os.path.exists(args.forge_python):
         scenarios.append(Scenario("minimal spoe-forge", "spoe-forge", "minimal"))

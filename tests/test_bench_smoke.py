@@ -30,7 +30,7 @@ from spoe_agent.protocol import codec
 from spoe_agent.protocol.types import Message
 from tests.conftest import MISSING_REASON
 from tests.support.haproxy import haproxy_binaries
-from tests.support.procs import ManagedProcess, free_port
+from tests.support.procs import ManagedProcess, free_port, wait_for_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,6 +127,28 @@ def test_traced_replay_against_the_tracing_agent(tmp_path: Path) -> None:
     _assert_all_answered(result)
     assert result.sequenced and result.requests > 0
     assert any(a.name == "traceparent" for actions in seen for a in actions), seen[:10]
+
+
+def test_the_bare_agent_acks_every_event_and_sets_nothing(tmp_path: Path) -> None:
+    """The ceiling run (haproxy_e2e --ceiling) is only a ceiling if its agent answers every
+    NOTIFY of the reference config, pipelined and sequenced, with nothing in the ACK."""
+    port = free_port()
+    proc = ManagedProcess("bare-agent", [sys.executable, "-m", "benchmarks.bare_agent",
+                                         "--port", str(port)], tmp_path, cwd=REPO_ROOT)
+    seen: list[list[Any]] = []
+
+    def check(actions: list[Any]) -> bool:
+        seen.append(actions)
+        return actions == []
+
+    with proc:
+        wait_for_port("127.0.0.1", port, 20, proc)
+        result = run_load(("127.0.0.1", port), workload=Workload("bare", traced_request, check,
+                                                                 sequenced=True),
+                          connections=2, window=4, duration=0.5, warmup=0.1)
+    _assert_all_answered(result)
+    assert result.requests > 0
+    assert seen == [[]]  # the driver judges each distinct ACK payload once: all were empty
 
 
 def test_worker_scaling_counts_the_driven_requests(tmp_path: Path) -> None:
