@@ -77,6 +77,11 @@ _POLLIN = get_original("select", "POLLIN")
 #: The longest a forwarded fire-and-forget command waits in an idle owner's socket buffer.
 TICK_S = 0.01
 _RECV = 256 * 1024
+# One buffer for every read of a peer link, copied out by the size read: a fresh ``recv(_RECV)``
+# has malloc map and unmap 256 KiB each time (measured: an mmap, a munmap and often an mremap
+# system call per read with two workers). Reads never yield, so one buffer serves them all.
+_RECV_BUFFER = bytearray(_RECV)
+_RECV_VIEW = memoryview(_RECV_BUFFER)
 _MAX_PASSES = 16
 _PLAIN_MESSAGES_LIMIT = 1024
 _DOWN_ERRNOS = {errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN, errno.ENOTSOCK}
@@ -539,7 +544,7 @@ class PeerMesh:
             sock = link.sock
             while True:
                 try:
-                    data = sock.recv(_RECV)
+                    data = _RECV_VIEW[:sock.recv_into(_RECV_BUFFER)].tobytes()
                 except BlockingIOError:
                     break
                 except OSError:
@@ -734,7 +739,7 @@ class PeerMesh:
             while not link.closed:
                 hub.wait(watcher)
                 try:
-                    data = link.sock.recv(_RECV)
+                    data = _RECV_VIEW[:link.sock.recv_into(_RECV_BUFFER)].tobytes()
                 except BlockingIOError:
                     continue
                 except OSError:

@@ -363,12 +363,12 @@ class _LateWrites:
         self._sock = sock
         self._late: Callable[[], None] | None = late
 
-    def recv(self, size: int) -> bytes:
-        data = self._sock.recv(size)
+    def recv_into(self, buffer: bytearray) -> int:
+        n = self._sock.recv_into(buffer)
         if self._late is not None:
             late, self._late = self._late, None
             late()
-        return data
+        return n
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._sock, name)
