@@ -10,9 +10,17 @@ execute per request are compared with one worker's. Since the work is the same, 
 core of its own would serve ``instructions(1) / instructions(N)`` x N the throughput of one.
 
 It counts user-space instructions only: the system calls forwarding adds (a ``send`` per
-forwarded command, a ``poll`` per drain) are not in it, so the real ratio is lower. Counters are
-zeroed after a warm-up and dumped after the measured load with ``callgrind_control``, which acts
-on every callgrind process of this user: run nothing else under callgrind meanwhile.
+owner and read of NOTIFYs, a ``poll`` per drain) are not in it, so the real ratio is lower.
+Counters are zeroed after a warm-up and dumped after the measured load with
+``callgrind_control``, which acts on every callgrind process of this user: run nothing else
+under callgrind meanwhile.
+
+What the agent does per second whatever its load (timers: the workers' 10 ms drain tick, the
+session expiry, the load reports; the event loop waking for them) is counted too, and under
+callgrind, which runs the agent ~50 times slower while those timers keep wall-clock time, it
+weighs ~50 times more per request than at full speed, differently from one run to the next
+(as many fewer requests as the machine is slower). So the same agent is also counted idle for
+as long, and the per-request figure the ratio is taken from is net of that rate.
 
     python -m benchmarks.worker_scaling [--workers 1 2] [--seconds 30]
 
@@ -88,8 +96,15 @@ def measure(workers: int, seconds: float, warmup: float, connections: int,
             time.sleep(20 * workers if workers > 1 else 0)
             _drive(port, warmup, connections, window)  # its errors (a worker not up yet) aside
             _callgrind_control("-z")
+            started = time.monotonic()
+            time.sleep(seconds)
+            _callgrind_control("-d")
+            idle_s = time.monotonic() - started
+            _callgrind_control("-z")
+            started = time.monotonic()
             acks, errors = _drive(port, seconds, connections, window)
             _callgrind_control("-d")
+            load_s = time.monotonic() - started
         finally:
             agent.send_signal(signal.SIGINT)
             try:
@@ -97,22 +112,30 @@ def measure(workers: int, seconds: float, warmup: float, connections: int,
             except subprocess.TimeoutExpired:
                 agent.kill()
                 agent.wait()
-        # The dump callgrind_control -d asked for is each process's ``.1`` file: what it ran
-        # between the zeroing and the dump, i.e. during the measured load.
-        total = 0
-        processes = 0
-        for dump in Path(tmp).glob("cg.*.1"):
-            match = re.search(r"^summary: (\d+)", dump.read_text(errors="replace"), re.M)
-            if match:
-                total += int(match.group(1))
-                processes += 1
+        # Each callgrind_control -d makes every process write its next ``.N`` file: what it ran
+        # since the zeroing before. ``.1``: idle; ``.2``: the measured load.
+        idle, _ = _summed(Path(tmp), 1)
+        total, processes = _summed(Path(tmp), 2)
     if errors:
         raise RuntimeError(f"--workers {workers}: {errors} errors in the driver's checks")
     if processes < workers:
         raise RuntimeError(f"--workers {workers}: only {processes} processes were counted")
     requests = acks / NOTIFYS_PER_REQUEST
+    idle_rate = idle / idle_s
     return {"workers": workers, "requests": requests, "instructions": total,
-            "per_request": total / requests}
+            "per_request": total / requests, "idle_per_s": idle_rate,
+            "net_per_request": (total - idle_rate * load_s) / requests}
+
+
+def _summed(folder: Path, dump: int) -> tuple[int, int]:
+    """Instructions in every process's dump number ``dump``, and how many processes wrote one."""
+    total = processes = 0
+    for path in folder.glob(f"cg.*.{dump}"):
+        match = re.search(r"^summary: (\d+)", path.read_text(errors="replace"), re.M)
+        if match:
+            total += int(match.group(1))
+            processes += 1
+    return total, processes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,11 +152,16 @@ def main(argv: list[str] | None = None) -> int:
     results = [measure(n, args.seconds, args.warmup, args.connections, args.window)
                for n in args.workers]
     base = next((r for r in results if r["workers"] == 1), None)
-    print("| workers | requests counted | instructions per request | x N the throughput of one |")
-    print("|---:|---:|---:|---:|")
+    print("| workers | requests counted | instructions per request | idle instructions per s "
+          "| per request, net of idle | x N the throughput of one (net; raw) |")
+    print("|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        ratio = f"{base['per_request'] / r['per_request']:.2f}" if base else "-"
-        print(f"| {r['workers']} | {r['requests']:,.0f} | {r['per_request']:,.0f} | {ratio} |")
+        ratio = "-"
+        if base:
+            ratio = (f"{base['net_per_request'] / r['net_per_request']:.2f}; "
+                     f"{base['per_request'] / r['per_request']:.2f}")
+        print(f"| {r['workers']} | {r['requests']:,.0f} | {r['per_request']:,.0f} "
+              f"| {r['idle_per_s']:,.0f} | {r['net_per_request']:,.0f} | {ratio} |")
     return 0
 
 
