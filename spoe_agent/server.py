@@ -56,6 +56,7 @@ from spoe_agent.protocol.connection import (
     State,
 )
 from spoe_agent.protocol.types import Action, Status
+from spoe_agent.runners import HandlerPool
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ class _Client:
         # None for TLS, whose bytes must go through the SSL object.
         self.raw = sock._sock if type(sock) is _GeventSocket else None  # type: ignore[attr-defined]
         self.lock = Semaphore()
-        self.pool: Pool | None = None
+        self.pool: HandlerPool | None = None
         self.address = address
         self.greenlet = gevent.getcurrent()
         self.in_recv = False  # parked in sock.recv: the only place a _Drain may be thrown
@@ -542,11 +543,11 @@ class SpoaServer:
 
     def _spawn_concurrent(self, client: _Client, event: NotifyReceived) -> None:
         if client.pool is None:
-            client.pool = Pool(self.config.max_in_flight)
+            client.pool = HandlerPool(self.config.max_in_flight)
         elif client.pool.full():
             self._limit("in_flight", "max_in_flight (%d) handlers running on one connection: "
                         "reading it pauses until one finishes", self.config.max_in_flight)
-        # Pool.spawn waits for a free slot: back-pressure on this connection's reads only.
+        # spawn waits for a free slot: back-pressure on this connection's reads only.
         client.pool.spawn(self._run_concurrent, client, event)
 
     def _run_concurrent(self, client: _Client, event: NotifyReceived) -> None:

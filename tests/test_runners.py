@@ -1,0 +1,81 @@
+"""Concurrent handlers run by reused greenlets (spoe_agent.runners), as the server uses them."""
+
+from __future__ import annotations
+
+import gevent
+from gevent.event import Event
+
+from spoe_agent.runners import HandlerPool
+
+
+def test_handlers_run_in_parked_greenlets_rather_than_new_ones() -> None:
+    pool = HandlerPool(4)
+    ran: list[object] = []  # strong references: a dead greenlet's id cannot be reused
+    for _ in range(10):
+        pool.spawn(lambda: ran.append(gevent.getcurrent()))
+        assert pool.join(timeout=5)
+    assert len(ran) == 10
+    assert len({id(g) for g in ran}) == 1
+    assert ran[0] is not gevent.getcurrent()
+
+
+def test_spawn_waits_for_a_free_slot() -> None:
+    pool = HandlerPool(2)
+    release = Event()
+    order: list[str] = []
+
+    def blocked(name: str) -> None:
+        order.append(f"{name} starts")
+        release.wait()
+
+    pool.spawn(blocked, "a")
+    pool.spawn(blocked, "b")
+    assert pool.full()
+    third = gevent.spawn(pool.spawn, lambda: order.append("c starts"))
+    gevent.sleep(0.01)
+    assert order == ["a starts", "b starts"] and not third.dead  # waiting for a slot
+    release.set()
+    third.join(timeout=5)
+    assert pool.join(timeout=5)
+    assert order == ["a starts", "b starts", "c starts"]
+    assert len(pool) == 0
+
+
+def test_a_failing_handler_costs_neither_its_slot_nor_its_greenlet(caplog) -> None:
+    pool = HandlerPool(1)
+    ran: list[object] = []
+
+    def boom() -> None:
+        ran.append(gevent.getcurrent())
+        raise RuntimeError("handler bug")
+
+    pool.spawn(boom)
+    assert pool.join(timeout=5)
+    assert "handler bug" in caplog.text
+    with gevent.Timeout(5):  # a slot never given back would make this wait for ever
+        pool.spawn(lambda: ran.append(gevent.getcurrent()))
+    assert pool.join(timeout=5)
+    assert len(ran) == 2 and ran[0] is ran[1]
+
+
+def test_kill_ends_the_handlers_in_flight() -> None:
+    pool = HandlerPool(3)
+    ended: list[str] = []
+
+    def forever(name: str) -> None:
+        try:
+            gevent.sleep(3600)
+        finally:
+            ended.append(name)
+
+    pool.spawn(forever, "started")
+    gevent.sleep(0)  # it runs and parks in its sleep
+    pool.spawn(forever, "not yet started")
+    pool.kill()
+    assert pool.join(timeout=0) and len(pool) == 0
+    gevent.sleep(0.01)
+    assert "started" in ended
+    # What the pool holds now still runs: nothing of the killed handlers is left behind.
+    done = Event()
+    pool.spawn(done.set)
+    assert done.wait(timeout=5)
