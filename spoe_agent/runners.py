@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextvars import Context
 from typing import Any
 
 import gevent
@@ -48,7 +49,9 @@ class _Runner:
         while True:
             function, args, pool = work
             try:
-                function(*args)
+                # In an empty context, as a new greenlet starts: a context variable one handler
+                # set must not be seen by the next one this greenlet runs.
+                Context().run(function, *args)
             except Exception:
                 log.exception("concurrent handler %r failed", function)
             finally:

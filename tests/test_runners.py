@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextvars import ContextVar
+
 import gevent
 from gevent.event import Event
 
@@ -79,3 +81,21 @@ def test_kill_ends_the_handlers_in_flight() -> None:
     done = Event()
     pool.spawn(done.set)
     assert done.wait(timeout=5)
+
+
+_VAR: ContextVar[str] = ContextVar("_VAR", default="unset")
+
+
+def test_a_handler_does_not_see_what_the_previous_one_set_in_its_context() -> None:
+    pool = HandlerPool(1)
+    seen: list[tuple[object, str]] = []
+
+    def handler(value: str) -> None:
+        seen.append((gevent.getcurrent(), _VAR.get()))
+        _VAR.set(value)
+
+    for value in ("a", "b"):
+        pool.spawn(handler, value)
+        assert pool.join(timeout=5)
+    assert seen[0][0] is seen[1][0]  # the same greenlet ran both
+    assert [v for _, v in seen] == ["unset", "unset"]
