@@ -56,6 +56,8 @@ class _Runner:
                 log.exception("concurrent handler %r failed", function)
             finally:
                 pool._finished(self)
+            # Parked, it must not keep the last handler's connection and messages alive.
+            work = function = args = pool = None  # type: ignore[assignment]
             if len(_idle) >= MAX_IDLE:
                 return
             _idle.append(self)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from contextvars import ContextVar
 
 import gevent
@@ -99,3 +101,18 @@ def test_a_handler_does_not_see_what_the_previous_one_set_in_its_context() -> No
         assert pool.join(timeout=5)
     assert seen[0][0] is seen[1][0]  # the same greenlet ran both
     assert [v for _, v in seen] == ["unset", "unset"]
+
+
+def test_a_parked_greenlet_keeps_nothing_of_its_last_handler() -> None:
+    class Connection:  # stands for the server's _Client, which holds a socket
+        pass
+
+    pool = HandlerPool(1)
+    connection = Connection()
+    gone = weakref.ref(connection)
+    pool.spawn(lambda c: None, connection)
+    assert pool.join(timeout=5)
+    gevent.sleep(0)  # the greenlet parks
+    del connection
+    gc.collect()
+    assert gone() is None
