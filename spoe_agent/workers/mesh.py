@@ -506,13 +506,7 @@ class PeerMesh:
         apply = self._apply
         for link, frame in reorder.pop_all():
             actions: list[SetVar] = []
-            try:
-                commands = commands_of(frame)
-            except Exception:
-                self.apply_errors += 1
-                log.exception("a forwarded frame holds no commands")
-                commands = []
-            for command in commands:
+            for command in self._commands(frame):
                 received += 1
                 try:
                     actions = apply(command)
@@ -523,6 +517,14 @@ class PeerMesh:
             if frame[0] == COMMAND and frame[2]:
                 link.send(encode_reply(frame[2], actions))
         self.stats["received"] += received
+
+    def _commands(self, frame: tuple[Any, ...]) -> list[Command]:
+        try:
+            return commands_of(frame)
+        except Exception:  # not what a peer of ours writes: counted, and nothing applied
+            self.apply_errors += 1
+            log.exception("a forwarded frame holds no commands")
+            return []
 
     def _read_inbound(self, reorder: Reorderer) -> bool:
         """One pass over the inbound links that have data; whether it read anything.

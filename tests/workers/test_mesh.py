@@ -461,3 +461,24 @@ def test_an_apply_that_yields_does_not_let_another_pump_overtake_it(runtime_dir:
     for x, y in pairs:
         x.close()
         y.close()
+
+
+def test_a_forwarded_frame_without_commands_is_counted_and_the_rest_applied(
+    runtime_dir: str,
+) -> None:
+    from spoe_agent.workers.router import BATCH, COMMAND, encode_command
+
+    spans: list[ReadableSpan] = []
+    reg = registry(spans)
+    owner = PeerMesh(0, 2, runtime_dir, reg.apply)
+    owner._syncing = False
+    ours, theirs = socket.socketpair()
+    _adopt(owner, ours, 1)
+    (key,) = owned(2, 0, 1)
+    theirs.sendall(encode((COMMAND, 1, 0, key)) + encode((BATCH, 2, ((key, 1),)))
+                   + encode_command(stream(key)[0], stamp_ns=3))
+    owner.pump()
+    assert owner.apply_errors == 2
+    assert key in reg and owner.counters()["received"] == 1
+    ours.close()
+    theirs.close()
