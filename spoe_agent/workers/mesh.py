@@ -373,23 +373,12 @@ class PeerMesh:
                 else:
                     pending.append(command)
                 return []
-        link = self._bulk[owner]
-        if link is None or link.closed:
-            link = self._connect(owner, urgent=False)
-            if link is None:
-                self._hold(owner, encode_command(command))
-                return []
-        data = encode_command(command)
-        end = link.send(data)
-        if end < 0 or not link.wait_sent(end):
-            # The owner died with the link: what it did not take is kept for its successor.
-            self._hold(owner, data)
-            return []
-        self.stats["forwarded"] += 1
+        self._write_batches({owner: [command]})
         return []
 
     def _write_batches(self, batch: dict[int, list[Command]]) -> None:
-        """Write each owner's commands as one frame, then wait until the kernel has them all."""
+        """Write each owner's commands as one frame, then wait until the kernel has them all
+        (an owner that is down, or dies with the link, gets them from its backlog instead)."""
         written = []
         for owner, commands in batch.items():
             link = self._bulk[owner]
