@@ -273,6 +273,7 @@ def decode_messages(payload: bytes) -> list[Message]:
     messages: list[Message] = []
     pos = 0
     end = len(payload)
+    value: Any  # a byte of the payload, then any decoded value (typed for mypyc, see setup.py)
     pairs = _PAIRS
     names = _NAMES
     suffixes = _SUFFIXES

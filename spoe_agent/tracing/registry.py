@@ -318,7 +318,7 @@ class SessionRegistry:
 
     def __init__(
         self,
-        emit: Callable[[ReadableSpan], None],
+        emit: Callable[[Any], None],
         *,
         propagator: TextMapPropagator,
         sampler: Sampler,
@@ -338,10 +338,15 @@ class SessionRegistry:
             raise ValueError("max_sessions must be at least 1")
         self._emit = emit
         self._records = span_records
-        if span_records:
-            self._emit_span = self._emit_record  # type: ignore[method-assign]
+        # Chosen once, as an attribute rather than by rebinding a method, which a class
+        # compiled with mypyc (see setup.py) does not allow.
+        self._emit_span: Callable[[_Session, _Span, int, int], None] = (
+            self._emit_record if span_records else self._emit_readable
+        )
         self._propagator = propagator
         self._sampler = sampler
+        self._span_id: Callable[[], int]
+        self._trace_id: Callable[[], int]
         if id_generator is None:
             # RandomIdGenerator's draws without its method call (zero is redrawn in _start).
             self._span_id = partial(random.getrandbits, 64)
@@ -467,7 +472,7 @@ class SessionRegistry:
                     links = sel.links
                     if links is None:
                         sel.links = parent
-                    elif type(links) is _Span:
+                    elif isinstance(links, _Span):
                         sel.links = (links, parent)
                     elif len(links) < _MAX_ITEMS_PER_SPAN:
                         sel.links = links + (parent,)
@@ -650,7 +655,9 @@ class SessionRegistry:
 
     def _ctx(self, session: _Session, span: _Span) -> SpanContext:
         span_id = span.span_id or self._draw_span_id(span)
-        return _new_context(session.trace_id, span_id, session.flags, session.trace_state)
+        trace_id = session.trace_id
+        assert trace_id is not None
+        return _new_context(trace_id, span_id, session.flags, session.trace_state)
 
     def _inject(self, session: _Session, name: str, out: list[SetVar]) -> None:
         span = session.spans.get(name)
@@ -744,10 +751,11 @@ class SessionRegistry:
         else:
             span.attrs = span.extra = span.links = None
 
-    def _emit_span(self, session: _Session, span: _Span, start: int, end: int) -> None:
-        """Emit an ended span as an SDK ``ReadableSpan`` (``_emit_record`` replaces this method
-        when the registry emits records)."""
+    def _emit_readable(self, session: _Session, span: _Span, start: int, end: int) -> None:
+        """Emit an ended span as an SDK ``ReadableSpan`` (``_emit_span`` unless the registry
+        emits records)."""
         trace_id = session.trace_id
+        assert trace_id is not None
         flags = session.flags
         state = session.trace_state
         # Contexts are built when needed rather than kept: they would double a record's size.
@@ -808,7 +816,7 @@ class SessionRegistry:
             self.stats["emit_error"] += 1
 
     def _emit_record(self, session: _Session, span: _Span, start: int, end: int) -> None:
-        """``_emit_span`` for a direct exporter: the same span, as one plain tuple."""
+        """``_emit_readable`` for a direct exporter: the same span, as one plain tuple."""
         # Ids drawn in the order _emit_span draws them: the span's, its parent's, its links'.
         span_id = span.span_id or self._draw_span_id(span)
         parent = span.parent
@@ -850,12 +858,13 @@ class SessionRegistry:
             self.stats["emit_error"] += 1
 
     def _link_ids(self, links: _Span | tuple[_Span, ...]) -> tuple[int, ...]:
-        if type(links) is _Span:  # one link (follows-from) is the rule
-            return (links.span_id or self._draw_span_id(links),)  # type: ignore[union-attr]
+        if isinstance(links, _Span):  # one link (follows-from) is the rule
+            return (links.span_id or self._draw_span_id(links),)
         return tuple([target.span_id or self._draw_span_id(target) for target in links])
 
     def _links(self, session: _Session, links: _Span | tuple[_Span, ...]) -> tuple[Link, ...]:
         trace_id, flags, state = session.trace_id, session.flags, session.trace_state
+        assert trace_id is not None
         return tuple(
             [Link(_new_context(trace_id, span_id, flags, state)) for span_id in self._link_ids(links)]
         )

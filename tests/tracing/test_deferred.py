@@ -55,10 +55,12 @@ def test_only_a_message_that_injects_is_applied_before_its_ack() -> None:
 def test_a_failing_message_costs_itself_only(monkeypatch) -> None:
     agent = _agent()
 
-    def broken_apply(command: Any) -> list[Any]:
-        raise RuntimeError("registry bug")
+    class BrokenRegistry:
+        # A stand-in: a SessionRegistry compiled with mypyc has no patchable methods.
+        def apply(self, command: Any) -> list[Any]:
+            raise RuntimeError("registry bug")
 
-    monkeypatch.setattr(agent.registry, "apply", broken_apply)
+    monkeypatch.setattr(agent, "registry", BrokenRegistry())
     now, later = agent.prepare([_msg("start", ("span", "a"))])
     assert now is None and later is not None
     assert later() is None

@@ -48,6 +48,16 @@ class _RecordHead:
     """
 
     __slots__ = ("trace_id", *_SPAN_HEAD_FIELDS)
+    # Declared for type checkers and mypyc (setup.py), which cannot read the __slots__ above.
+    traceIdLow: int
+    traceIdHigh: int
+    spanId: int
+    parentSpanId: int
+    operationName: str
+    references: list[_FollowsFrom] | None
+    flags: Any
+    startTime: int
+    duration: int
 
     def __init__(self) -> None:
         self.trace_id: int | None = None
@@ -152,6 +162,9 @@ class _FollowsFrom:
     """
 
     __slots__ = ("traceIdLow", "traceIdHigh", "spanId")
+    traceIdLow: int
+    traceIdHigh: int
+    spanId: int
     refType = _FOLLOWS_FROM
 
 

@@ -7,10 +7,12 @@ write by hand (see ``tags``), rather than as ``Tag`` structs.
 
 from __future__ import annotations
 
+from typing import Any
+
 from opentelemetry.exporter.jaeger.thrift.gen.jaeger import ttypes as jt
 
 from spoe_agent.tracing.jaeger.specs import _SPAN_HEAD_FIELDS
-from spoe_agent.tracing.jaeger.tags import _pairs, _thrift_tags
+from spoe_agent.tracing.jaeger.tags import ConstTags, TagPairs, _pairs, _thrift_tags
 
 
 class _SpanRef:
@@ -43,6 +45,24 @@ class JaegerSpan:
         "dropped_tags",
         "logs",
     )
+    # Declared for type checkers and mypyc (setup.py), which cannot read __slots__ built above.
+    traceIdLow: int
+    traceIdHigh: int
+    spanId: int
+    parentSpanId: int
+    operationName: str
+    references: list[_SpanRef] | None
+    flags: int
+    startTime: int
+    duration: int
+    max_len: int | None
+    service: str
+    own_tags: Any
+    resource_tags: ConstTags
+    status_tags: TagPairs | None
+    suffix_tags: ConstTags
+    dropped_tags: TagPairs | None
+    logs: list[tuple[int, TagPairs, TagPairs]] | None
 
     def to_thrift(self) -> jt.Span:
         refs = None
