@@ -49,8 +49,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="serve this spoe_agent.handlers.Agent instead of the tracing agent")
     parser.add_argument("--check", action="store_true",
                         help="validate the configuration and exit (0 valid, 2 invalid)")
-    parser.add_argument("--version", action="version", version=f"spoe-agent {__version__}")
+    parser.add_argument("--version", action=_Version, nargs=0,
+                        help="print the version and the build (pure Python or compiled), exit")
     return parser
+
+
+class _Version(argparse.Action):
+    """``--version``, with the build: which one is installed decides what a request costs."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        from spoe_agent import build_description
+
+        print(f"spoe-agent {__version__} ({build_description()})")
+        parser.exit()
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:

@@ -16,8 +16,9 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     # ``tests`` is not a package, so pytest's rootdir-relative import would not find
-    # ``tests.support`` on its own.
-    sys.path.insert(0, str(REPO_ROOT))
+    # ``tests.support`` on its own. Appended, so that ``spoe_agent`` stays the installed one:
+    # tox tests the wheel it built (compiled, in the mypyc environment), not the source tree.
+    sys.path.append(str(REPO_ROOT))
 
 from tests.integration.backend import Backend  # noqa: E402
 from tests.support.haproxy import HAProxy, binary_version, haproxy_binaries  # noqa: E402
