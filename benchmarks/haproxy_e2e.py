@@ -165,13 +165,13 @@ def clean_env() -> dict[str, str]:
 
 
 def start(argv: list[str], cores: set[int] | None, log: Path,
-          env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+          env: dict[str, str] | None = None, cwd: Path = REPO_ROOT) -> subprocess.Popen[bytes]:
     def pin() -> None:
         if cores:
             os.sched_setaffinity(0, cores)
 
     with open(log, "ab") as out:
-        return subprocess.Popen(argv, cwd=REPO_ROOT, env=env or clean_env(),
+        return subprocess.Popen(argv, cwd=cwd, env=env or clean_env(),
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 preexec_fn=pin, start_new_session=True)
 
@@ -285,6 +285,7 @@ class Scenario:
     workers: int = 1
     exporter: str = "jaeger"  # "none": the tracing work without the export, to split costs
     agent_args: tuple[str, ...] = ()  # extra spoe-agent flags (--busy-poll)
+    python: str | None = None  # another interpreter's spoe-agent (--compiled-python)
 
 
 @dataclass
@@ -341,9 +342,16 @@ class Bench:
             procs.append(origin)
             wait_port(origin_port, origin)
             if sc.agent == "spoe-agent":
-                argv = [sys.executable, "-m", "spoe_agent", "--bind", f"127.0.0.1:{agent_port}",
+                argv = [sc.python or sys.executable, "-m", "spoe_agent",
+                        "--bind", f"127.0.0.1:{agent_port}",
                         "--workers", str(sc.workers), "--log-level", "info", *sc.agent_args]
                 env = clean_env()
+                cwd = REPO_ROOT
+                if sc.python is not None:
+                    # Its own installed spoe_agent: neither PYTHONPATH nor the working
+                    # directory may put this tree's source in front of it.
+                    del env["PYTHONPATH"]
+                    cwd = self.workdir
                 if sc.spoe == "minimal":
                     argv += ["--app", "benchmarks.apps:minimal_agent", "--exporter", "none"]
                 elif sc.exporter == "none":
@@ -353,7 +361,7 @@ class Bench:
                     env.update(OTEL_TRACES_EXPORTER="jaeger",
                                OTEL_EXPORTER_JAEGER_AGENT_HOST=host,
                                OTEL_EXPORTER_JAEGER_AGENT_PORT=str(port))
-                agent = start(argv, agent_cores, agent_log, env)
+                agent = start(argv, agent_cores, agent_log, env, cwd)
             elif sc.agent == "bare":
                 agent = start([sys.executable, "-m", "benchmarks.bare_agent", "--port",
                                str(agent_port)], agent_cores, agent_log)
@@ -534,6 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--haproxy", default=DEFAULT_HAPROXY)
     p.add_argument("--forge-python", default=DEFAULT_FORGE_PYTHON)
+    p.add_argument("--compiled-python", metavar="PYTHON",
+                   help="also run 'traced xN, mypyc': the spoe-agent installed for this "
+                        "interpreter, built with SPOE_AGENT_MYPYC=1 (setup.py)")
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--warmup", type=float, default=3.0)
     p.add_argument("--connections", type=int, default=64)
@@ -573,6 +584,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.busy_poll:
         scenarios += [Scenario(f"traced x{n}, busy-poll", "spoe-agent", "trace", n,
                                agent_args=("--busy-poll",)) for n in args.workers]
+    if args.compiled_python:
+        build = subprocess.run(
+            [args.compiled_python, "-c", "import spoe_agent; print(spoe_agent.build_description())"],
+            cwd=tempfile.gettempdir(), capture_output=True, text=True, check=False,
+        ).stdout.strip()
+        if build != "hot path compiled with mypyc":
+            print(f"{args.compiled_python}'s spoe-agent is {build or 'not installed'}, not the "
+                  "compiled build: SPOE_AGENT_MYPYC=1 pip install . there", file=sys.stderr)
+            return 2
+        scenarios += [Scenario(f"traced x{n}, mypyc", "spoe-agent", "trace", n,
+                               python=args.compiled_python) for n in args.workers]
     if args.ceiling:
         scenarios.append(Scenario("reference events, bare ACKs", "bare", "trace"))
     scenarios.append(Scenario("minimal spoe-agent", "spoe-agent", "minimal"))

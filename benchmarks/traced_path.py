@@ -15,6 +15,10 @@ Each stage is the difference between a run of ``--requests`` requests and a run 
 up (imports, the agent, the pre-encoded frames and a warm-up), so start-up cost cancels out.
 
     python -m benchmarks.traced_path [--requests 300] [--stages decode language registry export]
+        [--python /tmp/venv-mypyc/bin/python]
+
+``--python`` measures the spoe-agent installed for another interpreter, such as the build
+compiled with mypyc (``SPOE_AGENT_MYPYC=1 pip install .``, see setup.py), instead of this tree.
 
 Needs valgrind (Debian's package). ``--inner STAGE N`` is the process callgrind runs.
 """
@@ -45,7 +49,9 @@ def _inner(stage: str, requests: int, built: int) -> None:
     sink.bind(("127.0.0.1", 0))
     os.environ["OTEL_EXPORTER_JAEGER_AGENT_HOST"] = "127.0.0.1"
     os.environ["OTEL_EXPORTER_JAEGER_AGENT_PORT"] = str(sink.getsockname()[1])
-    sys.path.insert(0, str(REPO_ROOT))
+    # Appended: spoe_agent is the one installed for this interpreter (the tree's own when it
+    # runs from the dev venv's editable install, a compiled build in another venv).
+    sys.path.append(str(REPO_ROOT))
     from benchmarks.spop_load import haproxy_hello, traced_request
     from spoe_agent.config import AgentConfig
     from spoe_agent.protocol.connection import NotifyReceived, SpopConnection
@@ -109,13 +115,14 @@ def _inner(stage: str, requests: int, built: int) -> None:
             raise RuntimeError(f"exported {exported} spans, expected 9 per request")
 
 
-def _instructions(stage: str, requests: int, built: int) -> int:
+def _instructions(stage: str, requests: int, built: int, python: str) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "callgrind.out"
+        # Run as a script from elsewhere, so that the tree does not shadow what is installed.
         proc = subprocess.run(
-            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
-             "-m", "benchmarks.traced_path", "--inner", stage, str(requests), str(built)],
-            cwd=REPO_ROOT, capture_output=True, text=True, check=False,
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", python,
+             str(Path(__file__).resolve()), "--inner", stage, str(requests), str(built)],
+            cwd=tmp, capture_output=True, text=True, check=False,
         )
     match = re.search(r"Collected : (\d+)", proc.stderr)
     if proc.returncode != 0 or match is None:
@@ -127,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--stages", nargs="*", choices=STAGES, default=list(STAGES))
+    parser.add_argument("--python", default=sys.executable,
+                        help="the interpreter whose spoe-agent is measured (default: this one)")
     parser.add_argument("--inner", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.inner:
@@ -136,10 +145,15 @@ def main(argv: list[str] | None = None) -> int:
         print("valgrind is needed (apt-get install -y valgrind)", file=sys.stderr)
         return 2
     previous = 0
-    print(f"instructions per traced request ({args.requests} requests, 8 NOTIFYs, 9 spans each)")
+    build = subprocess.run(
+        [args.python, "-c", "import spoe_agent; print(spoe_agent.build_description())"],
+        cwd=tempfile.gettempdir(), capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    print(f"instructions per traced request ({args.requests} requests, 8 NOTIFYs, 9 spans each; "
+          f"spoe-agent for {args.python}: {build})")
     for stage in args.stages:
-        base = _instructions(stage, 0, args.requests)
-        total = _instructions(stage, args.requests, args.requests)
+        base = _instructions(stage, 0, args.requests, args.python)
+        total = _instructions(stage, args.requests, args.requests, args.python)
         per_request = (total - base) // args.requests
         added = f"  (+{per_request - previous:,} for {stage})" if previous else ""
         print(f"  up to {stage:<9} {per_request:>11,}{added}")
