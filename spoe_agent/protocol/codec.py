@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from typing import Any
+from typing import Any, Final
 
 from spoe_agent.protocol.errors import InvalidFrame
 from spoe_agent.protocol.types import (
@@ -28,13 +28,13 @@ from spoe_agent.protocol.types import (
 )
 from spoe_agent.protocol.varint import decode_varint, encode_varint
 
-_U32 = struct.Struct(">I")
-_HEADER = struct.Struct(">BI")  # type, flags
-_SIGN = 1 << 63
-_WRAP = 1 << 64
+_U32: Final = struct.Struct(">I")
+_HEADER: Final = struct.Struct(">BI")  # type, flags
+_SIGN: Final = 1 << 63
+_WRAP: Final = 1 << 64
 # Single-byte varints are by far the common case: precompute them.
-_VARINT1 = [bytes((i,)) for i in range(240)]
-_tuple_new = tuple.__new__
+_VARINT1: Final = [bytes((i,)) for i in range(240)]
+_tuple_new: Final = tuple.__new__
 
 # ---------------------------------------------------------------------------------- varints
 
@@ -214,15 +214,15 @@ def encode_kv_list(items: dict[str, Any] | list[tuple[str, Any]]) -> bytes:
 # of a NOTIFY decodes as dict hits on byte slices instead of two slices, two UTF-8 decodes and a
 # tuple each. Bounded, since the other arguments (ids, paths) are new every request; bytes hash
 # with SipHash, so a peer cannot aim collisions at it.
-_PAIRS: dict[bytes, tuple[str, Any]] = {}
-_PAIRS_LIMIT = 4096
-_PAIR_MAX_BYTES = 96
-_NAMES: dict[bytes, str] = {}
-_NAMES_LIMIT = 1024
+_PAIRS: Final[dict[bytes, tuple[str, Any]]] = {}
+_PAIRS_LIMIT: Final = 4096
+_PAIR_MAX_BYTES: Final = 96
+_NAMES: Final[dict[bytes, str]] = {}
+_NAMES_LIMIT: Final = 1024
 # The decoded arguments that ended a payload, by their bytes: (how many, the arguments).
-_SUFFIXES: dict[bytes, tuple[int, tuple[tuple[str, Any], ...]]] = {}
-_SUFFIXES_LIMIT = 4096
-_SUFFIX_MAX_BYTES = 1024
+_SUFFIXES: Final[dict[bytes, tuple[int, tuple[tuple[str, Any], ...]]]] = {}
+_SUFFIXES_LIMIT: Final = 4096
+_SUFFIX_MAX_BYTES: Final = 1024
 
 
 def _new_pair(raw: bytes, key_len: int) -> tuple[str, Any]:
@@ -432,8 +432,8 @@ def ack(stream_id: int, frame_id: int, actions: list[Action] | None = None) -> b
     return _EMPTY_ACK_PREFIXES[len(ids)] + ids
 
 
-_STREAM_IDS: dict[int, bytes] = {}
-_STREAM_IDS_LIMIT = 4096
+_STREAM_IDS: Final[dict[int, bytes]] = {}
+_STREAM_IDS_LIMIT: Final = 4096
 
 
 def _stream_id_bytes(stream_id: int) -> bytes:
@@ -445,7 +445,7 @@ def _stream_id_bytes(stream_id: int) -> bytes:
 
 
 # The length prefix and header of an empty ACK, by the size of its two varints (2 to 20 bytes).
-_EMPTY_ACK_PREFIXES = [_U32.pack(5 + n) + _HEADER.pack(FrameType.ACK, FLAG_FIN) for n in range(21)]
+_EMPTY_ACK_PREFIXES: Final = [_U32.pack(5 + n) + _HEADER.pack(FrameType.ACK, FLAG_FIN) for n in range(21)]
 
 
 def notify(stream_id: int, frame_id: int, messages: list[Message], flags: int = FLAG_FIN) -> bytes:

@@ -15,7 +15,7 @@ import logging
 import struct
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, Final
 
 from spoe_agent.protocol import codec
 from spoe_agent.protocol.errors import FrameTooBig, InvalidFrame, ProtocolError
@@ -37,8 +37,8 @@ log = logging.getLogger(__name__)
 MIN_FRAME_SIZE = 256
 DEFAULT_MAX_FRAME_SIZE = 65532
 DEFAULT_CAPABILITIES = ("pipelining", "async", "fragmentation")
-_MAX_DISCONNECT_MESSAGE = 255  # HAProxy 2.6 treats a longer message as an invalid frame
-_LENGTH_PREFIX = 4
+_MAX_DISCONNECT_MESSAGE: Final = 255  # HAProxy 2.6 treats a longer message as an invalid frame
+_LENGTH_PREFIX: Final = 4
 
 
 class State(Enum):
@@ -49,12 +49,12 @@ class State(Enum):
 
 # Module-level aliases for the per-frame paths: reading an Enum member off its class costs
 # ~100 ns on CPython 3.11 (a global, ~15 ns), and a traced request reads a dozen of them.
-_READY = State.READY
-_CLOSED = State.CLOSED
-_NOTIFY = int(FrameType.NOTIFY)
-_UNSET = int(FrameType.UNSET)
-_FIN_ONLY = FLAG_FIN.to_bytes(4, "big")
-_U32_FROM = struct.Struct(">I").unpack_from
+_READY: Final = State.READY
+_CLOSED: Final = State.CLOSED
+_NOTIFY: Final = int(FrameType.NOTIFY)
+_UNSET: Final = int(FrameType.UNSET)
+_FIN_ONLY: Final = FLAG_FIN.to_bytes(4, "big")
+_U32_FROM: Final = struct.Struct(">I").unpack_from
 
 
 def _frame_varint(data: bytes, pos: int, frame_end: int) -> tuple[int, int]:

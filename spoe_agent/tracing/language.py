@@ -17,25 +17,25 @@ from __future__ import annotations
 
 import codecs
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Iterable, MutableMapping
 from ipaddress import IPv4Address, IPv6Address
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from spoe_agent.protocol.types import Message, Typed
 from spoe_agent.tracing.propagation import CARRIER_KEYS, UBERCTX_PREFIX
 
 # Operation codes: the first item of each op tuple.
-OP_SPAN = 0  # (OP_SPAN, name): start the span, or select it if open
-OP_CHILD_OF = 1  # (OP_CHILD_OF, parent_name)
-OP_FOLLOWS_FROM = 2  # (OP_FOLLOWS_FROM, parent_name): parent and link
-OP_KIND = 3  # (OP_KIND, SpanKind value as int)
-OP_TAG = 4  # (OP_TAG, key, value)
-OP_ERROR = 5  # (OP_ERROR,): the selected span's status becomes ERROR
-OP_BAGGAGE = 6  # (OP_BAGGAGE, key, str value)
-OP_LOG = 7  # (OP_LOG, key, value)
-OP_FINISH = 8  # (OP_FINISH, name)
-OP_FINISH_ALL = 9  # (OP_FINISH_ALL,): end every open span and the session
-OP_INJECT = 10  # (OP_INJECT, name)
+OP_SPAN: Final = 0  # (OP_SPAN, name): start the span, or select it if open
+OP_CHILD_OF: Final = 1  # (OP_CHILD_OF, parent_name)
+OP_FOLLOWS_FROM: Final = 2  # (OP_FOLLOWS_FROM, parent_name): parent and link
+OP_KIND: Final = 3  # (OP_KIND, SpanKind value as int)
+OP_TAG: Final = 4  # (OP_TAG, key, value)
+OP_ERROR: Final = 5  # (OP_ERROR,): the selected span's status becomes ERROR
+OP_BAGGAGE: Final = 6  # (OP_BAGGAGE, key, str value)
+OP_LOG: Final = 7  # (OP_LOG, key, value)
+OP_FINISH: Final = 8  # (OP_FINISH, name)
+OP_FINISH_ALL: Final = 9  # (OP_FINISH_ALL,): end every open span and the session
+OP_INJECT: Final = 10  # (OP_INJECT, name)
 
 # SpanKind values, kept as ints so commands stay plain data.
 KIND_VALUES = {"internal": 0, "server": 1, "client": 2, "producer": 3, "consumer": 4}
@@ -368,7 +368,7 @@ def _compile_shaped(args: Any, start: int, key: str, t: int) -> tuple[Any, ...]:
     shape = tuple([
         _HOLE if not pair[0] and type(pair[1]) in _HOLE_TYPES else pair for pair in args[start:]
     ])
-    entry = _SHAPES.get(shape, _HOLE)
+    entry: Any = _SHAPES.get(shape, _HOLE)  # _HOLE: not seen yet (None is an entry)
     if entry is _HOLE:
         entry = _compile_shape(args[start:], shape)
     if entry is None:
@@ -443,7 +443,7 @@ def _compile_shape(tail: Any, shape: tuple[Any, ...]) -> tuple[Any, ...] | None:
     return entry
 
 
-def _tail_ts(tail: tuple[Any, ...]) -> int | None:
+def _tail_ts(tail: Iterable[tuple[str, Any]]) -> int | None:
     """The ts a tail sets by itself: its last valid one (an invalid one leaves the first)."""
     ts_ns = None
     for name, value in tail:

@@ -21,7 +21,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.context import Context
@@ -63,25 +63,25 @@ from spoe_agent.tracing.propagation import extract_context, inject_vars
 INCOMPLETE_ATTRIBUTE = "haproxy.span.incomplete"
 
 # Bounds on what one span or session may accumulate, whatever HAProxy sends.
-_MAX_ITEMS_PER_SPAN = 128
-_MAX_ATTR_SLOTS = 2 * _MAX_ITEMS_PER_SPAN  # a span's tags are kept as a flat key, value list
-_MAX_BAGGAGE_ITEMS = 64
-_MAX_CACHED_RESOURCES = 256
+_MAX_ITEMS_PER_SPAN: Final = 128
+_MAX_ATTR_SLOTS: Final = 2 * _MAX_ITEMS_PER_SPAN  # a span's tags are kept as a flat key, value list
+_MAX_BAGGAGE_ITEMS: Final = 64
+_MAX_CACHED_RESOURCES: Final = 256
 
 # The language's kind numbers (KIND_VALUES) index this; so does a SpanRecord's ``kind``.
 SPAN_KINDS = (
     SpanKind.INTERNAL, SpanKind.SERVER, SpanKind.CLIENT, SpanKind.PRODUCER, SpanKind.CONSUMER
 )
-_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
-_NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
-_EMPTY_TRACE_STATE = TraceState()
-_ID_LIMIT = 1 << 64
-_TRACE_ID_LIMIT = 1 << 128
-_UNSET_STATUS = Status(StatusCode.UNSET)
-_ERROR_STATUS = Status(StatusCode.ERROR)
-_EMPTY_CONTEXT = Context()
-_SCOPE = InstrumentationScope("spoe_agent", __version__)
-_CREATING_OPS = frozenset({OP_SPAN, OP_BAGGAGE})
+_SAMPLED: Final = TraceFlags(TraceFlags.SAMPLED)
+_NOT_SAMPLED: Final = TraceFlags(TraceFlags.DEFAULT)
+_EMPTY_TRACE_STATE: Final = TraceState()
+_ID_LIMIT: Final = 1 << 64
+_TRACE_ID_LIMIT: Final = 1 << 128
+_UNSET_STATUS: Final = Status(StatusCode.UNSET)
+_ERROR_STATUS: Final = Status(StatusCode.ERROR)
+_EMPTY_CONTEXT: Final = Context()
+_SCOPE: Final = InstrumentationScope("spoe_agent", __version__)
+_CREATING_OPS: Final = frozenset({OP_SPAN, OP_BAGGAGE})
 
 
 def _span_context_factory() -> Callable[[int, int, TraceFlags, TraceState], SpanContext]:
@@ -117,8 +117,8 @@ def _span_context_factory() -> Callable[[int, int, TraceFlags, TraceState], Span
     return slow  # pragma: no cover
 
 
-_tuple_new = tuple.__new__
-_new_context = _span_context_factory()
+_tuple_new: Final = tuple.__new__
+_new_context: Final = _span_context_factory()
 
 
 def _remote_context(
@@ -412,7 +412,7 @@ class SessionRegistry:
         sel: _Span | None = None
         max_len = self._max_attr_len
         for op in ops:
-            code = op[0]
+            code: int = op[0]
             if code == OP_TAG:  # the most frequent op first (16 of a reference request's 48)
                 if sel is None:
                     self.stats["no_span_selected"] += 1

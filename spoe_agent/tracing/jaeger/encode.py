@@ -11,7 +11,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from itertools import accumulate
-from typing import Any
+from typing import Any, Final
 
 from thrift.protocol import fastbinary
 from thrift.Thrift import TMessageType
@@ -33,8 +33,8 @@ from spoe_agent.tracing.jaeger.wire import (
 )
 from spoe_agent.tracing.registry import SpanRecord
 
-_encode_compact = fastbinary.encode_compact
-_encode_binary = fastbinary.encode_binary
+_encode_compact: Final = fastbinary.encode_compact
+_encode_binary: Final = fastbinary.encode_binary
 
 
 class _RecordHead:

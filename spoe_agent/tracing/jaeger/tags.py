@@ -8,7 +8,7 @@ many spans share (``ConstTags``, ``RecordTags``) are encoded once and their byte
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Final
 
 from opentelemetry.exporter.jaeger.thrift.gen.jaeger import ttypes as jt
 
@@ -105,9 +105,9 @@ def _thrift_tags(pairs: TagPairs, max_len: int | None) -> list[jt.Tag]:
 # Binary protocol: a field header is type + i16 id; a list header is element type + i32 size.
 
 
-_KEY_CACHE_LIMIT = 4096
-_compact_keys: dict[str, tuple[bytes, ...]] = {}
-_binary_keys: dict[str, tuple[bytes, ...]] = {}
+_KEY_CACHE_LIMIT: Final = 4096
+_compact_keys: Final[dict[str, tuple[bytes, ...]]] = {}
+_binary_keys: Final[dict[str, tuple[bytes, ...]]] = {}
 
 
 def _compact_key(key: str) -> tuple[bytes, ...]:

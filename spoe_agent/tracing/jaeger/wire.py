@@ -8,6 +8,7 @@ they are built from, with the i64 range the ids and integer tags must fit.
 from __future__ import annotations
 
 import struct
+from typing import Final
 
 _I64_MIN = -(1 << 63)
 _I64_MAX = (1 << 63) - 1
@@ -26,13 +27,13 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-_VARINTS = [_varint(n) for n in range(128)]
+_VARINTS: Final = [_varint(n) for n in range(128)]
 _pack_i32 = struct.Struct(">i").pack
 _pack_i64 = struct.Struct(">q").pack
 _pack_f64_be = struct.Struct(">d").pack
 _pack_f64_le = struct.Struct("<d").pack
-_STOP = b"\x00"
-_CT_STRUCT = 0x0C
+_STOP: Final = b"\x00"
+_CT_STRUCT: Final = 0x0C
 
 
 def _compact_list_header(count: int) -> bytes:
@@ -41,7 +42,7 @@ def _compact_list_header(count: int) -> bytes:
     return bytes([0xF0 | _CT_STRUCT]) + _varint(count)
 
 
-_COMPACT_LIST_HEADERS = [_compact_list_header(n) for n in range(128)]
+_COMPACT_LIST_HEADERS: Final = [_compact_list_header(n) for n in range(128)]
 
 
 def _list_header_compact(count: int) -> bytes:
