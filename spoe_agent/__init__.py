@@ -12,6 +12,7 @@ MYPYC_MODULES = (
     "spoe_agent.protocol.varint",
     "spoe_agent.protocol.codec",
     "spoe_agent.protocol.connection",
+    "spoe_agent.tracing.language",
     "spoe_agent.tracing.registry",
     "spoe_agent.tracing.jaeger.wire",
     "spoe_agent.tracing.jaeger.tags",
