@@ -22,7 +22,10 @@ weighs ~50 times more per request than at full speed, differently from one run t
 (as many fewer requests as the machine is slower). So the same agent is also counted idle for
 as long, and the per-request figure the ratio is taken from is net of that rate.
 
-    python -m benchmarks.worker_scaling [--workers 1 2] [--seconds 30]
+    python -m benchmarks.worker_scaling [--workers 1 2] [--seconds 30] [--python PY]
+
+``--python`` counts the spoe-agent installed for another interpreter, such as the build compiled
+with mypyc (``SPOE_AGENT_MYPYC=1 pip install .``, setup.py), instead of this tree.
 
 Needs valgrind (Debian's package). Each configuration takes about two minutes.
 """
@@ -74,20 +77,22 @@ def _callgrind_control(flag: str) -> None:
 
 
 def measure(workers: int, seconds: float, warmup: float, connections: int,
-            window: int) -> dict[str, float]:
+            window: int, python: str | None = None) -> dict[str, float]:
     """Instructions per traced request of an agent with ``workers`` workers, saturated."""
     sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sink.bind(("127.0.0.1", 0))
     port = free_port()
     env = clean_env()
+    if python is not None:
+        env.pop("PYTHONPATH", None)  # its own spoe_agent, not this tree's
     env.update(OTEL_TRACES_EXPORTER="jaeger", OTEL_EXPORTER_JAEGER_AGENT_HOST="127.0.0.1",
                OTEL_EXPORTER_JAEGER_AGENT_PORT=str(sink.getsockname()[1]))
     with tempfile.TemporaryDirectory() as tmp:
         agent = subprocess.Popen(
             ["valgrind", "--tool=callgrind", "--trace-children=yes",
-             f"--callgrind-out-file={tmp}/cg.%p", sys.executable, "-m", "spoe_agent",
+             f"--callgrind-out-file={tmp}/cg.%p", python or sys.executable, "-m", "spoe_agent",
              "--bind", f"127.0.0.1:{port}", "--workers", str(workers)],
-            cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            cwd=tmp if python is not None else REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         try:
             wait_port(port, agent, timeout=300)
@@ -145,11 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=15.0)
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--window", type=int, default=20)
+    parser.add_argument("--python", help="the interpreter whose spoe-agent is counted")
     args = parser.parse_args(argv)
     if subprocess.run(["which", "valgrind"], capture_output=True).returncode != 0:
         print("valgrind is needed (apt-get install -y valgrind)", file=sys.stderr)
         return 2
-    results = [measure(n, args.seconds, args.warmup, args.connections, args.window)
+    results = [measure(n, args.seconds, args.warmup, args.connections, args.window, args.python)
                for n in args.workers]
     base = next((r for r in results if r["workers"] == 1), None)
     print("| workers | requests counted | instructions per request | idle instructions per s "
