@@ -17,6 +17,7 @@ MYPYC_MODULES = (
     "spoe_agent.tracing.jaeger.wire",
     "spoe_agent.tracing.jaeger.tags",
     "spoe_agent.tracing.jaeger.encode",
+    "spoe_agent.workers.router",
 )
 
 
