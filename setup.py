@@ -1,9 +1,11 @@
 """Build hook for the optional compiled hot path; the metadata lives in setup.cfg.
 
 With ``SPOE_AGENT_MYPYC=1`` in the environment, the modules that every traced request runs
-through (the SPOP codec and connection, the span registry, the Jaeger thrift writer) are compiled
-to C extensions with mypyc, from the same Python source: a traced request then costs the agent
-about a third fewer instructions (docs/scaling.md). Without it, the package is pure Python.
+through (``spoe_agent.MYPYC_MODULES``: the SPOP codec and connection, the span language and
+registry, the Jaeger thrift writer, the workers' command codec) are compiled to C extensions
+with mypyc, from the same Python source: a traced request then costs the agent about a third
+fewer instructions (benchmarks/README.md, "The compiled build"). Without it, the package is
+pure Python. Nothing compiled may yield to gevent (the server and the mesh stay Python).
 
     SPOE_AGENT_MYPYC=1 pip install .
 
