@@ -158,6 +158,21 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -
     raise TimeoutError(f"port {port} not listening after {timeout}s")
 
 
+def interpreter(path: str) -> str:
+    """An ``--*python`` argument: a path is made absolute, since the agent it runs starts in
+    another directory (a bare name is looked up on PATH as usual)."""
+    return os.path.abspath(path) if os.sep in path else path
+
+
+def installed_build(python: str) -> str:
+    """What ``python``'s own spoe-agent is ("pure Python", "hot path compiled with mypyc"), or
+    "" if it has none: asked from a temporary directory, so that this tree cannot answer."""
+    return subprocess.run(
+        [python, "-c", "import spoe_agent; print(spoe_agent.build_description())"],
+        cwd=tempfile.gettempdir(), capture_output=True, text=True, check=False,
+    ).stdout.strip()
+
+
 def clean_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "SPOE_AGENT_"))}
     env["PYTHONPATH"] = str(REPO_ROOT)
@@ -542,7 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--haproxy", default=DEFAULT_HAPROXY)
     p.add_argument("--forge-python", default=DEFAULT_FORGE_PYTHON)
-    p.add_argument("--compiled-python", metavar="PYTHON",
+    p.add_argument("--compiled-python", metavar="PYTHON", type=interpreter,
                    help="also run 'traced xN, mypyc': the spoe-agent installed for this "
                         "interpreter, built with SPOE_AGENT_MYPYC=1 (setup.py)")
     p.add_argument("--duration", type=float, default=10.0)
@@ -585,10 +600,7 @@ def main(argv: list[str] | None = None) -> int:
         scenarios += [Scenario(f"traced x{n}, busy-poll", "spoe-agent", "trace", n,
                                agent_args=("--busy-poll",)) for n in args.workers]
     if args.compiled_python:
-        build = subprocess.run(
-            [args.compiled_python, "-c", "import spoe_agent; print(spoe_agent.build_description())"],
-            cwd=tempfile.gettempdir(), capture_output=True, text=True, check=False,
-        ).stdout.strip()
+        build = installed_build(args.compiled_python)
         if build != "hot path compiled with mypyc":
             print(f"{args.compiled_python}'s spoe-agent is {build or 'not installed'}, not the "
                   "compiled build: SPOE_AGENT_MYPYC=1 pip install . there", file=sys.stderr)

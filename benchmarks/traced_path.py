@@ -144,11 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("valgrind") is None:
         print("valgrind is needed (apt-get install -y valgrind)", file=sys.stderr)
         return 2
+    from benchmarks.haproxy_e2e import installed_build, interpreter
+
+    args.python = interpreter(args.python)
     previous = 0
-    build = subprocess.run(
-        [args.python, "-c", "import spoe_agent; print(spoe_agent.build_description())"],
-        cwd=tempfile.gettempdir(), capture_output=True, text=True, check=True,
-    ).stdout.strip()
+    build = installed_build(args.python) or "no spoe-agent installed"
     print(f"instructions per traced request ({args.requests} requests, 8 NOTIFYs, 9 spans each; "
           f"spoe-agent for {args.python}: {build})")
     for stage in args.stages:

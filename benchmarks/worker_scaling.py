@@ -46,7 +46,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.haproxy_e2e import clean_env, free_port, wait_port  # noqa: E402
+from benchmarks.haproxy_e2e import (  # noqa: E402
+    clean_env,
+    free_port,
+    installed_build,
+    interpreter,
+    wait_port,
+)
 
 NOTIFYS_PER_REQUEST = 8
 _ACKS = re.compile(r"\(([\d,]+) ACKs, ")
@@ -150,11 +156,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=15.0)
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--window", type=int, default=20)
-    parser.add_argument("--python", help="the interpreter whose spoe-agent is counted")
+    parser.add_argument("--python", type=interpreter,
+                        help="the interpreter whose spoe-agent is counted")
     args = parser.parse_args(argv)
     if subprocess.run(["which", "valgrind"], capture_output=True).returncode != 0:
         print("valgrind is needed (apt-get install -y valgrind)", file=sys.stderr)
         return 2
+    python = args.python or sys.executable
+    print(f"spoe-agent for {python}: {installed_build(python) or 'none installed'}")
     results = [measure(n, args.seconds, args.warmup, args.connections, args.window, args.python)
                for n in args.workers]
     base = next((r for r in results if r["workers"] == 1), None)
