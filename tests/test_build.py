@@ -12,19 +12,27 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import spoe_agent
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _mypyc_asked() -> bool:
-    return os.environ.get("SPOE_AGENT_MYPYC", "").strip().lower() in ("1", "true", "yes", "on")
+def _from_setup(name: str) -> Any:
+    """A function of setup.py, without the rest of it (setuptools is not in every test
+    environment): the test asks what the build itself decided, the same way."""
+    tree = ast.parse((REPO_ROOT / "setup.py").read_text(encoding="utf-8"))
+    function = next(node for node in tree.body
+                    if isinstance(node, ast.FunctionDef) and node.name == name)
+    namespace: dict[str, Any] = {"ast": ast, "os": os, "Path": Path}
+    exec(compile(ast.Module(body=[function], type_ignores=[]), "setup.py", "exec"), namespace)
+    return namespace[name]
 
 
 def test_the_installed_build_is_the_one_asked_for() -> None:
     compiled = spoe_agent.compiled_modules()
-    if _mypyc_asked():
+    if _from_setup("_wanted")():
         assert compiled == list(spoe_agent.MYPYC_MODULES)
         assert spoe_agent.build_description() == "hot path compiled with mypyc"
     else:
@@ -33,17 +41,11 @@ def test_the_installed_build_is_the_one_asked_for() -> None:
 
 
 def test_setup_compiles_the_modules_the_package_names() -> None:
-    # setup.py's own reader of the list, without the rest of setup.py (setuptools is not in
-    # every test environment), run from the repository root as pip runs it.
-    tree = ast.parse((REPO_ROOT / "setup.py").read_text(encoding="utf-8"))
-    reader = next(node for node in tree.body
-                  if isinstance(node, ast.FunctionDef) and node.name == "_compiled_modules")
-    namespace: dict[str, object] = {"ast": ast, "Path": Path}
-    exec(compile(ast.Module(body=[reader], type_ignores=[]), "setup.py", "exec"), namespace)
+    reader = _from_setup("_compiled_modules")
     cwd = os.getcwd()
-    os.chdir(REPO_ROOT)
+    os.chdir(REPO_ROOT)  # as pip runs it
     try:
-        files = namespace["_compiled_modules"]()  # type: ignore[operator]
+        files = reader()
     finally:
         os.chdir(cwd)
     assert files == [name.replace(".", "/") + ".py" for name in spoe_agent.MYPYC_MODULES]
