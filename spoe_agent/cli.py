@@ -28,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-c", "--config", metavar="FILE", help="agent.ini configuration file")
     parser.add_argument("--bind", metavar="HOST:PORT|unix:PATH",
                         help="where HAProxy connects (default 127.0.0.1:12345)")
-    parser.add_argument("--workers", type=int, metavar="N", help="worker processes")
+    parser.add_argument("--workers", type=_workers, metavar="N|auto",
+                        help="worker processes (default auto: one per usable core; "
+                             "1 serves in this process)")
     # Set by the --workers supervisor on the processes it starts (docs/scaling.md).
     parser.add_argument("--worker-index", dest="worker_index", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--busy-poll", dest="busy_poll", action="store_true", default=None,
@@ -62,6 +64,15 @@ class _Version(argparse.Action):
 
         print(f"spoe-agent {__version__} ({build_description()})")
         parser.exit()
+
+
+def _workers(text: str) -> int:
+    from spoe_agent.config import parse_workers
+
+    try:
+        return parse_workers(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -132,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_CONFIG
         print(f"spoe-agent: configuration OK ({config.config_file or 'defaults'}; "
               f"listening on {config.bind}{' with TLS' if tls is not None else ''}; "
-              f"exporter {config.exporter})")
+              f"workers {config.workers}; exporter {config.exporter})")
         return 0
 
     try:

@@ -84,6 +84,36 @@ def _int_range(low: int, high: int | None = None) -> Callable[[str], int]:
     return parse
 
 
+WORKERS_MAX = 256
+
+
+def usable_cores() -> int:
+    """How many CPUs this process may keep busy: what ``--workers auto`` (the default) starts.
+
+    loky's count: the CPUs of this process's affinity (``taskset``, a cpuset), bounded by a
+    cgroup CPU quota (a container's ``--cpus``, a Kubernetes CPU limit; rounded up) and by
+    ``LOKY_MAX_CPU_COUNT`` if set. ``os.cpu_count()`` counts the host's CPUs instead, and a
+    worker per host CPU in a 2-CPU container would only fight over those 2.
+    """
+    from loky import cpu_count
+
+    return max(1, cpu_count(only_physical_cores=False))
+
+
+def parse_workers(text: str) -> int:
+    """``auto``: one worker per usable core (:func:`usable_cores`, at most 256); or a count."""
+    if str(text).strip().lower() == "auto":
+        return min(usable_cores(), WORKERS_MAX)
+    try:
+        return _int_range(1, WORKERS_MAX)(text)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (or auto: one per usable core)") from None
+
+
+def _default_workers() -> int:
+    return parse_workers("auto")
+
+
 def _bool(text: str) -> bool:
     value = str(text).strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -145,7 +175,8 @@ class Option:
 
 OPTIONS: tuple[Option, ...] = (
     Option("bind", "listener", "bind", parse_bind, help="HOST:PORT or unix:/path to listen on"),
-    Option("workers", "listener", "workers", _int_range(1, 256), help="worker processes"),
+    Option("workers", "listener", "workers", parse_workers,
+           help="worker processes: a number, or auto (the default: one per usable core)"),
     Option("max_frame_size", "listener", "max_frame_size", _int_range(MIN_FRAME_SIZE, 16 << 20)),
     Option("max_connections", "listener", "max_connections", _int_range(1)),
     Option("max_in_flight", "listener", "max_in_flight", _int_range(1, 100_000)),
@@ -198,7 +229,8 @@ class AgentConfig:
 
     # Loopback unless told otherwise: the agent trusts what it is sent (and TLS is opt-in).
     bind: str = "127.0.0.1:12345"
-    workers: int = 1
+    # One per core this process may use (docs/scaling.md): --workers 1 is the single process.
+    workers: int = field(default_factory=_default_workers)
     max_frame_size: int = 65532
     # Beyond it new connections wait in the listen backlog (server._ConnectionPool says why).
     max_connections: int = 1000

@@ -44,7 +44,7 @@ def bench_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int,
         "bench-agent",
         [sys.executable, "-m", "spoe_agent", "--bind", f"127.0.0.1:{port}",
          "--app", "benchmarks.apps:minimal_agent", "--log-level", "warning",
-         "--exporter", "none"],
+         "--exporter", "none", "--workers", "1"],
         tmp_path, cwd=REPO_ROOT,
     )
     with proc:
@@ -104,7 +104,7 @@ def _tracing_agent(tmp_path: Path) -> tuple[ManagedProcess, int]:
     proc = ManagedProcess(
         "tracing-agent",
         [sys.executable, "-m", "spoe_agent", "--bind", f"127.0.0.1:{port}",
-         "--log-level", "warning", "--exporter", "none"],
+         "--log-level", "warning", "--exporter", "none", "--workers", "1"],
         tmp_path, cwd=REPO_ROOT,
     )
     return proc, port

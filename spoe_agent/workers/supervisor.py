@@ -98,8 +98,10 @@ class Supervisor:
             metrics = self._start_metrics()
         gevent.signal_handler(signal.SIGTERM, self._stop.set)
         gevent.signal_handler(signal.SIGINT, self._stop.set)
-        log.info("spoe-agent supervisor: %d workers on %s (peer sockets in %s)",
-                 len(self.slots), self.config.bind, self.runtime_dir)
+        log.info("spoe-agent supervisor: %d workers%s on %s (peer sockets in %s)",
+                 len(self.slots),
+                 "" if "workers" in self.config.sources else " (auto: one per usable core)",
+                 self.config.bind, self.runtime_dir)
         acceptor = None
         try:
             for slot in self.slots:

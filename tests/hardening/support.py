@@ -44,7 +44,7 @@ def agent_on_port(
 ) -> AgentProcess:
     """Start the agent CLI on a given port (to restart one where HAProxy expects it)."""
     bind = f"127.0.0.1:{port}"
-    argv = [sys.executable, "-m", "spoe_agent", "--bind", bind]
+    argv = [sys.executable, "-m", "spoe_agent", "--bind", bind, "--workers", "1"]
     if app is not None:
         argv += ["--app", app]
     argv += list(extra)

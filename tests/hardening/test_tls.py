@@ -192,7 +192,7 @@ def test_unreadable_certificate_is_a_clean_startup_error(tmp_path: Path, pki: Pk
     ini = write_ini(tmp_path, f"[listener]\ntls_cert = {tmp_path / 'missing.pem'}\n"
                               f"tls_key = {pki.server_key}\n")
     base = [sys.executable, "-m", "spoe_agent", "-c", ini, "--exporter", "none",
-            "--bind", f"127.0.0.1:{free_port()}"]
+            "--bind", f"127.0.0.1:{free_port()}", "--workers", "1"]
     env = clean_env(PYTHONPATH=str(REPO_ROOT))
     check = subprocess.run([*base, "--check"], capture_output=True, text=True, timeout=60,
                            cwd=REPO_ROOT, env=env)

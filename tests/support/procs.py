@@ -232,10 +232,13 @@ class AgentProcess:
         unix: bool = False,
         name: str = "agent",
         env: Mapping[str, str] | None = None,
+        workers: str | None = "1",
     ) -> AgentProcess:
         """Start the agent CLI on a free port (or a fresh unix socket); call :meth:`wait_ready`.
 
-        ``app=None`` serves the CLI's default (tracing) agent.
+        ``app=None`` serves the CLI's default (tracing) agent. One process unless ``workers``
+        (or a ``--workers`` in ``extra``) says otherwise; ``workers=None``: the CLI's default,
+        one worker per usable core.
         """
         socket_path: Path | None = None
         host: str | None = None
@@ -250,6 +253,8 @@ class AgentProcess:
             host, port = "127.0.0.1", free_port()
             bind = f"{host}:{port}"
         argv = [sys.executable, "-m", "spoe_agent", "--bind", bind]
+        if workers is not None:
+            argv += ["--workers", workers]
         if app is not None:
             argv += ["--app", app]
         argv += list(extra)
