@@ -101,9 +101,14 @@ class TracingAgent(Agent):
         Seven of the reference config's eight events inject nothing: HAProxy's stream no
         longer waits for their spans to be started and ended. A stream's next event is only
         sent once this ACK is read, and the server runs deferred work before anything that
-        could yield, so the next event always finds this one applied.
+        could yield, so the next event always finds this one applied. With ``--workers``, what
+        other workers own is forwarded now and only this worker's own share waits
+        (``PeerMesh.keep_own`` says why the order still holds).
         """
-        if self.router is not None or (self._handlers and not self._all_fallback(messages)):
+        router = self.router
+        if (router is not None and not router.drains_per_read) or (
+            self._handlers and not self._all_fallback(messages)
+        ):
             return super().prepare(messages)
         commands: list[Command] = []
         stats = self.language_stats
@@ -120,7 +125,18 @@ class TracingAgent(Agent):
             return None, None
         for command in commands:
             if has_inject(command):
+                if router is not None:
+                    return partial(self._route, commands), None
                 return partial(self._apply, commands), None
+        if router is not None:
+            try:
+                commands = router.keep_own(commands)
+            except Exception:
+                self.handler_errors += 1
+                log.exception("routing SPOE messages of session %r failed", commands[0].key)
+                return None, None
+            if not commands:
+                return None, None
         return None, partial(self._apply_later, commands)
 
     def _all_fallback(self, messages: list[Message]) -> bool:
@@ -133,6 +149,21 @@ class TracingAgent(Agent):
         for command in commands:
             try:
                 result = apply(command)
+            except Exception:
+                self.handler_errors += 1
+                log.exception("applying SPOE message of session %r failed", command.key)
+                continue
+            if result:
+                actions.extend(result)
+        return actions
+
+    def _route(self, commands: list[Command]) -> list[Action]:
+        """``_apply`` through the workers' router: each command where its session lives."""
+        actions: list[Action] = []
+        route = self.router.route
+        for command in commands:
+            try:
+                result = route(command)
             except Exception:
                 self.handler_errors += 1
                 log.exception("applying SPOE message of session %r failed", command.key)

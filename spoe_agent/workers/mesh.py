@@ -319,6 +319,30 @@ class PeerMesh:
             return self._call(owner, command)
         return self.forward(owner, command)
 
+    def keep_own(self, commands: list[Command]) -> list[Command]:
+        """Forward the commands of sessions other workers own, as :meth:`route` does, and
+        return this worker's own, for the caller to apply once their NOTIFY's ACK is written.
+
+        Only for commands that inject nothing (their ACK carries no variables), and only with
+        ``drains_per_read``. A forwarded command must be in its owner's buffer before its ACK
+        exists: it joins the read's batch, written before the read's ACKs are queued. An own
+        command can wait: its successor is sent only once HAProxy reads this ACK, and reaches
+        this worker either in a later read (whose drain follows) or forwarded, which only a
+        pump applies; the server runs the deferred work before the connection can yield, so
+        before any pump. HAProxy's stream then no longer waits for this worker's spans, as
+        with a single process.
+        """
+        own = []
+        index = self.index
+        workers = self.workers
+        for command in commands:
+            owner = owner_of(command[0], workers)
+            if owner == index:
+                own.append(command)
+            else:
+                self.forward(owner, command)
+        return own
+
     def waits_for_owner(self, messages: list[Any]) -> bool:
         """Whether a NOTIFY holds an inject for a session another worker owns.
 

@@ -67,6 +67,51 @@ def test_a_failing_message_costs_itself_only(monkeypatch) -> None:
     assert agent.handler_errors == 1
 
 
+class _Router:
+    """The workers' mesh as the tracing agent sees it: this worker owns sessions in ``own``."""
+
+    drains_per_read = True
+
+    def __init__(self, agent: TracingAgent, own: set[str]) -> None:
+        self.agent = agent
+        self.own = own
+        self.forwarded: list[Any] = []
+        self.routed: list[Any] = []
+
+    def keep_own(self, commands: list[Any]) -> list[Any]:
+        self.forwarded += [c for c in commands if c.key not in self.own]
+        return [c for c in commands if c.key in self.own]
+
+    def route(self, command: Any) -> list[Any]:
+        self.routed.append(command)
+        return self.agent.registry.apply(command) if command.key in self.own else []
+
+
+def test_with_workers_only_the_own_share_of_a_notify_waits_for_its_ack() -> None:
+    """Forwarding happens before the ACK (``now``-time: in prepare), applying what this worker
+    owns after it; a NOTIFY that injects routes everything before its ACK."""
+    agent = _agent()
+    other = "0a1b2c3d-0000-4000-8000-000000000002"
+    router = agent.router = _Router(agent, {KEY})
+    theirs = Message("start", [("id", other), ("ts", 1_700_000_000_000_000), ("span", "a")])
+    now, later = agent.prepare([theirs])
+    assert (now, later) == (None, None) and [c.key for c in router.forwarded] == [other]
+    now, later = agent.prepare([_msg("start", ("span", "a")), _msg("tag", ("span", "a"))])
+    assert now is None and later is not None
+    assert KEY not in agent.registry and len(router.forwarded) == 1
+    assert later() is None
+    assert KEY in agent.registry and router.routed == []
+
+    now, later = agent.prepare([_msg("inject", ("inject", "a"))])
+    assert later is None and now is not None
+    assert [a.name for a in now()] == ["traceparent"]
+    assert [c.key for c in router.routed] == [KEY]
+
+    router.drains_per_read = False  # a mesh that drains before each command: all now
+    now, later = agent.prepare([_msg("tag", ("span", "a"))])
+    assert later is None and now is not None
+
+
 def test_a_plain_agent_does_everything_before_the_ack() -> None:
     agent = Agent("plain")
     agent.on_message("m", lambda args: [SetVar(Scope.TXN, "v", args[0][1])])

@@ -210,6 +210,45 @@ def test_a_reads_forwards_are_written_once_per_owner_before_its_acks(
             {expected_shape(key): 1 for key in owned_keys})
 
 
+def test_a_workers_own_commands_can_wait_for_their_acks(
+    cluster: Callable[..., list[Node]],
+) -> None:
+    """``keep_own``: the commands other workers own join the read's batch (written before its
+    ACKs), this worker's own are applied after the read, as the server's deferred work is;
+    with every event through the other worker than the last, the traces are those of one
+    process."""
+    nodes = cluster(2)
+    hooks = []
+    for node in nodes:
+        before: list[Callable[[], None]] = []
+        after: list[Callable[[], None]] = []
+        node.mesh.drain_per_read(before, after)
+        hooks.append((before, after))
+    keys = owned(2, 0, 3) + owned(2, 1, 3)
+    for step in range(4):
+        for n, key in enumerate(keys):
+            index = (n + step) % 2
+            node = nodes[index]
+            before, after = hooks[index]
+            for hook in before:
+                hook()
+            command = stream(key)[step]
+            own = node.mesh.keep_own([command])
+            assert own == ([command] if owner_of(key, 2) == index else [])
+            if step == 0 and own:
+                assert key not in node.reg  # the caller applies it, after the ACK
+            for hook in after:
+                hook()
+            for mine in own:  # the deferred work, before the next read
+                node.reg.apply(mine)
+    settle(nodes)
+    for index, node in enumerate(nodes):
+        assert shapes(node.spans) == Counter(
+            {expected_shape(key): 1 for key in keys if owner_of(key, 2) == index})
+        assert node.reg.stats["unknown_span"] == node.reg.stats["unknown_parent"] == 0
+        assert node.mesh.counters()["received"] == 6  # half of each owner's 12 events
+
+
 def test_an_inject_handled_inline_follows_what_its_read_forwarded(
     cluster: Callable[..., list[Node]],
 ) -> None:
