@@ -1,11 +1,15 @@
-"""The supervisor's ``/metrics`` and ``/health``: every worker's, on the one configured address.
+"""The supervisor's ``/metrics`` and ``/health``: the agent's, on the one configured address.
 
 Prometheus should scrape one target per agent, whatever ``--workers`` is, and a dashboard should
-not need to know N. Each worker keeps serving its own endpoint (port + 1 + its index, see
-:func:`spoe_agent.workers.worker_config`); at scrape time the supervisor reads them all in
-parallel and re-exposes every sample with a ``worker`` label, so ``sum without (worker)`` gives
-the agent's totals and a worker that restarts shows as its own counter reset. A worker that does
-not answer is left out of that scrape and reported by ``spoe_agent_worker_up 0``.
+not need to know N: the supervisor's endpoint shows the agent as one process would, every
+sample summed over the workers, as ``prometheus_client``'s multiprocess mode does for a
+gunicorn app. At scrape time it reads each worker's own endpoint (port + 1 + its index, see
+:func:`spoe_agent.workers.worker_config`; still there for the detail of one worker) in
+parallel. Counters and histograms stay monotonic across a worker's restart or a missed scrape:
+a worker that does not answer counts with what it last reported, and a restarted worker's last
+report before it died is kept (what it counted after that last scrape is lost, as it is with a
+single process that dies). ``spoe_agent_worker_up`` and ``spoe_agent_worker_restarts_total``
+carry a ``worker`` label.
 
 Parsing and exposition are ``prometheus_client``'s; the counters are the workers' own.
 """
@@ -23,6 +27,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 from spoe_agent.metrics import endpoint_server
 
@@ -43,50 +48,93 @@ def _fetch(url: str) -> tuple[int, str]:
         return 0, ""
 
 
+SampleKey = tuple[str, tuple[tuple[str, str], ...]]
+
+# Sample types whose value only grows while a process lives: summed with what dead or silent
+# workers last reported, so the agent's total never goes down. Gauges are summed as they are.
+_MONOTONIC = ("counter", "histogram", "summary")
+# Samples that describe one process rather than count for it: the agent's is the earliest or
+# the smallest of its workers', not their sum.
+_PER_PROCESS = ("process_start_time_seconds", "process_max_fds")
+
+
+def _smallest(sample_name: str) -> bool:
+    return sample_name.endswith("_created") or sample_name in _PER_PROCESS
+
+
 class WorkersCollector(Collector):
-    """Every worker's samples with a ``worker`` label, plus the supervisor's view of them."""
+    """The workers' samples summed into the agent's, plus the supervisor's view of them."""
 
     def __init__(self, worker_urls: Sequence[str], restarts: Any) -> None:
         self.worker_urls = list(worker_urls)
         self.restarts = restarts  # () -> restarts per worker index
+        # Per worker: its restarts when last seen, and its monotonic samples as last reported.
+        self._seen_restarts = [0] * len(self.worker_urls)
+        self._last: list[dict[SampleKey, float]] = [{} for _ in self.worker_urls]
+        self._retired: dict[SampleKey, float] = {}  # what workers that died had reported
+        self._family_of: dict[SampleKey, str] = {}
 
     def collect(self) -> Iterator[Any]:
         jobs = [gevent.spawn(_fetch, f"{url}/metrics") for url in self.worker_urls]
         gevent.joinall(jobs)
-        merged: dict[str, Any] = {}
+        restarts = list(self.restarts())
+        families: dict[str, Any] = {}  # name -> a family of the first worker that had it
+        totals: dict[SampleKey, float] = {}
         up = GaugeMetricFamily("spoe_agent_worker_up",
                                "1 if the worker's metrics endpoint answered this scrape",
                                labels=["worker"])
         for index, job in enumerate(jobs):
+            if index < len(restarts) and restarts[index] != self._seen_restarts[index]:
+                # A new process since the last scrape: keep what the old one had counted.
+                self._seen_restarts[index] = restarts[index]
+                for key, value in self._last[index].items():
+                    self._retired[key] = self._retired.get(key, 0.0) + value
+                self._last[index] = {}
             status, text = job.value if job.successful() else (0, "")
-            worker = str(index)
-            up.add_metric([worker], 1 if status == 200 else 0)
-            if status != 200:
+            parsed = None
+            if status == 200:
+                try:
+                    parsed = list(text_string_to_metric_families(text))
+                except ValueError:
+                    log.warning("worker %d served metrics that do not parse", index)
+            up.add_metric([str(index)], 1 if parsed is not None else 0)
+            if parsed is None:
+                # Silent this time: its counters count with what it last reported.
+                for key, value in self._last[index].items():
+                    totals[key] = totals.get(key, 0.0) + value
                 continue
-            try:
-                families = list(text_string_to_metric_families(text))
-            except ValueError:
-                log.warning("worker %d served metrics that do not parse", index)
-                continue
-            for family in families:
-                target = merged.get(family.name)
-                if target is None:
-                    target = merged[family.name] = family
-                    samples = family.samples
-                    family.samples = []
-                else:
-                    samples = family.samples
-                target.samples.extend(
-                    s._replace(labels={**s.labels, "worker": worker}) for s in samples
-                )
+            last: dict[SampleKey, float] = {}
+            for family in parsed:
+                families.setdefault(family.name, family)
+                monotonic = family.type in _MONOTONIC
+                for sample in family.samples:
+                    key = (sample.name, tuple(sorted(sample.labels.items())))
+                    self._family_of[key] = family.name
+                    if _smallest(sample.name):
+                        known = totals.get(key)
+                        totals[key] = sample.value if known is None else min(known, sample.value)
+                        continue
+                    totals[key] = totals.get(key, 0.0) + sample.value
+                    if monotonic:
+                        last[key] = sample.value
+            self._last[index] = last
+        for key, value in self._retired.items():
+            totals[key] = totals.get(key, 0.0) + value
         yield up
-        restarts = CounterMetricFamily("spoe_agent_worker_restarts",
-                                       "Times the supervisor restarted the worker",
-                                       labels=["worker"])
-        for index, count in enumerate(self.restarts()):
-            restarts.add_metric([str(index)], count)
-        yield restarts
-        yield from merged.values()
+        restarted = CounterMetricFamily("spoe_agent_worker_restarts",
+                                        "Times the supervisor restarted the worker",
+                                        labels=["worker"])
+        for index, count in enumerate(restarts):
+            restarted.add_metric([str(index)], count)
+        yield restarted
+        by_family: dict[str, list[Sample]] = {name: [] for name in families}
+        for key, value in totals.items():
+            samples = by_family.get(self._family_of.get(key, ""))
+            if samples is not None:
+                samples.append(Sample(key[0], dict(key[1]), value))
+        for name, family in families.items():
+            family.samples = by_family[name]
+            yield family
 
 
 class WorkersMetricsServer:

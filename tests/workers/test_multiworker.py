@@ -24,6 +24,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -76,24 +77,31 @@ class Node:
     taps: list[SpopTap] = field(default_factory=list)
 
     def counters(self) -> list[dict[str, float]]:
-        """Each worker's routing counters and connection count, from the supervisor's /metrics
-        (every worker's samples, labelled ``worker``)."""
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        """Each worker's routing counters and connection count, from its own /metrics (port +
+        1 + index), and whether it is up and how often it restarted, from the supervisor's."""
+
+        def families(port: int) -> Iterator[Any]:
+            url = f"http://127.0.0.1:{port}/metrics"
+            yield from text_string_to_metric_families(
+                urllib.request.urlopen(url, timeout=10).read().decode())
+
         out: list[dict[str, float]] = [{} for _ in range(self.workers)]
-        for family in text_string_to_metric_families(text):
+        for family in families(self.metrics_port):
             for sample in family.samples:
                 worker = sample.labels.get("worker")
-                if worker is None:
-                    continue
-                if sample.name == "spoe_agent_worker_routing_total":
-                    out[int(worker)][sample.labels["event"]] = sample.value
-                elif sample.name == "spoe_agent_connections_open":
-                    out[int(worker)]["connections_open"] = sample.value
-                elif sample.name == "spoe_agent_worker_up":
+                if sample.name == "spoe_agent_worker_up" and worker is not None:
                     out[int(worker)]["up"] = sample.value
-                elif sample.name == "spoe_agent_worker_restarts_total":
+                elif sample.name == "spoe_agent_worker_restarts_total" and worker is not None:
                     out[int(worker)]["restarts"] = sample.value
+        for index, own in enumerate(out):
+            if not own.get("up"):
+                continue
+            for family in families(self.metrics_port + 1 + index):
+                for sample in family.samples:
+                    if sample.name == "spoe_agent_worker_routing_total":
+                        own[sample.labels["event"]] = sample.value
+                    elif sample.name == "spoe_agent_connections_open":
+                        own["connections_open"] = sample.value
         return out
 
     def worker_pids(self) -> dict[int, int]:

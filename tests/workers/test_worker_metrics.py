@@ -1,4 +1,4 @@
-"""One metrics endpoint for ``--workers N``: the supervisor serves every worker's samples.
+"""One metrics endpoint for ``--workers N``: the supervisor serves the agent's totals.
 
 Real processes: a supervisor with two workers, driven by a raw SPOP client, scraped over HTTP and
 parsed with prometheus_client's own parser.
@@ -67,7 +67,12 @@ def two_workers(spoe_agent: Callable[..., AgentProcess]) -> tuple[AgentProcess, 
     return agent, port
 
 
-def test_supervisor_serves_every_workers_metrics_with_a_worker_label(
+def total(samples: Samples, name: str, **labels: str) -> float | None:
+    """The value of the one sample ``name`` with exactly ``labels``."""
+    return samples.get((name, frozenset(labels.items())))
+
+
+def test_supervisor_serves_the_agents_totals_as_one_process_would(
     spoe_agent: Callable[..., AgentProcess],
 ) -> None:
     agent, port = two_workers(spoe_agent)
@@ -80,18 +85,26 @@ def test_supervisor_serves_every_workers_metrics_with_a_worker_label(
 
         samples = scrape(port)
         assert per_worker(samples, "spoe_agent_worker_up") == {"0": 1, "1": 1}
-        # Each worker's own samples (which worker got which connection is the hand-off's
-        # choice), summable into the agent's totals.
-        open_ = per_worker(samples, "spoe_agent_connections_open")
-        assert set(open_) == {"0", "1"} and sum(open_.values()) == 2
-        notifies = per_worker(
-            samples, "spoe_agent_frames_total", direction="in", type="notify"
-        )
-        assert set(notifies) == {"0", "1"} and sum(notifies.values()) == 5
+        # Whichever worker got which connection (the hand-off's choice), the agent's totals,
+        # labelled as one process labels them.
+        assert total(samples, "spoe_agent_connections_open") == 2
+        assert total(samples, "spoe_agent_frames_total", direction="in", type="notify") == 5
+        assert not [key for key in samples if key[0].startswith("spoe_agent_frames")
+                    and "worker" in dict(key[1])]
         assert per_worker(samples, "spoe_agent_worker_restarts_total") == {"0": 0, "1": 0}
-        # Every family the workers expose comes through, histograms and process_* included.
+        # Every family the workers expose comes through, histograms and process_* included;
+        # what describes one process is not summed.
         names = {n for n, _ in samples}
         assert {"spoe_agent_ack_latency_seconds_count", "process_resident_memory_bytes"} <= names
+        start = total(samples, "process_start_time_seconds")
+        assert start is not None and start < 4e9  # a timestamp, not two added
+        # Each worker's own detail stays on its own endpoint (port + 1 + index); the totals
+        # are their sums.
+        own = [scrape(port + 1 + i) for i in range(2)]
+        for name, labels in (("spoe_agent_frames_total", {"direction": "in", "type": "notify"}),
+                             ("spoe_agent_ack_latency_seconds_count", {})):
+            parts = [total(worker, name, **labels) for worker in own]
+            assert None not in parts and total(samples, name, **labels) == sum(parts), name
     status, body = health(port)
     assert status == 200 and "worker 0: ok" in body and "worker 1: ok" in body
 
@@ -102,6 +115,16 @@ def test_a_dead_worker_shows_up_and_is_counted_when_replaced(
     agent, port = two_workers(spoe_agent)
     pids = wait_until(lambda: len(worker_pids(agent.process.pid)) == 2 and
                       worker_pids(agent.process.pid), what="two worker pids")
+    # Two connections at once: the hand-off gives one to each worker, so each counts some.
+    with SpopClient((agent.host, agent.port)) as a, SpopClient((agent.host, agent.port)) as b:
+        a.handshake()
+        b.handshake()
+        for n, client in enumerate((a, a, b, b)):
+            client.send(codec.notify(2 * n + 1, 1, [Message("check", [("path", "/x")])]))
+            assert client.read_frame().type == FrameType.ACK
+    notifies = {"direction": "in", "type": "notify"}
+    assert total(scrape(port), "spoe_agent_frames_total", **notifies) == 4
+    assert total(scrape(port + 2), "spoe_agent_frames_total", **notifies) == 2  # worker 1's
     # Stopped, not killed: it cannot answer, and the supervisor does not replace it yet.
     os.kill(pids[1], signal.SIGSTOP)
     try:
@@ -115,5 +138,9 @@ def test_a_dead_worker_shows_up_and_is_counted_when_replaced(
     wait_until(lambda: per_worker(scrape(port), "spoe_agent_worker_restarts_total").get("1") == 1,
                what="worker 1 restarted")
     wait_until(lambda: health(port)[0] == 200, what="the replacement serving")
+    # What the dead worker had counted stays in the totals: a counter never goes down.
+    assert total(scrape(port), "spoe_agent_frames_total", **notifies) == 4
     notify_some(agent, 3)
-    assert per_worker(scrape(port), "spoe_agent_worker_up") == {"0": 1, "1": 1}
+    samples = scrape(port)
+    assert per_worker(samples, "spoe_agent_worker_up") == {"0": 1, "1": 1}
+    assert total(samples, "spoe_agent_frames_total", **notifies) == 7
