@@ -487,6 +487,12 @@ class SpoaServer:
         if held:
             for stream_id, frame_id, actions in held:
                 conn.send_ack(stream_id, frame_id, actions)
+        if deferred and client.lock.locked():
+            # A concurrent handler is writing to this connection: while this greenlet waits
+            # for the lock, another waiting one could send these ACKs before the work they
+            # stand for was done. Done first, then (no yield meanwhile).
+            _run_all(deferred)
+            deferred = []
         client.flush(deferred)
         if observe is not None and events:
             observe(time.perf_counter() - started)

@@ -249,3 +249,32 @@ def test_after_notifies_runs_once_per_read_before_its_inline_acks_are_queued() -
         listener.close()
         client.sock.close()
         peer.close()
+
+
+def test_deferred_work_runs_first_when_a_concurrent_handler_holds_the_write_lock() -> None:
+    """Waiting for the lock would let a third greenlet send the read's ACKs before the work
+    they stand for was done (HAProxy would then send the stream's next event): so it runs
+    before the wait."""
+    from spoe_agent.server import SpoaServer
+
+    agent = _agent()
+    client, peer = _ready_pair()
+    listener = gevent.socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    server = SpoaServer(agent, AgentConfig(exporter="none"), listener=listener)
+    try:
+        client.lock.acquire()  # a concurrent handler is writing
+        feeding = gevent.spawn(server._feed, client,
+                               codec.notify(3, 1, [_msg("start", ("span", "a"))]))
+        gevent.sleep(0.01)
+        assert not feeding.ready()  # waiting for the lock, its ACK queued but not sent
+        assert KEY in agent.registry  # and the work behind it done
+        client.lock.release()
+        feeding.join(5)
+        assert feeding.successful()
+        assert _peer_bytes(peer) == codec.ack(3, 1)
+    finally:
+        client.sock.close()
+        peer.close()
+        listener.close()
