@@ -94,8 +94,6 @@ class Node:
                 elif sample.name == "spoe_agent_worker_restarts_total" and worker is not None:
                     out[int(worker)]["restarts"] = sample.value
         for index, own in enumerate(out):
-            if not own.get("up"):
-                continue
             for family in families(self.metrics_port + 1 + index):
                 for sample in family.samples:
                     if sample.name == "spoe_agent_worker_routing_total":
