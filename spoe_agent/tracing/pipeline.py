@@ -73,11 +73,21 @@ def build_exporter(config: AgentConfig) -> SpanExporter | None:
 
 
 class Resources:
-    """One ``Resource`` per service name, built once (``Resource.create`` reads the environment)."""
+    """One ``Resource`` per service name: ``Resource.create({"service.name": name})``.
+
+    The detection (``Resource.create``: the environment, ``OTEL_RESOURCE_ATTRIBUTES``, the
+    detectors' entry points, run in a thread pool) happens once, here, before the agent serves:
+    in the registry the first span of each new ``service=`` would otherwise wait for that pool,
+    and under gevent a wait yields, in the middle of applying an event whose ACK HAProxy may
+    already have (the stream's next event then overtook it, and the first traces of a fresh
+    agent came out broken). Per service, the detected resource is merged with the name, which
+    gives the same attributes without detecting again.
+    """
 
     def __init__(self, limit: int = 1024) -> None:
         self._cache: dict[str, Resource] = {}
         self._limit = limit
+        self._detected = Resource.create()
 
     def __call__(self, service: str) -> Resource:
         resource = self._cache.get(service)
@@ -85,5 +95,7 @@ class Resources:
             if len(self._cache) >= self._limit:
                 # service= comes from HAProxy: bound what a misconfiguration can allocate.
                 self._cache.clear()
-            resource = self._cache[service] = Resource.create({"service.name": service})
+            resource = self._cache[service] = self._detected.merge(
+                Resource({"service.name": service})
+            )
         return resource

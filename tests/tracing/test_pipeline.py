@@ -6,6 +6,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, TraceIdRatioBased
 
@@ -13,7 +14,7 @@ from spoe_agent.config import load_config
 from spoe_agent.protocol.types import Message
 from spoe_agent.tracing.agent import TracingAgent
 from spoe_agent.tracing.jaeger import FastJaegerExporter
-from spoe_agent.tracing.pipeline import build_exporter, build_sampler
+from spoe_agent.tracing.pipeline import Resources, build_exporter, build_sampler
 
 
 def test_samplers_follow_the_otel_vocabulary() -> None:
@@ -79,3 +80,23 @@ def test_otlp_exporter_sends_protobuf_spans_to_a_collector() -> None:
     span = resource_spans.scope_spans[0].spans[0]
     assert span.name == "HAProxy session"
     assert {a.key: a.value.string_value for a in span.attributes}["url.path"] == "/x"
+
+
+def test_a_services_resource_is_what_the_sdk_makes_without_detecting_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Detection (a thread pool: under gevent, a yield) runs once, when the agent is built;
+    a new service= while serving only merges its name in, with the SDK's attributes."""
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=lab,team=edge")
+    resources = Resources()
+
+    def no_detection(*args: object, **kwargs: object) -> Resource:
+        raise AssertionError("Resource.create while serving")
+
+    monkeypatch.setattr(Resource, "create", no_detection)
+    made = resources("hop-2")
+    monkeypatch.undo()
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=lab,team=edge")
+    assert made.attributes == Resource.create({"service.name": "hop-2"}).attributes
+    assert made.attributes["service.name"] == "hop-2" and made.attributes["team"] == "edge"
+    assert resources("hop-2") is made
