@@ -125,9 +125,7 @@ class TracingAgent(Agent):
             return None, None
         for command in commands:
             if has_inject(command):
-                if router is not None:
-                    return partial(self._route, commands), None
-                return partial(self._apply, commands), None
+                return partial(self._apply, commands, router and router.route), None
         if router is not None:
             try:
                 commands = router.keep_own(commands)
@@ -143,27 +141,14 @@ class TracingAgent(Agent):
         handlers = self._handlers
         return not any(message.name in handlers for message in messages)
 
-    def _apply(self, commands: list[Command]) -> list[Action]:
+    def _apply(self, commands: list[Command], via: Any = None) -> list[Action]:
+        """Apply each command (``via`` the workers' router: where its session lives) and
+        collect the variables to set; a command that fails costs itself only."""
         actions: list[Action] = []
-        apply = self.registry.apply
+        apply = self.registry.apply if via is None else via
         for command in commands:
             try:
                 result = apply(command)
-            except Exception:
-                self.handler_errors += 1
-                log.exception("applying SPOE message of session %r failed", command.key)
-                continue
-            if result:
-                actions.extend(result)
-        return actions
-
-    def _route(self, commands: list[Command]) -> list[Action]:
-        """``_apply`` through the workers' router: each command where its session lives."""
-        actions: list[Action] = []
-        route = self.router.route
-        for command in commands:
-            try:
-                result = route(command)
             except Exception:
                 self.handler_errors += 1
                 log.exception("applying SPOE message of session %r failed", command.key)
