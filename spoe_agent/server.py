@@ -143,7 +143,12 @@ class _Client:
         could yield: HAProxy may send a stream's next event, on any connection, once it reads
         an ACK, and that event must find the work of this one done. If the kernel takes only
         part of the bytes (or the socket is TLS), ``later`` runs before the rest is written.
+        While a concurrent handler holds the write lock, ``later`` runs before waiting for it:
+        meanwhile another waiting greenlet could send these ACKs.
         """
+        if later and self.lock.locked():
+            _run_all(later)  # no yield between the check and the work
+            later = None
         with self.lock:
             data = self.conn.data_to_send()
             if later:
@@ -487,12 +492,6 @@ class SpoaServer:
         if held:
             for stream_id, frame_id, actions in held:
                 conn.send_ack(stream_id, frame_id, actions)
-        if deferred and client.lock.locked():
-            # A concurrent handler is writing to this connection: while this greenlet waits
-            # for the lock, another waiting one could send these ACKs before the work they
-            # stand for was done. Done first, then (no yield meanwhile).
-            _run_all(deferred)
-            deferred = []
         client.flush(deferred)
         if observe is not None and events:
             observe(time.perf_counter() - started)
