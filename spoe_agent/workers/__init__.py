@@ -35,8 +35,8 @@ def worker_config(config: AgentConfig, index: int) -> AgentConfig:
     The export queue (``OTEL_BSP_MAX_QUEUE_SIZE``) is the agent's too, shared the same way, so
     the summed ``spoe_agent_export_queue_limit`` the supervisor serves is the configured one.
     Worker i serves ``/metrics`` on the configured port + 1 + i (on ``PATH.i`` for a unix
-    socket): the configured port is the supervisor's, which serves all of them with a
-    ``worker`` label (:mod:`spoe_agent.workers.metrics`).
+    socket): the configured port is the supervisor's, which serves the agent's totals, summed
+    over the workers (:mod:`spoe_agent.workers.metrics`).
     """
     workers = config.workers
     changes: dict[str, Any] = {

@@ -496,8 +496,8 @@ class PeerMesh:
         Reads are non-blocking and replies are queued, not awaited; ``apply`` should not yield
         either (the one yield it had, the OpenTelemetry resource's detection, now happens
         before serving: ``tracing.pipeline.Resources``), but if it ever does, one pump holds
-        the others off until it has applied all it read: two interleaved pumps would each apply in order, but not
-        in order with each other. Until this worker has every SYNC it only collects, so a
+        the others off until it has applied all it read: two interleaved pumps would each
+        apply in order, but not in order with each other. Until this worker has every SYNC it only collects, so a
         restarted owner applies its peers' held commands before (in stamp order with)
         anything newer.
         """

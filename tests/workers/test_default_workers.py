@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -15,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.spop_load import haproxy_hello
 from spoe_agent.config import AgentConfig, ConfigError, load_config, usable_cores
 from tests.support.procs import REPO_ROOT, AgentProcess
+from tests.support.spop_client import SpopClient
 from tests.workers.test_multiworker import worker_pids
 
 
@@ -57,19 +56,6 @@ def _affinity(cpus: set[int]) -> Iterator[None]:
         os.sched_setaffinity(0, before)
 
 
-def _hello(agent: AgentProcess) -> bytes:
-    """The agent's answer to a HAPROXY-HELLO: one whole frame, length prefix included."""
-    assert agent.host is not None and agent.port is not None
-    with socket.create_connection((agent.host, agent.port), timeout=10) as sock:
-        sock.sendall(haproxy_hello("default-workers"))
-        data = b""
-        while len(data) < 4 or len(data) < 4 + int.from_bytes(data[:4], "big"):
-            chunk = sock.recv(4096)
-            assert chunk, f"connection closed after {data!r}"
-            data += chunk
-        return data
-
-
 def test_without_the_flag_the_agent_runs_one_worker_per_usable_core(tmp_path: Path) -> None:
     """Started as an operator starts it, under an affinity of 1 CPU and of 2 (what this
     machine has, up to 2): a single process, then a supervisor with that many workers."""
@@ -86,7 +72,8 @@ def test_without_the_flag_the_agent_runs_one_worker_per_usable_core(tmp_path: Pa
             while count > 1 and len(worker_pids(agent.process.pid)) < count:
                 assert time.monotonic() < deadline, agent.describe_logs()
                 time.sleep(0.05)
-            assert _hello(agent)[4:5] == b"\x65", agent.describe_logs()  # AGENT-HELLO
+            with SpopClient((agent.host, agent.port)) as client:
+                assert client.handshake()["version"] == "2.0", agent.describe_logs()
             logs = agent.logs()
             if count == 1:
                 assert worker_pids(agent.process.pid) == {}, logs
