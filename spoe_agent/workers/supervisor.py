@@ -41,13 +41,14 @@ ENV_RUNTIME_DIR = "SPOE_AGENT_RUNTIME_DIR"
 STABLE_AFTER_S = 2.0
 MAX_BACKOFF_S = 5.0
 _POLL_S = 0.05
+_FIRST_ACCEPT_WAIT_S = 10.0
 
 
 class _Slot:
     """Worker ``index``: its current process and its restart history."""
 
     __slots__ = ("index", "proc", "started", "backoff", "restart_at", "restarts", "channel",
-                 "reported", "handed", "reader")
+                 "reported", "handed", "reader", "serving")
 
     def __init__(self, index: int) -> None:
         self.index = index
@@ -60,6 +61,7 @@ class _Slot:
         self.reported = 0  # open connections, as the worker last said
         self.handed = 0  # connections handed over since that report
         self.reader: gevent.Greenlet | None = None
+        self.serving = False  # it sent a report: it serves, its routing set up
 
     @property
     def load(self) -> int:
@@ -76,6 +78,7 @@ class Supervisor:
         self.runtime_dir = ""
         self._listener = None
         self._stop = Event()
+        self._all_serving = Event()
 
     def worker_argv(self, index: int) -> list[str]:
         # Later flags win in argparse, so these override whatever argv already says.
@@ -173,6 +176,10 @@ class Supervisor:
                 count = read_report(data)
                 if count is not None and slot.channel is channel:
                     slot.reported, slot.handed = count, 0
+                    if not slot.serving:
+                        slot.serving = True
+                        if all(s.serving for s in self.slots):
+                            self._all_serving.set()
         finally:
             watcher.close()
 
@@ -180,6 +187,11 @@ class Supervisor:
         """Accept HAProxy's connections and give each to the least loaded live worker."""
         assert self._listener is not None
         listener = self._listener
+        # At start, connections wait in the listen backlog until every worker serves: a worker
+        # that served alone would route sessions to peers still starting, and the first
+        # requests' injects could go unanswered. A worker that never comes up does not hold
+        # the others back for long.
+        self._all_serving.wait(_FIRST_ACCEPT_WAIT_S)
         while True:
             try:
                 conn, address = listener.accept()

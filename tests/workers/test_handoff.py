@@ -76,3 +76,45 @@ def test_the_session_cap_is_shared_by_the_workers(cap: int, workers: int, share:
     config = AgentConfig(workers=workers, max_sessions=cap)
     assert worker_config(config, 0).max_sessions == share
     assert config.max_sessions == cap  # the original is left alone
+
+
+def test_the_supervisor_accepts_only_once_every_worker_serves() -> None:
+    """At start a connection waits in the backlog until every worker has reported (its routing
+    set up): a worker serving alone would route sessions to peers still starting."""
+    import gevent
+    import gevent.socket
+
+    from spoe_agent.workers.handoff import REPORT_PREFIX, channel_pair
+    from spoe_agent.workers.supervisor import Supervisor
+
+    supervisor = Supervisor(AgentConfig(workers=2, exporter="none"), [])
+    listener = gevent.socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    supervisor._listener = listener
+    workers = []
+    for slot in supervisor.slots:
+        ours, theirs = channel_pair()
+        slot.channel = ours
+        slot.reader = gevent.spawn(supervisor._read_reports, slot, ours)
+        workers.append(theirs)
+    acceptor = gevent.spawn(supervisor._accept_loop)
+    client = gevent.socket.create_connection(listener.getsockname())
+    try:
+        gevent.sleep(0.05)
+        workers[0].send(REPORT_PREFIX + b"0")
+        gevent.sleep(0.05)
+        assert sum(slot.handed for slot in supervisor.slots) == 0  # one worker is not enough
+        workers[1].send(REPORT_PREFIX + b"0")
+        with gevent.Timeout(5):
+            while sum(slot.handed for slot in supervisor.slots) == 0:
+                gevent.sleep(0.01)
+        assert all(slot.serving for slot in supervisor.slots)
+    finally:
+        acceptor.kill()
+        for slot in supervisor.slots:
+            slot.reader.kill()
+        client.close()
+        listener.close()
+        for sock in workers:
+            sock.close()
