@@ -6,6 +6,10 @@ every connection (status 0), then run the agent's shutdown hooks (tracing ends o
 incomplete and flushes its exporter within a deadline). The metrics endpoint stays up until the
 end, with ``/health`` answering 503 from the first signal on. A second signal during shutdown
 exits at once (status 1), for an operator who would rather lose the flush than wait for it.
+A worker of ``--workers N`` is not that operator's to hurry: a process manager signals every
+process of the agent at once (systemd's default ``KillMode=control-group``, ``pkill``), and the
+supervisor's own SIGTERM follows, so a worker takes repeated signals as one; the supervisor
+keeps the "second signal exits now" for the whole agent.
 """
 
 from __future__ import annotations
@@ -33,7 +37,9 @@ class StartupError(Exception):
     """The agent cannot start serving (port taken, unreadable certificate): no traceback."""
 
 
-def run(agent: Agent, config: AgentConfig, *, listener: object = None) -> int:
+def run(
+    agent: Agent, config: AgentConfig, *, listener: object = None, second_signal_exits: bool = True
+) -> int:
     tls = tls_context(config)
     if listener is None:
         try:
@@ -57,6 +63,9 @@ def run(agent: Agent, config: AgentConfig, *, listener: object = None) -> int:
 
     def on_signal() -> None:
         if stop.is_set():
+            if not second_signal_exits:
+                log.info("already shutting down")
+                return
             log.warning("second signal during shutdown: exiting now, unflushed spans are lost")
             logging.shutdown()
             os._exit(EXIT_FORCED)

@@ -99,7 +99,7 @@ def _run_worker(agent: Any, config: AgentConfig, index: int) -> int:
     agent.on_startup.append(lambda: gevent.spawn(_report_loop, listener))
     gevent.spawn(_exit_with_parent, os.getppid())
     log.info("starting, %d workers in all (pid %d)", config.workers, os.getpid())
-    return run(agent, config, listener=listener)
+    return run(agent, config, listener=listener, second_signal_exits=False)
 
 
 def _prefix_log_records(prefix: str) -> None:

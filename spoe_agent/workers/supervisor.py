@@ -28,7 +28,7 @@ import gevent
 from gevent.event import Event
 
 from spoe_agent.config import AgentConfig
-from spoe_agent.runner import SHUTDOWN_TIMEOUT, StartupError
+from spoe_agent.runner import EXIT_FORCED, SHUTDOWN_TIMEOUT, StartupError
 from spoe_agent.server import make_listener
 from spoe_agent.workers.handoff import channel_pair, read_report, send_connection
 
@@ -78,6 +78,7 @@ class Supervisor:
         self.runtime_dir = ""
         self._listener = None
         self._stop = Event()
+        self._forced = False
         self._all_serving = Event()
 
     def worker_argv(self, index: int) -> list[str]:
@@ -99,8 +100,8 @@ class Supervisor:
         metrics = None
         if self.config.metrics and not self.config.metrics.startswith("unix:"):
             metrics = self._start_metrics()
-        gevent.signal_handler(signal.SIGTERM, self._stop.set)
-        gevent.signal_handler(signal.SIGINT, self._stop.set)
+        gevent.signal_handler(signal.SIGTERM, self._on_signal)
+        gevent.signal_handler(signal.SIGINT, self._on_signal)
         log.info("spoe-agent supervisor: %d workers%s on %s (peer sockets in %s)",
                  len(self.slots),
                  "" if "workers" in self.config.sources else " (auto: one per usable core)",
@@ -118,7 +119,25 @@ class Supervisor:
             self._shutdown()
             if metrics is not None:
                 metrics.stop()
-        return 0
+        return EXIT_FORCED if self._forced else 0
+
+    def _on_signal(self) -> None:
+        """The first signal stops the workers in order; a second one, during that, kills them.
+
+        Workers take repeated signals as one (a process manager signals them along with us), so
+        the operator's "stop now, lose the flush" goes through here, as with one process.
+        """
+        if not self._stop.is_set():
+            self._stop.set()
+            return
+        if self._forced:
+            return
+        self._forced = True
+        log.warning("second signal during shutdown: killing the workers now, "
+                    "unflushed spans are lost")
+        for slot in self.slots:
+            if slot.proc is not None and slot.proc.poll() is None:
+                slot.proc.kill()
 
     def _start_metrics(self) -> Any:
         from spoe_agent.workers.metrics import WorkersMetricsServer, worker_metrics_urls

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -134,3 +135,21 @@ def test_no_span_of_a_completed_request_is_lost_across_sigterm(
     (unfinished,) = [s for s in receiver.spans if s.operation_name == "Unfinished"]
     assert unfinished.tags.get("haproxy.span.incomplete") is True, describe([unfinished])
     assert unfinished.error
+
+
+def test_a_second_signal_during_shutdown_exits_at_once_with_status_1(
+    spoe_agent: Callable[..., AgentProcess],
+) -> None:
+    """The operator who would rather lose the flush than wait: one process (the supervisor's
+    counterpart is in tests/workers/test_worker_signals.py)."""
+    agent = spoe_agent(app=SLOW_APP)
+    with SpopClient((agent.host, agent.port), timeout=15) as busy:
+        busy.handshake()
+        busy.send(codec.notify(1, 1, [Message("nap", [("ms", 60_000), ("id", 1)])]))
+        notify_ok(busy, 3, [Message("inline", [("v", 3)])])  # the nap is running
+        agent.process.send_signal(signal.SIGTERM)
+        with pytest.raises(subprocess.TimeoutExpired):  # the graceful stop waits for the nap
+            agent.process.wait(0.5)
+        agent.process.send_signal(signal.SIGINT)
+        assert agent.process.wait(10) == 1, agent.describe_logs()
+    assert "second signal during shutdown: exiting now" in agent.logs(), agent.describe_logs()

@@ -1,0 +1,89 @@
+"""Stopping ``--workers N`` the way process managers do: no span lost to a duplicate signal.
+
+systemd's default ``KillMode=control-group`` (and ``pkill``/``killall``) sends SIGTERM to every
+process of the agent at once: each worker gets one from the init system and, a moment later,
+one from the supervisor stopping it. A worker must take the second as the same request, not
+as an impatient operator's "exit now", or it drops the spans it was flushing. The operator's
+"exit now" is still there, on the supervisor: a second signal to it stops the workers at once.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from spoe_agent.protocol import codec
+from spoe_agent.protocol.types import Message
+from spoe_agent.viewer.receiver import JaegerReceiver
+from tests.hardening.support import SLOW_APP, notify_ok, trace
+from tests.integration.tracing_support import agent_env
+from tests.support.procs import AgentProcess
+from tests.support.spop_client import SpopClient
+from tests.workers.test_multiworker import _is_zombie, wait_workers_ready, worker_pids
+
+
+@pytest.fixture
+def receiver() -> Iterator[JaegerReceiver]:
+    with JaegerReceiver(udp_addr=("127.0.0.1", 0), http_addr=None, quiet_s=0.5) as rec:
+        yield rec
+
+
+def test_sigterm_to_every_process_at_once_flushes_every_workers_spans(
+    spoe_agent: Callable[..., AgentProcess], receiver: JaegerReceiver
+) -> None:
+    # Nothing is exported before the signal: every span that arrives was flushed by the stop.
+    env = agent_env(receiver, OTEL_BSP_SCHEDULE_DELAY="60000")
+    agent = spoe_agent("--workers", "2", app=None, env=env)
+    wait_workers_ready(agent, 2)
+    pids = worker_pids(agent.process.pid)
+    assert len(pids) == 2, agent.describe_logs()
+    sessions = [f"open-{i}" for i in range(40)]  # owned by both workers (crc32 % 2)
+    with SpopClient((agent.host, agent.port), timeout=15) as client:
+        client.handshake()
+        for i, session in enumerate(sessions):
+            notify_ok(client, i + 1, [trace(session, ("span", "Unfinished"), ("kind", "server"))])
+        assert receiver.spans == [], "spans were exported before the signal: test is moot"
+        for pid in (agent.process.pid, *pids.values()):  # as systemd does
+            os.kill(pid, signal.SIGTERM)
+        assert agent.process.wait(30) == 0, agent.describe_logs()
+
+    def all_arrived(spans: list) -> bool:
+        return sum(1 for s in spans if s.operation_name == "Unfinished") >= len(sessions)
+
+    assert receiver.wait_for(all_arrived, timeout=15), agent.describe_logs()
+    logs = agent.logs()
+    assert "exiting now" not in logs, logs
+    assert len(re.findall(r"worker \d: stopped", logs)) == 2, logs
+    assert len(receiver.spans) == len(sessions), [s.operation_name for s in receiver.spans]
+
+
+def test_a_second_signal_to_the_supervisor_stops_the_workers_at_once(
+    spoe_agent: Callable[..., AgentProcess],
+) -> None:
+    agent = spoe_agent("--workers", "2", app=SLOW_APP)
+    deadline = time.monotonic() + 20
+    while len(set(re.findall(r"worker (\d+): spoe-agent listening", agent.logs()))) < 2:
+        assert agent.process.running and time.monotonic() < deadline, agent.describe_logs()
+        time.sleep(0.05)
+    pids = list(worker_pids(agent.process.pid).values())
+    with SpopClient((agent.host, agent.port), timeout=15) as client:
+        client.handshake()
+        # A handler that keeps its worker's graceful stop waiting for a minute.
+        client.send(codec.notify(1, 1, [Message("nap", [("ms", 60_000), ("id", 1)])]))
+        notify_ok(client, 3, [Message("inline", [("v", 3)])])
+        agent.process.send_signal(signal.SIGTERM)
+        with pytest.raises(subprocess.TimeoutExpired):  # the graceful stop waits for the nap
+            agent.process.wait(0.5)
+        started = time.monotonic()
+        agent.process.send_signal(signal.SIGTERM)
+        assert agent.process.wait(10) == 1, agent.describe_logs()
+        assert time.monotonic() - started < 5
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}") or _is_zombie(pid), pid
+    assert "second signal during shutdown" in agent.logs(), agent.describe_logs()
