@@ -19,6 +19,8 @@ from spoe_agent.protocol.connection import MIN_FRAME_SIZE
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|ms|s|m|h)?\s*$")
 _UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 EXPORTERS = ("jaeger", "otlp", "console", "none")
+# What OTEL_EXPORTER_OTLP_PROTOCOL may say; only the first is served (see validate).
+OTLP_PROTOCOLS = ("http/protobuf", "grpc", "http/json")
 SAMPLERS = (
     "always_on", "always_off", "traceidratio", "parentbased_always_on",
     "parentbased_always_off", "parentbased_traceidratio",
@@ -171,6 +173,9 @@ class Option:
     env: str | None = None
     env_parse: Callable[[str], Any] | None = None
     help: str = ""
+    #: OpenTelemetry's general variable for the same setting (``OTEL_EXPORTER_OTLP_PROTOCOL``
+    #: for ``..._TRACES_PROTOCOL``): used when the specific one is not set, as the SDKs do.
+    env_fallback: str | None = None
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -203,13 +208,17 @@ OPTIONS: tuple[Option, ...] = (
            env="OTEL_EXPORTER_JAEGER_PASSWORD"),
     Option("otlp_endpoint", "tracing", "otlp_endpoint", _text,
            env="OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+    Option("otlp_protocol", "tracing", "otlp_protocol", _choice(*OTLP_PROTOCOLS),
+           env="OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", env_fallback="OTEL_EXPORTER_OTLP_PROTOCOL"),
     Option("propagators", "tracing", "propagators", _propagators, env="OTEL_PROPAGATORS"),
     Option("sampler", "tracing", "sampler", _choice(*SAMPLERS), env="OTEL_TRACES_SAMPLER"),
     Option("sampler_arg", "tracing", "sampler_arg", _text, env="OTEL_TRACES_SAMPLER_ARG"),
     Option("session_ttl", "tracing", "session_ttl", parse_duration),
     Option("max_sessions", "tracing", "max_sessions", _int_range(1)),
     Option("max_spans_per_session", "tracing", "max_spans_per_session", _int_range(1, 10_000)),
-    Option("max_attribute_length", "tracing", "max_attribute_length", _int_range(1)),
+    Option("max_attribute_length", "tracing", "max_attribute_length", _int_range(1),
+           env="OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT",
+           env_fallback="OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT"),
     Option("export_queue_size", "tracing", "export_queue_size", _int_range(1),
            env="OTEL_BSP_MAX_QUEUE_SIZE"),
     Option("export_batch_size", "tracing", "export_batch_size", _int_range(1),
@@ -260,6 +269,7 @@ class AgentConfig:
     jaeger_user: str = ""
     jaeger_password: str = ""
     otlp_endpoint: str = ""
+    otlp_protocol: str = "http/protobuf"
     propagators: tuple[str, ...] = ("tracecontext", "baggage")
     sampler: str = "parentbased_always_on"
     sampler_arg: str = ""
@@ -282,6 +292,12 @@ class AgentConfig:
         if self.tls_ca and not self.tls_cert:
             raise ConfigError(self.sources.get("tls_ca", "tls"),
                               "tls_ca (client certificate verification) needs tls_cert and tls_key")
+        if self.exporter == "otlp" and self.otlp_protocol != "http/protobuf":
+            # Refused rather than ignored: an HTTP exporter pointed at a gRPC port (4317) fails
+            # every export with nothing at start-up to say why.
+            raise ConfigError(self.sources.get("otlp_protocol", "otlp_protocol"),
+                              f"OTLP over {self.otlp_protocol} is not supported: spoe-agent "
+                              "exports OTLP over HTTP (http/protobuf, a collector's port 4318)")
         if self.sampler.endswith("traceidratio") and self.sampler_arg:
             try:
                 ratio = float(self.sampler_arg)
@@ -349,17 +365,19 @@ def load_ini(path: str, config: AgentConfig) -> None:
 
 def load_env(env: Mapping[str, str], config: AgentConfig) -> None:
     for option in OPTIONS:
-        if option.env is None:
-            continue
-        raw = env.get(option.env)
-        if raw is None or raw.strip() == "":
-            continue
-        parse = option.env_parse or option.parse
-        try:
-            setattr(config, option.attr, parse(raw))
-        except ValueError as exc:
-            raise ConfigError(f"environment variable {option.env}", str(exc)) from None
-        config.sources[option.attr] = f"environment variable {option.env}"
+        for name in (option.env, option.env_fallback):
+            if name is None:
+                continue
+            raw = env.get(name)
+            if raw is None or raw.strip() == "":
+                continue
+            parse = option.env_parse or option.parse
+            try:
+                setattr(config, option.attr, parse(raw))
+            except ValueError as exc:
+                raise ConfigError(f"environment variable {name}", str(exc)) from None
+            config.sources[option.attr] = f"environment variable {name}"
+            break
     # The OTLP exporter's generic endpoint variable, as a fallback for the traces-specific one.
     if not config.otlp_endpoint and env.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
         base = env["OTEL_EXPORTER_OTLP_ENDPOINT"].rstrip("/")

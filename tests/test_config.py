@@ -55,6 +55,36 @@ def test_otel_variables_are_read() -> None:
     assert config.otlp_endpoint == "http://collector:4318/v1/traces"
 
 
+def test_specific_otel_variables_win_over_the_general_ones() -> None:
+    general = {"OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT": "100",
+               "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
+    config = load_config(env=general)
+    assert config.max_attribute_length == 100
+    assert config.sources["max_attribute_length"] == (
+        "environment variable OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT")
+    config = load_config(env={**general, "OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT": "50"})
+    assert config.max_attribute_length == 50
+    with pytest.raises(ConfigError, match="OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT: must be"):
+        load_config(env={"OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT": "0"})
+
+
+@pytest.mark.parametrize("variable", ["OTEL_EXPORTER_OTLP_PROTOCOL",
+                                      "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"])
+@pytest.mark.parametrize("protocol", ["grpc", "http/json"])
+def test_an_otlp_protocol_other_than_http_protobuf_is_refused(variable: str, protocol: str) -> None:
+    """Refused at start-up, naming the variable: an HTTP exporter aimed at a gRPC port would
+    otherwise fail every export with nothing to say why."""
+    env = {"OTEL_TRACES_EXPORTER": "otlp", variable: protocol}
+    with pytest.raises(ConfigError) as info:
+        load_config(env=env)
+    message = str(info.value)
+    assert message.startswith(f"environment variable {variable}: OTLP over {protocol} "
+                              "is not supported"), message
+    # The variable is OTLP's alone: with another exporter it changes nothing.
+    assert load_config(env={**env, "OTEL_TRACES_EXPORTER": "jaeger"}).exporter == "jaeger"
+    assert load_config(env={**env, variable: "HTTP/protobuf"}).otlp_protocol == "http/protobuf"
+
+
 @pytest.mark.parametrize(
     ("text", "line", "reason"),
     [
@@ -62,6 +92,7 @@ def test_otel_variables_are_read() -> None:
         ("[listener]\n\n# comment\nmax_frame_size = 100\n", 4, "must be between 256"),
         ("[tracing]\nexporter = zipkin\n", 2, "expected one of jaeger, otlp, console, none"),
         ("[tracing]\nsession_ttl = soon\n", 2, "expected a duration"),
+        ("[tracing]\nexporter = otlp\n\notlp_protocol = grpc\n", 4, "OTLP over grpc"),
         ("[listner]\nbind = 127.0.0.1:1\n", 1, "unknown section [listner]"),
         ("[listener]\nbnid = 127.0.0.1:1\n", 2, "unknown option 'bnid' in [listener]"),
         ("[tracing]\npropagators = tracecontext,w3c\n", 2, "unknown propagator 'w3c'"),
