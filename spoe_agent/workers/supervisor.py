@@ -79,6 +79,7 @@ class Supervisor:
         self._listener = None
         self._stop = Event()
         self._forced = False
+        self._failed = 0  # a worker's exit status, when one could not start
         self._all_serving = Event()
 
     def worker_argv(self, index: int) -> list[str]:
@@ -119,7 +120,7 @@ class Supervisor:
             self._shutdown()
             if metrics is not None:
                 metrics.stop()
-        return EXIT_FORCED if self._forced else 0
+        return EXIT_FORCED if self._forced else self._failed
 
     def _on_signal(self) -> None:
         """The first signal stops the workers in order; a second one, during that, kills them.
@@ -250,6 +251,16 @@ class Supervisor:
                 if slot.channel is not None:
                     slot.channel.close()
                     slot.channel = None
+                if not slot.serving and not self._all_serving.is_set():
+                    # It never served, and the agent has not served yet: what stops it (a
+                    # metrics port taken, a certificate it cannot read) will stop its
+                    # replacements too. Refuse to start, as one process would, rather than run
+                    # on without it, restarting it forever.
+                    log.error(f"worker {slot.index} (pid %d) could not start (%s); stopping",
+                              proc.pid, _describe_status(status))
+                    self._failed = status if status > 0 else 1
+                    self._stop.set()
+                    return
                 if lived < STABLE_AFTER_S:
                     slot.backoff = min(MAX_BACKOFF_S, max(0.1, slot.backoff * 2))
                 slot.restart_at = now + slot.backoff
