@@ -1,4 +1,4 @@
-"""``spoe-agent``: parse flags, load the configuration, serve until SIGTERM/SIGINT.
+"""``spoe-agent``: parse flags, load the configuration, serve until SIGTERM, SIGINT or SIGHUP.
 
 gevent's monkey-patching happens here, first, because the exporter's HTTP client and the span
 processor's flush loop must cooperate with the connection greenlets.

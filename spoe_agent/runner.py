@@ -1,4 +1,4 @@
-"""Run one agent process: serve, then on SIGTERM/SIGINT shut down cleanly and exit 0.
+"""Run one agent process: serve, then on SIGTERM/SIGINT/SIGHUP shut down cleanly and exit 0.
 
 Shutdown order matters for "no span of a completed request is lost": stop accepting, let each
 connection serve the NOTIFYs HAProxy already sent and its handlers in flight, AGENT-DISCONNECT
@@ -30,6 +30,9 @@ from spoe_agent.server import SpoaServer, make_listener
 log = logging.getLogger(__name__)
 
 SHUTDOWN_TIMEOUT = 10.0
+#: SIGHUP too: its default action kills the process on the spot (a terminal closed under a
+#: foreground agent), losing the spans a clean stop flushes. The agent has no reload.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 EXIT_FORCED = 1
 
 
@@ -71,8 +74,8 @@ def run(
             os._exit(EXIT_FORCED)
         stop.set()
 
-    gevent.signal_handler(signal.SIGTERM, on_signal)
-    gevent.signal_handler(signal.SIGINT, on_signal)
+    for signum in STOP_SIGNALS:
+        gevent.signal_handler(signum, on_signal)
     # What start-up built (modules, the configuration, the exporter) lives as long as the
     # process: frozen, it is out of the cyclic collector's sight, whose full collections had to
     # walk it (~15 ms of stall each, about one every few thousand traced requests).

@@ -28,7 +28,7 @@ import gevent
 from gevent.event import Event
 
 from spoe_agent.config import AgentConfig
-from spoe_agent.runner import EXIT_FORCED, SHUTDOWN_TIMEOUT, StartupError
+from spoe_agent.runner import EXIT_FORCED, SHUTDOWN_TIMEOUT, STOP_SIGNALS, StartupError
 from spoe_agent.server import make_listener
 from spoe_agent.workers.handoff import channel_pair, read_report, send_connection
 
@@ -101,8 +101,8 @@ class Supervisor:
         metrics = None
         if self.config.metrics and not self.config.metrics.startswith("unix:"):
             metrics = self._start_metrics()
-        gevent.signal_handler(signal.SIGTERM, self._on_signal)
-        gevent.signal_handler(signal.SIGINT, self._on_signal)
+        for signum in STOP_SIGNALS:
+            gevent.signal_handler(signum, self._on_signal)
         log.info("spoe-agent supervisor: %d workers%s on %s (peer sockets in %s)",
                  len(self.slots),
                  "" if "workers" in self.config.sources else " (auto: one per usable core)",

@@ -32,7 +32,8 @@ from tests.support.procs import AgentProcess, free_port
 from tests.support.spop_client import SpopClient
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP],
+                         ids=["SIGTERM", "SIGINT", "SIGHUP"])
 def test_signal_finishes_notifies_in_flight_then_disconnects_and_exits_zero(
     spoe_agent: Callable[..., AgentProcess], sig: signal.Signals
 ) -> None:

@@ -34,8 +34,9 @@ def receiver() -> Iterator[JaegerReceiver]:
         yield rec
 
 
-def test_sigterm_to_every_process_at_once_flushes_every_workers_spans(
-    spoe_agent: Callable[..., AgentProcess], receiver: JaegerReceiver
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_signal_to_every_process_at_once_flushes_every_workers_spans(
+    spoe_agent: Callable[..., AgentProcess], receiver: JaegerReceiver, sig: signal.Signals
 ) -> None:
     # Nothing is exported before the signal: every span that arrives was flushed by the stop.
     env = agent_env(receiver, OTEL_BSP_SCHEDULE_DELAY="60000")
@@ -50,7 +51,7 @@ def test_sigterm_to_every_process_at_once_flushes_every_workers_spans(
             notify_ok(client, i + 1, [trace(session, ("span", "Unfinished"), ("kind", "server"))])
         assert receiver.spans == [], "spans were exported before the signal: test is moot"
         for pid in (agent.process.pid, *pids.values()):  # as systemd does
-            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, sig)
         assert agent.process.wait(30) == 0, agent.describe_logs()
 
     def all_arrived(spans: list) -> bool:
