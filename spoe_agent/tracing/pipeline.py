@@ -56,8 +56,11 @@ def build_exporter(config: AgentConfig) -> SpanExporter | None:
             raise ValueError(
                 "exporter 'otlp' needs the optional extra: pip install 'spoe-agent[otlp]'"
             ) from None
+        # Unless the agent's export timeout was set, the exporter reads its own standard
+        # OTEL_EXPORTER_OTLP_(TRACES_)TIMEOUT (default 10 s), as in any OpenTelemetry SDK.
+        explicit = "export_timeout" in config.sources
         return OTLPSpanExporter(endpoint=config.otlp_endpoint or None,
-                                timeout=int(config.export_timeout))
+                                timeout=config.export_timeout if explicit else None)
     from spoe_agent.tracing.jaeger.exporter import FastJaegerExporter
 
     return FastJaegerExporter(

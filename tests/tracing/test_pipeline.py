@@ -39,6 +39,18 @@ def test_jaeger_console_and_none_exporters() -> None:
     assert build_exporter(load_config(env={"OTEL_TRACES_EXPORTER": "none"})) is None
 
 
+def test_otlp_request_timeout_follows_the_otel_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    otlp = {"OTEL_TRACES_EXPORTER": "otlp"}
+    for name in ("OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    assert build_exporter(load_config(env=otlp))._timeout == 10  # the exporter's default
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "3")
+    assert build_exporter(load_config(env=otlp))._timeout == 3
+    # The agent's own export timeout, when set, bounds the request too.
+    explicit = load_config(env={**otlp, "OTEL_BSP_EXPORT_TIMEOUT": "1500"})
+    assert build_exporter(explicit)._timeout == 1.5
+
+
 class _Collector(BaseHTTPRequestHandler):
     bodies: list[tuple[str, str, bytes]] = []
 
