@@ -76,7 +76,7 @@ def _workers(text: str) -> int:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    from spoe_agent.config import parse_bind
+    from spoe_agent.config import ConfigError, parse_bind, parse_metrics_bind
 
     overrides: dict[str, Any] = {
         "workers": args.workers,
@@ -86,10 +86,14 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "log_format": args.log_format,
         "busy_poll": args.busy_poll,
     }
-    if args.bind is not None:
-        overrides["bind"] = parse_bind(args.bind)
-    if args.metrics is not None:
-        overrides["metrics"] = parse_bind(args.metrics)
+    for flag, attr, parse in (("--bind", "bind", parse_bind),
+                              ("--metrics", "metrics", parse_metrics_bind)):
+        value = getattr(args, attr)
+        if value is not None:
+            try:
+                overrides[attr] = parse(value)
+            except ValueError as exc:
+                raise ConfigError(flag, str(exc)) from None
     return overrides
 
 

@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
+from urllib.parse import urlsplit
 
 from spoe_agent.protocol.connection import MIN_FRAME_SIZE
 
@@ -50,6 +51,8 @@ def parse_bind(text: str) -> str:
     host, sep, port = text.rpartition(":")
     if not sep:
         raise ValueError(f"expected HOST:PORT or unix:/path, got {text!r}")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise ValueError(f"write an IPv6 address in brackets, as [::1]:PORT; got {text!r}")
     host = host.strip("[]") or "0.0.0.0"
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"port must be 1-65535, got {port!r}")
@@ -70,6 +73,23 @@ def parse_duration(text: str) -> float:
     if not match:
         raise ValueError(f"expected a duration such as 30s, 500ms or 2m, got {text!r}")
     return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def _positive_duration(text: str) -> float:
+    value = parse_duration(text)
+    if value <= 0:
+        raise ValueError(f"must be more than 0, got {text!r}")
+    return value
+
+
+def _http_url(text: str) -> str:
+    """An exporter endpoint: checked here, where its file line or variable is still known."""
+    text = str(text).strip()
+    if text:
+        parts = urlsplit(text)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"expected an http:// or https:// URL, got {text!r}")
+    return text
 
 
 def _int_range(low: int, high: int | None = None) -> Callable[[str], int]:
@@ -99,7 +119,10 @@ def usable_cores() -> int:
     """
     from loky import cpu_count
 
-    return max(1, cpu_count(only_physical_cores=False))
+    try:
+        return max(1, cpu_count(only_physical_cores=False))
+    except ValueError as exc:  # loky reads LOKY_MAX_CPU_COUNT with int()
+        raise ValueError(f"LOKY_MAX_CPU_COUNT (which bounds auto): {exc}") from None
 
 
 def parse_workers(text: str) -> int:
@@ -113,7 +136,10 @@ def parse_workers(text: str) -> int:
 
 
 def _default_workers() -> int:
-    return parse_workers("auto")
+    try:
+        return parse_workers("auto")
+    except ValueError:
+        return 1  # load_config reports it, if the default is what stays
 
 
 def _bool(text: str) -> bool:
@@ -140,11 +166,20 @@ def _propagators(text: str) -> tuple[str, ...]:
     for name in names:
         if name not in PROPAGATORS:
             raise ValueError(f"unknown propagator {name!r}; known: {', '.join(PROPAGATORS)}")
+    if "none" in names and len(set(names)) > 1:
+        raise ValueError("propagator 'none' cannot be combined with other propagators")
     return names
 
 
-def _optional_bind(text: str) -> str:
-    return parse_bind(text) if str(text).strip() else ""
+def parse_metrics_bind(text: str) -> str:
+    """HOST:PORT, or empty (off): the metrics endpoint is HTTP over TCP only."""
+    if not str(text).strip():
+        return ""
+    if str(text).strip().startswith("unix:"):
+        raise ValueError("the metrics endpoint listens on HOST:PORT, not on a unix socket")
+    if ":" not in str(text):
+        raise ValueError(f"expected HOST:PORT (or :PORT), got {text!r}")
+    return parse_bind(text)
 
 
 def _text(text: str) -> str:
@@ -158,7 +193,16 @@ def _level(text: str) -> str:
 def _ms_duration(text: str) -> float:
     """OTEL_BSP_* durations are milliseconds when they carry no unit."""
     text = str(text).strip()
-    return int(text) / 1000.0 if text.isdigit() else parse_duration(text)
+    if re.fullmatch(r"\d+(?:\.\d+)?", text):
+        return float(text) / 1000.0
+    return parse_duration(text)
+
+
+def _positive_ms_duration(text: str) -> float:
+    value = _ms_duration(text)
+    if value <= 0:
+        raise ValueError(f"must be more than 0, got {text!r}")
+    return value
 
 
 # ------------------------------------------------------------------------------- options
@@ -183,7 +227,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("workers", "listener", "workers", parse_workers,
            help="worker processes: a number, or auto (the default: one per usable core)"),
     Option("max_frame_size", "listener", "max_frame_size", _int_range(MIN_FRAME_SIZE, 16 << 20)),
-    Option("max_connections", "listener", "max_connections", _int_range(1)),
+    Option("max_connections", "listener", "max_connections", _int_range(1, 1_000_000)),
     Option("max_in_flight", "listener", "max_in_flight", _int_range(1, 100_000)),
     Option("idle_timeout", "listener", "idle_timeout", parse_duration),
     Option("read_timeout", "listener", "read_timeout", parse_duration),
@@ -194,39 +238,39 @@ OPTIONS: tuple[Option, ...] = (
     Option("tls_ca", "listener", "tls_ca", _text),
     Option("log_level", "logging", "level", _level),
     Option("log_format", "logging", "format", _choice("text", "json")),
-    Option("metrics", "metrics", "bind", _optional_bind),
+    Option("metrics", "metrics", "bind", parse_metrics_bind),
     Option("exporter", "tracing", "exporter", _choice(*EXPORTERS), env="OTEL_TRACES_EXPORTER"),
     Option("service_name", "tracing", "service_name", _text, env="OTEL_SERVICE_NAME"),
     Option("jaeger_agent_host", "tracing", "jaeger_agent_host", _text,
            env="OTEL_EXPORTER_JAEGER_AGENT_HOST"),
     Option("jaeger_agent_port", "tracing", "jaeger_agent_port", _int_range(1, 65535),
            env="OTEL_EXPORTER_JAEGER_AGENT_PORT"),
-    Option("jaeger_endpoint", "tracing", "jaeger_endpoint", _text,
+    Option("jaeger_endpoint", "tracing", "jaeger_endpoint", _http_url,
            env="OTEL_EXPORTER_JAEGER_ENDPOINT"),
     Option("jaeger_user", "tracing", "jaeger_user", _text, env="OTEL_EXPORTER_JAEGER_USER"),
     Option("jaeger_password", "tracing", "jaeger_password", _text,
            env="OTEL_EXPORTER_JAEGER_PASSWORD"),
-    Option("otlp_endpoint", "tracing", "otlp_endpoint", _text,
+    Option("otlp_endpoint", "tracing", "otlp_endpoint", _http_url,
            env="OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
     Option("otlp_protocol", "tracing", "otlp_protocol", _choice(*OTLP_PROTOCOLS),
            env="OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", env_fallback="OTEL_EXPORTER_OTLP_PROTOCOL"),
     Option("propagators", "tracing", "propagators", _propagators, env="OTEL_PROPAGATORS"),
     Option("sampler", "tracing", "sampler", _choice(*SAMPLERS), env="OTEL_TRACES_SAMPLER"),
     Option("sampler_arg", "tracing", "sampler_arg", _text, env="OTEL_TRACES_SAMPLER_ARG"),
-    Option("session_ttl", "tracing", "session_ttl", parse_duration),
-    Option("max_sessions", "tracing", "max_sessions", _int_range(1)),
+    Option("session_ttl", "tracing", "session_ttl", _positive_duration),
+    Option("max_sessions", "tracing", "max_sessions", _int_range(1, 100_000_000)),
     Option("max_spans_per_session", "tracing", "max_spans_per_session", _int_range(1, 10_000)),
     Option("max_attribute_length", "tracing", "max_attribute_length", _int_range(1),
            env="OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT",
            env_fallback="OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT"),
-    Option("export_queue_size", "tracing", "export_queue_size", _int_range(1),
+    Option("export_queue_size", "tracing", "export_queue_size", _int_range(1, 100_000_000),
            env="OTEL_BSP_MAX_QUEUE_SIZE"),
-    Option("export_batch_size", "tracing", "export_batch_size", _int_range(1),
+    Option("export_batch_size", "tracing", "export_batch_size", _int_range(1, 100_000_000),
            env="OTEL_BSP_MAX_EXPORT_BATCH_SIZE"),
-    Option("export_delay", "tracing", "export_delay", parse_duration,
-           env="OTEL_BSP_SCHEDULE_DELAY", env_parse=_ms_duration),
-    Option("export_timeout", "tracing", "export_timeout", parse_duration,
-           env="OTEL_BSP_EXPORT_TIMEOUT", env_parse=_ms_duration),
+    Option("export_delay", "tracing", "export_delay", _positive_duration,
+           env="OTEL_BSP_SCHEDULE_DELAY", env_parse=_positive_ms_duration),
+    Option("export_timeout", "tracing", "export_timeout", _positive_duration,
+           env="OTEL_BSP_EXPORT_TIMEOUT", env_parse=_positive_ms_duration),
 )
 _BY_KEY = {(o.section, o.key): o for o in OPTIONS}
 _SECTIONS = sorted({o.section for o in OPTIONS})
@@ -292,6 +336,28 @@ class AgentConfig:
         if self.tls_ca and not self.tls_cert:
             raise ConfigError(self.sources.get("tls_ca", "tls"),
                               "tls_ca (client certificate verification) needs tls_cert and tls_key")
+        if self.export_batch_size > self.export_queue_size:
+            if "export_batch_size" in self.sources:
+                raise ConfigError(self.sources["export_batch_size"],
+                                  f"export_batch_size ({self.export_batch_size}) cannot exceed "
+                                  f"export_queue_size ({self.export_queue_size})")
+            self.export_batch_size = self.export_queue_size  # only the queue was set: fit it
+        if self.metrics:
+            host, _, port = self.metrics.rpartition(":")
+            # With N workers the metrics take PORT..PORT+N (the supervisor's, then each
+            # worker's): all of them must be ports, none the SPOP listener's.
+            last = int(port) + (self.workers if self.workers > 1 else 0)
+            where = self.sources.get("metrics", "metrics")
+            if last > 65535:
+                raise ConfigError(where, f"with {self.workers} workers the metrics use ports "
+                                  f"{port}-{last}: past 65535, choose a lower port")
+            if not self.bind.startswith("unix:"):
+                spop_host, _, spop_port = self.bind.rpartition(":")
+                if int(port) <= int(spop_port) <= last and (
+                        spop_host == host or "0.0.0.0" in (spop_host, host)):
+                    span = f"ports {port}-{last}" if last > int(port) else f"port {port}"
+                    raise ConfigError(where, f"the metrics ({span}) would take the SPOP "
+                                      f"listener's port {spop_port}")
         if self.exporter == "otlp" and self.otlp_protocol != "http/protobuf":
             # Refused rather than ignored: an HTTP exporter pointed at a gRPC port (4317) fails
             # every export with nothing at start-up to say why.
@@ -329,17 +395,26 @@ def _line_numbers(text: str) -> dict[tuple[str, str], int]:
 def load_ini(path: str, config: AgentConfig) -> None:
     """Apply ``agent.ini``: unknown sections and keys are errors, so typos cannot hide."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
+        with open(path, "rb") as handle:
+            raw_bytes = handle.read()
     except OSError as exc:
         raise ConfigError(path, f"cannot read config file: {exc.strerror or exc}") from None
+    try:
+        # utf-8-sig: a byte-order mark (some Windows editors write one) is not a setting.
+        text = raw_bytes.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise ConfigError(path, f"not UTF-8 text: {exc.reason}") from None
-    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"))
+        line = raw_bytes.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{path}:{line}", f"not UTF-8 text: {exc.reason}") from None
+    # No DEFAULT section: configparser would copy its keys into every section, past the
+    # check that refuses unknown keys; "[DEFAULT]" is then an unknown section like any other.
+    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"),
+                                       default_section="\0no default section")
     try:
         parser.read_string(text, source=path)
     except configparser.Error as exc:
         line = getattr(exc, "lineno", None)
+        if line is None and getattr(exc, "errors", None):
+            line = exc.errors[0][0]  # ParsingError keeps (lineno, line) pairs
         where = f"{path}:{line}" if line else path
         reason = str(exc).splitlines()[0]
         raise ConfigError(where, f"syntax error: {reason}") from None
@@ -378,10 +453,15 @@ def load_env(env: Mapping[str, str], config: AgentConfig) -> None:
                 raise ConfigError(f"environment variable {name}", str(exc)) from None
             config.sources[option.attr] = f"environment variable {name}"
             break
-    # The OTLP exporter's generic endpoint variable, as a fallback for the traces-specific one.
-    if not config.otlp_endpoint and env.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
-        base = env["OTEL_EXPORTER_OTLP_ENDPOINT"].rstrip("/")
-        config.otlp_endpoint = base + "/v1/traces"
+    # The OTLP exporter's generic endpoint variable, as a fallback for the traces-specific one
+    # (which then wins), over agent.ini like every variable.
+    base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
+    if base and not env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip():
+        try:
+            config.otlp_endpoint = _http_url(base.rstrip("/") + "/v1/traces")
+        except ValueError as exc:
+            raise ConfigError("environment variable OTEL_EXPORTER_OTLP_ENDPOINT",
+                              str(exc).replace("/v1/traces'", "'")) from None
         config.sources["otlp_endpoint"] = "environment variable OTEL_EXPORTER_OTLP_ENDPOINT"
 
 
@@ -403,5 +483,10 @@ def load_config(
             raise ConfigError("command line", f"unknown option {attr}")
         setattr(config, attr, value)
         config.sources[attr] = "command line"
+    if "workers" not in config.sources:
+        try:
+            config.workers = parse_workers("auto")
+        except ValueError as exc:
+            raise ConfigError("workers (auto, the default)", str(exc)) from None
     config.validate()
     return config

@@ -86,6 +86,113 @@ def test_an_otlp_protocol_other_than_http_protobuf_is_refused(variable: str, pro
 
 
 @pytest.mark.parametrize(
+    ("env", "variable", "reason"),
+    [
+        ({"OTEL_BSP_SCHEDULE_DELAY": "0"}, "OTEL_BSP_SCHEDULE_DELAY", "must be more than 0"),
+        ({"OTEL_BSP_EXPORT_TIMEOUT": "0"}, "OTEL_BSP_EXPORT_TIMEOUT", "must be more than 0"),
+        ({"OTEL_EXPORTER_JAEGER_ENDPOINT": "foo"}, "OTEL_EXPORTER_JAEGER_ENDPOINT",
+         "expected an http:// or https:// URL, got 'foo'"),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "127.0.0.1:4318"}, "OTEL_EXPORTER_OTLP_ENDPOINT",
+         "expected an http:// or https:// URL, got '127.0.0.1:4318'"),
+        ({"OTEL_PROPAGATORS": "none,b3"}, "OTEL_PROPAGATORS", "cannot be combined"),
+    ],
+)
+def test_values_refused_where_they_are_read(env: dict[str, str], variable: str,
+                                            reason: str) -> None:
+    """Refused with the variable named, not later by whatever component they reach."""
+    with pytest.raises(ConfigError) as info:
+        load_config(env=env)
+    assert variable in info.value.where and reason in info.value.reason, str(info.value)
+
+
+def test_a_bad_loky_cpu_bound_is_named_and_only_matters_for_auto(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOKY_MAX_CPU_COUNT", "abc")  # loky reads it from the process
+    with pytest.raises(ConfigError, match=r"workers \(auto, the default\): LOKY_MAX_CPU_COUNT"):
+        load_config(env={})
+    assert load_config(overrides={"workers": 1}, env={}).workers == 1
+
+
+def test_bsp_milliseconds_may_have_a_fraction_and_a_unit() -> None:
+    assert load_config(env={"OTEL_BSP_SCHEDULE_DELAY": "1.5"}).export_delay == 0.0015
+    assert load_config(env={"OTEL_BSP_SCHEDULE_DELAY": "250"}).export_delay == 0.25
+    assert load_config(env={"OTEL_BSP_EXPORT_TIMEOUT": "2s"}).export_timeout == 2.0
+
+
+def test_generic_otlp_endpoint_beats_agent_ini_and_loses_to_the_traces_one(tmp_path: Path) -> None:
+    path = write(tmp_path, "[tracing]\notlp_endpoint = http://ini:4318/v1/traces\n")
+    generic = {"OTEL_EXPORTER_OTLP_ENDPOINT": " http://env:4318/ "}
+    assert load_config(path, env=generic).otlp_endpoint == "http://env:4318/v1/traces"
+    both = {**generic, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://traces:4318/x"}
+    assert load_config(path, env=both).otlp_endpoint == "http://traces:4318/x"
+    assert load_config(path, env={"OTEL_EXPORTER_OTLP_ENDPOINT": "  "}).otlp_endpoint == (
+        "http://ini:4318/v1/traces")
+
+
+def test_only_a_queue_size_shrinks_the_default_batch_to_fit() -> None:
+    config = load_config(env={"OTEL_BSP_MAX_QUEUE_SIZE": "100"})
+    assert (config.export_queue_size, config.export_batch_size) == (100, 100)
+
+
+def test_sampler_arg_is_ignored_by_samplers_without_a_ratio() -> None:
+    from spoe_agent.tracing.pipeline import build_sampler
+
+    config = load_config(env={"OTEL_TRACES_SAMPLER_ARG": "abc"})
+    assert build_sampler(config.sampler, config.sampler_arg) is not None
+    with pytest.raises(ConfigError, match="OTEL_TRACES_SAMPLER_ARG: sampler_arg must be a ratio"):
+        load_config(env={"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "abc"})
+
+
+@pytest.mark.parametrize(
+    ("metrics", "workers", "reason"),
+    [
+        ("127.0.0.1:65535", 2, "metrics use ports 65535-65537: past 65535"),
+        ("127.0.0.1:7000", 2, "metrics (ports 7000-7002) would take the SPOP listener's port 7001"),
+        ("0.0.0.0:7001", 1, "metrics (port 7001) would take the SPOP listener's port 7001"),
+    ],
+)
+def test_metrics_ports_must_exist_and_leave_the_spop_port_alone(
+        metrics: str, workers: int, reason: str) -> None:
+    overrides = {"metrics": metrics, "workers": workers, "bind": "127.0.0.1:7001"}
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=overrides, env={})
+    assert info.value.where == "command line" and reason in info.value.reason, str(info.value)
+    assert load_config(overrides={**overrides, "metrics": "127.0.0.1:9464"}, env={}).metrics
+
+
+@pytest.mark.parametrize(
+    ("raw", "line", "reason"),
+    [
+        (b"[listener]\nworkers\n", 2, "syntax error"),
+        (b"[tracing\nexporter = none\n", 1, "syntax error"),
+        (b"[listener]\n= 5\n", 2, "syntax error"),
+        (b"[DEFAULT]\nworkres = 1\n", 1, "unknown section [DEFAULT]"),
+        (b"[tracing]\n\nservice_name = caf\xe9\n", 3, "not UTF-8 text"),
+    ],
+)
+def test_more_bad_files_name_their_line(tmp_path: Path, raw: bytes, line: int,
+                                        reason: str) -> None:
+    path = tmp_path / "agent.ini"
+    path.write_bytes(raw)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), env={})
+    assert str(info.value).startswith(f"{path}:{line}: "), str(info.value)
+    assert reason in str(info.value)
+
+
+def test_a_byte_order_mark_is_not_a_setting(tmp_path: Path) -> None:
+    path = tmp_path / "agent.ini"
+    path.write_bytes(b"\xef\xbb\xbf[listener]\nworkers = 1\n")
+    assert load_config(str(path), env={}).workers == 1
+
+
+def test_ipv6_needs_brackets() -> None:
+    with pytest.raises(ValueError, match="in brackets"):
+        parse_bind("::1")
+    assert parse_bind("[::1]:7000") == "::1:7000"
+
+
+@pytest.mark.parametrize(
     ("text", "line", "reason"),
     [
         ("[listener]\nbind = nowhere\n", 2, "expected HOST:PORT"),
@@ -164,7 +271,18 @@ def test_busy_poll_is_off_unless_the_ini_or_the_flag_asks(tmp_path: Path) -> Non
 @pytest.mark.parametrize(
     ("text", "reason"),
     [
-        ("[listener]\nmax_connections = 0\n", "must be >= 1"),
+        ("[listener]\nmax_connections = 0\n", "must be between 1 and 1000000"),
+        ("[listener]\nmax_connections = 9223372036854775808\n", "must be between 1 and"),
+        ("[tracing]\nexport_queue_size = 999999999999999999999\n", "must be between 1 and"),
+        ("[tracing]\nsession_ttl = 0\n", "session_ttl: must be more than 0"),
+        ("[tracing]\nexport_delay = 0s\n", "export_delay: must be more than 0"),
+        ("[tracing]\nexport_timeout = 0\n", "export_timeout: must be more than 0"),
+        ("[tracing]\njaeger_endpoint = not a url\n", "expected an http:// or https:// URL"),
+        ("[tracing]\notlp_endpoint = ftp://x/v1/traces\n", "expected an http:// or https://"),
+        ("[tracing]\npropagators = none,tracecontext\n", "'none' cannot be combined"),
+        ("[metrics]\nbind = unix:/tmp/m.sock\n", "not on a unix socket"),
+        ("[tracing]\nexport_queue_size = 10\nexport_batch_size = 20\n",
+         "agent.ini:3: export_batch_size \\(20\\) cannot exceed export_queue_size \\(10\\)"),
         ("[listener]\nmax_in_flight = -1\n", "must be between 1 and 100000"),
         ("[listener]\nidle_timeout = forever\n", "expected a duration"),
         ("[tracing]\nmax_attribute_length = 0\n", "must be >= 1"),

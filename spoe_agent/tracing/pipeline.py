@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 def build_sampler(name: str, arg: str = "") -> Sampler:
     """The sampler ``OTEL_TRACES_SAMPLER``/``_ARG`` name (the SDK's vocabulary)."""
-    ratio = float(arg) if arg else 1.0
+    # The argument is the ratio's alone: the other samplers ignore it, as the SDKs do.
+    ratio = float(arg) if arg and name.endswith("traceidratio") else 1.0
     samplers: dict[str, Callable[[], Sampler]] = {
         "always_on": lambda: ALWAYS_ON,
         "always_off": lambda: ALWAYS_OFF,

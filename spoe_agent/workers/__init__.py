@@ -34,18 +34,16 @@ def worker_config(config: AgentConfig, index: int) -> AgentConfig:
     evicts the least recently active sessions of the agent to within a fraction of a percent.
     The export queue (``OTEL_BSP_MAX_QUEUE_SIZE``) is the agent's too, shared the same way, so
     the summed ``spoe_agent_export_queue_limit`` the supervisor serves is the configured one.
-    Worker i serves ``/metrics`` on the configured port + 1 + i (on ``PATH.i`` for a unix
-    socket): the configured port is the supervisor's, which serves the agent's totals, summed
-    over the workers (:mod:`spoe_agent.workers.metrics`).
+    Worker i serves ``/metrics`` on the configured port + 1 + i: the configured port is the
+    supervisor's, which serves the agent's totals, summed over the workers
+    (:mod:`spoe_agent.workers.metrics`).
     """
     workers = config.workers
     changes: dict[str, Any] = {
         "max_sessions": max(1, -(-config.max_sessions // workers)),
         "export_queue_size": max(1, -(-config.export_queue_size // workers)),
     }
-    if config.metrics.startswith("unix:"):
-        changes["metrics"] = f"{config.metrics}.{index}"
-    elif config.metrics:
+    if config.metrics:
         host, _, port = config.metrics.rpartition(":")
         changes["metrics"] = f"{host}:{int(port) + 1 + index}"
     return dataclasses.replace(config, **changes)

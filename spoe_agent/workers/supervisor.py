@@ -99,7 +99,7 @@ class Supervisor:
                 from None
         self._listener.setblocking(True)  # a cooperative wait under gevent, not a busy one
         metrics = None
-        if self.config.metrics and not self.config.metrics.startswith("unix:"):
+        if self.config.metrics:
             metrics = self._start_metrics()
         for signum in STOP_SIGNALS:
             gevent.signal_handler(signum, self._on_signal)

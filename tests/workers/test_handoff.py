@@ -63,7 +63,6 @@ def test_the_worker_reports_its_open_connections() -> None:
 @pytest.mark.parametrize("metrics, index, expected", [
     ("127.0.0.1:9100", 0, "127.0.0.1:9101"),  # 9100 is the supervisor's, for all of them
     ("127.0.0.1:9100", 2, "127.0.0.1:9103"),
-    ("unix:/run/agent-metrics.sock", 1, "unix:/run/agent-metrics.sock.1"),
     ("", 3, ""),
 ])
 def test_each_worker_gets_its_metrics_address(metrics: str, index: int, expected: str) -> None:
