@@ -25,7 +25,7 @@ from gevent.event import Event
 
 from spoe_agent.config import AgentConfig
 from spoe_agent.handlers import Agent
-from spoe_agent.server import SpoaServer, make_listener
+from spoe_agent.server import SpoaServer, make_listener, remove_listener_socket
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ def run(
     agent: Agent, config: AgentConfig, *, listener: object = None, second_signal_exits: bool = True
 ) -> int:
     tls = tls_context(config)
+    own_listener = listener is None
     if listener is None:
         try:
             listener = make_listener(config.bind, listen=False)
@@ -85,6 +86,8 @@ def run(
     stop.wait()
     log.info("shutting down: draining %d connections", server.stats.connections_open)
     server.stop(timeout=SHUTDOWN_TIMEOUT)
+    if own_listener:
+        remove_listener_socket(config.bind)
     for hook in agent.on_shutdown:
         try:
             hook()

@@ -31,6 +31,7 @@ import errno
 import logging
 import os
 import socket
+import stat
 import time
 from collections.abc import Callable
 from typing import Any
@@ -73,6 +74,7 @@ _RECV_BUFFER = bytearray(_RECV_SIZE)
 _RECV_VIEW = memoryview(_RECV_BUFFER)
 # The real select: the pool's full() runs in a hub callback, where gevent's may not switch.
 _select = get_original("select", "select")
+_OriginalSocket = get_original("socket", "socket")
 _NORMAL_CLOSE_ERRNOS = {errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ESHUTDOWN}
 SHUTDOWN_MESSAGE = "agent shutting down"
 BACKLOG = 1024
@@ -654,8 +656,7 @@ def make_listener(bind: str, backlog: int = BACKLOG, *, listen: bool = True) -> 
     unless ``listen`` is false (:meth:`SpoaServer.start` then starts it)."""
     target = split_bind(bind)
     if isinstance(target, str):
-        if os.path.exists(target):
-            os.unlink(target)
+        remove_stale_socket(target)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.bind(target)
     else:
@@ -669,6 +670,46 @@ def make_listener(bind: str, backlog: int = BACKLOG, *, listen: bool = True) -> 
         sock.listen(backlog)
     sock.setblocking(False)
     return sock
+
+
+def remove_stale_socket(path: str) -> None:
+    """Unlink ``path`` if it is a unix socket nobody listens on (a previous run's).
+
+    Anything else raises OSError: a file that is not a socket (unlinking it would destroy
+    someone's data), or a socket another process serves (taking it over would silently cut
+    that agent off from HAProxy, where a TCP port in use is refused).
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+    probe = _OriginalSocket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except TimeoutError:
+        pass  # a full backlog: someone listens
+    except (ConnectionRefusedError, FileNotFoundError):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        return
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, f"another process listens on {path}")
+
+
+def remove_listener_socket(bind: str) -> None:
+    """After a clean stop, remove the unix socket file this agent listened on."""
+    target = split_bind(bind)
+    if isinstance(target, str):
+        try:
+            remove_stale_socket(target)
+        except OSError:
+            pass  # not ours any more: leave it
 
 
 def _close_socket(sock: socket.socket) -> None:

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 from spoe_agent.protocol import codec
 from spoe_agent.protocol.types import FrameType, Message, Scope, SetVar
+from tests.support.procs import wait_for_unix_socket
 from tests.support.spop_client import SpopClient
 
 APP = "tests.apps.server_app:agent"
@@ -151,3 +157,52 @@ def test_busy_poll_never_sleeps_serves_and_still_stops_cleanly(spoe_agent) -> No
         assert codec.decode_kv_list(frame.payload)["status-code"] == 0
     assert busy.process.wait(10) == 0
     assert "busy polling" in busy.process.stderr_text()
+
+
+def _agent_on(path: str, workers: str = "1") -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "spoe_agent", "--bind", f"unix:{path}", "--workers", workers,
+         "--exporter", "none", "--app", APP],
+        stderr=subprocess.PIPE, text=True)
+
+
+def test_unix_bind_never_replaces_a_file_or_a_live_socket(tmp_path: Path) -> None:
+    """Where a TCP port in use is refused, a unix path in use must be too: unlinking it
+    destroyed a regular file, or silently cut a running agent off from HAProxy."""
+    precious = tmp_path / "precious.txt"
+    precious.write_text("data")
+    refused = _agent_on(str(precious))
+    assert refused.wait(20) == 1
+    assert "exists and is not a socket" in refused.stderr.read()
+    assert precious.read_text() == "data"
+
+    path = Path(tempfile.mkdtemp(prefix="spoe-unix-")) / "agent.sock"  # sun_path is short
+    first = _agent_on(str(path))
+    try:
+        wait_for_unix_socket(path, 20)
+        second = _agent_on(str(path))
+        assert second.wait(20) == 1
+        assert f"another process listens on {path}" in second.stderr.read()
+        with SpopClient(str(path)) as client:  # the first one still answers there
+            client.handshake()
+    finally:
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(20) == 0
+    assert not path.exists()  # a clean stop removes its socket file
+
+
+def test_a_stale_socket_file_is_replaced_and_removed_at_stop(tmp_path: Path) -> None:
+    path = Path(tempfile.mkdtemp(prefix="spoe-unix-")) / "agent.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))  # bound, never listening, closed: what a killed agent leaves
+    stale.close()
+    for workers in ("1", "2"):
+        agent = _agent_on(str(path), workers)
+        try:
+            wait_for_unix_socket(path, 20)
+            with SpopClient(str(path)) as client:
+                client.handshake()
+        finally:
+            agent.send_signal(signal.SIGTERM)
+            assert agent.wait(20) == 0, agent.stderr.read()
+        assert not path.exists(), workers

@@ -29,7 +29,7 @@ from gevent.event import Event
 
 from spoe_agent.config import AgentConfig
 from spoe_agent.runner import EXIT_FORCED, SHUTDOWN_TIMEOUT, STOP_SIGNALS, StartupError
-from spoe_agent.server import make_listener
+from spoe_agent.server import make_listener, remove_listener_socket
 from spoe_agent.workers.handoff import channel_pair, read_report, send_connection
 
 log = logging.getLogger(__name__)
@@ -290,6 +290,7 @@ class Supervisor:
                 proc.wait()
         if self._listener is not None:
             self._listener.close()
+            remove_listener_socket(self.config.bind)
         if self.runtime_dir:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
         log.info("supervisor: stopped")
