@@ -427,8 +427,11 @@ class SpoaServer:
             before = conn.buffered
             self._feed(client, data)
             after = conn.buffered
-            if after and read_timeout and (not before or after < before + len(data)):
-                # A new frame started, or frames completed and a new one is under way.
+            if after and read_timeout and conn.state is _READY and (
+                    not before or after < before + len(data)):
+                # A new frame started, or frames completed and a new one is under way. Not
+                # before the HELLO: its deadline runs from the accept, however many frames
+                # of other kinds (skipped) a peer dribbles first.
                 deadline = monotonic() + read_timeout
             if len(data) >= _YIELD_AFTER_BYTES:
                 # A big read means the peer keeps this socket readable, and a recv that does

@@ -132,6 +132,29 @@ def test_dribbled_hello_hits_the_deadline_despite_activity(
     still_serving(agent)
 
 
+def test_skipped_frames_before_hello_do_not_move_its_deadline(
+    spoe_agent: AgentFactory, tmp_path: Path
+) -> None:
+    """Unknown frames are skipped, but each one a peer completes must not restart the clock:
+    rest of one frame + first byte of the next, forever, held a slot without a HELLO."""
+    agent, metrics = start(spoe_agent, tmp_path, "read_timeout = 1s\nidle_timeout = 0")
+    unknown = codec.encode_frame(42, 1, 1, b"xxxx")  # a type the spec says to skip
+    with SpopClient((agent.host, agent.port), timeout=15) as client:
+        client.send(unknown[:1])
+        client.sock.settimeout(0.25)
+        frame = None
+        for _ in range(16):  # 4 s of it, against a 1 s deadline
+            client.send(unknown[1:] + unknown[:1])
+            try:
+                frame = client.read_frame()
+                break
+            except TimeoutError:
+                continue
+        assert disconnect_status(frame) == 2
+    assert limit_hits(metrics, "hello_timeout") == 1
+    still_serving(agent)
+
+
 def test_frame_that_never_completes_hits_the_read_deadline(
     spoe_agent: AgentFactory, tmp_path: Path
 ) -> None:
