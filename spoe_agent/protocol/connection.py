@@ -158,6 +158,9 @@ class SpopConnection:
         self.engine_id: str | None = None
         self.healthcheck = False
         self.acks_too_big = 0
+        # The peer's EOF ended a working connection (no DISCONNECT either way): the NOTIFYs
+        # it sent before still get their ACKs, which a half-closed peer can read.
+        self.peer_eof = False
         self._inbuf = bytearray()
         self._out: list[bytes] = []
         self._fragments: _Fragments | None = None
@@ -179,7 +182,7 @@ class SpopConnection:
         not fit, HAProxy still gets an empty ACK (the request goes on, the variables are not
         set) rather than a frame it would answer with "frame is too big".
         """
-        if self.state is _CLOSED:
+        if self.state is _CLOSED and not self.peer_eof:
             return
         frame = codec.ack(stream_id, frame_id, actions)
         if len(frame) - _LENGTH_PREFIX > self.frame_size:
@@ -211,6 +214,7 @@ class SpopConnection:
         """The peer closed (EOF or reset): a normal end, whatever state we were in."""
         if self.state is State.CLOSED:
             return []
+        self.peer_eof = self.state is State.READY
         self.state = State.CLOSED
         return [ConnectionClosed("peer closed the connection")]
 
@@ -448,10 +452,14 @@ class SpopConnection:
 
 
 def _supports_v2(versions: str) -> bool:
-    """True if HAProxy announced a major version >= 2 ("2.0" in every release since 1.8.10)."""
+    """True if HAProxy announced a major version >= 2 ("2.0" in every release since 1.8.10).
+
+    ASCII digits only, and a bounded count: ``str.isdigit`` is true of "²" or "٢", which
+    ``int`` rejects or reads as another number, and ``int`` refuses over 4,300 digits.
+    """
     for item in versions.split(","):
         major, _, _minor = item.strip().partition(".")
-        if major.isdigit() and int(major) >= 2:
+        if 0 < len(major) <= 9 and major.isascii() and major.isdigit() and int(major) >= 2:
             return True
     return False
 

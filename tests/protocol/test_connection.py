@@ -185,6 +185,22 @@ def test_eof_is_a_normal_close() -> None:
     assert conn.data_to_send() == b""
 
 
+def test_a_notify_read_before_eof_still_gets_its_ack() -> None:
+    """A handler still running at the peer's EOF (a half-close) answers what it was sent;
+    after a DISCONNECT, either way, nothing more is written."""
+    conn = ready()
+    (event,) = conn.receive_data(codec.notify(7, 1, []))
+    assert conn.receive_eof() == [ConnectionClosed("peer closed the connection")]
+    conn.send_ack(event.stream_id, event.frame_id)
+    assert conn.data_to_send() == codec.ack(7, 1)
+    after_disconnect = ready()
+    after_disconnect.receive_data(SOFT_STOP)
+    after_disconnect.data_to_send()
+    after_disconnect.receive_eof()
+    after_disconnect.send_ack(7, 1)
+    assert after_disconnect.data_to_send() == b""
+
+
 @pytest.mark.parametrize(
     ("data", "status"),
     [
@@ -193,6 +209,13 @@ def test_eof_is_a_normal_close() -> None:
         pytest.param(hello(capabilities=None), Status.NO_CAPABILITIES, id="no-capabilities"),
         pytest.param(hello(**{"supported-versions": "1.0"}), Status.UNSUPPORTED_VERSION,
                      id="version-1.0"),
+        # str.isdigit() is true of these, which int() rejects or reads as another number
+        pytest.param(hello(**{"supported-versions": "\u00b2.0"}), Status.UNSUPPORTED_VERSION,
+                     id="version-superscript"),
+        pytest.param(hello(**{"supported-versions": "1.0,\u0662.0"}),
+                     Status.UNSUPPORTED_VERSION, id="version-arabic-indic"),
+        pytest.param(hello(**{"supported-versions": "9" * 4301 + ".0"}),
+                     Status.UNSUPPORTED_VERSION, id="version-4301-digits"),
         pytest.param(hello(**{"max-frame-size": Typed(DataType.UINT32, 255)}),
                      Status.BAD_MAX_FRAME_SIZE, id="size-255"),
         pytest.param(codec.notify(1, 1, []), Status.INVALID_FRAME, id="notify-before-hello"),
