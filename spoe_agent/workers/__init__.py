@@ -27,7 +27,8 @@ _REPORT_S = 1.0
 
 
 def worker_config(config: AgentConfig, index: int) -> AgentConfig:
-    """Worker ``index``'s configuration: its share of ``max_sessions``, its metrics port.
+    """Worker ``index``'s configuration: its share of ``max_sessions`` and ``max_connections``,
+    its metrics port.
 
     ``max_sessions`` bounds the whole agent's memory, so each of N workers holds at most
     ``ceil(max_sessions / N)``; sessions are spread evenly by their hash, so the cap still
@@ -41,6 +42,8 @@ def worker_config(config: AgentConfig, index: int) -> AgentConfig:
     workers = config.workers
     changes: dict[str, Any] = {
         "max_sessions": max(1, -(-config.max_sessions // workers)),
+        # The agent's too: the supervisor hands each connection to the least loaded worker.
+        "max_connections": max(1, -(-config.max_connections // workers)),
         "export_queue_size": max(1, -(-config.export_queue_size // workers)),
     }
     if config.metrics:

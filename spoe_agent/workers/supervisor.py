@@ -42,6 +42,7 @@ STABLE_AFTER_S = 2.0
 MAX_BACKOFF_S = 5.0
 _POLL_S = 0.05
 _FIRST_ACCEPT_WAIT_S = 10.0
+_FULL_RETRY_S = 0.05
 
 
 class _Slot:
@@ -220,19 +221,31 @@ class Supervisor:
                 gevent.sleep(0.1)
                 continue
             try:
-                for slot in sorted(self.slots, key=lambda s: s.load):
-                    if slot.channel is None:
-                        continue
-                    try:
-                        send_connection(slot.channel, conn, address)
-                    except OSError:
-                        continue  # dead or not reading: the next one
-                    slot.handed += 1
-                    break
-                else:
-                    log.warning("no worker could take a connection from %s", address)
+                waited = False
+                while not self._hand_over(conn, address):
+                    # Every worker is at max_connections and its hand-off queue is full: this
+                    # connection waits here and the next ones in the listen backlog, as with one
+                    # process (server._ConnectionPool says why). Closing it reset a HAProxy
+                    # connection with its HELLO unread and no AGENT-DISCONNECT.
+                    if not waited:
+                        waited = True
+                        log.warning("every worker is at max_connections: new connections "
+                                    "wait in the listen backlog")
+                    gevent.sleep(_FULL_RETRY_S)
             finally:
                 conn.close()
+
+    def _hand_over(self, conn: Any, address: Any) -> bool:
+        for slot in sorted(self.slots, key=lambda s: s.load):
+            if slot.channel is None:
+                continue
+            try:
+                send_connection(slot.channel, conn, address)
+            except OSError:
+                continue  # dead, or its queue is full: the next one
+            slot.handed += 1
+            return True
+        return False
 
     def _check(self) -> None:
         now = time.monotonic()

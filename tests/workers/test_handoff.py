@@ -72,8 +72,9 @@ def test_each_worker_gets_its_metrics_address(metrics: str, index: int, expected
 
 @pytest.mark.parametrize("cap, workers, share", [(100_000, 2, 50_000), (10, 3, 4), (1, 4, 1)])
 def test_the_session_cap_is_shared_by_the_workers(cap: int, workers: int, share: int) -> None:
-    config = AgentConfig(workers=workers, max_sessions=cap)
+    config = AgentConfig(workers=workers, max_sessions=cap, max_connections=cap)
     assert worker_config(config, 0).max_sessions == share
+    assert worker_config(config, 0).max_connections == share
     assert config.max_sessions == cap  # the original is left alone
 
 

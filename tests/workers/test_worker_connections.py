@@ -3,14 +3,18 @@ connection still gets, whichever worker holds it."""
 
 from __future__ import annotations
 
+import os
+import selectors
 import socket
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 from spoe_agent.protocol import codec
 from spoe_agent.protocol.types import FrameType, Message
 from spoe_agent.workers.router import owner_of
 from tests.support.procs import AgentProcess
-from tests.support.spop_client import SpopClient
+from tests.support.spop_client import SpopClient, hello_frame
 from tests.workers.test_multiworker import wait_workers_ready
 
 
@@ -36,3 +40,65 @@ def test_an_inject_sent_before_a_half_close_is_still_answered(
         acks = [f for f in frames if f.type == FrameType.ACK]
         assert len(acks) == 1 and (acks[0].stream_id, acks[0].frame_id) == (7, 1), (key, frames)
         assert codec.decode_actions(acks[0].payload), (key, "no traceparent")
+
+
+def test_connections_past_every_workers_cap_wait_rather_than_reset(
+    spoe_agent: Callable[..., AgentProcess], tmp_path: Path
+) -> None:
+    """One process leaves connections past max_connections in the listen backlog; with
+    workers the supervisor used to accept them anyway and, once every worker's hand-off
+    queue was full (~280 each), close them with their HELLO unread: resets, no goodbye."""
+    ini = tmp_path / "agent.ini"
+    ini.write_text("[listener]\nmax_connections = 2\n")  # the agent's: one per worker
+    agent = spoe_agent("--workers", "2", "-c", str(ini), app=None,
+                       env={**os.environ, "OTEL_TRACES_EXPORTER": "none"})
+    wait_workers_ready(agent, 2)
+    hello = hello_frame()
+    socks = []
+    selector = selectors.DefaultSelector()
+    try:
+        for _ in range(700):
+            sock = socket.create_connection((agent.host, agent.port), timeout=10)
+            sock.sendall(hello)
+            sock.setblocking(False)
+            selector.register(sock, selectors.EVENT_READ)
+            socks.append(sock)
+        answered, broken = _answers(selector, seconds=3.0)
+        assert broken == [] and len(answered) == 2, (len(answered), broken[:3])
+        assert "every worker is at max_connections" in agent.logs()
+        for sock in answered:  # two slots free: two waiting connections get theirs
+            selector.unregister(sock)
+            sock.close()
+        more, broken = _answers(selector, seconds=5.0, want=2)
+        assert broken == [] and len(more) == 2, (len(more), broken[:3])
+    finally:
+        selector.close()
+        for sock in socks:
+            sock.close()
+
+
+def _answers(selector: selectors.BaseSelector, seconds: float,
+             want: int | None = None) -> tuple[list[socket.socket], list[str]]:
+    """The sockets that got an AGENT-HELLO within ``seconds``, and what went wrong on others."""
+    answered: list[socket.socket] = []
+    broken: list[str] = []
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0 and (want is None or len(answered) < want):
+        for key, _ in selector.select(left):
+            sock = key.fileobj
+            try:
+                data = sock.recv(4096)
+            except ConnectionResetError:
+                broken.append("reset")
+                selector.unregister(sock)
+                continue
+            if not data:
+                broken.append("closed")
+            elif data[4] == FrameType.AGENT_HELLO:
+                answered.append(sock)
+            else:
+                broken.append(f"frame type {data[4]}")
+            selector.unregister(sock)
+    for sock in answered:
+        selector.register(sock, selectors.EVENT_READ)  # the caller closes them
+    return answered, broken
