@@ -18,7 +18,10 @@ Two modes:
   and the session registry see every decoded message; RSS is this process's.
 * ``--live HOST:PORT``: each input goes over its own connection to a running agent, which must
   answer exactly what the oracle predicts (frame types, ids, DISCONNECT status), close cleanly
-  (no reset, no hang) and stay up; ``--agent-pid`` samples the agent's RSS.
+  (no reset, no hang) and stay up; ``--agent-pid`` samples the agent's RSS. Against
+  ``--workers N`` add ``--acks-any-order``: the oracle is one process, whose ACKs keep the
+  NOTIFYs' order, where a worker answers an inject for another worker's session when that
+  worker does (SPOP allows any order).
 
 It reports inputs/s, outcomes by status code and RSS over time, stops after ``--seconds`` (or
 ``--inputs``), and exits 1 on any broken promise, printing how to replay the input::
@@ -485,12 +488,15 @@ def _is_subsequence(small: Sequence[Sent], big: Sequence[Sent]) -> bool:
 
 
 def check_live(address: tuple[str, int], chunks: Sequence[bytes], max_frame_size: int,
-               timeout: float = 10.0) -> Outcome:
+               timeout: float = 10.0, acks_any_order: bool = False) -> Outcome:
     """The live agent must send what the oracle predicts: same types, ids and status.
 
     How the agent's reads cut the stream is up to TCP, and a NOTIFY read together with the frame
     that closes the connection gets no ACK (see :attr:`Outcome.unanswerable`); so its ACKs are
     checked between two bounds: every frame read alone (the most ACKs) and all in one read.
+    With ``acks_any_order`` only which ACKs came is checked, not their order: SPOP lets an agent
+    answer pipelined NOTIFYs in any order, and one whose handlers run concurrently does (with
+    ``--workers N``, an inject for a session another worker owns waits for that worker).
     """
     data = b"".join(chunks)
     most = replay(frame_chunks(data), max_frame_size=max_frame_size)
@@ -509,8 +515,11 @@ def check_live(address: tuple[str, int], chunks: Sequence[bytes], max_frame_size
     if others(got) != others(most.sent):
         raise BrokenPromise(f"live agent sent {others(got)[:8]}, the oracle predicts "
                             f"{others(most.sent)[:8]}")
-    if not (len(acks(least.sent)) <= len(acks(got))
-            and _is_subsequence(acks(got), acks(most.sent))):
+    if acks_any_order:
+        within = not (Counter(acks(got)) - Counter(acks(most.sent)))
+    else:
+        within = _is_subsequence(acks(got), acks(most.sent))
+    if not (len(acks(least.sent)) <= len(acks(got)) and within):
         raise BrokenPromise(f"live ACKs {acks(got)[:8]} are not between {acks(least.sent)[:8]} "
                             f"and {acks(most.sent)[:8]}")
     if got and others(got) and got[-1] != others(got)[-1] \
@@ -588,6 +597,7 @@ def fuzz(
     seed: int = 0,
     live: tuple[str, int] | None = None,
     agent_pid: int | None = None,
+    acks_any_order: bool = False,
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
     sample_every: float = 5.0,
     progress: Callable[[Report], None] | None = None,
@@ -625,7 +635,8 @@ def fuzz(
             if live is None:
                 outcome = replay(chunks, handler=handler, max_frame_size=max_frame_size)
             else:
-                outcome = check_live(live, chunks, max_frame_size)
+                outcome = check_live(live, chunks, max_frame_size,
+                                     acks_any_order=acks_any_order)
             report.outcomes[outcome.label] += 1
             report.unanswerable += outcome.unanswerable
         except Exception as exc:  # BrokenPromise, or a crash of the oracle: a finding either way
@@ -666,6 +677,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=int(time.time()) & 0xFFFF)
     parser.add_argument("--live", metavar="HOST:PORT", help="fuzz a running agent")
     parser.add_argument("--agent-pid", type=int, help="sample this process's RSS (live mode)")
+    parser.add_argument("--acks-any-order", action="store_true",
+                        help="live mode: accept ACKs in any order (an agent whose handlers run "
+                             "concurrently, such as spoe-agent --workers N)")
     parser.add_argument("--max-frame-size", type=int, default=DEFAULT_MAX_FRAME_SIZE,
                         help="the agent's max_frame_size (live mode: as configured)")
     parser.add_argument("--max-rss-growth-mb", type=float, default=64.0,
@@ -684,7 +698,8 @@ def main(argv: list[str] | None = None) -> int:
         data, chunks = input_for(args.seed, args.replay)
         print(f"input {args.replay} of seed {args.seed}: {len(data)} bytes in {len(chunks)} "
               f"chunks\n{data.hex()}")
-        outcome = (check_live(live, chunks, args.max_frame_size) if live
+        outcome = (check_live(live, chunks, args.max_frame_size,
+                              acks_any_order=args.acks_any_order) if live
                    else replay(chunks, handler=tracing_handler()[0],
                                max_frame_size=args.max_frame_size))
         print(f"outcome: {outcome.label}; sent {outcome.sent}")
@@ -698,6 +713,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = fuzz(seconds=args.seconds, max_inputs=args.inputs, seed=args.seed, live=live,
                   agent_pid=args.agent_pid, max_frame_size=args.max_frame_size,
+                  acks_any_order=args.acks_any_order,
                   sample_every=args.sample_every, progress=progress)
     result = report.as_dict()
     growth_mb = report.rss_growth_kb / 1024
