@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "1 serves in this process)")
     # Set by the --workers supervisor on the processes it starts (docs/scaling.md).
     parser.add_argument("--worker-index", dest="worker_index", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--busy-poll", dest="busy_poll", action="store_true", default=None,
+    parser.add_argument("--busy-poll", dest="busy_poll", action=argparse.BooleanOptionalAction,
+                        default=None,
                         help="poll without ever sleeping, like HAProxy's busy-polling: lower "
                              "latency per event (on VMs especially) for one busy core per "
                              "process")
@@ -41,11 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="serve Prometheus /metrics and /health there (off by default)")
     parser.add_argument("--service-name", dest="service_name", metavar="NAME",
                         help="default service.name of the spans (OTEL_SERVICE_NAME)")
-    parser.add_argument("--exporter", choices=("jaeger", "otlp", "console", "none"),
+    parser.add_argument("--exporter", type=str.lower, choices=("jaeger", "otlp", "console", "none"),
                         help="where spans go (OTEL_TRACES_EXPORTER)")
-    parser.add_argument("--log-level", dest="log_level",
+    parser.add_argument("--log-level", dest="log_level", type=str.lower,
                         choices=("debug", "info", "warning", "error", "critical"))
-    parser.add_argument("--log-format", dest="log_format", choices=("text", "json"),
+    parser.add_argument("--log-format", dest="log_format", type=str.lower, choices=("text", "json"),
                         help="text lines or one JSON object per line")
     parser.add_argument("--app", metavar="MODULE:ATTR",
                         help="serve this spoe_agent.handlers.Agent instead of the tracing agent")
@@ -119,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.config is not None and not args.config.strip():
+        parser.error("-c/--config: an empty file name (leave the flag out for the defaults)")
     try:
         config = load_config(args.config, _overrides(args))
     except (ConfigError, ValueError) as exc:

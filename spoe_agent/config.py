@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from spoe_agent.protocol.connection import MIN_FRAME_SIZE
 
@@ -166,6 +166,8 @@ def _propagators(text: str) -> tuple[str, ...]:
     for name in names:
         if name not in PROPAGATORS:
             raise ValueError(f"unknown propagator {name!r}; known: {', '.join(PROPAGATORS)}")
+    if not names:
+        raise ValueError("no propagator named (none turns propagation off)")
     if "none" in names and len(set(names)) > 1:
         raise ValueError("propagator 'none' cannot be combined with other propagators")
     return names
@@ -184,6 +186,14 @@ def parse_metrics_bind(text: str) -> str:
 
 def _text(text: str) -> str:
     return str(text).strip()
+
+
+def _name(text: str) -> str:
+    """A value that cannot be empty (a service name, a host): empty would only fail later."""
+    value = str(text).strip()
+    if not value:
+        raise ValueError("must not be empty")
+    return value
 
 
 def _level(text: str) -> str:
@@ -240,8 +250,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("log_format", "logging", "format", _choice("text", "json")),
     Option("metrics", "metrics", "bind", parse_metrics_bind),
     Option("exporter", "tracing", "exporter", _choice(*EXPORTERS), env="OTEL_TRACES_EXPORTER"),
-    Option("service_name", "tracing", "service_name", _text, env="OTEL_SERVICE_NAME"),
-    Option("jaeger_agent_host", "tracing", "jaeger_agent_host", _text,
+    Option("service_name", "tracing", "service_name", _name, env="OTEL_SERVICE_NAME"),
+    Option("jaeger_agent_host", "tracing", "jaeger_agent_host", _name,
            env="OTEL_EXPORTER_JAEGER_AGENT_HOST"),
     Option("jaeger_agent_port", "tracing", "jaeger_agent_port", _int_range(1, 65535),
            env="OTEL_EXPORTER_JAEGER_AGENT_PORT"),
@@ -453,6 +463,14 @@ def load_env(env: Mapping[str, str], config: AgentConfig) -> None:
                 raise ConfigError(f"environment variable {name}", str(exc)) from None
             config.sources[option.attr] = f"environment variable {name}"
             break
+    # OpenTelemetry's order for service.name: OTEL_SERVICE_NAME, then OTEL_RESOURCE_ATTRIBUTES,
+    # then the default; here agent.ini's service_name (set above) counts as the first.
+    if "service_name" not in config.sources:
+        for item in env.get("OTEL_RESOURCE_ATTRIBUTES", "").split(","):
+            key, sep, value = item.partition("=")
+            if sep and key.strip() == "service.name" and unquote(value).strip():
+                config.service_name = unquote(value).strip()
+                config.sources["service_name"] = "environment variable OTEL_RESOURCE_ATTRIBUTES"
     # The OTLP exporter's generic endpoint variable, as a fallback for the traces-specific one
     # (which then wins), over agent.ini like every variable.
     base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()

@@ -292,3 +292,34 @@ def test_busy_poll_is_off_unless_the_ini_or_the_flag_asks(tmp_path: Path) -> Non
 def test_limits_refuse_unsafe_values(tmp_path: Path, text: str, reason: str) -> None:
     with pytest.raises(ConfigError, match=reason):
         load_config(write(tmp_path, text), env={})
+
+
+def test_service_name_from_resource_attributes_when_nothing_more_specific(tmp_path: Path) -> None:
+    attrs = {"OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=prod,service.name=edge%20lb"}
+    config = load_config(env=attrs)
+    assert config.service_name == "edge lb"
+    assert config.sources["service_name"] == "environment variable OTEL_RESOURCE_ATTRIBUTES"
+    assert load_config(env={**attrs, "OTEL_SERVICE_NAME": "named"}).service_name == "named"
+    path = write(tmp_path, "[tracing]\nservice_name = from-ini\n")
+    assert load_config(path, env=attrs).service_name == "from-ini"
+    assert load_config(env={"OTEL_RESOURCE_ATTRIBUTES": "a=b"}).service_name == "haproxy"
+
+
+@pytest.mark.parametrize("text", ["[tracing]\nservice_name =\n",
+                                  "[tracing]\njaeger_agent_host =\n",
+                                  "[tracing]\npropagators =\n"])
+def test_settings_that_cannot_be_empty(tmp_path: Path, text: str) -> None:
+    with pytest.raises(ConfigError, match="agent.ini:2: .*(must not be empty|no propagator)"):
+        load_config(write(tmp_path, text), env={})
+
+
+def test_flags_take_any_case_and_busy_poll_can_be_turned_off(tmp_path: Path) -> None:
+    from spoe_agent.cli import _overrides, build_parser
+
+    args = build_parser().parse_args(["--exporter", "Jaeger", "--log-level", "INFO",
+                                      "--no-busy-poll"])
+    path = write(tmp_path, "[listener]\nbusy_poll = true\n")
+    config = load_config(path, _overrides(args), env={})
+    assert (config.exporter, config.log_level, config.busy_poll) == ("jaeger", "INFO", False)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--exporter", "zipkin"])
