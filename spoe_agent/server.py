@@ -391,7 +391,7 @@ class SpoaServer:
             if client.draining:
                 self._drain(client)
                 return
-            if conn.state is _READY and not conn.buffered:
+            if conn.state is _READY and not conn.buffered and not conn.awaiting_fragments:
                 kind, timeout = "idle_timeout", None  # _sweep_idle ends an idle wait
             else:
                 kind = "read_timeout" if conn.state is State.READY else "hello_timeout"
@@ -427,11 +427,13 @@ class SpoaServer:
             before = conn.buffered
             self._feed(client, data)
             after = conn.buffered
-            if after and read_timeout and conn.state is _READY and (
-                    not before or after < before + len(data)):
-                # A new frame started, or frames completed and a new one is under way. Not
-                # before the HELLO: its deadline runs from the accept, however many frames
-                # of other kinds (skipped) a peer dribbles first.
+            if read_timeout and conn.state is _READY and (
+                    (after and (not before or after < before + len(data)))
+                    or (not after and conn.awaiting_fragments)):
+                # A new frame started, or frames completed and a new one is under way, or
+                # a fragment completed and the next is due. Not before the HELLO: its
+                # deadline runs from the accept, however many frames of other kinds
+                # (skipped) a peer dribbles first.
                 deadline = monotonic() + read_timeout
             if len(data) >= _YIELD_AFTER_BYTES:
                 # A big read means the peer keeps this socket readable, and a recv that does

@@ -300,6 +300,12 @@ class SpopConnection:
         """Bytes of an incomplete frame still waiting (for read deadlines and memory limits)."""
         return len(self._inbuf)
 
+    @property
+    def awaiting_fragments(self) -> bool:
+        """A fragmented NOTIFY is half reassembled: its next fragment is due (a read deadline,
+        not the idle timeout, bounds how long up to ``max_reassembled_size`` is held)."""
+        return self._fragments is not None
+
     def _violation(self, status: Status, message: str, events: list[Event]) -> None:
         # The server logs it with the peer's address; this is for protocol debugging.
         log.debug("SPOP protocol error, disconnecting with status %d: %s", status, message)

@@ -155,6 +155,23 @@ def test_skipped_frames_before_hello_do_not_move_its_deadline(
     still_serving(agent)
 
 
+def test_a_fragmented_notify_left_half_done_hits_the_read_deadline(
+    spoe_agent: AgentFactory, tmp_path: Path
+) -> None:
+    """Between two fragments nothing is buffered, but the NOTIFY is not done: its next fragment
+    is due within read_timeout, as the rest of a frame is. Under the idle timeout (600 s by
+    default; off here) the reassembled part (up to 1 MiB) was held all that time."""
+    agent, metrics = start(spoe_agent, tmp_path, "read_timeout = 1s\nidle_timeout = 0")
+    payload = codec.notify(1, 1, [Message("inline", [("pad", "x" * 200)])])[4 + 1 + 4 + 2:]
+    first = codec.encode_frame(FrameType.NOTIFY, 1, 1, payload[:100], 0)  # FIN unset
+    with SpopClient((agent.host, agent.port), timeout=15) as client:
+        client.handshake(capabilities="pipelining,async,fragmentation")
+        client.send(first)
+        assert [disconnect_status(f) for f in read_until_eof(client)] == [2]
+    assert limit_hits(metrics, "read_timeout") == 1
+    still_serving(agent)
+
+
 def test_frame_that_never_completes_hits_the_read_deadline(
     spoe_agent: AgentFactory, tmp_path: Path
 ) -> None:
