@@ -142,7 +142,7 @@ class MetricsServer:
 
     def start(self) -> None:
         self.wsgi.start()
-        log.info("metrics on http://%s:%d/metrics", *self.wsgi.address[:2])
+        log.info("metrics on %s/metrics", url_of(*self.wsgi.address[:2]))
 
     def stop(self) -> None:
         self.wsgi.stop(timeout=1)
@@ -172,6 +172,11 @@ def endpoint_server(
     if isinstance(target, str):
         raise ValueError("the metrics endpoint listens on HOST:PORT, not a unix socket")
     return WSGIServer(target, app, log=None, error_log=log)
+
+
+def url_of(host: str, port: int) -> str:
+    """``http://host:port``, an IPv6 address in brackets (``parse_bind`` keeps it bare)."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def start_metrics_server(bind: str, server: Any, agent: Agent) -> MetricsServer:

@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
-from spoe_agent.metrics import endpoint_server
+from spoe_agent.metrics import endpoint_server, url_of
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class WorkersMetricsServer:
 
     def start(self) -> None:
         self.wsgi.start()
-        log.info("metrics of all workers on http://%s:%d/metrics", *self.wsgi.address[:2])
+        log.info("metrics of all workers on %s/metrics", url_of(*self.wsgi.address[:2]))
 
     def stop(self) -> None:
         self.wsgi.stop(timeout=1)
@@ -174,5 +174,6 @@ def worker_metrics_urls(bind: str, workers: int) -> list[str]:
     if host in ("", "0.0.0.0"):
         host = "127.0.0.1"
     elif host in ("::", "[::]"):
-        host = "[::1]"
-    return [f"http://{host}:{int(port) + 1 + i}" for i in range(workers)]
+        host = "::1"
+    return [url_of(host, int(port) + 1 + i) for i in range(workers)]
+

@@ -144,3 +144,11 @@ def test_a_dead_worker_shows_up_and_is_counted_when_replaced(
     samples = scrape(port)
     assert per_worker(samples, "spoe_agent_worker_up") == {"0": 1, "1": 1}
     assert total(samples, "spoe_agent_frames_total", **notifies) == 7
+
+
+def test_worker_endpoints_of_an_ipv6_bind_are_valid_urls() -> None:
+    from spoe_agent.workers.metrics import worker_metrics_urls
+
+    assert worker_metrics_urls("::1:9464", 2) == ["http://[::1]:9465", "http://[::1]:9466"]
+    assert worker_metrics_urls("0.0.0.0:9464", 1) == ["http://127.0.0.1:9465"]
+    assert worker_metrics_urls(":::9464", 1) == ["http://[::1]:9465"]
