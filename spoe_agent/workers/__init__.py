@@ -57,9 +57,16 @@ def serve(agent: Any, config: AgentConfig, argv: list[str], index: int | None) -
     if index is None:
         from spoe_agent.workers.supervisor import Supervisor
 
-        # The supervisor built the agent only to validate the configuration; it serves nothing.
-        for hook in agent.on_shutdown:
-            hook()
+        # The supervisor built the agent only to validate the configuration; it serves nothing,
+        # so the summary its shutdown logs ("0 spans exported in all") would only mislead.
+        quiet = logging.getLogger("spoe_agent.tracing")
+        level = quiet.level
+        quiet.setLevel(max(logging.WARNING, quiet.getEffectiveLevel()))
+        try:
+            for hook in agent.on_shutdown:
+                hook()
+        finally:
+            quiet.setLevel(level)
         return Supervisor(config, argv).run()
     return _run_worker(agent, config, index)
 
