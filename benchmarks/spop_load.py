@@ -118,13 +118,18 @@ def _tag(name: str, value: Any) -> list[tuple[str, Any]]:
     return [("tag", name), ("", value)]
 
 
+# Today, as HAProxy's date(0,us) says: the agent takes a ts more than an hour off its clock
+# for a unit mistake and uses the arrival time instead.
+_TS_BASE_US = time.time_ns() // 1000
+
+
 def traced_request(i: int) -> list[bytes]:
     """The 8 NOTIFYs (fid 1..8) one HTTP request makes with devenv/conf/spoe.cfg, the reference
     tracing config, with the argument types HAProxy 2.6 sends (INT64 ts, IPV4 src, NULL for an
     absent header); the on-http-response NOTIFY carries its two messages, as HAProxy groups
     them. Replay it ``--sequenced``: HAProxy sends a stream's next event after the last ACK."""
     uid = f"{i:08x}-5f1c-4b6e-9a2d-{i:012x}"
-    ts = 1_700_000_000_000_000 + i * 1000
+    ts = _TS_BASE_US + i * 1000
 
     def msg(name: str, step: int, *args: tuple[str, Any]) -> Message:
         return Message(name, [("id", uid), ("ts", ts + step * 50), *args])

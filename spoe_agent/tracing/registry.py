@@ -65,6 +65,9 @@ INCOMPLETE_ATTRIBUTE = "haproxy.span.incomplete"
 # Bounds on what one span or session may accumulate, whatever HAProxy sends.
 _MAX_ITEMS_PER_SPAN: Final = 128
 _MAX_ATTR_SLOTS: Final = 2 * _MAX_ITEMS_PER_SPAN  # a span's tags are kept as a flat key, value list
+#: How far a message's ts may be from the agent's clock (HAProxy's events wait seconds at
+#: most; a wrong unit is decades off).
+_TS_WINDOW_NS: Final = 3600 * 1_000_000_000
 _MAX_BAGGAGE_ITEMS: Final = 64
 _MAX_CACHED_RESOURCES: Final = 256
 
@@ -164,6 +167,7 @@ STAT_KEYS = (
     "item_limit",
     "value_truncated",
     "late_carrier",
+    "bad_ts",
     "extract_error",
     "inject_error",
     "sampler_error",
@@ -387,7 +391,15 @@ class SessionRegistry:
         key, ts_ns, service, carrier, ops = command
         sessions = self._sessions
         now = self._clock_ns() - self._epoch_ns
-        t = ts_ns - self._epoch_ns if ts_ns else now
+        t = now
+        if ts_ns:
+            t = ts_ns - self._epoch_ns
+            if not -_TS_WINDOW_NS < t - now < _TS_WINDOW_NS:
+                # Seconds or milliseconds where microseconds are due (1970), or a date past
+                # what an exporter can encode (one such span fails its whole batch): the
+                # arrival time instead, counted.
+                self.stats["bad_ts"] += 1
+                t = now
         session = sessions.get(key)
         if session is None:
             if key in self._evicted:

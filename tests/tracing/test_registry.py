@@ -338,15 +338,27 @@ def test_reference_tree_with_incoming_context_and_5xx() -> None:
 
 def test_reference_tree_timestamps_from_ts() -> None:
     h = Harness()
-    run_reference(h, ts=1_000_000)
+    base = T0 // 1000  # µs, as HAProxy's date(0,us) sends them
+    run_reference(h, ts=base)
     spans = h.by_name()
     us = 1000  # ns
-    assert spans["HAProxy session"].start_time == 1_000_000 * us
-    assert spans["HAProxy session"].end_time == 1_000_007 * us
-    assert spans["Frontend TCP request"].start_time == 1_000_001 * us
-    assert spans["Frontend TCP request"].end_time == 1_000_002 * us
-    assert spans["Backend HTTP request"].start_time == 1_000_004 * us
-    assert spans["Backend HTTP request"].end_time == 1_000_005 * us
+    assert spans["HAProxy session"].start_time == base * us
+    assert spans["HAProxy session"].end_time == (base + 7) * us
+    assert spans["Frontend TCP request"].start_time == (base + 1) * us
+    assert spans["Frontend TCP request"].end_time == (base + 2) * us
+    assert spans["Backend HTTP request"].start_time == (base + 4) * us
+    assert spans["Backend HTTP request"].end_time == (base + 5) * us
+
+
+@pytest.mark.parametrize("ts", [T0 // 10**9, T0 // 10**6, T0 // 1000 * 1000, T0])
+def test_a_ts_far_from_the_clock_is_replaced_by_the_arrival_time(ts: int) -> None:
+    """Seconds or milliseconds where microseconds are due put spans in 1970; a date past what
+    an exporter encodes (OTLP's uint64 ns) made it fail the whole batch, other traces too."""
+    h = Harness()
+    h.send(("id", "s"), ("ts", ts), ("span", "a"), ("finish", "*"))
+    (span,) = h.spans
+    assert span.start_time == span.end_time == T0
+    assert h.reg.stats["bad_ts"] == 1
 
 
 def test_spans_before_the_context_wait_and_later_spans_are_emitted_as_they_end() -> None:
@@ -466,10 +478,10 @@ def test_clock_is_used_without_ts() -> None:
 
 def test_end_before_start_is_clamped() -> None:
     h = Harness()
-    h.send(("id", "s"), ("ts", 2_000_000), ("span", "a"))
-    h.send(("id", "s"), ("ts", 1_000_000), ("finish", "*"))
+    h.send(("id", "s"), ("ts", T0 // 1000 + 2_000_000), ("span", "a"))
+    h.send(("id", "s"), ("ts", T0 // 1000 + 1_000_000), ("finish", "*"))
     (span,) = h.spans
-    assert span.end_time == span.start_time == 2_000_000_000
+    assert span.end_time == span.start_time == T0 + 2_000_000_000
 
 
 def test_service_per_session_and_default() -> None:
@@ -491,13 +503,13 @@ def test_kind() -> None:
 
 def test_log_becomes_an_event_at_the_message_time() -> None:
     h = Harness()
-    h.send(("id", "s"), ("ts", 5), ("span", "a"), ("log", "retry"), ("", 3))
+    h.send(("id", "s"), ("ts", T0 // 1000 + 5), ("span", "a"), ("log", "retry"), ("", 3))
     h.send(("id", "s"), ("finish", "*"))
     (span,) = h.spans
     (event,) = span.events
     assert event.name == "retry"
     assert dict(event.attributes) == {"retry": 3}
-    assert event.timestamp == 5000
+    assert event.timestamp == T0 + 5000
 
 
 def test_tag_values_are_truncated_and_sanitized() -> None:

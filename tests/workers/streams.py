@@ -15,6 +15,7 @@ shapes of the spans a registry emitted says whether it saw every stream in order
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from typing import Any
 
@@ -27,7 +28,7 @@ from spoe_agent.tracing.language import Command, parse_message
 from spoe_agent.tracing.propagation import build_propagator
 from spoe_agent.tracing.registry import SessionRegistry
 
-T0_US = 1_700_000_000_000_000
+T0_US = time.time_ns() // 1000  # near the agent's clock, or it takes the arrival time
 
 
 def stream(key: str, *, inject: bool = False, t0_us: int = T0_US) -> list[Command]:
