@@ -99,6 +99,8 @@ for _key in CARRIER_KEYS:
 del _key, _alias
 _tuple_new = tuple.__new__
 _FINISH_ALL_OP = (OP_FINISH_ALL,)
+#: ``span=`` with an empty or null name: selects nothing (the registry never starts "").
+_NO_SPAN_OP = (OP_SPAN, "")
 _ERROR_OP = (OP_ERROR,)
 
 _UBERCTX_LEN = len(UBERCTX_PREFIX)
@@ -498,6 +500,10 @@ def _compile(
                 value = to_text(value)
                 if not value:
                     bad_name += 1
+                    if code == OP_SPAN and ops:
+                        # No span selected, rather than the previous one: what follows
+                        # (tags, kind...) was not meant for it (the registry counts it).
+                        ops.append(_NO_SPAN_OP)
                     continue
             if _TAKES_VALUES[code]:
                 pending = code
@@ -529,7 +535,10 @@ def _compile(
         else:
             text = to_text(value)
             if not text:
-                bad_name += 1
+                # An empty service= is the agent's own service name (the reference config
+                # sends env(OTEL_SERVICE_NAME), empty when HAProxy's is unset): not an anomaly.
+                if code != _K_SERVICE:
+                    bad_name += 1
             elif code == _K_SERVICE:
                 service = text
             else:

@@ -446,7 +446,7 @@ class SessionRegistry:
             if code == OP_SPAN:
                 sel = spans.get(op[1])
                 if sel is None or sel.start_ns is None:
-                    sel = self._start(session, op[1], t)
+                    sel = self._start(session, op[1], t) if op[1] else None
                 continue
             if code == OP_FINISH:
                 span = spans.get(op[1])

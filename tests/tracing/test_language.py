@@ -221,6 +221,16 @@ def test_empty_or_null_names_are_ignored_and_counted() -> None:
     assert stats["stray_value"] == 1
 
 
+@pytest.mark.parametrize("value", [None, ""])
+def test_an_empty_service_is_the_agents_own_and_no_anomaly(value: object) -> None:
+    """The reference config sends service=env(OTEL_SERVICE_NAME): unset in HAProxy's
+    environment, every request counted an anomaly that hid real ones."""
+    stats: Counter[str] = Counter()
+    command = parse(("id", "k"), ("service", value), ("span", "a"), stats=stats)
+    assert command is not None and command.service is None
+    assert stats["empty_name"] == 0
+
+
 def test_error_tag_also_sets_the_status() -> None:
     assert ops(("span", "a"), ("tag", "error"), ("", True)) == (
         (OP_SPAN, "a"),

@@ -476,6 +476,19 @@ def test_clock_is_used_without_ts() -> None:
     assert (span.start_time, span.end_time) == (T0, T0 + 250_000_000)
 
 
+@pytest.mark.parametrize("name", [None, ""])
+def test_an_empty_span_name_selects_no_span(name: Any) -> None:
+    """What follows it was meant for another span: it must not land on the previous one."""
+    h = Harness()
+    h.send(("id", "a"), ("span", "A"), ("tag", "a.tag"), ("", "1"),
+           ("span", name), ("tag", "meant.for.another"), ("", "2"), ("kind", "client"),
+           ("finish", "*"))
+    (span,) = h.spans
+    assert dict(span.attributes) == {"a.tag": "1"} and span.kind == SpanKind.INTERNAL
+    assert h.reg.stats["no_span_selected"] == 2
+    assert h.reg.stats["spans_started"] == 1
+
+
 def test_end_before_start_is_clamped() -> None:
     h = Harness()
     h.send(("id", "s"), ("ts", T0 // 1000 + 2_000_000), ("span", "a"))
