@@ -179,19 +179,26 @@ class SpopConnection:
         """Queue the one ACK a NOTIFY is owed.
 
         An ACK must fit the negotiated frame size and cannot be fragmented; when the actions do
-        not fit, HAProxy still gets an empty ACK (the request goes on, the variables are not
-        set) rather than a frame it would answer with "frame is too big".
+        not fit, HAProxy gets the longest leading run of them that does (the request goes on,
+        the rest of the variables are not set) rather than a frame it would answer with "frame
+        is too big". Leading: the first actions are the ones that matter most (an inject's
+        ``traceparent`` comes before the baggage a client may have made huge).
         """
         if self.state is _CLOSED and not self.peer_eof:
             return
         frame = codec.ack(stream_id, frame_id, actions)
-        if len(frame) - _LENGTH_PREFIX > self.frame_size:
+        if len(frame) - _LENGTH_PREFIX > self.frame_size and actions:
             self.acks_too_big += 1
+            size = len(frame) - _LENGTH_PREFIX
+            kept = len(actions)
+            while kept and len(frame) - _LENGTH_PREFIX > self.frame_size:
+                kept -= 1
+                frame = codec.ack(stream_id, frame_id, actions[:kept])
             log.warning(
-                "ACK for stream %d frame %d is %d bytes, over the negotiated %d: sent empty",
-                stream_id, frame_id, len(frame) - _LENGTH_PREFIX, self.frame_size,
+                "ACK for stream %d frame %d is %d bytes, over the negotiated %d: sent with %d "
+                "of its %d actions", stream_id, frame_id, size, self.frame_size, kept,
+                len(actions),
             )
-            frame = codec.ack(stream_id, frame_id)
         self._out.append(frame)
 
     def close(self, status: Status = Status.NORMAL, message: str | None = None) -> None:

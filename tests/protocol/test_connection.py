@@ -311,6 +311,18 @@ def test_ack_over_the_negotiated_size_is_sent_empty() -> None:
     assert conn.acks_too_big == 1
 
 
+def test_an_ack_too_big_keeps_the_leading_actions_that_fit() -> None:
+    """An inject's traceparent comes first; a client's huge baggage must not take it along."""
+    conn = SpopConnection(max_frame_size=256)
+    conn.receive_data(HAPROXY_HELLO)
+    conn.data_to_send()
+    traceparent = SetVar(Scope.TXN, "traceparent", "00-" + "a" * 32 + "-" + "b" * 16 + "-01")
+    state = SetVar(Scope.TXN, "tracestate", "k=v")
+    conn.send_ack(9, 2, [traceparent, state, SetVar(Scope.TXN, "baggage", "x" * 400)])
+    assert conn.data_to_send() == codec.ack(9, 2, [traceparent, state])
+    assert conn.acks_too_big == 1
+
+
 def test_unknown_frame_types_are_skipped() -> None:
     conn = ready()
     assert conn.receive_data(codec.encode_frame(42, 0, 0, b"whatever")) == []
