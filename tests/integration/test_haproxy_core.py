@@ -452,16 +452,19 @@ def test_fragmented_notify(stack: StackFactory, haproxy_version: str) -> None:
     assert_agent_log_clean(s.agent)
 
 
-def test_ack_over_negotiated_frame_size_is_sent_empty(stack: StackFactory) -> None:
+def test_ack_over_negotiated_frame_size_keeps_the_leading_actions(stack: StackFactory) -> None:
     """An ACK that would exceed the negotiated size must not be sent (HAProxy would disconnect
-    with status 3): the agent sends an empty ACK instead, and says so in its log."""
+    with status 3): the agent drops actions from the end until it fits, and says so in its
+    log. HAProxy applies the ones that came."""
     s = stack("max-frame-size 256")
     status, h = s.get("/check/too-many-actions")
     assert status == 200
     assert "x-v-err" not in h, h
-    assert "x-v-nargs" not in h  # none of the actions was applied
-    assert "x-v-ptime" in h  # but the exchange completed
-    assert "over the negotiated 256" in s.agent.logs()
+    assert h.get("x-v-nargs") == "14", h  # the first action was applied
+    assert "x-v-arg13" not in h, h  # the last one was dropped
+    assert "x-v-ptime" in h  # and the exchange completed
+    assert re.search(r"over the negotiated 256: sent with \d+ of its \d+ actions",
+                     s.agent.logs()), s.agent.logs()
     _assert_no_reconnect_storm(s)
 
 
