@@ -75,11 +75,15 @@ def parse_duration(text: str) -> float:
     return float(match.group(1)) * _UNITS[match.group(2)]
 
 
-def _positive_duration(text: str) -> float:
-    value = parse_duration(text)
-    if value <= 0:
-        raise ValueError(f"must be more than 0, got {text!r}")
-    return value
+def _positive(parse: Callable[[str], float]) -> Callable[[str], float]:
+    """``parse``, refusing 0: for durations where 0 would break the agent, not turn it off."""
+    def parse_positive(text: str) -> float:
+        value = parse(text)
+        if value <= 0:
+            raise ValueError(f"must be more than 0, got {text!r}")
+        return value
+
+    return parse_positive
 
 
 def _http_url(text: str) -> str:
@@ -175,11 +179,12 @@ def _propagators(text: str) -> tuple[str, ...]:
 
 def parse_metrics_bind(text: str) -> str:
     """HOST:PORT, or empty (off): the metrics endpoint is HTTP over TCP only."""
-    if not str(text).strip():
+    text = str(text).strip()
+    if not text:
         return ""
-    if str(text).strip().startswith("unix:"):
+    if text.startswith("unix:"):
         raise ValueError("the metrics endpoint listens on HOST:PORT, not on a unix socket")
-    if ":" not in str(text):
+    if ":" not in text:
         raise ValueError(f"expected HOST:PORT (or :PORT), got {text!r}")
     return parse_bind(text)
 
@@ -206,13 +211,6 @@ def _ms_duration(text: str) -> float:
     if re.fullmatch(r"\d+(?:\.\d+)?", text):
         return float(text) / 1000.0
     return parse_duration(text)
-
-
-def _positive_ms_duration(text: str) -> float:
-    value = _ms_duration(text)
-    if value <= 0:
-        raise ValueError(f"must be more than 0, got {text!r}")
-    return value
 
 
 # ------------------------------------------------------------------------------- options
@@ -267,7 +265,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("propagators", "tracing", "propagators", _propagators, env="OTEL_PROPAGATORS"),
     Option("sampler", "tracing", "sampler", _choice(*SAMPLERS), env="OTEL_TRACES_SAMPLER"),
     Option("sampler_arg", "tracing", "sampler_arg", _text, env="OTEL_TRACES_SAMPLER_ARG"),
-    Option("session_ttl", "tracing", "session_ttl", _positive_duration),
+    Option("session_ttl", "tracing", "session_ttl", _positive(parse_duration)),
     Option("max_sessions", "tracing", "max_sessions", _int_range(1, 100_000_000)),
     Option("max_spans_per_session", "tracing", "max_spans_per_session", _int_range(1, 10_000)),
     Option("max_attribute_length", "tracing", "max_attribute_length", _int_range(1),
@@ -277,10 +275,10 @@ OPTIONS: tuple[Option, ...] = (
            env="OTEL_BSP_MAX_QUEUE_SIZE"),
     Option("export_batch_size", "tracing", "export_batch_size", _int_range(1, 100_000_000),
            env="OTEL_BSP_MAX_EXPORT_BATCH_SIZE"),
-    Option("export_delay", "tracing", "export_delay", _positive_duration,
-           env="OTEL_BSP_SCHEDULE_DELAY", env_parse=_positive_ms_duration),
-    Option("export_timeout", "tracing", "export_timeout", _positive_duration,
-           env="OTEL_BSP_EXPORT_TIMEOUT", env_parse=_positive_ms_duration),
+    Option("export_delay", "tracing", "export_delay", _positive(parse_duration),
+           env="OTEL_BSP_SCHEDULE_DELAY", env_parse=_positive(_ms_duration)),
+    Option("export_timeout", "tracing", "export_timeout", _positive(parse_duration),
+           env="OTEL_BSP_EXPORT_TIMEOUT", env_parse=_positive(_ms_duration)),
 )
 _BY_KEY = {(o.section, o.key): o for o in OPTIONS}
 _SECTIONS = sorted({o.section for o in OPTIONS})

@@ -40,11 +40,15 @@ def worker_config(config: AgentConfig, index: int) -> AgentConfig:
     (:mod:`spoe_agent.workers.metrics`).
     """
     workers = config.workers
+
+    def share(total: int) -> int:
+        return max(1, -(-total // workers))  # ceil(total / workers)
+
     changes: dict[str, Any] = {
-        "max_sessions": max(1, -(-config.max_sessions // workers)),
+        "max_sessions": share(config.max_sessions),
         # The agent's too: the supervisor hands each connection to the least loaded worker.
-        "max_connections": max(1, -(-config.max_connections // workers)),
-        "export_queue_size": max(1, -(-config.export_queue_size // workers)),
+        "max_connections": share(config.max_connections),
+        "export_queue_size": share(config.export_queue_size),
     }
     if config.metrics:
         host, _, port = config.metrics.rpartition(":")
