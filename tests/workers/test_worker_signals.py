@@ -81,10 +81,9 @@ def test_a_second_signal_to_the_supervisor_stops_the_workers_at_once(
         agent.process.send_signal(signal.SIGTERM)
         with pytest.raises(subprocess.TimeoutExpired):  # the graceful stop waits for the nap
             agent.process.wait(0.5)
-        started = time.monotonic()
         agent.process.send_signal(signal.SIGTERM)
+        # Within 10 s of a 60 s nap: the workers were killed, not waited for.
         assert agent.process.wait(10) == 1, agent.describe_logs()
-        assert time.monotonic() - started < 5
     for pid in pids:
         assert not os.path.exists(f"/proc/{pid}") or _is_zombie(pid), pid
     assert "second signal during shutdown" in agent.logs(), agent.describe_logs()
