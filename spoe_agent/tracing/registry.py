@@ -377,12 +377,27 @@ class SessionRegistry:
         # response, a long websocket) must not come back as an orphan trace.
         self._evicted: OrderedDict[str, int] = OrderedDict()
         self.stats: Counter[str] = Counter(dict.fromkeys(STAT_KEYS, 0))
+        #: Called with the key of every session this registry no longer answers for: at its
+        #: ``finish=*`` or close, and for one ended by TTL or cap once its key is forgotten
+        #: (until then, the rest of its stream must come here, to be counted as late). With
+        #: ``--workers``, the peers that route its events here learn that they can stop.
+        self.on_end: Callable[[str], None] | None = None
 
     def __len__(self) -> int:
         return len(self._sessions)
 
     def __contains__(self, key: object) -> bool:
         return key in self._sessions
+
+    def keys(self) -> list[str]:
+        """The open sessions' keys and the evicted ones still remembered: what this registry
+        answers for."""
+        return [*self._sessions, *self._evicted]
+
+    def remembers(self, key: str) -> bool:
+        """Whether ``key`` is a session ended by TTL or cap whose late events are still
+        expected (and counted as ``late_message``)."""
+        return key in self._evicted
 
     # -- commands -------------------------------------------------------------------------------
 
@@ -465,6 +480,8 @@ class SessionRegistry:
                 del sessions[key]
                 self.stats["sessions_finished"] += 1
                 self._end_session(session, t, None)
+                if self.on_end is not None:
+                    self.on_end(key)
                 break
             # The rest changes the selected span, which must not have been emitted yet.
             if sel is None:
@@ -515,8 +532,11 @@ class SessionRegistry:
             ended += 1
         self.stats["sessions_evicted_ttl"] += ended
         evicted = self._evicted
+        on_end = self.on_end
         while evicted and evicted[next(iter(evicted))] < cutoff:
-            evicted.popitem(last=False)
+            key, _ = evicted.popitem(last=False)
+            if on_end is not None:
+                on_end(key)
         return ended
 
     def close_all(self, reason: str = "shutdown") -> int:
@@ -527,6 +547,8 @@ class SessionRegistry:
         while sessions:
             _, session = sessions.popitem(last=False)
             self._end_session(session, now, reason)
+            if self.on_end is not None:
+                self.on_end(session.key)
             ended += 1
         self.stats["sessions_closed"] += ended
         return ended
@@ -549,7 +571,9 @@ class SessionRegistry:
         evicted = self._evicted
         evicted[key] = now
         if len(evicted) > self._max_sessions:
-            evicted.popitem(last=False)
+            forgotten, _ = evicted.popitem(last=False)
+            if self.on_end is not None:
+                self.on_end(forgotten)
 
     def _end_session(self, session: _Session, t: int, reason: str | None) -> None:
         """End the open spans (children first), fix the context if needed, emit what is left.

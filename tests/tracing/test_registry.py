@@ -833,6 +833,32 @@ def test_close_all_ends_everything_once() -> None:
     assert len(h.spans) == 6
 
 
+def test_on_end_names_each_key_once_the_registry_no_longer_answers_for_it() -> None:
+    """With --workers, peers route a key's events to the worker that said it owns it until
+    it says the key ended: after finish=* or close at once, after TTL or cap eviction only once
+    the key is forgotten, because until then its late events are this registry's to count."""
+    h = Harness(ttl_s=10, max_sessions=2)
+    ended: list[str] = []
+    h.reg.on_end = ended.append
+    h.send(("id", "done"), ("span", "x"), ("finish", "*"))
+    assert ended == ["done"]
+    h.send(("id", "idle"), ("span", "x"))
+    h.clock.advance(11)
+    assert h.reg.expire() == 1
+    assert ended == ["done"] and h.reg.remembers("idle") and "idle" in h.reg.keys()
+    h.clock.advance(11)
+    h.reg.expire()
+    assert ended == ["done", "idle"] and not h.reg.remembers("idle")
+    for key in ("a", "b", "c"):  # "a" evicted by the cap: remembered, up to max_sessions
+        h.send(("id", key), ("span", "x"))
+    assert ended == ["done", "idle"] and h.reg.remembers("a")
+    for key in ("d", "e", "f"):  # three more evictions forget the oldest remembered ones
+        h.send(("id", key), ("span", "x"))
+    assert ended == ["done", "idle", "a", "b"]
+    assert h.reg.close_all() == 2
+    assert ended == ["done", "idle", "a", "b", "e", "f"]
+
+
 def test_unsampled_eviction_emits_nothing() -> None:
     h = Harness(sampler=ALWAYS_OFF)
     h.send(("id", "a"), ("span", "x"), ("tag", "k"), ("", 1))
