@@ -2,9 +2,9 @@
 
 :mod:`.supervisor` owns the listening socket and keeps N worker interpreters running;
 :mod:`.handoff` carries each accepted connection to the least loaded worker; :mod:`.router`
-(no I/O) decides which worker owns a session and frames what workers exchange; :mod:`.mesh`
-moves those frames between workers over unix sockets. docs/scaling.md explains the design and
-the measurements behind it.
+(no I/O) frames what workers exchange and orders it; :mod:`.mesh` moves those frames between
+workers over unix sockets and knows which worker owns each open session. docs/scaling.md
+explains the design and the measurements behind it.
 
 The CLI calls :func:`worker_config` before it builds the agent (a worker's share of the session
 cap and its metrics port) and :func:`serve` instead of :func:`spoe_agent.runner.run`.
@@ -31,8 +31,9 @@ def worker_config(config: AgentConfig, index: int) -> AgentConfig:
     its metrics port.
 
     ``max_sessions`` bounds the whole agent's memory, so each of N workers holds at most
-    ``ceil(max_sessions / N)``; sessions are spread evenly by their hash, so the cap still
-    evicts the least recently active sessions of the agent to within a fraction of a percent.
+    ``ceil(max_sessions / N)``; a session lives in the worker that received its first event,
+    and the supervisor spreads HAProxy's connections evenly, so the cap evicts the least
+    recently active sessions of the agent as evenly as the connections are spread.
     The export queue (``OTEL_BSP_MAX_QUEUE_SIZE``) is the agent's too, shared the same way, so
     the summed ``spoe_agent_export_queue_limit`` the supervisor serves is the configured one.
     Worker i serves ``/metrics`` on the configured port + 1 + i: the configured port is the
@@ -97,7 +98,7 @@ def _run_worker(agent: Any, config: AgentConfig, index: int) -> int:
     if registry is not None and hasattr(agent, "router") and config.workers > 1:
         from spoe_agent.workers.mesh import PeerMesh
 
-        mesh = PeerMesh(index, config.workers, runtime_dir, registry.apply)
+        mesh = PeerMesh(index, config.workers, runtime_dir, registry)
         agent.router = mesh
         agent.needs_greenlet = mesh.waits_for_owner
         mesh.drain_per_read(agent.before_notifies, agent.after_notifies)

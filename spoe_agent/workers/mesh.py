@@ -16,7 +16,8 @@ The invariants that make the traces those of one process (see :mod:`spoe_agent.w
 * a forwarded command is in the owner's socket buffer before its ACK is queued (:meth:`forward`
   waits for the kernel to take it or, in a read the server handles inline, the read's batch is
   written before its ACKs are queued), so it exists before HAProxy can send the stream's next
-  event;
+  event; so is the announcement that this worker took a session (its first event's ACK waits
+  for it the same way), so a peer that receives the next event knows where the session is;
 * the owner drains every inbound link until a pass finds nothing and applies what it read in
   stamp order before it applies anything else (:meth:`pump`), one pump at a time;
 * while an owner is down its peers hold its commands (:class:`~spoe_agent.workers.router.Backlog`);
@@ -32,7 +33,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import count
 from typing import Any
 
@@ -60,7 +61,6 @@ from spoe_agent.workers.router import (
     encode_batch,
     encode_command,
     encode_reply,
-    owner_of,
     reply_actions,
 )
 
@@ -84,6 +84,13 @@ _RECV_BUFFER = bytearray(_RECV)
 _RECV_VIEW = memoryview(_RECV_BUFFER)
 _MAX_PASSES = 16
 _PLAIN_MESSAGES_LIMIT = 1024
+_RECENT_FORWARDS_LIMIT = 65536
+#: A forward's time until the kernel has it: later than any drain.
+_IN_FLIGHT = 1 << 62
+#: Keys per frame of the sessions a worker tells a restarted peer about (frames stay far
+#: below MAX_FRAME whatever max_sessions is).
+_SNAPSHOT_KEYS = 8192
+_DIGEST_MASK = (1 << 60) - 1
 _DOWN_ERRNOS = {errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN, errno.ENOTSOCK}
 _NUDGE_FRAME = encode((NUDGE,))
 _SYNC_FRAME = encode((SYNC,))
@@ -101,6 +108,15 @@ STAT_KEYS = (
 )
 
 
+def _digest(key: str) -> int:
+    """What the table of the sessions peers own is keyed by: it holds every session the other
+    workers have open, and 2 KiB per open session is the budget (docs/scaling.md). A unique-id
+    string costs 85 B; ``hash()`` (cached in the string) cut to 60 bits is an int of 32 B
+    rather than 48. Two open keys with one digest, a chance of about one in 10^13 per new
+    session at 100,000 open ones, would share an owner."""
+    return hash(key) & _DIGEST_MASK
+
+
 def peer_path(runtime_dir: str, index: int) -> str:
     return os.path.join(runtime_dir, f"peer-{index}.sock")
 
@@ -113,7 +129,7 @@ class _Link:
     """
 
     __slots__ = ("sock", "fd", "peer", "urgent", "outbound", "reader", "out", "queued", "sent",
-                 "closed", "watcher", "_waiters", "_writer", "_mesh")
+                 "closed", "stale", "watcher", "_waiters", "_writer", "_mesh")
 
     def __init__(self, mesh: PeerMesh, sock: Any, peer: int | None, *, urgent: bool,
                  outbound: bool) -> None:
@@ -128,6 +144,9 @@ class _Link:
         self.queued = 0
         self.sent = 0
         self.closed = False
+        #: An inbound link of a peer's previous incarnation: its commands still apply, its
+        #: announcements no longer do.
+        self.stale = False
         self.watcher: gevent.Greenlet | None = None  # the greenlet reading this link, if any
         self._waiters: list[tuple[int, Event]] = []
         self._writer: gevent.Greenlet | None = None
@@ -229,8 +248,11 @@ def _close_quietly(sock: Any) -> None:
 class PeerMesh:
     """Routes compiled commands to their owner worker and applies the ones this worker owns.
 
-    ``apply`` is the registry's ``apply``; it must not yield (it does not: the registry is pure
-    Python and its span processor only enqueues).
+    The owner of a session is the worker that received its first event (docs/scaling.md says
+    why): this worker when ``registry`` holds the key, else the peer that announced it, else
+    this worker, which then takes it. ``registry`` is this worker's
+    :class:`~spoe_agent.tracing.registry.SessionRegistry`; its ``apply`` must not yield (it
+    does not: the registry is pure Python and its span processor only enqueues).
     """
 
     def __init__(
@@ -238,7 +260,7 @@ class PeerMesh:
         index: int,
         workers: int,
         runtime_dir: str,
-        apply: Callable[[Command], list[SetVar]],
+        registry: Any,
         *,
         rpc_timeout: float = 0.2,
         sync_timeout: float = 2.0,
@@ -252,7 +274,25 @@ class PeerMesh:
         self.index = index
         self.workers = workers
         self.runtime_dir = runtime_dir
-        self._apply = apply
+        self._registry = registry
+        self._apply: Callable[[Command], list[SetVar]] = registry.apply
+        self._remembers: Callable[[str], bool] = registry.remembers
+        registry.on_end = self._ended
+        #: The open sessions peers own, by a 60-bit hash of their key (:func:`_digest`):
+        #: learned from their announcements.
+        self._owners: dict[int, int] = {}
+        #: What this worker took (True) or dropped (False) since it last told its peers.
+        self._announce: dict[str, bool] = {}
+        #: Per peer, the keys of the commands forwarded to it lately, with when the kernel had
+        #: them (:data:`_IN_FLIGHT` until then), oldest first: an "ended" that crossed such a
+        #: forward leaves the entry (:meth:`_learn`) ...
+        self._forwarded: list[dict[str, int]] = [{} for _ in range(workers)]
+        #: ... until the peer's word on the forward: per peer, the keys whose "ended" was left
+        #: for that reason, with the forward's time.
+        self._crossed: list[dict[str, int]] = [{} for _ in range(workers)]
+        #: When the quiet pass of the last pump that applied all it read began: everything
+        #: peers wrote to this worker before then has been applied (:meth:`_learn`).
+        self._drained_ns = 0
         self.rpc_timeout = rpc_timeout
         self.sync_timeout = sync_timeout
         self.retry_interval = retry_interval
@@ -305,23 +345,48 @@ class PeerMesh:
 
     def _read_ends(self) -> None:
         batch = self._batches.pop(gevent.getcurrent(), None)
-        if batch:
-            self._write_batches(batch)
+        if batch or self._announce:
+            self._write_batches(batch or {})
+        self._wait_written()
+
+    @property
+    def peer_sessions(self) -> int:
+        """How many open sessions this worker knows other workers own."""
+        return len(self._owners)
+
+    def owner(self, key: str) -> int:
+        """Where session ``key`` lives, as far as this worker knows once it has drained: a
+        session nobody announced is new, and becomes this worker's."""
+        if key in self._registry:
+            return self.index
+        return self._owners.get(_digest(key), self.index)
 
     def route(self, command: Command) -> list[SetVar]:
         """Apply ``command`` here if this worker owns its session, else forward it."""
-        owner = owner_of(command[0], self.workers)
-        if owner == self.index:
-            if not self.drains_per_read:
-                self.pump()
+        if not self.drains_per_read:
+            self.pump()
+        key = command[0]
+        if key in self._registry:
             return self._apply(command)
+        owner = self._owners.get(_digest(key))
+        if owner is None:
+            actions = self._apply(command)
+            if key in self._registry:
+                self._announce[key] = True  # it opened the session: this worker's now
+            if self._announce and not (self._batches and gevent.getcurrent() in self._batches):
+                # Not in a read whose end writes it: the announcement goes before the ACK.
+                self._write_batches({})
+                self._wait_written()
+            return actions
         if has_inject(command):
             return self._call(owner, command)
         return self.forward(owner, command)
 
     def keep_own(self, commands: list[Command]) -> list[Command]:
-        """Forward the commands of sessions other workers own, as :meth:`route` does, and
-        return this worker's own, for the caller to apply once their NOTIFY's ACK is written.
+        """Forward the commands of sessions other workers own, as :meth:`route` does, apply
+        those of sessions nobody owns yet (the ones that open one make it this worker's, which
+        its peers must know before the ACK), and return this worker's own, for the caller to
+        apply once their NOTIFY's ACK is written.
 
         Only for commands that inject nothing (their ACK carries no variables), and only with
         ``drains_per_read``. A forwarded command must be in its owner's buffer before its ACK
@@ -333,14 +398,26 @@ class PeerMesh:
         with a single process.
         """
         own = []
-        index = self.index
-        workers = self.workers
+        registry = self._registry
+        owners = self._owners
         for command in commands:
-            owner = owner_of(command[0], workers)
-            if owner == index:
+            key = command[0]
+            if key in registry:
                 own.append(command)
-            else:
+                continue
+            owner = owners.get(_digest(key))
+            if owner is not None:
                 self.forward(owner, command)
+                continue
+            # Applied now rather than after the ACK, so that what the registry holds is what
+            # this worker has announced (a restarted peer is told the registry's keys).
+            try:
+                self._apply(command)
+            except Exception:
+                self.apply_errors += 1
+                log.exception("applying SPOE message of session %r failed", key)
+            if key in registry:
+                self._announce[key] = True  # written with the read's batch, before its ACK
         return own
 
     def waits_for_owner(self, messages: list[Any]) -> bool:
@@ -371,7 +448,7 @@ class PeerMesh:
                 if len(plain) >= _PLAIN_MESSAGES_LIMIT:
                     plain.clear()
                 plain[message.name] = len(args)
-            elif key is not None and owner_of(key, self.workers) != self.index:
+            elif key is not None and self.owner(key) != self.index:
                 return True
         return False
 
@@ -401,23 +478,121 @@ class PeerMesh:
         return []
 
     def _write_batches(self, batch: dict[int, list[Command]]) -> None:
-        """Write each owner's commands as one frame, then wait until the kernel has them all
-        (an owner that is down, or dies with the link, gets them from its backlog instead)."""
+        """Write each owner's commands as one frame, with what this worker announces (then to
+        every peer), and wait until the kernel has them all (an owner that is down, or dies
+        with the link, gets its commands from its backlog instead; its announcements it gets
+        whole when it restarts, :meth:`_on_hello`)."""
+        owns, ended = self._take_announcements()
+        peers: Iterable[int] = batch
+        if owns or ended:
+            peers = [peer for peer in range(self.workers) if peer != self.index]
         written = []
-        for owner, commands in batch.items():
+        for owner in peers:
+            commands = batch.get(owner, ())
             link = self._bulk[owner]
             if link is None or link.closed:
                 link = self._connect(owner, urgent=False)
                 if link is None:
-                    self._hold(owner, encode_batch(commands), len(commands))
+                    if commands:
+                        self._hold(owner, encode_batch(commands), len(commands))
                     continue
-            data = encode_batch(commands)
-            written.append((owner, link, link.send(data), data, len(commands)))
-        for owner, link, end, data, n in written:
+            if commands:
+                self._remember_forward(owner, commands, _IN_FLIGHT)
+            data = encode_batch(commands, None, owns, ended, self._drained_ns)
+            written.append((owner, link, link.send(data), commands))
+        for owner, link, end, commands in written:
             if end < 0 or not link.wait_sent(end):
-                self._hold(owner, data, n)
+                if commands:
+                    self._hold(owner, encode_batch(commands), len(commands))
+            elif commands:
+                self.stats["forwarded"] += len(commands)
+            if commands:
+                self._remember_forward(owner, commands, time.monotonic_ns())
+
+    def _take_announcements(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        pending = self._announce
+        if not pending:
+            return (), ()
+        self._announce = {}
+        owns = tuple([key for key, took in pending.items() if took])
+        return owns, tuple([key for key, took in pending.items() if not took])
+
+    def _send_announcements(self) -> None:
+        """Tell every peer what this worker took and dropped, without waiting: for what no
+        ACK waits on (what a pump or an expiry changed). A later :meth:`_wait_written` before an
+        ACK covers these bytes too, should a read's own announcements have left with them."""
+        owns, ended = self._take_announcements()
+        if not (owns or ended):
+            return
+        data = encode_batch((), None, owns, ended, self._drained_ns)
+        for peer in range(self.workers):
+            if peer == self.index:
+                continue
+            link = self._bulk[peer]
+            if link is None or link.closed:
+                link = self._connect(peer, urgent=False)
+            if link is not None:
+                link.send(data)
+
+    def _wait_written(self) -> None:
+        """Wait until the kernel has everything queued on the bulk links (usually already)."""
+        for link in self._bulk:
+            if link is not None and link.out:
+                link.wait_sent(link.queued)
+
+    def _ended(self, key: str) -> None:
+        """The registry dropped session ``key``: the peers are told at the next write."""
+        self._announce[key] = False
+
+    def _remember_forward(self, owner: int, commands: Iterable[Command], stamp: int) -> None:
+        recent = self._forwarded[owner]
+        for command in commands:
+            key = command[0]
+            if recent.pop(key, None) is None and len(recent) >= _RECENT_FORWARDS_LIMIT:
+                del recent[next(iter(recent))]
+            recent[key] = stamp
+
+    def _learn(self, peer: int, owns: tuple[str, ...], ended: tuple[str, ...],
+               drained_ns: int) -> None:
+        """A peer's announcements, in stamp order with everything else it wrote.
+
+        An "ended" may cross a command this worker forwarded to that peer for the same key
+        (a key reused, or an event after the end): written before the peer applied the
+        forward, which then opens the session anew there (and the peer announces it again),
+        while this worker, were it to drop its entry, would take the stream's next event
+        itself. The peer's frame says up to when it has applied everything written to it
+        (``drained_ns``): a forward the kernel had before then was applied, and the entry
+        goes; a later one keeps it until a frame says the forward was applied (the peer
+        announced the session again by then if the forward opened it).
+        """
+        recent = self._forwarded[peer]
+        while recent:
+            oldest = next(iter(recent))
+            if recent[oldest] >= drained_ns:
+                break
+            del recent[oldest]
+        owners = self._owners
+        crossed = self._crossed[peer]
+        for key in ended:
+            digest = _digest(key)
+            if owners.get(digest) != peer:
+                continue
+            when = recent.get(key)
+            if when is None:
+                del owners[digest]
+                crossed.pop(key, None)
             else:
-                self.stats["forwarded"] += n
+                crossed[key] = when
+        for key in owns:
+            owners[_digest(key)] = peer
+            crossed.pop(key, None)
+        if crossed:
+            for key, when in list(crossed.items()):
+                if when < drained_ns:
+                    del crossed[key]
+                    digest = _digest(key)
+                    if owners.get(digest) == peer:
+                        del owners[digest]
 
     def _call(self, owner: int, command: Command) -> list[SetVar]:
         """An inject: the owner applies it and answers with the variables HAProxy must set."""
@@ -443,8 +618,11 @@ class PeerMesh:
         rpc_id = next(self._rpc_ids)
         result = AsyncResult()
         self._pending[rpc_id] = (owner, result)
+        self._remember_forward(owner, (command,), _IN_FLIGHT)
         end = link.send(encode_command(command, rpc_id, stamp))
-        if end < 0 or not link.wait_sent(end):
+        sent = end >= 0 and link.wait_sent(end)
+        self._remember_forward(owner, (command,), time.monotonic_ns())
+        if not sent:
             self._pending.pop(rpc_id, None)
             self._hold(owner, encode_command(command, 0, stamp))
             self.stats["inject_unavailable"] += 1
@@ -507,28 +685,56 @@ class PeerMesh:
     def _pump(self) -> None:
         reorder = self._reorder
         for _ in range(_MAX_PASSES):
+            # A pass reads each link that had data when it began until the link is empty, so
+            # whatever was written before the last pass began is read (and applied below).
+            began = time.monotonic_ns()
             if not self._read_inbound(reorder):
                 break
         else:
             # Peers write faster than this worker reads (it is overloaded): apply what was
             # read rather than starve, at a small risk to order, and say so.
             self.stats["drain_cut_short"] += 1
-        if self._syncing or not reorder:
+        if self._syncing:
             return
+        if reorder:
+            self._apply_forwarded(reorder)
+        self._drained_ns = began
+        if self._announce:
+            self._send_announcements()
+
+    def _apply_forwarded(self, reorder: Reorderer) -> None:
         received = 0
         apply = self._apply
+        registry = self._registry
+        announce = self._announce
         for link, frame in reorder.pop_all():
             actions: list[SetVar] = []
             for command in self._commands(frame):
                 received += 1
+                key = command[0]
                 try:
+                    known = key in registry
                     actions = apply(command)
+                    if not known:
+                        if key in registry:
+                            announce[key] = True  # opened here: the peers learn it
+                        elif not self._remembers(key):
+                            # Gone already (and not an eviction this worker answers for): the
+                            # forwarder learns it, rather than route the key here for ever.
+                            announce[key] = False
                 except Exception:
                     self.apply_errors += 1
                     log.exception("applying a forwarded command failed")
                     actions = []
-            if frame[0] == COMMAND and frame[2]:
-                link.send(encode_reply(frame[2], actions))
+            if frame[0] == COMMAND:
+                if frame[2]:
+                    link.send(encode_reply(frame[2], actions))
+            elif len(frame) == 6 and not link.stale and (frame[3] or frame[4]):
+                try:
+                    self._learn(link.peer, frame[3], frame[4], frame[5])
+                except Exception:  # not what a peer of ours writes
+                    self.apply_errors += 1
+                    log.exception("a peer's announcements are not keys")
         self.stats["received"] += received
 
     def _commands(self, frame: tuple[Any, ...]) -> list[Command]:
@@ -579,6 +785,11 @@ class PeerMesh:
                 for frame in frames:
                     kind = frame[0]
                     if kind == BATCH or kind == COMMAND:
+                        if len(frame) < 3 or type(frame[1]) is not int:
+                            self.stats["peer_errors"] += 1
+                            log.warning("dropping a peer connection: a frame without a stamp")
+                            link.close()
+                            break
                         reorder.push(frame[1], link, frame)
                     elif kind == HELLO:
                         self._on_hello(link, frame)
@@ -643,6 +854,7 @@ class PeerMesh:
         self._stopped = True
         self._syncing = False
         self.pump()
+        self._registry.on_end = None  # the agent is stopping: no peer needs to know
         gevent.killall(self._greenlets)
         if self._listener is not None:
             self._poller.unregister(self._listener_fd)
@@ -784,7 +996,7 @@ class PeerMesh:
             self.pump()
 
     def _on_hello(self, link: _Link, frame: tuple[Any, ...]) -> None:
-        peer = frame[1]
+        peer = frame[1] if len(frame) > 2 else None
         if type(peer) is not int or not 0 <= peer < self.workers or peer == self.index:
             self.stats["peer_errors"] += 1
             link.close()
@@ -792,14 +1004,26 @@ class PeerMesh:
         link.peer = peer
         link.urgent = bool(frame[3]) if len(frame) > 3 else False
         if frame[2]:
-            # A (re)started peer: a new bulk link carries what we held for it, then SYNC. Any
-            # older link went to its previous incarnation (or, in a race, already to this one,
-            # which still reads what that link delivered).
+            # A (re)started peer: a new bulk link carries what we held for it, the sessions we
+            # own (it knows none), then SYNC. Any older link went to its previous incarnation
+            # (or, in a race, already to this one, which still reads what that link delivered).
+            # The sessions its previous incarnation owned died with it.
             old = self._urgent[peer]
             if old is not None:
                 old.close()
+            owners = self._owners
+            if peer in owners.values():
+                self._owners = {key: at for key, at in owners.items() if at != peer}
+            self._forwarded[peer] = {}
+            self._crossed[peer] = {}
+            for other in self._inbound:
+                if other.peer == peer and other is not link:
+                    other.stale = True  # what the dead one announced and is still unread
             out = self._connect(peer, urgent=False, force=True)
             if out is not None:
+                owned = self._registry.keys()
+                for start in range(0, len(owned), _SNAPSHOT_KEYS):
+                    out.send(encode_batch((), None, tuple(owned[start:start + _SNAPSHOT_KEYS])))
                 out.send(_SYNC_FRAME)
 
     def _on_sync(self, link: _Link) -> None:
@@ -857,3 +1081,6 @@ class PeerMesh:
         yield ("spoe_agent_worker_held_commands", "gauge",
                "Commands held for workers that are down", {},
                sum(len(b) for b in self._backlogs))
+        yield ("spoe_agent_worker_peer_sessions", "gauge",
+               "Open sessions other workers own, as this worker knows them", {},
+               self.peer_sessions)

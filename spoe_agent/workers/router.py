@@ -1,17 +1,22 @@
-"""Session-owner routing between workers, without I/O: who owns a session, the peer wire format,
-and the rules that keep one stream's commands in order when they arrive over several sockets.
+"""Session-owner routing between workers, without I/O: the peer wire format, and the rules that
+keep one stream's commands in order when they arrive over several sockets.
 
-Each session (the ``id=`` key) belongs to one worker, ``crc32(key) % workers``, so its spans live
-in exactly one registry: a trace is never split, and TTL/cap eviction never emits a span twice.
-Workers that receive a command for another owner forward it over a unix stream socket; this
-module holds everything about that exchange that can be decided without a socket, so the gevent
-shell (:mod:`spoe_agent.workers.mesh`) only moves bytes.
+Each session (the ``id=`` key) lives in exactly one worker's registry, so its spans form one
+trace and TTL/cap eviction never emits a span twice. The worker that receives a session's first
+event owns it and tells every peer so (an *owns* announcement) before that event's ACK; a worker
+that receives an event of a session a peer owns forwards it there over a unix stream socket.
+HAProxy 2.6 keeps most of a stream's events on one connection, so most sessions never leave the
+worker that saw them. When the owner drops the session it announces that too (*ended*), so the
+peers' tables hold only open sessions. This module holds everything about that exchange that can
+be decided without a socket, so the gevent shell (:mod:`spoe_agent.workers.mesh`) only moves
+bytes.
 
-Ordering. HAProxy sends event k+1 of a stream only after event k was ACKed, and a forwarder writes
-event k to the owner's socket before it queues that ACK. So when event k+1 exists, event k is
-already in one of the owner's socket buffers, but not necessarily in the one the event loop wakes
-up for first (libev reports ready watchers in no useful order). The owner therefore drains every
-peer socket before it applies anything and applies what it read by the forwarder's
+Ordering. HAProxy sends event k+1 of a stream only after event k was ACKed, and a worker writes
+what event k makes its peers need (the command itself, or the announcement that it owns the
+session) to their sockets before it queues that ACK. So when event k+1 exists, that is already
+in one of the receiver's socket buffers, but not necessarily in the one the event loop wakes up
+for first (libev reports ready watchers in no useful order). A worker therefore drains every
+peer socket before it routes or applies anything and applies what it read by the writer's
 ``CLOCK_MONOTONIC`` stamp (one clock for the whole machine): :class:`Reorderer`.
 
 Wire format: a 4-byte big-endian length, then ``marshal.dumps`` of a plain tuple whose first item
@@ -26,9 +31,8 @@ from __future__ import annotations
 import heapq
 import marshal
 import time
-import zlib
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from spoe_agent.protocol.types import Scope, SetVar
@@ -40,7 +44,11 @@ COMMAND = 1  # (COMMAND, stamp_ns, rpc_id, key, ts_ns, service, carrier, ops); r
 REPLY = 2  # (REPLY, rpc_id, ((scope, name, value), ...)): the SetVars of an inject
 SYNC = 3  # (SYNC,): everything this peer held back for the receiver has been written before it
 NUDGE = 4  # (NUDGE,): wake up and drain (a bulk link the receiver does not watch is full)
-BATCH = 5  # (BATCH, stamp_ns, ((key, ts_ns, service, carrier, ops), ...)): commands, in order
+# (BATCH, stamp_ns, ((key, ts_ns, service, carrier, ops), ...), owns, ended, drained_ns):
+# commands, in order, then the keys of the sessions the sender took (owns) and dropped (ended)
+# since its last such frame (a key is in one of the two at most), and when the sender's last
+# complete drain began (it has applied everything written to it before then).
+BATCH = 5
 
 #: A frame bigger than this is a bug or not one of our peers: the connection is dropped.
 MAX_FRAME = 16 << 20
@@ -52,12 +60,6 @@ _loads = marshal.loads
 
 class FrameError(Exception):
     """The peer sent something that is not a frame of this protocol."""
-
-
-def owner_of(key: str, workers: int) -> int:
-    """The index of the worker that holds session ``key``: the same answer in every process
-    (``hash()`` would not be, it is salted per interpreter)."""
-    return zlib.crc32(key.encode("utf-8", "surrogatepass")) % workers
 
 
 def encode(frame: tuple[Any, ...]) -> bytes:
@@ -73,13 +75,17 @@ def encode_command(command: Command, rpc_id: int = 0, stamp_ns: int | None = Non
     return encode((COMMAND, stamp_ns, rpc_id) + command)
 
 
-def encode_batch(commands: list[Command], stamp_ns: int | None = None) -> bytes:
-    """Fire-and-forget commands for one owner, one frame: the owner applies them in this
-    order, at the batch's stamp, taken here, as late as possible before the write. One
-    ``marshal.dumps`` also writes a string object the commands share only once."""
+def encode_batch(commands: Sequence[Command], stamp_ns: int | None = None,
+                 owns: tuple[str, ...] = (), ended: tuple[str, ...] = (),
+                 drained_ns: int = 0) -> bytes:
+    """Fire-and-forget commands for one owner and the sender's announcements, one frame: the
+    receiver applies them in this order, at the batch's stamp, taken here, as late as possible
+    before the write. One ``marshal.dumps`` also writes a string object the commands share
+    only once."""
     if stamp_ns is None:
         stamp_ns = time.monotonic_ns()
-    return encode((BATCH, stamp_ns, tuple([_tuple_new(tuple, c) for c in commands])))
+    return encode((BATCH, stamp_ns, tuple([_tuple_new(tuple, c) for c in commands]), owns,
+                   ended, drained_ns))
 
 
 # What forwarded commands carry, by value. ``marshal.loads`` makes every string of every command

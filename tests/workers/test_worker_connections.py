@@ -12,7 +12,6 @@ from pathlib import Path
 
 from spoe_agent.protocol import codec
 from spoe_agent.protocol.types import FrameType, Message
-from spoe_agent.workers.router import owner_of
 from tests.support.procs import AgentProcess
 from tests.support.spop_client import SpopClient, hello_frame
 from tests.workers.test_multiworker import wait_workers_ready
@@ -26,20 +25,27 @@ def test_an_inject_sent_before_a_half_close_is_still_answered(
     process, which answers it inline, sent it."""
     agent = spoe_agent("--workers", "2", app=None, env={"OTEL_TRACES_EXPORTER": "none"})
     wait_workers_ready(agent, 2)
-    keys = [f"half-{i}" for i in range(40)]
-    keys = [k for k in keys if owner_of(k, 2) == 0][:4] + [k for k in keys if owner_of(k, 2)][:4]
-    for key in keys:
-        with SpopClient((agent.host, agent.port), timeout=10) as client:
-            client.handshake()
-            client.send(codec.notify(7, 1, [Message("trace", [
-                ("id", key), ("span", "s"), ("kind", "client"), ("inject", "s")])]))
-            client.sock.shutdown(socket.SHUT_WR)
-            frames = []
-            while (frame := client.read_frame()) is not None:
-                frames.append(frame)
-        acks = [f for f in frames if f.type == FrameType.ACK]
-        assert len(acks) == 1 and (acks[0].stream_id, acks[0].frame_id) == (7, 1), (key, frames)
-        assert codec.decode_actions(acks[0].payload), (key, "no traceparent")
+    # Each session starts on this connection; each inject comes on a new one, which the
+    # supervisor hands to the other worker (the one with fewer connections).
+    with SpopClient((agent.host, agent.port), timeout=10) as opener:
+        opener.handshake()
+        for n in range(8):
+            key = f"half-{n}"
+            opener.send(codec.notify(n + 1, 1, [Message("open", [("id", key), ("span", "s")])]))
+            ack = opener.read_frame()
+            assert ack is not None and ack.type == FrameType.ACK, ack
+            with SpopClient((agent.host, agent.port), timeout=10) as client:
+                client.handshake()
+                client.send(codec.notify(7, 1, [Message("trace", [
+                    ("id", key), ("kind", "client"), ("inject", "s")])]))
+                client.sock.shutdown(socket.SHUT_WR)
+                frames = []
+                while (frame := client.read_frame()) is not None:
+                    frames.append(frame)
+            acks = [f for f in frames if f.type == FrameType.ACK]
+            assert len(acks) == 1 and (acks[0].stream_id, acks[0].frame_id) == (7, 1), (
+                key, frames)
+            assert codec.decode_actions(acks[0].payload), (key, "no traceparent")
 
 
 def test_connections_past_every_workers_cap_wait_rather_than_reset(

@@ -44,11 +44,16 @@ def test_a_signal_to_every_process_at_once_flushes_every_workers_spans(
     wait_workers_ready(agent, 2)
     pids = worker_pids(agent.process.pid)
     assert len(pids) == 2, agent.describe_logs()
-    sessions = [f"open-{i}" for i in range(40)]  # owned by both workers (crc32 % 2)
-    with SpopClient((agent.host, agent.port), timeout=15) as client:
+    sessions = [f"open-{i}" for i in range(40)]
+    # Two connections at once: the supervisor hands them to both workers, and the worker that
+    # receives a session's first event owns it, so both workers hold open sessions.
+    with SpopClient((agent.host, agent.port), timeout=15) as client, \
+            SpopClient((agent.host, agent.port), timeout=15) as other:
         client.handshake()
+        other.handshake()
         for i, session in enumerate(sessions):
-            notify_ok(client, i + 1, [trace(session, ("span", "Unfinished"), ("kind", "server"))])
+            notify_ok((client, other)[i % 2], i + 1,
+                      [trace(session, ("span", "Unfinished"), ("kind", "server"))])
         assert receiver.spans == [], "spans were exported before the signal: test is moot"
         for pid in (agent.process.pid, *pids.values()):  # as systemd does
             os.kill(pid, sig)
@@ -61,6 +66,8 @@ def test_a_signal_to_every_process_at_once_flushes_every_workers_spans(
     logs = agent.logs()
     assert "exiting now" not in logs, logs
     assert len(re.findall(r"worker \d: stopped", logs)) == 2, logs
+    flushed = re.findall(r"worker \d: tracing: (\d+) spans exported in all", logs)
+    assert len(flushed) == 2 and all(int(n) > 0 for n in flushed), logs  # by both workers
     assert len(receiver.spans) == len(sessions), [s.operation_name for s in receiver.spans]
 
 
