@@ -290,7 +290,7 @@ class PeerMesh:
         #: ... until the peer's word on the forward: per peer, the keys whose "ended" was left
         #: for that reason, with the forward's time.
         self._crossed: list[dict[str, int]] = [{} for _ in range(workers)]
-        #: When the quiet pass of the last pump that applied all it read began: everything
+        #: When the last pass of the last pump that applied what it read began: everything
         #: peers wrote to this worker before then has been applied (:meth:`_learn`).
         self._drained_ns = 0
         self.rpc_timeout = rpc_timeout
