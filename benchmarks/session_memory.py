@@ -238,8 +238,9 @@ def _worker_index(pid: int) -> int:
 
 
 def _feed(port: int, frames: list[bytes], connections: int, window: int) -> None:
-    """Send every frame, ``window`` outstanding per connection, each session's events on
-    different connections (as HAProxy may) but only after the previous one was ACKed."""
+    """Send every frame, ``window`` outstanding per connection, each session's events on one
+    connection (session i on connection i % C), each event only after the previous one of its
+    session was ACKed."""
     socks = []
     for _ in range(connections):
         sock = socket.create_connection(("127.0.0.1", port), timeout=30)
