@@ -165,6 +165,44 @@ class SpopConnection:
         self._out: list[bytes] = []
         self._fragments: _Fragments | None = None
 
+    # ---------------------------------------------------------------------- moving it
+
+    def export_state(self) -> dict[str, Any] | None:
+        """What another process needs to go on serving this connection, or None if it cannot
+        be moved now: only a READY connection at a frame boundary, with no fragmented NOTIFY
+        half reassembled and nothing left to write, moves (HAProxy then sees nothing happen).
+        Plain data, for any serializer.
+        """
+        if self.state is not _READY or self._inbuf or self._fragments is not None or self._out:
+            return None
+        return {
+            "frame_size": self.frame_size,
+            "capabilities": sorted(self.peer_capabilities),
+            "engine_id": self.engine_id,
+        }
+
+    @classmethod
+    def resumed(cls, state: dict[str, Any], **kwargs: Any) -> SpopConnection:
+        """A READY connection that goes on from :meth:`export_state` (``kwargs`` as for the
+        constructor: this process's own limits). Raises ValueError for a state that is not."""
+        conn = cls(**kwargs)
+        try:
+            frame_size = state["frame_size"]
+            capabilities = state["capabilities"]
+            engine_id = state["engine_id"]
+        except (KeyError, TypeError):
+            raise ValueError("not a connection state") from None
+        if (type(frame_size) is not int or not MIN_FRAME_SIZE <= frame_size <= conn.max_frame_size
+                or not isinstance(capabilities, list)
+                or not all(isinstance(c, str) for c in capabilities)
+                or not (engine_id is None or isinstance(engine_id, str))):
+            raise ValueError(f"not a connection state: {state!r:.200}")
+        conn.frame_size = frame_size
+        conn.peer_capabilities = frozenset(capabilities)
+        conn.engine_id = engine_id
+        conn.state = _READY
+        return conn
+
     # ------------------------------------------------------------------------- output side
 
     def data_to_send(self) -> bytes:

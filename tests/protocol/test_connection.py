@@ -428,3 +428,53 @@ def test_an_oversized_length_is_refused_before_the_frame_arrives() -> None:
     events = conn.receive_data(b"\x10\x00")  # 4096 > 1024: no need to wait for its bytes
     assert isinstance(events[0], ProtocolViolation) and events[0].status == Status.FRAME_TOO_BIG
     assert conn.state is State.CLOSED and conn.buffered == 0
+
+
+# ------------------------------------------------------------- moving a connection (--workers)
+
+
+def test_a_ready_connection_moves_with_its_negotiated_state_and_goes_on_alike() -> None:
+    """A worker hands an idle connection to another (``--workers``): the new process must
+    answer the next frames exactly as the old one would have, without a HELLO."""
+    old = ready(max_frame_size=16384)
+    state = old.export_state()
+    assert state == {"frame_size": 16380, "capabilities": ["async", "pipelining"],
+                     "engine_id": old.engine_id}
+    new = SpopConnection.resumed(state, max_frame_size=16384)
+    assert new.state is State.READY and new.data_to_send() == b""
+    frames = codec.notify(3, 1, [Message("m", [("i", 1)])]) + codec.encode_frame(
+        FrameType.NOTIFY, 0, 3, codec.encode_messages([Message("f", [("q", "x" * 600)])])[:200], 0)
+    for conn in (old, new):
+        assert conn.receive_data(frames) == [NotifyReceived(3, 1, [Message("m", [("i", 1)])])]
+        conn.send_ack(3, 1, [SetVar(Scope.TXN, "v", "x" * 20000)])  # over 16380: trimmed alike
+    assert old.data_to_send() == new.data_to_send()
+    assert old.frame_size == new.frame_size and old.peer_capabilities == new.peer_capabilities
+
+
+def test_a_connection_moves_only_at_a_frame_boundary_with_nothing_owed() -> None:
+    conn = SpopConnection()
+    assert conn.export_state() is None  # no HELLO yet
+    conn = ready()
+    conn.receive_data(codec.notify(1, 1, [])[:7])
+    assert conn.export_state() is None  # half a frame read
+    conn = ready()
+    conn.receive_data(codec.encode_frame(FrameType.NOTIFY, 0, 3, b"\x01m\x01\x01q\x08\x7f", 0))
+    assert conn.export_state() is None  # a fragmented NOTIFY half reassembled
+    conn = ready()
+    conn.send_ack(1, 1)
+    assert conn.export_state() is None  # an ACK not written yet
+    conn.data_to_send()
+    assert conn.export_state() is not None
+    conn.receive_eof()
+    assert conn.export_state() is None
+
+
+@pytest.mark.parametrize("state", [
+    None, {}, {"frame_size": 100, "capabilities": [], "engine_id": None},
+    {"frame_size": 70000, "capabilities": [], "engine_id": None},
+    {"frame_size": 16380, "capabilities": "async", "engine_id": None},
+    {"frame_size": 16380, "capabilities": [], "engine_id": 3},
+])
+def test_a_state_that_is_not_one_is_refused(state: Any) -> None:
+    with pytest.raises(ValueError):
+        SpopConnection.resumed(state)
