@@ -93,6 +93,10 @@ def server_samples(stats: Any) -> Iterator[MetricSample]:
            stats.connections_open)
     yield ("spoe_agent_connections", "counter", "HAProxy connections accepted", {},
            stats.connections_total)
+    for direction, value in (("in", stats.moved_in), ("out", stats.moved_out)):
+        yield ("spoe_agent_connections_moved", "counter",
+               "HAProxy connections handed between workers, at a frame boundary",
+               {"direction": direction}, value)
     frames = "spoe_agent_frames"
     doc = "SPOP frames, by direction and type"
     yield (frames, "counter", doc, {"direction": "in", "type": "haproxy_hello"}, stats.hellos)

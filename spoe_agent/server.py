@@ -97,6 +97,9 @@ class Stats:
         self.disconnects_sent: dict[int, int] = {}  # AGENT-DISCONNECT, by status
         self.limit_hits: dict[str, int] = {}
         self.tls_handshake_errors = 0
+        # Connections moved between workers at a frame boundary (--workers: see give_connection)
+        self.moved_in = 0
+        self.moved_out = 0
 
     def hit_limit(self, name: str) -> None:
         self.limit_hits[name] = self.limit_hits.get(name, 0) + 1
@@ -113,12 +116,17 @@ class _Idle(Exception):
     """Thrown into a connection greenlet parked in ``recv`` for longer than ``idle_timeout``."""
 
 
+class _Move(Exception):
+    """Thrown into a connection greenlet parked in ``recv`` to hand its connection to another
+    worker (:meth:`SpoaServer.give_connection`)."""
+
+
 class _Client:
     """One accepted connection: its state machine, socket, write lock and shutdown flags."""
 
     __slots__ = (
         "conn", "sock", "raw", "lock", "pool", "address", "greenlet", "in_recv", "draining",
-        "peer_closed", "idle_since",
+        "peer_closed", "idle_since", "parked", "moved",
     )
 
     def __init__(self, conn: SpopConnection, sock: socket.socket, address: Any) -> None:
@@ -137,6 +145,9 @@ class _Client:
         # When it started waiting for a frame with nothing buffered; None while not. The idle
         # sweep, not a socket timeout, ends that wait (see SpoaServer._sweep_idle).
         self.idle_since: float | None = None
+        # Parked in recv at a frame boundary (nothing buffered): whatever the idle timeout.
+        self.parked = False
+        self.moved = False  # handed to another worker: its socket is closed here, not ended
 
     def flush(self, later: list[Work] | None = None) -> None:
         """Write what the connection queued, then run ``later``: work whose ACKs are in it.
@@ -243,6 +254,15 @@ class SpoaServer:
             self._connections_blocked,
         )
         self._server = StreamServer(listener, self._handle, spawn=self._pool)
+        # A listener that hands out connections (--workers: workers.handoff) may also hand out
+        # connections that other workers served, with their protocol state, and take some back.
+        self._resumed_state: Callable[[int], dict[str, Any] | None] | None = getattr(
+            listener, "resumed_state", None)
+        self._give_back: Callable[[Any, Any, dict[str, Any]], bool] | None = getattr(
+            listener, "give_back", None)
+        attach = getattr(listener, "attach", None)
+        if attach is not None:
+            attach(self)
 
     @property
     def address(self) -> Any:
@@ -323,6 +343,34 @@ class SpoaServer:
                 else:
                     loop.run_callback(_wake_for_idle, client)
 
+    def give_connection(self) -> bool:
+        """Hand one idle connection to another worker (the supervisor asks, to even out the
+        workers' connections: HAProxy keeps its connections, so a restarted worker would
+        otherwise serve only the ones HAProxy opens later). Only a plain (not TLS) connection
+        parked in ``recv`` at a frame boundary, with no handler running and nothing to write,
+        moves: HAProxy sees nothing happen, and what it sends meanwhile waits in the kernel for
+        the next worker. Returns whether one was asked to move."""
+        if self._give_back is None or self._stopping:
+            return False
+        for client in self._clients:
+            if (client.in_recv and client.parked and client.raw is not None
+                    and not client.draining and not client.busy()
+                    and client.conn.export_state() is not None):
+                gevent.get_hub().loop.run_callback(_wake_for_move, client)
+                return True
+        return False
+
+    def _move(self, client: _Client) -> bool:
+        """Hand ``client``'s connection over (in its own greenlet, out of ``recv``)."""
+        state = client.conn.export_state()
+        if (state is None or client.busy() or client.lock.locked() or self._give_back is None
+                or not self._give_back(client.sock, client.address, state)):
+            return False
+        client.moved = True
+        self.stats.moved_out += 1
+        log.debug("connection from %s handed to another worker", _peer(client.address))
+        return True
+
     def _connections_blocked(self) -> None:
         self._limit("connections", "max_connections (%d) reached: new HAProxy connections wait "
                     "in the listen backlog until one closes", self.config.max_connections)
@@ -332,23 +380,35 @@ class SpoaServer:
     def _handle(self, sock: socket.socket, address: Any) -> None:
         stats = self.stats
         stats.connections_open += 1
-        stats.connections_total += 1
+        state = self._resumed_state(sock.fileno()) if self._resumed_state is not None else None
         try:
-            if sock.family != socket.AF_UNIX:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self._tls is not None:
-                tls_sock = self._tls_handshake(sock, address)
-                if tls_sock is None:
+            if state is not None:
+                # Served by another worker until now (give_connection): not a new connection.
+                try:
+                    conn = SpopConnection.resumed(state, max_frame_size=self.config.max_frame_size)
+                except ValueError as exc:
+                    log.warning("a connection handed over from another worker is not one: %s",
+                                exc)
                     return
-                sock = tls_sock
-            client = _Client(SpopConnection(max_frame_size=self.config.max_frame_size),
-                             sock, address)
+                stats.moved_in += 1
+                log.debug("connection from %s taken over from another worker", _peer(address))
+            else:
+                stats.connections_total += 1
+                if sock.family != socket.AF_UNIX:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if self._tls is not None:
+                    tls_sock = self._tls_handshake(sock, address)
+                    if tls_sock is None:
+                        return
+                    sock = tls_sock
+                conn = SpopConnection(max_frame_size=self.config.max_frame_size)
+            client = _Client(conn, sock, address)
             self._clients.add(client)
             try:
                 if self._stopping:
                     client.draining = True
                 self._serve(client)
-                if not client.peer_closed:
+                if not client.peer_closed and not client.moved:
                     _linger(sock)
             except OSError as exc:
                 if exc.errno not in _NORMAL_CLOSE_ERRNOS:
@@ -391,7 +451,9 @@ class SpoaServer:
             if client.draining:
                 self._drain(client)
                 return
-            if conn.state is _READY and not conn.buffered and not conn.awaiting_fragments:
+            parked = (conn.state is _READY and not conn.buffered
+                      and not conn.awaiting_fragments)
+            if parked:
                 kind, timeout = "idle_timeout", None  # _sweep_idle ends an idle wait
             else:
                 kind = "read_timeout" if conn.state is State.READY else "hello_timeout"
@@ -405,22 +467,27 @@ class SpoaServer:
             if timeout is None and idle is not None:
                 client.idle_since = monotonic()
             client.in_recv = True
+            client.parked = parked
             try:
                 data = _RECV_VIEW[:sock.recv_into(_RECV_BUFFER)].tobytes()
             except TimeoutError:
                 self._timed_out(client, kind)
                 return
-            except (_Idle, _Drain) as interrupt:
+            except (_Idle, _Drain, _Move) as interrupt:
                 client.in_recv = False  # now, not in finally: both write a DISCONNECT
                 client.idle_since = None
                 sock.settimeout(idle)
+                if type(interrupt) is _Move:
+                    if self._move(client):
+                        return
+                    continue  # it cannot move after all: serve on
                 if type(interrupt) is _Drain:
                     self._drain(client)
                 else:
                     self._timed_out(client, kind)
                 return
             finally:
-                client.in_recv = False
+                client.in_recv = client.parked = False
             if client.idle_since is not None:
                 client.idle_since = None
                 sock.settimeout(idle)  # writes keep the idle timeout as their deadline
@@ -615,6 +682,13 @@ def _wake_for_idle(client: _Client) -> None:
     """Hub callback: end a connection still parked in ``recv`` with nothing buffered."""
     if client.in_recv and client.idle_since is not None and not client.greenlet.dead:
         client.greenlet.throw(_Idle)
+
+
+def _wake_for_move(client: _Client) -> None:
+    """Hub callback: interrupt a connection still parked in ``recv`` with nothing buffered, so
+    it hands itself over (never thrown into a write: no frame is cut)."""
+    if client.in_recv and client.parked and not client.greenlet.dead:
+        client.greenlet.throw(_Move)
 
 
 def _busy_poll_tick() -> None:

@@ -80,7 +80,7 @@ def _run_worker(agent: Any, config: AgentConfig, index: int) -> int:
     import gevent
 
     from spoe_agent.runner import run
-    from spoe_agent.workers.handoff import HandoffListener
+    from spoe_agent.workers.handoff import GIVE_SIGNAL, HandoffListener
     from spoe_agent.workers.supervisor import ENV_HANDOFF_FD, ENV_LISTEN_FAMILY, ENV_RUNTIME_DIR
 
     try:
@@ -94,6 +94,8 @@ def _run_worker(agent: Any, config: AgentConfig, index: int) -> int:
         ) from None
     _prefix_log_records(f"worker {index}: ")
     listener = HandoffListener(fd, family, config.bind)
+    # Before the first report: the supervisor asks only workers that reported for connections.
+    gevent.signal_handler(GIVE_SIGNAL, listener.give)
     registry = getattr(agent, "registry", None)
     if registry is not None and hasattr(agent, "router") and config.workers > 1:
         from spoe_agent.workers.mesh import PeerMesh

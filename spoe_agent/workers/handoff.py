@@ -12,6 +12,16 @@ so the connections HAProxy reopens after losing a worker go to its replacement.
 In the worker, :class:`HandoffListener` looks like a listening socket to gevent's StreamServer:
 its "accept" receives the next handed-over descriptor, so the server code is the same whether
 a process accepts itself or is handed its connections.
+
+Connections also move between workers. A session belongs to the worker that received its first
+event (:mod:`.mesh`), so a worker's share of the work is its share of HAProxy's connections, and
+HAProxy keeps its connections: after a worker restarts, the connections HAProxy reopened at once
+all went to the survivors. When one worker holds two connections more than another, the
+supervisor asks it for one (:data:`GIVE_SIGNAL`: a signal, not a message on this channel,
+which a worker at its ``max_connections`` does not read); the worker hands over an idle
+connection at a frame boundary, with the little protocol state it needs
+(``SpopConnection.export_state``), and the supervisor hands it on to the least loaded worker,
+which goes on serving it. HAProxy sees nothing: what it sends meanwhile waits in the kernel.
 """
 
 from __future__ import annotations
@@ -31,6 +41,10 @@ _socket_class = get_original("socket", "socket")
 _socketpair = get_original("socket", "socketpair")
 _MSG = 4096
 REPORT_PREFIX = b"L"
+#: Supervisor to worker: hand one idle connection back, to be served by another worker.
+GIVE_SIGNAL = signal.SIGUSR1
+#: Worker to supervisor, with the descriptor: ``marshal`` of (address, connection state).
+MOVE_PREFIX = b"M"
 
 
 def channel_pair() -> tuple[Any, Any]:
@@ -40,10 +54,34 @@ def channel_pair() -> tuple[Any, Any]:
     return ours, theirs
 
 
-def send_connection(channel: Any, conn: Any, address: Any) -> None:
-    """Hand an accepted connection to a worker; raises OSError if its channel cannot take it."""
-    payload = marshal.dumps(address if isinstance(address, (tuple, str)) else str(address))
-    socket.send_fds(channel, [payload], [conn.fileno()])
+def send_connection(channel: Any, conn: Any, address: Any, state: Any = None) -> None:
+    """Hand a connection to a worker (with ``state``: one another worker served until now);
+    raises OSError if its channel cannot take it."""
+    if not isinstance(address, (tuple, str)):
+        address = str(address)
+    socket.send_fds(channel, [marshal.dumps((address, state))], [conn.fileno()])
+
+
+def _address_and_state(payload: Any) -> tuple[Any, Any]:
+    """(address, state) from what :func:`send_connection` sent, or from a supervisor of the
+    version before, which sent the address alone (a worker restarted after an upgrade in
+    place runs the new code under the old supervisor): an IPv4 address is also a pair, but
+    its second item is a port, never a state (a dict) or None."""
+    if type(payload) is tuple and len(payload) == 2 and (
+            payload[1] is None or type(payload[1]) is dict):
+        return payload[0], payload[1]
+    return payload, None
+
+
+def read_move(data: bytes) -> tuple[Any, Any] | None:
+    """(address, state) of a connection a worker handed back, or None if ``data`` is not one."""
+    if not data.startswith(MOVE_PREFIX):
+        return None
+    try:
+        address, state = marshal.loads(data[len(MOVE_PREFIX):])
+    except (ValueError, EOFError, TypeError):
+        return None
+    return address, state
 
 
 def read_report(data: bytes) -> int | None:
@@ -68,6 +106,8 @@ class HandoffListener:
         self.type = socket.SOCK_STREAM
         self._address = address
         self._handed: dict[int, int] = {}
+        self._states: dict[int, Any] = {}  # descriptors handed over with a connection state
+        self._server: Any = None
         self._orphaned = False
         self.closed = False
 
@@ -103,18 +143,45 @@ class HandoffListener:
                 continue
             fd = fds[0]
             try:
-                address = marshal.loads(data)
+                address, state = _address_and_state(marshal.loads(data))
             except (ValueError, EOFError, TypeError):
-                address = ""
+                address, state = "", None
             try:
                 self._handed[fd] = os.fstat(fd).st_ino
             except OSError:
                 continue
+            if state is not None:
+                self._states[fd] = state
             return fd, address
 
     def accept(self) -> tuple[Any, Any]:
         fd, address = self._accept()
         return socket.socket(self.family, socket.SOCK_STREAM, 0, fileno=fd), address
+
+    def attach(self, server: Any) -> None:
+        """The server this listener feeds: asked for a connection when the supervisor wants one
+        (:meth:`give`)."""
+        self._server = server
+
+    def give(self) -> None:
+        """The supervisor asked for a connection (:data:`GIVE_SIGNAL`)."""
+        if self._server is not None and not self.closed:
+            self._server.give_connection()
+
+    def resumed_state(self, fd: int) -> Any:
+        """The protocol state of connection ``fd`` if another worker served it until now."""
+        return self._states.pop(fd, None)
+
+    def give_back(self, sock: Any, address: Any, state: Any) -> bool:
+        """Hand a connection this worker served to the supervisor, for another worker."""
+        if not isinstance(address, (tuple, str)):
+            address = str(address)
+        try:
+            socket.send_fds(self._chan, [MOVE_PREFIX + marshal.dumps((address, state))],
+                            [sock.fileno()])
+        except OSError:
+            return False
+        return True
 
     def open_connections(self) -> int:
         alive = 0

@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -30,7 +31,13 @@ from gevent.event import Event
 from spoe_agent.config import AgentConfig
 from spoe_agent.runner import EXIT_FORCED, SHUTDOWN_TIMEOUT, STOP_SIGNALS, StartupError
 from spoe_agent.server import make_listener, remove_listener_socket
-from spoe_agent.workers.handoff import channel_pair, read_report, send_connection
+from spoe_agent.workers.handoff import (
+    GIVE_SIGNAL,
+    channel_pair,
+    read_move,
+    read_report,
+    send_connection,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +50,10 @@ MAX_BACKOFF_S = 5.0
 _POLL_S = 0.05
 _FIRST_ACCEPT_WAIT_S = 10.0
 _FULL_RETRY_S = 0.05
+#: How often connections may move between workers (one at a time), and how uneven they must
+#: be: a worker with this many more than another gives one away.
+_REBALANCE_S = 1.0
+_REBALANCE_GAP = 2
 
 
 class _Slot:
@@ -82,6 +93,9 @@ class Supervisor:
         self._forced = False
         self._failed = 0  # a worker's exit status, when one could not start
         self._all_serving = Event()
+        self._next_rebalance = 0.0
+        # A worker's share of max_connections (workers.worker_config): it accepts no more.
+        self._share = max(1, -(-config.max_connections // config.workers))
 
     def worker_argv(self, index: int) -> list[str]:
         # Later flags win in argparse, so these override whatever argv already says.
@@ -174,6 +188,7 @@ class Supervisor:
             theirs.close()
         slot.channel = ours
         slot.reported = slot.handed = 0
+        slot.serving = False
         slot.started = time.monotonic()
         slot.reader = gevent.spawn(self._read_reports, slot, ours)
         # The index is part of the template: the rate limit of repeated lines (logs.py) must
@@ -187,11 +202,14 @@ class Supervisor:
             while True:
                 hub.wait(watcher)
                 try:
-                    data = channel.recv(64)
+                    data, fds, _, _ = socket.recv_fds(channel, 4096, 1)
                 except BlockingIOError:
                     continue
                 except OSError:
-                    data = b""
+                    data, fds = b"", []
+                if fds:
+                    self._move(slot, data, fds[0])
+                    continue
                 if not data:
                     return  # the worker exited; _check notices and restarts it
                 count = read_report(data)
@@ -235,17 +253,65 @@ class Supervisor:
             finally:
                 conn.close()
 
-    def _hand_over(self, conn: Any, address: Any) -> bool:
+    def _hand_over(self, conn: Any, address: Any, state: Any = None) -> bool:
         for slot in sorted(self.slots, key=lambda s: s.load):
             if slot.channel is None:
                 continue
+            if state is not None and (not slot.serving or slot.load >= self._share):
+                # A connection another worker served goes to one that serves it now: HAProxy
+                # is using it (a new one waits for its HELLO answer, which a starting worker
+                # gives once it is up, or a full one once a connection closes).
+                continue
             try:
-                send_connection(slot.channel, conn, address)
+                send_connection(slot.channel, conn, address, state)
             except OSError:
                 continue  # dead, or its queue is full: the next one
             slot.handed += 1
             return True
         return False
+
+    def _move(self, giver: _Slot, data: bytes, fd: int) -> None:
+        """A connection ``giver`` handed back (``_rebalance``): on to the least loaded worker."""
+        try:
+            conn = socket.socket(fileno=fd)
+        except OSError:
+            os.close(fd)
+            log.warning(f"worker {giver.index} sent a descriptor that is not a socket")
+            return
+        try:
+            moved = read_move(data)
+            if moved is None:
+                log.warning(f"worker {giver.index} sent a descriptor that is not a connection")
+                return
+            giver.reported = max(0, giver.reported - 1)  # until its next report says so
+            if self._hand_over(conn, *moved):
+                return
+            # Every other worker filled up meanwhile: back to the one that held it a moment
+            # ago, whatever its share (closing it would lose what HAProxy sent on it).
+            try:
+                send_connection(giver.channel, conn, *moved)
+                giver.handed += 1
+            except (OSError, TypeError):
+                log.warning("no worker could take a connection handed back: closing it")
+        finally:
+            conn.close()
+
+    def _rebalance(self, now: float) -> None:
+        """Ask the worker with the most connections for one, when it has ``_REBALANCE_GAP``
+        more than the one with the fewest (see workers.handoff: HAProxy keeps its
+        connections, and a worker's work follows them)."""
+        if now < self._next_rebalance or not self._all_serving.is_set():
+            return
+        live = [s for s in self.slots if s.channel is not None and s.serving]
+        if len(live) < 2:
+            return
+        busiest = max(live, key=lambda s: s.load)
+        idlest = min(live, key=lambda s: s.load)
+        if busiest.load - idlest.load < _REBALANCE_GAP or idlest.load >= self._share:
+            return
+        self._next_rebalance = now + _REBALANCE_S
+        if busiest.proc is not None and busiest.proc.poll() is None:
+            busiest.proc.send_signal(GIVE_SIGNAL)
 
     def _check(self) -> None:
         now = time.monotonic()
@@ -283,6 +349,7 @@ class Supervisor:
             if slot.proc is None and now >= slot.restart_at:
                 slot.restarts += 1
                 self._spawn(slot)
+        self._rebalance(now)
 
     def _shutdown(self) -> None:
         """SIGTERM every worker (each ends its sessions and flushes), wait, then clean up."""

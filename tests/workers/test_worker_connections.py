@@ -4,17 +4,21 @@ connection still gets, whichever worker holds it."""
 from __future__ import annotations
 
 import os
+import re
 import selectors
 import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from spoe_agent.protocol import codec
 from spoe_agent.protocol.types import FrameType, Message
+from tests.hardening.support import notify_ok, trace
 from tests.support.procs import AgentProcess
 from tests.support.spop_client import SpopClient, hello_frame
-from tests.workers.test_multiworker import wait_workers_ready
+from tests.workers.test_multiworker import _HELLO, wait_workers_ready
 
 
 def test_an_inject_sent_before_a_half_close_is_still_answered(
@@ -108,3 +112,63 @@ def _answers(selector: selectors.BaseSelector, seconds: float,
     for sock in answered:
         selector.register(sock, selectors.EVENT_READ)  # the caller closes them
     return answered, broken
+
+
+@pytest.mark.parametrize("listener", ["", "idle_timeout = 0", "max_connections = 4"],
+                         ids=["default", "no-idle-timeout", "giver-at-its-cap"])
+def test_a_worker_with_two_connections_more_hands_one_over_and_it_goes_on_working(
+    spoe_agent: Callable[..., AgentProcess], tmp_path: Path, listener: str,
+) -> None:
+    """The work follows the connections (a session is the worker's that received its first
+    event) and HAProxy keeps its connections, so the supervisor evens them out: a worker two
+    connections ahead hands an idle one to the other, at a frame boundary, and HAProxy's side
+    sees nothing. A session opened before the move goes on after it from the other worker."""
+    ini = tmp_path / "agent.ini"
+    # At its cap (2 of 4), a worker's server stops reading its hand-off channel: the request
+    # must reach it all the same.
+    ini.write_text(f"[listener]\n{listener}\n")
+    agent = spoe_agent("--workers", "2", "--log-level", "debug", "-c", str(ini), app=None,
+                       env={**os.environ, "OTEL_TRACES_EXPORTER": "none"})
+    wait_workers_ready(agent, 2)
+    clients = [SpopClient((agent.host, agent.port), timeout=10) for _ in range(3)]
+    try:
+        for client in clients:
+            client.handshake()
+        port_of = {client: client.sock.getsockname()[1] for client in clients}
+
+        def worker_of() -> dict[int, int]:
+            return {int(port): int(w) for w, port in _HELLO.findall(agent.logs())}
+
+        deadline = time.monotonic() + 10
+        while len(set(port_of.values()) & set(worker_of())) < 3:
+            assert time.monotonic() < deadline, agent.describe_logs()
+            time.sleep(0.05)
+        on = worker_of()
+        by_worker = {w: [c for c in clients if on[port_of[c]] == w] for w in (0, 1)}
+        assert sorted(len(v) for v in by_worker.values()) == [1, 2], by_worker
+        crowded = 0 if len(by_worker[0]) == 2 else 1
+        for n, client in enumerate(by_worker[crowded]):  # sessions this worker owns
+            notify_ok(client, 1, [trace(f"moved-{n}", ("span", "s"), ("kind", "client"))])
+        (alone,) = by_worker[1 - crowded]
+        alone.close()  # now two against none
+        clients.remove(alone)
+
+        deadline = time.monotonic() + 15
+        while not ("taken over from another worker" in (logs := agent.logs())
+                   and "handed to another worker" in logs):
+            assert time.monotonic() < deadline, agent.describe_logs()
+            time.sleep(0.05)
+        assert re.search(rf"worker {crowded}: connection from 127\.0\.0\.1:\d+ handed to "
+                         "another worker", logs), logs
+        taken = re.findall(r"worker (\d): connection from 127\.0\.0\.1:(\d+) taken over", logs)
+        assert len(taken) == 1 and int(taken[0][0]) == 1 - crowded, taken
+        moved = next(c for c in clients if port_of[c] == int(taken[0][1]))
+        # Both connections answer as before: the moved one from the other worker now, which
+        # forwards the inject to the session's owner and returns its context.
+        for n, client in enumerate(clients):
+            ack = notify_ok(client, 2, [trace(f"moved-{n}", ("inject", "s"))])
+            assert codec.decode_actions(ack.payload), (client is moved, "no traceparent")
+        assert "Traceback" not in agent.logs()
+    finally:
+        for client in clients:
+            client.close()
