@@ -182,10 +182,14 @@ class SpopConnection:
         }
 
     @classmethod
-    def resumed(cls, state: dict[str, Any], **kwargs: Any) -> SpopConnection:
+    def resumed(cls, state: Any, **kwargs: Any) -> SpopConnection:
         """A READY connection that goes on from :meth:`export_state` (``kwargs`` as for the
-        constructor: this process's own limits). Raises ValueError for a state that is not."""
+        constructor: this process's own limits). Raises ValueError for a state that is not
+        (``Any``: it comes from another process, and this module may be compiled, where a
+        ``dict`` annotation would raise TypeError on anything else)."""
         conn = cls(**kwargs)
+        if type(state) is not dict:
+            raise ValueError(f"not a connection state: {state!r:.200}")
         try:
             frame_size = state["frame_size"]
             capabilities = state["capabilities"]
