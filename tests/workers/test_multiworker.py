@@ -433,10 +433,17 @@ def test_a_killed_worker_is_replaced_and_loses_only_the_sessions_it_held(
         + describe([s for s in everything if s.trace_id == r.trace_id
                     or s.tags.get("url.path") == r.path])
         for r in late[:3])
-    counters = multi.counters()
-    # HAProxy reopened its connections before the replacement was up; the supervisor then moved
-    # some to it (a session's work goes with the connection its first event came on).
-    assert counters[victim_index]["connections_open"] > 0, counters
+    # HAProxy reopens its connections before the replacement is up; the supervisor then moves
+    # some to it (a session's work goes with the connection its first event came on), one a
+    # second, until no worker holds two more than another. (HAProxy may hold only one.)
+    deadline = time.monotonic() + 20
+    while True:
+        counters = multi.counters()
+        held = [c["connections_open"] for c in counters]
+        if max(held) - min(held) <= 1:
+            break
+        assert time.monotonic() < deadline, counters
+        time.sleep(0.2)
     restarts = [c["restarts"] for c in counters]
     assert restarts == [int(i == victim_index) for i in range(WORKERS)], counters
     assert all(c["up"] == 1 for c in counters), counters
