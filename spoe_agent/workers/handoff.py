@@ -57,9 +57,15 @@ def channel_pair() -> tuple[Any, Any]:
 def send_connection(channel: Any, conn: Any, address: Any, state: Any = None) -> None:
     """Hand a connection to a worker (with ``state``: one another worker served until now);
     raises OSError if its channel cannot take it."""
+    socket.send_fds(channel, [_payload(address, state)], [conn.fileno()])
+
+
+def _payload(address: Any, state: Any) -> bytes:
+    """(address, state) as marshal writes them: an address that is neither a tuple nor a
+    string (what accept returns on some families) travels as its text."""
     if not isinstance(address, (tuple, str)):
         address = str(address)
-    socket.send_fds(channel, [marshal.dumps((address, state))], [conn.fileno()])
+    return marshal.dumps((address, state))
 
 
 def _address_and_state(payload: Any) -> tuple[Any, Any]:
@@ -174,10 +180,8 @@ class HandoffListener:
 
     def give_back(self, sock: Any, address: Any, state: Any) -> bool:
         """Hand a connection this worker served to the supervisor, for another worker."""
-        if not isinstance(address, (tuple, str)):
-            address = str(address)
         try:
-            socket.send_fds(self._chan, [MOVE_PREFIX + marshal.dumps((address, state))],
+            socket.send_fds(self._chan, [MOVE_PREFIX + _payload(address, state)],
                             [sock.fileno()])
         except OSError:
             return False
