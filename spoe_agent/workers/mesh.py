@@ -45,6 +45,7 @@ from gevent.monkey import get_original
 from spoe_agent.handlers import MetricSample
 from spoe_agent.protocol.types import SetVar
 from spoe_agent.tracing.language import Command, has_inject
+from spoe_agent.workers.owners import OwnerTable
 from spoe_agent.workers.router import (
     BATCH,
     COMMAND,
@@ -110,10 +111,11 @@ STAT_KEYS = (
 
 def _digest(key: str) -> int:
     """What the table of the sessions peers own is keyed by: it holds every session the other
-    workers have open, and 2 KiB per open session is the budget (docs/scaling.md). A unique-id
-    string costs 85 B; ``hash()`` (cached in the string) cut to 60 bits is an int of 32 B
-    rather than 48. Two open keys with one digest, a chance of about one in 10^13 per new
-    session at 100,000 open ones, would share an owner."""
+    workers have open, and 2 KiB per open session is the budget (docs/scaling.md), so it keeps
+    a fixed-size number (:class:`~spoe_agent.workers.owners.OwnerTable`), not the key (a
+    unique-id string costs 85 B). ``hash()`` is cached in the string. Two open keys with one
+    digest, a chance of about one in 10^13 per new session at 100,000 open ones, would share an
+    owner."""
     return hash(key) & _DIGEST_MASK
 
 
@@ -280,7 +282,7 @@ class PeerMesh:
         registry.on_end = self._ended
         #: The open sessions peers own, by a 60-bit hash of their key (:func:`_digest`):
         #: learned from their announcements.
-        self._owners: dict[int, int] = {}
+        self._owners = OwnerTable()
         #: What this worker took (True) or dropped (False) since it last told its peers.
         self._announce: dict[str, bool] = {}
         #: Per peer, the keys of the commands forwarded to it lately, with when the kernel had
@@ -359,7 +361,8 @@ class PeerMesh:
         session nobody announced is new, and becomes this worker's."""
         if key in self._registry:
             return self.index
-        return self._owners.get(_digest(key), self.index)
+        owner = self._owners.get(_digest(key))
+        return self.index if owner is None else owner
 
     def route(self, command: Command) -> list[SetVar]:
         """Apply ``command`` here if this worker owns its session, else forward it."""
@@ -579,20 +582,18 @@ class PeerMesh:
                 continue
             when = recent.get(key)
             if when is None:
-                del owners[digest]
+                owners.remove(digest)
                 crossed.pop(key, None)
             else:
                 crossed[key] = when
         for key in owns:
-            owners[_digest(key)] = peer
+            owners.set(_digest(key), peer)
             crossed.pop(key, None)
         if crossed:
             for key, when in list(crossed.items()):
                 if when < drained_ns:
                     del crossed[key]
-                    digest = _digest(key)
-                    if owners.get(digest) == peer:
-                        del owners[digest]
+                    owners.remove_if(_digest(key), peer)
 
     def _call(self, owner: int, command: Command) -> list[SetVar]:
         """An inject: the owner applies it and answers with the variables HAProxy must set."""
@@ -1011,9 +1012,7 @@ class PeerMesh:
             old = self._urgent[peer]
             if old is not None:
                 old.close()
-            owners = self._owners
-            if peer in owners.values():
-                self._owners = {key: at for key, at in owners.items() if at != peer}
+            self._owners.forget_owner(peer)
             self._forwarded[peer] = {}
             self._crossed[peer] = {}
             for other in self._inbound:
