@@ -461,6 +461,18 @@ def load_env(env: Mapping[str, str], config: AgentConfig) -> None:
                 raise ConfigError(f"environment variable {name}", str(exc)) from None
             config.sources[option.attr] = f"environment variable {name}"
             break
+    # OpenTelemetry's switch for the whole SDK. A disabled SDK still propagates what it
+    # extracted; here the spans are still made (their ids are what HAProxy injects downstream,
+    # so the services' traces keep their trace id and sampling) but nothing is exported. The
+    # specification reads any value but "true" as false; a value that is neither true nor false
+    # is refused instead, as every other bad value is, since "1" or "yes" surely meant true.
+    disabled = env.get("OTEL_SDK_DISABLED", "").strip().lower()
+    if disabled == "true":
+        config.exporter = "none"
+        config.sources["exporter"] = "environment variable OTEL_SDK_DISABLED"
+    elif disabled not in ("", "false"):
+        raise ConfigError("environment variable OTEL_SDK_DISABLED",
+                          f"expected true or false, got {env['OTEL_SDK_DISABLED']!r}")
     # OpenTelemetry's order for service.name: OTEL_SERVICE_NAME, then OTEL_RESOURCE_ATTRIBUTES,
     # then the default; here agent.ini's service_name (set above) counts as the first.
     if "service_name" not in config.sources:

@@ -55,6 +55,20 @@ def test_otel_variables_are_read() -> None:
     assert config.otlp_endpoint == "http://collector:4318/v1/traces"
 
 
+def test_otel_sdk_disabled_turns_export_off_and_a_flag_turns_it_back_on() -> None:
+    jaeger = {"OTEL_TRACES_EXPORTER": "jaeger"}
+    for value in ("true", " TRUE "):
+        config = load_config(env={**jaeger, "OTEL_SDK_DISABLED": value})
+        assert config.exporter == "none"
+        assert config.sources["exporter"] == "environment variable OTEL_SDK_DISABLED"
+    for value in ("false", "", "  "):
+        assert load_config(env={**jaeger, "OTEL_SDK_DISABLED": value}).exporter == "jaeger"
+    flag = load_config(overrides={"exporter": "jaeger"}, env={"OTEL_SDK_DISABLED": "true"})
+    assert flag.exporter == "jaeger"  # command-line flags over the environment, as always
+    with pytest.raises(ConfigError, match="OTEL_SDK_DISABLED: expected true or false, got '1'"):
+        load_config(env={"OTEL_SDK_DISABLED": "1"})
+
+
 def test_specific_otel_variables_win_over_the_general_ones() -> None:
     general = {"OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT": "100",
                "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}

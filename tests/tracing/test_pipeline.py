@@ -15,6 +15,7 @@ from spoe_agent.protocol.types import Message
 from spoe_agent.tracing.agent import TracingAgent
 from spoe_agent.tracing.jaeger import FastJaegerExporter
 from spoe_agent.tracing.pipeline import Resources, build_exporter, build_sampler
+from spoe_agent.viewer.receiver import JaegerReceiver
 
 
 def test_samplers_follow_the_otel_vocabulary() -> None:
@@ -37,6 +38,33 @@ def test_jaeger_console_and_none_exporters() -> None:
     assert isinstance(build_exporter(load_config(env={"OTEL_TRACES_EXPORTER": "console"})),
                       ConsoleSpanExporter)
     assert build_exporter(load_config(env={"OTEL_TRACES_EXPORTER": "none"})) is None
+
+
+@pytest.mark.parametrize("disabled", ["false", "true"])
+def test_a_disabled_sdk_exports_nothing_and_still_injects(disabled: str) -> None:
+    """OTEL_SDK_DISABLED=true: HAProxy still gets its trace context (the services behind it
+    keep their traces), the collector gets no span. ``false`` is the control: the same spans
+    reach the same receiver."""
+    with JaegerReceiver(udp_addr=("127.0.0.1", 0), http_addr=None, quiet_s=0.2) as receiver:
+        host, port = receiver.udp_address
+        agent = TracingAgent(load_config(env={
+            "OTEL_EXPORTER_JAEGER_AGENT_HOST": str(host),
+            "OTEL_EXPORTER_JAEGER_AGENT_PORT": str(port), "OTEL_SDK_DISABLED": disabled}))
+        try:
+            actions = agent.handle(Message("m", [
+                ("id", "s1"), ("service", "edge"), ("span", "HAProxy session"),
+                ("inject", "HAProxy session")]))
+            agent.handle(Message("m", [("id", "s1"), ("finish", "*")]))
+        finally:
+            agent.stop()  # flushes the queue to the receiver
+        assert actions and any(a.name == "traceparent" for a in actions), actions
+        if disabled == "true":
+            assert not receiver.wait_for(lambda spans: bool(spans), timeout=1.0)
+            assert receiver.spans == []
+        else:
+            assert receiver.wait_for(
+                lambda spans: [s.operation_name for s in spans] == ["HAProxy session"],
+                timeout=10)
 
 
 def test_otlp_request_timeout_follows_the_otel_variables(monkeypatch: pytest.MonkeyPatch) -> None:
