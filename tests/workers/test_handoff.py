@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import marshal
 import os
 import socket
 
@@ -10,11 +11,13 @@ import pytest
 from spoe_agent.config import AgentConfig
 from spoe_agent.workers import worker_config
 from spoe_agent.workers.handoff import (
+    MOVE_PREFIX,
     HandoffListener,
     channel_pair,
     read_report,
     send_connection,
 )
+from spoe_agent.workers.supervisor import Supervisor
 
 
 def test_a_handed_connection_is_the_accepted_one() -> None:
@@ -44,6 +47,96 @@ def test_a_handed_connection_is_the_accepted_one() -> None:
         server.close()
         listener.close()
         ours.close()
+
+
+class _Worker:
+    """A worker's end of a hand-off channel, and the socket pair whose one end is handed."""
+
+    def __init__(self) -> None:
+        self.ours, theirs = channel_pair()
+        self.listener = HandoffListener(os.dup(theirs.fileno()), socket.AF_UNIX, "x")
+        theirs.close()
+
+    def close(self) -> None:
+        self.listener.close()
+        self.ours.close()
+
+
+def test_a_worker_restarted_under_the_previous_supervisor_reads_its_payload() -> None:
+    """The supervisor of the version before sent the address alone; an IPv4 address is a pair
+    too, which is not taken for (address, state)."""
+    worker = _Worker()
+    a, b = socket.socketpair()
+    try:
+        for address in (("10.0.0.1", 40000), "unix-peer"):
+            socket.send_fds(worker.ours, [marshal.dumps(address)], [a.fileno()])
+            fd, got = worker.listener._accept()
+            assert got == address
+            assert worker.listener.resumed_state(fd) is None
+            os.close(fd)
+        socket.send_fds(worker.ours, [marshal.dumps((("10.0.0.1", 1), {"max_frame_size": 9}))],
+                        [a.fileno()])
+        fd, got = worker.listener._accept()
+        assert got == ("10.0.0.1", 1)
+        assert worker.listener.resumed_state(fd) == {"max_frame_size": 9}
+        os.close(fd)
+    finally:
+        a.close()
+        b.close()
+        worker.close()
+
+
+def _supervisor(max_connections: int) -> tuple[Supervisor, list[_Worker]]:
+    supervisor = Supervisor(AgentConfig(workers=2, max_connections=max_connections), [])
+    workers = [_Worker(), _Worker()]
+    for slot, worker in zip(supervisor.slots, workers, strict=True):
+        slot.channel = worker.ours
+        slot.serving = True
+    return supervisor, workers
+
+
+def test_a_connection_handed_back_when_every_other_worker_is_full_returns_to_its_giver() -> None:
+    supervisor, workers = _supervisor(max_connections=2)  # a share of 1 each
+    giver, other = supervisor.slots
+    giver.reported = 2
+    other.reported = 1  # full
+    a, b = socket.socketpair()
+    state = {"max_frame_size": 16384}
+    try:
+        supervisor._move(giver, MOVE_PREFIX + marshal.dumps(("peer", state)), os.dup(a.fileno()))
+        with pytest.raises(BlockingIOError):
+            workers[1].listener._accept()  # the full one got nothing
+        fd, address = workers[0].listener._accept()
+        assert address == "peer" and workers[0].listener.resumed_state(fd) == state
+        handed = socket.socket(fileno=fd)
+        b.sendall(b"still served")
+        assert handed.recv(64) == b"still served"
+        handed.close()
+    finally:
+        a.close()
+        b.close()
+        for worker in workers:
+            worker.close()
+
+
+def test_a_descriptor_that_is_not_a_socket_is_closed_not_handed_on() -> None:
+    supervisor, workers = _supervisor(max_connections=100)
+    read_end, write_end = os.pipe()
+    inode = os.fstat(read_end).st_ino
+    try:
+        supervisor._move(supervisor.slots[0], MOVE_PREFIX + marshal.dumps(("peer", None)),
+                         read_end)
+        try:  # closed by the supervisor (unless the number was taken again since)
+            assert os.fstat(read_end).st_ino != inode
+        except OSError:
+            pass
+        for worker in workers:
+            with pytest.raises(BlockingIOError):
+                worker.listener._accept()
+    finally:
+        os.close(write_end)
+        for worker in workers:
+            worker.close()
 
 
 def test_the_worker_reports_its_open_connections() -> None:
