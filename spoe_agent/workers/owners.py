@@ -10,7 +10,9 @@ three quarters full: 10 B per slot, 13-27 B per entry, and no object per entry a
 Open addressing with linear probing, and deletion by backward shift rather than tombstones, so
 a table that saw millions of sessions come and go probes as little as a fresh one. The keys are
 the string hash of a session key cut to 60 bits (:func:`spoe_agent.workers.mesh._digest`), already
-uniformly spread, so the slot is the digest's low bits.
+uniformly spread; the slot is its low bits with the high ones folded in and scattered, so that
+keys whose hashes share their low bits (which a fixed ``PYTHONHASHSEED`` lets one aim at, and
+some images set it) neither probe one run nor fill neighbouring homes into one cluster.
 
 What it costs instead, measured in pure Python: ~0.2 us a lookup and ~1 us to add and drop an
 entry (a dict: 0.03 and 0.1), so ~1-2 us per request with two workers, under 1% of a traced
@@ -25,6 +27,8 @@ from __future__ import annotations
 from array import array
 
 _MIN_SLOTS = 1024
+#: An odd multiplier (2^64 / golden ratio): it scatters homes that would be neighbours.
+_SPREAD = 0x9E3779B97F4A7C15
 
 
 def _zeros(code: str, size: int, slots: int) -> array:
@@ -57,7 +61,7 @@ class OwnerTable:
         """The slot that holds ``digest``, or the empty one that ends its probe run."""
         digests = self._digests
         mask = self._mask
-        i = digest & mask
+        i = (digest ^ digest >> 30) * _SPREAD & mask
         while True:
             found = digests[i]
             if found == digest or found == 0:
@@ -95,7 +99,7 @@ class OwnerTable:
             found = digests[j]
             if found == 0:
                 break
-            home = found & mask
+            home = (found ^ found >> 30) * _SPREAD & mask
             # The entry at j may fill the gap at i unless its home lies cyclically in (i, j].
             if (home <= i or home > j) if i < j else (j < home <= i):
                 digests[i] = found
@@ -140,7 +144,7 @@ class OwnerTable:
             owner = old_owners[k]
             if owner == without:
                 continue
-            i = digest & mask
+            i = (digest ^ digest >> 30) * _SPREAD & mask
             while digests[i] != 0:
                 i = (i + 1) & mask
             digests[i] = digest
