@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -67,6 +70,29 @@ def test_otel_sdk_disabled_turns_export_off_and_a_flag_turns_it_back_on() -> Non
     assert flag.exporter == "jaeger"  # command-line flags over the environment, as always
     with pytest.raises(ConfigError, match="OTEL_SDK_DISABLED: expected true or false, got '1'"):
         load_config(env={"OTEL_SDK_DISABLED": "1"})
+
+
+def test_check_says_why_the_exporter_is_none_and_refuses_a_value_that_is_not_a_boolean(
+    tmp_path: Path,
+) -> None:
+    ini = tmp_path / "agent.ini"
+    ini.write_text("[tracing]\nexporter = jaeger\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+
+    def check(value: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "spoe_agent", "-c", str(ini), "--workers", "1", "--check"],
+            capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1],
+            env={**env, "OTEL_SDK_DISABLED": value})
+
+    disabled = check("true")
+    assert disabled.returncode == 0, disabled.stderr
+    assert "exporter none (OTEL_SDK_DISABLED=true)" in disabled.stdout
+    enabled = check("false")
+    assert enabled.returncode == 0 and "exporter jaeger)" in enabled.stdout, enabled
+    refused = check("yes")
+    assert refused.returncode == 2
+    assert "OTEL_SDK_DISABLED: expected true or false, got 'yes'" in refused.stderr
 
 
 def test_specific_otel_variables_win_over_the_general_ones() -> None:
