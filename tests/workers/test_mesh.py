@@ -416,6 +416,36 @@ def test_an_end_that_crosses_a_forward_of_the_same_key_leaves_the_stream_whole(
     assert nodes[1].mesh.peer_sessions == 0
 
 
+def test_an_end_read_while_the_forward_waits_for_the_kernel_still_leaves_the_stream_whole(
+    cluster: Callable[..., list[Node]], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same crossing, but the owner's "ended" is read while the forward is still on its way
+    to the kernel (its writer waits, another greenlet pumps): the forward already counts."""
+    nodes = cluster(2)
+    key = KEYS[0]
+    again = stream(key)
+    mesh = nodes[1].mesh
+    waits: list[int] = []
+    wait_sent = _Link.wait_sent
+
+    def pumped_meanwhile(link: _Link, end: int) -> bool:
+        if link._mesh is mesh and link.peer == 0 and not waits:
+            waits.append(end)
+            mesh.pump()  # reads worker 0's "ended" before the kernel has the forward
+        return wait_sent(link, end)
+
+    monkeypatch.setattr(_Link, "wait_sent", pumped_meanwhile)
+    before, after = _ended_then_forwarded(nodes, key, again[0])
+    assert waits, "the forward never waited"
+    assert mesh.peer_sessions == 1  # kept: worker 0 has not applied the forward yet
+    for command in again[1:]:
+        _read(mesh, before, after, [command])
+        settle(nodes)
+    assert shapes(nodes[0].spans) == Counter({expected_shape(key): 2})
+    assert not nodes[1].spans
+    assert mesh.peer_sessions == 0
+
+
 def test_a_forward_that_finds_the_session_gone_leaves_no_entry_behind(
     cluster: Callable[..., list[Node]],
 ) -> None:
