@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_CONFIG
         print(f"spoe-agent: configuration OK ({config.config_file or 'defaults'}; "
               f"listening on {config.bind}{' with TLS' if tls is not None else ''}; "
-              f"workers {config.workers}; exporter {config.exporter}{_why_none(config)})")
+              f"workers {config.workers}; exporter {config.exporter_text()})")
         return 0
 
     try:
@@ -163,12 +163,6 @@ def main(argv: list[str] | None = None) -> int:
     except StartupError as exc:
         print(f"spoe-agent: cannot start: {exc}", file=sys.stderr)
         return EXIT_STARTUP
-
-
-def _why_none(config: Any) -> str:
-    """What an operator who set an exporter needs to see when OTEL_SDK_DISABLED overrode it."""
-    source = config.sources.get("exporter", "")
-    return " (OTEL_SDK_DISABLED=true)" if source.endswith("OTEL_SDK_DISABLED") else ""
 
 
 def _build_agent(app_spec: str | None, config: Any) -> Any:

@@ -336,6 +336,13 @@ class AgentConfig:
     config_file: str = ""
     sources: dict[str, str] = field(default_factory=dict)
 
+    def exporter_text(self) -> str:
+        """The exporter as ``--check`` and the start-up log name it: an operator who set one
+        must see why it is ``none`` when OTEL_SDK_DISABLED turned it off."""
+        if self.sources.get("exporter") == _SDK_DISABLED:
+            return f"{self.exporter} (OTEL_SDK_DISABLED=true)"
+        return self.exporter
+
     def validate(self) -> None:
         """Cross-option checks that no single value can make."""
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -446,6 +453,9 @@ def load_ini(path: str, config: AgentConfig) -> None:
             config.sources[option.attr] = where
 
 
+_SDK_DISABLED = "environment variable OTEL_SDK_DISABLED"
+
+
 def load_env(env: Mapping[str, str], config: AgentConfig) -> None:
     for option in OPTIONS:
         for name in (option.env, option.env_fallback):
@@ -469,7 +479,7 @@ def load_env(env: Mapping[str, str], config: AgentConfig) -> None:
     disabled = env.get("OTEL_SDK_DISABLED", "").strip().lower()
     if disabled == "true":
         config.exporter = "none"
-        config.sources["exporter"] = "environment variable OTEL_SDK_DISABLED"
+        config.sources["exporter"] = _SDK_DISABLED
     elif disabled not in ("", "false"):
         raise ConfigError("environment variable OTEL_SDK_DISABLED",
                           f"expected true or false, got {env['OTEL_SDK_DISABLED']!r}")

@@ -179,10 +179,8 @@ class TracingAgent(Agent):
     def start(self) -> None:
         interval = max(0.05, min(1.0, self.config.session_ttl / 4))
         self._expiry = gevent.spawn(self._expire_loop, interval)
-        disabled = self.config.sources.get("exporter", "").endswith("OTEL_SDK_DISABLED")
-        log.info("tracing: exporter %s%s, propagators %s, sampler %s, session ttl %.1fs",
-                 self.config.exporter, " (OTEL_SDK_DISABLED=true)" if disabled else "",
-                 ",".join(self.config.propagators) or "none",
+        log.info("tracing: exporter %s, propagators %s, sampler %s, session ttl %.1fs",
+                 self.config.exporter_text(), ",".join(self.config.propagators) or "none",
                  self.config.sampler, self.config.session_ttl)
 
     def _expire_loop(self, interval: float) -> None:
