@@ -447,6 +447,7 @@ class SpoaServer:
         monotonic = time.monotonic
         # The HELLO deadline runs from the accept; then frame deadlines, set when a frame starts.
         deadline = monotonic() + read_timeout if read_timeout else None
+        unyielded = 0  # bytes read since this greenlet last gave way with sleep(0)
         while conn.state is not _CLOSED:
             if client.draining:
                 self._drain(client)
@@ -502,11 +503,14 @@ class SpoaServer:
                 # deadline runs from the accept, however many frames of other kinds
                 # (skipped) a peer dribbles first.
                 deadline = monotonic() + read_timeout
-            if len(data) >= _YIELD_AFTER_BYTES:
-                # A big read means the peer keeps this socket readable, and a recv that does
-                # not have to wait never yields: let the other connections and the span export
-                # have the loop (measured: HAProxy at saturation starved the export until its
-                # queue dropped 15% of spans).
+            unyielded += len(data)
+            if unyielded >= _YIELD_AFTER_BYTES:
+                # Once per 4 KiB of input, whether or not the reads had to wait: a recv that
+                # finds data does not yield at all, and waiting for data was not enough either
+                # (measured through HAProxy with two threads and two workers: timers fired up
+                # to seconds late although every read had waited, so the span export starved
+                # and dropped spans, and /metrics did not answer: benchmarks/README.md).
+                unyielded = 0
                 gevent.sleep(0)
         if client.pool is not None:
             client.pool.join(timeout=self.config.read_timeout or None)
