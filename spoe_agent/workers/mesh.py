@@ -34,6 +34,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from itertools import count
 from typing import Any
 
@@ -64,6 +65,7 @@ from spoe_agent.workers.router import (
     encode_reply,
     reply_actions,
 )
+from spoe_agent.workers.write_counts import WriteCounts
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +133,7 @@ class _Link:
     """
 
     __slots__ = ("sock", "fd", "peer", "urgent", "outbound", "reader", "out", "queued", "sent",
-                 "closed", "stale", "watcher", "_waiters", "_writer", "_mesh")
+                 "closed", "stale", "watcher", "_waiters", "_writer", "_mesh", "_wrote")
 
     def __init__(self, mesh: PeerMesh, sock: Any, peer: int | None, *, urgent: bool,
                  outbound: bool) -> None:
@@ -153,6 +155,9 @@ class _Link:
         self._waiters: list[tuple[int, Event]] = []
         self._writer: gevent.Greenlet | None = None
         self._mesh = mesh
+        #: Counts what reached the kernel, for the peer's drains (:mod:`.write_counts`).
+        self._wrote: Callable[[], None] | None = (
+            partial(mesh._writes.wrote, peer) if outbound and peer is not None else None)
 
     def send(self, data: bytes) -> int:
         """Queue ``data``, writing what the kernel takes now; the end offset, or -1 if closed."""
@@ -171,6 +176,8 @@ class _Link:
             self.close()
             return -1
         self.sent += n
+        if n and self._wrote is not None:
+            self._wrote()
         if n < len(data):
             self.out += data[n:]
             if self._writer is None:
@@ -205,6 +212,8 @@ class _Link:
                     break
                 del self.out[:n]
                 self.sent += n
+                if n and self._wrote is not None:
+                    self._wrote()
                 self._wake()
         finally:
             watcher.close()
@@ -295,6 +304,10 @@ class PeerMesh:
         #: When the last pass of the last pump that applied what it read began: everything
         #: peers wrote to this worker before then has been applied (:meth:`_learn`).
         self._drained_ns = 0
+        #: How many writes the peers had counted to this worker when the last pump that
+        #: applied all it read began (:meth:`_read_begins`).
+        self._writes = WriteCounts(runtime_dir, workers, index)
+        self._drained_writes = -1
         self.rpc_timeout = rpc_timeout
         self.sync_timeout = sync_timeout
         self.retry_interval = retry_interval
@@ -342,8 +355,14 @@ class PeerMesh:
         self.drains_per_read = True
 
     def _read_begins(self) -> None:
+        """Drain before a read's NOTIFYs are handled, unless no peer has written anything
+        since the last drain began (:mod:`.write_counts`): every write that the ACK of a
+        predecessor of these events waited for was counted before that ACK, so before the
+        read. A pump still running in another greenlet is waited for all the same (it may
+        hold such a predecessor, read and not yet applied)."""
         self._batches[gevent.getcurrent()] = {}
-        self.pump()
+        if self._pump_lock.locked() or self._writes.written_to_me() != self._drained_writes:
+            self.pump()
 
     def _read_ends(self) -> None:
         batch = self._batches.pop(gevent.getcurrent(), None)
@@ -685,6 +704,7 @@ class PeerMesh:
 
     def _pump(self) -> None:
         reorder = self._reorder
+        writes = self._writes.written_to_me()  # before any pass reads what they counted
         for _ in range(_MAX_PASSES):
             # A pass reads each link that had data when it began until the link is empty, so
             # whatever was written before the last pass began is read (and applied below).
@@ -695,11 +715,13 @@ class PeerMesh:
             # Peers write faster than this worker reads (it is overloaded): apply what was
             # read rather than starve, at a small risk to order, and say so.
             self.stats["drain_cut_short"] += 1
+            writes = -1  # some of it is still unread: the next read drains whatever the counts
         if self._syncing:
             return
         if reorder:
             self._apply_forwarded(reorder)
         self._drained_ns = began
+        self._drained_writes = writes
         if self._announce:
             self._send_announcements()
 

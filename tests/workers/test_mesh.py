@@ -770,3 +770,86 @@ def test_a_forwarded_frame_without_commands_is_counted_and_the_rest_applied(
     assert key in reg and owner.counters()["received"] == 2  # one of them failed
     ours.close()
     theirs.close()
+
+
+class _CountedPoller:
+    """The mesh's ``poll`` object, counting the calls: one per drain pass."""
+
+    def __init__(self, poller: Any) -> None:
+        self._poller = poller
+        self.calls = 0
+
+    def poll(self, timeout: float) -> Any:
+        self.calls += 1
+        return self._poller.poll(timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._poller, name)
+
+
+def test_a_read_drains_only_once_a_peer_has_written_since_the_last_drain(
+    cluster: Callable[..., list[Node]],
+) -> None:
+    """A read's drain found nothing to read almost every time with one busy connection per
+    worker: the write counts tell a worker so without a ``poll`` (write_counts.py)."""
+    nodes = cluster(2, tick=3600)
+    mesh = nodes[0].mesh
+    before: list[Callable[[], None]] = []
+    after: list[Callable[[], None]] = []
+    mesh.drain_per_read(before, after)
+    poller = _CountedPoller(mesh._poller)
+    mesh._poller = poller  # type: ignore[assignment]
+    mine, theirs = KEYS[:2]
+    commands = stream(mine)
+    _read(mesh, before, after, commands[:1])
+    _read(mesh, before, after, commands[1:2])
+    assert poller.calls == 0  # worker 1 wrote nothing since the drain at start-up
+    take(nodes[1], [theirs])  # worker 1 announces a session: a write to worker 0
+    _read(mesh, before, after, [stream(theirs)[1]])
+    assert poller.calls >= 1
+    assert theirs not in nodes[0].reg  # it learned the owner first, and forwarded
+    calls = poller.calls
+    _read(mesh, before, after, commands[2:3])
+    assert poller.calls == calls  # nothing new again
+    settle(nodes)
+    assert nodes[1].mesh.counters()["received"] == 1 and theirs in nodes[1].reg
+
+
+def test_a_read_waits_for_a_drain_in_progress_even_when_nothing_new_was_written(
+    runtime_dir: str,
+) -> None:
+    """The drain another greenlet began may hold a predecessor of this read's event, taken
+    from its link and not yet applied: the read must wait for it, counts or not."""
+    from spoe_agent.workers.router import encode_command
+
+    spans: list[ReadableSpan] = []
+    reg = registry(spans)
+    applied: list[str] = []
+    first = [True]
+    key = KEYS[0]
+    commands = stream(key)
+
+    def apply(command):  # type: ignore[no-untyped-def]
+        if first:
+            first.clear()
+            gevent.sleep(0.01)  # an apply that yields, as Resource.create once did
+        op = command.ops[0]
+        applied.append(op[1] if len(op) > 1 else "*")
+        return reg.apply(command)
+
+    owner = PeerMesh(0, 2, runtime_dir, _Watched(reg, apply))
+    owner._syncing = False
+    before: list[Callable[[], None]] = []
+    after: list[Callable[[], None]] = []
+    owner.drain_per_read(before, after)
+    owner.pump()  # nothing written yet: the counts are now known
+    ours, peer = socket.socketpair()
+    _adopt(owner, ours, 1)
+    peer.sendall(encode_command(commands[0]))  # not counted: as if before the last drain
+    draining = gevent.spawn(owner.pump)
+    gevent.sleep(0)  # the drain took the event and is inside its apply
+    _read(owner, before, after, commands[1:2])  # its successor, on a connection of ours
+    draining.join()
+    assert applied[:2] == ["root", "child"]
+    ours.close()
+    peer.close()
