@@ -294,6 +294,9 @@ class PeerMesh:
         self._owners = OwnerTable()
         #: What this worker took (True) or dropped (False) since it last told its peers.
         self._announce: dict[str, bool] = {}
+        #: Whether ``_announce`` holds a session taken: those must reach the peers before the
+        #: ACK of the event that opened them; what was dropped can wait (:meth:`_read_ends`).
+        self._took = False
         #: Per peer, the keys of the commands forwarded to it lately, with when the kernel had
         #: them (:data:`_IN_FLIGHT` until then), oldest first: an "ended" that crossed such a
         #: forward leaves the entry (:meth:`_learn`) ...
@@ -365,8 +368,15 @@ class PeerMesh:
             self.pump()
 
     def _read_ends(self) -> None:
+        """Write the read's forwards and the sessions it opened, before its ACKs are queued.
+
+        Sessions dropped are only written along (or by the next pump, at the latest the tick):
+        a peer that routes an event of a dropped session to this worker meanwhile is the
+        "end that crosses a forward" case (docs/scaling.md), which the owner handles whatever
+        the delay. With one busy connection that is one write per request instead of two.
+        """
         batch = self._batches.pop(gevent.getcurrent(), None)
-        if batch or self._announce:
+        if batch or self._took:
             self._write_batches(batch or {})
         self._wait_written()
 
@@ -395,6 +405,7 @@ class PeerMesh:
             actions = self._apply(command)
             if key in self._registry:
                 self._announce[key] = True  # it opened the session: this worker's now
+                self._took = True
             if self._announce and not (self._batches and gevent.getcurrent() in self._batches):
                 # Not in a read whose end writes it: the announcement goes before the ACK.
                 self._write_batches({})
@@ -440,6 +451,7 @@ class PeerMesh:
                 log.exception("applying SPOE message of session %r failed", key)
             if key in registry:
                 self._announce[key] = True  # written with the read's batch, before its ACK
+                self._took = True
         return own
 
     def waits_for_owner(self, messages: list[Any]) -> bool:
@@ -536,6 +548,7 @@ class PeerMesh:
         if not pending:
             return (), ()
         self._announce = {}
+        self._took = False
         owns = tuple([key for key, took in pending.items() if took])
         return owns, tuple([key for key, took in pending.items() if not took])
 

@@ -853,3 +853,37 @@ def test_a_read_waits_for_a_drain_in_progress_even_when_nothing_new_was_written(
     assert applied[:2] == ["root", "child"]
     ours.close()
     peer.close()
+
+
+def test_a_session_that_ends_is_told_with_the_next_write_not_in_one_of_its_own(
+    cluster: Callable[..., list[Node]], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Only the sessions a read opened must reach the peers before its ACKs: with one busy
+    connection, writing each end on its own was a second write per request."""
+    nodes = cluster(2, tick=3600)
+    mesh = nodes[0].mesh
+    before: list[Callable[[], None]] = []
+    after: list[Callable[[], None]] = []
+    mesh.drain_per_read(before, after)
+    key, other = KEYS[:2]
+    commands = stream(key)
+    _read(mesh, before, after, commands[:1])
+    settle(nodes)
+    assert nodes[1].mesh.peer_sessions == 1
+    writes: Counter[int | None] = Counter()
+    send = _Link.send
+
+    def counted(link: _Link, data: bytes) -> int:
+        writes[link.peer] += 1
+        return send(link, data)
+
+    monkeypatch.setattr(_Link, "send", counted)
+    for command in commands[1:]:
+        _read(mesh, before, after, [command])
+    assert key not in nodes[0].reg  # the last event ended it
+    assert writes == Counter()  # and nothing was written for that alone
+    _read(mesh, before, after, stream(other)[:1])
+    assert writes == Counter({1: 1})  # the next session opened: one write tells both
+    settle(nodes)
+    assert nodes[1].mesh.peer_sessions == 1
+    assert nodes[1].mesh.owner(key) == 1 and nodes[1].mesh.owner(other) == 0
