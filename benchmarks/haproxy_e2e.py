@@ -1,7 +1,7 @@
 """End to end through HAProxy: what tracing costs an HTTP request, and what ``--workers`` buys.
 
-One run measures, with ``wrk`` against HAProxy 2.6 (``nbthread 1``) in front of a trivial origin
-(a second HAProxy answering ``http-request return``):
+One run measures, with ``wrk`` against HAProxy 2.6 (``nbthread 1``, or ``--haproxy-threads``) in
+front of a trivial origin (a second HAProxy answering ``http-request return``):
 
 * ``none``: no SPOE filter, the baseline;
 * ``traced xN``: the reference tracing config (devenv/conf/spoe.cfg, 10 messages on 8 events per
@@ -75,7 +75,8 @@ spoe-message bench
 # ---------------------------------------------------------------------------------- configs
 
 
-def edge_config(port: int, origin_port: int, agent_addr: str | None, spoe_cfg: str | None) -> str:
+def edge_config(port: int, origin_port: int, agent_addr: str | None, spoe_cfg: str | None,
+                threads: int = 1) -> str:
     """The HAProxy under test; with ``spoe_cfg`` None it has no filter at all."""
     spoe = ""
     forward = ""
@@ -98,7 +99,7 @@ backend spoe-agents
 """
     return f"""\
 global
-    nbthread 1
+    nbthread {threads}
     maxconn 4000
     setenv OTEL_SERVICE_NAME haproxy-bench
 
@@ -395,7 +396,8 @@ class Bench:
                 spoe_cfg = str(path)
             ecfg = self.workdir / f"edge-{self._n}.cfg"
             ecfg.write_text(edge_config(edge_port, origin_port,
-                                        f"127.0.0.1:{agent_port}" if agent else None, spoe_cfg))
+                                        f"127.0.0.1:{agent_port}" if agent else None, spoe_cfg,
+                                        args.haproxy_threads))
             edge = start([args.haproxy, "-db", "-f", str(ecfg)], front, self._log("haproxy"))
             procs.append(edge)
             wait_port(edge_port, edge)
@@ -509,7 +511,8 @@ def markdown(results: list[Measurement], args: argparse.Namespace, env: dict[str
     lines = [
         f"wrk: {args.connections} connections for {args.duration:g} s (saturation), "
         f"{args.latency_connections} for {args.latency_duration:g} s (latency: added = this "
-        f"config's percentile minus none's); medians of {args.rounds} round(s). "
+        f"config's percentile minus none's); HAProxy nbthread {args.haproxy_threads}; "
+        f"medians of {args.rounds} round(s). "
         f"{env['machine']}",
         "",
         "| config | layout | req/s | % of none | added p50 ms | added p99 ms "
@@ -566,6 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-connections", type=int, default=1)
     p.add_argument("--latency-duration", type=float, default=5.0)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--haproxy-threads", type=int, default=1, metavar="N",
+                   help="nbthread of the HAProxy under test (default 1)")
     p.add_argument("--layout", choices=("split", "shared", "both"), default="both")
     p.add_argument("--only", nargs="*", help="scenario names to run (default: all)")
     p.add_argument("--markdown", type=Path, help="also write the table here")
