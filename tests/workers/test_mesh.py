@@ -205,6 +205,19 @@ def _read(mesh: PeerMesh, before: list[Callable[[], None]], after: list[Callable
             hook()
 
 
+def _count_writes(monkeypatch: pytest.MonkeyPatch) -> Counter[int | None]:
+    """From now on, the frames each link writes, by peer."""
+    writes: Counter[int | None] = Counter()
+    send = _Link.send
+
+    def counted(link: _Link, data: bytes) -> int:
+        writes[link.peer] += 1
+        return send(link, data)
+
+    monkeypatch.setattr(_Link, "send", counted)
+    return writes
+
+
 def test_a_reads_forwards_are_written_once_per_owner_before_its_acks(
     cluster: Callable[..., list[Node]], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -216,14 +229,7 @@ def test_a_reads_forwards_are_written_once_per_owner_before_its_acks(
     keys = {owner: KEYS[3 * owner:3 * owner + 3] for owner in (1, 2)}
     for owner, owned_keys in keys.items():
         take(nodes[owner], owned_keys)
-    writes: Counter[int | None] = Counter()
-    send = _Link.send
-
-    def counted(link: _Link, data: bytes) -> int:
-        writes[link.peer] += 1
-        return send(link, data)
-
-    monkeypatch.setattr(_Link, "send", counted)
+    writes = _count_writes(monkeypatch)
     seen: list[int] = []
     after.insert(0, lambda: seen.append(nodes[1].mesh.counters()["received"]))
     commands = [stream(key)[step] for step in (1, 2) for ks in keys.values() for key in ks]
@@ -870,14 +876,7 @@ def test_a_session_that_ends_is_told_with_the_next_write_not_in_one_of_its_own(
     _read(mesh, before, after, commands[:1])
     settle(nodes)
     assert nodes[1].mesh.peer_sessions == 1
-    writes: Counter[int | None] = Counter()
-    send = _Link.send
-
-    def counted(link: _Link, data: bytes) -> int:
-        writes[link.peer] += 1
-        return send(link, data)
-
-    monkeypatch.setattr(_Link, "send", counted)
+    writes = _count_writes(monkeypatch)
     for command in commands[1:]:
         _read(mesh, before, after, [command])
     assert key not in nodes[0].reg  # the last event ended it
