@@ -66,6 +66,10 @@ _READY = State.READY  # module globals: an Enum member read off its class costs 
 _CLOSED = State.CLOSED
 _RECV_SIZE = 256 * 1024
 _YIELD_AFTER_BYTES = 4096  # ~20 NOTIFYs of the reference config, ~0.7 ms of work
+# How a connection's greenlet gives way: any positive sleep resumes it only at the event loop's
+# next iteration, after it has polled for I/O and run its due timers; sleep(0) may resume it
+# before the loop cycles (gevent.sleep's own documentation), and the timers starved.
+_YIELD_S = 1e-6
 # One receive buffer for every connection: a greenlet copies what it read (exactly that many
 # bytes) before it can yield, so no other greenlet can write over it meanwhile. recv(256 KiB)
 # instead allocates 256 KiB per read and shrinks it, which fragments glibc's heap: the live
@@ -506,12 +510,11 @@ class SpoaServer:
             unyielded += len(data)
             if unyielded >= _YIELD_AFTER_BYTES:
                 # Once per 4 KiB of input, whether or not the reads had to wait: a recv that
-                # finds data does not yield at all, and waiting for data was not enough either
-                # (measured through HAProxy with two threads and two workers: timers fired up
-                # to seconds late although every read had waited, so the span export starved
-                # and dropped spans, and /metrics did not answer: benchmarks/README.md).
+                # finds data does not yield at all, and through HAProxy with two threads and two
+                # workers the loop's timers fired up to seconds late (the span export starved
+                # and dropped spans, /metrics did not answer: benchmarks/README.md).
                 unyielded = 0
-                gevent.sleep(0)
+                gevent.sleep(_YIELD_S)
         if client.pool is not None:
             client.pool.join(timeout=self.config.read_timeout or None)
             client.flush()
