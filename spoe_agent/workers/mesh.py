@@ -425,9 +425,9 @@ class PeerMesh:
         ``drains_per_read``. A forwarded command must be in its owner's buffer before its ACK
         exists: it joins the read's batch, written before the read's ACKs are queued. An own
         command can wait: its successor is sent only once HAProxy reads this ACK, and reaches
-        this worker either in a later read (whose drain follows) or forwarded, which only a
-        pump applies; the server runs the deferred work before the connection can yield, so
-        before any pump. HAProxy's stream then no longer waits for this worker's spans, as
+        this worker either in a later read (drained first if a peer wrote) or forwarded,
+        which only a pump applies; the server runs the deferred work before the connection can
+        yield, so before any pump. HAProxy's stream then no longer waits for this worker's spans, as
         with a single process.
         """
         own = []

@@ -883,6 +883,67 @@ def test_a_session_that_ends_is_told_with_the_next_write_not_in_one_of_its_own(
     assert writes == Counter()  # and nothing was written for that alone
     _read(mesh, before, after, stream(other)[:1])
     assert writes == Counter({1: 1})  # the next session opened: one write tells both
+    nodes[1].mesh.pump()  # worker 1 reads that write, and worker 0 sends nothing more
+    assert nodes[1].mesh.owner(key) == 1 and nodes[1].mesh.owner(other) == 0
     settle(nodes)
     assert nodes[1].mesh.peer_sessions == 1
     assert nodes[1].mesh.owner(key) == 1 and nodes[1].mesh.owner(other) == 0
+
+
+class _LateOnQuiet:
+    """The mesh's ``poll`` object, which runs ``late`` once, right after the first poll that
+    found nothing: a peer's write that lands as a drain's quiet pass begins, unread by it."""
+
+    def __init__(self, poller: Any, late: Callable[[], None]) -> None:
+        self._poller = poller
+        self._late: Callable[[], None] | None = late
+
+    def poll(self, timeout: float) -> Any:
+        ready = self._poller.poll(timeout)
+        if not ready and self._late is not None:
+            late, self._late = self._late, None
+            late()
+        return ready
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._poller, name)
+
+
+def test_a_write_counted_while_a_drain_ran_makes_the_next_read_drain(runtime_dir: str) -> None:
+    """The counts a drain compares against are read before its first pass: a write the drain
+    missed was counted after that, so the next read drains and finds it before it routes the
+    stream's next event."""
+    from spoe_agent.workers.router import encode_command
+    from spoe_agent.workers.write_counts import WriteCounts
+
+    spans: list[ReadableSpan] = []
+    reg = registry(spans)
+    applied: list[str] = []
+    commands = stream(KEYS[0])
+
+    def apply(command):  # type: ignore[no-untyped-def]
+        op = command.ops[0]
+        applied.append(op[1] if len(op) > 1 else "*")
+        return reg.apply(command)
+
+    owner = PeerMesh(0, 2, runtime_dir, _Watched(reg, apply))
+    owner._syncing = False
+    before: list[Callable[[], None]] = []
+    after: list[Callable[[], None]] = []
+    owner.drain_per_read(before, after)
+    ours, peer = socket.socketpair()
+    _adopt(owner, ours, 1)
+    owner.pump()
+    peer_counts = WriteCounts(runtime_dir, 2, 1)
+
+    def peer_writes() -> None:  # worker 1 forwards the stream's first event, as it should
+        peer.sendall(encode_command(commands[0]))
+        peer_counts.wrote(0)
+
+    owner._poller = _LateOnQuiet(owner._poller, peer_writes)  # type: ignore[assignment]
+    owner.pump()  # a drain (the tick's, say) that the write just misses
+    assert applied == []
+    _read(owner, before, after, commands[1:2])  # the event's successor reaches this worker
+    assert applied[:2] == ["root", "child"]
+    ours.close()
+    peer.close()
