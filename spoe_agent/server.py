@@ -451,7 +451,7 @@ class SpoaServer:
         monotonic = time.monotonic
         # The HELLO deadline runs from the accept; then frame deadlines, set when a frame starts.
         deadline = monotonic() + read_timeout if read_timeout else None
-        unyielded = 0  # bytes read since this greenlet last gave way with sleep(0)
+        unyielded = 0  # bytes read since this greenlet last gave way
         while conn.state is not _CLOSED:
             if client.draining:
                 self._drain(client)
