@@ -779,18 +779,51 @@ def test_a_forwarded_frame_without_commands_is_counted_and_the_rest_applied(
 
 
 class _CountedPoller:
-    """The mesh's ``poll`` object, counting the calls: one per drain pass."""
+    """The mesh's ``poll`` object, counting the calls (one per drain pass); ``on_quiet`` runs
+    once, right after the first poll that found nothing: a peer's write that lands as a
+    drain's quiet pass begins, unread by it."""
 
-    def __init__(self, poller: Any) -> None:
+    def __init__(self, poller: Any, on_quiet: Callable[[], None] | None = None) -> None:
         self._poller = poller
+        self._on_quiet = on_quiet
         self.calls = 0
 
     def poll(self, timeout: float) -> Any:
         self.calls += 1
-        return self._poller.poll(timeout)
+        ready = self._poller.poll(timeout)
+        if not ready and self._on_quiet is not None:
+            on_quiet, self._on_quiet = self._on_quiet, None
+            on_quiet()
+        return ready
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._poller, name)
+
+
+def _recording_owner(runtime_dir: str, *, yield_first: bool = False,
+                     ) -> tuple[PeerMesh, list[str], list[Callable[[], None]],
+                                list[Callable[[], None]]]:
+    """Worker 0 of 2, serving, draining per read, with no peer started: the mesh, the span
+    names its registry applied in order, and the read hooks. ``yield_first``: the first apply
+    yields, as Resource.create once did."""
+    reg = registry([])
+    applied: list[str] = []
+    first = [yield_first]
+
+    def apply(command):  # type: ignore[no-untyped-def]
+        if first[0]:
+            first[0] = False
+            gevent.sleep(0.01)
+        op = command.ops[0]
+        applied.append(op[1] if len(op) > 1 else "*")
+        return reg.apply(command)
+
+    owner = PeerMesh(0, 2, runtime_dir, _Watched(reg, apply))
+    owner._syncing = False
+    before: list[Callable[[], None]] = []
+    after: list[Callable[[], None]] = []
+    owner.drain_per_read(before, after)
+    return owner, applied, before, after
 
 
 def test_a_read_drains_only_once_a_peer_has_written_since_the_last_drain(
@@ -828,26 +861,8 @@ def test_a_read_waits_for_a_drain_in_progress_even_when_nothing_new_was_written(
     from its link and not yet applied: the read must wait for it, counts or not."""
     from spoe_agent.workers.router import encode_command
 
-    spans: list[ReadableSpan] = []
-    reg = registry(spans)
-    applied: list[str] = []
-    first = [True]
-    key = KEYS[0]
-    commands = stream(key)
-
-    def apply(command):  # type: ignore[no-untyped-def]
-        if first:
-            first.clear()
-            gevent.sleep(0.01)  # an apply that yields, as Resource.create once did
-        op = command.ops[0]
-        applied.append(op[1] if len(op) > 1 else "*")
-        return reg.apply(command)
-
-    owner = PeerMesh(0, 2, runtime_dir, _Watched(reg, apply))
-    owner._syncing = False
-    before: list[Callable[[], None]] = []
-    after: list[Callable[[], None]] = []
-    owner.drain_per_read(before, after)
+    commands = stream(KEYS[0])
+    owner, applied, before, after = _recording_owner(runtime_dir, yield_first=True)
     owner.pump()  # nothing written yet: the counts are now known
     ours, peer = socket.socketpair()
     _adopt(owner, ours, 1)
@@ -890,25 +905,6 @@ def test_a_session_that_ends_is_told_with_the_next_write_not_in_one_of_its_own(
     assert nodes[1].mesh.owner(key) == 1 and nodes[1].mesh.owner(other) == 0
 
 
-class _LateOnQuiet:
-    """The mesh's ``poll`` object, which runs ``late`` once, right after the first poll that
-    found nothing: a peer's write that lands as a drain's quiet pass begins, unread by it."""
-
-    def __init__(self, poller: Any, late: Callable[[], None]) -> None:
-        self._poller = poller
-        self._late: Callable[[], None] | None = late
-
-    def poll(self, timeout: float) -> Any:
-        ready = self._poller.poll(timeout)
-        if not ready and self._late is not None:
-            late, self._late = self._late, None
-            late()
-        return ready
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._poller, name)
-
-
 def test_a_write_counted_while_a_drain_ran_makes_the_next_read_drain(runtime_dir: str) -> None:
     """The counts a drain compares against are read before its first pass: a write the drain
     missed was counted after that, so the next read drains and finds it before it routes the
@@ -916,21 +912,8 @@ def test_a_write_counted_while_a_drain_ran_makes_the_next_read_drain(runtime_dir
     from spoe_agent.workers.router import encode_command
     from spoe_agent.workers.write_counts import WriteCounts
 
-    spans: list[ReadableSpan] = []
-    reg = registry(spans)
-    applied: list[str] = []
     commands = stream(KEYS[0])
-
-    def apply(command):  # type: ignore[no-untyped-def]
-        op = command.ops[0]
-        applied.append(op[1] if len(op) > 1 else "*")
-        return reg.apply(command)
-
-    owner = PeerMesh(0, 2, runtime_dir, _Watched(reg, apply))
-    owner._syncing = False
-    before: list[Callable[[], None]] = []
-    after: list[Callable[[], None]] = []
-    owner.drain_per_read(before, after)
+    owner, applied, before, after = _recording_owner(runtime_dir)
     ours, peer = socket.socketpair()
     _adopt(owner, ours, 1)
     owner.pump()
@@ -940,7 +923,7 @@ def test_a_write_counted_while_a_drain_ran_makes_the_next_read_drain(runtime_dir
         peer.sendall(encode_command(commands[0]))
         peer_counts.wrote(0)
 
-    owner._poller = _LateOnQuiet(owner._poller, peer_writes)  # type: ignore[assignment]
+    owner._poller = _CountedPoller(owner._poller, peer_writes)  # type: ignore[assignment]
     owner.pump()  # a drain (the tick's, say) that the write just misses
     assert applied == []
     _read(owner, before, after, commands[1:2])  # the event's successor reaches this worker
