@@ -427,8 +427,8 @@ class PeerMesh:
         command can wait: its successor is sent only once HAProxy reads this ACK, and reaches
         this worker either in a later read (drained first if a peer wrote) or forwarded,
         which only a pump applies; the server runs the deferred work before the connection can
-        yield, so before any pump. HAProxy's stream then no longer waits for this worker's spans, as
-        with a single process.
+        yield, so before any pump. HAProxy's stream then no longer waits for this worker's
+        spans, as with a single process.
         """
         own = []
         registry = self._registry

@@ -4,8 +4,9 @@ Each worker knows which peer owns every session open elsewhere (docs/scaling.md)
 workers an open session costs its own worker its registry record and each of the N-1 others an
 entry here. In a ``dict[int, int]`` that entry took ~140 B of RSS (the int object, the dict's
 slot, and what its doublings leave behind; measured with four workers: 2,123-2,134 B of RSS per
-open session against a 2 KiB budget, 1,997-2,019 B with this table, benchmarks/README.md). Here it is a 64-bit slot in an ``array`` plus a 16-bit owner, at most
-three quarters full: 10 B per slot, 13-27 B per entry, and no object per entry at all.
+open session against a 2 KiB budget, 1,997-2,019 B with this table, benchmarks/README.md).
+Here it is a 64-bit slot in an ``array`` plus a 16-bit owner, at most three quarters full:
+10 B per slot, 13-27 B per entry, and no object per entry at all.
 
 Open addressing with linear probing, and deletion by backward shift rather than tombstones, so
 a table that saw millions of sessions come and go probes as little as a fresh one. The keys are
