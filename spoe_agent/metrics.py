@@ -77,7 +77,8 @@ class AgentCollector(Collector):
     def collect(self) -> Iterator[Any]:
         families = _Families()
         families.extend(server_samples(self.server.stats))
-        families.add("spoe_agent_handler_errors", "counter", "Message handlers that raised", {},
+        families.add("spoe_agent_handler_errors", "counter",
+                     "Message handlers that raised or returned actions SPOP cannot carry", {},
                      self.agent.handler_errors)
         for source in self.agent.metric_sources:
             try:

@@ -325,6 +325,14 @@ class SpoaServer:
         self.stats.hit_limit(name)
         self._throttle.warning(name, template, *args)
 
+    def _trimmed_ack(self, why: str) -> None:
+        """An ACK went out without some of its actions (the connection logged which): over the
+        negotiated frame size, a limit; or not encodable, the application handler's error."""
+        if why == "too_big":
+            self.stats.hit_limit("ack_frame_size")
+        else:
+            self.agent.handler_errors += 1
+
     def _sweep_idle(self, idle: float) -> None:
         """End the connections idle for ``idle`` seconds, checking a few times per ``idle``.
 
@@ -389,7 +397,8 @@ class SpoaServer:
             if state is not None:
                 # Served by another worker until now (give_connection): not a new connection.
                 try:
-                    conn = SpopConnection.resumed(state, max_frame_size=self.config.max_frame_size)
+                    conn = SpopConnection.resumed(state, max_frame_size=self.config.max_frame_size,
+                                                   on_trimmed_ack=self._trimmed_ack)
                 except ValueError as exc:
                     log.warning("a connection handed over from another worker is not one: %s",
                                 exc)
@@ -405,7 +414,8 @@ class SpoaServer:
                     if tls_sock is None:
                         return
                     sock = tls_sock
-                conn = SpopConnection(max_frame_size=self.config.max_frame_size)
+                conn = SpopConnection(max_frame_size=self.config.max_frame_size,
+                                      on_trimmed_ack=self._trimmed_ack)
             client = _Client(conn, sock, address)
             self._clients.add(client)
             try:

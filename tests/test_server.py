@@ -14,7 +14,7 @@ from pathlib import Path
 from spoe_agent.protocol import codec
 from spoe_agent.protocol.types import FrameType, Message, Scope, SetVar
 from tests.support.procs import wait_for_unix_socket
-from tests.support.spop_client import SpopClient
+from tests.support.spop_client import SpopClient, hello_frame
 
 APP = "tests.apps.server_app:agent"
 
@@ -41,6 +41,24 @@ def test_inline_and_unhandled_and_failing_handlers(spoe_agent) -> None:
         frame = client.read_frame()
         assert (frame.stream_id, ack_actions(frame)) == (4, [SetVar(Scope.TXN, "n", 1)])
     assert "handler for SPOE message 'boom' failed" in agent.process.stderr_text()
+
+
+def test_an_action_that_cannot_be_encoded_costs_only_itself(spoe_agent) -> None:
+    """HELLO and two NOTIFYs in one write, the first answered with a float: every frame of the
+    read is still answered and the connection stays up (it used to die with a traceback, the
+    AGENT-HELLO of the same read unsent)."""
+    agent = spoe_agent(app=APP)
+    with SpopClient((agent.host, agent.port)) as client:
+        client.send(hello_frame() + codec.notify(1, 1, [Message("floaty", [])])
+                    + codec.notify(2, 1, [Message("inline", [("v", 5)])]))
+        assert client.read_frame().type == FrameType.AGENT_HELLO
+        first, second = client.read_frame(), client.read_frame()
+        assert (first.stream_id, ack_actions(first)) == (1, [SetVar(Scope.TXN, "ok", 1)])
+        assert (second.stream_id, ack_actions(second)) == (2, [SetVar(Scope.TXN, "n", 5)])
+        client.send(codec.notify(3, 1, [Message("inline", [("v", 6)])]))
+        assert ack_actions(client.read_frame()) == [SetVar(Scope.TXN, "n", 6)]
+    assert "an action cannot be encoded (cannot encode float" in agent.process.stderr_text()
+    assert "Traceback" not in agent.process.stderr_text()
 
 
 def test_pipelined_concurrent_handlers_get_whole_acks_in_any_order(spoe_agent) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Final
@@ -65,6 +66,14 @@ def _frame_varint(data: bytes, pos: int, frame_end: int) -> tuple[int, int]:
     except InvalidFrame:
         return 0, frame_end + 1
     return value, pos
+
+
+def _encodes(action: Any) -> bool:
+    try:
+        codec.encode_actions([action])
+    except (TypeError, ValueError, OverflowError, AttributeError, UnicodeError):
+        return False
+    return True
 
 
 @dataclass(slots=True)
@@ -146,6 +155,7 @@ class SpopConnection:
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         capabilities: tuple[str, ...] = DEFAULT_CAPABILITIES,
         max_reassembled_size: int = 1 << 20,
+        on_trimmed_ack: Callable[[str], None] | None = None,
     ) -> None:
         if max_frame_size < MIN_FRAME_SIZE:
             raise ValueError(f"max_frame_size must be at least {MIN_FRAME_SIZE}")
@@ -158,6 +168,10 @@ class SpopConnection:
         self.engine_id: str | None = None
         self.healthcheck = False
         self.acks_too_big = 0
+        self.actions_unencodable = 0
+        #: Told why each time an ACK goes out without some of its actions ("too_big" or
+        #: "unencodable"), so that the owner of the counters (the server's metrics) sees it.
+        self.on_trimmed_ack = on_trimmed_ack
         # The peer's EOF ended a working connection (no DISCONNECT either way): the NOTIFYs
         # it sent before still get their ACKs, which a half-closed peer can read.
         self.peer_eof = False
@@ -228,9 +242,25 @@ class SpopConnection:
         """
         if self.state is _CLOSED and not self.peer_eof:
             return
-        frame = codec.ack(stream_id, frame_id, actions)
+        try:
+            frame = codec.ack(stream_id, frame_id, actions)
+        except (TypeError, ValueError, OverflowError, AttributeError, UnicodeError) as exc:
+            # An application handler returned what SPOP cannot carry (a float, a scope out of
+            # range): HAProxy still gets its ACK, with the actions that can be encoded, as it
+            # would had the handler raised. Dropping the connection would fail every NOTIFY in
+            # flight on it.
+            assert actions is not None  # an ACK without actions always encodes
+            actions = [action for action in actions if _encodes(action)]
+            self.actions_unencodable += 1
+            log.error("ACK for stream %d frame %d: an action cannot be encoded (%s); sent with "
+                      "the %d that can", stream_id, frame_id, exc, len(actions))
+            if self.on_trimmed_ack is not None:
+                self.on_trimmed_ack("unencodable")
+            frame = codec.ack(stream_id, frame_id, actions)
         if len(frame) - _LENGTH_PREFIX > self.frame_size and actions:
             self.acks_too_big += 1
+            if self.on_trimmed_ack is not None:
+                self.on_trimmed_ack("too_big")
             size = len(frame) - _LENGTH_PREFIX
             kept = len(actions)
             while kept and len(frame) - _LENGTH_PREFIX > self.frame_size:

@@ -28,6 +28,12 @@ def boom(args):
     raise RuntimeError("handler bug")
 
 
+@agent.message("floaty")
+def floaty(args):
+    """A handler bug the server only meets when it encodes the ACK: SPOP has no float."""
+    return [SetVar(Scope.TXN, "ok", 1), SetVar(Scope.TXN, "fl", 1.5)]
+
+
 reads_announced = 0
 
 

@@ -110,6 +110,21 @@ def test_metrics_endpoint_reports_every_family(
     assert (value(s, "process_resident_memory_bytes") or 0) > 0
 
 
+def test_an_ack_cut_to_the_frame_size_is_a_limit_hit(spoe_agent: AgentFactory) -> None:
+    """HAProxy gets the leading actions that fit (the connection logs it); the scrape counts it."""
+    metrics = free_port()
+    agent = spoe_agent("--metrics", f"127.0.0.1:{metrics}", app=None, env=clean_env())
+    with SpopClient((agent.host, agent.port)) as client:
+        client.handshake(max_frame_size=256)
+        notify_ok(client, 1, [trace("big", ("span", "root"), ("baggage", "k1"), ("", "v" * 150))])
+        notify_ok(client, 1, [trace("big", ("baggage", "k2"), ("", "v" * 150))])
+        frame = notify_ok(client, 1, [trace("big", ("inject", "root"))])
+        names = [action.name for action in codec.decode_actions(frame.payload)]
+        assert names == ["traceparent"]
+    s = scrape(metrics)
+    assert value(s, "spoe_agent_limit_hits_total", limit="ack_frame_size") == 1
+
+
 def test_health_turns_503_while_draining_then_the_agent_exits(spoe_agent: AgentFactory) -> None:
     metrics = free_port()
     agent = spoe_agent("--metrics", f"127.0.0.1:{metrics}", app=SLOW_APP)

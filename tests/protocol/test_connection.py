@@ -323,6 +323,33 @@ def test_an_ack_too_big_keeps_the_leading_actions_that_fit() -> None:
     assert conn.acks_too_big == 1
 
 
+def test_an_unencodable_action_is_dropped_and_the_ack_still_sent() -> None:
+    """An application handler returning a float (SPOP has no such type) or a scope out of range
+    must not cost the connection: HAProxy gets its ACK, with the actions that encode."""
+    told: list[str] = []
+    conn = SpopConnection(on_trimmed_ack=told.append)
+    conn.receive_data(HAPROXY_HELLO)
+    conn.data_to_send()
+    good = SetVar(Scope.TXN, "ok", 1)
+    conn.send_ack(3, 1, [good, SetVar(Scope.TXN, "fl", 1.5)])  # type: ignore[arg-type]
+    conn.send_ack(3, 2, [SetVar(7, "scope", 1), good])  # type: ignore[arg-type]
+    conn.send_ack(3, 3, ["not an action"])  # type: ignore[list-item]
+    assert conn.data_to_send() == codec.ack(3, 1, [good]) + codec.ack(3, 2, [good]) + codec.ack(3, 3)
+    assert conn.state is State.READY
+    assert conn.actions_unencodable == 3
+    assert told == ["unencodable"] * 3
+
+
+def test_an_ack_too_big_is_told() -> None:
+    told: list[str] = []
+    conn = SpopConnection(max_frame_size=256, on_trimmed_ack=told.append)
+    conn.receive_data(HAPROXY_HELLO)
+    conn.data_to_send()
+    conn.send_ack(9, 2, [SetVar(Scope.TXN, "big", "x" * 400)])
+    conn.send_ack(9, 3, [SetVar(Scope.TXN, "small", "x")])
+    assert told == ["too_big"]
+
+
 def test_unknown_frame_types_are_skipped() -> None:
     conn = ready()
     assert conn.receive_data(codec.encode_frame(42, 0, 0, b"whatever")) == []
