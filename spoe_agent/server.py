@@ -584,7 +584,8 @@ class SpoaServer:
             for stream_id, frame_id, actions in held:
                 conn.send_ack(stream_id, frame_id, actions)
         client.flush(deferred)
-        if observe is not None and events:
+        if observe is not None and announced:
+            # NOTIFYs only: a HELLO or a health check answered in microseconds is no ACK.
             observe(time.perf_counter() - started)
 
     def _run_hooks(self, hooks: list[Callable[[], None]]) -> None:
