@@ -43,6 +43,13 @@ _LIMIT_HELP = {
     "attribute_length": "max_attribute_length reached, a tag, log or baggage value was cut",
     "export_queue": "export_queue_size reached, spans were dropped (is the collector slow?)",
 }
+# Span-language events that mean a configuration mistake rather than one odd message: logged
+# like the limits, since a counter alone is silent for whoever has no /metrics yet.
+_MISTAKES = {
+    "missing_id": "%d SPOE messages with span arguments but no id= value ignored since the last "
+                  "report: without a session key there is no trace (is unique-id-format set in "
+                  "the HAProxy frontend? The reference configuration sends id=unique-id)",
+}
 
 
 class TracingAgent(Agent):
@@ -201,20 +208,26 @@ class TracingAgent(Agent):
         return hits
 
     def _report_limits(self) -> None:
-        """Log the limits hit since the last look, once per interval each (the registry and the
-        processor only count: they run on the request path and must not log per hit)."""
+        """Log the limits hit and the configuration mistakes met since the last look, once per
+        interval each (the registry, the processor and the span language only count: they run
+        on the request path and must not log per hit)."""
         now = time.monotonic()
         for name, value in self.limit_hits().items():
-            grew = value - self._limits_seen.get(name, 0)
-            if grew > 0 and now - self._limits_logged.get(name, -LIMIT_LOG_INTERVAL_S) >= (
-                LIMIT_LOG_INTERVAL_S
-            ):
-                # One template per limit (ours, not peer data): the root logging filter
-                # rate-limits by template, and one limit must not silence another.
-                log.warning(f"tracing limit {name} hit %d times since the last report: %s",
-                            grew, _LIMIT_HELP[name])
-                self._limits_seen[name] = value
-                self._limits_logged[name] = now
+            # One template per limit (ours, not peer data): the root logging filter
+            # rate-limits by template, and one limit must not silence another.
+            self._report(name, value, now, f"tracing limit {name} hit %d times since the last "
+                         f"report: {_LIMIT_HELP[name]}")
+        for name, template in _MISTAKES.items():
+            self._report(name, self.language_stats[name], now, template)
+
+    def _report(self, name: str, value: int, now: float, template: str) -> None:
+        grew = value - self._limits_seen.get(name, 0)
+        if grew > 0 and now - self._limits_logged.get(name, -LIMIT_LOG_INTERVAL_S) >= (
+            LIMIT_LOG_INTERVAL_S
+        ):
+            log.warning(template, grew)
+            self._limits_seen[name] = value
+            self._limits_logged[name] = now
 
     def stop(self) -> None:
         """End what is still open as incomplete and flush the exporter within a deadline.

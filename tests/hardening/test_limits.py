@@ -276,6 +276,22 @@ def test_tracing_limits_are_counted_logged_and_applied(
         still_serving(agent)
 
 
+def test_messages_without_a_session_key_are_logged_not_only_counted(
+    spoe_agent: AgentFactory,
+) -> None:
+    """A frontend without unique-id-format sends id= as NULL: every message is ignored, and a
+    new user with no /metrics must not be left with no traces and no word about why."""
+    agent = spoe_agent(app=None, env=clean_env(OTEL_TRACES_EXPORTER="none"))
+    with SpopClient((agent.host, agent.port)) as client:
+        client.handshake()
+        for stream in range(3):
+            notify_ok(client, stream, [Message("trace", [("id", None), ("span", "root")])])
+    wait_until(lambda: "3 SPOE messages with span arguments but no id= value ignored"
+               in agent.logs(), what="the missing-id report")
+    assert "is unique-id-format set" in agent.logs()
+    still_serving(agent)
+
+
 # ------------------------------------------------------------------------- with HAProxy
 
 
