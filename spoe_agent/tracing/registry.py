@@ -670,12 +670,20 @@ class SessionRegistry:
         if baggage:
             own = session.baggage
             if own is None:
-                session.baggage = dict(list(baggage.items())[:_MAX_BAGGAGE_ITEMS])
+                own = session.baggage = dict(list(baggage.items())[:_MAX_BAGGAGE_ITEMS])
+                dropped = len(baggage) - len(own)
             else:
                 # Baggage the configuration set explicitly wins over what came in.
+                dropped = 0
                 for k, v in baggage.items():
-                    if k not in own and len(own) < _MAX_BAGGAGE_ITEMS:
+                    if k in own:
+                        continue
+                    if len(own) < _MAX_BAGGAGE_ITEMS:
                         own[k] = v
+                    else:
+                        dropped += 1
+            if dropped:
+                self.stats["item_limit"] += dropped  # the limit items_per_span, logged
         pending = session.pending
         session.pending = None
         if sampled:

@@ -686,6 +686,18 @@ def test_incoming_baggage_merges_with_configured_baggage() -> None:
     assert sorted(injected["baggage"].split(",")) == ["haproxy_id=mine", "user=alice"]
 
 
+@pytest.mark.parametrize("configured", [0, 1])
+def test_incoming_baggage_past_the_session_cap_is_counted(configured: int) -> None:
+    """A session keeps 64 baggage items (2 KiB per session is the budget); what a client sent
+    beyond that is dropped as the limit items_per_span, counted, not silently."""
+    h = Harness()
+    h.send(("id", "s"), ("span", "a"), *([("baggage", "mine"), ("", "v")] if configured else []))
+    header = ",".join(f"k{i}=v" for i in range(100))
+    out = h.send(("id", "s"), ("traceparent", TRACEPARENT), ("baggage", header), ("inject", "a"))
+    assert len(vars_of(out)["baggage"].split(",")) == 64
+    assert h.reg.stats["item_limit"] == 100 - 64 + configured
+
+
 def test_inject_of_ended_name_uses_latest_record_and_unknown_name_is_counted() -> None:
     h = Harness()
     h.send(("id", "s"), ("span", "a"), ("finish", "a"))
