@@ -38,6 +38,7 @@ from spoe_agent.workers.handoff import (
     read_report,
     send_connection,
 )
+from spoe_agent.workers.mesh import peer_path
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,29 @@ _FULL_RETRY_S = 0.05
 #: be: a worker with this many more than another gives one away.
 _REBALANCE_S = 1.0
 _REBALANCE_GAP = 2
+#: The longest path a unix socket can be bound to (sun_path is 108 bytes, NUL included).
+_MAX_SOCKET_PATH = 107
+
+
+def runtime_dir(workers: int) -> str:
+    """A new directory for the peer sockets and the write counts.
+
+    mkdtemp makes it 0700: only this user can reach the peer sockets, which is what lets
+    workers trust what they read there. In a ``TMPDIR`` too deep for a unix socket's path, it
+    goes under /tmp instead (said in the log), rather than every worker failing to bind.
+    """
+    path = tempfile.mkdtemp(prefix="spoe-agent-")
+    if len(os.fsencode(peer_path(path, workers - 1))) <= _MAX_SOCKET_PATH:
+        return path
+    os.rmdir(path)
+    try:
+        short = tempfile.mkdtemp(prefix="spoe-agent-", dir="/tmp")
+    except OSError as exc:
+        raise StartupError(f"the temporary directory {tempfile.gettempdir()} is too deep for "
+                           f"the workers' unix sockets, and /tmp is not usable: {exc}") from None
+    log.warning("the temporary directory %s is too deep for the workers' unix sockets "
+                "(%d bytes at most): using %s", tempfile.gettempdir(), _MAX_SOCKET_PATH, short)
+    return short
 
 
 class _Slot:
@@ -103,9 +127,7 @@ class Supervisor:
                 "--workers", str(self.config.workers), "--worker-index", str(index)]
 
     def run(self) -> int:
-        # mkdtemp makes the directory 0700: only this user can reach the peer sockets, which
-        # is what lets workers trust what they read there.
-        self.runtime_dir = tempfile.mkdtemp(prefix="spoe-agent-")
+        self.runtime_dir = runtime_dir(self.config.workers)
         try:
             self._listener = make_listener(self.config.bind)
         except OSError as exc:

@@ -7,9 +7,16 @@ error behind a restart loop, with a share of the sessions routed to a worker tha
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
+import tempfile
 from pathlib import Path
 
+import pytest
+
+from spoe_agent.workers.mesh import peer_path
+from spoe_agent.workers.supervisor import runtime_dir
 from tests.support.procs import AgentProcess, free_port
 
 
@@ -37,3 +44,24 @@ def test_a_worker_that_cannot_start_stops_the_start_with_its_reason(tmp_path: Pa
     assert f"cannot serve metrics on 127.0.0.1:{port + 2}" in logs, logs
     assert "worker 1 (pid" in logs and "could not start (status 1); stopping" in logs, logs
     assert "supervisor: stopped" in logs, logs
+
+
+def test_a_temporary_directory_too_deep_for_unix_sockets_is_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every worker failed to bind its peer socket (a traceback each) in a deep ``TMPDIR``."""
+    deep = tmp_path / ("y" * 100)
+    deep.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    path = runtime_dir(4)
+    try:
+        assert os.path.dirname(path) == "/tmp"
+        assert oct(os.stat(path).st_mode & 0o777) == "0o700"
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.bind(peer_path(path, 3))
+    finally:
+        shutil.rmtree(path)
+    shallow = tmp_path / "s"
+    shallow.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(shallow))
+    assert os.path.dirname(runtime_dir(4)) == str(shallow)
