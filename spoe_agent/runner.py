@@ -112,11 +112,31 @@ def tls_context(config: AgentConfig) -> Any:
 
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # Each file is opened first, so that an error names the one at fault (and where it was
+    # set); OpenSSL's own errors say neither.
+    for attr in ("tls_cert", "tls_key", "tls_ca"):
+        path = getattr(config, attr)
+        if path:
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                raise StartupError(f"{_set_at(config, attr)}: cannot read {attr} {path}: "
+                                   f"{exc.strerror or exc}") from None
     try:
         context.load_cert_chain(config.tls_cert, config.tls_key)
-        if config.tls_ca:
-            context.load_verify_locations(config.tls_ca)
-            context.verify_mode = ssl.CERT_REQUIRED
     except (OSError, ssl.SSLError) as exc:
-        raise StartupError(f"cannot load the TLS certificate, key or CA: {exc}") from None
+        raise StartupError(f"{_set_at(config, 'tls_cert')}: cannot load the TLS certificate "
+                           f"{config.tls_cert} with the key {config.tls_key}: {exc}") from None
+    if config.tls_ca:
+        try:
+            context.load_verify_locations(config.tls_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise StartupError(f"{_set_at(config, 'tls_ca')}: cannot load the CA certificates "
+                               f"{config.tls_ca}: {exc}") from None
+        context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+def _set_at(config: AgentConfig, attr: str) -> str:
+    return config.sources.get(attr, attr)

@@ -197,9 +197,33 @@ def test_unreadable_certificate_is_a_clean_startup_error(tmp_path: Path, pki: Pk
     check = subprocess.run([*base, "--check"], capture_output=True, text=True, timeout=60,
                            cwd=REPO_ROOT, env=env)
     assert check.returncode == 2, check.stderr
-    assert "cannot load the TLS certificate" in check.stderr
+    said = f"{ini}:2: cannot read tls_cert {tmp_path / 'missing.pem'}: No such file or directory"
+    assert said in check.stderr
     serve = subprocess.run(base, capture_output=True, text=True, timeout=60, cwd=REPO_ROOT,
                            env=env)
     assert serve.returncode == 1, serve.stderr
-    assert "cannot load the TLS certificate" in serve.stderr
+    assert said in serve.stderr
     assert "Traceback" not in check.stderr + serve.stderr
+
+
+@pytest.mark.parametrize("wrong", ["key", "ca"])
+def test_a_certificate_that_does_not_load_is_named_with_its_line(
+    tmp_path: Path, pki: Pki, wrong: str
+) -> None:
+    """OpenSSL's errors name no file: the agent says which setting, where, and which file."""
+    key = pki.rogue_key if wrong == "key" else pki.server_key
+    ca = pki.server_key if wrong == "ca" else pki.ca  # a key is no CA certificate
+    ini = write_ini(tmp_path, f"[listener]\ntls_cert = {pki.server_cert}\ntls_key = {key}\n"
+                              f"tls_ca = {ca}\n")
+    check = subprocess.run(
+        [sys.executable, "-m", "spoe_agent", "-c", ini, "--exporter", "none", "--check"],
+        capture_output=True, text=True, timeout=60, cwd=REPO_ROOT,
+        env=clean_env(PYTHONPATH=str(REPO_ROOT)),
+    )
+    assert check.returncode == 2, check.stderr
+    if wrong == "key":
+        assert (f"{ini}:2: cannot load the TLS certificate {pki.server_cert} with the key {key}: "
+                in check.stderr), check.stderr
+    else:
+        assert f"{ini}:4: cannot load the CA certificates {ca}: " in check.stderr, check.stderr
+    assert "Traceback" not in check.stderr
