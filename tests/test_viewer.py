@@ -401,6 +401,19 @@ def test_command_line_viewer_prints_trees_and_json_lines(tmp_path: Path) -> None
     assert json.loads(line)["span_count"] == 7
 
 
+@pytest.mark.parametrize("argv, said", [
+    (["--no-udp", "--no-http"], "leave nothing to listen on"),
+    (["--no-udp", "--http", "127.0.0.1:0", "--jsonl", "/nonexistent/dir/x.jsonl"],
+     "cannot open --jsonl /nonexistent/dir/x.jsonl: No such file or directory"),
+])
+def test_command_line_viewer_refuses_what_cannot_work(argv: list[str], said: str) -> None:
+    """A usage error and exit 2, not a traceback, nor a viewer that listens on nothing."""
+    done = subprocess.run([sys.executable, "-m", "spoe_agent.viewer", *argv], cwd=REPO,
+                          capture_output=True, text=True, timeout=WAIT)
+    assert done.returncode == 2, done.stderr
+    assert said in done.stderr and "Traceback" not in done.stderr
+
+
 def test_receiver_and_exporter_work_under_gevent_monkeypatching() -> None:
     script = textwrap.dedent(
         """

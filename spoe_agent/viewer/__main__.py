@@ -78,8 +78,14 @@ class _Printer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    jsonl = open(args.jsonl, "a", encoding="utf-8") if args.jsonl else None  # noqa: SIM115
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.no_udp and args.no_http:
+        parser.error("--no-udp and --no-http together leave nothing to listen on")
+    try:
+        jsonl = open(args.jsonl, "a", encoding="utf-8") if args.jsonl else None  # noqa: SIM115
+    except OSError as exc:
+        parser.error(f"cannot open --jsonl {args.jsonl}: {exc.strerror or exc}")
     receiver = JaegerReceiver(
         None if args.no_udp else args.udp,
         None if args.no_http else args.http,
@@ -98,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         receiver.start()
     except OSError as exc:
         print(f"cannot listen: {exc}", file=sys.stderr)
+        if jsonl is not None:
+            jsonl.close()
         return 1
     listening = []
     if receiver.udp_address:
