@@ -233,7 +233,8 @@ class TracingAgent(Agent):
         """End what is still open as incomplete and flush the exporter within a deadline.
 
         A dead or stalled collector costs at most ``FLUSH_TIMEOUT_S`` here: the processor gives
-        up on the queue at the deadline and the exporter's sockets are closed.
+        up on the queue at the deadline and the exporter's sockets are closed. What was given up
+        (the batch being sent included) shows in the summary as dropped at the deadline.
         """
         if self._expiry is not None:
             self._expiry.kill(block=False)
@@ -244,9 +245,10 @@ class TracingAgent(Agent):
             self.processor.shutdown(FLUSH_TIMEOUT_S)
             stats = self.processor.stats
             log.info("tracing: %d spans exported in all, %d dropped (queue full %d, export "
-                     "failed %d)", stats.exported, stats.dropped_queue_full
-                     + stats.export_failed_spans, stats.dropped_queue_full,
-                     stats.export_failed_spans)
+                     "failed %d, shutdown deadline %d)", stats.exported, stats.dropped_queue_full
+                     + stats.export_failed_spans + stats.dropped_shutdown_deadline,
+                     stats.dropped_queue_full, stats.export_failed_spans,
+                     stats.dropped_shutdown_deadline)
 
     def metric_samples(self) -> Iterator[MetricSample]:
         reg = self.registry.stats
@@ -277,6 +279,8 @@ class TracingAgent(Agent):
                    {"reason": "export_failed"}, pstats.export_failed_spans)
             yield ("spoe_agent_spans_dropped", "counter", dropped,
                    {"reason": "after_shutdown"}, pstats.dropped_after_shutdown)
+            yield ("spoe_agent_spans_dropped", "counter", dropped,
+                   {"reason": "shutdown_deadline"}, pstats.dropped_shutdown_deadline)
             yield ("spoe_agent_exporter_errors", "counter", "Failed export calls", {},
                    pstats.export_errors)
             yield ("spoe_agent_export_queue_size", "gauge", "Spans waiting for export", {},

@@ -54,6 +54,8 @@ class ProcessorStats:
     exported: int = 0
     dropped_queue_full: int = 0
     dropped_after_shutdown: int = 0
+    # queued, or taken by the worker and not yet exported, when shutdown's deadline passed
+    dropped_shutdown_deadline: int = 0
     export_errors: int = 0  # export calls that raised or returned FAILURE
     export_failed_spans: int = 0  # spans handed to those calls
 
@@ -99,6 +101,11 @@ class QueueSpanProcessor(SpanProcessor):
         # maxlen is a backstop for racing threads; on_end checks the length itself to count drops
         self._queue: deque[ReadableSpan] = deque(maxlen=max_queue_size)
         self._shutdown = False
+        # Spans the worker took from the queue and has not yet counted (being encoded, encoded
+        # or being sent): shutdown counts them as dropped if the deadline passes meanwhile.
+        # Once it has, ``_abandoned`` tells the worker they are no longer its to count.
+        self._held = 0
+        self._abandoned = False
         self._last_error_log = float("-inf")
         self._drain_deadline = float("inf")
         self._start_worker()
@@ -108,6 +115,7 @@ class QueueSpanProcessor(SpanProcessor):
 
     def _start_worker(self) -> None:
         self._wake = threading.Event()
+        self._count_lock = threading.Lock()  # held for counting only, never across I/O
         self._flush_lock = threading.Lock()
         self._flush_waiters: list[threading.Event] = []
         self._worker = threading.Thread(
@@ -119,12 +127,15 @@ class QueueSpanProcessor(SpanProcessor):
         # the worker did not survive the fork; the parent's queued spans are the parent's to send
         self._queue.clear()
         self._encoded = None
+        self._held = 0
         if not self._shutdown:
             self._start_worker()
 
     @property
     def queue_size(self) -> int:
         """Spans ended and not yet handed to the transport (encoded ones included)."""
+        if self._abandoned:  # what the worker still holds was counted as dropped
+            return len(self._queue)
         encoded = self._encoded
         return len(self._queue) + (len(encoded) if encoded is not None else 0)
 
@@ -172,9 +183,20 @@ class QueueSpanProcessor(SpanProcessor):
         self._shutdown = True
         self._wake.set()
         self._worker.join(timeout)
-        if self._worker.is_alive():
+        # Whatever is still queued or held by the worker (e.g. the batch a stalled collector
+        # never answered) is lost when the process exits: count it now, or the summary and
+        # /metrics would say nothing was dropped.
+        with self._count_lock:
+            self._abandoned = True
+            lost = self._held + len(self._queue)
+            self._held = 0
+            self._queue.clear()
+            self.stats.dropped_shutdown_deadline += lost
+        if lost:
             log.warning(
-                "span export did not finish within %.1fs; %d spans left", timeout, self.queue_size
+                "span export did not finish within %.1fs; %d spans left, counted as dropped",
+                timeout,
+                lost,
             )
         try:
             self.exporter.shutdown()
@@ -222,8 +244,9 @@ class QueueSpanProcessor(SpanProcessor):
                 if time.monotonic() >= deadline:
                     return
             first = False
-            batch = [queue.popleft() for _ in range(min(size, len(queue)))]
-            self._export_batch(batch)
+            batch = self._take(size)
+            if batch:
+                self._export_batch(batch)
 
     def _encode_and_send(self, everything: bool, deadline: float) -> None:
         """Encode what is queued, sending each time a batch's worth is encoded; if
@@ -242,7 +265,9 @@ class QueueSpanProcessor(SpanProcessor):
                 _pause()
             if time.monotonic() >= deadline:
                 return
-            slice_ = [queue.popleft() for _ in range(min(size, len(queue)))]
+            slice_ = self._take(size)
+            if not slice_:
+                return
             try:
                 self._encoded = self._encoder.encode(slice_, self._encoded)
             except Exception as exc:  # the exporter counts what it can; this must not kill us
@@ -252,6 +277,31 @@ class QueueSpanProcessor(SpanProcessor):
                 self._send_encoded()
         if everything and self._encoded is not None:
             self._send_encoded()
+
+    def _take(self, count: int) -> list[Any]:
+        """Pop up to ``count`` spans, which the worker answers for from now on."""
+        queue = self._queue
+        with self._count_lock:
+            if self._abandoned:
+                return []
+            taken = [queue.popleft() for _ in range(min(count, len(queue)))]
+            self._held += len(taken)
+        return taken
+
+    def _settle(self, spans: int, exported: bool) -> bool:
+        """Count the outcome for ``spans`` the worker held; False if shutdown already counted
+        them as dropped (an export that outlived the deadline)."""
+        with self._count_lock:
+            if self._abandoned:
+                return False
+            self._held -= spans
+            stats = self.stats
+            if exported:
+                stats.exported += spans
+            else:
+                stats.export_errors += 1
+                stats.export_failed_spans += spans
+            return True
 
     def _send_encoded(self) -> None:
         encoded, self._encoded = self._encoded, None
@@ -279,13 +329,13 @@ class QueueSpanProcessor(SpanProcessor):
         finally:
             detach(token)
         if result is SpanExportResult.SUCCESS:
-            self.stats.exported += len(spans)
+            self._settle(len(spans), exported=True)
         else:
             self._failed(len(spans), error)
 
     def _failed(self, spans: int, error: Exception | None) -> None:
-        self.stats.export_errors += 1
-        self.stats.export_failed_spans += spans
+        if not self._settle(spans, exported=False):
+            return
         now = time.monotonic()
         if now - self._last_error_log >= self.ERROR_LOG_INTERVAL_S:  # a dead exporter: log rarely
             self._last_error_log = now

@@ -144,23 +144,45 @@ def test_refusing_collector_costs_spans_not_acks_and_recovery_is_automatic(
     assert agent.logs().count("exporting") <= 1, agent.describe_logs()
 
 
+@pytest.mark.parametrize("exporter", ["jaeger", "otlp"])
 def test_sigterm_with_a_stalled_collector_still_exits_zero(
-    spoe_agent: AgentFactory, collector_port: int
+    spoe_agent: AgentFactory, collector_port: int, exporter: str
 ) -> None:
-    """The flush at shutdown has a deadline: a collector stuck for minutes cannot hold it."""
+    """The flush at shutdown has a deadline: a collector stuck for minutes cannot hold it.
+    The spans it holds then are lost, and counted as such: the export being stalled took
+    them off the queue, and the summary once said "0 dropped"."""
     stall = StallingCollector(collector_port)
+    metrics = free_port()
+    # An export that would wait a minute: only the shutdown deadline can end it.
+    if exporter == "jaeger":
+        env = collector_env(collector_port, OTEL_BSP_EXPORT_TIMEOUT="60000")
+    else:
+        env = clean_env(OTEL_TRACES_EXPORTER="otlp",
+                        OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{collector_port}",
+                        OTEL_BSP_SCHEDULE_DELAY="50", OTEL_BSP_EXPORT_TIMEOUT="60000")
     try:
-        # An export that would wait a minute: only the shutdown deadline can end it.
-        agent = spoe_agent(app=None, env=collector_env(collector_port,
-                                                       OTEL_BSP_EXPORT_TIMEOUT="60000"))
+        agent = spoe_agent("--metrics", f"127.0.0.1:{metrics}", app=None, env=env)
         with SpopClient((agent.host, agent.port), timeout=10) as client:
             client.handshake()
-            for i, message in enumerate(whole_session("stuck")):
-                notify_ok(client, 2 * i + 1, [message])
+            stream = 1
+            for session in range(3):
+                for message in whole_session(f"stuck-{session}"):
+                    notify_ok(client, stream, [message])
+                    stream += 2
             wait_until(lambda: stall.accepted, what="the exporter to reach the collector")
+            wait_until(lambda: value(scrape(metrics), "spoe_agent_spans_queued_total") == 6,
+                       what="the six spans to be queued")
+            s = scrape(metrics)
+            assert value(s, "spoe_agent_spans_exported_total") == 0
+            assert value(s, "spoe_agent_spans_dropped_total", reason="shutdown_deadline") == 0
             agent.process.send_signal(signal.SIGTERM)
             assert agent.process.wait(30) == 0, agent.describe_logs()
-        assert "span export did not finish" in agent.logs(), agent.describe_logs()
+        logs = agent.logs()
+        assert "span export did not finish within 5.0s; 6 spans left, counted as dropped" in (
+            logs
+        ), agent.describe_logs()
+        assert ("tracing: 0 spans exported in all, 6 dropped (queue full 0, export failed 0, "
+                "shutdown deadline 6)") in logs, agent.describe_logs()
     finally:
         stall.close()
 

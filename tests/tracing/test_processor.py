@@ -169,6 +169,47 @@ def test_shutdown_gives_up_at_its_deadline_on_a_stalled_exporter(stalled: Record
     assert processor.stats.exported == 0
 
 
+def accounted(processor: QueueSpanProcessor) -> int:
+    """Where every queued span went: queued = exported + dropped + still queued, always."""
+    stats = processor.stats
+    return (stats.exported + stats.export_failed_spans + stats.dropped_shutdown_deadline
+            + processor.queue_size)
+
+
+@pytest.mark.parametrize("encoding", [False, True], ids=["export", "encode+send"])
+@pytest.mark.parametrize("late", [SpanExportResult.SUCCESS, SpanExportResult.FAILURE])
+def test_spans_given_up_at_the_deadline_are_counted_as_dropped(
+    encoding: bool, late: SpanExportResult, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The batch a stalled collector holds when the deadline passes is lost with the process:
+    it was once counted nowhere (the log said "0 spans left", the summary "0 dropped")."""
+    exporter = Encoding() if encoding else Recording()
+    exporter.release.clear()
+    exporter.result = late
+    processor = QueueSpanProcessor(
+        exporter, max_export_batch_size=2, schedule_delay_s=3600, encode_slice=2
+    )
+    try:
+        for i in range(6):
+            processor.on_end(span(i))
+        assert exporter.entered.wait(WAIT)  # two spans in the stalled export, four queued
+        processor.shutdown(timeout_s=0.05)
+    finally:
+        exporter.release.set()
+    stats = processor.stats
+    assert stats.queued == 6
+    assert stats.dropped_shutdown_deadline == 6 and stats.exported == 0
+    assert processor.queue_size == 0
+    assert accounted(processor) == 6
+    assert "6 spans left, counted as dropped" in caplog.text
+    # The stalled export ends after all (its outcome either way): nothing is counted twice.
+    processor._worker.join(WAIT)
+    assert not processor._worker.is_alive()
+    assert stats.dropped_shutdown_deadline == 6 and stats.exported == 0
+    assert stats.export_failed_spans == 0
+    assert accounted(processor) == 6
+
+
 def test_force_flush_reports_a_stalled_exporter(stalled: Recording) -> None:
     processor = QueueSpanProcessor(stalled, schedule_delay_s=3600)
     processor.on_end(span(0))
@@ -266,6 +307,8 @@ class Encoding(Recording):
         return out
 
     def send_encoded(self, encoded: _Encoded, between: object = None) -> SpanExportResult:
+        self.entered.set()
+        self.release.wait()
         with self._cond:
             self.batches.append(list(encoded.names))
             self._cond.notify_all()
