@@ -339,12 +339,36 @@ class QueueSpanProcessor(SpanProcessor):
         now = time.monotonic()
         if now - self._last_error_log >= self.ERROR_LOG_INTERVAL_S:  # a dead exporter: log rarely
             self._last_error_log = now
+            # One line, as the Jaeger exporter's own: an HTTP client's traceback (requests over
+            # urllib3 chains four exceptions) is ~150 lines saying "connection refused".
             log.warning(
-                "exporting %d spans failed (%d failed exports so far)",
+                "exporting %d spans failed (%d failed exports so far): %s",
                 spans,
                 self.stats.export_errors,
-                exc_info=error,
+                "the exporter reported failure" if error is None else describe_error(error),
+                exc_info=error if log.isEnabledFor(logging.DEBUG) else None,
             )
+
+
+def describe_error(error: BaseException) -> str:
+    """``error``'s type, and the innermost exception it was raised from or while handling.
+
+    The outer exceptions of a chain mostly wrap the inner one's message in pool and URL details;
+    the innermost is the cause an operator can act on: ``ConnectionError caused by
+    ConnectionRefusedError: [Errno 111] Connection refused``.
+    """
+    inner = error
+    seen = {id(error)}
+    while True:
+        below = inner.__cause__
+        if below is None and not inner.__suppress_context__:
+            below = inner.__context__
+        if below is None or id(below) in seen:
+            break
+        seen.add(id(below))
+        inner = below
+    text = f"{type(inner).__name__}: {inner}" if str(inner) else type(inner).__name__
+    return text if inner is error else f"{type(error).__name__} caused by {text}"
 
 
 IDLE_WAIT_MAX_S = 0.001

@@ -144,6 +144,29 @@ def test_refusing_collector_costs_spans_not_acks_and_recovery_is_automatic(
     assert agent.logs().count("exporting") <= 1, agent.describe_logs()
 
 
+def test_refusing_otlp_collector_is_one_warning_line_naming_the_cause(
+    spoe_agent: AgentFactory, collector_port: int
+) -> None:
+    """requests and urllib3 chain four exceptions for a refused connection: their traceback
+    was ~150 lines a minute, where the Jaeger exporter says the same in one."""
+    env = clean_env(OTEL_TRACES_EXPORTER="otlp",
+                    OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{collector_port}",
+                    OTEL_BSP_SCHEDULE_DELAY="50")
+    metrics = free_port()
+    agent = spoe_agent("--metrics", f"127.0.0.1:{metrics}", app=None, env=env)
+    with SpopClient((agent.host, agent.port), timeout=10) as client:
+        client.handshake()
+        for i, message in enumerate(whole_session("refused")):
+            notify_ok(client, 2 * i + 1, [message])
+        wait_until(lambda: (value(scrape(metrics), "spoe_agent_exporter_errors_total") or 0) > 0,
+                   what="the failed export to be counted")
+        wait_until(lambda: "exporting" in agent.logs(), what="the failure to be logged")
+    lines = [line for line in agent.logs().splitlines() if "exporting" in line]
+    assert len(lines) == 1, agent.describe_logs()
+    assert "WARNING" in lines[0] and "Connection refused" in lines[0], lines
+    assert "Traceback" not in agent.logs(), agent.describe_logs()
+
+
 @pytest.mark.parametrize("exporter", ["jaeger", "otlp"])
 def test_sigterm_with_a_stalled_collector_still_exits_zero(
     spoe_agent: AgentFactory, collector_port: int, exporter: str

@@ -5,6 +5,7 @@ Waits use generous timeouts only to avoid hanging on a bug; nothing asserts how 
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import textwrap
@@ -17,7 +18,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanContext, TraceFlags
 
-from spoe_agent.tracing.processor import QueueSpanProcessor
+from spoe_agent.tracing.processor import QueueSpanProcessor, describe_error
 
 WAIT = 10.0
 REPO = Path(__file__).resolve().parents[2]
@@ -143,6 +144,64 @@ def test_export_failures_are_counted_never_raised(failure: str) -> None:
     processor.on_end(span(5))  # still accepting after failures
     processor.shutdown()
     assert exporter.names == [f"span {i}" for i in range(6)]
+
+
+def refused() -> Exception:
+    """The shape of what requests raises for a refused connection: a wrapper raised while
+    handling a wrapper raised from the OS error."""
+    try:
+        try:
+            raise ConnectionRefusedError(111, "Connection refused")
+        except OSError as exc:
+            raise OSError("Failed to establish a new connection: [Errno 111]") from exc
+    except OSError:
+        try:
+            raise ConnectionError("HTTPConnectionPool(...): Max retries exceeded with url: ...")
+        except ConnectionError as exc:
+            return exc
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize("level", [logging.WARNING, logging.DEBUG], ids=["warning", "debug"])
+def test_a_failed_export_is_one_line_naming_the_root_cause(
+    level: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The traceback of an HTTP client's chained exceptions (~150 lines) is for DEBUG only."""
+    caplog.set_level(level, logger="spoe_agent.tracing.processor")
+    exporter = Recording()
+    exporter.raises = refused()
+    processor = QueueSpanProcessor(exporter, schedule_delay_s=3600)
+    processor.on_end(span(0))
+    assert processor.force_flush(int(WAIT * 1000))
+    processor.shutdown()
+    [record] = [r for r in caplog.records if r.getMessage().startswith("exporting")]
+    assert record.levelno == logging.WARNING
+    assert record.getMessage() == (
+        "exporting 1 spans failed (1 failed exports so far): ConnectionError caused by "
+        "ConnectionRefusedError: [Errno 111] Connection refused"
+    )
+    if level == logging.DEBUG:
+        assert record.exc_info is not None and record.exc_info[1] is exporter.raises
+        assert "Traceback" in caplog.text
+    else:
+        assert not record.exc_info
+        assert "Traceback" not in caplog.text
+
+
+def test_describe_error_stops_where_the_chain_does() -> None:
+    assert describe_error(ValueError("bad")) == "ValueError: bad"
+    assert describe_error(TimeoutError()) == "TimeoutError"
+    try:
+        try:
+            raise KeyError("internal")
+        except KeyError:
+            raise RuntimeError("collector on fire") from None  # the context is suppressed
+    except RuntimeError as exc:
+        assert describe_error(exc) == "RuntimeError: collector on fire"
+    loop = RuntimeError("a")
+    loop.__cause__ = RuntimeError("b")
+    loop.__cause__.__cause__ = loop  # a cycle must not hang the worker
+    assert describe_error(loop) == "RuntimeError caused by RuntimeError: b"
 
 
 def test_shutdown_flushes_whats_queued_and_shuts_the_exporter() -> None:
