@@ -100,7 +100,8 @@ def _run_worker(agent: Any, config: AgentConfig, index: int) -> int:
     if registry is not None and hasattr(agent, "router") and config.workers > 1:
         from spoe_agent.workers.mesh import PeerMesh
 
-        mesh = PeerMesh(index, config.workers, runtime_dir, registry)
+        mesh = PeerMesh(index, config.workers, runtime_dir, registry,
+                        lost_window=config.session_ttl)
         agent.router = mesh
         agent.needs_greenlet = mesh.waits_for_owner
         mesh.drain_per_read(agent.before_notifies, agent.after_notifies)

@@ -108,7 +108,13 @@ STAT_KEYS = (
     "inject_unavailable",  # inject RPCs for an owner that was down (same consequence)
     "peer_errors",  # peer connections dropped for a protocol error
     "drain_cut_short",  # drains that never got a quiet pass (see pump): order not guaranteed
+    "lost_with_owner",  # commands of sessions that died with their worker, dropped (LOST)
 )
+#: The owner the table gives the sessions a worker had open when it died (worker indexes stay
+#: far below it): their later events are dropped, counted, for one session TTL. Applied by
+#: another worker they would open sessions there, each a fragment of its trace without its
+#: root (the root died with the worker), looking like a whole request.
+LOST = 0xFFFF
 
 
 def _digest(key: str) -> int:
@@ -279,6 +285,7 @@ class PeerMesh:
         tick: float = TICK_S,
         backlog_items: int = 65536,
         backlog_age: float = 10.0,
+        lost_window: float = 30.0,
     ) -> None:
         if not 0 <= index < workers:
             raise ValueError(f"worker index {index} out of range for {workers} workers")
@@ -315,6 +322,10 @@ class PeerMesh:
         self.sync_timeout = sync_timeout
         self.retry_interval = retry_interval
         self.tick = tick
+        #: How long the sessions of a worker that died stay :data:`LOST` (the session TTL:
+        #: what a registry remembers evicted keys for), and until when they do.
+        self.lost_window = lost_window
+        self._lost_until = 0.0
         self.stats: Counter[str] = Counter(dict.fromkeys(STAT_KEYS, 0))
         self.apply_errors = 0
         self._bulk: list[_Link | None] = [None] * workers
@@ -411,6 +422,9 @@ class PeerMesh:
                 self._write_batches({})
                 self._wait_written()
             return actions
+        if owner == LOST:
+            self.stats["lost_with_owner"] += 1
+            return []
         if has_inject(command):
             return self._call(owner, command)
         return self.forward(owner, command)
@@ -440,7 +454,10 @@ class PeerMesh:
                 continue
             owner = owners.get(_digest(key))
             if owner is not None:
-                self.forward(owner, command)
+                if owner == LOST:
+                    self.stats["lost_with_owner"] += 1
+                else:
+                    self.forward(owner, command)
                 continue
             # Applied now rather than after the ACK, so that what the registry holds is what
             # this worker has announced (a restarted peer is told the registry's keys).
@@ -482,7 +499,7 @@ class PeerMesh:
                 if len(plain) >= _PLAIN_MESSAGES_LIMIT:
                     plain.clear()
                 plain[message.name] = len(args)
-            elif key is not None and self.owner(key) != self.index:
+            elif key is not None and self.owner(key) not in (self.index, LOST):
                 return True
         return False
 
@@ -670,7 +687,7 @@ class PeerMesh:
             return []
 
     def _hold(self, owner: int, data: bytes, commands: int = 1) -> None:
-        self._backlogs[owner].add(data)
+        self._backlogs[owner].add(data, commands=commands)
         self.stats["held"] += commands
         link = self._bulk[owner]
         if link is not None and not link.closed:
@@ -1047,7 +1064,16 @@ class PeerMesh:
             old = self._urgent[peer]
             if old is not None:
                 old.close()
-            self._owners.forget_owner(peer)
+            # What was held for it, and the later events of its sessions, belong to sessions
+            # that died with it: dropped rather than applied by anyone (see LOST).
+            lost = self._owners.retag(peer, LOST)
+            dropped = self._backlogs[peer].discard()
+            self.stats["lost_with_owner"] += dropped
+            if lost or dropped:
+                self._lost_until = time.monotonic() + self.lost_window
+                log.info("worker %d restarted: the %d sessions it had open died with it; their "
+                         "events are dropped for %.0fs (%d held for it dropped)", peer, lost,
+                         self.lost_window, dropped)
             self._forwarded[peer] = {}
             self._crossed[peer] = {}
             for other in self._inbound:
@@ -1090,9 +1116,13 @@ class PeerMesh:
                     self.stats["inject_unavailable"] += 1
 
     def _housekeeping(self) -> None:
-        """Drop held commands that aged out, and retry owners that are still down."""
+        """Drop held commands that aged out, forget the sessions lost with a worker once
+        their window passed, and retry owners that are still down."""
         while True:
             gevent.sleep(0.5)
+            if self._lost_until and time.monotonic() >= self._lost_until:
+                self._lost_until = 0.0
+                self._owners.forget_owner(LOST)
             for peer, backlog in enumerate(self._backlogs):
                 if backlog:
                     backlog.expire()

@@ -120,6 +120,20 @@ class OwnerTable:
             return False
         return self.remove(digest)
 
+    def retag(self, owner: int, new: int) -> int:
+        """Give every entry of ``owner`` to ``new``; how many there were. (One pass over the
+        slots, as :meth:`forget_owner` makes: once per worker death.)"""
+        owners = self._owners
+        if owner not in owners:
+            return 0
+        digests = self._digests
+        n = 0
+        for i in range(len(owners)):
+            if owners[i] == owner and digests[i]:
+                owners[i] = new
+                n += 1
+        return n
+
     def forget_owner(self, owner: int) -> int:
         """Drop every entry of ``owner`` (a worker that died took its sessions with it); how
         many there were."""

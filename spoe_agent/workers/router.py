@@ -239,7 +239,7 @@ class Backlog:
     __slots__ = ("_items", "max_items", "max_age_ns", "dropped")
 
     def __init__(self, max_items: int = 65536, max_age_s: float = 10.0) -> None:
-        self._items: deque[tuple[int, bytes]] = deque()
+        self._items: deque[tuple[int, bytes, int]] = deque()
         self.max_items = max_items
         self.max_age_ns = int(max_age_s * 1e9)
         self.dropped = 0
@@ -247,13 +247,14 @@ class Backlog:
     def __len__(self) -> int:
         return len(self._items)
 
-    def add(self, data: bytes, now_ns: int | None = None) -> None:
+    def add(self, data: bytes, now_ns: int | None = None, commands: int = 1) -> None:
+        """Hold one frame of ``commands`` commands."""
         now = time.monotonic_ns() if now_ns is None else now_ns
         items = self._items
         if len(items) >= self.max_items:
             items.popleft()
             self.dropped += 1
-        items.append((now, data))
+        items.append((now, data, commands))
 
     def expire(self, now_ns: int | None = None) -> int:
         now = time.monotonic_ns() if now_ns is None else now_ns
@@ -266,9 +267,15 @@ class Backlog:
         self.dropped += n
         return n
 
+    def discard(self) -> int:
+        """Drop everything held (its owner died, and its sessions with it); how many commands."""
+        n = sum(item[2] for item in self._items)
+        self._items.clear()
+        return n
+
     def take(self, now_ns: int | None = None) -> bytes:
         """Everything still fresh, as one write; the backlog is empty afterwards."""
         self.expire(now_ns)
-        data = b"".join([d for _, d in self._items])
+        data = b"".join([item[1] for item in self._items])
         self._items.clear()
         return data

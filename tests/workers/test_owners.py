@@ -54,6 +54,13 @@ class TableMatchesDict(RuleBasedStateMachine):
         for digest in gone:
             del self.model[digest]
 
+    @rule(owner=OWNERS, new=OWNERS)
+    def retag(self, owner: int, new: int) -> None:
+        moved = [digest for digest, at in self.model.items() if at == owner]
+        assert self.table.retag(owner, new) == len(moved)
+        for digest in moved:
+            self.model[digest] = new
+
     @rule(count=st.integers(min_value=700, max_value=2000), owner=OWNERS)
     def many(self, count: int, owner: int) -> None:
         """Past three quarters of 1,024 slots, so the table doubles (and halves again as the

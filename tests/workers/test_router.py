@@ -211,6 +211,14 @@ def test_backlog_is_bounded_by_count() -> None:
     assert len(backlog) == 0 and backlog.take(now_ns=6) == b""
 
 
+def test_backlog_discards_and_counts_commands_not_frames() -> None:
+    backlog = Backlog()
+    backlog.add(b"batch", commands=5)
+    backlog.add(b"one")
+    assert backlog.discard() == 6
+    assert len(backlog) == 0 and backlog.take() == b"" and backlog.dropped == 0
+
+
 def test_backlog_is_bounded_by_age() -> None:
     backlog = Backlog(max_items=100, max_age_s=1.0)
     backlog.add(b"old", now_ns=0)
