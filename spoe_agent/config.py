@@ -96,6 +96,18 @@ def _http_url(text: str) -> str:
     return text
 
 
+def _otlp_endpoint(text: str) -> str:
+    """agent.ini's ``otlp_endpoint``: one key standing for both OTLP endpoint variables, so a
+    bare ``http://collector:4318`` is a base URL, as in OTEL_EXPORTER_OTLP_ENDPOINT (posting
+    to ``/``, a collector would drop every batch); a URL with a path is used as given, as in
+    OTEL_EXPORTER_OTLP_TRACES_ENDPOINT."""
+    text = _http_url(text)
+    parts = urlsplit(text)
+    if text and parts.path in ("", "/"):
+        return parts._replace(path="/v1/traces").geturl()
+    return text
+
+
 def _int_range(low: int, high: int | None = None) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
@@ -258,8 +270,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("jaeger_user", "tracing", "jaeger_user", _text, env="OTEL_EXPORTER_JAEGER_USER"),
     Option("jaeger_password", "tracing", "jaeger_password", _text,
            env="OTEL_EXPORTER_JAEGER_PASSWORD"),
-    Option("otlp_endpoint", "tracing", "otlp_endpoint", _http_url,
-           env="OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+    Option("otlp_endpoint", "tracing", "otlp_endpoint", _otlp_endpoint,
+           env="OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", env_parse=_http_url),
     Option("otlp_protocol", "tracing", "otlp_protocol", _choice(*OTLP_PROTOCOLS),
            env="OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", env_fallback="OTEL_EXPORTER_OTLP_PROTOCOL"),
     Option("propagators", "tracing", "propagators", _propagators, env="OTEL_PROPAGATORS"),

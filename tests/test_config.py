@@ -169,6 +169,26 @@ def test_generic_otlp_endpoint_beats_agent_ini_and_loses_to_the_traces_one(tmp_p
         "http://ini:4318/v1/traces")
 
 
+@pytest.mark.parametrize(
+    ("value", "endpoint"),
+    [
+        ("http://collector:4318", "http://collector:4318/v1/traces"),
+        ("https://collector:4318/", "https://collector:4318/v1/traces"),
+        ("http://collector:4318/v1/traces", "http://collector:4318/v1/traces"),
+        ("http://gateway/otlp/traces", "http://gateway/otlp/traces"),
+        ("", ""),
+    ],
+)
+def test_ini_otlp_endpoint_without_a_path_is_a_base_url(
+        tmp_path: Path, value: str, endpoint: str) -> None:
+    """Without a path, as OTEL_EXPORTER_OTLP_ENDPOINT; with one, as the traces variable."""
+    path = write(tmp_path, f"[tracing]\notlp_endpoint = {value}\n")
+    assert load_config(path, env={}).otlp_endpoint == endpoint
+    # The traces-specific variable is the full URL, path or not, as in every SDK.
+    traces = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://traces:4318"}
+    assert load_config(path, env=traces).otlp_endpoint == "http://traces:4318"
+
+
 def test_only_a_queue_size_shrinks_the_default_batch_to_fit() -> None:
     config = load_config(env={"OTEL_BSP_MAX_QUEUE_SIZE": "100"})
     assert (config.export_queue_size, config.export_batch_size) == (100, 100)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 from opentelemetry.sdk.resources import Resource
@@ -93,17 +94,26 @@ class _Collector(BaseHTTPRequestHandler):
         pass
 
 
-def test_otlp_exporter_sends_protobuf_spans_to_a_collector() -> None:
+@pytest.mark.parametrize("where", ["traces variable", "agent.ini base URL"])
+def test_otlp_exporter_sends_protobuf_spans_to_a_collector(where: str, tmp_path: Path) -> None:
+    """Also through agent.ini's otlp_endpoint given as a base URL (the README's form), which
+    must post to /v1/traces as OTEL_EXPORTER_OTLP_ENDPOINT does, not to /."""
     # The otlp extra is installed by every tox environment and by ./dev: a missing one must fail.
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+    _Collector.bodies = []
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Collector)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        endpoint = f"http://127.0.0.1:{server.server_address[1]}/v1/traces"
-        config = load_config(env={"OTEL_TRACES_EXPORTER": "otlp",
-                                  "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": endpoint})
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        if where == "traces variable":
+            config = load_config(env={"OTEL_TRACES_EXPORTER": "otlp",
+                                      "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": base + "/v1/traces"})
+        else:
+            ini = tmp_path / "agent.ini"
+            ini.write_text(f"[tracing]\nexporter = otlp\notlp_endpoint = {base}\n")
+            config = load_config(str(ini), env={})
         agent = TracingAgent(config)
         agent.handle(Message("m", [("id", "s1"), ("service", "edge"), ("span", "HAProxy session"),
                                    ("tag", "url.path"), ("", "/x"), ("finish", "*")]))
