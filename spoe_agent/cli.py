@@ -19,6 +19,8 @@ EXIT_CONFIG = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from spoe_agent.config import EXPORTERS
+
     parser = argparse.ArgumentParser(
         prog="spoe-agent",
         description="HAProxy SPOE agent that turns stream events into OpenTelemetry traces.",
@@ -26,9 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
                "defaults.",
     )
     parser.add_argument("-c", "--config", metavar="FILE", help="agent.ini configuration file")
-    parser.add_argument("--bind", metavar="HOST:PORT|unix:PATH",
+    parser.add_argument("--bind", type=_option("bind"), metavar="HOST:PORT|unix:PATH",
                         help="where HAProxy connects (default 127.0.0.1:12345)")
-    parser.add_argument("--workers", type=_workers, metavar="N|auto",
+    parser.add_argument("--workers", type=_option("workers"), metavar="N|auto",
                         help="worker processes (default auto: one per usable core; "
                              "1 serves in this process)")
     # Set by the --workers supervisor on the processes it starts (docs/scaling.md).
@@ -38,16 +40,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="poll without ever sleeping, like HAProxy's busy-polling: lower "
                              "latency per event (on VMs especially) for one busy core per "
                              "process")
-    parser.add_argument("--metrics", metavar="HOST:PORT",
+    parser.add_argument("--metrics", type=_option("metrics"), metavar="HOST:PORT",
                         help="serve Prometheus /metrics and /health there (off by default)")
-    parser.add_argument("--service-name", dest="service_name", metavar="NAME",
+    parser.add_argument("--service-name", dest="service_name", type=_option("service_name"),
+                        metavar="NAME",
                         help="default service.name of the spans (OTEL_SERVICE_NAME)")
-    parser.add_argument("--exporter", type=str.lower, choices=("jaeger", "otlp", "console", "none"),
+    parser.add_argument("--exporter", type=_option("exporter"),
+                        metavar="{" + ",".join(EXPORTERS) + "}",
                         help="where spans go (OTEL_TRACES_EXPORTER)")
-    parser.add_argument("--log-level", dest="log_level", type=str.lower,
-                        choices=("debug", "info", "warning", "error", "critical"))
-    parser.add_argument("--log-format", dest="log_format", type=str.lower, choices=("text", "json"),
-                        help="text lines or one JSON object per line")
+    parser.add_argument("--log-level", dest="log_level", type=_option("log_level"),
+                        metavar="{debug,info,warning,error,critical}")
+    parser.add_argument("--log-format", dest="log_format", type=_option("log_format"),
+                        metavar="{text,json}", help="text lines or one JSON object per line")
     parser.add_argument("--app", metavar="MODULE:ATTR",
                         help="serve this spoe_agent.handlers.Agent instead of the tracing agent")
     parser.add_argument("--check", action="store_true",
@@ -55,6 +59,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action=_Version, nargs=0,
                         help="print the version and the build (pure Python or compiled), exit")
     return parser
+
+
+def _option(attr: str) -> Any:
+    """The flag's value goes through the parser agent.ini and the environment use for the same
+    option, so no flag accepts what the file refuses (an empty service name); a refusal is
+    argparse's usage error, exit status 2."""
+    from spoe_agent.config import OPTIONS
+
+    parse = next(option.parse for option in OPTIONS if option.attr == attr)
+
+    def parse_flag(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse_flag
 
 
 class _Version(argparse.Action):
@@ -67,35 +88,11 @@ class _Version(argparse.Action):
         parser.exit()
 
 
-def _workers(text: str) -> int:
-    from spoe_agent.config import parse_workers
-
-    try:
-        return parse_workers(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    from spoe_agent.config import ConfigError, parse_bind, parse_metrics_bind
-
-    overrides: dict[str, Any] = {
-        "workers": args.workers,
-        "service_name": args.service_name,
-        "exporter": args.exporter,
-        "log_level": args.log_level.upper() if args.log_level else None,
-        "log_format": args.log_format,
-        "busy_poll": args.busy_poll,
-    }
-    for flag, attr, parse in (("--bind", "bind", parse_bind),
-                              ("--metrics", "metrics", parse_metrics_bind)):
-        value = getattr(args, attr)
-        if value is not None:
-            try:
-                overrides[attr] = parse(value)
-            except ValueError as exc:
-                raise ConfigError(flag, str(exc)) from None
-    return overrides
+    """The flags' values, already parsed by :func:`_option` (None: the flag was not given)."""
+    return {attr: getattr(args, attr) for attr in (
+        "bind", "workers", "metrics", "service_name", "exporter", "log_level", "log_format",
+        "busy_poll")}
 
 
 def load_app(spec: str) -> Any:

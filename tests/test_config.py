@@ -383,3 +383,38 @@ def test_flags_take_any_case_and_busy_poll_can_be_turned_off(tmp_path: Path) -> 
     assert (config.exporter, config.log_level, config.busy_poll) == ("jaeger", "INFO", False)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--exporter", "zipkin"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--service-name", ""], "argument --service-name: must not be empty"),
+        (["--service-name", "   "], "argument --service-name: must not be empty"),
+        (["--exporter", "zipkin"], "argument --exporter: expected one of jaeger, otlp"),
+        (["--log-level", "loud"], "argument --log-level: expected one of debug"),
+        (["--log-format", "xml"], "argument --log-format: expected one of text, json"),
+        (["--bind", "nowhere"], "argument --bind: expected HOST:PORT"),
+        (["--metrics", "unix:/m.sock"], "argument --metrics: the metrics endpoint listens"),
+        (["--workers", "0"], "argument --workers: must be between 1 and 256"),
+    ],
+)
+def test_flags_are_refused_as_agent_ini_refuses_the_same_value(
+        capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
+    """A flag's value goes through its option's own parser: ``--service-name ''`` made spans
+    of unknown_service where ``service_name =`` in agent.ini is refused."""
+    from spoe_agent.cli import build_parser
+
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(argv)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_flag_values_are_normalised_as_the_file_normalises_them() -> None:
+    from spoe_agent.cli import _overrides, build_parser
+
+    args = build_parser().parse_args(["--service-name", "  padded  ", "--bind", "[::1]:7000",
+                                      "--log-level", "Debug", "--exporter", " OTLP "])
+    config = load_config(overrides=_overrides(args), env={})
+    assert (config.service_name, config.bind) == ("padded", "::1:7000")
+    assert (config.log_level, config.exporter) == ("DEBUG", "otlp")
