@@ -67,6 +67,31 @@ def split_bind(bind: str) -> tuple[str, int] | str:
     return host, int(port)
 
 
+def parse_unix_mode(text: str) -> int | None:
+    """The unix socket's permissions, octal as chmod takes them (``660``, ``0660``, ``0o660``);
+    empty leaves them to the umask."""
+    text = str(text).strip()
+    if not text:
+        return None
+    digits = text[2:] if text.lower().startswith("0o") else text
+    if not re.fullmatch(r"[0-7]{1,4}", digits) or int(digits, 8) > 0o777:
+        raise ValueError(f"expected octal permissions such as 660, got {text!r}")
+    return int(digits, 8)
+
+
+def _group(text: str) -> str:
+    """A group name, looked up now: a typo must fail ``--check``, not the first start."""
+    import grp
+
+    name = str(text).strip()
+    if name:
+        try:
+            grp.getgrnam(name)
+        except KeyError:
+            raise ValueError(f"no group named {name!r} on this system") from None
+    return name
+
+
 def parse_duration(text: str) -> float:
     """Seconds; HAProxy-style units accepted (``500ms``, ``30s``, ``2m``); ``0`` means off."""
     match = _DURATION.match(str(text))
@@ -244,6 +269,9 @@ class Option:
 
 OPTIONS: tuple[Option, ...] = (
     Option("bind", "listener", "bind", parse_bind, help="HOST:PORT or unix:/path to listen on"),
+    Option("unix_mode", "listener", "unix_mode", parse_unix_mode,
+           help="permissions of a unix: socket, octal (660)"),
+    Option("unix_group", "listener", "unix_group", _group, help="group of a unix: socket"),
     Option("workers", "listener", "workers", parse_workers,
            help="worker processes: a number, or auto (the default: one per usable core)"),
     Option("max_frame_size", "listener", "max_frame_size", _int_range(MIN_FRAME_SIZE, 16 << 20)),
@@ -302,6 +330,10 @@ class AgentConfig:
 
     # Loopback unless told otherwise: the agent trusts what it is sent (and TLS is opt-in).
     bind: str = "127.0.0.1:12345"
+    # A unix socket's permissions and group; unset, the umask's (often 0755, which an HAProxy
+    # running as another user cannot connect to: connecting takes write permission).
+    unix_mode: int | None = None
+    unix_group: str = ""
     # One per core this process may use (docs/scaling.md): --workers 1 is the single process.
     workers: int = field(default_factory=_default_workers)
     max_frame_size: int = 65532

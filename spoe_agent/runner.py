@@ -47,7 +47,8 @@ def run(
     own_listener = listener is None
     if listener is None:
         try:
-            listener = make_listener(config.bind, listen=False)
+            listener = make_listener(config.bind, listen=False, mode=config.unix_mode,
+                                     group=config.unix_group)
         except OSError as exc:
             raise StartupError(f"cannot listen on {config.bind}: {exc.strerror or exc}") from None
     server = SpoaServer(agent, config, listener=listener, tls_context=tls)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
 import socket
 import stat
 import time
@@ -252,7 +253,7 @@ class SpoaServer:
         self._throttle = Throttle(log)
         self._busy_poll: Any = None  # the idle watcher of --busy-poll, while serving
         if listener is None:
-            listener = make_listener(config.bind)
+            listener = make_listener(config.bind, mode=config.unix_mode, group=config.unix_group)
         self._pool = _ConnectionPool(
             config.max_connections, lambda: getattr(self._server, "socket", None),
             self._connections_blocked,
@@ -748,14 +749,30 @@ def _linger(sock: socket.socket) -> None:
         pass
 
 
-def make_listener(bind: str, backlog: int = BACKLOG, *, listen: bool = True) -> socket.socket:
+def make_listener(
+    bind: str, backlog: int = BACKLOG, *, listen: bool = True, mode: int | None = None,
+    group: str = "",
+) -> socket.socket:
     """A bound socket for ``HOST:PORT`` or ``unix:/path`` (stale socket replaced), listening
-    unless ``listen`` is false (:meth:`SpoaServer.start` then starts it)."""
+    unless ``listen`` is false (:meth:`SpoaServer.start` then starts it). A unix socket gets
+    ``mode`` and ``group`` before it listens, so no connection ever sees other permissions."""
     target = split_bind(bind)
     if isinstance(target, str):
         remove_stale_socket(target)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.bind(target)
+        step = ""
+        try:
+            if group:
+                step = f"chgrp {group}"
+                shutil.chown(target, group=group)
+            if mode is not None:
+                step = f"chmod {mode:o}"
+                os.chmod(target, mode)
+        except OSError as exc:
+            sock.close()
+            os.unlink(target)
+            raise OSError(exc.errno, f"{step} {target}: {exc.strerror}") from None
     else:
         host, port = target
         family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -318,6 +318,13 @@ def test_listener_limits_have_safe_defaults_and_parse_from_the_ini(tmp_path: Pat
     assert (config.log_format, config.metrics) == ("json", "127.0.0.1:9100")
 
 
+def test_unix_mode_is_octal_as_chmod_takes_it(tmp_path: Path) -> None:
+    for text, mode in (("660", 0o660), ("0660", 0o660), ("0o600", 0o600), ("", None)):
+        assert load_config(write(tmp_path, f"[listener]\nunix_mode = {text}\n"),
+                           env={}).unix_mode == mode
+    assert load_config(env={}).unix_mode is None  # the umask decides, as before
+
+
 def test_busy_poll_is_off_unless_the_ini_or_the_flag_asks(tmp_path: Path) -> None:
     from spoe_agent.cli import _overrides, build_parser
 
@@ -347,6 +354,12 @@ def test_busy_poll_is_off_unless_the_ini_or_the_flag_asks(tmp_path: Path) -> Non
         ("[listener]\nidle_timeout = forever\n", "expected a duration"),
         ("[tracing]\nmax_attribute_length = 0\n", "must be >= 1"),
         ("[listener]\n\nbusy_poll = sometimes\n", "agent.ini:3: .*busy_poll: expected true or false"),
+        ("[listener]\nbind = unix:/s\nunix_mode = rw-rw----\n",
+         "agent.ini:3: \\[listener\\] unix_mode: expected octal permissions such as 660"),
+        ("[listener]\nunix_mode = 680\n", "agent.ini:2: .*expected octal permissions"),
+        ("[listener]\nunix_mode = 1777\n", "agent.ini:2: .*expected octal permissions"),
+        ("[listener]\n\nunix_group = no-such-group-here\n",
+         "agent.ini:3: .*unix_group: no group named 'no-such-group-here'"),
     ],
 )
 def test_limits_refuse_unsafe_values(tmp_path: Path, text: str, reason: str) -> None:

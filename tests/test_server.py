@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import grp
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import pytest
 
 from spoe_agent.protocol import codec
 from spoe_agent.protocol.types import FrameType, Message, Scope, SetVar
@@ -177,11 +181,56 @@ def test_busy_poll_never_sleeps_serves_and_still_stops_cleanly(spoe_agent) -> No
     assert "busy polling" in busy.process.stderr_text()
 
 
-def _agent_on(path: str, workers: str = "1") -> subprocess.Popen[str]:
+def _agent_on(path: str, workers: str = "1", *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "spoe_agent", "--bind", f"unix:{path}", "--workers", workers,
-         "--exporter", "none", "--app", APP],
+         "--exporter", "none", "--app", APP, *args],
         stderr=subprocess.PIPE, text=True)
+
+
+def _a_group_to_give() -> grp.struct_group:
+    """A group this process may give its files other than its own when there is one (root:
+    any; anyone else: a supplementary group), so that the chgrp shows."""
+    mine = os.getegid()
+    if os.geteuid() == 0:
+        candidates = [g.gr_gid for g in grp.getgrall()]
+    else:
+        candidates = os.getgroups()
+    others = [gid for gid in candidates if gid != mine]
+    return grp.getgrgid(others[0] if others else mine)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_unix_socket_gets_the_configured_mode_and_group(tmp_path: Path, workers: str) -> None:
+    """HAProxy running as its own user (Debian's "user haproxy") needs write permission on the
+    socket to connect; under the usual umask it was 0755 and HAProxy got nothing. With
+    --workers N the supervisor makes the socket, so both paths are checked."""
+    group = _a_group_to_give()
+    ini = tmp_path / "agent.ini"
+    ini.write_text(f"[listener]\nunix_mode = 660\nunix_group = {group.gr_name}\n")
+    path = Path(tempfile.mkdtemp(prefix="spoe-unix-")) / "agent.sock"
+    agent = _agent_on(str(path), workers, "-c", str(ini))
+    try:
+        wait_for_unix_socket(path, 20)
+        info = os.stat(path)
+        assert stat.S_IMODE(info.st_mode) == 0o660
+        assert info.st_gid == group.gr_gid
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(20) == 0, agent.stderr.read()
+
+
+def test_make_listener_sets_the_mode_before_the_socket_listens() -> None:
+    from spoe_agent.server import make_listener
+
+    path = Path(tempfile.mkdtemp(prefix="spoe-unix-")) / "agent.sock"
+    for mode in (0o600, 0o666):
+        sock = make_listener(f"unix:{path}", listen=False, mode=mode)
+        try:
+            assert stat.S_IMODE(os.stat(path).st_mode) == mode
+        finally:
+            sock.close()
+            path.unlink()
 
 
 def test_unix_bind_never_replaces_a_file_or_a_live_socket(tmp_path: Path) -> None:

@@ -129,7 +129,8 @@ class Supervisor:
     def run(self) -> int:
         self.runtime_dir = runtime_dir(self.config.workers)
         try:
-            self._listener = make_listener(self.config.bind)
+            self._listener = make_listener(self.config.bind, mode=self.config.unix_mode,
+                                           group=self.config.unix_group)
         except OSError as exc:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
             raise StartupError(f"cannot listen on {self.config.bind}: {exc.strerror or exc}") \
