@@ -440,8 +440,8 @@ def _line_numbers(text: str) -> dict[tuple[str, str], int]:
     section = ""
     for number, line in enumerate(text.splitlines(), 1):
         stripped = line.strip()
-        if not stripped or stripped[0] in "#;" or line[:1].isspace():
-            continue
+        if not stripped or stripped[0] in "#;":
+            continue  # an indented line is a key too: continuation lines are refused
         if stripped.startswith("[") and "]" in stripped:
             section = stripped[1:stripped.index("]")].strip()
             lines.setdefault((section, ""), number)
@@ -449,6 +449,38 @@ def _line_numbers(text: str) -> dict[tuple[str, str], int]:
         key = re.split(r"[=:]", stripped, maxsplit=1)[0].strip().lower()
         lines.setdefault((section, key), number)
     return lines
+
+
+def _syntax_error(path: str, lines: list[str], exc: configparser.Error) -> ConfigError:
+    """configparser only quotes the bad line ("Source contains parsing errors"): say what is
+    wrong with it."""
+    line = getattr(exc, "lineno", None)
+    if line is None and getattr(exc, "errors", None):
+        line = exc.errors[0][0]  # ParsingError keeps (lineno, line) pairs
+    where = f"{path}:{line}" if line else path
+    text = lines[line - 1].strip() if line and line <= len(lines) else ""
+    if isinstance(exc, configparser.DuplicateOptionError):
+        reason = f"{exc.option!r} is set twice in [{exc.section}]"
+    elif isinstance(exc, configparser.DuplicateSectionError):
+        reason = f"section [{exc.section}] appears twice"
+    elif text.startswith("[") and "]" not in text:
+        reason = f"unclosed section header {text!r}: expected [section]"
+    elif isinstance(exc, configparser.MissingSectionHeaderError):
+        reason = f"{text!r} comes before any [section] header"
+    elif isinstance(exc, configparser.ParsingError):
+        reason = f"expected 'key = value', got {text!r}"
+    else:
+        reason = str(exc).splitlines()[0]
+    return ConfigError(where, f"syntax error: {reason}")
+
+
+def _continuation(lines: list[str], key_line: int) -> int:
+    """The line that continued the value of the key at ``key_line``: the next one with text."""
+    for number in range(key_line + 1, len(lines) + 1):
+        stripped = lines[number - 1].strip()
+        if stripped and stripped[0] not in "#;":
+            return number
+    return key_line
 
 
 def load_ini(path: str, config: AgentConfig) -> None:
@@ -468,15 +500,11 @@ def load_ini(path: str, config: AgentConfig) -> None:
     # check that refuses unknown keys; "[DEFAULT]" is then an unknown section like any other.
     parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"),
                                        default_section="\0no default section")
+    lines = text.splitlines()
     try:
         parser.read_string(text, source=path)
     except configparser.Error as exc:
-        line = getattr(exc, "lineno", None)
-        if line is None and getattr(exc, "errors", None):
-            line = exc.errors[0][0]  # ParsingError keeps (lineno, line) pairs
-        where = f"{path}:{line}" if line else path
-        reason = str(exc).splitlines()[0]
-        raise ConfigError(where, f"syntax error: {reason}") from None
+        raise _syntax_error(path, lines, exc) from None
     numbers = _line_numbers(text)
     config.config_file = path
     for section in parser.sections():
@@ -486,6 +514,13 @@ def load_ini(path: str, config: AgentConfig) -> None:
                               + ", ".join(f"[{s}]" for s in _SECTIONS))
         for key, raw in parser.items(section, raw=True):
             where = f"{path}:{numbers.get((section, key), '?')}"
+            if "\n" in raw:
+                # configparser joins an indented line to the value above it: "bind = A" over
+                # "  B" read as the bind "A\nB", refused with a reason about neither line.
+                line = _continuation(lines, numbers.get((section, key), 0))
+                raise ConfigError(f"{path}:{line}", f"syntax error: continuation lines are not "
+                                  f"supported (this indented line would continue {key!r}); "
+                                  "write each value on one line")
             option = _BY_KEY.get((section, key))
             if option is None:
                 known = ", ".join(o.key for o in OPTIONS if o.section == section)

@@ -223,9 +223,20 @@ def test_metrics_ports_must_exist_and_leave_the_spop_port_alone(
 @pytest.mark.parametrize(
     ("raw", "line", "reason"),
     [
-        (b"[listener]\nworkers\n", 2, "syntax error"),
-        (b"[tracing\nexporter = none\n", 1, "syntax error"),
-        (b"[listener]\n= 5\n", 2, "syntax error"),
+        (b"[listener]\nworkers\n", 2, "syntax error: expected 'key = value', got 'workers'"),
+        (b"[tracing\nexporter = none\n", 1, "syntax error: unclosed section header '[tracing'"),
+        (b"[listener]\nworkers = 1\n\n[tracing\n", 4,
+         "syntax error: unclosed section header '[tracing'"),
+        (b"[listener]\n= 5\n", 2, "syntax error: expected 'key = value', got '= 5'"),
+        (b"[listener]\nbind = 127.0.0.1:21020\n  127.0.0.1:21021\n", 3,
+         "syntax error: continuation lines are not supported (this indented line would "
+         "continue 'bind')"),
+        (b"[listener]\nbind = 127.0.0.1:1\n\n  # why\n  workers = 2\n", 5,
+         "continuation lines are not supported"),
+        (b"[listener]\nworkers = 1\nworkers = 2\n", 3,
+         "syntax error: 'workers' is set twice in [listener]"),
+        (b"[listener]\n[listener]\n", 2, "syntax error: section [listener] appears twice"),
+        (b"[listener]\n  bind = nowhere\n", 2, "expected HOST:PORT"),
         (b"[DEFAULT]\nworkres = 1\n", 1, "unknown section [DEFAULT]"),
         (b"[tracing]\n\nservice_name = caf\xe9\n", 3, "not UTF-8 text"),
     ],
@@ -263,7 +274,7 @@ def test_ipv6_needs_brackets() -> None:
         ("[listner]\nbind = 127.0.0.1:1\n", 1, "unknown section [listner]"),
         ("[listener]\nbnid = 127.0.0.1:1\n", 2, "unknown option 'bnid' in [listener]"),
         ("[tracing]\npropagators = tracecontext,w3c\n", 2, "unknown propagator 'w3c'"),
-        ("bind = 1\n", 1, "syntax error"),
+        ("bind = 1\n", 1, "syntax error: 'bind = 1' comes before any [section] header"),
     ],
 )
 def test_bad_config_names_file_line_and_reason(tmp_path: Path, text: str, line: int, reason: str) -> None:
