@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     if not monkey.is_module_patched("socket"):
         monkey.patch_all()
 
-    from spoe_agent.config import ConfigError, load_config
+    from spoe_agent.config import ConfigError, bind_text, load_config
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"spoe-agent: configuration error: {exc}", file=sys.stderr)
             return EXIT_CONFIG
         print(f"spoe-agent: configuration OK ({config.config_file or 'defaults'}; "
-              f"listening on {config.bind}{' with TLS' if tls is not None else ''}; "
+              f"listening on {bind_text(config.bind)}{' with TLS' if tls is not None else ''}; "
               f"workers {config.workers}; exporter {config.exporter_text()})")
         return 0
 

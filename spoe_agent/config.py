@@ -92,6 +92,15 @@ def _group(text: str) -> str:
     return name
 
 
+def bind_text(bind: str) -> str:
+    """``bind`` as ``--bind`` takes it, for messages: :func:`parse_bind` keeps an IPv6 host
+    bare (``::1:7000``), which reads as an address without a port."""
+    target = split_bind(bind)
+    if isinstance(target, tuple) and ":" in target[0]:
+        return f"[{target[0]}]:{target[1]}"
+    return bind
+
+
 def parse_duration(text: str) -> float:
     """Seconds; HAProxy-style units accepted (``500ms``, ``30s``, ``2m``); ``0`` means off."""
     match = _DURATION.match(str(text))

@@ -23,7 +23,7 @@ from typing import Any
 import gevent
 from gevent.event import Event
 
-from spoe_agent.config import AgentConfig
+from spoe_agent.config import AgentConfig, bind_text
 from spoe_agent.handlers import Agent
 from spoe_agent.server import SpoaServer, make_listener, remove_listener_socket
 
@@ -50,7 +50,8 @@ def run(
             listener = make_listener(config.bind, listen=False, mode=config.unix_mode,
                                      group=config.unix_group)
         except OSError as exc:
-            raise StartupError(f"cannot listen on {config.bind}: {exc.strerror or exc}") from None
+            raise StartupError(
+                f"cannot listen on {bind_text(config.bind)}: {exc.strerror or exc}") from None
     server = SpoaServer(agent, config, listener=listener, tls_context=tls)
     metrics = None
     if config.metrics:
@@ -60,7 +61,7 @@ def run(
             metrics = start_metrics_server(config.metrics, server, agent)
         except OSError as exc:
             raise StartupError(
-                f"cannot serve metrics on {config.metrics}: {exc.strerror or exc}"
+                f"cannot serve metrics on {bind_text(config.metrics)}: {exc.strerror or exc}"
             ) from None
     for hook in agent.on_startup:
         hook()

@@ -45,7 +45,7 @@ from gevent.server import StreamServer
 from gevent.socket import socket as _GeventSocket
 
 from spoe_agent import build_description
-from spoe_agent.config import AgentConfig, split_bind
+from spoe_agent.config import AgentConfig, bind_text, split_bind
 from spoe_agent.handlers import Agent, Work
 from spoe_agent.logs import Throttle
 from spoe_agent.protocol.connection import (
@@ -291,7 +291,7 @@ class SpoaServer:
             # An active idle watcher makes the loop poll with a null timeout: it never sleeps.
             self._busy_poll = gevent.get_hub().loop.idle()
             self._busy_poll.start(_busy_poll_tick)
-        log.info("spoe-agent listening on %s%s%s (%s)", self.config.bind,
+        log.info("spoe-agent listening on %s%s%s (%s)", bind_text(self.config.bind),
                  " (TLS)" if self._tls is not None else "",
                  ", busy polling" if self.config.busy_poll else "", build_description())
 

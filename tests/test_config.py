@@ -311,6 +311,21 @@ def test_bind_and_duration_parsers() -> None:
     assert parse_duration("30") == 30.0
 
 
+def test_ipv6_binds_are_written_as_bind_takes_them() -> None:
+    """--check and the logs wrote ``::1:21001``, which reads as an address without a port."""
+    from spoe_agent.config import bind_text
+
+    assert bind_text(parse_bind("[::1]:21001")) == "[::1]:21001"
+    assert bind_text(parse_bind("[2001:db8::1]:80")) == "[2001:db8::1]:80"
+    assert bind_text(parse_bind("127.0.0.1:21001")) == "127.0.0.1:21001"
+    assert bind_text(parse_bind("unix:/run/a:b.sock")) == "unix:/run/a:b.sock"
+    check = subprocess.run(
+        [sys.executable, "-m", "spoe_agent", "--bind", "[::1]:21001", "--workers", "1",
+         "--check"], capture_output=True, text=True, timeout=60,
+        cwd=Path(__file__).resolve().parents[1])
+    assert check.returncode == 0 and "listening on [::1]:21001;" in check.stdout, check
+
+
 def test_listener_limits_have_safe_defaults_and_parse_from_the_ini(tmp_path: Path) -> None:
     config = load_config(env={})
     # Longer than HAProxy's usual "timeout idle"/"timeout server" (2-3m): HAProxy closes its

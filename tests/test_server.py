@@ -233,6 +233,26 @@ def test_make_listener_sets_the_mode_before_the_socket_listens() -> None:
             path.unlink()
 
 
+def test_start_up_log_writes_an_ipv6_bind_as_bind_takes_it() -> None:
+    """``::1:PORT`` read as an address without a port; ``[::1]:PORT`` is what --bind takes."""
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+        probe.bind(("::1", 0))
+        port = probe.getsockname()[1]
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "spoe_agent", "--bind", f"[::1]:{port}", "--workers", "1",
+         "--exporter", "none", "--app", APP], stderr=subprocess.PIPE, text=True)
+    try:
+        assert agent.stderr is not None
+        line = ""
+        while "listening on" not in line:
+            line = agent.stderr.readline()
+            assert line, "the agent exited without saying where it listens"
+        assert f"listening on [::1]:{port} " in line, line
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(20) == 0
+
+
 def test_unix_bind_never_replaces_a_file_or_a_live_socket(tmp_path: Path) -> None:
     """Where a TCP port in use is refused, a unix path in use must be too: unlinking it
     destroyed a regular file, or silently cut a running agent off from HAProxy."""

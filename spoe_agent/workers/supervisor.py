@@ -28,7 +28,7 @@ from typing import Any
 import gevent
 from gevent.event import Event
 
-from spoe_agent.config import AgentConfig
+from spoe_agent.config import AgentConfig, bind_text
 from spoe_agent.runner import EXIT_FORCED, SHUTDOWN_TIMEOUT, STOP_SIGNALS, StartupError
 from spoe_agent.server import make_listener, remove_listener_socket
 from spoe_agent.workers.handoff import (
@@ -133,8 +133,8 @@ class Supervisor:
                                            group=self.config.unix_group)
         except OSError as exc:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
-            raise StartupError(f"cannot listen on {self.config.bind}: {exc.strerror or exc}") \
-                from None
+            raise StartupError(f"cannot listen on {bind_text(self.config.bind)}: "
+                               f"{exc.strerror or exc}") from None
         self._listener.setblocking(True)  # a cooperative wait under gevent, not a busy one
         metrics = None
         if self.config.metrics:
@@ -144,7 +144,7 @@ class Supervisor:
         log.info("spoe-agent supervisor: %d workers%s on %s (peer sockets in %s)",
                  len(self.slots),
                  "" if "workers" in self.config.sources else " (auto: one per usable core)",
-                 self.config.bind, self.runtime_dir)
+                 bind_text(self.config.bind), self.runtime_dir)
         acceptor = None
         try:
             for slot in self.slots:
@@ -190,7 +190,8 @@ class Supervisor:
             assert self._listener is not None
             self._listener.close()
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
-            raise StartupError(f"cannot serve metrics on {bind}: {exc.strerror or exc}") from None
+            raise StartupError(f"cannot serve metrics on {bind_text(bind)}: "
+                               f"{exc.strerror or exc}") from None
         return metrics
 
     def _spawn(self, slot: _Slot) -> None:
