@@ -179,6 +179,13 @@ def endpoint_server(
     return WSGIServer(target, app, log=None, error_log=log)
 
 
+def bind_failure(exc: OSError, bind: str) -> str:
+    """Why ``endpoint_server`` could not listen on ``bind``, without the address gevent
+    appends to the reason: the message around it names the address already."""
+    reason = exc.strerror or str(exc)
+    return reason.removesuffix(f": {split_bind(bind)!r}")
+
+
 def url_of(host: str, port: int) -> str:
     """``http://host:port``, an IPv6 address in brackets (``parse_bind`` keeps it bare)."""
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

@@ -55,13 +55,14 @@ def run(
     server = SpoaServer(agent, config, listener=listener, tls_context=tls)
     metrics = None
     if config.metrics:
-        from spoe_agent.metrics import start_metrics_server
+        from spoe_agent.metrics import bind_failure, start_metrics_server
 
         try:
             metrics = start_metrics_server(config.metrics, server, agent)
         except OSError as exc:
             raise StartupError(
-                f"cannot serve metrics on {bind_text(config.metrics)}: {exc.strerror or exc}"
+                f"cannot serve metrics on {bind_text(config.metrics)}: "
+                f"{bind_failure(exc, config.metrics)}"
             ) from None
     for hook in agent.on_startup:
         hook()

@@ -17,7 +17,7 @@ import pytest
 
 from spoe_agent.protocol import codec
 from spoe_agent.protocol.types import FrameType, Message, Scope, SetVar
-from tests.support.procs import wait_for_unix_socket
+from tests.support.procs import free_port, wait_for_unix_socket
 from tests.support.spop_client import SpopClient, hello_frame
 
 APP = "tests.apps.server_app:agent"
@@ -251,6 +251,24 @@ def test_start_up_log_writes_an_ipv6_bind_as_bind_takes_it() -> None:
     finally:
         agent.send_signal(signal.SIGTERM)
         assert agent.wait(20) == 0
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_metrics_port_in_use_is_named_once(workers: str) -> None:
+    """gevent appends the address to the reason, which the message names already."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        spop = free_port()
+        result = subprocess.run(
+            [sys.executable, "-m", "spoe_agent", "--bind", f"127.0.0.1:{spop}", "--workers",
+             workers, "--metrics", f"127.0.0.1:{port}", "--exporter", "none", "--app", APP],
+            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.endswith(
+        f"spoe-agent: cannot start: cannot serve metrics on 127.0.0.1:{port}: "
+        "Address already in use\n"), result.stderr
 
 
 def test_unix_bind_never_replaces_a_file_or_a_live_socket(tmp_path: Path) -> None:

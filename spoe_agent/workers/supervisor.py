@@ -179,6 +179,7 @@ class Supervisor:
                 slot.proc.kill()
 
     def _start_metrics(self) -> Any:
+        from spoe_agent.metrics import bind_failure
         from spoe_agent.workers.metrics import WorkersMetricsServer, worker_metrics_urls
 
         bind = self.config.metrics
@@ -191,7 +192,7 @@ class Supervisor:
             self._listener.close()
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
             raise StartupError(f"cannot serve metrics on {bind_text(bind)}: "
-                               f"{exc.strerror or exc}") from None
+                               f"{bind_failure(exc, bind)}") from None
         return metrics
 
     def _spawn(self, slot: _Slot) -> None:
