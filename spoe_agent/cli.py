@@ -10,6 +10,7 @@ import argparse
 import importlib
 import logging
 import sys
+import traceback
 from typing import Any
 
 from spoe_agent import __version__
@@ -100,7 +101,17 @@ def load_app(spec: str) -> Any:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ValueError(f"--app expects MODULE:ATTR, got {spec!r}")
-    module = importlib.import_module(module_name)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        # The module's own error ("boom") would read as the agent's: say whose it is, and where
+        # (in the app's code: a missing module has none, only importlib's frames).
+        frames = [f for f in traceback.extract_tb(exc.__traceback__)
+                  if f.filename not in (__file__, importlib.__file__)
+                  and not f.filename.startswith("<frozen ")]
+        where = f" ({frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+        raise ValueError(f"importing the --app module {module_name!r} failed: "
+                         f"{type(exc).__name__}: {exc}{where}") from None
     try:
         return getattr(module, attr)
     except AttributeError:

@@ -326,6 +326,24 @@ def test_ipv6_binds_are_written_as_bind_takes_them() -> None:
     assert check.returncode == 0 and "listening on [::1]:21001;" in check.stdout, check
 
 
+def test_an_app_that_fails_to_import_is_named(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """"cannot start: boom" read as the agent's own failure."""
+    from spoe_agent.cli import load_app
+
+    (tmp_path / "broken_app.py").write_text("import os\n\nraise RuntimeError('boom')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError) as info:
+        load_app("broken_app:agent")
+    assert str(info.value) == (
+        "importing the --app module 'broken_app' failed: RuntimeError: boom "
+        f"({tmp_path / 'broken_app.py'}:3)")
+    with pytest.raises(ValueError) as info:
+        load_app("no_such_app_module:agent")
+    assert str(info.value) == ("importing the --app module 'no_such_app_module' failed: "
+                               "ModuleNotFoundError: No module named 'no_such_app_module'")
+
+
 def test_listener_limits_have_safe_defaults_and_parse_from_the_ini(tmp_path: Path) -> None:
     config = load_config(env={})
     # Longer than HAProxy's usual "timeout idle"/"timeout server" (2-3m): HAProxy closes its
