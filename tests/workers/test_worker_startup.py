@@ -23,6 +23,13 @@ from tests.support.procs import AgentProcess, free_port
 def test_a_worker_that_cannot_start_stops_the_start_with_its_reason(tmp_path: Path) -> None:
     while True:
         port = free_port()
+        # Worker 0's metrics port must be free (a busy machine's connections take ports of
+        # this range too: it once was not, and worker 0 failed first), worker 1's taken.
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
         taken = socket.socket()
         try:
             taken.bind(("127.0.0.1", port + 2))  # worker 1's metrics port
