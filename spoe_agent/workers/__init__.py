@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import signal
 from typing import Any
 
@@ -113,9 +114,16 @@ def _run_worker(agent: Any, config: AgentConfig, index: int) -> int:
     # Last, so the first report (0 connections: "send me some") goes out once the worker is
     # ready to serve them.
     agent.on_startup.append(lambda: gevent.spawn(_report_loop, listener))
-    gevent.spawn(_exit_with_parent, os.getppid())
+    parent = os.getppid()
+    gevent.spawn(_exit_with_parent, parent)
     log.info("starting, %d workers in all (pid %d)", config.workers, os.getpid())
-    return run(agent, config, listener=listener, second_signal_exits=False)
+    try:
+        return run(agent, config, listener=listener, second_signal_exits=False)
+    finally:
+        if os.getppid() != parent:
+            # The supervisor, which removes the runtime directory when it stops, was killed:
+            # the last workers out remove it (a peer still stopping only finds its socket gone).
+            shutil.rmtree(runtime_dir, ignore_errors=True)
 
 
 def _prefix_log_records(prefix: str) -> None:

@@ -94,3 +94,25 @@ def test_a_second_signal_to_the_supervisor_stops_the_workers_at_once(
     for pid in pids:
         assert not os.path.exists(f"/proc/{pid}") or _is_zombie(pid), pid
     assert "second signal during shutdown" in agent.logs(), agent.describe_logs()
+
+
+def test_workers_whose_supervisor_was_killed_stop_and_remove_the_runtime_directory(
+    spoe_agent: Callable[..., AgentProcess],
+) -> None:
+    """The supervisor removes the peer sockets' directory when it stops; killed, it cannot,
+    and a /tmp/spoe-agent-* directory was left behind per crash."""
+    agent = spoe_agent("--workers", "2", app=None)
+    wait_workers_ready(agent, 2)
+    match = re.search(r"peer sockets in (\S+)\)", agent.logs())
+    assert match, agent.describe_logs()
+    runtime_dir = match.group(1)
+    assert os.path.isdir(runtime_dir)
+    pids = list(worker_pids(agent.process.pid).values())
+    agent.process.send_signal(signal.SIGKILL)  # the supervisor only
+    deadline = time.monotonic() + 20
+    while any(os.path.exists(f"/proc/{pid}") and not _is_zombie(pid) for pid in pids):
+        assert time.monotonic() < deadline, agent.describe_logs()
+        time.sleep(0.05)
+    logs = agent.logs()
+    assert "is gone; stopping" in logs or "closed its channel; stopping" in logs, logs
+    assert not os.path.exists(runtime_dir), os.listdir(runtime_dir)
