@@ -104,18 +104,21 @@ def load_app(spec: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:
-        # The module's own error ("boom") would read as the agent's: say whose it is, and where
-        # (in the app's code: a missing module has none, only importlib's frames).
-        frames = [f for f in traceback.extract_tb(exc.__traceback__)
-                  if f.filename not in (__file__, importlib.__file__)
-                  and not f.filename.startswith("<frozen ")]
-        where = f" ({frames[-1].filename}:{frames[-1].lineno})" if frames else ""
-        raise ValueError(f"importing the --app module {module_name!r} failed: "
-                         f"{type(exc).__name__}: {exc}{where}") from None
+        raise _app_failure(f"importing the --app module {module_name!r}", exc) from None
     try:
         return getattr(module, attr)
     except AttributeError:
         raise ValueError(f"module {module_name!r} has no attribute {attr!r}") from None
+
+
+def _app_failure(what: str, exc: Exception) -> ValueError:
+    """The app's own error ("boom") would read as the agent's: say whose it is, and where (in
+    the app's code: a missing module has none, only importlib's frames)."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if f.filename not in (__file__, importlib.__file__)
+              and not f.filename.startswith("<frozen ")]
+    where = f" ({frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    return ValueError(f"{what} failed: {type(exc).__name__}: {exc}{where}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,7 +186,13 @@ def _build_agent(app_spec: str | None, config: Any) -> Any:
     if isinstance(app, Agent):
         return app
     if callable(app):
-        agent = app(config)
+        if app_spec:
+            try:
+                agent = app(config)
+            except Exception as exc:
+                raise _app_failure(f"the --app factory {app_spec!r}", exc) from None
+        else:
+            agent = app(config)
         if not isinstance(agent, Agent):
             raise TypeError(f"{app_spec} returned {type(agent).__name__}, not an Agent")
         return agent

@@ -344,6 +344,20 @@ def test_an_app_that_fails_to_import_is_named(tmp_path: Path,
                                "ModuleNotFoundError: No module named 'no_such_app_module'")
 
 
+def test_an_app_factory_that_raises_is_named(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from spoe_agent.cli import _build_agent
+
+    (tmp_path / "factory_app.py").write_text(
+        "def make(config):\n    raise RuntimeError('no database')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError) as info:
+        _build_agent("factory_app:make", load_config(env={}))
+    assert str(info.value) == (
+        "the --app factory 'factory_app:make' failed: RuntimeError: no database "
+        f"({tmp_path / 'factory_app.py'}:2)")
+
+
 def test_listener_limits_have_safe_defaults_and_parse_from_the_ini(tmp_path: Path) -> None:
     config = load_config(env={})
     # Longer than HAProxy's usual "timeout idle"/"timeout server" (2-3m): HAProxy closes its
