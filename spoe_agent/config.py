@@ -421,8 +421,10 @@ class AgentConfig:
                                   f"{port}-{last}: past 65535, choose a lower port")
             if not self.bind.startswith("unix:"):
                 spop_host, _, spop_port = self.bind.rpartition(":")
+                # "::" takes IPv4 too, as Linux binds it by default (IPV6_V6ONLY off).
+                hosts = {spop_host.strip("[]"), host.strip("[]")}
                 if int(port) <= int(spop_port) <= last and (
-                        spop_host == host or "0.0.0.0" in (spop_host, host)):
+                        len(hosts) == 1 or hosts & {"0.0.0.0", "::"}):
                     span = f"ports {port}-{last}" if last > int(port) else f"port {port}"
                     raise ConfigError(where, f"the metrics ({span}) would take the SPOP "
                                       f"listener's port {spop_port}")

@@ -209,6 +209,7 @@ def test_sampler_arg_is_ignored_by_samplers_without_a_ratio() -> None:
         ("127.0.0.1:65535", 2, "metrics use ports 65535-65537: past 65535"),
         ("127.0.0.1:7000", 2, "metrics (ports 7000-7002) would take the SPOP listener's port 7001"),
         ("0.0.0.0:7001", 1, "metrics (port 7001) would take the SPOP listener's port 7001"),
+        ("[::]:7001", 1, "metrics (port 7001) would take the SPOP listener's port 7001"),
     ],
 )
 def test_metrics_ports_must_exist_and_leave_the_spop_port_alone(
