@@ -774,6 +774,10 @@ def make_listener(
             os.unlink(target)
             raise OSError(exc.errno, f"{step} {target}: {exc.strerror}") from None
     else:
+        if mode is not None or group:
+            # Not refused: a file written for a unix: socket may be run with --bind HOST:PORT.
+            log.warning("unix_mode and unix_group apply to a unix: bind only; ignored for %s",
+                        bind_text(bind))
         host, port = target
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grp
+import logging
 import os
 import signal
 import socket
@@ -231,6 +232,15 @@ def test_make_listener_sets_the_mode_before_the_socket_listens() -> None:
         finally:
             sock.close()
             path.unlink()
+
+
+def test_unix_permissions_with_a_tcp_bind_are_said_to_be_ignored(caplog) -> None:
+    from spoe_agent.server import make_listener
+
+    with caplog.at_level(logging.WARNING, logger="spoe_agent.server"):
+        make_listener("127.0.0.1:0", listen=False, mode=0o660).close()
+    assert "unix_mode and unix_group apply to a unix: bind only; ignored for 127.0.0.1:0" in (
+        caplog.text)
 
 
 def test_start_up_log_writes_an_ipv6_bind_as_bind_takes_it() -> None:
