@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import traceback
 from typing import Any
@@ -101,6 +102,11 @@ def load_app(spec: str) -> Any:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ValueError(f"--app expects MODULE:ATTR, got {spec!r}")
+    # The console script puts its own bin/ first on sys.path, not the current directory, so
+    # `spoe-agent --app mymodule:agent` next to mymodule.py would not find it (gunicorn and
+    # uvicorn add the directory too); `python -m spoe_agent` already has it.
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:

@@ -345,6 +345,25 @@ def test_an_app_that_fails_to_import_is_named(tmp_path: Path,
                                "ModuleNotFoundError: No module named 'no_such_app_module'")
 
 
+def test_an_app_module_is_found_in_the_current_directory_by_the_console_script(
+        tmp_path: Path) -> None:
+    """The README's `spoe-agent --app mymodule:agent`, run next to mymodule.py: a console
+    script has its bin/ on sys.path, not the current directory."""
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "spoe-agent").write_text(
+        "import sys\nfrom spoe_agent.cli import main\nsys.exit(main())\n")
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "mymodule.py").write_text(
+        "from spoe_agent.handlers import Agent\nagent = Agent('mine')\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("OTEL_")}
+    done = subprocess.run(
+        [sys.executable, str(tmp_path / "bin" / "spoe-agent"), "--app", "mymodule:agent",
+         "--exporter", "none", "--check"],
+        cwd=tmp_path / "app", env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "configuration OK" in done.stdout
+
+
 def test_an_app_factory_that_raises_is_named(tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     from spoe_agent.cli import _build_agent
