@@ -168,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spoe-agent: configuration OK ({config.config_file or 'defaults'}; "
               f"listening on {bind_text(config.bind)}{' with TLS' if tls is not None else ''}; "
               f"workers {config.workers}; exporter {config.exporter_text()})")
+        if (config.unix_mode is not None or config.unix_group) and (
+                not config.bind.startswith("unix:")):
+            print("spoe-agent: note: unix_mode and unix_group apply to a unix: bind only; "
+                  "ignored for this one")
         return 0
 
     try:

@@ -243,6 +243,15 @@ def test_unix_permissions_with_a_tcp_bind_are_said_to_be_ignored(caplog) -> None
         caplog.text)
 
 
+def test_check_says_unix_permissions_with_a_tcp_bind_are_ignored(tmp_path: Path) -> None:
+    ini = tmp_path / "agent.ini"
+    ini.write_text("[listener]\nbind = 127.0.0.1:9000\nunix_mode = 660\n")
+    done = subprocess.run([sys.executable, "-m", "spoe_agent", "-c", str(ini), "--check",
+                           "--exporter", "none"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "unix_mode and unix_group apply to a unix: bind only; ignored" in done.stdout
+
+
 def test_start_up_log_writes_an_ipv6_bind_as_bind_takes_it() -> None:
     """``::1:PORT`` read as an address without a port; ``[::1]:PORT`` is what --bind takes."""
     with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
