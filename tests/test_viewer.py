@@ -219,6 +219,28 @@ def test_rendered_tree(receiver: JaegerReceiver) -> None:
     assert render_trace(list(reversed(trace))) == EXPECTED_TREE  # arrival order is irrelevant
 
 
+def test_a_trace_whose_late_spans_print_apart_says_it_continues(
+    receiver: JaegerReceiver,
+) -> None:
+    """Spans a session TTL ends arrive ~30 s after the rest of their trace: printed as a second
+    trace, they must not read as another request's."""
+    import io
+
+    from spoe_agent.viewer.__main__ import _Printer
+
+    udp_exporter(receiver).export(request_trace())
+    assert receiver.wait_for(lambda got: len(got) == 7, WAIT)
+    spans = receiver.spans
+    out = io.StringIO()
+    printer = _Printer(out, None)
+    printer(spans[:4])
+    printer(spans[4:])
+    first, second = out.getvalue().split("\n\n")[:2]
+    assert "more of a trace printed above" not in first.splitlines()[0]
+    assert second.splitlines()[0].endswith("(more of a trace printed above)")
+    assert spans[0].trace_id in second.splitlines()[0]
+
+
 def test_json(receiver: JaegerReceiver) -> None:
     udp_exporter(receiver).export(request_trace())
     assert receiver.wait_for(lambda got: len(got) == 7, WAIT)

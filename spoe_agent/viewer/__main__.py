@@ -60,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+_PRINTED_LIMIT = 100_000
+
+
 class _Printer:
     """Writes finished traces; called from the receiver's thread, one trace at a time."""
 
@@ -67,10 +70,22 @@ class _Printer:
         self.out = out
         self.jsonl = jsonl
         self._lock = threading.Lock()
+        # Spans a session TTL ended arrive long after the rest of their trace (30 s by
+        # default), and print as a trace of their own: say it is the same one, continued.
+        self._printed: dict[str, None] = {}
 
     def __call__(self, trace: list[ReceivedSpan]) -> None:
         with self._lock:
-            self.out.write(render_trace(trace) + "\n\n")
+            text = render_trace(trace)
+            trace_id = trace[0].trace_id if trace else ""
+            if trace_id in self._printed:
+                head, _, rest = text.partition("\n")
+                text = f"{head} (more of a trace printed above)\n{rest}"
+            elif trace_id:
+                if len(self._printed) >= _PRINTED_LIMIT:
+                    del self._printed[next(iter(self._printed))]
+                self._printed[trace_id] = None
+            self.out.write(text + "\n\n")
             self.out.flush()
             if self.jsonl is not None:
                 self.jsonl.write(json.dumps(to_json(trace), sort_keys=True) + "\n")
