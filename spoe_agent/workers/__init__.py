@@ -120,9 +120,10 @@ def _run_worker(agent: Any, config: AgentConfig, index: int) -> int:
     try:
         return run(agent, config, listener=listener, second_signal_exits=False)
     finally:
-        if os.getppid() != parent:
-            # The supervisor, which removes the runtime directory when it stops, was killed:
-            # the last workers out remove it (a peer still stopping only finds its socket gone).
+        # The supervisor, which removes the runtime directory when it stops, was killed: the
+        # last workers out remove it (a peer still stopping only finds its socket gone). A
+        # worker can see the channel close before the kernel reparents it: either tells.
+        if listener.orphaned or os.getppid() != parent:
             shutil.rmtree(runtime_dir, ignore_errors=True)
 
 

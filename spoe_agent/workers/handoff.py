@@ -123,6 +123,11 @@ class HandoffListener:
     def getsockname(self) -> Any:
         return self._address
 
+    @property
+    def orphaned(self) -> bool:
+        """Whether the supervisor closed the channel: it is gone (killed, most likely)."""
+        return self._orphaned
+
     def listen(self, backlog: int = 0) -> None:
         """The supervisor listens; nothing to do here."""
 
