@@ -579,9 +579,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=1, help="alternate all configs this often")
     p.add_argument("--diagnose", action="store_true",
                    help="also the traced configs with --exporter none (export's share)")
-    p.add_argument("--busy-poll", action="store_true",
+    p.add_argument("--busy-poll", nargs="*", metavar="WINDOW",
                    help="also the traced configs with spoe-agent --busy-poll (the latency a "
-                        "sleeping event loop costs)")
+                        "sleeping event loop costs): forever without a WINDOW, else one config "
+                        "per WINDOW (forever, or a duration such as 1ms); with "
+                        "--compiled-python, the compiled agent too")
     p.add_argument("--ceiling", action="store_true",
                    help="also the reference config answered by benchmarks/bare_agent.py, which "
                         "only ACKs: what HAProxy itself allows with that config")
@@ -589,6 +591,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="before each run, wait until other processes use under this (0: off)")
     p.add_argument("--quiet-timeout", type=float, default=300.0)
     return p
+
+
+def _polled(name: str, window: str) -> str:
+    return f"{name}, busy-poll" if window == "forever" else f"{name}, busy-poll {window}"
+
+
+def _poll_args(window: str) -> tuple[str, ...]:
+    return ("--busy-poll",) if window == "forever" else ("--busy-poll", window)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -601,9 +611,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.diagnose:
         scenarios += [Scenario(f"traced x{n}, no export", "spoe-agent", "trace", n, "none")
                       for n in args.workers]
-    if args.busy_poll:
-        scenarios += [Scenario(f"traced x{n}, busy-poll", "spoe-agent", "trace", n,
-                               agent_args=("--busy-poll",)) for n in args.workers]
+    polls = [] if args.busy_poll is None else args.busy_poll or ["forever"]
+    for window in polls:
+        scenarios += [Scenario(_polled(f"traced x{n}", window), "spoe-agent", "trace", n,
+                               agent_args=_poll_args(window)) for n in args.workers]
     if args.compiled_python:
         build = installed_build(args.compiled_python)
         if build != "hot path compiled with mypyc":
@@ -612,6 +623,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         scenarios += [Scenario(f"traced x{n}, mypyc", "spoe-agent", "trace", n,
                                python=args.compiled_python) for n in args.workers]
+        for window in polls:
+            scenarios += [Scenario(_polled(f"traced x{n}, mypyc", window), "spoe-agent",
+                                   "trace", n, agent_args=_poll_args(window),
+                                   python=args.compiled_python) for n in args.workers]
     if args.ceiling:
         scenarios.append(Scenario("reference events, bare ACKs", "bare", "trace"))
     scenarios.append(Scenario("minimal spoe-agent", "spoe-agent", "minimal"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import math
 import os
 import sys
 import traceback
@@ -37,11 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
                              "1 serves in this process)")
     # Set by the --workers supervisor on the processes it starts (docs/scaling.md).
     parser.add_argument("--worker-index", dest="worker_index", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--busy-poll", dest="busy_poll", action=argparse.BooleanOptionalAction,
-                        default=None,
-                        help="poll without ever sleeping, like HAProxy's busy-polling: lower "
-                             "latency per event (on VMs especially) for one busy core per "
-                             "process")
+    parser.add_argument("--busy-poll", dest="busy_poll", nargs="?", const=math.inf,
+                        type=_option("busy_poll"), metavar="WINDOW",
+                        help="poll instead of sleeping, like HAProxy's busy-polling: lower "
+                             "latency per event (on VMs especially); alone it never sleeps "
+                             "(one busy core per process), with a WINDOW such as 1ms it polls "
+                             "that long after each read and sleeps when idle")
+    parser.add_argument("--no-busy-poll", dest="busy_poll", action="store_const", const=0.0,
+                        help="sleep between events (the default)")
     parser.add_argument("--metrics", type=_option("metrics"), metavar="HOST:PORT",
                         help="serve Prometheus /metrics and /health there (off by default)")
     parser.add_argument("--service-name", dest="service_name", type=_option("service_name"),

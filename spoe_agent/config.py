@@ -8,6 +8,7 @@ the file, line and reason (exit status 2 in the CLI) instead of surfacing later 
 from __future__ import annotations
 
 import configparser
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -201,6 +202,20 @@ def _bool(text: str) -> bool:
     raise ValueError(f"expected true or false, got {text!r}")
 
 
+def parse_busy_poll(text: str) -> float:
+    """How long the event loop keeps polling after a read before it sleeps: ``true`` is
+    forever (HAProxy's ``busy-polling``), ``false`` never, a duration (``1ms``) a window."""
+    try:
+        return math.inf if _bool(text) else 0.0
+    except ValueError:
+        pass
+    try:
+        return parse_duration(text)
+    except ValueError:
+        raise ValueError(
+            f"expected true, false or a duration such as 1ms or 500us, got {text!r}") from None
+
+
 def _choice(*choices: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         value = str(text).strip().lower()
@@ -288,8 +303,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_in_flight", "listener", "max_in_flight", _int_range(1, 100_000)),
     Option("idle_timeout", "listener", "idle_timeout", parse_duration),
     Option("read_timeout", "listener", "read_timeout", parse_duration),
-    Option("busy_poll", "listener", "busy_poll", _bool,
-           help="never let the event loop sleep: lower latency on VMs, one busy core"),
+    Option("busy_poll", "listener", "busy_poll", parse_busy_poll,
+           help="poll instead of sleeping, forever (true) or for a window after each read "
+                "(1ms): lower latency on VMs, for CPU"),
     Option("tls_cert", "listener", "tls_cert", _text),
     Option("tls_key", "listener", "tls_key", _text),
     Option("tls_ca", "listener", "tls_ca", _text),
@@ -358,8 +374,10 @@ class AgentConfig:
     # first byte: generous for a loopback or LAN peer, short enough to free a slowloris's slot.
     read_timeout: float = 30.0
     # HAProxy's "busy-polling" for the agent: the event loop polls with a null timeout instead of
-    # sleeping, so each NOTIFY does not pay a CPU (on VMs a vCPU) wake-up; costs a whole core.
-    busy_poll: bool = False
+    # sleeping, so each NOTIFY does not pay a CPU (on VMs a vCPU) wake-up. Seconds after the last
+    # read of a connection: inf never sleeps (a whole core, even idle); a window of about one
+    # request's events (1ms) spares the wake-ups within a request and sleeps when idle; 0: off.
+    busy_poll: float = 0.0
     tls_cert: str = ""
     tls_key: str = ""
     tls_ca: str = ""

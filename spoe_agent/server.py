@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import shutil
 import socket
@@ -251,7 +252,7 @@ class SpoaServer:
         self._stopping = False
         self._stop_deadline = float("inf")
         self._throttle = Throttle(log)
-        self._busy_poll: Any = None  # the idle watcher of --busy-poll, while serving
+        self._busy_poll: _BusyPoll | None = None  # --busy-poll, while serving
         if listener is None:
             listener = make_listener(config.bind, mode=config.unix_mode, group=config.unix_group)
         self._pool = _ConnectionPool(
@@ -287,13 +288,14 @@ class SpoaServer:
         self._server.start()
         if self.config.idle_timeout:
             gevent.spawn(self._sweep_idle, self.config.idle_timeout)
-        if self.config.busy_poll:
-            # An active idle watcher makes the loop poll with a null timeout: it never sleeps.
-            self._busy_poll = gevent.get_hub().loop.idle()
-            self._busy_poll.start(_busy_poll_tick)
+        window = self.config.busy_poll
+        if window > 0:
+            self._busy_poll = _BusyPoll(window)
         log.info("spoe-agent listening on %s%s%s (%s)", bind_text(self.config.bind),
                  " (TLS)" if self._tls is not None else "",
-                 ", busy polling" if self.config.busy_poll else "", build_description())
+                 "" if window <= 0 else ", busy polling" if window == math.inf
+                 else f", busy polling {window * 1e3:g}ms after each read",
+                 build_description())
 
     def serve_forever(self) -> None:
         if not self._server.started:
@@ -507,6 +509,8 @@ class SpoaServer:
             if client.idle_since is not None:
                 client.idle_since = None
                 sock.settimeout(idle)  # writes keep the idle timeout as their deadline
+            if self._busy_poll is not None:
+                self._busy_poll.touch()
             before = conn.buffered
             self._feed(client, data)
             after = conn.buffered
@@ -710,8 +714,40 @@ def _wake_for_move(client: _Client) -> None:
         client.greenlet.throw(_Move)
 
 
+class _BusyPoll:
+    """``--busy-poll``: while gevent's loop has an active idle watcher it polls with a null
+    timeout instead of sleeping, so an event that arrives finds the process running rather
+    than paying a CPU's (on VMs a vCPU's) wake-up, as HAProxy's ``busy-polling`` does.
+
+    Forever costs a core even idle. A window (``--busy-poll 1ms``) keeps polling that long after
+    the last read only: HAProxy sends a stream's next event within about a hundred microseconds
+    of reading the ACK of the previous one, so the events of one request find the loop awake,
+    and an idle agent still sleeps.
+    """
+
+    def __init__(self, window: float) -> None:
+        self.window = window
+        self.last_read = 0.0
+        self.watcher = gevent.get_hub().loop.idle()
+        self.watcher.start(_busy_poll_tick if window == math.inf else self._tick)
+
+    def touch(self) -> None:
+        """A read: poll again, for the window from now."""
+        if self.window != math.inf:
+            self.last_read = time.monotonic()
+            if not self.watcher.active:
+                self.watcher.start(self._tick)
+
+    def _tick(self) -> None:
+        if time.monotonic() - self.last_read > self.window:
+            self.watcher.stop()  # until the next read: the loop may sleep again
+
+    def stop(self) -> None:
+        self.watcher.stop()
+
+
 def _busy_poll_tick() -> None:
-    """The idle watcher's callback: nothing to do, being active is the point."""
+    """The idle watcher's callback when polling forever: being active is the point."""
 
 
 def _wake_for_drain(client: _Client) -> None:

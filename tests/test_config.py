@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -406,11 +407,21 @@ def test_unix_mode_is_octal_as_chmod_takes_it(tmp_path: Path) -> None:
 def test_busy_poll_is_off_unless_the_ini_or_the_flag_asks(tmp_path: Path) -> None:
     from spoe_agent.cli import _overrides, build_parser
 
-    assert load_config(env={}).busy_poll is False
-    assert load_config(write(tmp_path, "[listener]\nbusy_poll = yes\n"), env={}).busy_poll is True
-    assert load_config(overrides=_overrides(build_parser().parse_args([])), env={}).busy_poll is False
+    def flags(*argv: str) -> float:
+        return load_config(overrides=_overrides(build_parser().parse_args(argv)), env={}).busy_poll
+
+    assert load_config(env={}).busy_poll == 0
+    assert flags() == 0
+    # true: forever (HAProxy's busy-polling); a duration: that long after each read.
+    for text, window in (("yes", math.inf), ("true", math.inf), ("1", math.inf), ("off", 0),
+                         ("0", 0), ("1ms", 0.001), ("500us", 0.0005), ("0.002", 0.002)):
+        ini = write(tmp_path, f"[listener]\nbusy_poll = {text}\n")
+        assert load_config(ini, env={}).busy_poll == pytest.approx(window), text
+    assert flags("--busy-poll") == math.inf
+    assert flags("--busy-poll", "2ms") == pytest.approx(0.002)
+    assert flags("--busy-poll", "--workers", "1") == math.inf  # the next flag is not a window
     flagged = load_config(overrides=_overrides(build_parser().parse_args(["--busy-poll"])), env={})
-    assert flagged.busy_poll is True and flagged.sources["busy_poll"]
+    assert flagged.sources["busy_poll"]
 
 
 @pytest.mark.parametrize(
@@ -431,7 +442,8 @@ def test_busy_poll_is_off_unless_the_ini_or_the_flag_asks(tmp_path: Path) -> Non
         ("[listener]\nmax_in_flight = -1\n", "must be between 1 and 100000"),
         ("[listener]\nidle_timeout = forever\n", "expected a duration"),
         ("[tracing]\nmax_attribute_length = 0\n", "must be >= 1"),
-        ("[listener]\n\nbusy_poll = sometimes\n", "agent.ini:3: .*busy_poll: expected true or false"),
+        ("[listener]\n\nbusy_poll = sometimes\n",
+         "agent.ini:3: .*busy_poll: expected true, false or a duration such as 1ms"),
         ("[listener]\nbind = unix:/s\nunix_mode = rw-rw----\n",
          "agent.ini:3: \\[listener\\] unix_mode: expected octal permissions such as 660"),
         ("[listener]\nunix_mode = 680\n", "agent.ini:2: .*expected octal permissions"),
@@ -471,7 +483,7 @@ def test_flags_take_any_case_and_busy_poll_can_be_turned_off(tmp_path: Path) -> 
                                       "--no-busy-poll"])
     path = write(tmp_path, "[listener]\nbusy_poll = true\n")
     config = load_config(path, _overrides(args), env={})
-    assert (config.exporter, config.log_level, config.busy_poll) == ("jaeger", "INFO", False)
+    assert (config.exporter, config.log_level, config.busy_poll) == ("jaeger", "INFO", 0)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--exporter", "zipkin"])
 

@@ -182,6 +182,51 @@ def test_busy_poll_never_sleeps_serves_and_still_stops_cleanly(spoe_agent) -> No
     assert "busy polling" in busy.process.stderr_text()
 
 
+def test_busy_poll_window_polls_while_events_come_and_sleeps_when_idle(spoe_agent) -> None:
+    """--busy-poll 50ms: the loop keeps polling for 50 ms after each read, so events that come
+    closer together than that never find it asleep, and an idle agent sleeps like a default
+    one."""
+    windowed = spoe_agent("--busy-poll", "50ms", app=APP)
+    with SpopClient((windowed.host, windowed.port)) as client:
+        client.handshake()
+        assert _idle_cpu(windowed.process.pid) < 0.1
+        pid = windowed.process.pid
+        before, start = _cpu_seconds(pid), time.monotonic()
+        stream = 0
+        while time.monotonic() - start < 1.0:  # an event every 10 ms: inside the window
+            client.send(codec.notify(stream, 1, [Message("inline", [("v", 2)])]))
+            assert ack_actions(client.read_frame()) == [SetVar(Scope.TXN, "n", 2)]
+            stream += 1
+            time.sleep(0.01)
+        polling = (_cpu_seconds(pid) - before) / (time.monotonic() - start)
+        idle = _idle_cpu(pid)
+        assert polling > 0.25 and polling > 5 * idle, (polling, idle)
+    assert "busy polling 50ms after each read" in windowed.process.stderr_text()
+
+
+def test_busy_poll_window_stops_polling_once_the_window_passes() -> None:
+    import gevent
+
+    from spoe_agent.server import _BusyPoll
+
+    poll = _BusyPoll(0.02)
+    try:
+        gevent.sleep(0.1)
+        assert not poll.watcher.active  # nothing read yet: the loop may sleep
+        poll.touch()
+        assert poll.watcher.active
+        gevent.sleep(0.1)
+        assert not poll.watcher.active
+    finally:
+        poll.stop()
+    forever = _BusyPoll(float("inf"))
+    try:
+        gevent.sleep(0.05)
+        assert forever.watcher.active
+    finally:
+        forever.stop()
+
+
 def _agent_on(path: str, workers: str = "1", *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "spoe_agent", "--bind", f"unix:{path}", "--workers", workers,
