@@ -7,7 +7,7 @@ arguments costs in memory, and that a hit is indistinguishable from a miss.
 
 from __future__ import annotations
 
-from spoe_agent.protocol import codec
+from spoe_agent.protocol import codec, varint
 from spoe_agent.protocol.types import Message
 
 
@@ -42,3 +42,10 @@ def test_the_caches_stay_bounded_whatever_the_peer_sends() -> None:
     codec._PAIRS.clear()
     assert codec.decode_messages(long_value)[0].args == [("k", "x" * 200)]
     assert not codec._PAIRS  # too long to be worth keeping
+
+
+def test_the_varint_tail_cache_stays_bounded() -> None:
+    for i in range(3 * varint._TAILS_LIMIT):
+        value = (1 << 50) + (i << 18) + i
+        assert varint.decode_varint(varint.encode_varint(value) + b"x", 0) == (value, 8)
+        assert len(varint._TAILS) <= varint._TAILS_LIMIT

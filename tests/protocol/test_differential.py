@@ -252,10 +252,14 @@ def _varint_outcome(decode: Callable[[bytes, int], tuple[int, int]], data: bytes
 def test_unrolled_varint_decoder_is_the_loop(
     first: int, more: list[int], last: int | None, after: bytes
 ) -> None:
-    """decode_varint unrolls the first 9 bytes; at every length, truncated or too long, it must
-    answer what the general loop answers (value, end, or error), read at an offset."""
+    """decode_varint unrolls the first bytes and caches what follows; at every length, truncated
+    or too long, cold or warm, it must answer what the general loop answers (value, end, or
+    error), read at an offset, also for other first bytes before the same later ones."""
     data = bytes([7, first, *more]) + (bytes([last]) if last is not None else b"") + after
-    assert _varint_outcome(decode_varint, data) == _varint_outcome(_decode_long_varint, data)
+    for _ in range(2):
+        assert _varint_outcome(decode_varint, data) == _varint_outcome(_decode_long_varint, data)
+    other = bytes([7, first ^ 1, *[b ^ 1 for b in more[:2]]]) + data[4:]
+    assert _varint_outcome(decode_varint, other) == _varint_outcome(_decode_long_varint, other)
 
 
 @FUZZ
