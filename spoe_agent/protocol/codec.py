@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from typing import Any, Final
+from typing import Any, Final, TypeAlias
 
 from spoe_agent.protocol.errors import InvalidFrame
 from spoe_agent.protocol.types import (
@@ -219,10 +219,14 @@ _PAIRS_LIMIT: Final = 4096
 _PAIR_MAX_BYTES: Final = 96
 _NAMES: Final[dict[bytes, str]] = {}
 _NAMES_LIMIT: Final = 1024
-# The decoded arguments that ended a payload, by their bytes: (how many, the arguments).
-_SUFFIXES: Final[dict[bytes, tuple[int, tuple[tuple[str, Any], ...]]]] = {}
-_SUFFIXES_LIMIT: Final = 4096
-_SUFFIX_MAX_BYTES: Final = 1024
+# The last few runs of known arguments that followed an unknown one, by message name and the
+# run's first index, latest first: (their bytes, the arguments). A few, since some of them vary
+# among a few values (a method, a status code, a host).
+_Run: TypeAlias = tuple[bytes, tuple[tuple[str, Any], ...]]
+_RUNS: Final[dict[tuple[str, int], tuple[_Run, ...]]] = {}
+_RUNS_LIMIT: Final = 1024
+_RUN_VARIANTS: Final = 4
+_RUN_MAX_BYTES: Final = 1024
 
 
 def _new_pair(raw: bytes, key_len: int) -> tuple[str, Any]:
@@ -264,11 +268,11 @@ def decode_messages(payload: bytes) -> list[Message]:
     arguments whose value is such a string, a small INT64, an address or NULL are delimited and
     looked up whole in ``_PAIRS``; anything else goes through the general decoders.
 
-    After an argument ``_PAIRS`` did not know (a request's id, its ``ts``, a URL path), the rest
-    of the payload is looked up in ``_SUFFIXES``: the arguments that end a payload's last message
-    (span names, tag keys and values) are mostly the same bytes as in the previous request's,
-    and decoding is deterministic, so bytes decoded once into N arguments that ended the payload
-    decode into the same N arguments again.
+    After an argument ``_PAIRS`` did not know (a request's id, its ``ts``, a URL path), the
+    arguments that follow are looked up as one run in ``_RUNS``: a message's arguments up to
+    the next unknown one (span names, tag keys and values) are mostly the same bytes as in the
+    previous requests' messages of that name, and decoding is deterministic, so bytes once
+    decoded into N known arguments decode into the same N arguments again.
     """
     messages: list[Message] = []
     pos = 0
@@ -276,7 +280,7 @@ def decode_messages(payload: bytes) -> list[Message]:
     value: Any  # a byte of the payload, then any decoded value (typed for mypyc, see setup.py)
     pairs = _PAIRS
     names = _NAMES
-    suffixes = _SUFFIXES
+    runs = _RUNS
     try:
         while pos < end:
             n = payload[pos]
@@ -293,9 +297,13 @@ def decode_messages(payload: bytes) -> list[Message]:
             pos += 1
             args: list[tuple[str, Any]] = []
             append = args.append
-            mark = -1  # where the arguments after the last unknown one start (pos, index)
-            mark_index = 0
-            for i in range(nb_args):
+            i = 0
+            # The known arguments after the last unknown one: where they start, the index of
+            # the first, and up to which index _RUNS has them (256, more than any: none yet).
+            start = pos
+            first = 0
+            known = 256
+            while i < nb_args:
                 n = payload[pos]
                 if n < 240:
                     vpos = pos + 1 + n
@@ -316,49 +324,62 @@ def decode_messages(payload: bytes) -> list[Message]:
                         if stop > end:
                             raise InvalidFrame("string runs past the end of the frame")
                         raw = payload[pos:stop]
-                        pos = stop
                         pair = pairs.get(raw)
                         if pair is not None:
                             append(pair)
+                            pos = stop
+                            i += 1
                             continue
-                        append(_new_pair(raw, n))
-                    elif stop < 0:
-                        # A long INT64 (``ts=date(0,us)`` in every tracing message): straight
-                        # to the varint, the name from the name cache.
-                        value, vpos = decode_varint(payload, vpos + 1)
-                        if n:
-                            raw = payload[pos + 1:pos + 1 + n]
-                            key = names.get(raw) or _new_name(raw)
-                        else:
-                            key = ""
-                        append((key, value - _WRAP if value & _SIGN else value))
-                        pos = vpos
-                    else:
-                        key = payload[pos + 1:vpos].decode("utf-8", "surrogateescape") if n else ""
-                        value, pos = decode_typed(payload, vpos)
-                        append((key, value))
-                else:
+                # An argument the pair cache does not know: it ends a run of known ones.
+                if i > known and pos - start <= _RUN_MAX_BYTES:
+                    _new_run(name, first, payload[start:pos], args[first:])
+                if n >= 240:
                     key, pos = decode_string(payload, pos)
                     value, pos = decode_typed(payload, pos)
                     append((key, value))
-                # An argument the pair cache did not know: the rest may be a known suffix.
-                if i + 1 < nb_args:
-                    known = suffixes.get(payload[pos:])
-                    if known is not None and known[0] == nb_args - i - 1:
-                        args += known[1]
-                        pos = end
+                elif stop > 0:
+                    append(_new_pair(raw, n))
+                    pos = stop
+                elif stop < 0:
+                    # A long INT64 (``ts=date(0,us)`` in every tracing message): straight to
+                    # the varint, the name from the name cache.
+                    value, vpos = decode_varint(payload, vpos + 1)
+                    if n:
+                        raw = payload[pos + 1:pos + 1 + n]
+                        key = names.get(raw) or _new_name(raw)
+                    else:
+                        key = ""
+                    append((key, value - _WRAP if value & _SIGN else value))
+                    pos = vpos
+                else:
+                    key = payload[pos + 1:vpos].decode("utf-8", "surrogateescape") if n else ""
+                    value, pos = decode_typed(payload, vpos)
+                    append((key, value))
+                i += 1
+                # The known arguments after it may be a run that followed it before.
+                start = pos
+                first = known = i
+                for seen, run in runs.get((name, i), ()):
+                    if len(run) <= nb_args - i and payload.startswith(seen, pos):
+                        args += run
+                        pos += len(seen)
+                        i += len(run)
+                        known = i
                         break
-                    mark = pos
-                    mark_index = i + 1
-            else:
-                if mark >= 0 and pos == end and end - mark <= _SUFFIX_MAX_BYTES:
-                    if len(suffixes) >= _SUFFIXES_LIMIT:
-                        suffixes.clear()
-                    suffixes[payload[mark:]] = (nb_args - mark_index, tuple(args[mark_index:]))
+            if i > known and pos - start <= _RUN_MAX_BYTES:
+                _new_run(name, first, payload[start:pos], args[first:])
             messages.append(Message(name, args))
     except IndexError:
         raise InvalidFrame("truncated list of messages") from None
     return messages
+
+
+def _new_run(name: str, first: int, raw: bytes, args: list[tuple[str, Any]]) -> None:
+    key = (name, first)
+    variants = _RUNS.get(key, ())
+    if not variants and len(_RUNS) >= _RUNS_LIMIT:
+        _RUNS.clear()
+    _RUNS[key] = ((raw, tuple(args)), *variants[:_RUN_VARIANTS - 1])
 
 
 def encode_messages(messages: list[Message]) -> bytes:

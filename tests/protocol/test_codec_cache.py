@@ -49,3 +49,18 @@ def test_the_varint_tail_cache_stays_bounded() -> None:
         value = (1 << 50) + (i << 18) + i
         assert varint.decode_varint(varint.encode_varint(value) + b"x", 0) == (value, 8)
         assert len(varint._TAILS) <= varint._TAILS_LIMIT
+
+
+def test_runs_of_known_arguments_decode_as_walked_and_stay_bounded() -> None:
+    """A run is reused after an unknown argument (the id here) only where its bytes come again;
+    a message with another argument changed in the middle of the run decodes that change."""
+    codec._RUNS.clear()
+    for i in range(2 * codec._RUNS_LIMIT + 10):
+        args = [("id", f"uid-{i}"), ("span", "constant"), ("tag", "k"), ("", "v"), ("x", None)]
+        if i % 3 == 0:
+            args[3] = ("", f"changed-{i % 9}")
+        message = Message(f"msg-{i % 5000}", args)
+        assert codec.decode_messages(codec.encode_messages([message, message])) == [
+            message, message
+        ]
+        assert len(codec._RUNS) <= codec._RUNS_LIMIT

@@ -263,21 +263,23 @@ def test_unrolled_varint_decoder_is_the_loop(
 
 
 @FUZZ
-@given(message_lists, st.lists(values, max_size=3), st.data())
-def test_payloads_ending_in_known_arguments_decode_as_the_grammar_does(
-    messages: list[Message], firsts: list[Any], data: st.DataObject
+@given(message_lists, st.lists(values, max_size=4), st.data())
+def test_payloads_repeating_runs_of_known_arguments_decode_as_the_grammar_does(
+    messages: list[Message], news: list[Any], data: st.DataObject
 ) -> None:
-    """decode_messages reuses the decoded arguments that ended an earlier payload when the rest
-    of a payload is the same bytes. Whatever changes before them (the last message's first
-    argument, as a request's id does, or a cut-off or mutated copy), every decode, with the
-    cache cold or warm, must still give what the grammar gives."""
-    codec._SUFFIXES.clear()
+    """decode_messages reuses the decoded arguments that followed an unknown one in an earlier
+    message of the same name when its bytes come again. Whatever changes around them (any
+    argument, as a request's id, ts or URL path do, or a cut-off or mutated copy), every
+    decode, with the cache cold or warm, must still give what the grammar gives."""
+    codec._RUNS.clear()
     payloads = [codec.encode_messages(messages)]
-    if messages and messages[-1].args:
-        last = messages[-1]
-        for value in firsts:
-            changed = [*messages[:-1], Message(last.name, [(last.args[0][0], value),
-                                                           *last.args[1:]])]
+    if any(message.args for message in messages):
+        at = data.draw(st.sampled_from([i for i, m in enumerate(messages) if m.args]))
+        i = data.draw(st.integers(0, len(messages[at].args) - 1))
+        for value in news:
+            args = list(messages[at].args)
+            args[i] = (args[i][0], value)
+            changed = [*messages[:at], Message(messages[at].name, args), *messages[at + 1:]]
             payloads.append(codec.encode_messages(changed))
     payloads.append(data.draw(mutated(st.sampled_from(payloads))))
     for payload in payloads + payloads:
