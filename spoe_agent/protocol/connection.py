@@ -58,16 +58,6 @@ _FIN_ONLY: Final = FLAG_FIN.to_bytes(4, "big")
 _U32_FROM: Final = struct.Struct(">I").unpack_from
 
 
-def _frame_varint(data: bytes, pos: int, frame_end: int) -> tuple[int, int]:
-    """A multi-byte id for the inline NOTIFY path; past ``frame_end`` (or malformed) when the
-    general path must decide, so that both raise the same error."""
-    try:
-        value, pos = decode_varint(data, pos)
-    except InvalidFrame:
-        return 0, frame_end + 1
-    return value, pos
-
-
 def _encodes(action: Any) -> bool:
     try:
         codec.encode_actions([action])
@@ -257,7 +247,7 @@ class SpopConnection:
             if self.on_trimmed_ack is not None:
                 self.on_trimmed_ack("unencodable")
             frame = codec.ack(stream_id, frame_id, actions)
-        if len(frame) - _LENGTH_PREFIX > self.frame_size and actions:
+        if actions and len(frame) - _LENGTH_PREFIX > self.frame_size:
             self.acks_too_big += 1
             if self.on_trimmed_ack is not None:
                 self.on_trimmed_ack("too_big")
@@ -339,15 +329,23 @@ class SpopConnection:
                     and self.state is _READY
                     and self._fragments is None
                 ):
+                    # A malformed or truncated id leaves ``at`` past the frame, for the
+                    # general path to raise the error.
                     sid = data[pos + 9]
                     at = pos + 10
                     if sid >= 240:
-                        sid, at = _frame_varint(data, pos + 9, frame_end)
+                        try:
+                            sid, at = decode_varint(data, pos + 9)
+                        except InvalidFrame:
+                            at = frame_end + 1
                     fid = data[at] if at < frame_end else 240
                     if fid < 240:
                         at += 1
                     else:
-                        fid, at = _frame_varint(data, at, frame_end)
+                        try:
+                            fid, at = decode_varint(data, at)
+                        except InvalidFrame:
+                            at = frame_end + 1
                     if at <= frame_end:
                         events.append(NotifyReceived(
                             sid, fid, codec.decode_messages(data[at:frame_end])
