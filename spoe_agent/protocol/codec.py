@@ -296,7 +296,6 @@ def decode_messages(payload: bytes) -> list[Message]:
             nb_args = payload[pos]
             pos += 1
             args: list[tuple[str, Any]] = []
-            append = args.append
             i = 0
             # The known arguments after the last unknown one: where they start, the index of
             # the first, and up to which index _RUNS has them (256, more than any: none yet).
@@ -326,7 +325,7 @@ def decode_messages(payload: bytes) -> list[Message]:
                         raw = payload[pos:stop]
                         pair = pairs.get(raw)
                         if pair is not None:
-                            append(pair)
+                            args.append(pair)
                             pos = stop
                             i += 1
                             continue
@@ -336,9 +335,9 @@ def decode_messages(payload: bytes) -> list[Message]:
                 if n >= 240:
                     key, pos = decode_string(payload, pos)
                     value, pos = decode_typed(payload, pos)
-                    append((key, value))
+                    args.append((key, value))
                 elif stop > 0:
-                    append(_new_pair(raw, n))
+                    args.append(_new_pair(raw, n))
                     pos = stop
                 elif stop < 0:
                     # A long INT64 (``ts=date(0,us)`` in every tracing message): straight to
@@ -349,12 +348,12 @@ def decode_messages(payload: bytes) -> list[Message]:
                         key = names.get(raw) or _new_name(raw)
                     else:
                         key = ""
-                    append((key, value - _WRAP if value & _SIGN else value))
+                    args.append((key, value - _WRAP if value & _SIGN else value))
                     pos = vpos
                 else:
                     key = payload[pos + 1:vpos].decode("utf-8", "surrogateescape") if n else ""
                     value, pos = decode_typed(payload, vpos)
-                    append((key, value))
+                    args.append((key, value))
                 i += 1
                 # The known arguments after it may be a run that followed it before.
                 start = pos
