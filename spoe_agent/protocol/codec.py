@@ -359,9 +359,10 @@ def decode_messages(payload: bytes) -> list[Message]:
                 start = pos
                 first = known = i
                 for seen, run in runs.get((name, i), ()):
-                    if len(run) <= nb_args - i and payload.startswith(seen, pos):
+                    stop = pos + len(seen)
+                    if payload[pos:stop] == seen and len(run) <= nb_args - i:
                         args += run
-                        pos += len(seen)
+                        pos = stop
                         i += len(run)
                         known = i
                         break
