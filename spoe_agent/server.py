@@ -289,6 +289,8 @@ class SpoaServer:
         if self.config.idle_timeout:
             gevent.spawn(self._sweep_idle, self.config.idle_timeout)
         window = self.config.busy_poll
+        if window is True:  # AgentConfig(busy_poll=True), from before windows: forever
+            window = math.inf
         if window > 0:
             self._busy_poll = _BusyPoll(window)
         log.info("spoe-agent listening on %s%s%s (%s)", bind_text(self.config.bind),

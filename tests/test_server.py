@@ -227,6 +227,21 @@ def test_busy_poll_window_stops_polling_once_the_window_passes() -> None:
         forever.stop()
 
 
+def test_busy_poll_true_from_code_still_means_forever() -> None:
+    """``AgentConfig(busy_poll=True)``, as code written before windows says it: forever, not a
+    window of one second."""
+    from spoe_agent.config import AgentConfig
+    from spoe_agent.handlers import Agent
+    from spoe_agent.server import SpoaServer
+
+    server = SpoaServer(Agent("t"), AgentConfig(bind="127.0.0.1:0", busy_poll=True))
+    server.start()
+    try:
+        assert server._busy_poll is not None and server._busy_poll.window == float("inf")
+    finally:
+        server.stop()
+
+
 def _agent_on(path: str, workers: str = "1", *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "spoe_agent", "--bind", f"unix:{path}", "--workers", workers,
