@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     if not monkey.is_module_patched("socket"):
         monkey.patch_all()
 
-    from spoe_agent.config import ConfigError, bind_text, load_config
+    from spoe_agent.config import ConfigError, bind_text, ignored_unix_options, load_config
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -172,10 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spoe-agent: configuration OK ({config.config_file or 'defaults'}; "
               f"listening on {bind_text(config.bind)}{' with TLS' if tls is not None else ''}; "
               f"workers {config.workers}; exporter {config.exporter_text()})")
-        if (config.unix_mode is not None or config.unix_group) and (
-                not config.bind.startswith("unix:")):
-            print("spoe-agent: note: unix_mode and unix_group apply to a unix: bind only; "
-                  "ignored for this one")
+        note = ignored_unix_options(config.bind, config.unix_mode, config.unix_group)
+        if note:
+            print(f"spoe-agent: note: {note}")
         return 0
 
     try:
@@ -200,13 +199,12 @@ def _build_agent(app_spec: str | None, config: Any) -> Any:
     if isinstance(app, Agent):
         return app
     if callable(app):
-        if app_spec:
-            try:
-                agent = app(config)
-            except Exception as exc:
-                raise _app_failure(f"the --app factory {app_spec!r}", exc) from None
-        else:
+        try:
             agent = app(config)
+        except Exception as exc:
+            if not app_spec:  # the default agent's own failure: its traceback, as it is
+                raise
+            raise _app_failure(f"the --app factory {app_spec!r}", exc) from None
         if not isinstance(agent, Agent):
             raise TypeError(f"{app_spec} returned {type(agent).__name__}, not an Agent")
         return agent

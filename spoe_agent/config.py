@@ -102,6 +102,14 @@ def bind_text(bind: str) -> str:
     return bind
 
 
+def ignored_unix_options(bind: str, mode: int | None, group: str) -> str | None:
+    """What to say when ``unix_mode``/``unix_group`` come with a TCP bind, which ignores them.
+    Not refused: a file written for a unix: socket may be run with ``--bind HOST:PORT``."""
+    if (mode is not None or group) and not bind.startswith("unix:"):
+        return f"unix_mode and unix_group apply to a unix: bind only; ignored for {bind_text(bind)}"
+    return None
+
+
 def parse_duration(text: str) -> float:
     """Seconds; HAProxy-style units accepted (``500ms``, ``30s``, ``2m``); ``0`` means off."""
     match = _DURATION.match(str(text))

@@ -46,7 +46,7 @@ from gevent.server import StreamServer
 from gevent.socket import socket as _GeventSocket
 
 from spoe_agent import build_description
-from spoe_agent.config import AgentConfig, bind_text, split_bind
+from spoe_agent.config import AgentConfig, bind_text, ignored_unix_options, split_bind
 from spoe_agent.handlers import Agent, Work
 from spoe_agent.logs import Throttle
 from spoe_agent.protocol.connection import (
@@ -812,10 +812,9 @@ def make_listener(
             os.unlink(target)
             raise OSError(exc.errno, f"{step} {target}: {exc.strerror}") from None
     else:
-        if mode is not None or group:
-            # Not refused: a file written for a unix: socket may be run with --bind HOST:PORT.
-            log.warning("unix_mode and unix_group apply to a unix: bind only; ignored for %s",
-                        bind_text(bind))
+        note = ignored_unix_options(bind, mode, group)
+        if note:
+            log.warning("%s", note)
         host, port = target
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
