@@ -11,6 +11,10 @@ front of a trivial origin (a second HAProxy answering ``http-request return``):
 * ``reference events, bare ACKs`` (``--ceiling``): the reference tracing config answered by
   benchmarks/bare_agent.py, which ACKs every NOTIFY off its header and does nothing else: the
   most traced throughput HAProxy itself allows with that config, whatever the agent.
+* ``reference events, bare ACKs in C`` and ``..., in C, polling`` (``--floor``): the same
+  responder in C (benchmarks/bare_agent.c, built with ``cc``), sleeping in epoll_wait or
+  polling: the latency the 8 round trips themselves add on this machine, with no interpreter
+  in the way, under any agent that serves the reference config.
 
 Each configuration gets a saturation run (``--connections`` keep-alive connections: req/s and
 CPU) and a latency run (``--latency-connections``, far below saturation: p50/p99, compared with
@@ -296,7 +300,7 @@ def run_wrk(port: int, connections: int, duration: float, cores: set[int] | None
 @dataclass
 class Scenario:
     name: str
-    agent: str | None  # "spoe-agent", "spoe-forge", "bare" or None
+    agent: str | None  # "spoe-agent", "spoe-forge", "bare", "bare-c" or None
     spoe: str | None  # "trace", "minimal" or None
     workers: int = 1
     exporter: str = "jaeger"  # "none": the tracing work without the export, to split costs
@@ -342,6 +346,14 @@ class Bench:
         self._n += 1
         return self.workdir / f"{self._n:04d}-{name}.log"
 
+    def bare_c(self) -> Path:
+        """benchmarks/bare_agent.c, built once per run."""
+        binary = self.workdir / "bare_agent"
+        if not binary.exists():
+            subprocess.run(["cc", "-O2", "-o", str(binary),
+                            str(REPO_ROOT / "benchmarks" / "bare_agent.c")], check=True)
+        return binary
+
     def measure(self, sc: Scenario, layout: str) -> Measurement:
         args = self.args
         split = layout == "split" and self.front_cores is not None
@@ -381,6 +393,9 @@ class Bench:
             elif sc.agent == "bare":
                 agent = start([sys.executable, "-m", "benchmarks.bare_agent", "--port",
                                str(agent_port)], agent_cores, agent_log)
+            elif sc.agent == "bare-c":
+                agent = start([str(self.bare_c()), "--port", str(agent_port), *sc.agent_args],
+                              agent_cores, agent_log)
             elif sc.agent == "spoe-forge":
                 agent = start([args.forge_python, str(REPO_ROOT / "benchmarks" / "apps.py"),
                                "forge", "--port", str(agent_port)], agent_cores, agent_log)
@@ -587,6 +602,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ceiling", action="store_true",
                    help="also the reference config answered by benchmarks/bare_agent.py, which "
                         "only ACKs: what HAProxy itself allows with that config")
+    p.add_argument("--floor", action="store_true",
+                   help="also the reference config answered by benchmarks/bare_agent.c (built "
+                        "with cc), sleeping and polling: what the round trips alone add here")
     p.add_argument("--wait-quiet", type=float, default=0.15, metavar="CORES",
                    help="before each run, wait until other processes use under this (0: off)")
     p.add_argument("--quiet-timeout", type=float, default=300.0)
@@ -629,6 +647,13 @@ def main(argv: list[str] | None = None) -> int:
                                    python=args.compiled_python) for n in args.workers]
     if args.ceiling:
         scenarios.append(Scenario("reference events, bare ACKs", "bare", "trace"))
+    if args.floor:
+        if shutil.which("cc") is None:
+            print("--floor needs a C compiler (cc): apt-get install gcc", file=sys.stderr)
+            return 2
+        scenarios += [Scenario("reference events, bare ACKs in C", "bare-c", "trace"),
+                      Scenario("reference events, bare ACKs in C, polling", "bare-c", "trace",
+                               agent_args=("--poll",))]
     scenarios.append(Scenario("minimal spoe-agent", "spoe-agent", "minimal"))
     if os.path.exists(args.forge_python):
         scenarios.append(Scenario("minimal spoe-forge", "spoe-forge", "minimal"))

@@ -151,6 +151,35 @@ def test_the_bare_agent_acks_every_event_and_sets_nothing(tmp_path: Path) -> Non
     assert seen == [[]]  # the driver judges each distinct ACK payload once: all were empty
 
 
+@pytest.mark.parametrize("mode", [[], ["--poll"]], ids=["sleeping", "polling"])
+def test_the_c_bare_agent_acks_every_event_and_sets_nothing(
+    tmp_path: Path, mode: list[str]
+) -> None:
+    """haproxy_e2e --floor's responder (benchmarks/bare_agent.c): the same answers as the
+    Python one, or the floor it reports would be a broken agent's. Built with cc, which the
+    compiled (mypyc) test environment needs anyway."""
+    binary = tmp_path / "bare_agent"
+    subprocess.run(["cc", "-O2", "-Wall", "-Werror", "-o", str(binary),
+                    str(REPO_ROOT / "benchmarks" / "bare_agent.c")], check=True)
+    port = free_port()
+    proc = ManagedProcess("bare-agent-c", [str(binary), "--port", str(port), *mode], tmp_path,
+                          cwd=REPO_ROOT)
+    seen: list[list[Any]] = []
+
+    def check(actions: list[Any]) -> bool:
+        seen.append(actions)
+        return actions == []
+
+    with proc:
+        wait_for_port("127.0.0.1", port, 20, proc)
+        result = run_load(("127.0.0.1", port), workload=Workload("bare", traced_request, check,
+                                                                 sequenced=True),
+                          connections=2, window=4, duration=0.5, warmup=0.1)
+    _assert_all_answered(result)
+    assert result.requests > 0
+    assert seen == [[]]
+
+
 def test_worker_scaling_counts_the_driven_requests(tmp_path: Path) -> None:
     """worker_scaling reads its request count from spop_load's output (the callgrind part
     needs minutes, so not here): a wrong parse would make every ratio it prints wrong."""
