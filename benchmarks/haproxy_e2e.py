@@ -178,6 +178,17 @@ def installed_build(python: str) -> str:
     ).stdout.strip()
 
 
+def interpreter_label(python: str) -> str:
+    """How a row names another interpreter: its version and the binary a virtualenv's runs
+    (``/usr/bin/python3.11``, Debian's, built with PGO and LTO; or a pyenv build, without)."""
+    version, binary = subprocess.run(
+        [python, "-c", "import os, platform, sys; "
+                       "print(platform.python_version(), os.path.realpath(sys.executable))"],
+        cwd=tempfile.gettempdir(), capture_output=True, text=True, check=True,
+    ).stdout.split()
+    return f"python {version} {binary}"
+
+
 def clean_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "SPOE_AGENT_"))}
     env["PYTHONPATH"] = str(REPO_ROOT)
@@ -344,7 +355,7 @@ class Bench:
 
     def _log(self, name: str) -> Path:
         self._n += 1
-        return self.workdir / f"{self._n:04d}-{name}.log"
+        return self.workdir / f"{self._n:04d}-{name.replace(os.sep, '_')}.log"
 
     def bare_c(self) -> Path:
         """benchmarks/bare_agent.c, built once per run."""
@@ -578,6 +589,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compiled-python", metavar="PYTHON", type=interpreter,
                    help="also run 'traced xN, mypyc': the spoe-agent installed for this "
                         "interpreter, built with SPOE_AGENT_MYPYC=1 (setup.py)")
+    p.add_argument("--other-python", nargs="+", metavar="PYTHON", type=interpreter, default=[],
+                   help="also run 'traced xN, python X.Y.Z BINARY' (and its busy-poll configs): "
+                        "the pure-Python spoe-agent installed for each interpreter, such as "
+                        "Debian's python3 (built with PGO and LTO) in a virtualenv")
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--warmup", type=float, default=3.0)
     p.add_argument("--connections", type=int, default=64)
@@ -645,6 +660,19 @@ def main(argv: list[str] | None = None) -> int:
             scenarios += [Scenario(_polled(f"traced x{n}, mypyc", window), "spoe-agent",
                                    "trace", n, agent_args=_poll_args(window),
                                    python=args.compiled_python) for n in args.workers]
+    for python in args.other_python:
+        build = installed_build(python)
+        if build != "pure Python":
+            print(f"{python}'s spoe-agent is {build or 'not installed'}, not the pure-Python "
+                  "build: pip install . there", file=sys.stderr)
+            return 2
+        label = interpreter_label(python)
+        scenarios += [Scenario(f"traced x{n}, {label}", "spoe-agent", "trace", n, python=python)
+                      for n in args.workers]
+        for window in polls:
+            scenarios += [Scenario(_polled(f"traced x{n}, {label}", window), "spoe-agent",
+                                   "trace", n, agent_args=_poll_args(window), python=python)
+                          for n in args.workers]
     if args.ceiling:
         scenarios.append(Scenario("reference events, bare ACKs", "bare", "trace"))
     if args.floor:
