@@ -129,12 +129,22 @@ def test_traced_replay_against_the_tracing_agent(tmp_path: Path) -> None:
     assert any(a.name == "traceparent" for actions in seen for a in actions), seen[:10]
 
 
-def test_the_bare_agent_acks_every_event_and_sets_nothing(tmp_path: Path) -> None:
-    """The ceiling run (haproxy_e2e --ceiling) is only a ceiling if its agent answers every
-    NOTIFY of the reference config, pipelined and sequenced, with nothing in the ACK."""
+@pytest.mark.parametrize("responder", ["python", "c", "c-polling"])
+def test_the_bare_agents_ack_every_event_and_set_nothing(tmp_path: Path, responder: str) -> None:
+    """The ceiling and floor runs (haproxy_e2e --ceiling, --floor) measure HAProxy and the
+    round trips only if their agents (benchmarks/bare_agent.py and .c, the C one sleeping and
+    polling) answer every NOTIFY of the reference config, pipelined and sequenced, with
+    nothing in the ACK. The C one is built with cc, which the mypyc test environment needs
+    anyway."""
     port = free_port()
-    proc = ManagedProcess("bare-agent", [sys.executable, "-m", "benchmarks.bare_agent",
-                                         "--port", str(port)], tmp_path, cwd=REPO_ROOT)
+    if responder == "python":
+        argv = [sys.executable, "-m", "benchmarks.bare_agent", "--port", str(port)]
+    else:
+        binary = tmp_path / "bare_agent"
+        subprocess.run(["cc", "-O2", "-Wall", "-Werror", "-o", str(binary),
+                        str(REPO_ROOT / "benchmarks" / "bare_agent.c")], check=True)
+        argv = [str(binary), "--port", str(port), *(["--poll"] if responder == "c-polling" else [])]
+    proc = ManagedProcess(f"bare-agent-{responder}", argv, tmp_path, cwd=REPO_ROOT)
     seen: list[list[Any]] = []
 
     def check(actions: list[Any]) -> bool:
@@ -149,35 +159,6 @@ def test_the_bare_agent_acks_every_event_and_sets_nothing(tmp_path: Path) -> Non
     _assert_all_answered(result)
     assert result.requests > 0
     assert seen == [[]]  # the driver judges each distinct ACK payload once: all were empty
-
-
-@pytest.mark.parametrize("mode", [[], ["--poll"]], ids=["sleeping", "polling"])
-def test_the_c_bare_agent_acks_every_event_and_sets_nothing(
-    tmp_path: Path, mode: list[str]
-) -> None:
-    """haproxy_e2e --floor's responder (benchmarks/bare_agent.c): the same answers as the
-    Python one, or the floor it reports would be a broken agent's. Built with cc, which the
-    compiled (mypyc) test environment needs anyway."""
-    binary = tmp_path / "bare_agent"
-    subprocess.run(["cc", "-O2", "-Wall", "-Werror", "-o", str(binary),
-                    str(REPO_ROOT / "benchmarks" / "bare_agent.c")], check=True)
-    port = free_port()
-    proc = ManagedProcess("bare-agent-c", [str(binary), "--port", str(port), *mode], tmp_path,
-                          cwd=REPO_ROOT)
-    seen: list[list[Any]] = []
-
-    def check(actions: list[Any]) -> bool:
-        seen.append(actions)
-        return actions == []
-
-    with proc:
-        wait_for_port("127.0.0.1", port, 20, proc)
-        result = run_load(("127.0.0.1", port), workload=Workload("bare", traced_request, check,
-                                                                 sequenced=True),
-                          connections=2, window=4, duration=0.5, warmup=0.1)
-    _assert_all_answered(result)
-    assert result.requests > 0
-    assert seen == [[]]
 
 
 def test_worker_scaling_counts_the_driven_requests(tmp_path: Path) -> None:
