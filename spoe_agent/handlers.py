@@ -68,6 +68,13 @@ class Agent:
         self._fallback = handler
         return handler
 
+    def empty_ack_check(self) -> Callable[[bytes], bool] | None:
+        """What tells, from a NOTIFY's payload as sent, that its ACK will be empty whatever
+        the messages do, so the server writes it before they are applied
+        (``SpopConnection.empty_ack``); asked once per connection. None here: any handler's
+        result may be an action."""
+        return None
+
     def needs_greenlet(self, messages: list[Message]) -> bool:
         concurrent = self._concurrent
         return bool(concurrent) and any(m.name in concurrent for m in messages)

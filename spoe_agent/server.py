@@ -132,7 +132,7 @@ class _Client:
 
     __slots__ = (
         "conn", "sock", "raw", "lock", "pool", "address", "greenlet", "in_recv", "draining",
-        "peer_closed", "idle_since", "parked", "moved",
+        "peer_closed", "idle_since", "parked", "moved", "unsent",
     )
 
     def __init__(self, conn: SpopConnection, sock: socket.socket, address: Any) -> None:
@@ -154,6 +154,7 @@ class _Client:
         # Parked in recv at a frame boundary (nothing buffered): whatever the idle timeout.
         self.parked = False
         self.moved = False  # handed to another worker: its socket is closed here, not ended
+        self.unsent = b""  # what send_early() could not write: first out of the next flush
 
     def flush(self, later: list[Work] | None = None) -> None:
         """Write what the connection queued, then run ``later``: work whose ACKs are in it.
@@ -170,6 +171,9 @@ class _Client:
             later = None
         with self.lock:
             data = self.conn.data_to_send()
+            if self.unsent:
+                data = self.unsent + data
+                self.unsent = b""
             if later:
                 self._send_then(data, later)
             elif data:
@@ -192,6 +196,24 @@ class _Client:
         _run_all(later)
         if sent < len(data):
             self.sock.sendall(memoryview(data)[sent:])
+
+    def send_early(self) -> None:
+        """Write the ACKs the connection queued as it decoded (``SpopConnection.empty_ack``),
+        without yielding: the NOTIFYs they answer are not applied yet, and HAProxy may send
+        their streams' next events, on any connection, as soon as it reads them. What the
+        kernel does not take now leaves first with the next flush."""
+        raw = self.raw
+        if raw is None or self.lock.locked():
+            return  # TLS, or a concurrent handler is writing: the next flush sends them
+        data = self.conn.data_to_send()
+        try:
+            sent = raw.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            return  # the connection is gone: the read loop sees it
+        if sent < len(data):
+            self.unsent = data[sent:]
 
     def busy(self) -> bool:
         """Handlers still running for this connection (it is not idle, HAProxy awaits ACKs)."""
@@ -403,7 +425,8 @@ class SpoaServer:
                 # Served by another worker until now (give_connection): not a new connection.
                 try:
                     conn = SpopConnection.resumed(state, max_frame_size=self.config.max_frame_size,
-                                                   on_trimmed_ack=self._trimmed_ack)
+                                                   on_trimmed_ack=self._trimmed_ack,
+                                                   empty_ack=self.agent.empty_ack_check())
                 except ValueError as exc:
                     log.warning("a connection handed over from another worker is not one: %s",
                                 exc)
@@ -420,7 +443,8 @@ class SpoaServer:
                         return
                     sock = tls_sock
                 conn = SpopConnection(max_frame_size=self.config.max_frame_size,
-                                      on_trimmed_ack=self._trimmed_ack)
+                                      on_trimmed_ack=self._trimmed_ack,
+                                      empty_ack=self.agent.empty_ack_check())
             client = _Client(conn, sock, address)
             self._clients.add(client)
             try:
@@ -545,6 +569,11 @@ class SpoaServer:
         started = time.perf_counter() if observe is not None else 0.0
         if data:
             events = conn.receive_data(data)
+            if events and type(events[-1]) is NotifyReceived and events[-1].acked:
+                # Every frame of the read was ACKed as it decoded (those lead the read): out
+                # they go. With other frames too, the one write at the end carries them all, as
+                # it always did: a write more per read costs the CPU that saturation lacks.
+                client.send_early()
         else:
             client.peer_closed = True
             events = conn.receive_eof()
@@ -562,6 +591,22 @@ class SpoaServer:
                         if agent.before_notifies:
                             self._run_hooks(agent.before_notifies)
                     stats.notifies += 1
+                    if event.acked:
+                        # Its empty ACK is out (Agent.empty_ack_check): what its messages do
+                        # waits for nothing, but runs in order and before anything that yields.
+                        stats.acks += 1
+                        now, later = agent.prepare(event.messages)
+                        if now is not None:  # the check was wrong: a bug of the agent's
+                            if deferred:
+                                _run_all(deferred)
+                                deferred = []
+                            _run_all([now])
+                            log.error("stream %d frame %d was ACKed before its messages "
+                                      "were applied, but they set variables: those are lost",
+                                      event.stream_id, event.frame_id)
+                        if later is not None:
+                            deferred.append(later)
+                        continue
                     if agent.needs_greenlet(event.messages):
                         if deferred:  # spawning may wait for a free slot: no yield, work due
                             _run_all(deferred)

@@ -79,11 +79,16 @@ class HelloReceived:
 
 @dataclass(slots=True)
 class NotifyReceived:
-    """A complete NOTIFY (reassembled if it was fragmented); it must get exactly one ACK."""
+    """A complete NOTIFY (reassembled if it was fragmented); it must get exactly one ACK.
+
+    ``acked``: its empty ACK is already queued (``SpopConnection.empty_ack``); it must not be
+    ACKed again.
+    """
 
     stream_id: int
     frame_id: int
     messages: list[Message]
+    acked: bool = False
 
 
 @dataclass(slots=True)
@@ -137,6 +142,14 @@ class SpopConnection:
     ``max_frame_size`` is the largest frame the agent accepts and announces (the negotiated
     size is the minimum of it and HAProxy's); ``max_reassembled_size`` bounds the memory one
     fragmented NOTIFY may take.
+
+    ``empty_ack``, when given, is asked about each NOTIFY's payload once it has decoded: true
+    means the application's ACK for it will be empty whatever its messages say, and the ACK is
+    queued there and then, so that the caller can write it before the application applies the
+    messages. Through HAProxy, every microsecond by which an ACK leaves sooner takes about two
+    off the request (benchmarks/README.md). Only the NOTIFYs that lead a read are ACKed so,
+    which keeps the ACKs in the order of their NOTIFYs, and only once they decoded: a
+    malformed one still gets no ACK, only the AGENT-DISCONNECT.
     """
 
     def __init__(
@@ -146,6 +159,7 @@ class SpopConnection:
         capabilities: tuple[str, ...] = DEFAULT_CAPABILITIES,
         max_reassembled_size: int = 1 << 20,
         on_trimmed_ack: Callable[[str], None] | None = None,
+        empty_ack: Callable[[bytes], bool] | None = None,
     ) -> None:
         if max_frame_size < MIN_FRAME_SIZE:
             raise ValueError(f"max_frame_size must be at least {MIN_FRAME_SIZE}")
@@ -165,6 +179,7 @@ class SpopConnection:
         # The peer's EOF ended a working connection (no DISCONNECT either way): the NOTIFYs
         # it sent before still get their ACKs, which a half-closed peer can read.
         self.peer_eof = False
+        self.empty_ack = empty_ack
         self._inbuf = bytearray()
         self._out: list[bytes] = []
         self._fragments: _Fragments | None = None
@@ -309,6 +324,7 @@ class SpopConnection:
         pos = 0
         end = len(data)
         unpack_length = _U32_FROM
+        early = self.empty_ack  # None once a frame of this read is not ACKed early
         try:
             while end - pos >= _LENGTH_PREFIX and self.state is not _CLOSED:
                 length = unpack_length(data, pos)[0]
@@ -347,12 +363,19 @@ class SpopConnection:
                         except InvalidFrame:
                             at = frame_end + 1
                     if at <= frame_end:
-                        events.append(NotifyReceived(
-                            sid, fid, codec.decode_messages(data[at:frame_end])
-                        ))
+                        payload = data[at:frame_end]
+                        messages = codec.decode_messages(payload)
+                        if early is not None and early(payload):
+                            self._out.append(codec.ack(sid, fid, None))
+                            events.append(NotifyReceived(sid, fid, messages, True))
+                        else:
+                            early = None
+                            events.append(NotifyReceived(sid, fid, messages))
                     else:
+                        early = None
                         self._handle_frame(data[pos + _LENGTH_PREFIX:frame_end], events)
                 else:
+                    early = None
                     self._handle_frame(data[pos + _LENGTH_PREFIX:frame_end], events)
                 pos = frame_end
         except ProtocolError as exc:

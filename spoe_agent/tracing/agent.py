@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
@@ -19,13 +19,21 @@ import gevent
 from spoe_agent.config import AgentConfig
 from spoe_agent.handlers import Agent, MetricSample, Work
 from spoe_agent.protocol.types import Action, Message, SetVar
-from spoe_agent.tracing.language import Command, has_inject, parse_message
+from spoe_agent.tracing.language import (
+    INJECT_ARGS_ON_WIRE,
+    Command,
+    has_inject,
+    parse_message,
+)
 from spoe_agent.tracing.pipeline import Resources, build_exporter, build_sampler
 from spoe_agent.tracing.processor import QueueSpanProcessor
 from spoe_agent.tracing.propagation import build_propagator
 from spoe_agent.tracing.registry import SessionRegistry
 
 log = logging.getLogger(__name__)
+
+# One spelling today ("inject"): one ``in`` per NOTIFY. A second would fail this, loudly.
+(_INJECT_ARG,) = INJECT_ARGS_ON_WIRE
 
 FLUSH_TIMEOUT_S = 5.0
 LIMIT_LOG_INTERVAL_S = 10.0
@@ -106,7 +114,8 @@ class TracingAgent(Agent):
         carries the variables), else ``later``, once the empty ACK is written.
 
         Seven of the reference config's eight events inject nothing: HAProxy's stream no
-        longer waits for their spans to be started and ended. A stream's next event is only
+        longer waits for their spans to be started and ended (nor, with ``_acks_empty``, for
+        their messages to compile). A stream's next event is only
         sent once this ACK is read, and the server runs deferred work before anything that
         could yield, so the next event always finds this one applied. With ``--workers``, what
         other workers own is forwarded now and only this worker's own share waits
@@ -143,6 +152,17 @@ class TracingAgent(Agent):
             if not commands:
                 return None, None
         return None, partial(self._apply_later, commands)
+
+    def empty_ack_check(self) -> Callable[[bytes], bool] | None:
+        return self._acks_empty
+
+    def _acks_empty(self, payload: bytes) -> bool:
+        """Only a message with an ``inject`` argument sets variables, and on the wire such an
+        argument is its name's bytes, length first: a payload without them is answered with
+        an empty ACK, which can go before the messages are compiled and applied. (Those bytes
+        elsewhere, say in a URL, only make the ACK wait as it always did.) With handlers or
+        workers, messages may go elsewhere first: their ACKs always wait."""
+        return _INJECT_ARG not in payload and self.router is None and not self._handlers
 
     def _all_fallback(self, messages: list[Message]) -> bool:
         handlers = self._handlers

@@ -86,6 +86,11 @@ _ARGS: dict[str, int] = {
     "service": _K_SERVICE,
     "kind": _K_KIND,
 }
+#: The argument names that compile to an inject, as SPOP writes them: a one-byte length, then
+#: the name. A NOTIFY payload holding none of them cannot make its ACK carry variables.
+INJECT_ARGS_ON_WIRE: Final = tuple(
+    bytes((len(name),)) + name.encode() for name, code in _ARGS.items() if code == OP_INJECT
+)
 # Whether an op's keyword takes the unnamed arguments after it as its value.
 _TAKES_VALUES = tuple(op in (OP_TAG, OP_LOG, OP_BAGGAGE) for op in range(_K_ID))
 # The exact spellings of the headers resolve without the slow path; "baggage" is a keyword

@@ -505,3 +505,97 @@ def test_a_connection_moves_only_at_a_frame_boundary_with_nothing_owed() -> None
 def test_a_state_that_is_not_one_is_refused(state: Any) -> None:
     with pytest.raises(ValueError):
         SpopConnection.resumed(state)
+
+
+# ------------------------------------------------- ACKs queued as NOTIFYs decode (empty_ack)
+
+
+def _payload(frame: bytes) -> bytes:
+    return codec.decode_frame(frame[4:]).payload
+
+
+def test_a_notify_the_application_answers_empty_is_acked_as_it_decodes() -> None:
+    asked: list[bytes] = []
+    conn = ready(empty_ack=lambda payload: asked.append(payload) or True)
+    frame = codec.notify(300, 2, [Message("m", [("span", "s")])])
+    events = conn.receive_data(frame)
+    assert events == [NotifyReceived(300, 2, [Message("m", [("span", "s")])], acked=True)]
+    assert asked == [_payload(frame)]  # the payload as sent, undecoded
+    assert conn.data_to_send() == codec.ack(300, 2)
+
+
+def test_only_the_notifies_that_lead_a_read_are_acked_early_so_acks_keep_their_order() -> None:
+    conn = ready(empty_ack=lambda payload: b"wait" not in payload)
+    read = b"".join([
+        codec.notify(1, 1, [Message("a", [])]),
+        codec.notify(3, 1, [Message("wait", [])]),
+        codec.notify(5, 1, [Message("b", [])]),
+    ])
+    events = conn.receive_data(read)
+    assert [(e.stream_id, e.acked) for e in events] == [(1, True), (3, False), (5, False)]
+    assert conn.data_to_send() == codec.ack(1, 1)
+    # The next read starts a new run.
+    assert conn.receive_data(codec.notify(7, 1, [Message("c", [])]))[0].acked
+    # Anything else leading a read ends the run too: a fragmented NOTIFY, its last fragment.
+    conn.data_to_send()
+    conn.receive_data(codec.encode_frame(FrameType.NOTIFY, 9, 1, b"\x01m", 0))
+    events = conn.receive_data(codec.encode_frame(FrameType.UNSET, 9, 1, b"\x00", FLAG_FIN)
+                               + codec.notify(11, 1, [Message("d", [])]))
+    assert [(e.stream_id, e.acked) for e in events] == [(9, False), (11, False)]
+    assert conn.data_to_send() == b""
+
+
+def test_a_malformed_notify_gets_no_early_ack_only_the_disconnect() -> None:
+    """The NOTIFYs before it in the read decoded and keep their ACKs, as they would read
+    alone; it and what follows get none (a DISCONNECT that followed an ACK of the frame it
+    refuses would tell HAProxy two things)."""
+    conn = ready(empty_ack=lambda payload: True)
+    good = codec.notify(1, 1, [Message("a", [])])
+    bad = codec.encode_frame(FrameType.NOTIFY, 3, 1, b"\x01m\x01\x01q\x0f", FLAG_FIN)  # type 15
+    events = conn.receive_data(good + bad + codec.notify(5, 1, [Message("b", [])]))
+    assert events[0] == NotifyReceived(1, 1, [Message("a", [])], acked=True)
+    assert [type(e) for e in events[1:]] == [ProtocolViolation, ConnectionClosed]
+    out = conn.data_to_send()
+    ack = codec.ack(1, 1)
+    assert out[:len(ack)] == ack
+    assert disconnect_status(out[len(ack):])[0] == Status.INVALID_FRAME
+
+
+def test_without_empty_ack_nothing_is_queued_before_the_application_answers() -> None:
+    conn = ready()
+    events = conn.receive_data(codec.notify(1, 1, [Message("a", [])]))
+    assert events == [NotifyReceived(1, 1, [Message("a", [])])] and not events[0].acked
+    assert conn.data_to_send() == b""
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_notify_frames, min_size=1, max_size=12), st.data(),
+       st.sampled_from(["all", "none", "odd"]))
+def test_early_acks_leave_the_bytes_an_application_acking_in_order_sends(
+    frames: list[bytes], data: st.DataObject, which: str
+) -> None:
+    """Whatever the reads' boundaries and which NOTIFYs the check accepts: the same events
+    (but for ``acked``), and the same bytes out as when the application ACKs every NOTIFY in
+    the order its events came."""
+    accepts = {"all": lambda p: True, "none": lambda p: False,
+               "odd": lambda p: len(p) % 2 == 1}[which]
+    stream = b"".join(frames)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
+    reads = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+
+    def run(conn: SpopConnection) -> tuple[list, bytes]:
+        events, out = [], b""
+        for read in reads:
+            got = conn.receive_data(read)
+            run_over = False
+            for event in got:
+                assert not event.acked or not run_over  # acked early: a leading run only
+                run_over = run_over or not event.acked
+                if type(event) is NotifyReceived and not event.acked:
+                    conn.send_ack(event.stream_id, event.frame_id)
+            events += [(type(e), getattr(e, "stream_id", None), getattr(e, "messages", None))
+                       for e in got]
+            out += conn.data_to_send()
+        return events, out
+
+    assert run(ready(empty_ack=accepts)) == run(ready())

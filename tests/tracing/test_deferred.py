@@ -13,6 +13,8 @@ from typing import Any
 
 import gevent
 import gevent.socket
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spoe_agent.config import AgentConfig
 from spoe_agent.handlers import Agent
@@ -120,10 +122,11 @@ def test_a_plain_agent_does_everything_before_the_ack() -> None:
     assert now() == [SetVar(Scope.TXN, "v", 5)]
 
 
-def _ready_pair() -> tuple[_Client, socket.socket]:
-    """A server-side _Client on one end of a gevent socket pair, past HELLO; the peer end."""
+def _ready_pair(agent: Agent | None = None) -> tuple[_Client, socket.socket]:
+    """A server-side _Client on one end of a gevent socket pair, past HELLO; the peer end.
+    With ``agent``, its connection acks early what the agent says it may, as the server's."""
     ours, peer = gevent.socket.socketpair()
-    conn = SpopConnection()
+    conn = SpopConnection(empty_ack=agent.empty_ack_check() if agent is not None else None)
     conn.receive_data(codec.encode_frame(FrameType.HAPROXY_HELLO, 0, 0, codec.encode_kv_list(
         {"supported-versions": "2.0", "max-frame-size": 16380, "capabilities": "pipelining"})))
     client = _Client(conn, ours, None)
@@ -274,6 +277,139 @@ def test_deferred_work_runs_first_when_a_concurrent_handler_holds_the_write_lock
         feeding.join(5)
         assert feeding.successful()
         assert _peer_bytes(peer) == codec.ack(3, 1)
+    finally:
+        client.sock.close()
+        peer.close()
+        listener.close()
+
+
+# --------------------------------------------- ACKs written before the work (empty_ack_check)
+
+
+def test_the_tracing_agent_acks_early_only_what_cannot_inject() -> None:
+    agent = _agent()
+    check = agent.empty_ack_check()
+    assert check is not None
+    plain = codec.encode_messages([_msg("s", ("span", "a"), ("tag", "url.path"), ("", "/x"))])
+    inject = codec.encode_messages([_msg("s", ("span", "a")), _msg("i", ("inject", "a"))])
+    assert check(plain) and not check(inject)
+    # Those bytes anywhere (a URL) only make the ACK wait.
+    assert not check(codec.encode_messages([_msg("s", ("", "\x06inject"))]))
+    # With workers or handlers, messages may be routed before the ACK: always wait.
+    agent.router = _Router(agent, {KEY})
+    assert not check(plain)
+    agent.router = None
+    agent.on_message("mine", lambda args: None)
+    assert not check(plain)
+    assert Agent("plain").empty_ack_check() is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(st.tuples(
+    st.sampled_from(["span", "inject", "Inject", "injects", "child-of", "tag", "", "id", "x"]),
+    st.one_of(st.sampled_from(["a", "inject", "\x06inject", ""]), st.integers(0, 300))),
+    max_size=6), min_size=1, max_size=3))
+def test_what_the_check_acks_early_never_sets_variables(tails: list[list[tuple[str, Any]]]) -> None:
+    """Sound for any message: if it passes, applying the messages answers no variables."""
+    agent = _agent()
+    messages = [_msg(f"m{i}", *tail) for i, tail in enumerate(tails)]
+    if agent.empty_ack_check()(codec.encode_messages(messages)):
+        now, _ = agent.prepare(messages)
+        assert now is None
+
+
+def test_a_notify_that_cannot_inject_has_its_ack_in_the_kernel_before_it_is_applied(
+    monkeypatch,
+) -> None:
+    """Its ACK goes out as soon as it decoded; an inject waits for its own variables. A read
+    that holds both keeps its one write, at the end, for all its ACKs."""
+    from spoe_agent.server import SpoaServer
+
+    agent = _agent()
+    seen: list[bytes] = []
+    registry = agent.registry
+
+    class Spy:  # a stand-in: a SessionRegistry compiled with mypyc has no patchable methods
+        def apply(self, command: Any) -> Any:
+            seen.append(_peer_bytes(peer))
+            return registry.apply(command)
+
+    monkeypatch.setattr(agent, "registry", Spy())
+    client, peer = _ready_pair(agent)
+    listener = gevent.socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    server = SpoaServer(agent, AgentConfig(exporter="none"), listener=listener)
+    try:
+        server._feed(client, codec.notify(5, 1, [_msg("s", ("span", "a"))]))
+        server._feed(client, codec.notify(5, 2, [_msg("i", ("inject", "a"))]))
+        assert seen == [codec.ack(5, 1), b""]
+        out = _peer_bytes(peer)
+        ack = codec.decode_frame(out[4:])
+        assert (ack.type, ack.stream_id, ack.frame_id) == (FrameType.ACK, 5, 2)
+        assert [a.name for a in codec.decode_actions(ack.payload)] == ["traceparent"]
+        assert server.stats.acks == 2 and server.stats.notifies == 2
+
+        seen.clear()
+        server._feed(client, codec.notify(7, 1, [_msg("s", ("span", "b"))])
+                     + codec.notify(7, 2, [_msg("i", ("inject", "b"))]))
+        assert seen == [b"", b""]
+        out = _peer_bytes(peer)
+        assert out[:len(codec.ack(7, 1))] == codec.ack(7, 1)
+        assert codec.decode_frame(out[len(codec.ack(7, 1)) + 4:]).frame_id == 2
+    finally:
+        client.sock.close()
+        peer.close()
+        listener.close()
+
+
+def test_an_early_ack_the_kernel_cannot_take_yet_leaves_first_with_the_next_write(
+    monkeypatch,
+) -> None:
+    """The socket is full: the early write takes nothing and must not wait (the NOTIFYs are
+    not applied yet). The work runs first, then the read's last write waits for the peer and
+    sends the early ACKs, in order; what the next read ACKs comes after them."""
+    from spoe_agent.server import SpoaServer
+
+    agent = _agent()
+    order: list[str] = []
+    registry = agent.registry
+
+    class Spy:
+        def apply(self, command: Any) -> Any:
+            order.append("applied")
+            return registry.apply(command)
+
+    monkeypatch.setattr(agent, "registry", Spy())
+    client, peer = _ready_pair(agent)
+    listener = gevent.socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    server = SpoaServer(agent, AgentConfig(exporter="none"), listener=listener)
+    try:
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        queued = 0
+        while True:  # fill the socket until the kernel takes no more
+            try:
+                queued += client.raw.send(b"\0" * 4096)
+            except BlockingIOError:
+                break
+        early = codec.ack(3, 1) + codec.ack(3, 2)
+        received = bytearray()
+
+        def read_all() -> None:
+            order.append("peer reads")
+            while len(received) < queued + len(early):
+                received.extend(peer.recv(65536))
+
+        reader = gevent.spawn(read_all)
+        server._feed(client, codec.notify(3, 1, [_msg("s", ("span", "a"))])
+                     + codec.notify(3, 2, [_msg("t", ("span", "a"), ("tag", "k"), ("", 1))]))
+        reader.join(timeout=10)
+        assert order == ["applied", "applied", "peer reads"]
+        assert bytes(received[queued:]) == early and client.unsent == b""
+        server._feed(client, codec.notify(5, 1, [_msg("u", ("span", "b"))]))
+        assert _peer_bytes(peer) == codec.ack(5, 1)
     finally:
         client.sock.close()
         peer.close()
