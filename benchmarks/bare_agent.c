@@ -4,9 +4,12 @@
  * also measures what the round trips themselves cost on this machine, since it spends a few
  * hundred nanoseconds per NOTIFY where Python spends tens of microseconds. Its added latency
  * is the floor under any agent, in any language, that serves the same events: with --poll
- * it never sleeps (epoll_wait with a null timeout), as spoe-agent --busy-poll.
+ * it never sleeps (epoll_wait with a null timeout), as spoe-agent --busy-poll. --delay US
+ * spins US microseconds after each read before writing its ACKs: what an agent's work before
+ * its ACKs costs the request, with nothing else different.
  *
- *     cc -O2 -o bare_agent benchmarks/bare_agent.c && ./bare_agent --port 12345 [--poll]
+ *     cc -O2 -o bare_agent benchmarks/bare_agent.c
+ *     ./bare_agent --port 12345 [--poll] [--delay US]
  *
  * One thread, epoll, non-blocking sockets. It answers HAPROXY-HELLO with version 2.0,
  * max-frame-size 16380 and pipelining, every NOTIFY with an empty ACK (its stream and frame
@@ -23,6 +26,7 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #define BUF_SIZE (1 << 20)
@@ -143,6 +147,12 @@ static int flush_out(struct conn *c) {
     return 0;
 }
 
+static double now_us(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e6 + ts.tv_nsec / 1e3;
+}
+
 static void drop(int ep, struct conn *c) {
     epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
     close(c->fd);
@@ -151,12 +161,15 @@ static void drop(int ep, struct conn *c) {
 
 int main(int argc, char **argv) {
     int port = 0, poll_forever = 0;
+    double delay = 0;
+    const char *usage = "usage: %s --port PORT [--poll] [--delay US]\n";
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--port") && i + 1 < argc) port = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--poll")) poll_forever = 1;
-        else { fprintf(stderr, "usage: %s --port PORT [--poll]\n", argv[0]); return 2; }
+        else if (!strcmp(argv[i], "--delay") && i + 1 < argc) delay = atof(argv[++i]);
+        else { fprintf(stderr, usage, argv[0]); return 2; }
     }
-    if (port <= 0) { fprintf(stderr, "usage: %s --port PORT [--poll]\n", argv[0]); return 2; }
+    if (port <= 0 || delay < 0) { fprintf(stderr, usage, argv[0]); return 2; }
     int ls = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0), one = 1;
     setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
     struct sockaddr_in addr = { .sin_family = AF_INET, .sin_port = htons((uint16_t)port),
@@ -185,12 +198,21 @@ int main(int argc, char **argv) {
                 }
                 continue;
             }
+            ssize_t got = 0;
             if (evs[i].events & EPOLLIN) {
-                ssize_t got = recv(c->fd, c->in + c->in_len, BUF_SIZE - c->in_len, 0);
+                got = recv(c->fd, c->in + c->in_len, BUF_SIZE - c->in_len, 0);
                 if (got == 0 || (got < 0 && errno != EAGAIN)) { drop(ep, c); continue; }
                 if (got > 0) c->in_len += (size_t)got;
             }
-            if (handle(c) < 0 || flush_out(c) < 0 || (c->closing && c->out_len == 0)) {
+            if (handle(c) < 0) {
+                drop(ep, c);
+                continue;
+            }
+            if (delay > 0 && got > 0 && c->out_len) {
+                double until = now_us() + delay;
+                while (now_us() < until) {}
+            }
+            if (flush_out(c) < 0 || (c->closing && c->out_len == 0)) {
                 drop(ep, c);
                 continue;
             }

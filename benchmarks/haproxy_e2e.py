@@ -620,6 +620,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--floor", action="store_true",
                    help="also the reference config answered by benchmarks/bare_agent.c (built "
                         "with cc), sleeping and polling: what the round trips alone add here")
+    p.add_argument("--floor-delay", type=float, nargs="+", default=[], metavar="US",
+                   help="also the polling C responder that spins US microseconds after each "
+                        "read before its ACKs, once per US: what each microseconds of an "
+                        "agent's work before its ACKs costs the request (builds with cc)")
     p.add_argument("--wait-quiet", type=float, default=0.15, metavar="CORES",
                    help="before each run, wait until other processes use under this (0: off)")
     p.add_argument("--quiet-timeout", type=float, default=300.0)
@@ -682,6 +686,13 @@ def main(argv: list[str] | None = None) -> int:
         scenarios += [Scenario("reference events, bare ACKs in C", "bare-c", "trace"),
                       Scenario("reference events, bare ACKs in C, polling", "bare-c", "trace",
                                agent_args=("--poll",))]
+    if args.floor_delay:
+        if shutil.which("cc") is None:
+            print("--floor-delay needs a C compiler (cc): apt-get install gcc", file=sys.stderr)
+            return 2
+        scenarios += [Scenario(f"reference events, bare ACKs in C, polling, {us:g} µs later",
+                               "bare-c", "trace", agent_args=("--poll", "--delay", f"{us:g}"))
+                      for us in args.floor_delay]
     scenarios.append(Scenario("minimal spoe-agent", "spoe-agent", "minimal"))
     if os.path.exists(args.forge_python):
         scenarios.append(Scenario("minimal spoe-forge", "spoe-forge", "minimal"))

@@ -129,13 +129,13 @@ def test_traced_replay_against_the_tracing_agent(tmp_path: Path) -> None:
     assert any(a.name == "traceparent" for actions in seen for a in actions), seen[:10]
 
 
-@pytest.mark.parametrize("responder", ["python", "c", "c-polling"])
+@pytest.mark.parametrize("responder", ["python", "c", "c-polling", "c-delayed"])
 def test_the_bare_agents_ack_every_event_and_set_nothing(tmp_path: Path, responder: str) -> None:
-    """The ceiling and floor runs (haproxy_e2e --ceiling, --floor) measure HAProxy and the
-    round trips only if their agents (benchmarks/bare_agent.py and .c, the C one sleeping and
-    polling) answer every NOTIFY of the reference config, pipelined and sequenced, with
-    nothing in the ACK. The C one is built with cc, which the mypyc test environment needs
-    anyway."""
+    """The ceiling and floor runs (haproxy_e2e --ceiling, --floor, --floor-delay) measure
+    HAProxy and the round trips only if their agents (benchmarks/bare_agent.py and .c, the C
+    one sleeping, polling, and polling with a delay before its ACKs) answer every NOTIFY of the
+    reference config, pipelined and sequenced, with nothing in the ACK. The C one is built with
+    cc, which the mypyc test environment needs anyway."""
     port = free_port()
     if responder == "python":
         argv = [sys.executable, "-m", "benchmarks.bare_agent", "--port", str(port)]
@@ -143,7 +143,8 @@ def test_the_bare_agents_ack_every_event_and_set_nothing(tmp_path: Path, respond
         binary = tmp_path / "bare_agent"
         subprocess.run(["cc", "-O2", "-Wall", "-Werror", "-o", str(binary),
                         str(REPO_ROOT / "benchmarks" / "bare_agent.c")], check=True)
-        argv = [str(binary), "--port", str(port), *(["--poll"] if responder == "c-polling" else [])]
+        argv = [str(binary), "--port", str(port), *{
+            "c": [], "c-polling": ["--poll"], "c-delayed": ["--poll", "--delay", "20"]}[responder]]
     proc = ManagedProcess(f"bare-agent-{responder}", argv, tmp_path, cwd=REPO_ROOT)
     seen: list[list[Any]] = []
 
