@@ -14,7 +14,9 @@ front of a trivial origin (a second HAProxy answering ``http-request return``):
 * ``reference events, bare ACKs in C`` and ``..., in C, polling`` (``--floor``): the same
   responder in C (benchmarks/bare_agent.c, built with ``cc``), sleeping in epoll_wait or
   polling: the latency the 8 round trips themselves add on this machine, with no interpreter
-  in the way, under any agent that serves the reference config.
+  in the way, under any agent that serves the reference config;
+* ``..., in C, polling, US µs later`` (``--floor-delay US ...``): the polling responder
+  spinning US µs after each read before its ACKs, what an agent's work before them costs.
 
 Each configuration gets a saturation run (``--connections`` keep-alive connections: req/s and
 CPU) and a latency run (``--latency-connections``, far below saturation: p50/p99, compared with

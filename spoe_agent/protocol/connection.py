@@ -146,9 +146,9 @@ class SpopConnection:
     ``empty_ack``, when given, is asked about each NOTIFY's payload once it has decoded: true
     means the application's ACK for it will be empty whatever its messages say, and the ACK is
     queued there and then, so that the caller can write it before the application applies the
-    messages. Through HAProxy, every microsecond by which an ACK leaves sooner takes about two
-    off the request (benchmarks/README.md). Only the NOTIFYs that lead a read are ACKed so,
-    which keeps the ACKs in the order of their NOTIFYs, and only once they decoded: a
+    messages. Through HAProxy, every microsecond by which an ACK leaves sooner takes ~2.5 off
+    the request's median (benchmarks/README.md). Only the NOTIFYs that lead a read are ACKed
+    so, which keeps the ACKs in the order of their NOTIFYs, and only once they decoded: a
     malformed one still gets no ACK, only the AGENT-DISCONNECT.
     """
 
