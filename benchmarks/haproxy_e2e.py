@@ -624,7 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "with cc), sleeping and polling: what the round trips alone add here")
     p.add_argument("--floor-delay", type=float, nargs="+", default=[], metavar="US",
                    help="also the polling C responder that spins US microseconds after each "
-                        "read before its ACKs, once per US: what each microseconds of an "
+                        "read before its ACKs, once per US: what each microsecond of an "
                         "agent's work before its ACKs costs the request (builds with cc)")
     p.add_argument("--wait-quiet", type=float, default=0.15, metavar="CORES",
                    help="before each run, wait until other processes use under this (0: off)")
