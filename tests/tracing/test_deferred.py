@@ -146,6 +146,29 @@ def _peer_bytes(peer: socket.socket) -> bytes:
         peer.settimeout(None)
 
 
+def _server_for(agent: Agent) -> tuple[Any, socket.socket]:
+    """A server for ``agent`` that is not serving (the tests call its ``_feed``), and its
+    listener, for the test to close."""
+    from spoe_agent.server import SpoaServer
+
+    listener = gevent.socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    return SpoaServer(agent, AgentConfig(exporter="none"), listener=listener), listener
+
+
+def _before_each_apply(monkeypatch: Any, agent: TracingAgent, call: Any) -> None:
+    """Have ``call()`` run as the agent's registry is about to apply each command."""
+    registry = agent.registry
+
+    class Spy:  # a stand-in: a SessionRegistry compiled with mypyc has no patchable methods
+        def apply(self, command: Any) -> Any:
+            call()
+            return registry.apply(command)
+
+    monkeypatch.setattr(agent, "registry", Spy())
+
+
 def test_deferred_work_runs_once_the_ack_is_in_the_kernel() -> None:
     client, peer = _ready_pair()
     try:
@@ -216,8 +239,6 @@ def test_a_batch_defers_its_work_past_every_ack_and_keeps_the_session_order(
 def test_after_notifies_runs_once_per_read_before_its_inline_acks_are_queued() -> None:
     """The workers' mesh writes a read's forwarded commands there: HAProxy must not have an
     ACK (nor a concurrent handler flush one) before the hook is done, even if it yields."""
-    from spoe_agent.server import SpoaServer
-
     agent = Agent("hooks")
     agent.on_message("m", lambda args: [SetVar(Scope.TXN, "v", args[0][1])])
     client, peer = _ready_pair()
@@ -231,10 +252,7 @@ def test_after_notifies_runs_once_per_read_before_its_inline_acks_are_queued() -
     agent.on_message("h", lambda args: handled.append(args[0][1]))
     agent.on_message("c", lambda args: [SetVar(Scope.TXN, "c", 1)], concurrent=True)
     agent.after_notifies.append(after)
-    listener = gevent.socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    server = SpoaServer(agent, AgentConfig(exporter="none"), listener=listener)
+    server, listener = _server_for(agent)
     try:
         concurrent = codec.notify(99, 1, [Message("c", [])])
         read = concurrent + b"".join(codec.notify(1 + 2 * i, 1, [Message("h", [("i", i)]),
@@ -258,14 +276,9 @@ def test_deferred_work_runs_first_when_a_concurrent_handler_holds_the_write_lock
     """Waiting for the lock would let a third greenlet send the read's ACKs before the work
     they stand for was done (HAProxy would then send the stream's next event): so it runs
     before the wait."""
-    from spoe_agent.server import SpoaServer
-
     agent = _agent()
     client, peer = _ready_pair()
-    listener = gevent.socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    server = SpoaServer(agent, AgentConfig(exporter="none"), listener=listener)
+    server, listener = _server_for(agent)
     try:
         client.lock.acquire()  # a concurrent handler is writing
         feeding = gevent.spawn(server._feed, client,
@@ -318,28 +331,23 @@ def test_what_the_check_acks_early_never_sets_variables(tails: list[list[tuple[s
         assert now is None
 
 
-def test_a_notify_that_cannot_inject_has_its_ack_in_the_kernel_before_it_is_applied(
+def test_a_notify_that_cannot_inject_has_its_ack_in_the_kernel_before_it_is_compiled(
     monkeypatch,
 ) -> None:
-    """Its ACK goes out as soon as it decoded; an inject waits for its own variables. A read
+    """Its ACK goes out as soon as it decoded, before the agent compiles its messages (and
+    applies them, after the ACK as before); an inject's ACK waits for its variables. A read
     that holds both keeps its one write, at the end, for all its ACKs."""
-    from spoe_agent.server import SpoaServer
-
     agent = _agent()
     seen: list[bytes] = []
-    registry = agent.registry
-
-    class Spy:  # a stand-in: a SessionRegistry compiled with mypyc has no patchable methods
-        def apply(self, command: Any) -> Any:
-            seen.append(_peer_bytes(peer))
-            return registry.apply(command)
-
-    monkeypatch.setattr(agent, "registry", Spy())
     client, peer = _ready_pair(agent)
-    listener = gevent.socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    server = SpoaServer(agent, AgentConfig(exporter="none"), listener=listener)
+    prepare = agent.prepare
+
+    def spied(messages: list[Message]) -> Any:
+        seen.append(_peer_bytes(peer))
+        return prepare(messages)
+
+    monkeypatch.setattr(agent, "prepare", spied)
+    server, listener = _server_for(agent)
     try:
         server._feed(client, codec.notify(5, 1, [_msg("s", ("span", "a"))]))
         server._feed(client, codec.notify(5, 2, [_msg("i", ("inject", "a"))]))
@@ -369,23 +377,11 @@ def test_an_early_ack_the_kernel_cannot_take_yet_leaves_first_with_the_next_writ
     """The socket is full: the early write takes nothing and must not wait (the NOTIFYs are
     not applied yet). The work runs first, then the read's last write waits for the peer and
     sends the early ACKs, in order; what the next read ACKs comes after them."""
-    from spoe_agent.server import SpoaServer
-
     agent = _agent()
     order: list[str] = []
-    registry = agent.registry
-
-    class Spy:
-        def apply(self, command: Any) -> Any:
-            order.append("applied")
-            return registry.apply(command)
-
-    monkeypatch.setattr(agent, "registry", Spy())
+    _before_each_apply(monkeypatch, agent, lambda: order.append("applied"))
     client, peer = _ready_pair(agent)
-    listener = gevent.socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    server = SpoaServer(agent, AgentConfig(exporter="none"), listener=listener)
+    server, listener = _server_for(agent)
     try:
         client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         queued = 0
