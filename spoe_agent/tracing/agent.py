@@ -159,7 +159,7 @@ class TracingAgent(Agent):
     def _acks_empty(self, payload: bytes) -> bool:
         """Only a message with an ``inject`` argument sets variables, and on the wire such an
         argument is its name's bytes, length first: a payload without them is answered with
-        an empty ACK, which can go before the messages are compiled and applied. (Those bytes
+        an empty ACK, which can go before the messages are compiled. (Those bytes
         elsewhere, say in a URL, only make the ACK wait as it always did.) With handlers or
         workers, messages may go elsewhere first: their ACKs always wait."""
         return _INJECT_ARG not in payload and self.router is None and not self._handlers
