@@ -596,14 +596,14 @@ class SpoaServer:
                         # waits for nothing, but runs in order and before anything that yields.
                         stats.acks += 1
                         now, later = agent.prepare(event.messages)
-                        if now is not None:  # the check was wrong: a bug of the agent's
+                        if now is not None:  # work for the ACK that is already out
                             if deferred:
                                 _run_all(deferred)
                                 deferred = []
-                            _run_all([now])
-                            log.error("stream %d frame %d was ACKed before its messages "
-                                      "were applied, but they set variables: those are lost",
-                                      event.stream_id, event.frame_id)
+                            if _run(now):  # the agent's check was wrong: a bug of the agent's
+                                log.error("stream %d frame %d was ACKed before its messages "
+                                          "were handled, but they set variables: those are "
+                                          "lost", event.stream_id, event.frame_id)
                         if later is not None:
                             deferred.append(later)
                         continue
@@ -742,10 +742,15 @@ class SpoaServer:
 
 def _run_all(work: list[Work]) -> None:
     for item in work:
-        try:
-            item()
-        except Exception:  # the agents' own work catches its errors: this is a bug of theirs
-            log.exception("deferred handler work failed")
+        _run(item)
+
+
+def _run(item: Work) -> list[Action] | None:
+    try:
+        return item()
+    except Exception:  # the agents' own work catches its errors: this is a bug of theirs
+        log.exception("deferred handler work failed")
+        return None
 
 
 def _wake_for_idle(client: _Client) -> None:

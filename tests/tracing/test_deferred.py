@@ -410,3 +410,33 @@ def test_an_early_ack_the_kernel_cannot_take_yet_leaves_first_with_the_next_writ
         client.sock.close()
         peer.close()
         listener.close()
+
+
+def test_an_app_may_ack_early_what_it_knows_answers_nothing(caplog) -> None:
+    """``Agent.empty_ack_check`` is any app's to give: its handlers then run once the ACK is
+    out. One that answers variables all the same has them lost, and that is logged."""
+
+    class Counting(Agent):
+        def empty_ack_check(self) -> Any:
+            return lambda payload: payload.startswith(b"\x05count")
+
+    agent = Counting("counting")
+    seen: list[bytes] = []
+
+    def count(args: list[tuple[str, Any]]) -> Any:
+        seen.append(_peer_bytes(peer))
+        return [SetVar(Scope.TXN, "n", 1)] if args else None
+
+    agent.on_message("count", count)
+    client, peer = _ready_pair(agent)
+    server, listener = _server_for(agent)
+    try:
+        server._feed(client, codec.notify(1, 1, [Message("count", [])]))
+        assert seen == [codec.ack(1, 1)] and "lost" not in caplog.text
+        server._feed(client, codec.notify(3, 1, [Message("count", [("bad", 1)])]))
+        assert seen[1:] == [codec.ack(3, 1)] and _peer_bytes(peer) == b""
+        assert "stream 3 frame 1 was ACKed before its messages were handled" in caplog.text
+    finally:
+        client.sock.close()
+        peer.close()
+        listener.close()
