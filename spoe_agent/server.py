@@ -591,6 +591,12 @@ class SpoaServer:
                         if agent.before_notifies:
                             self._run_hooks(agent.before_notifies)
                     stats.notifies += 1
+                    if agent.needs_greenlet(event.messages):
+                        if deferred:  # spawning may wait for a free slot: no yield, work due
+                            _run_all(deferred)
+                            deferred = []
+                        self._spawn_concurrent(client, event)
+                        continue
                     if event.acked:
                         # Its empty ACK is out (Agent.empty_ack_check): what its messages do
                         # waits for nothing, but runs in order and before anything that yields.
@@ -600,18 +606,10 @@ class SpoaServer:
                             if deferred:
                                 _run_all(deferred)
                                 deferred = []
-                            if _run(now):  # the agent's check was wrong: a bug of the agent's
-                                log.error("stream %d frame %d was ACKed before its messages "
-                                          "were handled, but they set variables: those are "
-                                          "lost", event.stream_id, event.frame_id)
+                            if _run(now):
+                                _variables_lost(event)
                         if later is not None:
                             deferred.append(later)
-                        continue
-                    if agent.needs_greenlet(event.messages):
-                        if deferred:  # spawning may wait for a free slot: no yield, work due
-                            _run_all(deferred)
-                            deferred = []
-                        self._spawn_concurrent(client, event)
                         continue
                     now, later = agent.prepare(event.messages)
                     actions = None
@@ -702,8 +700,12 @@ class SpoaServer:
 
     def _run_concurrent(self, client: _Client, event: NotifyReceived) -> None:
         actions = self.agent.dispatch(event.messages)
-        client.conn.send_ack(event.stream_id, event.frame_id, actions)
         self.stats.acks += 1
+        if event.acked:
+            if actions:
+                _variables_lost(event)
+            return
+        client.conn.send_ack(event.stream_id, event.frame_id, actions)
         try:
             client.flush()
         except OSError:
@@ -738,6 +740,13 @@ class SpoaServer:
             stats.aborted += 1
         elif kind is ConnectionClosed:
             pass
+
+
+def _variables_lost(event: NotifyReceived) -> None:
+    """The agent's ``empty_ack_check`` let an ACK out that its handlers then had variables for:
+    a bug of the agent's, which HAProxy cannot be told of any more."""
+    log.error("stream %d frame %d was ACKed before its messages were handled, but they set "
+              "variables: those are lost", event.stream_id, event.frame_id)
 
 
 def _run_all(work: list[Work]) -> None:

@@ -436,6 +436,16 @@ def test_an_app_may_ack_early_what_it_knows_answers_nothing(caplog) -> None:
         server._feed(client, codec.notify(3, 1, [Message("count", [("bad", 1)])]))
         assert seen[1:] == [codec.ack(3, 1)] and _peer_bytes(peer) == b""
         assert "stream 3 frame 1 was ACKed before its messages were handled" in caplog.text
+
+        # A concurrent handler runs in its own greenlet, after the ACK, which it does not send
+        # again.
+        agent.on_message("count", count, concurrent=True)
+        server._feed(client, codec.notify(5, 1, [Message("count", [])]))
+        assert _peer_bytes(peer) == codec.ack(5, 1)
+        assert len(seen) == 2
+        client.pool.join(timeout=5)
+        assert seen[2:] == [b""] and _peer_bytes(peer) == b""
+        assert server.stats.acks == server.stats.notifies == 3
     finally:
         client.sock.close()
         peer.close()
