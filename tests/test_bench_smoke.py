@@ -129,8 +129,19 @@ def test_traced_replay_against_the_tracing_agent(tmp_path: Path) -> None:
     assert any(a.name == "traceparent" for actions in seen for a in actions), seen[:10]
 
 
+@pytest.fixture(scope="module")
+def bare_agent_c(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """benchmarks/bare_agent.c, built once for the module (warnings are errors)."""
+    binary = tmp_path_factory.mktemp("bare-agent-c") / "bare_agent"
+    subprocess.run(["cc", "-O2", "-Wall", "-Werror", "-o", str(binary),
+                    str(REPO_ROOT / "benchmarks" / "bare_agent.c")], check=True)
+    return binary
+
+
 @pytest.mark.parametrize("responder", ["python", "c", "c-polling", "c-delayed"])
-def test_the_bare_agents_ack_every_event_and_set_nothing(tmp_path: Path, responder: str) -> None:
+def test_the_bare_agents_ack_every_event_and_set_nothing(
+    tmp_path: Path, responder: str, request: pytest.FixtureRequest
+) -> None:
     """The ceiling and floor runs (haproxy_e2e --ceiling, --floor, --floor-delay) measure
     HAProxy and the round trips only if their agents (benchmarks/bare_agent.py and .c, the C
     one sleeping, polling, and polling with a delay before its ACKs) answer every NOTIFY of the
@@ -140,9 +151,7 @@ def test_the_bare_agents_ack_every_event_and_set_nothing(tmp_path: Path, respond
     if responder == "python":
         argv = [sys.executable, "-m", "benchmarks.bare_agent", "--port", str(port)]
     else:
-        binary = tmp_path / "bare_agent"
-        subprocess.run(["cc", "-O2", "-Wall", "-Werror", "-o", str(binary),
-                        str(REPO_ROOT / "benchmarks" / "bare_agent.c")], check=True)
+        binary = request.getfixturevalue("bare_agent_c")  # built only if a C case runs
         argv = [str(binary), "--port", str(port), *{
             "c": [], "c-polling": ["--poll"], "c-delayed": ["--poll", "--delay", "20"]}[responder]]
     proc = ManagedProcess(f"bare-agent-{responder}", argv, tmp_path, cwd=REPO_ROOT)
