@@ -597,20 +597,6 @@ class SpoaServer:
                             deferred = []
                         self._spawn_concurrent(client, event)
                         continue
-                    if event.acked:
-                        # Its empty ACK is out (Agent.empty_ack_check): what its messages do
-                        # waits for nothing, but runs in order and before anything that yields.
-                        stats.acks += 1
-                        now, later = agent.prepare(event.messages)
-                        if now is not None:  # work for the ACK that is already out
-                            if deferred:
-                                _run_all(deferred)
-                                deferred = []
-                            if _run(now):
-                                _variables_lost(event)
-                        if later is not None:
-                            deferred.append(later)
-                        continue
                     now, later = agent.prepare(event.messages)
                     actions = None
                     if now is not None:
@@ -618,7 +604,12 @@ class SpoaServer:
                             _run_all(deferred)
                             deferred = []
                         actions = now()
-                    if held is None:
+                    if event.acked:
+                        # Its empty ACK is out already (Agent.empty_ack_check): its work ran
+                        # or runs after it, in order and before anything that yields.
+                        if actions:
+                            _variables_lost(event)
+                    elif held is None:
                         conn.send_ack(event.stream_id, event.frame_id, actions)
                     else:
                         held.append((event.stream_id, event.frame_id, actions))
@@ -751,15 +742,10 @@ def _variables_lost(event: NotifyReceived) -> None:
 
 def _run_all(work: list[Work]) -> None:
     for item in work:
-        _run(item)
-
-
-def _run(item: Work) -> list[Action] | None:
-    try:
-        return item()
-    except Exception:  # the agents' own work catches its errors: this is a bug of theirs
-        log.exception("deferred handler work failed")
-        return None
+        try:
+            item()
+        except Exception:  # the agents' own work catches its errors: this is a bug of theirs
+            log.exception("deferred handler work failed")
 
 
 def _wake_for_idle(client: _Client) -> None:

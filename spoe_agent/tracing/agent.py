@@ -114,10 +114,10 @@ class TracingAgent(Agent):
         carries the variables), else ``later``, once the empty ACK is written.
 
         Seven of the reference config's eight events inject nothing: HAProxy's stream no
-        longer waits for their spans to be started and ended (nor, with ``_acks_empty``, for
-        their messages to compile). A stream's next event is only
-        sent once this ACK is read, and the server runs deferred work before anything that
-        could yield, so the next event always finds this one applied. With ``--workers``, what
+        longer waits for their spans to be started and ended (nor, with ``empty_ack_check``,
+        for their messages to compile). A stream's next event is only sent once this ACK is
+        read, and the server runs deferred work before anything that could yield, so the next
+        event always finds this one applied. With ``--workers``, what
         other workers own is forwarded now and only this worker's own share waits
         (``PeerMesh.keep_own`` says why the order still holds).
         """
@@ -154,15 +154,11 @@ class TracingAgent(Agent):
         return None, partial(self._apply_later, commands)
 
     def empty_ack_check(self) -> Callable[[bytes], bool] | None:
-        return self._acks_empty
-
-    def _acks_empty(self, payload: bytes) -> bool:
-        """Only a message with an ``inject`` argument sets variables, and on the wire such an
-        argument is its name's bytes, length first: a payload without them is answered with
-        an empty ACK, which can go before the messages are compiled. (Those bytes
-        elsewhere, say in a URL, only make the ACK wait as it always did.) With handlers or
-        workers, messages may go elsewhere first: their ACKs always wait."""
-        return _INJECT_ARG not in payload and self.router is None and not self._handlers
+        """None with handlers or workers (set up before serving): messages may go elsewhere
+        first, so their ACKs always wait."""
+        if self.router is not None or self._handlers:
+            return None
+        return _acks_empty
 
     def _all_fallback(self, messages: list[Message]) -> bool:
         handlers = self._handlers
@@ -326,3 +322,11 @@ def _discard(span: Any) -> None:
 
 def build_tracing_agent(config: AgentConfig) -> TracingAgent:
     return TracingAgent(config)
+
+
+def _acks_empty(payload: bytes) -> bool:
+    """Only a message with an ``inject`` argument sets variables, and on the wire such an
+    argument is its name's bytes, length first: a payload without them is answered with an
+    empty ACK, which can go before the messages are compiled. (Those bytes elsewhere, say in
+    a URL, only make the ACK wait as it always did.)"""
+    return _INJECT_ARG not in payload
