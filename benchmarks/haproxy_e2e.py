@@ -681,20 +681,17 @@ def main(argv: list[str] | None = None) -> int:
                           for n in args.workers]
     if args.ceiling:
         scenarios.append(Scenario("reference events, bare ACKs", "bare", "trace"))
+    if (args.floor or args.floor_delay) and shutil.which("cc") is None:
+        print("--floor and --floor-delay need a C compiler (cc): apt-get install gcc",
+              file=sys.stderr)
+        return 2
     if args.floor:
-        if shutil.which("cc") is None:
-            print("--floor needs a C compiler (cc): apt-get install gcc", file=sys.stderr)
-            return 2
         scenarios += [Scenario("reference events, bare ACKs in C", "bare-c", "trace"),
                       Scenario("reference events, bare ACKs in C, polling", "bare-c", "trace",
                                agent_args=("--poll",))]
-    if args.floor_delay:
-        if shutil.which("cc") is None:
-            print("--floor-delay needs a C compiler (cc): apt-get install gcc", file=sys.stderr)
-            return 2
-        scenarios += [Scenario(f"reference events, bare ACKs in C, polling, {us:g} µs later",
-                               "bare-c", "trace", agent_args=("--poll", "--delay", f"{us:g}"))
-                      for us in args.floor_delay]
+    scenarios += [Scenario(f"reference events, bare ACKs in C, polling, {us:g} µs later",
+                           "bare-c", "trace", agent_args=("--poll", "--delay", f"{us:g}"))
+                  for us in args.floor_delay]
     scenarios.append(Scenario("minimal spoe-agent", "spoe-agent", "minimal"))
     if os.path.exists(args.forge_python):
         scenarios.append(Scenario("minimal spoe-forge", "spoe-forge", "minimal"))
