@@ -9,7 +9,9 @@ Every way a connection can hurt the process is bounded here, and every bound tha
 counted (:class:`Stats`, read by the metrics endpoint) and logged at most once per interval:
 
 * ``max_connections``: beyond it the agent stops accepting and new connections wait in the
-  kernel's listen backlog (see :class:`_ConnectionPool` for why not refuse them);
+  kernel's listen backlog (see :class:`_ConnectionPool` for why not refuse them); one that
+  waits there takes the slot of a connection that has not said HELLO in ``HELLO_GRACE_S``
+  (HAProxy says it at once), so silent peers cannot keep HAProxy out for a whole deadline;
 * the HELLO deadline: a connection must complete its HELLO within ``read_timeout`` of being
   accepted (of its TLS handshake, with TLS, which has the same bound), or it gets
   AGENT-DISCONNECT status 2;
@@ -86,6 +88,7 @@ SHUTDOWN_MESSAGE = "agent shutting down"
 BACKLOG = 1024
 LINGER_S = 2.0  # how long a closing connection may wait for the peer to close too
 LINGER_BYTES = 1 << 20
+HELLO_GRACE_S = 1.0  # at max_connections, a connection still without HELLO after this yields
 
 
 class Stats:
@@ -122,6 +125,10 @@ class _Idle(Exception):
     """Thrown into a connection greenlet parked in ``recv`` for longer than ``idle_timeout``."""
 
 
+class _Evict(Exception):
+    """Thrown into a connection greenlet still waiting for its HELLO when its slot is wanted."""
+
+
 class _Move(Exception):
     """Thrown into a connection greenlet parked in ``recv`` to hand its connection to another
     worker (:meth:`SpoaServer.give_connection`)."""
@@ -132,7 +139,8 @@ class _Client:
 
     __slots__ = (
         "conn", "sock", "raw", "lock", "pool", "address", "greenlet", "in_recv", "draining",
-        "peer_closed", "idle_since", "parked", "moved", "unsent",
+        "peer_closed", "idle_since", "parked", "moved", "unsent", "accepted",
+        "evicted",
     )
 
     def __init__(self, conn: SpopConnection, sock: socket.socket, address: Any) -> None:
@@ -155,6 +163,8 @@ class _Client:
         self.parked = False
         self.moved = False  # handed to another worker: its socket is closed here, not ended
         self.unsent = b""  # what send_early() could not write: first out of the next flush
+        self.accepted = time.monotonic()
+        self.evicted = False  # its slot went to a new connection: closed at once, no linger
 
     def flush(self, later: list[Work] | None = None) -> None:
         """Write what the connection queued, then run ``later``: work whose ACKs are in it.
@@ -236,21 +246,44 @@ class _ConnectionPool(Pool):
         super().__init__(size)
         self._listener = listener
         self._on_block = on_block
+        self._watcher: Any = None
 
     def full(self) -> bool:
         if not super().full():
             return False
-        # StreamServer asks from its accept callback, so usually a connection is waiting; only
-        # count it if one really is (a zero-timeout, non-blocking poll of the listening socket).
-        sock = self._listener()
-        if sock is not None:
-            try:
-                readable, _, _ = _select([sock.fileno()], [], [], 0)
-            except (OSError, ValueError):
-                readable = []
-            if readable:
-                self._on_block()
+        # StreamServer asks when it accepts, and then stops accepting until a slot frees: a
+        # connection may be waiting already, or come later, when nothing asks any more.
+        if self.waiting():
+            self._on_block()
+        else:
+            self._watch()
         return True
+
+    def _watch(self) -> None:
+        """Call ``on_block`` when a connection comes while the pool is still full."""
+        sock = self._listener()
+        if self._watcher is not None or sock is None:
+            return
+        self._watcher = gevent.get_hub().loop.io(sock.fileno(), 1, ref=False)
+        self._watcher.start(self._arrived)
+
+    def _arrived(self) -> None:
+        self._watcher.stop()
+        self._watcher = None
+        if super().full():
+            self._on_block()
+
+    def waiting(self) -> bool:
+        """A connection waits to be accepted (a zero-timeout, non-blocking poll of the
+        listening socket)."""
+        sock = self._listener()
+        if sock is None:
+            return False
+        try:
+            readable, _, _ = _select([sock.fileno()], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return bool(readable)
 
 
 class SpoaServer:
@@ -275,6 +308,7 @@ class SpoaServer:
         self._stop_deadline = float("inf")
         self._throttle = Throttle(log)
         self._busy_poll: _BusyPoll | None = None  # --busy-poll, while serving
+        self._eviction_due = False  # a silent connection's slot is about to be given away
         if listener is None:
             listener = make_listener(config.bind, mode=config.unix_mode, group=config.unix_group)
         self._pool = _ConnectionPool(
@@ -411,8 +445,46 @@ class SpoaServer:
         return True
 
     def _connections_blocked(self) -> None:
+        """A connection waits in the backlog while every slot is taken: count it, and free the
+        slot of the oldest connection still without HELLO, once it is ``HELLO_GRACE_S`` old.
+
+        HAProxy says HELLO as soon as it connects, so such a connection is not HAProxy's, or
+        no longer works; left alone, a thousand of them would keep HAProxy's connections out
+        for a whole HELLO deadline (``read_timeout``), far longer than its ``timeout hello``.
+        """
         self._limit("connections", "max_connections (%d) reached: new HAProxy connections wait "
                     "in the listen backlog until one closes", self.config.max_connections)
+        if not self._eviction_due:
+            self._evict_silent()
+
+    def _evict_silent(self) -> None:
+        """Give the slot of the oldest connection without HELLO to the one waiting, once that
+        connection is ``HELLO_GRACE_S`` old (later, if it is younger: gevent asks ``full()``
+        once per wait, not again)."""
+        self._eviction_due = False
+        if self._stopping or self._pool.free_count() > 0 or not self._pool.waiting():
+            return
+        oldest: _Client | None = None
+        for client in self._clients:
+            if (client.conn.state is State.AWAIT_HELLO and client.in_recv
+                    and (oldest is None or client.accepted < oldest.accepted)):
+                oldest = client
+        if oldest is None:
+            return
+        self._eviction_due = True
+        delay = oldest.accepted + HELLO_GRACE_S - time.monotonic()
+        if delay > 0:
+            spawn_later(delay, self._evict_silent)
+        else:
+            gevent.get_hub().loop.run_callback(self._evict, oldest)
+
+    def _evict(self, client: _Client) -> None:
+        """Hub callback: end ``client`` if it still waits for its HELLO, else look again."""
+        if (client.in_recv and client.conn.state is State.AWAIT_HELLO
+                and not client.greenlet.dead):
+            client.greenlet.throw(_Evict)  # _eviction_due stays set until its slot is free
+        else:
+            self._evict_silent()
 
     # ------------------------------------------------------------------ connection greenlet
 
@@ -451,7 +523,7 @@ class SpoaServer:
                 if self._stopping:
                     client.draining = True
                 self._serve(client)
-                if not client.peer_closed and not client.moved:
+                if not (client.peer_closed or client.moved or client.evicted):
                     _linger(sock)
             except OSError as exc:
                 if exc.errno not in _NORMAL_CLOSE_ERRNOS:
@@ -460,6 +532,8 @@ class SpoaServer:
                 if client.pool is not None:
                     client.pool.kill(block=False)
                 self._clients.discard(client)
+                if client.evicted:
+                    self._eviction_due = False  # its slot is free: the next wait may evict
         finally:
             stats.connections_open -= 1
             _close_socket(sock)
@@ -517,7 +591,7 @@ class SpoaServer:
             except TimeoutError:
                 self._timed_out(client, kind)
                 return
-            except (_Idle, _Drain, _Move) as interrupt:
+            except (_Idle, _Drain, _Move, _Evict) as interrupt:
                 client.in_recv = False  # now, not in finally: both write a DISCONNECT
                 client.idle_since = None
                 sock.settimeout(idle)
@@ -527,6 +601,9 @@ class SpoaServer:
                     continue  # it cannot move after all: serve on
                 if type(interrupt) is _Drain:
                     self._drain(client)
+                elif type(interrupt) is _Evict:
+                    client.evicted = True
+                    self._timed_out(client, "hello_evicted")
                 else:
                     self._timed_out(client, kind)
                 return
@@ -643,8 +720,14 @@ class SpoaServer:
             "hello_timeout": "no complete HELLO within read_timeout (%.1fs) of connecting",
             "read_timeout": "a frame did not complete within read_timeout (%.1fs)",
             "idle_timeout": "nothing received for idle_timeout (%.1fs)",
+            "hello_evicted": "no HELLO %.1fs after connecting, and a new connection needs its "
+                             "slot (max_connections)",
         }[kind]
-        seconds = self.config.idle_timeout if kind == "idle_timeout" else self.config.read_timeout
+        if kind == "hello_evicted":
+            seconds = time.monotonic() - client.accepted
+        else:
+            seconds = (self.config.idle_timeout if kind == "idle_timeout"
+                       else self.config.read_timeout)
         self._limit(kind, "closing %s with status 2: " + what, _peer(client.address), seconds)
         client.conn.close(Status.TIMEOUT)
         self.stats.sent_disconnect(Status.TIMEOUT)

@@ -92,6 +92,51 @@ def test_connection_cap_makes_new_connections_wait_not_fail(
     still_serving(agent)
 
 
+def test_a_waiting_connection_takes_the_slot_of_one_that_never_said_hello(
+    spoe_agent: AgentFactory, tmp_path: Path
+) -> None:
+    """Silent peers filling max_connections must not keep HAProxy out for a HELLO deadline
+    (read_timeout): the oldest gives its slot to the connection that waits, and only it."""
+    agent, metrics = start(spoe_agent, tmp_path, "max_connections = 2\nread_timeout = 60s")
+    address = (agent.host, agent.port)
+    oldest, younger = SpopClient(address, timeout=15), SpopClient(address, timeout=15)
+    wait_until(lambda: value(scrape(metrics), "spoe_agent_connections_open") == 2,
+               what="both silent connections accepted")
+    with SpopClient(address, timeout=15) as haproxy:  # well under read_timeout
+        haproxy.send(hello_frame())
+        frame = haproxy.read_frame()
+        assert frame is not None and frame.type == FrameType.AGENT_HELLO, frame
+    assert [disconnect_status(f) for f in read_until_eof(oldest)] == [2]
+    younger.sock.settimeout(0.5)
+    with pytest.raises(TimeoutError):  # one slot was wanted: one connection gave it
+        younger.read_frame()
+    younger.close()
+    oldest.close()
+    assert limit_hits(metrics, "hello_evicted") == 1
+    assert re.search(r"with status 2: no HELLO \d+\.\ds after connecting", agent.logs())
+    still_serving(agent)
+
+
+def test_a_connection_that_said_hello_keeps_its_slot(
+    spoe_agent: AgentFactory, tmp_path: Path
+) -> None:
+    agent, metrics = start(spoe_agent, tmp_path, "max_connections = 1\nread_timeout = 60s")
+    address = (agent.host, agent.port)
+    with SpopClient(address, timeout=15) as served:
+        served.handshake()
+        waiting = SpopClient(address, timeout=3)  # past HELLO_GRACE_S
+        waiting.send(hello_frame())
+        with pytest.raises(TimeoutError):
+            waiting.read_frame()
+        assert limit_hits(metrics, "connections") >= 1
+        notify_ok(served, 1, [trace("kept", ("span", "x"))])  # still served
+    waiting.sock.settimeout(15)  # served once the slot frees
+    frame = waiting.read_frame()
+    assert frame is not None and frame.type == FrameType.AGENT_HELLO, frame
+    waiting.close()
+    assert limit_hits(metrics, "hello_evicted") == 0
+
+
 # ---------------------------------------------------------------------------- deadlines
 
 
