@@ -87,7 +87,6 @@ _NORMAL_CLOSE_ERRNOS = {errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ESH
 SHUTDOWN_MESSAGE = "agent shutting down"
 BACKLOG = 1024
 LINGER_S = 2.0  # how long a closing connection may wait for the peer to close too
-LINGER_BYTES = 1 << 20
 HELLO_GRACE_S = 1.0  # at max_connections, a connection still without HELLO after this yields
 
 
@@ -896,21 +895,20 @@ def _linger(sock: socket.socket) -> None:
 
     Closing a socket with unread input makes the kernel send a reset, and a reset can destroy
     the AGENT-DISCONNECT just written before HAProxy reads it (HAProxy would then report an
-    I/O error instead of our status code).
+    I/O error instead of our status code). Bounded by time only: a peer that still pipelines
+    NOTIFYs while it reads our last ACKs slowly sends megabytes before it reads the goodbye,
+    and a byte bound reset it with those ACKs unread.
     """
     try:
         sock.shutdown(socket.SHUT_WR)
         deadline = time.monotonic() + LINGER_S
-        discarded = 0
-        while discarded < LINGER_BYTES:
+        while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
             sock.settimeout(remaining)
-            data = sock.recv(65536)
-            if not data:
+            if not sock.recv(65536):
                 return
-            discarded += len(data)
     except OSError:  # reset, timeout, already shut: nothing more to save
         pass
 

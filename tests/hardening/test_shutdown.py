@@ -10,6 +10,8 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -78,6 +80,50 @@ def test_connection_mid_hello_gets_a_goodbye_too(spoe_agent: Callable[..., Agent
         frames = read_until_eof(client)
         assert [disconnect_status(f) for f in frames] == [0], frames
     assert agent.process.wait(15) == 0
+
+
+def test_a_peer_that_reads_slowly_while_it_sends_gets_every_ack_and_the_goodbye(
+    spoe_agent: Callable[..., AgentProcess]
+) -> None:
+    """After its goodbye the agent discards what the peer still sends until the peer closes:
+    a peer pipelining NOTIFYs while it reads slowly sends megabytes before it reads the
+    goodbye, and closing on unread input resets the connection, which destroys the ACKs and
+    the goodbye still waiting in the peer's socket buffer."""
+    agent = spoe_agent(app=SLOW_APP)
+    client = SpopClient((agent.host, agent.port), timeout=15)
+    client.handshake()
+    stop = threading.Event()
+    sender = threading.Thread(target=_pipeline, args=(client.sock, stop), daemon=True)
+    sender.start()
+    time.sleep(1.0)  # a slow reader: ACKs pile up in the socket buffers, unread
+    agent.process.send_signal(signal.SIGTERM)
+    frames = []
+    try:
+        while (frame := client.read_frame()) is not None:
+            frames.append(frame)
+    finally:
+        stop.set()
+        client.close()
+        sender.join(15)
+    assert frames and frames[-1].type == FrameType.AGENT_DISCONNECT, frames[-3:]
+    assert disconnect_status(frames[-1]) == 0
+    acked = [f.stream_id for f in frames if f.type == FrameType.ACK]
+    assert len(acked) > 1000 and acked == list(range(1, len(acked) + 1))
+    assert agent.process.wait(15) == 0
+
+
+def _pipeline(sock: socket.socket, stop: threading.Event) -> None:
+    """NOTIFYs of hundreds of bytes, as HAProxy's, stream ids 1, 2, ... until ``stop``."""
+    pad = "x" * 400
+    next_id = 1
+    try:
+        while not stop.is_set():
+            sock.sendall(b"".join(
+                codec.notify(i, 1, [Message("inline", [("v", i), ("pad", pad)])])
+                for i in range(next_id, next_id + 2000)))
+            next_id += 2000
+    except OSError:  # the agent stopped reading and closed: expected
+        pass
 
 
 # ------------------------------------------------------------------------- with HAProxy
