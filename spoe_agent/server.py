@@ -527,6 +527,8 @@ class SpoaServer:
             except OSError as exc:
                 if exc.errno not in _NORMAL_CLOSE_ERRNOS:
                     log.info("connection from %s ended: %s", _peer(address), exc)
+                for event in client.conn.receive_eof():  # a reset: what did it cut off?
+                    self._on_event(client, event)
             finally:
                 if client.pool is not None:
                     client.pool.kill(block=False)
@@ -811,8 +813,11 @@ class SpoaServer:
                 _peer(client.address), event.status, event.message)
         elif kind is NotifyAborted:
             stats.aborted += 1
-        elif kind is ConnectionClosed:
-            pass
+        elif kind is ConnectionClosed and event.unfinished:
+            self._throttle.warning(
+                "closed_mid_frame", "connection from %s closed in the middle of a frame: %d "
+                "bytes of it lost (HAProxy stopped or restarted, or the network failed)",
+                _peer(client.address), event.unfinished)
 
 
 def _variables_lost(event: NotifyReceived) -> None:

@@ -117,9 +117,14 @@ class ProtocolViolation:
 
 @dataclass(slots=True)
 class ConnectionClosed:
-    """Nothing more will be accepted: flush :meth:`SpopConnection.data_to_send`, then close."""
+    """Nothing more will be accepted: flush :meth:`SpopConnection.data_to_send`, then close.
+
+    ``unfinished``: bytes the peer's close cut off, of a frame or of a fragmented NOTIFY
+    whose last fragment never came (lost events HAProxy will not send again).
+    """
 
     reason: str = ""
+    unfinished: int = 0
 
 
 Event = (
@@ -300,6 +305,11 @@ class SpopConnection:
             return []
         self.peer_eof = self.state is State.READY
         self.state = State.CLOSED
+        fragments = self._fragments
+        unfinished = len(self._inbuf) + (fragments.size if fragments is not None else 0)
+        if unfinished:
+            return [ConnectionClosed("peer closed the connection in the middle of a frame",
+                                     unfinished)]
         return [ConnectionClosed("peer closed the connection")]
 
     def receive_data(self, data: bytes) -> list[Event]:

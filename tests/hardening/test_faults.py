@@ -9,14 +9,18 @@ port where first nothing listens, or a server accepts and never answers; then a 
 from __future__ import annotations
 
 import http.client
+import re
 import signal
 import socket
+import struct
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from spoe_agent.protocol import codec
+from spoe_agent.protocol.types import Message
 from spoe_agent.viewer.receiver import JaegerReceiver
 from tests.hardening.support import (
     agent_on_port,
@@ -283,6 +287,26 @@ def _echo_request(port: int, path: str) -> dict[str, str]:
 
 
 @pytest.mark.haproxy
+@pytest.mark.parametrize("reset", [False, True], ids=["close", "reset"])
+def test_a_frame_cut_off_by_the_peer_is_logged_with_what_was_lost(
+    spoe_agent: AgentFactory, reset: bool
+) -> None:
+    """Events lost to a connection that ends mid-frame are said, not silently dropped."""
+    agent = spoe_agent()
+    frame = codec.notify(5, 1, [Message("m", [("q", "x" * 40)])])
+    client = SpopClient((agent.host, agent.port), timeout=15)
+    client.handshake()
+    client.send(frame[:-10])
+    if reset:  # SO_LINGER 0: the close sends a reset
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()
+    wait_until(lambda: "closed in the middle of a frame" in agent.logs(), what="the warning")
+    assert re.search(rf"connection from 127\.0\.0\.1:\d+ closed in the middle of a frame: "
+                     rf"{len(frame) - 10} bytes of it lost", agent.logs()), agent.logs()
+    with SpopClient((agent.host, agent.port), timeout=15) as probe:  # and it serves on
+        assert probe.handshake()["version"] == "2.0"
+
+
 def test_haproxy_restart_leaves_no_connection_behind(
     haproxy: Callable[..., HAProxy], spoe_agent: AgentFactory, backend: Backend,
 ) -> None:

@@ -185,6 +185,24 @@ def test_eof_is_a_normal_close() -> None:
     assert conn.data_to_send() == b""
 
 
+def test_eof_says_how_much_of_a_frame_it_cut_off() -> None:
+    """What a close cuts off is lost for good (HAProxy does not send an event twice): the
+    event says how much, so that the shell can say it."""
+    frame = codec.notify(7, 1, [Message("m", [("q", "x" * 40)])])
+    mid_frame = ready()
+    assert mid_frame.receive_data(frame[:-5]) == []
+    assert mid_frame.receive_eof() == [ConnectionClosed(
+        "peer closed the connection in the middle of a frame", len(frame) - 5)]
+    mid_hello = SpopConnection()
+    mid_hello.receive_data(HAPROXY_HELLO[:9])
+    assert [e.unfinished for e in mid_hello.receive_eof()] == [9]  # type: ignore[union-attr]
+    fragmented = ready()
+    payload = codec.encode_messages([Message("m", [("q", "x" * 600)])])
+    fragmented.receive_data(codec.encode_frame(FrameType.NOTIFY, 0, 3, payload[:300], 0))
+    assert [e.unfinished for e in fragmented.receive_eof()] == [300]  # type: ignore[union-attr]
+    assert ready().receive_eof()[0] == ConnectionClosed("peer closed the connection", 0)
+
+
 def test_a_notify_read_before_eof_still_gets_its_ack() -> None:
     """A handler still running at the peer's EOF (a half-close) answers what it was sent;
     after a DISCONNECT, either way, nothing more is written."""
