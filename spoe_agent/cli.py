@@ -164,6 +164,13 @@ def main(argv: list[str] | None = None) -> int:
     from spoe_agent.runner import StartupError, run, tls_context
 
     if args.check:
+        from spoe_agent.server import bind_problem
+
+        problem = bind_problem(config.bind)
+        if problem is not None:
+            print(f"spoe-agent: configuration error: cannot listen on {bind_text(config.bind)}: "
+                  f"{problem}", file=sys.stderr)
+            return EXIT_CONFIG
         try:
             tls = tls_context(config)  # certificates are read now, not at the first connection
         except StartupError as exc:

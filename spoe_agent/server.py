@@ -918,6 +918,28 @@ def _linger(sock: socket.socket) -> None:
         pass
 
 
+def bind_problem(bind: str) -> str | None:
+    """Why ``bind`` cannot be listened on, as far as ``--check`` can tell without taking it
+    (a running agent may hold it): a unix socket's directory, a TCP host this machine has not.
+    """
+    target = split_bind(bind)
+    if isinstance(target, str):
+        directory = os.path.dirname(os.path.abspath(target))
+        if not os.path.isdir(directory):
+            return f"{directory} is not a directory"
+        if not os.access(directory, os.W_OK | os.X_OK):
+            return f"{directory} is not writable by this user"
+        return None
+    host, _ = target
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((host, 0))  # any port: is the address one of this machine's?
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
 def make_listener(
     bind: str, backlog: int = BACKLOG, *, listen: bool = True, mode: int | None = None,
     group: str = "",

@@ -328,6 +328,20 @@ def test_ipv6_binds_are_written_as_bind_takes_them() -> None:
     assert check.returncode == 0 and "listening on [::1]:21001;" in check.stdout, check
 
 
+@pytest.mark.parametrize(("bind", "why"), [
+    ("unix:/nonexistent/dir/agent.sock", "/nonexistent/dir is not a directory"),
+    ("192.0.2.1:21002", "Cannot assign requested address"),  # TEST-NET-1: not this machine's
+])
+def test_check_refuses_a_bind_that_cannot_be_listened_on(bind: str, why: str) -> None:
+    """--check said OK, then the start failed: it now probes what it can without taking the
+    address (a running agent may hold the port)."""
+    check = subprocess.run(
+        [sys.executable, "-m", "spoe_agent", "--bind", bind, "--workers", "1", "--check"],
+        capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert check.returncode == 2, check
+    assert f"configuration error: cannot listen on {bind}: {why}" in check.stderr, check.stderr
+
+
 def test_an_app_that_fails_to_import_is_named(tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """"cannot start: boom" read as the agent's own failure."""
