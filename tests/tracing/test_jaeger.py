@@ -43,7 +43,7 @@ from thrift.protocol.TCompactProtocol import TCompactProtocol
 from thrift.transport.TTransport import TMemoryBuffer
 
 from spoe_agent.tracing import jaeger as fast
-from spoe_agent.tracing.jaeger import FastJaegerExporter, JaegerTranslator
+from spoe_agent.tracing.jaeger import FastJaegerExporter, JaegerTranslator, transport
 from spoe_agent.tracing.jaeger import encode as encode_module
 from spoe_agent.viewer.receiver import JaegerReceiver
 
@@ -335,6 +335,35 @@ def test_udp_datagram_equals_the_official_agent_client(udp_sink: socket.socket) 
     [theirs] = official_datagrams(official_batch(spans, None), udp_sink)
     assert ours == theirs
     assert repr(fast.decode_emit_batch(ours)[1]) == repr(agent_decode(theirs))
+
+
+def test_udp_goes_to_the_ipv4_address_of_a_name_with_both(
+    udp_sink: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Debian's /etc/hosts names ``localhost`` ``::1`` too, often resolved first: a datagram
+    there reaches no agent bound to IPv4 and fails nowhere. The official client sends to the
+    IPv4 address (its socket is AF_INET), and so do we; an IPv6-only name still works."""
+    port = udp_sink.getsockname()[1]
+    real = socket.getaddrinfo
+
+    def ipv6_first(host: str, *args: Any, **kwargs: Any) -> list[Any]:
+        if host == "dual.test":
+            return [(socket.AF_INET6, socket.SOCK_DGRAM, 17, "", ("::1", port, 0, 0)),
+                    *real("127.0.0.1", *args, **kwargs)]
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(transport.socket, "getaddrinfo", ipv6_first)
+    sender = transport._UDPSender("dual.test", port)
+    sender.send(b"to the IPv4 agent")
+    assert udp_sink.recv(100) == b"to the IPv4 agent"
+    sender.close()
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sink6:
+        sink6.bind(("::1", 0))
+        sink6.settimeout(5)
+        only6 = transport._UDPSender("::1", sink6.getsockname()[1])
+        only6.send(b"to the IPv6 agent")
+        assert sink6.recv(100) == b"to the IPv6 agent"
+        only6.close()
 
 
 def test_whole_exporter_sends_what_the_official_exporter_sends(udp_sink: socket.socket) -> None:

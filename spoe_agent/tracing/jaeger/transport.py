@@ -15,7 +15,13 @@ from urllib.parse import urlsplit
 
 
 class _UDPSender:
-    """Sends datagrams to jaeger-agent; resolves the host now and then rather than per packet."""
+    """Sends datagrams to jaeger-agent; resolves the host now and then rather than per packet.
+
+    An IPv4 address of the host comes first, as the official exporter sends (its socket is
+    AF_INET): Debian's /etc/hosts gives ``localhost`` ``::1`` too, often first, and a datagram
+    to ``::1`` reaches no agent bound to 127.0.0.1 or 0.0.0.0 and fails nowhere, so spans
+    would vanish without a trace. A host with IPv6 addresses only still gets them.
+    """
 
     RESOLVE_EVERY_S = 30.0
 
@@ -30,7 +36,7 @@ class _UDPSender:
         now = time.monotonic()
         if self._sock is None or now - self._resolved_at > self.RESOLVE_EVERY_S:
             infos = socket.getaddrinfo(self.host, self.port, 0, socket.SOCK_DGRAM)
-            family, _, _, _, addr = infos[0]
+            family, _, _, _, addr = min(infos, key=lambda info: info[0] != socket.AF_INET)
             if self._sock is None or self._sock.family != family:
                 self.close()
                 self._sock = socket.socket(family, socket.SOCK_DGRAM)
