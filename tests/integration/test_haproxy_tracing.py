@@ -10,6 +10,7 @@ language, the registry and the exporter shows up here.
 from __future__ import annotations
 
 import http.client
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -158,7 +159,7 @@ def test_one_request_gives_the_reference_span_tree(tracing: TracingFactory) -> N
         "url.path": "/shop/cart",
         "url.query": "item=42&qty=1",
         "url.scheme": "http",
-        "server.address": f"127.0.0.1:{t.port}",
+        "server.address": "127.0.0.1",  # the Host header without its port, as semconv says
         "network.protocol.version": "1.1",
         "user_agent.original": USER_AGENT,
         "haproxy.backend": "next",
@@ -182,6 +183,25 @@ def test_one_request_gives_the_reference_span_tree(tracing: TracingFactory) -> N
         "01",
     )
     assert_agent_log_clean(t.agent)
+
+
+def test_http2_request_is_tagged_as_semconv_says(tracing: TracingFactory) -> None:
+    """HAProxy says "2.0" for HTTP/2 and keeps the port in Host; semconv wants "2" and the
+    host alone (the reference config converts both). curl speaks HTTP/2 without TLS."""
+    h2_port = free_port()
+    t = tracing(frontend_lines=[f"bind 127.0.0.1:{h2_port} proto h2"])
+    out = subprocess.run(
+        ["curl", "-sS", "--http2-prior-knowledge", "-o", "/dev/null", "-D", "-",
+         "-H", "Host: Shop.Example:8443", f"http://127.0.0.1:{h2_port}/h2"],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout
+    assert out.startswith("HTTP/2 200"), out
+    trace_id = next(line.split(":", 1)[1].strip() for line in out.splitlines()
+                    if line.lower().startswith("x-trace-id:"))
+    named = assert_reference_tree(wait_trace(t.receiver, trace_id), "hop-1")
+    tags = own_tags(named[ROOT])
+    assert tags["server.address"] == "shop.example", tags
+    assert tags["network.protocol.version"] == "2", tags
 
 
 def test_chained_hops_form_one_trace(tracing: TracingFactory) -> None:
