@@ -111,5 +111,6 @@ class Agent:
                     actions.extend(result)
             except Exception:
                 self.handler_errors += 1
-                log.exception("handler for SPOE message %r failed", message.name)
+                log.exception("handler for SPOE message %r failed", message.name,
+                              extra={"rate_key": message.name})
         return actions

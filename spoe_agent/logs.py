@@ -62,20 +62,22 @@ class RateLimitFilter(logging.Filter):
     """At most one record per (logger, message template) per ``interval`` seconds.
 
     INFO is limited too (a storm of per-connection INFO lines is as bad as one of warnings);
-    DEBUG is not, since whoever turns it on wants every line.
+    DEBUG is not, since whoever turns it on wants every line. A record whose ``extra`` has a
+    ``rate_key`` is limited per that key too: the failures of two handlers share a template,
+    and one failing handler must not hide another's error.
     """
 
     def __init__(self, interval: float = 10.0, min_level: int = logging.INFO) -> None:
         super().__init__()
         self.interval = interval
         self.min_level = min_level
-        self._last: dict[tuple[str, str], float] = {}
-        self._suppressed: dict[tuple[str, str], int] = {}
+        self._last: dict[tuple[str, str, object], float] = {}
+        self._suppressed: dict[tuple[str, str, object], int] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < self.min_level:
             return True
-        key = (record.name, str(record.msg))
+        key = (record.name, str(record.msg), getattr(record, "rate_key", None))
         now = time.monotonic()
         last = self._last.get(key)
         if last is not None and now - last < self.interval:

@@ -133,7 +133,8 @@ class TracingAgent(Agent):
                 command = parse_message(message, stats)
             except Exception:
                 self.handler_errors += 1
-                log.exception("handler for SPOE message %r failed", message.name)
+                log.exception("handler for SPOE message %r failed", message.name,
+                              extra={"rate_key": message.name})
                 continue
             if command is not None:
                 commands.append(command)

@@ -206,6 +206,37 @@ def test_rate_limit_filter_covers_info_but_not_debug() -> None:
     assert limit.filter(record(logging.DEBUG, "detail %s"))
 
 
+def test_one_failing_handler_does_not_hide_another_ones_error() -> None:
+    """The failures share a template, which the rate limit keys on: the message name keys it
+    too, so each failing handler is logged (once per interval, like anything else)."""
+    from spoe_agent.handlers import Agent
+
+    agent = Agent("two-failures")
+
+    @agent.message("boom")
+    def boom(args: list[tuple[str, object]]) -> None:
+        raise RuntimeError("boom")
+
+    @agent.message("single")
+    def single(args: list[tuple[str, object]]) -> object:
+        return 42  # not a list of actions: fails in the agent, not in the handler
+
+    seen: list[str] = []
+    sink = logging.Handler()
+    sink.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    sink.addFilter(RateLimitFilter(interval=10.0))
+    logger = logging.getLogger("spoe_agent.handlers")
+    logger.addHandler(sink)
+    try:
+        for _ in range(3):
+            agent.dispatch([Message("boom", []), Message("single", [])])
+    finally:
+        logger.removeHandler(sink)
+    assert seen == ["handler for SPOE message 'boom' failed",
+                    "handler for SPOE message 'single' failed"]
+    assert agent.handler_errors == 6
+
+
 def test_log_lines_cannot_be_forged_by_peer_data() -> None:
     assert log_safe("bye\nCRITICAL forged\r\x1b[31m") == "bye\\x0aCRITICAL forged\\x0d\\x1b[31m"
     assert log_safe("lone \udcff surrogate") == "lone \\udcff surrogate"
