@@ -21,6 +21,7 @@ from spoe_agent.handlers import Agent, MetricSample, Work
 from spoe_agent.protocol.types import Action, Message, SetVar
 from spoe_agent.tracing.language import (
     INJECT_ARGS_ON_WIRE,
+    LANGUAGE_EVENTS,
     Command,
     has_inject,
     parse_message,
@@ -57,6 +58,12 @@ _MISTAKES = {
     "missing_id": "%d SPOE messages with span arguments but no id= value ignored since the last "
                   "report: without a session key there is no trace (is unique-id-format set in "
                   "the HAProxy frontend? The reference configuration sends id=unique-id)",
+    # Typos: nothing in the reference configuration or HAProxy's behaviour causes them.
+    "unknown_arg": "%d SPOE message arguments with a name the span language does not know "
+                   "ignored since the last report (a typo, such as chlid-of? README.md, 'The "
+                   "configuration language', lists the names)",
+    "bad_kind": "%d kind= values other than server, client, producer, consumer and internal "
+                "ignored since the last report",
 }
 
 
@@ -280,9 +287,11 @@ class TracingAgent(Agent):
             yield ("spoe_agent_tracing_events", "counter",
                    "Session registry events (sessions started/evicted, spans ended, anomalies)",
                    {"event": name}, value)
-        for name, value in sorted(self.language_stats.items()):
+        stats = self.language_stats
+        for name in sorted(set(LANGUAGE_EVENTS).union(stats)):
             yield ("spoe_agent_language_events", "counter",
-                   "Span-language anomalies in SPOE message arguments", {"event": name}, value)
+                   "Span-language anomalies in SPOE message arguments", {"event": name},
+                   stats[name])
         dropped = "Spans dropped, by reason"
         processor = self.processor
         if processor is not None:

@@ -198,6 +198,13 @@ def _header_key(name: str) -> str | None:
     return low if low in CARRIER_KEYS else None
 
 
+#: What the compiler counts in its ``stats`` (the metrics show each, from 0).
+LANGUAGE_EVENTS = (
+    "bad_kind", "bad_ts", "empty_name", "missing_id", "missing_value", "stray_value",
+    "unknown_arg",
+)
+
+
 def _count(stats: MutableMapping[str, int] | None, key: str, n: int = 1) -> None:
     if stats is not None:
         stats[key] = stats.get(key, 0) + n

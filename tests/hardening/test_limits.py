@@ -337,6 +337,31 @@ def test_messages_without_a_session_key_are_logged_not_only_counted(
     still_serving(agent)
 
 
+def test_typos_in_the_span_language_are_logged_and_every_event_has_a_series(
+    spoe_agent: AgentFactory,
+) -> None:
+    """chlid-of= silently changed the trace's shape: it was counted, never said, and its
+    counter did not exist before the first one (a dashboard or alert had nothing to read)."""
+    metrics = free_port()
+    agent = spoe_agent("--metrics", f"127.0.0.1:{metrics}", app=None,
+                       env=clean_env(OTEL_TRACES_EXPORTER="none"))
+    before = scrape(metrics)
+    for event in ("unknown_arg", "bad_kind", "missing_id", "stray_value"):
+        assert value(before, "spoe_agent_language_events_total", event=event) == 0, event
+    with SpopClient((agent.host, agent.port)) as client:
+        client.handshake()
+        notify_ok(client, 1, [trace("typo", ("span", "root"), ("chlid-of", "nothing"),
+                                    ("kind", "sever"))])
+    wait_until(lambda: "1 SPOE message arguments with a name the span language does not know"
+               in agent.logs(), what="the unknown-argument report")
+    wait_until(lambda: "1 kind= values other than server" in agent.logs(),
+               what="the bad-kind report")
+    after = scrape(metrics)
+    assert value(after, "spoe_agent_language_events_total", event="unknown_arg") == 1
+    assert value(after, "spoe_agent_language_events_total", event="bad_kind") == 1
+    still_serving(agent)
+
+
 # ------------------------------------------------------------------------- with HAProxy
 
 
