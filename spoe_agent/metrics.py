@@ -13,7 +13,9 @@ Families (``_total`` is added to counters by the exposition format):
 * ``spoe_agent_healthchecks``, ``spoe_agent_tls_handshake_errors``, ``spoe_agent_handler_errors``
 * ``spoe_agent_disconnects{direction,status,reason}``: DISCONNECT frames by status code
 * ``spoe_agent_limit_hits{limit}``: every configured limit, server and tracing side
-* ``spoe_agent_ack_latency_seconds``: from reading NOTIFYs to their ACKs being written
+* ``spoe_agent_ack_latency_seconds``: per read holding NOTIFYs, the time from the read to the
+  end of its work (its ACKs written, then the span work deferred until after them); NOTIFYs
+  whose handlers are ``concurrent=True`` are not in it (their own greenlets answer them)
 * whatever the agent's ``metric_sources`` add (sessions, spans, exporter, export queue)
 * ``process_*``: the process's memory, CPU and file descriptors
 """
@@ -132,7 +134,8 @@ class MetricsServer:
         ProcessCollector(registry=self.registry)
         self.ack_latency = Histogram(
             "spoe_agent_ack_latency_seconds",
-            "Time from reading NOTIFYs to their ACKs being written, per read batch",
+            "Per read holding NOTIFYs: from the read to its ACKs written and the work deferred "
+            "after them (concurrent handlers excluded)",
             buckets=ACK_LATENCY_BUCKETS,
             registry=self.registry,
         )
