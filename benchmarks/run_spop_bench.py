@@ -319,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sequenced", action="store_true")
     parser.add_argument("--rounds", type=int, default=1, help="alternate the agents N times")
     parser.add_argument("--workload", default="minimal",
-                        help="driver workload: minimal (3 args), noargs, or MODULE:ATTR; "
+                        help="driver workload: minimal (3 args), noargs, traced (the 8 "
+                             "events of a request, reference config), or MODULE:ATTR; "
                              "spoe-forge only runs with the first two")
     parser.add_argument("--app", default=None,
                         help="spoe-agent app: MODULE:ATTR, or 'tracing' for the default agent "

@@ -123,6 +123,13 @@ def test_dockerfile_copies_only_what_exists() -> None:
         for item in source.split():
             assert (REPO_ROOT / item).exists(), f"Dockerfile copies {item}, not in the repo"
     assert 'CMD ["spoe-agent", "-c", "/etc/spoe-agent/agent.ini"]' in text
+    # What setup.cfg reads (file: ...) is copied before pip installs, or the build warns and
+    # the image's package has no description.
+    before_install = text[:text.index("RUN pip install")]
+    copied = {item for source in re.findall(r"^COPY (.+) \S+$", before_install, re.M)
+              for item in source.split()}
+    for needed in re.findall(r"= *file: *(\S+)", (REPO_ROOT / "setup.cfg").read_text()):
+        assert needed in copied, f"setup.cfg reads {needed}, which the Dockerfile copies too late"
 
 
 # ------------------------------------------------------------------------ haproxy configs
