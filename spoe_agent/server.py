@@ -267,10 +267,15 @@ class _ConnectionPool(Pool):
         self._watcher.start(self._arrived)
 
     def _arrived(self) -> None:
-        self._watcher.stop()
-        self._watcher = None
+        self.unwatch()
         if super().full():
             self._on_block()
+
+    def unwatch(self) -> None:
+        """Stop watching the listening socket (before it closes)."""
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher = None
 
     def waiting(self) -> bool:
         """A connection waits to be accepted (a zero-timeout, non-blocking poll of the
@@ -366,6 +371,7 @@ class SpoaServer:
             return
         self._stopping = True
         self._stop_deadline = time.monotonic() + timeout
+        self._pool.unwatch()
         self._server.close()
         if self._busy_poll is not None:
             self._busy_poll.stop()
