@@ -449,6 +449,14 @@ class SpoaServer:
         log.debug("connection from %s handed to another worker", _peer(client.address))
         return True
 
+    def evictable(self) -> int:
+        """Connections still without HELLO after ``HELLO_GRACE_S``: slots a waiting
+        connection would get (with ``--workers``, the supervisor counts them as free)."""
+        limit = time.monotonic() - HELLO_GRACE_S
+        return sum(1 for client in self._clients
+                   if client.conn.state is State.AWAIT_HELLO and client.in_recv
+                   and client.accepted <= limit)
+
     def _connections_blocked(self) -> None:
         """A connection waits in the backlog while every slot is taken: count it, and free the
         slot of the oldest connection still without HELLO, once it is ``HELLO_GRACE_S`` old.

@@ -242,6 +242,32 @@ def test_busy_poll_true_from_code_still_means_forever() -> None:
         server.stop()
 
 
+def test_only_connections_silent_past_the_grace_count_as_evictable() -> None:
+    """What a worker reports as free slots (workers.handoff.report): neither a connection that
+    said HELLO nor one connected for less than HELLO_GRACE_S."""
+    import gevent
+
+    from spoe_agent.config import AgentConfig
+    from spoe_agent.handlers import Agent
+    from spoe_agent.server import HELLO_GRACE_S, SpoaServer
+
+    server = SpoaServer(Agent("t"), AgentConfig(bind="127.0.0.1:0"))
+    server.start()
+    address = server.address
+    silent = socket.create_connection(address)
+    greeted = socket.create_connection(address)
+    try:
+        greeted.sendall(hello_frame())
+        gevent.sleep(0.2)  # both accepted; the HELLO answered
+        assert len(server._clients) == 2 and server.evictable() == 0  # too young, or greeted
+        gevent.sleep(HELLO_GRACE_S)
+        assert server.evictable() == 1
+    finally:
+        silent.close()
+        greeted.close()
+        server.stop(timeout=1)
+
+
 def _agent_on(path: str, workers: str = "1", *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "spoe_agent", "--bind", f"unix:{path}", "--workers", workers,

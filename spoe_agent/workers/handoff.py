@@ -206,9 +206,14 @@ class HandoffListener:
         return alive
 
     def report(self) -> None:
-        """Tell the supervisor how many connections this worker has open."""
+        """Tell the supervisor how many connections this worker has open, not counting those
+        that said no HELLO in time: their slots go to the next connection that waits here,
+        which the supervisor then routes here rather than to a worker full of HAProxy's."""
+        count = self.open_connections()
+        if self._server is not None:
+            count = max(0, count - self._server.evictable())
         try:
-            self._chan.send(REPORT_PREFIX + str(self.open_connections()).encode())
+            self._chan.send(REPORT_PREFIX + str(count).encode())
         except OSError:
             pass
 

@@ -153,6 +153,34 @@ def test_the_worker_reports_its_open_connections() -> None:
         ours.close()
 
 
+def test_connections_without_hello_are_reported_as_free_slots() -> None:
+    """They give their slot to the next connection that waits (server._evict_silent), so the
+    supervisor must route new connections to their worker, not to one full of HAProxy's."""
+
+    class Server:
+        def evictable(self) -> int:
+            return 1
+
+    ours, theirs = channel_pair()
+    listener = HandoffListener(os.dup(theirs.fileno()), socket.AF_INET, "x")
+    theirs.close()
+    pairs = [socket.socketpair() for _ in range(3)]
+    try:
+        for a, _ in pairs:
+            listener._handed[a.fileno()] = os.fstat(a.fileno()).st_ino
+        listener.report()
+        assert read_report(ours.recv(64)) == 3
+        listener.attach(Server())
+        listener.report()
+        assert read_report(ours.recv(64)) == 2
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+        listener.close()
+        ours.close()
+
+
 @pytest.mark.parametrize("metrics, index, expected", [
     ("127.0.0.1:9100", 0, "127.0.0.1:9101"),  # 9100 is the supervisor's, for all of them
     ("127.0.0.1:9100", 2, "127.0.0.1:9103"),
