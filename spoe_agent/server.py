@@ -255,10 +255,10 @@ class _ConnectionPool(Pool):
         if self.waiting():
             self._on_block()
         else:
-            self._watch()
+            self.watch()
         return True
 
-    def _watch(self) -> None:
+    def watch(self) -> None:
         """Call ``on_block`` when a connection comes while the pool is still full."""
         sock = self._listener()
         if self._watcher is not None or sock is None:
@@ -313,6 +313,7 @@ class SpoaServer:
         self._throttle = Throttle(log)
         self._busy_poll: _BusyPoll | None = None  # --busy-poll, while serving
         self._eviction_due = False  # a silent connection's slot is about to be given away
+        self._passed_on_at = -math.inf  # when a waiting connection last went back (--workers)
         if listener is None:
             listener = make_listener(config.bind, mode=config.unix_mode, group=config.unix_group)
         self._pool = _ConnectionPool(
@@ -483,6 +484,13 @@ class SpoaServer:
                     and (oldest is None or client.accepted < oldest.accepted)):
                 oldest = client
         if oldest is None:
+            if self._give_back is not None:  # --workers
+                wait = self._passed_on_at + HELLO_GRACE_S - time.monotonic()
+                if wait > 0:
+                    self._eviction_due = True
+                    spawn_later(wait, self._evict_silent)
+                else:
+                    self._pass_on_waiting()
             return
         self._eviction_due = True
         delay = oldest.accepted + HELLO_GRACE_S - time.monotonic()
@@ -490,6 +498,31 @@ class SpoaServer:
             spawn_later(delay, self._evict_silent)
         else:
             gevent.get_hub().loop.run_callback(self._evict, oldest)
+
+    def _pass_on_waiting(self) -> None:
+        """--workers: every slot here holds a connection that said HELLO, and one waits in the
+        hand-off channel: back it goes, for a worker with room or a silent connection to
+        evict (the supervisor's counts were stale or tied when it chose this one). At most
+        once per ``HELLO_GRACE_S``: if none has room, it comes back here, and waits or goes
+        back again a second later."""
+        assert self._give_back is not None
+        self._passed_on_at = time.monotonic()
+        listener = self._server.socket
+        try:
+            sock, address = listener.accept()
+        except OSError:  # nothing waits after all
+            return
+        try:
+            state = self._resumed_state(sock.fileno()) if self._resumed_state else None
+            if self._give_back(sock, address, state):
+                log.debug("max_connections reached here: a waiting connection went back to "
+                          "the supervisor for another worker")
+                self._pool.watch()  # if it comes back, it is looked at again
+            else:
+                log.warning("max_connections reached and the supervisor is unreachable: "
+                            "closing a waiting connection from %s", _peer(address))
+        finally:
+            _close_socket(sock)
 
     def _evict(self, client: _Client) -> None:
         """Hub callback: end ``client`` if it still waits for its HELLO, else look again."""

@@ -278,14 +278,18 @@ class Supervisor:
             finally:
                 conn.close()
 
-    def _hand_over(self, conn: Any, address: Any, state: Any = None) -> bool:
+    def _hand_over(self, conn: Any, address: Any, state: Any = None,
+                   giver: _Slot | None = None) -> bool:
         for slot in sorted(self.slots, key=lambda s: s.load):
-            if slot.channel is None:
+            if slot.channel is None or slot is giver:
                 continue
-            if state is not None and (not slot.serving or slot.load >= self._share):
+            if (state is not None or giver is not None) and (
+                    not slot.serving or slot.load >= self._share):
                 # A connection another worker served goes to one that serves it now: HAProxy
                 # is using it (a new one waits for its HELLO answer, which a starting worker
-                # gives once it is up, or a full one once a connection closes).
+                # gives once it is up, or a full one once a connection closes). One a full
+                # worker passed back goes to one with room (reports count the slots of
+                # connections silent too long as room: server.SpoaServer.evictable).
                 continue
             try:
                 send_connection(slot.channel, conn, address, state)
@@ -309,7 +313,7 @@ class Supervisor:
                 log.warning(f"worker {giver.index} sent a descriptor that is not a connection")
                 return
             giver.reported = max(0, giver.reported - 1)  # until its next report says so
-            if self._hand_over(conn, *moved):
+            if self._hand_over(conn, *moved, giver=giver):
                 return
             # Every other worker filled up meanwhile: back to the one that held it a moment
             # ago, whatever its share (closing it would lose what HAProxy sent on it).
@@ -317,7 +321,18 @@ class Supervisor:
                 send_connection(giver.channel, conn, *moved)
                 giver.handed += 1
             except (OSError, TypeError):
-                log.warning("no worker could take a connection handed back: closing it")
+                if moved[1] is None:  # a new connection (passed on by a full worker) waits
+                    gevent.spawn(self._hand_over_when_possible, conn.dup(), moved[0])
+                else:
+                    log.warning("no worker could take a connection handed back: closing it")
+        finally:
+            conn.close()
+
+    def _hand_over_when_possible(self, conn: Any, address: Any) -> None:
+        """As the accept loop does with a connection no worker can take yet."""
+        try:
+            while not self._hand_over(conn, address):
+                gevent.sleep(_FULL_RETRY_S)
         finally:
             conn.close()
 

@@ -87,6 +87,46 @@ def test_connections_past_every_workers_cap_wait_rather_than_reset(
             sock.close()
 
 
+def test_a_waiting_connection_gets_a_silent_ones_slot_whichever_worker_holds_it(
+    spoe_agent: Callable[..., AgentProcess], tmp_path: Path
+) -> None:
+    """One process gives a waiting connection the slot of one silent for a second; with
+    workers that slot may be in another worker than the one the connection was handed to.
+    Opened in this order, HAProxy's two on one worker and the silent two on the other: every
+    new connection waited on the full worker for read_timeout (black-box run)."""
+    ini = tmp_path / "agent.ini"
+    ini.write_text("[listener]\nmax_connections = 4\nread_timeout = 60s\n")
+    agent = spoe_agent("--workers", "2", "-c", str(ini), app=None,
+                       env={**os.environ, "OTEL_TRACES_EXPORTER": "none"})
+    wait_workers_ready(agent, 2)
+    address = (agent.host, agent.port)
+    held: list[socket.socket] = []
+
+    def said_hello(timeout: float) -> bool:
+        sock = socket.create_connection(address, timeout=timeout)
+        held.append(sock)
+        sock.sendall(hello_frame())
+        try:
+            return sock.recv(5)[4:5] == bytes([FrameType.AGENT_HELLO])
+        except TimeoutError:
+            return False
+
+    try:
+        for kind in "RSRS":
+            if kind == "R":
+                assert said_hello(10)
+            else:
+                held.append(socket.create_connection(address, timeout=10))
+            time.sleep(0.3)
+        assert said_hello(10), agent.describe_logs()  # well under read_timeout: evicted
+        assert said_hello(10), agent.describe_logs()
+        assert not said_hello(3)  # four connections that said HELLO: this one waits
+    finally:
+        for sock in held:
+            sock.close()
+    assert re.search(r"no HELLO \d+\.\ds after connecting", agent.logs())  # (throttled)
+
+
 def _answers(selector: selectors.BaseSelector, seconds: float,
              want: int | None = None) -> tuple[list[socket.socket], list[str]]:
     """The sockets that got an AGENT-HELLO within ``seconds``, and what went wrong on others."""
