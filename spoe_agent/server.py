@@ -224,6 +224,10 @@ class _Client:
         if sent < len(data):
             self.unsent = data[sent:]
 
+    def silent(self) -> bool:
+        """Waiting in ``recv`` for a HELLO that has not come (evictable past the grace)."""
+        return self.in_recv and self.conn.state is State.AWAIT_HELLO
+
     def busy(self) -> bool:
         """Handlers still running for this connection (it is not idle, HAProxy awaits ACKs)."""
         return self.pool is not None and len(self.pool) > 0
@@ -454,9 +458,7 @@ class SpoaServer:
         """Connections still without HELLO after ``HELLO_GRACE_S``: slots a waiting
         connection would get (with ``--workers``, the supervisor counts them as free)."""
         limit = time.monotonic() - HELLO_GRACE_S
-        return sum(1 for client in self._clients
-                   if client.conn.state is State.AWAIT_HELLO and client.in_recv
-                   and client.accepted <= limit)
+        return sum(1 for client in self._clients if client.silent() and client.accepted <= limit)
 
     def _connections_blocked(self) -> None:
         """A connection waits in the backlog while every slot is taken: count it, and free the
@@ -480,8 +482,7 @@ class SpoaServer:
             return
         oldest: _Client | None = None
         for client in self._clients:
-            if (client.conn.state is State.AWAIT_HELLO and client.in_recv
-                    and (oldest is None or client.accepted < oldest.accepted)):
+            if client.silent() and (oldest is None or client.accepted < oldest.accepted):
                 oldest = client
         if oldest is None:
             if self._give_back is not None:  # --workers
@@ -526,8 +527,7 @@ class SpoaServer:
 
     def _evict(self, client: _Client) -> None:
         """Hub callback: end ``client`` if it still waits for its HELLO, else look again."""
-        if (client.in_recv and client.conn.state is State.AWAIT_HELLO
-                and not client.greenlet.dead):
+        if client.silent() and not client.greenlet.dead:
             client.greenlet.throw(_Evict)  # _eviction_due stays set until its slot is free
         else:
             self._evict_silent()
@@ -965,6 +965,10 @@ def _linger(sock: socket.socket) -> None:
         pass
 
 
+def _family(host: str) -> int:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
 def bind_problem(bind: str) -> str | None:
     """Why ``bind`` cannot be listened on, as far as ``--check`` can tell without taking it
     (a running agent may hold it): a unix socket's directory, a TCP host this machine has not.
@@ -978,9 +982,8 @@ def bind_problem(bind: str) -> str | None:
             return f"{directory} is not writable by this user"
         return None
     host, _ = target
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
+        with socket.socket(_family(host), socket.SOCK_STREAM) as probe:
             probe.bind((host, 0))  # any port: is the address one of this machine's?
     except OSError as exc:
         return exc.strerror or str(exc)
@@ -1016,8 +1019,7 @@ def make_listener(
         if note:
             log.warning("%s", note)
         host, port = target
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = socket.socket(_family(host), socket.SOCK_STREAM)
         # A restarted agent (even after SIGKILL) must get its port back despite TIME_WAIT.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))

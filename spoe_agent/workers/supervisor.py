@@ -264,17 +264,8 @@ class Supervisor:
                 gevent.sleep(0.1)
                 continue
             try:
-                waited = False
-                while not self._hand_over(conn, address):
-                    # Every worker is at max_connections and its hand-off queue is full: this
-                    # connection waits here and the next ones in the listen backlog, as with one
-                    # process (server._ConnectionPool says why). Closing it reset a HAProxy
-                    # connection with its HELLO unread and no AGENT-DISCONNECT.
-                    if not waited:
-                        waited = True
-                        log.warning("every worker is at max_connections: new connections "
-                                    "wait in the listen backlog")
-                    gevent.sleep(_FULL_RETRY_S)
+                # Here, in the accept loop: the next connections wait in the listen backlog.
+                self._hand_over_when_possible(conn, address)
             finally:
                 conn.close()
 
@@ -322,17 +313,27 @@ class Supervisor:
                 giver.handed += 1
             except (OSError, TypeError):
                 if moved[1] is None:  # a new connection (passed on by a full worker) waits
-                    gevent.spawn(self._hand_over_when_possible, conn.dup(), moved[0])
+                    gevent.spawn(self._hand_over_then_close, conn.dup(), moved[0])
                 else:
                     log.warning("no worker could take a connection handed back: closing it")
         finally:
             conn.close()
 
     def _hand_over_when_possible(self, conn: Any, address: Any) -> None:
-        """As the accept loop does with a connection no worker can take yet."""
+        """Every worker is at max_connections and its hand-off queue is full: the connection
+        waits, as with one process (server._ConnectionPool says why). Closing it reset a
+        HAProxy connection with its HELLO unread and no AGENT-DISCONNECT."""
+        waited = False
+        while not self._hand_over(conn, address):
+            if not waited:
+                waited = True
+                log.warning("every worker is at max_connections: new connections "
+                            "wait in the listen backlog")
+            gevent.sleep(_FULL_RETRY_S)
+
+    def _hand_over_then_close(self, conn: Any, address: Any) -> None:
         try:
-            while not self._hand_over(conn, address):
-                gevent.sleep(_FULL_RETRY_S)
+            self._hand_over_when_possible(conn, address)
         finally:
             conn.close()
 
