@@ -469,7 +469,8 @@ class SpoaServer:
         for a whole HELLO deadline (``read_timeout``), far longer than its ``timeout hello``.
         """
         self._limit("connections", "max_connections (%d) reached: new HAProxy connections wait "
-                    "in the listen backlog until one closes", self.config.max_connections)
+                    "in the %s until one closes", self.config.max_connections,
+                    "listen backlog" if self._give_back is None else "supervisor's hand-off")
         if not self._eviction_due:
             self._evict_silent()
 

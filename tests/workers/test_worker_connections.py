@@ -76,6 +76,9 @@ def test_connections_past_every_workers_cap_wait_rather_than_reset(
         answered, broken = _answers(selector, seconds=3.0)
         assert broken == [] and len(answered) == 2, (len(answered), broken[:3])
         assert "every worker is at max_connections" in agent.logs()
+        # A worker has no listen backlog: its connections wait in the supervisor's hand-off.
+        assert re.search(r"max_connections \(\d+\) reached: new HAProxy connections wait in "
+                         r"the supervisor's hand-off", agent.logs()), agent.describe_logs()
         for sock in answered:  # two slots free: two waiting connections get theirs
             selector.unregister(sock)
             sock.close()
