@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     from spoe_agent.runner import StartupError, run, tls_context
 
     if args.check:
-        from spoe_agent.server import bind_problem
+        from spoe_agent.listeners import bind_problem
 
         problem = bind_problem(config.bind)
         if problem is not None:

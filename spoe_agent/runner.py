@@ -25,7 +25,8 @@ from gevent.event import Event
 
 from spoe_agent.config import AgentConfig, bind_text
 from spoe_agent.handlers import Agent
-from spoe_agent.server import SpoaServer, make_listener, remove_listener_socket
+from spoe_agent.listeners import make_listener, remove_listener_socket
+from spoe_agent.server import SpoaServer
 
 log = logging.getLogger(__name__)
 

@@ -32,10 +32,7 @@ from __future__ import annotations
 import errno
 import logging
 import math
-import os
-import shutil
 import socket
-import stat
 import time
 from collections.abc import Callable
 from typing import Any
@@ -48,8 +45,9 @@ from gevent.server import StreamServer
 from gevent.socket import socket as _GeventSocket
 
 from spoe_agent import build_description
-from spoe_agent.config import AgentConfig, bind_text, ignored_unix_options, split_bind
+from spoe_agent.config import AgentConfig, bind_text
 from spoe_agent.handlers import Agent, Work
+from spoe_agent.listeners import BACKLOG, make_listener
 from spoe_agent.logs import Throttle
 from spoe_agent.protocol.connection import (
     ConnectionClosed,
@@ -82,10 +80,8 @@ _RECV_BUFFER = bytearray(_RECV_SIZE)
 _RECV_VIEW = memoryview(_RECV_BUFFER)
 # The real select: the pool's full() runs in a hub callback, where gevent's may not switch.
 _select = get_original("select", "select")
-_OriginalSocket = get_original("socket", "socket")
 _NORMAL_CLOSE_ERRNOS = {errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ESHUTDOWN}
 SHUTDOWN_MESSAGE = "agent shutting down"
-BACKLOG = 1024
 LINGER_S = 2.0  # how long a closing connection may wait for the peer to close too
 HELLO_GRACE_S = 1.0  # at max_connections, a connection still without HELLO after this yields
 
@@ -490,14 +486,14 @@ class SpoaServer:
                 wait = self._passed_on_at + HELLO_GRACE_S - time.monotonic()
                 if wait > 0:
                     self._eviction_due = True
-                    spawn_later(wait, self._evict_silent)
+                    gevent.spawn_later(wait, self._evict_silent)
                 else:
                     self._pass_on_waiting()
             return
         self._eviction_due = True
         delay = oldest.accepted + HELLO_GRACE_S - time.monotonic()
         if delay > 0:
-            spawn_later(delay, self._evict_silent)
+            gevent.spawn_later(delay, self._evict_silent)
         else:
             gevent.get_hub().loop.run_callback(self._evict, oldest)
 
@@ -966,110 +962,6 @@ def _linger(sock: socket.socket) -> None:
         pass
 
 
-def _family(host: str) -> int:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
-
-
-def bind_problem(bind: str) -> str | None:
-    """Why ``bind`` cannot be listened on, as far as ``--check`` can tell without taking it
-    (a running agent may hold it): a unix socket's directory, a TCP host this machine has not.
-    """
-    target = split_bind(bind)
-    if isinstance(target, str):
-        directory = os.path.dirname(os.path.abspath(target))
-        if not os.path.isdir(directory):
-            return f"{directory} is not a directory"
-        if not os.access(directory, os.W_OK | os.X_OK):
-            return f"{directory} is not writable by this user"
-        return None
-    host, _ = target
-    try:
-        with socket.socket(_family(host), socket.SOCK_STREAM) as probe:
-            probe.bind((host, 0))  # any port: is the address one of this machine's?
-    except OSError as exc:
-        return exc.strerror or str(exc)
-    return None
-
-
-def make_listener(
-    bind: str, backlog: int = BACKLOG, *, listen: bool = True, mode: int | None = None,
-    group: str = "",
-) -> socket.socket:
-    """A bound socket for ``HOST:PORT`` or ``unix:/path`` (stale socket replaced), listening
-    unless ``listen`` is false (:meth:`SpoaServer.start` then starts it). A unix socket gets
-    ``mode`` and ``group`` before it listens, so no connection ever sees other permissions."""
-    target = split_bind(bind)
-    if isinstance(target, str):
-        remove_stale_socket(target)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(target)
-        step = ""
-        try:
-            if group:
-                step = f"chgrp {group}"
-                shutil.chown(target, group=group)
-            if mode is not None:
-                step = f"chmod {mode:o}"
-                os.chmod(target, mode)
-        except OSError as exc:
-            sock.close()
-            os.unlink(target)
-            raise OSError(exc.errno, f"{step} {target}: {exc.strerror}") from None
-    else:
-        note = ignored_unix_options(bind, mode, group)
-        if note:
-            log.warning("%s", note)
-        host, port = target
-        sock = socket.socket(_family(host), socket.SOCK_STREAM)
-        # A restarted agent (even after SIGKILL) must get its port back despite TIME_WAIT.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-    if listen:
-        sock.listen(backlog)
-    sock.setblocking(False)
-    return sock
-
-
-def remove_stale_socket(path: str) -> None:
-    """Unlink ``path`` if it is a unix socket nobody listens on (a previous run's).
-
-    Anything else raises OSError: a file that is not a socket (unlinking it would destroy
-    someone's data), or a socket another process serves (taking it over would silently cut
-    that agent off from HAProxy, where a TCP port in use is refused).
-    """
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
-    probe = _OriginalSocket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(1.0)
-        probe.connect(path)
-    except TimeoutError:
-        pass  # a full backlog: someone listens
-    except (ConnectionRefusedError, FileNotFoundError):
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        return
-    finally:
-        probe.close()
-    raise OSError(errno.EADDRINUSE, f"another process listens on {path}")
-
-
-def remove_listener_socket(bind: str) -> None:
-    """After a clean stop, remove the unix socket file this agent listened on."""
-    target = split_bind(bind)
-    if isinstance(target, str):
-        try:
-            remove_stale_socket(target)
-        except OSError:
-            pass  # not ours any more: leave it
-
-
 def _close_socket(sock: socket.socket) -> None:
     try:
         sock.close()
@@ -1081,7 +973,3 @@ def _peer(address: Any) -> str:
     if isinstance(address, tuple) and len(address) >= 2:
         return f"{address[0]}:{address[1]}"
     return str(address) or "unix socket"
-
-
-def spawn_later(delay: float, func: Callable[..., Any], *args: Any) -> Any:
-    return gevent.spawn_later(delay, func, *args)

@@ -308,7 +308,7 @@ def test_unix_socket_gets_the_configured_mode_and_group(tmp_path: Path, workers:
 
 
 def test_make_listener_sets_the_mode_before_the_socket_listens() -> None:
-    from spoe_agent.server import make_listener
+    from spoe_agent.listeners import make_listener
 
     path = Path(tempfile.mkdtemp(prefix="spoe-unix-")) / "agent.sock"
     for mode in (0o600, 0o666):
@@ -321,9 +321,9 @@ def test_make_listener_sets_the_mode_before_the_socket_listens() -> None:
 
 
 def test_unix_permissions_with_a_tcp_bind_are_said_to_be_ignored(caplog) -> None:
-    from spoe_agent.server import make_listener
+    from spoe_agent.listeners import make_listener
 
-    with caplog.at_level(logging.WARNING, logger="spoe_agent.server"):
+    with caplog.at_level(logging.WARNING, logger="spoe_agent.listeners"):
         make_listener("127.0.0.1:0", listen=False, mode=0o660).close()
     assert "unix_mode and unix_group apply to a unix: bind only; ignored for 127.0.0.1:0" in (
         caplog.text)

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from spoe_agent.listeners import address_family
 from spoe_agent.tracing.jaeger.decode import decode_batch_binary, decode_emit_batch
 
 log = logging.getLogger(__name__)
@@ -196,8 +197,7 @@ class JaegerReceiver:
 
     def start(self) -> JaegerReceiver:
         if self.udp_addr is not None:
-            family = socket.AF_INET6 if ":" in self.udp_addr[0] else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_DGRAM)
+            sock = socket.socket(address_family(self.udp_addr[0]), socket.SOCK_DGRAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
             sock.bind(self.udp_addr)
             sock.settimeout(0.2)
@@ -342,8 +342,7 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
     receiver: JaegerReceiver
 
     def __init__(self, addr: tuple[str, int], handler: type) -> None:
-        if ":" in addr[0]:
-            self.address_family = socket.AF_INET6
+        self.address_family = address_family(addr[0])
         super().__init__(addr, handler)
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()

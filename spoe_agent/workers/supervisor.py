@@ -29,8 +29,8 @@ import gevent
 from gevent.event import Event
 
 from spoe_agent.config import AgentConfig, bind_text
+from spoe_agent.listeners import make_listener, remove_listener_socket
 from spoe_agent.runner import EXIT_FORCED, SHUTDOWN_TIMEOUT, STOP_SIGNALS, StartupError
-from spoe_agent.server import make_listener, remove_listener_socket
 from spoe_agent.workers.handoff import (
     GIVE_SIGNAL,
     channel_pair,

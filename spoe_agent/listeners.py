@@ -1,0 +1,130 @@
+"""The sockets the agent listens on: binding ``HOST:PORT`` or ``unix:/path``, and the unix
+socket files a previous run left behind.
+
+Kept apart from the gevent server because the supervisor (``--workers``) and ``--check`` need
+them without serving anything.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import socket
+import stat
+
+from gevent.monkey import get_original
+
+from spoe_agent.config import ignored_unix_options, split_bind
+
+log = logging.getLogger(__name__)
+
+# Probing a unix socket must block even where gevent patched ``socket``.
+_OriginalSocket = get_original("socket", "socket")
+BACKLOG = 1024
+
+
+def address_family(host: str) -> int:
+    """IPv6 for a literal IPv6 host (``[::1]`` arrives as ``::1``), IPv4 otherwise."""
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def bind_problem(bind: str) -> str | None:
+    """Why ``bind`` cannot be listened on, as far as ``--check`` can tell without taking it
+    (a running agent may hold it): a unix socket's directory, a TCP host this machine has not.
+    """
+    target = split_bind(bind)
+    if isinstance(target, str):
+        directory = os.path.dirname(os.path.abspath(target))
+        if not os.path.isdir(directory):
+            return f"{directory} is not a directory"
+        if not os.access(directory, os.W_OK | os.X_OK):
+            return f"{directory} is not writable by this user"
+        return None
+    host, _ = target
+    try:
+        with socket.socket(address_family(host), socket.SOCK_STREAM) as probe:
+            probe.bind((host, 0))  # any port: is the address one of this machine's?
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
+def make_listener(
+    bind: str, backlog: int = BACKLOG, *, listen: bool = True, mode: int | None = None,
+    group: str = "",
+) -> socket.socket:
+    """A bound socket for ``HOST:PORT`` or ``unix:/path`` (stale socket replaced), listening
+    unless ``listen`` is false (:meth:`SpoaServer.start` then starts it). A unix socket gets
+    ``mode`` and ``group`` before it listens, so no connection ever sees other permissions."""
+    target = split_bind(bind)
+    if isinstance(target, str):
+        remove_stale_socket(target)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(target)
+        step = ""
+        try:
+            if group:
+                step = f"chgrp {group}"
+                shutil.chown(target, group=group)
+            if mode is not None:
+                step = f"chmod {mode:o}"
+                os.chmod(target, mode)
+        except OSError as exc:
+            sock.close()
+            os.unlink(target)
+            raise OSError(exc.errno, f"{step} {target}: {exc.strerror}") from None
+    else:
+        note = ignored_unix_options(bind, mode, group)
+        if note:
+            log.warning("%s", note)
+        host, port = target
+        sock = socket.socket(address_family(host), socket.SOCK_STREAM)
+        # A restarted agent (even after SIGKILL) must get its port back despite TIME_WAIT.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    if listen:
+        sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
+def remove_stale_socket(path: str) -> None:
+    """Unlink ``path`` if it is a unix socket nobody listens on (a previous run's).
+
+    Anything else raises OSError: a file that is not a socket (unlinking it would destroy
+    someone's data), or a socket another process serves (taking it over would silently cut
+    that agent off from HAProxy, where a TCP port in use is refused).
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+    probe = _OriginalSocket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except TimeoutError:
+        pass  # a full backlog: someone listens
+    except (ConnectionRefusedError, FileNotFoundError):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        return
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, f"another process listens on {path}")
+
+
+def remove_listener_socket(bind: str) -> None:
+    """After a clean stop, remove the unix socket file this agent listened on."""
+    target = split_bind(bind)
+    if isinstance(target, str):
+        try:
+            remove_stale_socket(target)
+        except OSError:
+            pass  # not ours any more: leave it
