@@ -46,6 +46,7 @@ from gevent.socket import socket as _GeventSocket
 
 from spoe_agent import build_description
 from spoe_agent.config import AgentConfig, bind_text
+from spoe_agent.handler_pool import HandlerPool
 from spoe_agent.handlers import Agent, Work
 from spoe_agent.listeners import BACKLOG, make_listener
 from spoe_agent.logs import Throttle
@@ -60,7 +61,6 @@ from spoe_agent.protocol.connection import (
     State,
 )
 from spoe_agent.protocol.types import Action, Status
-from spoe_agent.runners import HandlerPool
 
 log = logging.getLogger(__name__)
 

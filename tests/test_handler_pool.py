@@ -1,4 +1,4 @@
-"""Concurrent handlers run by reused greenlets (spoe_agent.runners), as the server uses them."""
+"""Concurrent handlers run by reused greenlets (spoe_agent.handler_pool), as the server uses them."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from contextvars import ContextVar
 import gevent
 from gevent.event import Event
 
-from spoe_agent.runners import HandlerPool
+from spoe_agent.handler_pool import HandlerPool
 
 
 def test_handlers_run_in_parked_greenlets_rather_than_new_ones() -> None:
