@@ -87,7 +87,8 @@ HELLO_GRACE_S = 1.0  # at max_connections, a connection still without HELLO afte
 
 
 class Stats:
-    """Plain counters the metrics endpoint reads; ints only, so updates never yield."""
+    """Plain counters the metrics endpoint reads: ints, and dicts of ints by status or limit,
+    so that updates never yield."""
 
     def __init__(self) -> None:
         self.connections_open = 0
@@ -566,6 +567,8 @@ class SpoaServer:
                 if self._stopping:
                     client.draining = True
                 self._serve(client)
+                if client.conn.disconnect_status is not None:  # written: flush() returned
+                    stats.sent_disconnect(client.conn.disconnect_status)
                 if not (client.peer_closed or client.moved or client.evicted):
                     _linger(sock)
             except OSError as exc:
@@ -614,8 +617,7 @@ class SpoaServer:
             if client.draining:
                 self._drain(client)
                 return
-            parked = (conn.state is _READY and not conn.buffered
-                      and not conn.awaiting_fragments)
+            parked = conn.at_frame_boundary
             if parked:
                 kind, timeout = "idle_timeout", None  # _sweep_idle ends an idle wait
             else:
@@ -775,7 +777,6 @@ class SpoaServer:
                        else self.config.read_timeout)
         self._limit(kind, "closing %s with status 2: " + what, _peer(client.address), seconds)
         client.conn.close(Status.TIMEOUT)
-        self.stats.sent_disconnect(Status.TIMEOUT)
         client.flush()
 
     def _drain(self, client: _Client) -> None:
@@ -805,7 +806,6 @@ class SpoaServer:
             self._feed(client, b"")
         if conn.state is not State.CLOSED:
             conn.close(Status.NORMAL, SHUTDOWN_MESSAGE)
-            self.stats.sent_disconnect(Status.NORMAL)
         client.flush()
 
     def _spawn_concurrent(self, client: _Client, event: NotifyReceived) -> None:
@@ -842,7 +842,6 @@ class SpoaServer:
         elif kind is DisconnectReceived:
             status = event.status
             stats.disconnects_received[status] = stats.disconnects_received.get(status, 0) + 1
-            stats.sent_disconnect(Status.NORMAL)
             if status in (0, 2):
                 log.debug("HAProxy disconnected %s: status %d (%s)", _peer(client.address),
                           status, event.message)
@@ -851,7 +850,6 @@ class SpoaServer:
                                        "HAProxy disconnected %s: status %d (%s)",
                                        _peer(client.address), status, event.message)
         elif kind is ProtocolViolation:
-            stats.sent_disconnect(int(event.status))
             self._throttle.warning(
                 "protocol_error", "protocol error from %s, sent AGENT-DISCONNECT status %d: %s",
                 _peer(client.address), event.status, event.message)

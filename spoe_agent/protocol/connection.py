@@ -185,6 +185,9 @@ class SpopConnection:
         # it sent before still get their ACKs, which a half-closed peer can read.
         self.peer_eof = False
         self.empty_ack = empty_ack
+        #: The status of the AGENT-DISCONNECT queued, once one is: each connection sends one at
+        #: most, whoever started the goodbye (a limit, a protocol error, or HAProxy's own).
+        self.disconnect_status: int | None = None
         self._inbuf = bytearray()
         self._out: list[bytes] = []
         self._fragments: _Fragments | None = None
@@ -197,7 +200,7 @@ class SpopConnection:
         half reassembled and nothing left to write, moves (HAProxy then sees nothing happen).
         Plain data, for any serializer.
         """
-        if self.state is not _READY or self._inbuf or self._fragments is not None or self._out:
+        if not self.at_frame_boundary or self._out:
             return None
         return {
             "frame_size": self.frame_size,
@@ -295,6 +298,7 @@ class SpopConnection:
             message = STATUS_MESSAGES.get(status, "error")  # type: ignore[call-overload]
         raw = message.encode("utf-8", "replace")[:_MAX_DISCONNECT_MESSAGE]
         text = raw.decode("utf-8", "ignore")
+        self.disconnect_status = int(status)
         self._out.append(codec.disconnect(FrameType.AGENT_DISCONNECT, int(status), text))
 
     # -------------------------------------------------------------------------- input side
@@ -409,6 +413,13 @@ class SpopConnection:
     def buffered(self) -> int:
         """Bytes of an incomplete frame still waiting (for read deadlines and memory limits)."""
         return len(self._inbuf)
+
+    @property
+    def at_frame_boundary(self) -> bool:
+        """READY with no frame begun and no fragmented NOTIFY half reassembled: waiting for
+        input here is idleness (``idle_timeout``), not a slow frame (``read_timeout``), and
+        the connection could move to another process with nothing lost."""
+        return self.state is _READY and not self._inbuf and self._fragments is None
 
     @property
     def awaiting_fragments(self) -> bool:
@@ -579,11 +590,3 @@ def _supports_v2(versions: str) -> bool:
             return True
     return False
 
-
-def hello_items(conn: SpopConnection) -> dict[str, Any]:
-    """What the agent announced, for logs and diagnostics."""
-    return {
-        "version": "2.0",
-        "max-frame-size": conn.frame_size,
-        "capabilities": ",".join(conn.capabilities),
-    }

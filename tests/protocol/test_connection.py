@@ -168,6 +168,7 @@ def test_haproxy_disconnect_gets_agent_disconnect_then_close() -> None:
     assert events[0] == DisconnectReceived(0, "normal")
     assert isinstance(events[1], ConnectionClosed)
     assert disconnect_status(conn.data_to_send()) == (0, "normal")
+    assert conn.disconnect_status == 0  # what the shell counts as sent
     assert conn.state is State.CLOSED
     assert conn.receive_data(codec.notify(1, 1, [])) == []  # nothing after close
 
@@ -183,6 +184,7 @@ def test_eof_is_a_normal_close() -> None:
     conn = ready()
     assert conn.receive_eof() == [ConnectionClosed("peer closed the connection")]
     assert conn.data_to_send() == b""
+    assert conn.disconnect_status is None  # no goodbye either way
 
 
 def test_eof_says_how_much_of_a_frame_it_cut_off() -> None:
@@ -256,6 +258,7 @@ def test_hello_errors_get_the_spec_status_code(data: bytes, status: Status) -> N
     assert isinstance(events[-1], ConnectionClosed)
     code, message = disconnect_status(conn.data_to_send())
     assert code == status and message
+    assert conn.disconnect_status == status
     assert conn.state is State.CLOSED
 
 
@@ -376,9 +379,11 @@ def test_unknown_frame_types_are_skipped() -> None:
 
 def test_agent_close_sends_status_and_truncates_long_messages() -> None:
     conn = ready()
+    assert conn.disconnect_status is None
     conn.close(Status.RESOURCE_ALLOCATION, "é" * 300)
     code, message = disconnect_status(conn.data_to_send())
     assert code == 13 and len(message.encode()) <= 255
+    assert conn.disconnect_status == 13
     assert conn.state is State.CLOSED
 
 
@@ -498,13 +503,15 @@ def test_a_ready_connection_moves_with_its_negotiated_state_and_goes_on_alike() 
 
 def test_a_connection_moves_only_at_a_frame_boundary_with_nothing_owed() -> None:
     conn = SpopConnection()
-    assert conn.export_state() is None  # no HELLO yet
+    assert conn.export_state() is None and not conn.at_frame_boundary  # no HELLO yet
     conn = ready()
+    assert conn.at_frame_boundary
     conn.receive_data(codec.notify(1, 1, [])[:7])
-    assert conn.export_state() is None  # half a frame read
+    assert conn.export_state() is None and not conn.at_frame_boundary  # half a frame read
     conn = ready()
     conn.receive_data(codec.encode_frame(FrameType.NOTIFY, 0, 3, b"\x01m\x01\x01q\x08\x7f", 0))
     assert conn.export_state() is None  # a fragmented NOTIFY half reassembled
+    assert not conn.at_frame_boundary
     conn = ready()
     conn.send_ack(1, 1)
     assert conn.export_state() is None  # an ACK not written yet
