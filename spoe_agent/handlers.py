@@ -33,8 +33,8 @@ class Agent:
         self._concurrent: set[str] = set()
         self._fallback: Fallback | None = None
         self.handler_errors = 0
-        # Called with the server's config when serving starts / after it stopped (tracing uses
-        # them to start its exporter and to end open spans and flush on shutdown).
+        # Called, without arguments, when serving starts / after it stopped (tracing uses them
+        # to start its exporter and to end open spans and flush on shutdown).
         self.on_startup: list[Callable[[], None]] = []
         self.on_shutdown: list[Callable[[], None]] = []
         # Called by the server once per read that brought NOTIFYs, before it handles any of

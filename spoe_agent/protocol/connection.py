@@ -3,7 +3,8 @@
 Bytes go in through :meth:`SpopConnection.receive_data`, events come out, and everything the
 agent must write accumulates in one outbound buffer drained by :meth:`data_to_send`. Whole
 frames are appended atomically, so concurrent handlers can never interleave partial writes
-(the coraza-spoa #217 failure mode), and the socket shell stays a dozen lines.
+(the coraza-spoa #217 failure mode), and the socket shell (``server.py``) only reads, feeds,
+runs handlers and writes: its bounds and timers are I/O policy, none of them protocol.
 
 No input can raise out of this class: every protocol error becomes an AGENT-DISCONNECT with the
 status code from SPOE.txt's table, a :class:`ProtocolViolation` event and the CLOSED state.

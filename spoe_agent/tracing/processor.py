@@ -5,7 +5,7 @@ observable: ``on_end`` only appends to a bounded deque (a full queue drops the s
 it never blocks or raises); a slow or stalled exporter cannot make the queue grow past its bound;
 and every failure is a counter, not an exception in the request path.
 
-The flush loop uses ``threading``.  Once gevent has monkeypatched the process (the server does so
+The flush loop uses ``threading``.  Once gevent has monkeypatched the process (``cli.main`` does so
 first thing) that thread is a greenlet and its waits are cooperative; without monkeypatching it is
 a real thread.  Both work: the only cross-thread operations are ``deque`` appends/pops (atomic)
 and ``Event`` signalling.

@@ -6,7 +6,8 @@ spans because most of a session's life happens before its trace id is known: HAP
 request headers (and so the incoming trace context) only after the root span has started.
 Span ids are assigned at start; the trace id and the sampling decision are fixed lazily, when
 the headers arrive, at the first inject or at the session's end, and only then are finished
-spans turned into SDK :class:`ReadableSpan` objects and handed to ``emit``.
+spans handed to ``emit``: as :class:`SpanRecord` tuples for an exporter that reads them (the
+Jaeger one), as SDK :class:`ReadableSpan` objects for any other.
 
 Sessions whose end HAProxy never reports (aborted streams, a restarted HAProxy, a lost
 connection) are ended by TTL or by the session cap; their open spans are emitted marked
@@ -312,7 +313,7 @@ class _Session:
 
 
 class SessionRegistry:
-    """Applies commands to sessions and emits their spans as SDK ``ReadableSpan`` objects.
+    """Applies commands to sessions and emits their spans (records or SDK spans: see above).
 
     All methods are pure Python with no I/O and no blocking call, so under gevent each call runs
     atomically with respect to other greenlets and no lock is needed; ``emit``, ``propagator``,
