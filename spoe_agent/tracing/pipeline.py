@@ -20,7 +20,7 @@ from opentelemetry.sdk.trace.sampling import (
     TraceIdRatioBased,
 )
 
-from spoe_agent.config import AgentConfig
+from spoe_agent.config import SAMPLERS, AgentConfig
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def build_sampler(name: str, arg: str = "") -> Sampler:
     try:
         return samplers[name]()
     except KeyError:
-        raise ValueError(f"unknown sampler {name!r}; known: {', '.join(samplers)}") from None
+        raise ValueError(f"unknown sampler {name!r}; known: {', '.join(SAMPLERS)}") from None
 
 
 def build_exporter(config: AgentConfig) -> SpanExporter | None:

@@ -25,6 +25,8 @@ from opentelemetry.trace import (
 )
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from spoe_agent.config import PROPAGATORS
+
 # The carrier keys the span language accepts as incoming headers, whatever the configured
 # propagators: HAProxy forwards what it was told to, and extraction ignores the keys it does not
 # understand. Jaeger baggage comes as one key per item under UBERCTX_PREFIX.
@@ -51,7 +53,6 @@ _FACTORIES = {
     "b3multi": B3MultiFormat,
     "jaeger": JaegerPropagator,
 }
-PROPAGATOR_NAMES = (*_FACTORIES, "none")
 
 
 def build_propagator(names: str | Iterable[str]) -> TextMapPropagator:
@@ -72,7 +73,7 @@ def build_propagator(names: str | Iterable[str]) -> TextMapPropagator:
         if name != "none" and name not in _FACTORIES:
             raise ValueError(
                 f"unknown propagator {raw.strip()!r}; expected some of: "
-                + ", ".join(PROPAGATOR_NAMES)
+                + ", ".join(PROPAGATORS)
             )
         if name not in seen:
             seen.append(name)

@@ -7,15 +7,23 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    ParentBased,
+    Sampler,
+    TraceIdRatioBased,
+)
 
-from spoe_agent.config import load_config
+from spoe_agent.config import PROPAGATORS, SAMPLERS, load_config
 from spoe_agent.protocol.types import Message
 from spoe_agent.tracing.agent import TracingAgent
 from spoe_agent.tracing.jaeger import FastJaegerExporter
 from spoe_agent.tracing.pipeline import Resources, build_exporter, build_sampler
+from spoe_agent.tracing.propagation import build_propagator
 from spoe_agent.viewer.receiver import JaegerReceiver
 
 
@@ -27,6 +35,15 @@ def test_samplers_follow_the_otel_vocabulary() -> None:
     assert isinstance(build_sampler("parentbased_traceidratio", "0.5"), ParentBased)
     with pytest.raises(ValueError, match="unknown sampler"):
         build_sampler("sometimes")
+
+
+def test_every_name_the_configuration_accepts_builds() -> None:
+    """The configuration keeps the vocabulary (it refuses anything else, with the line); the
+    pipeline must build each word of it, or an accepted setting would fail at start."""
+    for name in SAMPLERS:
+        assert isinstance(build_sampler(name, "0.5"), Sampler), name
+    for name in PROPAGATORS:
+        assert isinstance(build_propagator(name), TextMapPropagator), name
 
 
 def test_jaeger_console_and_none_exporters() -> None:
