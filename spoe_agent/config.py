@@ -202,12 +202,11 @@ def _default_workers() -> int:
 
 
 def _bool(text: str) -> bool:
-    value = str(text).strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"expected true or false, got {text!r}")
+    """configparser's own words (``getboolean``), so agent.ini reads like any INI file."""
+    try:
+        return configparser.ConfigParser.BOOLEAN_STATES[str(text).strip().lower()]
+    except KeyError:
+        raise ValueError(f"expected true or false, got {text!r}") from None
 
 
 def parse_busy_poll(text: str) -> float:

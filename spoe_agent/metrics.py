@@ -33,15 +33,11 @@ from prometheus_client.registry import Collector
 
 from spoe_agent.config import split_bind
 from spoe_agent.handlers import Agent, MetricSample
+from spoe_agent.protocol.types import Status
 
 log = logging.getLogger(__name__)
 
-STATUS_NAMES = {
-    0: "normal", 1: "io_error", 2: "timeout", 3: "frame_too_big", 4: "invalid_frame",
-    5: "no_version", 6: "no_max_frame_size", 7: "no_capabilities", 8: "unsupported_version",
-    9: "bad_max_frame_size", 10: "fragmentation_not_supported", 11: "interlaced_frames",
-    12: "frame_id_not_found", 13: "resource_allocation", 99: "unknown",
-}
+STATUS_NAMES = {int(status): status.name.lower() for status in Status}  # "reason" labels
 ACK_LATENCY_BUCKETS = (
     25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 50e-3, 0.25, 1.0,
 )

@@ -21,6 +21,7 @@ from collections.abc import Iterable, MutableMapping
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any, Final, NamedTuple
 
+from spoe_agent.protocol.codec import encode_name
 from spoe_agent.protocol.types import Message, Typed
 from spoe_agent.tracing.propagation import CARRIER_KEYS, UBERCTX_PREFIX
 
@@ -86,10 +87,10 @@ _ARGS: dict[str, int] = {
     "service": _K_SERVICE,
     "kind": _K_KIND,
 }
-#: The argument names that compile to an inject, as SPOP writes them: a one-byte length, then
-#: the name. A NOTIFY payload holding none of them cannot make its ACK carry variables.
+#: The argument names that compile to an inject, as SPOP writes them (the codec's own encoding).
+#: A NOTIFY payload holding none of them cannot make its ACK carry variables.
 INJECT_ARGS_ON_WIRE: Final = tuple(
-    bytes((len(name),)) + name.encode() for name, code in _ARGS.items() if code == OP_INJECT
+    encode_name(name) for name, code in _ARGS.items() if code == OP_INJECT
 )
 # Whether an op's keyword takes the unnamed arguments after it as its value.
 _TAKES_VALUES = tuple(op in (OP_TAG, OP_LOG, OP_BAGGAGE) for op in range(_K_ID))
