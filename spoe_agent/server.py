@@ -301,13 +301,12 @@ class SpoaServer:
         *,
         listener: Any = None,
         tls_context: Any = None,
-        latency_observer: Callable[[float], None] | None = None,
     ) -> None:
         self.agent = agent
         self.config = config
         self.stats = Stats()
         self._clients: set[_Client] = set()
-        self._latency_observer = latency_observer
+        self._latency_observer: Callable[[float], None] | None = None  # metrics sets it
         self._tls = tls_context
         self._stopping = False
         self._stop_deadline = float("inf")

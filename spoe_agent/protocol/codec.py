@@ -122,8 +122,6 @@ def encode_typed(value: Any) -> bytes:
         return b"\x06" + value.packed
     if cls is ipaddress.IPv6Address:
         return b"\x07" + value.packed
-    if isinstance(value, bool):  # pragma: no cover - bool subclasses are exotic
-        return b"\x11" if value else b"\x01"
     if isinstance(value, int):  # IntEnum and friends
         return b"\x04" + _varint(int(value))
     if isinstance(value, str):

@@ -690,17 +690,6 @@ def test_bad_endpoint_is_rejected_up_front() -> None:
         FastJaegerExporter(collector_endpoint="ftp://example/api/traces")
 
 
-def test_from_env_reads_the_official_variables(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("OTEL_EXPORTER_JAEGER_AGENT_HOST", "jaeger")
-    monkeypatch.setenv("OTEL_EXPORTER_JAEGER_AGENT_PORT", "6832")
-    monkeypatch.setenv("OTEL_EXPORTER_JAEGER_AGENT_SPLIT_OVERSIZED_BATCHES", "false")
-    monkeypatch.delenv("OTEL_EXPORTER_JAEGER_ENDPOINT", raising=False)
-    exporter = FastJaegerExporter.from_env(max_packet_size=1000)
-    assert (exporter.agent_host_name, exporter.agent_port) == ("jaeger", 6832)
-    assert exporter.udp_split_oversized_batches is False
-    assert exporter.collector_endpoint is None and exporter.max_packet_size == 1000
-
-
 def test_specs_are_converted_without_touching_the_generated_ones() -> None:
     original = jaeger.Batch.thrift_spec
     converted = fast.convert_spec(original)

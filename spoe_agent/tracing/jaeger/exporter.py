@@ -8,7 +8,6 @@ and takes the registry's ``SpanRecord`` tuples as well as SDK spans.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -111,29 +110,6 @@ class FastJaegerExporter(SpanExporter):
         self._process_bytes: dict[str, bytes] = {}
         self._lock = threading.Lock()
         self._shutdown = False
-
-    @classmethod
-    def from_env(cls, **overrides: Any) -> FastJaegerExporter:
-        """Build from the official ``OTEL_EXPORTER_JAEGER_*`` variables; explicit args win."""
-        env = os.environ
-        kwargs: dict[str, Any] = {}
-        if env.get("OTEL_EXPORTER_JAEGER_AGENT_HOST"):
-            kwargs["agent_host_name"] = env["OTEL_EXPORTER_JAEGER_AGENT_HOST"]
-        if env.get("OTEL_EXPORTER_JAEGER_AGENT_PORT"):
-            kwargs["agent_port"] = int(env["OTEL_EXPORTER_JAEGER_AGENT_PORT"])
-        if env.get("OTEL_EXPORTER_JAEGER_ENDPOINT"):
-            kwargs["collector_endpoint"] = env["OTEL_EXPORTER_JAEGER_ENDPOINT"]
-        if "OTEL_EXPORTER_JAEGER_USER" in env:
-            kwargs["username"] = env["OTEL_EXPORTER_JAEGER_USER"]
-        if "OTEL_EXPORTER_JAEGER_PASSWORD" in env:
-            kwargs["password"] = env["OTEL_EXPORTER_JAEGER_PASSWORD"]
-        if env.get("OTEL_EXPORTER_JAEGER_TIMEOUT"):
-            kwargs["timeout"] = float(env["OTEL_EXPORTER_JAEGER_TIMEOUT"])
-        split = env.get("OTEL_EXPORTER_JAEGER_AGENT_SPLIT_OVERSIZED_BATCHES")
-        if split:
-            kwargs["udp_split_oversized_batches"] = split.strip().lower() in ("1", "true", "yes")
-        kwargs.update(overrides)
-        return cls(**kwargs)
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         """Send the spans; FAILURE if any of them could not be sent (the others still are)."""
