@@ -34,6 +34,7 @@ from prometheus_client.registry import Collector
 from spoe_agent.config import split_bind
 from spoe_agent.handlers import Agent, MetricSample
 from spoe_agent.protocol.types import Status
+from spoe_agent.server import SpoaServer, Stats
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class _Families:
 class AgentCollector(Collector):
     """Reads the server's and the agent's counters when Prometheus scrapes."""
 
-    def __init__(self, server: Any, agent: Agent) -> None:
+    def __init__(self, server: SpoaServer, agent: Agent) -> None:
         self.server = server
         self.agent = agent
 
@@ -86,7 +87,7 @@ class AgentCollector(Collector):
         yield from families
 
 
-def server_samples(stats: Any) -> Iterator[MetricSample]:
+def server_samples(stats: Stats) -> Iterator[MetricSample]:
     """The SPOP server's counters as (name, kind, help, labels, value) samples."""
     yield ("spoe_agent_connections_open", "gauge", "HAProxy connections open", {},
            stats.connections_open)
@@ -124,7 +125,7 @@ def server_samples(stats: Any) -> Iterator[MetricSample]:
 
 
 class MetricsServer:
-    def __init__(self, bind: str, server: Any, agent: Agent) -> None:
+    def __init__(self, bind: str, server: SpoaServer, agent: Agent) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(AgentCollector(server, agent))
         ProcessCollector(registry=self.registry)
@@ -190,7 +191,7 @@ def url_of(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def start_metrics_server(bind: str, server: Any, agent: Agent) -> MetricsServer:
+def start_metrics_server(bind: str, server: SpoaServer, agent: Agent) -> MetricsServer:
     metrics = MetricsServer(bind, server, agent)
     metrics.start()
     return metrics

@@ -18,7 +18,7 @@ import gc
 import logging
 import os
 import signal
-from typing import Any
+from typing import TYPE_CHECKING
 
 import gevent
 from gevent.event import Event
@@ -27,6 +27,9 @@ from spoe_agent.config import AgentConfig, bind_text
 from spoe_agent.handlers import Agent
 from spoe_agent.listeners import make_listener, remove_listener_socket
 from spoe_agent.server import SpoaServer
+
+if TYPE_CHECKING:
+    import ssl
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +106,7 @@ def run(
     return 0
 
 
-def tls_context(config: AgentConfig) -> Any:
+def tls_context(config: AgentConfig) -> ssl.SSLContext | None:
     """The server-side TLS context for the SPOP listener, or None when TLS is off.
 
     With ``tls_ca`` set, a client certificate signed by that CA is required: HAProxy presents

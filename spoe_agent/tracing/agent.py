@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gevent
 
@@ -30,6 +30,9 @@ from spoe_agent.tracing.pipeline import Resources, build_exporter, build_sampler
 from spoe_agent.tracing.processor import QueueSpanProcessor
 from spoe_agent.tracing.propagation import build_propagator
 from spoe_agent.tracing.registry import SessionRegistry
+
+if TYPE_CHECKING:  # only --workers loads the mesh, which imports this module's registry
+    from spoe_agent.workers.mesh import PeerMesh
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +111,7 @@ class TracingAgent(Agent):
         self._expiry: gevent.Greenlet | None = None
         # Set by a --workers worker (spoe_agent.workers.mesh.PeerMesh): sends each command to
         # the worker that owns its session. None in a single process: no routing cost at all.
-        self.router: Any = None
+        self.router: PeerMesh | None = None
         self._limits_seen: dict[str, int] = {}
         self._limits_logged: dict[str, float] = {}
         self.fallback(self.handle)

@@ -20,6 +20,7 @@ import signal
 from typing import Any
 
 from spoe_agent.config import AgentConfig
+from spoe_agent.handlers import Agent
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def worker_config(config: AgentConfig, index: int) -> AgentConfig:
     return dataclasses.replace(config, **changes)
 
 
-def serve(agent: Any, config: AgentConfig, argv: list[str], index: int | None) -> int:
+def serve(agent: Agent, config: AgentConfig, argv: list[str], index: int | None) -> int:
     """Supervise (``index is None``) or run worker ``index`` until SIGTERM."""
     if index is None:
         from spoe_agent.workers.supervisor import Supervisor
@@ -77,7 +78,7 @@ def serve(agent: Any, config: AgentConfig, argv: list[str], index: int | None) -
     return _run_worker(agent, config, index)
 
 
-def _run_worker(agent: Any, config: AgentConfig, index: int) -> int:
+def _run_worker(agent: Agent, config: AgentConfig, index: int) -> int:
     import gevent
 
     from spoe_agent.runner import run
@@ -104,7 +105,7 @@ def _run_worker(agent: Any, config: AgentConfig, index: int) -> int:
         mesh = PeerMesh(index, config.workers, runtime_dir, registry,
                         lost_window=config.session_ttl)
         agent.router = mesh
-        agent.needs_greenlet = mesh.waits_for_owner
+        agent.needs_greenlet = mesh.waits_for_owner  # type: ignore[method-assign]  # per instance
         mesh.drain_per_read(agent.before_notifies, agent.after_notifies)
         agent.on_startup.append(mesh.start)
         # Before the tracing agent's own hook: what peers already sent must reach the registry

@@ -31,9 +31,12 @@ import marshal
 import os
 import signal
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gevent.monkey import get_original
+
+if TYPE_CHECKING:  # the server imports nothing from here; the worker wires them up
+    from spoe_agent.server import SpoaServer
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +116,7 @@ class HandoffListener:
         self._address = address
         self._handed: dict[int, int] = {}
         self._states: dict[int, Any] = {}  # descriptors handed over with a connection state
-        self._server: Any = None
+        self._server: SpoaServer | None = None
         self._orphaned = False
         self.closed = False
 
@@ -169,7 +172,7 @@ class HandoffListener:
         fd, address = self._accept()
         return socket.socket(self.family, socket.SOCK_STREAM, 0, fileno=fd), address
 
-    def attach(self, server: Any) -> None:
+    def attach(self, server: SpoaServer) -> None:
         """The server this listener feeds: asked for a connection when the supervisor wants one
         (:meth:`give`)."""
         self._server = server
