@@ -572,6 +572,12 @@ _SDK_DISABLED = "environment variable OTEL_SDK_DISABLED"
 
 
 def load_env(env: Mapping[str, str], config: AgentConfig) -> None:
+    """Apply the standard ``OTEL_*`` variables over agent.ini (command-line flags come later).
+
+    An empty variable counts as unset, as the OpenTelemetry specification says; a bad value is
+    refused with the variable's name, where the SDKs warn and fall back: a sampler or endpoint
+    silently replaced by its default is a tracing outage nobody notices.
+    """
     for option in OPTIONS:
         for name in (option.env, option.env_fallback):
             if name is None:

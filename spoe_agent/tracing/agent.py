@@ -278,6 +278,8 @@ class TracingAgent(Agent):
                      stats.dropped_shutdown_deadline)
 
     def metric_samples(self) -> Iterator[MetricSample]:
+        """The tracing series of /metrics, read from plain counters at scrape time, so that
+        the request path only ever increments an int."""
         reg = self.registry.stats
         yield ("spoe_agent_sessions_open", "gauge", "Sessions (HAProxy streams) being traced",
                {}, len(self.registry))

@@ -75,6 +75,13 @@ class WorkersCollector(Collector):
         self._family_of: dict[SampleKey, str] = {}
 
     def collect(self) -> Iterator[Any]:
+        """One scrape of every worker, summed into the series one process would show.
+
+        Counters must never go down for Prometheus' ``rate()``: a worker that does not answer
+        counts with what it last reported, and a replaced worker's last counts are kept
+        (``_retired``) before its successor starts again from zero. Series that describe one
+        process rather than count for it (``_smallest``) take the smallest worker's value.
+        """
         jobs = [gevent.spawn(_fetch, f"{url}/metrics") for url in self.worker_urls]
         gevent.joinall(jobs)
         restarts = list(self.restarts())

@@ -173,6 +173,8 @@ class FrameReader:
         return len(self._buf)
 
     def feed(self, data: bytes) -> list[tuple[Any, ...]]:
+        """The whole frames ``data`` completes. A frame over ``MAX_FRAME`` or that does not
+        decode raises :class:`FrameError` at once: the link is broken, never resynchronised."""
         buf = self._buf + data if self._buf else data
         frames: list[tuple[Any, ...]] = []
         pos = 0

@@ -127,6 +127,8 @@ class Supervisor:
                 "--workers", str(self.config.workers), "--worker-index", str(index)]
 
     def run(self) -> int:
+        """Listen, start the workers, hand them connections and replace those that die, until
+        a stop signal; the exit status is one process's (a worker's failure, or forced)."""
         self.runtime_dir = runtime_dir(self.config.workers)
         try:
             self._listener = make_listener(self.config.bind, mode=self.config.unix_mode,
