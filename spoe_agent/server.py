@@ -660,16 +660,8 @@ class SpoaServer:
                 sock.settimeout(idle)  # writes keep the idle timeout as their deadline
             if self._busy_poll is not None:
                 self._busy_poll.touch()
-            before = conn.buffered
             self._feed(client, data)
-            after = conn.buffered
-            if read_timeout and conn.state is _READY and (
-                    (after and (not before or after < before + len(data)))
-                    or (not after and conn.awaiting_fragments)):
-                # A new frame started, or frames completed and a new one is under way, or
-                # a fragment completed and the next is due. Not before the HELLO: its
-                # deadline runs from the accept, however many frames of other kinds
-                # (skipped) a peer dribbles first.
+            if read_timeout and conn.began_frame:
                 deadline = monotonic() + read_timeout
             unyielded += len(data)
             if unyielded >= _YIELD_AFTER_BYTES:

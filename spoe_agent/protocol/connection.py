@@ -189,6 +189,11 @@ class SpopConnection:
         #: The status of the AGENT-DISCONNECT queued, once one is: each connection sends one at
         #: most, whoever started the goodbye (a limit, a protocol error, or HAProxy's own).
         self.disconnect_status: int | None = None
+        #: The last :meth:`receive_data` began a frame it could not finish, or finished a
+        #: fragment with the next one due: the shell's frame deadline starts again. (Before the
+        #: HELLO it never does: that deadline runs from the accept, however many frames of
+        #: other kinds a peer dribbles first.)
+        self.began_frame = False
         self._inbuf = bytearray()
         self._out: list[bytes] = []
         self._fragments: _Fragments | None = None
@@ -310,6 +315,7 @@ class SpopConnection:
             return []
         self.peer_eof = self.state is State.READY
         self.state = State.CLOSED
+        self.began_frame = False
         fragments = self._fragments
         unfinished = len(self._inbuf) + (fragments.size if fragments is not None else 0)
         if unfinished:
@@ -324,6 +330,7 @@ class SpopConnection:
         by the end of a read waits in the bytearray, and is joined to what follows once it is
         complete, so a peer dribbling a frame byte by byte costs no quadratic copying.
         """
+        self.began_frame = False
         if self.state is _CLOSED:
             return []
         if type(data) is not bytes:  # a bytearray or memoryview: slices must be hashable
@@ -332,7 +339,7 @@ class SpopConnection:
         if buf:
             buf += data
             if not self._frame_complete(buf):
-                return []
+                return []  # more of the same frame: its deadline stands
             data = bytes(buf)
             buf.clear()
         events: list[Event] = []
@@ -398,7 +405,13 @@ class SpopConnection:
         except Exception as exc:  # a bug of ours must cost one connection, not the process
             log.exception("unexpected error while decoding SPOP input")
             self._violation(Status.UNKNOWN, f"internal error: {type(exc).__name__}", events)
-        if self.state is not _CLOSED and pos < end:
+        if self.state is _READY:
+            if pos < end:
+                buf += memoryview(data)[pos:]
+                self.began_frame = True
+            elif self._fragments is not None:
+                self.began_frame = True
+        elif self.state is not _CLOSED and pos < end:
             buf += memoryview(data)[pos:]
         return events
 
@@ -421,12 +434,6 @@ class SpopConnection:
         input here is idleness (``idle_timeout``), not a slow frame (``read_timeout``), and
         the connection could move to another process with nothing lost."""
         return self.state is _READY and not self._inbuf and self._fragments is None
-
-    @property
-    def awaiting_fragments(self) -> bool:
-        """A fragmented NOTIFY is half reassembled: its next fragment is due (a read deadline,
-        not the idle timeout, bounds how long up to ``max_reassembled_size`` is held)."""
-        return self._fragments is not None
 
     def _violation(self, status: Status, message: str, events: list[Event]) -> None:
         # The server logs it with the peer's address; this is for protocol debugging.

@@ -293,6 +293,30 @@ def test_fragmented_notify_is_reassembled_even_mid_string() -> None:
     assert events == [NotifyReceived(0, 3, [Message("m", [("q", "x" * 600), ("n", 7)])])]
 
 
+def test_the_frame_deadline_restarts_only_when_a_new_frame_or_fragment_is_due() -> None:
+    """``began_frame`` is what restarts the shell's read_timeout: a dribbled frame must not
+    extend its own deadline, and the HELLO's runs from the accept."""
+    conn = SpopConnection()
+    conn.receive_data(HAPROXY_HELLO[:9])
+    assert not conn.began_frame  # before the HELLO: never
+    conn.receive_data(HAPROXY_HELLO[9:])
+    assert not conn.began_frame  # READY, nothing pending
+    first, second = codec.notify(1, 1, []), codec.notify(3, 1, [])
+    began = []
+    for chunk in (first[:3], first[3:6], first[6:] + second[:4], second[4:]):
+        conn.receive_data(chunk)
+        began.append(conn.began_frame)
+    assert began == [True, False, True, False]
+    payload = codec.encode_messages([Message("m", [("q", "x" * 600)])])
+    conn.receive_data(codec.encode_frame(FrameType.NOTIFY, 0, 3, payload[:300], 0))
+    assert conn.began_frame  # a complete fragment: the next one is due
+    conn.receive_data(codec.encode_frame(FrameType.UNSET, 0, 3, payload[300:], FLAG_FIN))
+    assert not conn.began_frame
+    conn.receive_data(first[:5])
+    conn.receive_eof()
+    assert not conn.began_frame
+
+
 def test_fragment_abort_discards_and_owes_no_ack() -> None:
     conn = ready()
     conn.receive_data(codec.encode_frame(FrameType.NOTIFY, 4, 2, b"\x01m\x01\x01q\x08\x7f", 0))
