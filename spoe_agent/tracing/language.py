@@ -478,7 +478,13 @@ def _compile(
 
     ``baggage`` is both a keyword and the W3C header: followed by unnamed values it is the
     keyword (``baggage=str("k") unique-id``), otherwise the header (``baggage=req.hdr(baggage)``).
+
+    A message with no argument of the language at all is another SPOE engine's (a WAF's, a
+    rate limiter's, sharing this agent): it is ignored, and its arguments are not counted as
+    typos of ours.
     """
+    counted = stats
+    stats = None if counted is None else {}
     n = len(args)
     key: str | None = None
     ts_ns: int | None = None
@@ -564,11 +570,16 @@ def _compile(
         _flush(pending, pending_key, values, ops, stats)
     if bad_name:
         _count(stats, "empty_name", bad_name)
+    if stats and counted is not None and (
+            ops or carrier is not None or key is not None or ts_ns is not None
+            or service is not None):
+        for event, times in stats.items():
+            counted[event] = counted.get(event, 0) + times
 
     if not ops and carrier is None:
         return None
     if not key:
-        _count(stats, "missing_id")
+        _count(counted, "missing_id")
         return None
     if not key.isascii():
         key = clean_str(key)

@@ -307,6 +307,16 @@ def test_unknown_kind_and_unknown_args_are_counted() -> None:
     assert stats["unknown_arg"] == 1
 
 
+def test_another_engines_message_is_ignored_without_counting_typos() -> None:
+    """A second SPOE engine (a WAF, a rate limiter) may share the agent: its messages hold no
+    argument of the language, and counting theirs as typos cried wolf (black-box run)."""
+    stats: Counter[str] = Counter()
+    assert parse(("ip", "10.0.0.1"), ("host", "example.com"), ("", "stray"), stats=stats) is None
+    assert not stats
+    assert parse(("id", "k"), ("host", "example.com"), stats=stats) is None  # ours: one id
+    assert stats["unknown_arg"] == 1
+
+
 # -- propagation headers ------------------------------------------------------------------------
 
 
