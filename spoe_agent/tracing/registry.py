@@ -518,7 +518,13 @@ class SessionRegistry:
         return out
 
     def expire(self, now_ns: int | None = None) -> int:
-        """End the sessions idle for longer than the TTL; return how many were ended."""
+        """End the sessions idle for longer than the TTL; return how many were ended.
+
+        Their open spans end at the session's last event, not now: most such sessions are
+        streams HAProxy finished without an event (a deny, a redirect, a 502 or 504 of its
+        own, a client abort), and a 1 ms deny shown as lasting the whole TTL misled. The
+        incomplete attribute and the ERROR status say that the end is not known.
+        """
         now = (self._clock_ns() if now_ns is None else now_ns) - self._epoch_ns
         cutoff = now - self._ttl_ns
         sessions = self._sessions
@@ -528,7 +534,7 @@ class SessionRegistry:
             if session.last_ns >= cutoff:
                 break
             sessions.popitem(last=False)
-            self._end_session(session, now, "ttl")
+            self._end_session(session, session.last_ns, "ttl")
             self._remember_evicted(session.key, now)
             ended += 1
         self.stats["sessions_evicted_ttl"] += ended
@@ -561,7 +567,7 @@ class SessionRegistry:
         while len(sessions) >= self._max_sessions:
             _, oldest = sessions.popitem(last=False)
             self.stats["sessions_evicted_cap"] += 1
-            self._end_session(oldest, now, "cap")
+            self._end_session(oldest, oldest.last_ns, "cap")
             self._remember_evicted(oldest.key, now)
         session = _Session(key, now)
         sessions[key] = session

@@ -312,12 +312,38 @@ def test_denied_request_spans_end_by_ttl(tracing: TracingFactory) -> None:
             assert span.tags.get("otel.status_code") == "ERROR", dump
             assert "(ttl)" in span.tags.get("otel.status_description", ""), dump
             assert span.error, dump
+    # Ended at the session's last event (the deny came microseconds after it), not at the
+    # expiry a TTL later: a deny must not show as a request that lasted the whole TTL.
+    assert named[ROOT].duration_us < 1_000_000, dump
 
     # The finished request next to it was not touched by the expiry.
     complete = assert_reference_tree(
         [s for s in t.receiver.spans if s.trace_id == complete_trace], "hop-1"
     )
     assert not any("haproxy.span.incomplete" in s.tags for s in complete.values())
+
+
+def test_the_answered_group_ends_a_denied_request_at_once(tracing: TracingFactory) -> None:
+    """The reference config's ``answered`` group, sent right before a deny: the trace is
+    complete at once, rather than cut by the TTL (an hour here) holding a session slot."""
+    t = tracing(
+        agent_ini="[tracing]\nsession_ttl = 1h\n",
+        frontend_lines=[
+            "acl blocked path_beg /denied",
+            "http-request send-spoe-group trace answered if blocked",
+            "http-request deny if blocked",
+        ],
+    )
+    assert t.get("/denied/area").status == 403
+    started = ("HAProxy session", "Client session", "Frontend TCP request", "Frontend HTTP request")
+    spans = wait_spans(t.receiver, lambda s: True, len(started), timeout=10, what="denied spans")
+    dump = describe(spans)
+    named = by_name(spans)
+    assert sorted(named) == sorted(started) and len({s.trace_id for s in spans}) == 1, dump
+    for span in spans:
+        assert not span.error and "haproxy.span.incomplete" not in span.tags, dump
+    assert [fields.get("event") for _, fields in named[ROOT].logs] == ["answered by HAProxy"], dump
+    assert_agent_log_clean(t.agent)
 
 
 def test_a_thousand_concurrent_requests_lose_no_span(tracing: TracingFactory) -> None:
