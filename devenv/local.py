@@ -100,8 +100,8 @@ DEMO_REQUESTS: tuple[DemoRequest, ...] = (
     DemoRequest(7001, "/", "traced through both HAProxies to the fake server"),
     DemoRequest(7001, "/slow?ms=50", "the same, with a 50 ms server"),
     DemoRequest(7001, "/status/503", "the server answers 503: error spans"),
-    DemoRequest(7001, "/denied", "HAProxy 2 refuses it (403): its hop ends after the frontend",
-                incomplete=True),
+    DemoRequest(7001, "/denied", "HAProxy 2 refuses it (403): its hop ends after the frontend, "
+                "at once (spoe.cfg's 'answered' group)"),
     DemoRequest(7001, "/noserver", "HAProxy 2's backend has no server (503)", incomplete=True),
     DemoRequest(8001, "/", "untraced path: only the fake server's spans"),
 )
@@ -566,8 +566,8 @@ class LocalStack:
         deadline = time.monotonic() + 20.0
         if late:
             deadline = max(deadline, max(r.sent_at for r in late) + self.session_ttl + 20.0)
-            say(f"HAProxy 2 never finishes /denied and /noserver: the agent ends its sessions "
-                f"when session_ttl ({self.session_ttl:g}s) expires; waiting for them")
+            say(f"HAProxy 2 never finishes /noserver: the agent ends its session when "
+                f"session_ttl ({self.session_ttl:g}s) expires; waiting for it")
         while True:
             self._check_stopping()
             self.check_children()
@@ -592,6 +592,8 @@ class LocalStack:
             f"  curl -i 'http://localhost:{HAPROXY1_TRACED.number}/slow?ms=300'",
             f"  curl -i http://localhost:{HAPROXY1_TRACED.number}/status/500",
             f"  curl -i http://localhost:{HAPROXY1_TRACED.number}/denied         "
+            "refused by the second hop, traced at once",
+            f"  curl -i http://localhost:{HAPROXY1_TRACED.number}/noserver       "
             "incomplete second hop (after session_ttl)",
             f"  curl -i http://localhost:{HAPROXY1_UNTRACED.number}/               "
             "untraced: only the fake server's spans",

@@ -209,7 +209,9 @@ def test_haproxy_conf_traces_only_the_traced_frontend(n: int) -> None:
 def test_haproxy_2_has_the_incomplete_trace_cases() -> None:
     sections = _sections((DEVENV / "conf" / "haproxy-2.conf").read_text())
     traced = sections["frontend traced"]
-    assert "http-request deny if { path_beg /denied }" in traced
+    # The group goes first: nothing runs after a deny.
+    assert (traced.index("http-request send-spoe-group trace answered if denied")
+            < traced.index("http-request deny if denied"))
     assert "use_backend no-server if { path_beg /noserver }" in traced
     assert not any(line.startswith("server") for line in sections["backend no-server"])
 
@@ -649,9 +651,10 @@ def test_demo_command_shows_every_demo_trace_and_leaves_nothing_running(tmp_path
             "fake-server": sorted([server_span, "handle request"])}, path
     error = [s for s in spans_by_trace[ids[f"{base}:7001/status/503"]] if s["error"]]
     assert {s["service_name"] for s in error} >= {"fake-server"}
-    # HAProxy refused these on hop 2: hop 1 is whole, no request reached the fake server, and
-    # hop 2's session, never finished by HAProxy, was ended by the agent's session_ttl (not by
-    # the shutdown at the end: the demo waited for it) and still hangs under hop 1.
+    # HAProxy answered these on hop 2: hop 1 is whole, no request reached the fake server.
+    # /denied's hop 2 session was finished by the "answered" group; /noserver's, which no SPOE
+    # event ends, by the agent's session_ttl (not by the shutdown at the end: the demo waited
+    # for it). Both hang under hop 1.
     for path in ("/denied", "/noserver"):
         found = services(f"{base}:7001{path}")
         assert found["haproxy-1"] == sorted(HOP_SPANS), path
@@ -663,7 +666,10 @@ def test_demo_command_shows_every_demo_trace_and_leaves_nothing_running(tmp_path
                            and s["operation_name"] == "HAProxy session"), None)
         assert h2_session is not None, (path, found)
         assert h2_session["parent_span_id"] == h1_backend["span_id"]
-        assert h2_session["error"]
-        assert "(ttl)" in h2_session["tags"].get("otel.status_description", ""), h2_session
+        if path == "/denied":
+            assert not h2_session["error"], h2_session
+        else:
+            assert h2_session["error"]
+            assert "(ttl)" in h2_session["tags"].get("otel.status_description", ""), h2_session
     assert services(f"{base}:8001/") == {"fake-server": ["GET /", "handle request"]}
     assert not any(local.tcp_accepts(p.number) for p in stack.ports() if p.proto == "tcp")
