@@ -56,8 +56,10 @@ class ProcessorStats:
     dropped_after_shutdown: int = 0
     # queued, or taken by the worker and not yet exported, when shutdown's deadline passed
     dropped_shutdown_deadline: int = 0
-    export_errors: int = 0  # export calls that raised or returned FAILURE
-    export_failed_spans: int = 0  # spans handed to those calls
+    export_errors: int = 0  # export calls that raised, returned FAILURE or lost any span
+    # The spans those calls lost: all they were handed, unless the exporter says which (ours
+    # does: the spans it dropped as too big or unencodable are its own reasons, not these).
+    export_failed_spans: int = 0
 
 
 class QueueSpanProcessor(SpanProcessor):
@@ -218,17 +220,25 @@ class QueueSpanProcessor(SpanProcessor):
                 waiters, self._flush_waiters = self._flush_waiters, []
             now = time.monotonic()
             if waiters or now >= next_flush:
-                self._export(everything=True)
+                self._export_guarded(everything=True)
                 next_flush = time.monotonic() + self.schedule_delay_s
                 for waiter in waiters:
                     waiter.set()
             else:
-                self._export(everything=False)
-        self._export(everything=True, deadline=self._drain_deadline)
+                self._export_guarded(everything=False)
+        self._export_guarded(everything=True, deadline=self._drain_deadline)
         with self._flush_lock:
             waiters, self._flush_waiters = self._flush_waiters, []
         for waiter in waiters:
             waiter.set()
+
+    def _export_guarded(self, everything: bool, deadline: float = float("inf")) -> None:
+        """A bug of ours in one export must cost that batch, not every span from then on: an
+        exception that ended this thread would stop the export, silently, for good."""
+        try:
+            self._export(everything, deadline)
+        except Exception:
+            log.exception("span export failed unexpectedly; the export goes on")
 
     def _export(self, everything: bool, deadline: float = float("inf")) -> None:
         """Export full batches, then (if ``everything``) the remainder."""
@@ -288,24 +298,35 @@ class QueueSpanProcessor(SpanProcessor):
             self._held += len(taken)
         return taken
 
-    def _settle(self, spans: int, exported: bool) -> bool:
-        """Count the outcome for ``spans`` the worker held; False if shutdown already counted
-        them as dropped (an export that outlived the deadline)."""
+    def _settle(self, spans: int, exported: int, failed: int = 0) -> bool:
+        """Count the outcome for ``spans`` the worker held, ``exported`` of them sent and
+        ``failed`` lost in sends (the rest, if any, the exporter dropped and counts under a
+        reason of its own); False if shutdown already counted them all as dropped (an export
+        that outlived the deadline)."""
         with self._count_lock:
             if self._abandoned:
                 return False
             self._held -= spans
             stats = self.stats
-            if exported:
-                stats.exported += spans
-            else:
+            stats.exported += exported
+            if exported < spans:
                 stats.export_errors += 1
-                stats.export_failed_spans += spans
+                stats.export_failed_spans += failed
             return True
 
     def _send_encoded(self) -> None:
+        """Send the encoded batch and count each span's fate as the exporter reports it."""
         encoded, self._encoded = self._encoded, None
-        self._deliver(self._send_with_pauses, encoded)
+        token = attach(set_value(_SUPPRESS_INSTRUMENTATION_KEY, True))
+        try:
+            delivery = self._send_with_pauses(encoded)
+        except Exception as exc:
+            self._failed(len(encoded), exc)
+            return
+        finally:
+            detach(token)
+        if self._settle(len(encoded), delivery.sent, delivery.failed) and delivery.failed:
+            self._log_failure(delivery.failed, "see the exporter's warning above")
 
     def _send_with_pauses(self, encoded: Any) -> Any:
         # A batch is several 65 KB datagrams: the ready connections go between two of them.
@@ -329,13 +350,16 @@ class QueueSpanProcessor(SpanProcessor):
         finally:
             detach(token)
         if result is SpanExportResult.SUCCESS:
-            self._settle(len(spans), exported=True)
+            self._settle(len(spans), len(spans))
         else:
             self._failed(len(spans), error)
 
     def _failed(self, spans: int, error: Exception | None) -> None:
-        if not self._settle(spans, exported=False):
-            return
+        if self._settle(spans, 0, spans):
+            self._log_failure(spans, "the exporter reported failure" if error is None
+                              else describe_error(error), error)
+
+    def _log_failure(self, spans: int, why: str, error: Exception | None = None) -> None:
         now = time.monotonic()
         if now - self._last_error_log >= self.ERROR_LOG_INTERVAL_S:  # a dead exporter: log rarely
             self._last_error_log = now
@@ -345,7 +369,7 @@ class QueueSpanProcessor(SpanProcessor):
                 "exporting %d spans failed (%d failed exports so far): %s",
                 spans,
                 self.stats.export_errors,
-                "the exporter reported failure" if error is None else describe_error(error),
+                why,
                 exc_info=error if log.isEnabledFor(logging.DEBUG) else None,
             )
 

@@ -45,6 +45,7 @@ from thrift.transport.TTransport import TMemoryBuffer
 from spoe_agent.tracing import jaeger as fast
 from spoe_agent.tracing.jaeger import FastJaegerExporter, JaegerTranslator, transport
 from spoe_agent.tracing.jaeger import encode as encode_module
+from spoe_agent.tracing.jaeger.exporter import Delivery
 from spoe_agent.viewer.receiver import JaegerReceiver
 
 with warnings.catch_warnings():
@@ -423,7 +424,7 @@ def test_encoding_in_slices_then_sending_equals_one_export() -> None:
         encoded = sliced.encode(mixed[start : start + 3], encoded)
     assert encoded is not None and len(encoded) == len(mixed)
     assert captured.datagrams == []  # encoding sends nothing
-    assert sliced.send_encoded(encoded) is SpanExportResult.SUCCESS
+    assert sliced.send_encoded(encoded) == Delivery(sent=len(mixed), failed=0, dropped=0)
     assert captured.datagrams == expected.datagrams and len(captured.datagrams) == 2
     assert sliced.stats.spans_sent == len(mixed)
 
@@ -436,7 +437,8 @@ def test_a_slice_with_an_unencodable_span_fails_its_send_not_the_others() -> Non
     encoded = exporter.encode([good])
     encoded = exporter.encode([bad], encoded)
     assert exporter.stats.spans_dropped_invalid == 1  # counted when found
-    assert exporter.send_encoded(encoded) is SpanExportResult.FAILURE
+    # The one span lost is the one that could not be encoded: the other was sent.
+    assert exporter.send_encoded(encoded) == Delivery(sent=1, failed=0, dropped=1)
     assert exporter.stats.spans_sent == 1
     [datagram] = captured.datagrams
     assert [s.operationName for s in agent_decode(datagram).spans] == ["plain dict"]
@@ -529,7 +531,7 @@ def test_other_work_runs_between_the_datagrams_of_a_batch() -> None:
     captured.send = send  # type: ignore[method-assign]
     encoded = exporter.encode(spans)
     result = exporter.send_encoded(encoded, between=lambda: order.append("between"))
-    assert result is SpanExportResult.SUCCESS
+    assert result.complete and result.sent == 200
     sends = len(captured.datagrams)
     assert sends > 2
     assert order == ["send"] + ["between", "send"] * (sends - 1)

@@ -18,6 +18,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanContext, TraceFlags
 
+from spoe_agent.tracing.jaeger.exporter import Delivery
 from spoe_agent.tracing.processor import QueueSpanProcessor, describe_error
 
 WAIT = 10.0
@@ -354,6 +355,7 @@ class Encoding(Recording):
         super().__init__()
         self.slices: list[list[str]] = []
         self.encode_raises: Exception | None = None
+        self.delivery: Delivery | None = None  # what send_encoded says, if set
 
     def encode(self, spans: Sequence[ReadableSpan], into: _Encoded | None = None) -> _Encoded:
         if self.encode_raises is not None:
@@ -365,7 +367,7 @@ class Encoding(Recording):
         out.names.extend(s.name for s in spans)
         return out
 
-    def send_encoded(self, encoded: _Encoded, between: object = None) -> SpanExportResult:
+    def send_encoded(self, encoded: _Encoded, between: object = None) -> Delivery:
         self.entered.set()
         self.release.wait()
         with self._cond:
@@ -373,7 +375,11 @@ class Encoding(Recording):
             self._cond.notify_all()
         if self.raises is not None:
             raise self.raises
-        return self.result
+        if self.delivery is not None:
+            return self.delivery
+        if self.result is SpanExportResult.SUCCESS:
+            return Delivery(len(encoded), 0, 0)
+        return Delivery(0, len(encoded), 0)
 
     def wait_for_encoded(self, count: int) -> bool:
         with self._cond:
@@ -454,6 +460,42 @@ def test_encoding_failures_are_counted_never_raised(failure: str) -> None:
     processor.shutdown()
 
 
+def test_a_partial_delivery_counts_only_the_spans_it_lost() -> None:
+    """One datagram of several failed, one span too big: the batch's other spans were sent,
+    and counting them all as failed made spans_dropped add up to more than was lost."""
+    exporter = Encoding()
+    exporter.delivery = Delivery(sent=5, failed=2, dropped=1)  # of 8
+    processor = QueueSpanProcessor(
+        exporter, max_export_batch_size=8, schedule_delay_s=3600, encode_slice=8
+    )
+    for i in range(8):
+        processor.on_end(span(i))
+    assert processor.force_flush(int(WAIT * 1000))
+    stats = processor.stats
+    # The one dropped is the exporter's to count, under its own reason (oversize, invalid).
+    assert (stats.exported, stats.export_failed_spans, stats.export_errors) == (5, 2, 1)
+    processor.shutdown()
+
+
+def test_a_bug_in_one_export_does_not_stop_the_export(caplog: pytest.LogCaptureFixture) -> None:
+    exporter = Encoding()
+    exporter.delivery = "not a delivery"  # type: ignore[assignment]
+    processor = QueueSpanProcessor(
+        exporter, max_export_batch_size=2, schedule_delay_s=3600, encode_slice=2
+    )
+    for i in range(2):
+        processor.on_end(span(i))
+    assert exporter.wait_for_spans(2)
+    exporter.delivery = None
+    for i in range(2, 4):
+        processor.on_end(span(i))
+    assert processor.force_flush(int(WAIT * 1000))  # the worker is still there
+    assert exporter.batches[-1] == names(2, 4)
+    assert processor.stats.exported == 2
+    assert "span export failed unexpectedly" in caplog.text
+    processor.shutdown()
+
+
 @pytest.mark.parametrize("scenario, spans, expected", [
     # Why encoding is sliced: between two slices the event loop must poll I/O, so a NOTIFY
     # that arrived meanwhile is served before the next slice (gevent's sleep(0) would not).
@@ -473,6 +515,7 @@ def test_the_request_path_runs_between_export_steps_under_gevent(
         from opentelemetry.sdk.trace import ReadableSpan
         from opentelemetry.sdk.trace.export import SpanExportResult
         from opentelemetry.trace import SpanContext, TraceFlags
+        from spoe_agent.tracing.jaeger.exporter import Delivery
         from spoe_agent.tracing.processor import QueueSpanProcessor
 
         log = []
@@ -507,7 +550,7 @@ def test_the_request_path_runs_between_export_steps_under_gevent(
                     writer.send(b"x")  # a NOTIFY arrives while the first datagram is sent
                     between()
                     log.append("datagram 2")
-                return SpanExportResult.SUCCESS
+                return Delivery(len(encoded), 0, 0)
             def export(self, spans):
                 raise AssertionError("an encoding exporter is never asked to export")
             def shutdown(self):

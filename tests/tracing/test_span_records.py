@@ -256,7 +256,7 @@ def test_records_and_sdk_spans_mixed_in_one_encode_and_in_slices() -> None:
     for start in range(0, len(mixed), 5):
         encoded = sliced.encode(mixed[start : start + 5], encoded)
     assert encoded is not None and len(encoded) == len(mixed)
-    assert sliced.send_encoded(encoded) is SpanExportResult.SUCCESS
+    assert sliced.send_encoded(encoded).complete
     assert captured.datagrams == expected
 
 

@@ -11,7 +11,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
@@ -50,6 +50,24 @@ class ExportStats:
     spans_failed: int = 0  # spans in datagrams/posts that could not be sent
     spans_dropped_oversize: int = 0
     spans_dropped_invalid: int = 0  # spans that could not be translated or encoded
+
+
+class Delivery(NamedTuple):
+    """What became of the spans of one ``send_encoded``: ``sent``; ``failed`` in sends that
+    failed (the collector or the network); ``dropped`` before any send, for a reason the
+    exporter counts itself (``spans_dropped_invalid``, ``spans_dropped_oversize``).
+
+    One bad span, or one datagram of eight that failed, must not count the batch's other
+    spans as lost: the metrics would cry wolf.
+    """
+
+    sent: int
+    failed: int
+    dropped: int
+
+    @property
+    def complete(self) -> bool:
+        return not (self.failed or self.dropped)
 
 
 class EncodedSpans:
@@ -117,7 +135,8 @@ class FastJaegerExporter(SpanExporter):
             return SpanExportResult.FAILURE
         if not spans:
             return SpanExportResult.SUCCESS
-        return self.send_encoded(self.encode(spans))
+        delivery = self.send_encoded(self.encode(spans))
+        return SpanExportResult.SUCCESS if delivery.complete else SpanExportResult.FAILURE
 
     def encode(self, spans: Sequence[ReadableSpan], into: EncodedSpans | None = None) -> EncodedSpans:
         """Translate and encode spans for this exporter's transport, adding them to ``into``.
@@ -192,21 +211,28 @@ class FastJaegerExporter(SpanExporter):
 
     def send_encoded(
         self, encoded: EncodedSpans, between: Callable[[], None] | None = None
-    ) -> SpanExportResult:
-        """Send what ``encode`` produced; FAILURE if any span of it was lost. ``between`` is
+    ) -> Delivery:
+        """Send what ``encode`` produced, and say what became of each span. ``between`` is
         called between two UDP datagrams (the caller's chance to let other work run)."""
+        valid = encoded.spans - encoded.invalid
         if self._shutdown:
-            return SpanExportResult.FAILURE
-        ok = encoded.invalid == 0
+            return Delivery(0, valid, encoded.invalid)
+        sent = failed = oversize = 0
         with self._lock:
             for process, spans in encoded.groups.values():
                 if not spans:
                     continue
                 if self._http is not None:
-                    ok = self._send_http(process, spans) and ok
+                    if self._send_http(process, spans):
+                        sent += len(spans)
+                    else:
+                        failed += len(spans)
                 else:
-                    ok = self._send_udp(process, spans, between) and ok
-        return SpanExportResult.SUCCESS if ok else SpanExportResult.FAILURE
+                    ok, lost, too_big = self._send_udp(process, spans, between)
+                    sent += ok
+                    failed += lost
+                    oversize += too_big
+        return Delivery(sent, failed, encoded.invalid + oversize)
 
     def _encode_spans(self, batch: ThriftBatch, encode: Any) -> list[bytes]:
         encoded = []
@@ -226,7 +252,7 @@ class FastJaegerExporter(SpanExporter):
         except Exception as exc:
             stats.send_errors += 1
             stats.spans_failed += len(spans)
-            log.warning("Jaeger collector export failed: %s", exc)
+            log.warning("Jaeger collector export to %s failed: %s", self.collector_endpoint, exc)
             return False
         stats.http_posts += 1
         stats.bytes_sent += len(body)
@@ -238,9 +264,10 @@ class FastJaegerExporter(SpanExporter):
         process_struct: ThriftProcess,
         spans: list[bytes],
         between: Callable[[], None] | None = None,
-    ) -> bool:
+    ) -> tuple[int, int, int]:
+        """Spans sent, spans in datagrams that failed, spans too big for a datagram."""
         stats = self.stats
-        ok = True
+        sent = failed = 0
         service = process_struct.serviceName
         process = self._process_bytes.get(service)
         if process is None:
@@ -258,13 +285,12 @@ class FastJaegerExporter(SpanExporter):
                 size,
                 self.max_packet_size,
             )
-            return False
+            return 0, 0, len(spans)
         else:
             datagrams, dropped = pack_span_bytes(process, spans, self.max_packet_size)
             if dropped:
                 stats.spans_dropped_oversize += dropped
                 log.warning("%d span(s) larger than a UDP packet dropped", dropped)
-                ok = False
         for n, (data, count) in enumerate(datagrams):
             if n and between is not None:
                 between()
@@ -273,13 +299,15 @@ class FastJaegerExporter(SpanExporter):
             except Exception as exc:
                 stats.send_errors += 1
                 stats.spans_failed += count
-                log.warning("Jaeger agent export failed: %s", exc)
-                ok = False
+                failed += count
+                log.warning("Jaeger agent export to %s:%s failed: %s", self.agent_host_name,
+                            self.agent_port, exc)
                 continue
             stats.datagrams_sent += 1
             stats.bytes_sent += len(data)
             stats.spans_sent += count
-        return ok
+            sent += count
+        return sent, failed, len(spans) - sent - failed
 
     def shutdown(self) -> None:
         """Refuse further exports and close the sockets.
