@@ -317,7 +317,13 @@ class FastJaegerExporter(SpanExporter):
         self._shutdown = True
         self._udp.close()
         if self._http is not None:
-            self._http.close()
+            if self._lock.acquire(blocking=False):  # no post in progress
+                try:
+                    self._http.close()
+                finally:
+                    self._lock.release()
+            else:
+                self._http.abort()
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         """Nothing is buffered here: every export is sent before it returns."""

@@ -7,11 +7,15 @@ they fail to send.
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import socket
 import time
 from typing import Any
 from urllib.parse import urlsplit
+
+import gevent
+from gevent import monkey
 
 
 class _UDPSender:
@@ -63,6 +67,10 @@ class _HTTPSender:
 
     Plain ``http.client`` so gevent's monkeypatching makes it cooperative, and no dependency
     beyond the standard library.
+
+    ``timeout`` bounds a whole post, not each socket operation: a collector (or a proxy before
+    it) that trickles its answer a byte at a time never lets a per-read timeout expire, and the
+    export stalled for good while the queue filled and dropped everything.
     """
 
     def __init__(
@@ -90,30 +98,37 @@ class _HTTPSender:
         return self._conn
 
     def send(self, body: bytes) -> None:
-        """Raise on transport errors and non-2xx answers."""
+        """Raise on transport errors, non-2xx answers, and a post not done within ``timeout``."""
+        deadline = time.monotonic() + self._timeout
         reused = self._conn is not None
         try:
-            status, reason = self._post(body)
-        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
-            self.close()
-            if not reused:
-                raise
-            status, reason = self._post(body)  # the kept-alive connection had gone stale
+            with _bounded(self._timeout):
+                try:
+                    status, reason = self._post(body, deadline)
+                except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                    self.close()
+                    if not reused:
+                        raise
+                    # The kept-alive connection had gone stale.
+                    status, reason = self._post(body, deadline)
         except Exception:
             self.close()
             raise
         if not 200 <= status < 300:
             raise OSError(f"Jaeger collector answered HTTP {status} {reason}")
 
-    def _post(self, body: bytes) -> tuple[int, str]:
+    def _post(self, body: bytes, deadline: float) -> tuple[int, str]:
         conn = self._connection()
-        try:
-            conn.request("POST", self._path, body=body, headers=self._headers)
-            response = conn.getresponse()
-            response.read()
-        except Exception:
-            self.close()
-            raise
+        conn.request("POST", self._path, body=body, headers=self._headers)
+        _time_left(conn, deadline)
+        response = conn.getresponse()
+        # One read at a time, each bounded by what is left: read() would wait for the whole
+        # body, with the per-operation timeout only.
+        while not response.isclosed():
+            _time_left(conn, deadline)
+            if not response.read1(65536):
+                break
+        response.read()  # nothing left: marks the response done, so the connection is reusable
         if response.will_close:
             self.close()
         return response.status, response.reason
@@ -122,3 +137,30 @@ class _HTTPSender:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+    def abort(self) -> None:
+        """Cut a post in progress short (shutdown, from another greenlet or thread): the
+        socket is shut, so the post fails where it waits and closes the connection itself.
+        Closing the connection from here instead broke the reader under its feet (an ERROR
+        traceback, "reentrant call inside BufferedReader")."""
+        sock = getattr(self._conn, "sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+def _time_left(conn: http.client.HTTPConnection, deadline: float) -> None:
+    """Give the connection's next socket operation what is left of the post's time."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("no complete answer within the export timeout")
+    if conn.sock is not None:
+        conn.sock.settimeout(left)
+
+
+def _bounded(seconds: float) -> Any:
+    """Under gevent (the agent), a timeout over everything a post does, headers included; in
+    a plain thread, only the per-read bounds of ``_post`` apply."""
+    if monkey.is_module_patched("socket"):
+        return gevent.Timeout(seconds, TimeoutError("no complete answer within the export timeout"))
+    return contextlib.nullcontext()

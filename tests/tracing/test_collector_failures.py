@@ -1,0 +1,138 @@
+"""A Jaeger collector that answers a byte at a time: one post is bounded as a whole, and a stop
+cuts a post short without an error of the agent's own.
+
+Plain threads here (the exporter's per-read bounds), and the agent's own setting in a
+subprocess, monkeypatched by gevent (the timeout over the whole post, headers included).
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExportResult
+from opentelemetry.trace import SpanContext, TraceFlags
+
+from spoe_agent.tracing.jaeger import FastJaegerExporter
+
+REPO = Path(__file__).resolve().parents[2]
+ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 1000
+
+
+class Trickle:
+    """Reads one post, then answers it one byte every 0.1 s (the body only, or all of it)."""
+
+    def __init__(self, headers_too: bool = False) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.requested = threading.Event()
+        self.stop = threading.Event()
+        self.headers_too = headers_too
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api/traces"
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            head, _, body = data.partition(b"\r\n\r\n")
+            match = re.search(rb"content-length: *(\d+)", head, re.IGNORECASE)
+            length = int(match.group(1)) if match else 0
+            while len(body) < length:
+                body += conn.recv(65536)
+            self.requested.set()
+            start = 0 if self.headers_too else ANSWER.index(b"\r\n\r\n") + 4
+            try:
+                conn.sendall(ANSWER[:start])
+                for i in range(start, len(ANSWER)):
+                    if self.stop.wait(0.1):
+                        return
+                    conn.sendall(ANSWER[i:i + 1])
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.stop.set()
+        self.listener.close()
+
+
+def spans(n: int = 3) -> list[ReadableSpan]:
+    return [
+        ReadableSpan(name=f"span {i}", start_time=1, end_time=2,
+                     context=SpanContext(i + 1, i + 1, False, TraceFlags(1)))
+        for i in range(n)
+    ]
+
+
+def test_a_trickled_answer_fails_the_post_once_the_timeout_is_up() -> None:
+    """Each byte came well within a per-read timeout, so the post went on for the whole
+    answer (100 s here): the export stalled, and the queue behind it filled and dropped."""
+    collector = Trickle()
+    exporter = FastJaegerExporter(collector_endpoint=collector.endpoint, timeout=1.0)
+    result: list[SpanExportResult] = []
+    worker = threading.Thread(target=lambda: result.append(exporter.export(spans())))
+    try:
+        worker.start()
+        worker.join(20)  # liveness only: without the bound it runs for 100 s
+        assert not worker.is_alive() and result == [SpanExportResult.FAILURE]
+        assert exporter.stats.send_errors == 1 and exporter.stats.spans_failed == 3
+    finally:
+        collector.close()
+        worker.join(20)
+
+
+GEVENT_SCRIPT = """
+from gevent import monkey
+monkey.patch_all()
+import logging, sys
+import gevent
+sys.path.insert(0, {repo!r})
+from tests.tracing.test_collector_failures import Trickle, spans
+from spoe_agent.tracing.jaeger import FastJaegerExporter
+
+logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="%(levelname)s %(message)s")
+
+# A post whose headers themselves trickle: bounded as a whole under gevent.
+collector = Trickle(headers_too=True)
+exporter = FastJaegerExporter(collector_endpoint=collector.endpoint, timeout=1.0)
+post = gevent.spawn(exporter.export, spans())
+post.join(20)
+assert post.dead and post.value.name == "FAILURE", post.value
+collector.close()
+
+# A stop while a post reads its answer: the post fails at once, and the stop raises nothing.
+collector = Trickle()
+exporter = FastJaegerExporter(collector_endpoint=collector.endpoint, timeout=60.0)
+post = gevent.spawn(exporter.export, spans())
+assert collector.requested.wait(20)
+gevent.sleep(0.3)  # reading the body now
+exporter.shutdown()
+post.join(20)
+assert post.dead and post.value.name == "FAILURE", post.value
+collector.close()
+print("done")
+"""
+
+
+def test_under_gevent_the_whole_post_is_bounded_and_a_stop_cuts_it_cleanly() -> None:
+    """The agent's setting. Closing the connection from the stop, while the post read its
+    answer, raised "reentrant call inside BufferedReader" in the stop, logged as an ERROR."""
+    done = subprocess.run([sys.executable, "-c", GEVENT_SCRIPT.format(repo=str(REPO))],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[-1] == "done", done.stdout + done.stderr
+    assert "reentrant" not in done.stdout + done.stderr
+    assert not [line for line in lines if line.startswith(("ERROR", "CRITICAL"))], done.stdout
+    # Each failed post says why, with its endpoint.
+    assert sum("export to http://127.0.0.1:" in line for line in lines) == 2, done.stdout
