@@ -494,8 +494,16 @@ class SessionRegistry:
             if code == OP_CHILD_OF or code == OP_FOLLOWS_FROM:
                 parent = spans.get(op[1])
                 if parent is None or parent is sel:
-                    # Left as it was: a span without a parent is a root of the session.
+                    # A parent the session does not have (yet): a listen section runs the
+                    # backend's TCP rules before the frontend's HTTP ones, a mode tcp stream
+                    # has no HTTP span at all. The span hangs under the session's first span
+                    # rather than starting a second root in the trace (the first span itself
+                    # stays a root: nothing is above it).
                     self.stats["unknown_parent"] += 1
+                    if sel.parent is None:
+                        first = next(iter(spans.values()))
+                        if first is not sel:
+                            sel.parent = first
                     continue
                 sel.parent = parent
                 if code == OP_FOLLOWS_FROM:

@@ -346,6 +346,53 @@ def test_the_answered_group_ends_a_denied_request_at_once(tracing: TracingFactor
     assert_agent_log_clean(t.agent)
 
 
+def test_a_listen_section_gives_one_tree(
+    haproxy: Callable[..., HAProxy],
+    spoe_agent: Callable[..., AgentProcess],
+    backend: Backend,
+    receiver: JaegerReceiver,
+) -> None:
+    """A listen section runs the backend's TCP rules before the frontend's HTTP ones, so
+    "Backend TCP request" follows from a span not started yet: it was a second root of the
+    trace (black-box run). It now hangs under HAProxy session, and the trace is one tree."""
+    agent = spoe_agent(app=None, env=agent_env(receiver))
+    port = free_port()
+    hap = haproxy(f"""\
+global
+    setenv OTEL_SERVICE_NAME listen-hop
+
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+
+listen traced
+    bind 127.0.0.1:{port}
+    unique-id-format %[uuid()]
+    filter spoe engine trace config {REFERENCE_SPOE_CFG}
+    server origin {backend.address}
+
+backend spoe-agents
+    mode tcp
+    option spop-check
+    timeout connect 5s
+    timeout server 3m
+    server agent1 {agent.server_address} check inter 1s
+""", name="listen")
+    hap.wait_server_status("spoe-agents", "agent1", "UP", timeout=15)
+    assert get(port, "/listen").status == 200
+    spans = wait_spans(receiver, lambda s: True, len(SPAN_NAMES), timeout=10, what="9 spans")
+    dump = describe(spans)
+    named = by_name(spans)
+    assert set(named) == SPAN_NAMES and len({s.trace_id for s in spans}) == 1, dump
+    ids = {s.span_id for s in spans}
+    roots = [s.operation_name for s in spans if s.parent_span_id is None]
+    assert roots == [ROOT], dump
+    assert all(s.parent_span_id in ids for s in spans if s.operation_name != ROOT), dump
+    assert named["Backend TCP request"].parent_span_id == named[ROOT].span_id, dump
+
+
 def test_a_thousand_concurrent_requests_lose_no_span(tracing: TracingFactory) -> None:
     t = tracing()
     total, concurrency = 1000, 32

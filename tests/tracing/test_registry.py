@@ -416,6 +416,26 @@ def test_child_of_unknown_parent_is_a_root_under_the_remote_context() -> None:
     assert h.reg.stats["unknown_parent"] == 1
 
 
+def test_a_span_whose_parent_is_unknown_hangs_under_the_sessions_first_span() -> None:
+    """In a listen section HAProxy runs the backend's TCP rules before the frontend's HTTP
+    ones: "Backend TCP request" follows from a span not started yet. It used to become a
+    second root of the trace (black-box run); now it hangs under the session's first span."""
+    h = Harness()
+    h.send(("id", "s"), ("span", "HAProxy session"), ("span", "Frontend TCP request"),
+           ("child-of", "HAProxy session"))
+    h.send(("id", "s"), ("span", "Backend TCP request"), ("follows-from", "Frontend HTTP request"))
+    h.send(("id", "s"), ("span", "late"), ("child-of", "Frontend TCP request"),
+           ("child-of", "nobody"))  # an unknown parent after a known one changes nothing
+    h.send(("id", "s"), ("finish", "*"))
+    spans = h.by_name()
+    root = spans["HAProxy session"]
+    assert root.parent is None
+    assert spans["Backend TCP request"].parent == root.context
+    assert not spans["Backend TCP request"].links  # no link to a span that does not exist
+    assert spans["late"].parent == spans["Frontend TCP request"].context
+    assert h.reg.stats["unknown_parent"] == 2
+
+
 def test_root_is_child_of_context_extracted_in_a_later_message() -> None:
     h = Harness()
     h.send(("id", "s"), ("span", "root"))
