@@ -8,6 +8,7 @@ the file, line and reason (exit status 2 in the CLI) instead of surfacing later 
 from __future__ import annotations
 
 import configparser
+import ipaddress
 import math
 import os
 import re
@@ -269,6 +270,24 @@ def _name(text: str) -> str:
     return value
 
 
+_HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})(?:\.[A-Za-z0-9_-]{1,63})*\.?")
+
+
+def _host(text: str) -> str:
+    """A host name or an IP address (an IPv6 one with or without brackets): anything else,
+    a typo such as ``jaeger!``, would only fail at each send, once the agent serves."""
+    value = _name(text)
+    if value.startswith("[") and value.endswith("]"):
+        value = value[1:-1]
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        pass
+    if not _HOSTNAME.fullmatch(value):
+        raise ValueError(f"expected a host name or an IP address, got {text!r}")
+    return value
+
+
 def _level(text: str) -> str:
     return _choice("debug", "info", "warning", "error", "critical")(text).upper()
 
@@ -321,7 +340,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("metrics", "metrics", "bind", parse_metrics_bind),
     Option("exporter", "tracing", "exporter", _choice(*EXPORTERS), env="OTEL_TRACES_EXPORTER"),
     Option("service_name", "tracing", "service_name", _name, env="OTEL_SERVICE_NAME"),
-    Option("jaeger_agent_host", "tracing", "jaeger_agent_host", _name,
+    Option("jaeger_agent_host", "tracing", "jaeger_agent_host", _host,
            env="OTEL_EXPORTER_JAEGER_AGENT_HOST"),
     Option("jaeger_agent_port", "tracing", "jaeger_agent_port", _int_range(1, 65535),
            env="OTEL_EXPORTER_JAEGER_AGENT_PORT"),

@@ -136,6 +136,8 @@ def test_an_otlp_protocol_other_than_http_protobuf_is_refused(variable: str, pro
         ({"OTEL_EXPORTER_OTLP_ENDPOINT": "127.0.0.1:4318"}, "OTEL_EXPORTER_OTLP_ENDPOINT",
          "expected an http:// or https:// URL, got '127.0.0.1:4318'"),
         ({"OTEL_PROPAGATORS": "none,b3"}, "OTEL_PROPAGATORS", "cannot be combined"),
+        ({"OTEL_EXPORTER_JAEGER_AGENT_HOST": "jaeger!"}, "OTEL_EXPORTER_JAEGER_AGENT_HOST",
+         "expected a host name or an IP address, got 'jaeger!'"),
     ],
 )
 def test_values_refused_where_they_are_read(env: dict[str, str], variable: str,
@@ -535,3 +537,13 @@ def test_flag_values_are_normalised_as_the_file_normalises_them() -> None:
     config = load_config(overrides=_overrides(args), env={})
     assert (config.service_name, config.bind) == ("padded", "::1:7000")
     assert (config.log_level, config.exporter) == ("DEBUG", "otlp")
+
+
+@pytest.mark.parametrize(("given", "host"), [
+    ("jaeger-agent", "jaeger-agent"), ("jaeger_agent", "jaeger_agent"), ("10.0.0.7", "10.0.0.7"),
+    ("::1", "::1"), ("[::1]", "::1"),
+])
+def test_the_jaeger_agent_host_is_a_name_or_an_address(given: str, host: str) -> None:
+    """An IPv6 address in brackets, as in a URL, is the address: the send would fail on it."""
+    config = load_config(env={"OTEL_EXPORTER_JAEGER_AGENT_HOST": given})
+    assert config.jaeger_agent_host == host

@@ -60,8 +60,13 @@ def build_exporter(config: AgentConfig) -> SpanExporter | None:
         # Unless the agent's export timeout was set, the exporter reads its own standard
         # OTEL_EXPORTER_OTLP_(TRACES_)TIMEOUT (default 10 s), as in any OpenTelemetry SDK.
         explicit = "export_timeout" in config.sources
-        return OTLPSpanExporter(endpoint=config.otlp_endpoint or None,
-                                timeout=config.export_timeout if explicit else None)
+        try:
+            return OTLPSpanExporter(endpoint=config.otlp_endpoint or None,
+                                    timeout=config.export_timeout if explicit else None)
+        except ValueError as exc:  # its own variables, read here: say which ones
+            raise ValueError(
+                f"the OTLP exporter refused its OTEL_EXPORTER_OTLP_* variables (the timeout "
+                f"counts in seconds there, as in the Python SDK): {exc}") from None
     from spoe_agent.tracing.jaeger.exporter import FastJaegerExporter
 
     return FastJaegerExporter(

@@ -6,6 +6,7 @@ translator, its pure-Python thrift protocols, its UDP client and exporter) on th
 
 from __future__ import annotations
 
+import base64
 import socket
 import warnings
 from collections.abc import Iterator, Sequence
@@ -648,6 +649,16 @@ def test_http_body_is_byte_identical_to_the_official_collector_client(
     assert ours.stats.http_posts == 1 and ours.stats.spans_sent == len(spans)
     received = receiver.spans
     assert received[: len(spans)] == received[len(spans) :]
+
+
+def test_credentials_in_the_endpoint_url_are_sent(receiver: JaegerReceiver) -> None:
+    """As the official (requests-based) exporter sends them; they were silently dropped."""
+    host, port = receiver.http_address
+    exporter = FastJaegerExporter(
+        collector_endpoint=f"http://bob:s3cr%40t@{host}:{port}/api/traces", timeout=5)
+    assert exporter.export(sdk_spans()) is SpanExportResult.SUCCESS
+    token = base64.b64encode(b"bob:s3cr@t").decode()
+    assert receiver.last_http_headers["Authorization"] == f"Basic {token}"
 
 
 def test_http_connection_is_reused_and_survives_a_collector_restart() -> None:

@@ -95,6 +95,10 @@ def test_otlp_request_timeout_follows_the_otel_variables(monkeypatch: pytest.Mon
     # The agent's own export timeout, when set, bounds the request too.
     explicit = load_config(env={**otlp, "OTEL_BSP_EXPORT_TIMEOUT": "1500"})
     assert build_exporter(explicit)._timeout == 1.5
+    # A value the exporter cannot read stops the agent saying whose it was.
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "abc")
+    with pytest.raises(ValueError, match="OTEL_EXPORTER_OTLP_.*in seconds.*'abc'"):
+        build_exporter(load_config(env=otlp))
 
 
 class _Collector(BaseHTTPRequestHandler):

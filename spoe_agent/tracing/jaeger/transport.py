@@ -12,7 +12,7 @@ import http.client
 import socket
 import time
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import gevent
 from gevent import monkey
@@ -86,6 +86,9 @@ class _HTTPSender:
         self._path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self._timeout = timeout
         self._headers = {"Content-Type": "application/x-thrift"}
+        if username is None and password is None and parts.username is not None:
+            # http://user:secret@collector/...: sent, as the official (requests) exporter does.
+            username, password = unquote(parts.username), unquote(parts.password or "")
         if username is not None and password is not None:
             token = base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
             self._headers["Authorization"] = f"Basic {token}"
