@@ -32,6 +32,7 @@ from tests.integration.tracing_support import (
     Hop,
     Reply,
     agent_env,
+    agents_backend,
     assert_agent_log_clean,
     assert_reference_tree,
     by_name,
@@ -373,13 +374,7 @@ listen traced
     filter spoe engine trace config {REFERENCE_SPOE_CFG}
     server origin {backend.address}
 
-backend spoe-agents
-    mode tcp
-    option spop-check
-    timeout connect 5s
-    timeout server 3m
-    server agent1 {agent.server_address} check inter 1s
-""", name="listen")
+{agents_backend(agent)}""", name="listen")
     hap.wait_server_status("spoe-agents", "agent1", "UP", timeout=15)
     assert get(port, "/listen").status == 200
     spans = wait_spans(receiver, lambda s: True, len(SPAN_NAMES), timeout=10, what="9 spans")

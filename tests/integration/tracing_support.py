@@ -127,6 +127,12 @@ backend next
 {forward_lines}
     server next {server}
 
+{agents_backend(agent)}"""
+
+
+def agents_backend(agent: AgentProcess) -> str:
+    """The ``spoe-agents`` backend the reference spoe.cfg uses, checked every second."""
+    return f"""\
 backend spoe-agents
     mode tcp
     option spop-check
