@@ -45,6 +45,7 @@ from gevent.server import StreamServer
 from gevent.socket import socket as _GeventSocket
 
 from spoe_agent import build_description
+from spoe_agent.busy_poll import BusyPoll
 from spoe_agent.config import AgentConfig, bind_text
 from spoe_agent.handler_pool import HandlerPool
 from spoe_agent.handlers import Agent, Work
@@ -311,7 +312,7 @@ class SpoaServer:
         self._stopping = False
         self._stop_deadline = float("inf")
         self._throttle = Throttle(log)
-        self._busy_poll: _BusyPoll | None = None  # --busy-poll, while serving
+        self._busy_poll: BusyPoll | None = None  # --busy-poll, while serving
         self._eviction_due = False  # a silent connection's slot is about to be given away
         self._passed_on_at = -math.inf  # when a waiting connection last went back (--workers)
         if listener is None:
@@ -353,7 +354,7 @@ class SpoaServer:
         if window is True:  # AgentConfig(busy_poll=True), from before windows: forever
             window = math.inf
         if window > 0:
-            self._busy_poll = _BusyPoll(window)
+            self._busy_poll = BusyPoll(window)
         log.info("spoe-agent listening on %s%s%s (%s)", bind_text(self.config.bind),
                  " (TLS)" if self._tls is not None else "",
                  "" if window <= 0 else ", busy polling" if window == math.inf
@@ -879,42 +880,6 @@ def _wake_for_move(client: _Client) -> None:
     it hands itself over (never thrown into a write: no frame is cut)."""
     if client.in_recv and client.parked and not client.greenlet.dead:
         client.greenlet.throw(_Move)
-
-
-class _BusyPoll:
-    """``--busy-poll``: while gevent's loop has an active idle watcher it polls with a null
-    timeout instead of sleeping, so an event that arrives finds the process running rather
-    than paying a CPU's (on VMs a vCPU's) wake-up, as HAProxy's ``busy-polling`` does.
-
-    Forever costs a core even idle. A window (``--busy-poll 1ms``) keeps polling that long after
-    the last read only: HAProxy sends a stream's next event within about a hundred microseconds
-    of reading the ACK of the previous one, so the events of one request find the loop awake,
-    and an idle agent still sleeps.
-    """
-
-    def __init__(self, window: float) -> None:
-        self.window = window
-        self.last_read = 0.0
-        self.watcher = gevent.get_hub().loop.idle()
-        self.watcher.start(_busy_poll_tick if window == math.inf else self._tick)
-
-    def touch(self) -> None:
-        """A read: poll again, for the window from now."""
-        if self.window != math.inf:
-            self.last_read = time.monotonic()
-            if not self.watcher.active:
-                self.watcher.start(self._tick)
-
-    def _tick(self) -> None:
-        if time.monotonic() - self.last_read > self.window:
-            self.watcher.stop()  # until the next read: the loop may sleep again
-
-    def stop(self) -> None:
-        self.watcher.stop()
-
-
-def _busy_poll_tick() -> None:
-    """The idle watcher's callback when polling forever: being active is the point."""
 
 
 def _wake_for_drain(client: _Client) -> None:

@@ -207,9 +207,9 @@ def test_busy_poll_window_polls_while_events_come_and_sleeps_when_idle(spoe_agen
 def test_busy_poll_window_stops_polling_once_the_window_passes() -> None:
     import gevent
 
-    from spoe_agent.server import _BusyPoll
+    from spoe_agent.busy_poll import BusyPoll
 
-    poll = _BusyPoll(0.02)
+    poll = BusyPoll(0.02)
     try:
         gevent.sleep(0.1)
         assert not poll.watcher.active  # nothing read yet: the loop may sleep
@@ -219,7 +219,7 @@ def test_busy_poll_window_stops_polling_once_the_window_passes() -> None:
         assert not poll.watcher.active
     finally:
         poll.stop()
-    forever = _BusyPoll(float("inf"))
+    forever = BusyPoll(float("inf"))
     try:
         gevent.sleep(0.05)
         assert forever.watcher.active
