@@ -570,9 +570,10 @@ def _compile(
         _flush(pending, pending_key, values, ops, stats)
     if bad_name:
         _count(stats, "empty_name", bad_name)
+    # An id= alone does not make a message ours: other engines send unique-id too (a WAF's,
+    # such as coraza-spoa's examples).
     if stats and counted is not None and (
-            ops or carrier is not None or key is not None or ts_ns is not None
-            or service is not None):
+            ops or carrier is not None or ts_ns is not None or service is not None):
         for event, times in stats.items():
             counted[event] = counted.get(event, 0) + times
 

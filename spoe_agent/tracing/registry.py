@@ -122,7 +122,21 @@ def _span_context_factory() -> Callable[[int, int, TraceFlags, TraceState], Span
 
 
 _tuple_new: Final = tuple.__new__
+_MAX_PARENT_WALK: Final = 1024
 _new_context: Final = _span_context_factory()
+
+
+def _descends(span: _Span, ancestor: _Span) -> bool:
+    """Whether ``span`` is ``ancestor`` or below it: made its parent, a cycle. (Bounded: a
+    configuration's own child-of lines may already have closed one.)"""
+    node: _Span | None = span
+    for _ in range(_MAX_PARENT_WALK):
+        if node is None:
+            return False
+        if node is ancestor:
+            return True
+        node = node.parent
+    return True
 
 
 def _remote_context(
@@ -281,6 +295,8 @@ class _Session:
         "spans",
         "started",
         "last_ns",
+        "last_t",
+        "first",
         "service",
         "trace_id",
         "sampled",
@@ -297,7 +313,9 @@ class _Session:
         self.key = key
         self.spans: dict[str, _Span] = {}
         self.started = 0
-        self.last_ns = now_ns
+        self.last_ns = now_ns  # the agent's clock at the latest event: what the TTL counts from
+        self.last_t = now_ns  # the latest event's own time (its ts=): where a cut span ends
+        self.first: _Span | None = None  # the first span started: where orphans hang
         self.service: str | None = None
         self.trace_id: int | None = None
         self.sampled: bool | None = None
@@ -375,7 +393,8 @@ class SessionRegistry:
         # Least recently active first: expiry scans from the front and stops at a live one.
         self._sessions: OrderedDict[str, _Session] = OrderedDict()
         # Keys of sessions ended by TTL or cap, with when: the rest of such a stream (a slow
-        # response, a long websocket) must not come back as an orphan trace.
+        # response, a long websocket) must not come back as an orphan trace. Not those of
+        # finish=*: a key may be used again on purpose (a per-connection id over keep-alive).
         self._evicted: OrderedDict[str, int] = OrderedDict()
         self.stats: Counter[str] = Counter(dict.fromkeys(STAT_KEYS, 0))
         #: Called with the key of every session this registry no longer answers for: at its
@@ -429,6 +448,7 @@ class SessionRegistry:
         else:
             sessions.move_to_end(key)
             session.last_ns = now
+        session.last_t = t
         if service and service != session.service:
             session.service = service
             session.resource = None
@@ -501,8 +521,8 @@ class SessionRegistry:
                     # stays a root: nothing is above it).
                     self.stats["unknown_parent"] += 1
                     if sel.parent is None:
-                        first = next(iter(spans.values()))
-                        if first is not sel:
+                        first = session.first
+                        if first is not None and not _descends(first, sel):
                             sel.parent = first
                     continue
                 sel.parent = parent
@@ -542,7 +562,7 @@ class SessionRegistry:
             if session.last_ns >= cutoff:
                 break
             sessions.popitem(last=False)
-            self._end_session(session, session.last_ns, "ttl")
+            self._end_session(session, session.last_t, "ttl")
             self._remember_evicted(session.key, now)
             ended += 1
         self.stats["sessions_evicted_ttl"] += ended
@@ -575,7 +595,7 @@ class SessionRegistry:
         while len(sessions) >= self._max_sessions:
             _, oldest = sessions.popitem(last=False)
             self.stats["sessions_evicted_cap"] += 1
-            self._end_session(oldest, oldest.last_ns, "cap")
+            self._end_session(oldest, oldest.last_t, "cap")
             self._remember_evicted(oldest.key, now)
         session = _Session(key, now)
         sessions[key] = session
@@ -614,8 +634,12 @@ class SessionRegistry:
     def _incomplete_status(self, reason: str) -> Status:
         status = self._incomplete.get(reason)
         if status is None:
+            # Say how the end was cut, or a slow request cut at its last event would read as
+            # a fast one (its spans end there, not at the expiry).
+            why = {"ttl": f": no event for {self._ttl_ns / 1e9:g}s, ended at the last one",
+                   "cap": ": max_sessions reached, ended at its last event"}.get(reason, "")
             status = Status(
-                StatusCode.ERROR, f"span not finished before the session ended ({reason})"
+                StatusCode.ERROR, f"span not finished before the session ended ({reason}){why}"
             )
             if len(self._incomplete) < 16:
                 self._incomplete[reason] = status
@@ -743,6 +767,8 @@ class SessionRegistry:
         self.stats["spans_started"] += 1
         span = _Span(name, t)
         session.spans[name] = span
+        if session.first is None:
+            session.first = span
         return span
 
     def _draw_span_id(self, span: _Span) -> int:

@@ -7,6 +7,7 @@ subprocess, monkeypatched by gevent (the timeout over the whole post, headers in
 
 from __future__ import annotations
 
+import logging
 import re
 import socket
 import subprocess
@@ -14,6 +15,7 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.trace import SpanContext, TraceFlags
@@ -136,3 +138,16 @@ def test_under_gevent_the_whole_post_is_bounded_and_a_stop_cuts_it_cleanly() -> 
     assert not [line for line in lines if line.startswith(("ERROR", "CRITICAL"))], done.stdout
     # Each failed post says why, with its endpoint.
     assert sum("export to http://127.0.0.1:" in line for line in lines) == 2, done.stdout
+
+
+def test_a_failed_post_is_logged_without_the_credentials_of_its_url(
+        caplog: pytest.LogCaptureFixture) -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    listener.close()  # nothing listens: refused
+    exporter = FastJaegerExporter(
+        collector_endpoint=f"http://tracer:S3cr3t@127.0.0.1:{port}/api/traces", timeout=5)
+    with caplog.at_level(logging.WARNING):
+        assert exporter.export(spans()) is SpanExportResult.FAILURE
+    assert f"export to http://127.0.0.1:{port}/api/traces failed" in caplog.text
+    assert "S3cr3t" not in caplog.text and "tracer" not in caplog.text

@@ -313,7 +313,10 @@ def test_another_engines_message_is_ignored_without_counting_typos() -> None:
     stats: Counter[str] = Counter()
     assert parse(("ip", "10.0.0.1"), ("host", "example.com"), ("", "stray"), stats=stats) is None
     assert not stats
-    assert parse(("id", "k"), ("host", "example.com"), stats=stats) is None  # ours: one id
+    # An id= is no sign of ours: a WAF's messages carry unique-id too.
+    assert parse(("id", "k"), ("ip", "10.0.0.1"), ("path", "/"), stats=stats) is None
+    assert not stats
+    assert parse(("id", "k"), ("ts", 1), ("spna", "x"), stats=stats) is None  # ours: a ts=
     assert stats["unknown_arg"] == 1
 
 

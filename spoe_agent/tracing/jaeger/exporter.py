@@ -252,7 +252,8 @@ class FastJaegerExporter(SpanExporter):
         except Exception as exc:
             stats.send_errors += 1
             stats.spans_failed += len(spans)
-            log.warning("Jaeger collector export to %s failed: %s", self.collector_endpoint, exc)
+            log.warning("Jaeger collector export to %s failed: %s",
+                        self._http.shown, exc)  # type: ignore[union-attr]
             return False
         stats.http_posts += 1
         stats.bytes_sent += len(body)

@@ -80,6 +80,8 @@ class _HTTPSender:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"unsupported Jaeger collector endpoint: {endpoint!r}")
         self.endpoint = endpoint
+        #: The endpoint as logs may show it: without the user and password it may carry.
+        self.shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
         self._https = parts.scheme == "https"
         self._host = parts.hostname
         self._port = parts.port or (443 if self._https else 80)
