@@ -575,13 +575,14 @@ class SessionRegistry:
         return ended
 
     def close_all(self, reason: str = "shutdown") -> int:
-        """End every session (at shutdown), their open spans marked incomplete."""
-        now = self._clock_ns() - self._epoch_ns
+        """End every session (at shutdown), their open spans marked incomplete, at each
+        session's last event, as the TTL and the cap end them: a 1 ms deny open at a stop
+        showed as lasting until the stop."""
         sessions = self._sessions
         ended = 0
         while sessions:
             _, session = sessions.popitem(last=False)
-            self._end_session(session, now, reason)
+            self._end_session(session, session.last_t, reason)
             if self.on_end is not None:
                 self.on_end(session.key)
             ended += 1

@@ -902,7 +902,10 @@ def test_close_all_ends_everything_once() -> None:
     h = Harness()
     for uid in ("a", "b", "c"):
         h.notify(reference_notifies(uid)[0])
+    last_event = h.clock.t
+    h.clock.advance(5)  # the stop comes later: the spans still end at their last event
     assert h.reg.close_all() == 3
+    assert {s.end_time for s in h.spans} == {last_event}
     assert len(h.reg) == 0
     assert len(h.spans) == 6
     assert all(s.attributes[INCOMPLETE_ATTRIBUTE] for s in h.spans)
