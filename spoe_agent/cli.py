@@ -168,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
 
         problem = bind_problem(config.bind)
         if problem is not None:
-            print(f"spoe-agent: configuration error: cannot listen on {bind_text(config.bind)}: "
-                  f"{problem}", file=sys.stderr)
+            print(f"spoe-agent: configuration error: cannot listen on {bind_text(config.bind)} "
+                  f"({config.set_by('bind')}): {problem}", file=sys.stderr)
             return EXIT_CONFIG
         try:
             tls = tls_context(config)  # certificates are read now, not at the first connection

@@ -433,6 +433,11 @@ class AgentConfig:
     config_file: str = ""
     sources: dict[str, str] = field(default_factory=dict)
 
+    def set_by(self, attr: str) -> str:
+        """Where ``attr``'s value came from, for an error that only shows once it is used
+        (a bind address this machine does not have): ``agent.ini:2``, ``command line``..."""
+        return self.sources.get(attr, "the default")
+
     def exporter_text(self) -> str:
         """The exporter as ``--check`` and the start-up log name it: an operator who set one
         must see why it is ``none`` when OTEL_SDK_DISABLED turned it off."""

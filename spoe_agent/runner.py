@@ -55,7 +55,8 @@ def run(
                                      group=config.unix_group)
         except OSError as exc:
             raise StartupError(
-                f"cannot listen on {bind_text(config.bind)}: {exc.strerror or exc}") from None
+                f"cannot listen on {bind_text(config.bind)} ({config.set_by('bind')}): "
+                f"{exc.strerror or exc}") from None
     server = SpoaServer(agent, config, listener=listener, tls_context=tls)
     metrics = None
     if config.metrics:

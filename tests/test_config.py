@@ -341,7 +341,8 @@ def test_check_refuses_a_bind_that_cannot_be_listened_on(bind: str, why: str) ->
         [sys.executable, "-m", "spoe_agent", "--bind", bind, "--workers", "1", "--check"],
         capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
     assert check.returncode == 2, check
-    assert f"configuration error: cannot listen on {bind}: {why}" in check.stderr, check.stderr
+    assert f"configuration error: cannot listen on {bind} (command line): {why}" in (
+        check.stderr), check.stderr
 
 
 def test_an_app_that_fails_to_import_is_named(tmp_path: Path,

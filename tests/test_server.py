@@ -376,6 +376,25 @@ def test_a_metrics_port_in_use_is_named_once(workers: str) -> None:
         "Address already in use\n"), result.stderr
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_bind_that_fails_at_start_names_the_line_that_set_it(workers: str,
+                                                               tmp_path: Path) -> None:
+    """The value was valid, the machine refused it: the operator still needs the line."""
+    ini = tmp_path / "agent.ini"
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        ini.write_text(f"[listener]\nbind = 127.0.0.1:{port}\n")
+        result = subprocess.run(
+            [sys.executable, "-m", "spoe_agent", "-c", str(ini), "--workers", workers,
+             "--exporter", "none", "--app", APP],
+            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert (f"cannot listen on 127.0.0.1:{port} ({ini}:2): Address already in use"
+            in result.stderr), result.stderr
+
+
 def test_unix_bind_never_replaces_a_file_or_a_live_socket(tmp_path: Path) -> None:
     """Where a TCP port in use is refused, a unix path in use must be too: unlinking it
     destroyed a regular file, or silently cut a running agent off from HAProxy."""

@@ -135,8 +135,8 @@ class Supervisor:
                                            group=self.config.unix_group)
         except OSError as exc:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
-            raise StartupError(f"cannot listen on {bind_text(self.config.bind)}: "
-                               f"{exc.strerror or exc}") from None
+            raise StartupError(f"cannot listen on {bind_text(self.config.bind)} "
+                               f"({self.config.set_by('bind')}): {exc.strerror or exc}") from None
         self._listener.setblocking(True)  # a cooperative wait under gevent, not a busy one
         metrics = None
         if self.config.metrics:
