@@ -62,6 +62,10 @@ from spoe_agent.tracing.language import (
 from spoe_agent.tracing.propagation import extract_context, inject_vars
 
 INCOMPLETE_ATTRIBUTE = "haproxy.span.incomplete"
+# On every span of a session whose first message already named spans it does not have: the
+# agent came in the middle of the stream (it restarted, or HAProxy's earlier events went to
+# another agent), and the trace is a fragment.
+PARTIAL_ATTRIBUTE = "haproxy.session.partial"
 
 # Bounds on what one span or session may accumulate, whatever HAProxy sends.
 _MAX_ITEMS_PER_SPAN: Final = 128
@@ -168,6 +172,7 @@ STAT_KEYS = (
     "sessions_evicted_ttl",
     "sessions_evicted_cap",
     "sessions_closed",
+    "sessions_partial",
     "spans_started",
     "spans_emitted",
     "spans_incomplete",
@@ -297,6 +302,7 @@ class _Session:
         "last_ns",
         "last_t",
         "first",
+        "partial",
         "service",
         "trace_id",
         "sampled",
@@ -316,6 +322,7 @@ class _Session:
         self.last_ns = now_ns  # the agent's clock at the latest event: what the TTL counts from
         self.last_t = now_ns  # the latest event's own time (its ts=): where a cut span ends
         self.first: _Span | None = None  # the first span started: where orphans hang
+        self.partial = False  # PARTIAL_ATTRIBUTE
         self.service: str | None = None
         self.trace_id: int | None = None
         self.sampled: bool | None = None
@@ -436,6 +443,7 @@ class SessionRegistry:
                 self.stats["bad_ts"] += 1
                 t = now
         session = sessions.get(key)
+        created = session is None
         if session is None:
             if key in self._evicted:
                 self.stats["late_message"] += 1
@@ -488,6 +496,8 @@ class SessionRegistry:
                 span = spans.get(op[1])
                 if span is None or span.start_ns is None:
                     self.stats["unknown_span"] += 1
+                    if created and not session.partial and span is None:
+                        self._mark_partial(session)
                 else:
                     self._end_span(session, span, t)
                 continue
@@ -520,6 +530,8 @@ class SessionRegistry:
                     # rather than starting a second root in the trace (the first span itself
                     # stays a root: nothing is above it).
                     self.stats["unknown_parent"] += 1
+                    if created and not session.partial and parent is None:
+                        self._mark_partial(session)
                     if sel.parent is None:
                         first = session.first
                         if first is not None and not _descends(first, sel):
@@ -770,7 +782,19 @@ class SessionRegistry:
         session.spans[name] = span
         if session.first is None:
             session.first = span
+        if session.partial and session.sampled is not False:
+            self._set_attr(span, PARTIAL_ATTRIBUTE, True)
         return span
+
+    def _mark_partial(self, session: _Session) -> None:
+        """The session's first message named spans it does not have: mark its spans, open
+        and to come, as a fragment of a trace whose beginning this agent did not see."""
+        session.partial = True
+        self.stats["sessions_partial"] += 1
+        if session.sampled is not False:
+            for span in session.spans.values():
+                if span.start_ns is not None:
+                    self._set_attr(span, PARTIAL_ATTRIBUTE, True)
 
     def _draw_span_id(self, span: _Span) -> int:
         """Give ``span`` its id, the first time one is needed (see ``_Span``)."""

@@ -861,6 +861,29 @@ def test_an_orphans_fallback_parent_never_closes_a_cycle() -> None:
     assert roots == ["A", "B"]  # the first A of "r", and B of "c"
 
 
+def test_a_session_that_begins_mid_stream_is_marked_partial() -> None:
+    """A restarted agent sees streams from the middle: their first message names spans the
+    session does not have. Those fragments looked like whole traces (black-box run)."""
+    h = Harness()
+    h.send(("id", "mid"), ("span", "Backend TCP request"),
+           ("follows-from", "Frontend HTTP request"), ("finish", "Frontend HTTP request"))
+    h.send(("id", "mid"), ("span", "HAProxy session"), ("finish", "*"))
+    # A whole stream whose later messages name spans it does not have (a listen section,
+    # mode tcp) is no fragment.
+    h.send(("id", "whole"), ("span", "HAProxy session"))
+    h.send(("id", "whole"), ("span", "Backend TCP request"),
+           ("follows-from", "Frontend HTTP request"), ("finish", "*"))
+    by_trace: dict[int, set[object]] = {}
+    for span in h.spans:
+        by_trace.setdefault(span.context.trace_id, set()).add(
+            span.attributes.get("haproxy.session.partial"))
+    # Every span of the fragment is marked (the one started after the mark too), none of
+    # the whole stream's.
+    assert sorted(by_trace.values(), key=str) == [{None}, {True}]
+    assert sum(s.attributes.get("haproxy.session.partial") is True for s in h.spans) == 2
+    assert h.reg.stats["sessions_partial"] == 1
+
+
 def test_activity_moves_a_session_behind_idle_ones() -> None:
     h = Harness(ttl_s=10)
     h.send(("id", "a"), ("span", "x"))
