@@ -315,18 +315,8 @@ class QueueSpanProcessor(SpanProcessor):
             return True
 
     def _send_encoded(self) -> None:
-        """Send the encoded batch and count each span's fate as the exporter reports it."""
         encoded, self._encoded = self._encoded, None
-        token = attach(set_value(_SUPPRESS_INSTRUMENTATION_KEY, True))
-        try:
-            delivery = self._send_with_pauses(encoded)
-        except Exception as exc:
-            self._failed(len(encoded), exc)
-            return
-        finally:
-            detach(token)
-        if self._settle(len(encoded), delivery.sent, delivery.failed) and delivery.failed:
-            self._log_failure(delivery.failed, "see the exporter's warning above")
+        self._deliver(self._send_with_pauses, encoded)
 
     def _send_with_pauses(self, encoded: Any) -> Any:
         # A batch is several 65 KB datagrams: the ready connections go between two of them.
@@ -340,7 +330,9 @@ class QueueSpanProcessor(SpanProcessor):
         self._deliver(self.exporter.export, batch)
 
     def _deliver(self, send: Any, spans: Any) -> None:
-        """Hand ``spans`` (a list, or encoded ones) to ``send`` and count the outcome."""
+        """Hand ``spans`` (a list, or encoded ones) to ``send`` and count the outcome: a
+        ``SpanExportResult``, or from an encoding exporter a ``Delivery`` that says what
+        became of each span (one lost span must not count its batch as lost)."""
         token = attach(set_value(_SUPPRESS_INSTRUMENTATION_KEY, True))
         error: Exception | None = None
         try:
@@ -351,8 +343,10 @@ class QueueSpanProcessor(SpanProcessor):
             detach(token)
         if result is SpanExportResult.SUCCESS:
             self._settle(len(spans), len(spans))
-        else:
+        elif result is SpanExportResult.FAILURE:
             self._failed(len(spans), error)
+        elif self._settle(len(spans), result.sent, result.failed) and result.failed:
+            self._log_failure(result.failed, "see the exporter's warning above")
 
     def _failed(self, spans: int, error: Exception | None) -> None:
         if self._settle(spans, 0, spans):
