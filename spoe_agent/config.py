@@ -349,6 +349,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("jaeger_user", "tracing", "jaeger_user", _text, env="OTEL_EXPORTER_JAEGER_USER"),
     Option("jaeger_password", "tracing", "jaeger_password", _text,
            env="OTEL_EXPORTER_JAEGER_PASSWORD"),
+    Option("jaeger_timeout", "tracing", "jaeger_timeout", _positive(parse_duration),
+           env="OTEL_EXPORTER_JAEGER_TIMEOUT", env_parse=_positive(parse_duration)),
     Option("otlp_endpoint", "tracing", "otlp_endpoint", _otlp_endpoint,
            env="OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", env_parse=_http_url),
     Option("otlp_protocol", "tracing", "otlp_protocol", _choice(*OTLP_PROTOCOLS),
@@ -417,6 +419,9 @@ class AgentConfig:
     jaeger_endpoint: str = ""
     jaeger_user: str = ""
     jaeger_password: str = ""
+    # A collector post's bound, as OTEL_EXPORTER_JAEGER_TIMEOUT is the official exporter's
+    # (seconds, 10 by default there too); export_timeout still bounds the whole export.
+    jaeger_timeout: float = 10.0
     otlp_endpoint: str = ""
     otlp_protocol: str = "http/protobuf"
     propagators: tuple[str, ...] = ("tracecontext", "baggage")

@@ -162,6 +162,18 @@ def test_bsp_milliseconds_may_have_a_fraction_and_a_unit() -> None:
     assert load_config(env={"OTEL_BSP_EXPORT_TIMEOUT": "2s"}).export_timeout == 2.0
 
 
+def test_jaeger_timeout_counts_seconds_as_the_official_exporter_reads_it(tmp_path: Path) -> None:
+    assert load_config(env={}).jaeger_timeout == 10.0
+    assert load_config(env={"OTEL_EXPORTER_JAEGER_TIMEOUT": "5"}).jaeger_timeout == 5.0
+    assert load_config(env={"OTEL_EXPORTER_JAEGER_TIMEOUT": "1500ms"}).jaeger_timeout == 1.5
+    path = write(tmp_path, "[tracing]\njaeger_timeout = 2s\n")
+    assert load_config(path, env={}).jaeger_timeout == 2.0
+    with pytest.raises(ConfigError, match="OTEL_EXPORTER_JAEGER_TIMEOUT.*more than 0"):
+        load_config(env={"OTEL_EXPORTER_JAEGER_TIMEOUT": "0"})
+    with pytest.raises(ConfigError, match="OTEL_EXPORTER_JAEGER_TIMEOUT"):
+        load_config(env={"OTEL_EXPORTER_JAEGER_TIMEOUT": "ten"})
+
+
 def test_generic_otlp_endpoint_beats_agent_ini_and_loses_to_the_traces_one(tmp_path: Path) -> None:
     path = write(tmp_path, "[tracing]\notlp_endpoint = http://ini:4318/v1/traces\n")
     generic = {"OTEL_EXPORTER_OTLP_ENDPOINT": " http://env:4318/ "}

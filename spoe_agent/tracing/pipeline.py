@@ -76,7 +76,7 @@ def build_exporter(config: AgentConfig) -> SpanExporter | None:
         username=config.jaeger_user or None,
         password=config.jaeger_password or None,
         max_tag_value_length=config.max_attribute_length,
-        timeout=config.export_timeout,
+        timeout=min(config.jaeger_timeout, config.export_timeout),
         udp_split_oversized_batches=True,
     )
 

@@ -46,6 +46,20 @@ def test_every_name_the_configuration_accepts_builds() -> None:
         assert isinstance(build_propagator(name), TextMapPropagator), name
 
 
+def test_a_collector_post_is_bounded_by_the_jaeger_timeout_within_the_export_timeout() -> None:
+    endpoint = {"OTEL_EXPORTER_JAEGER_ENDPOINT": "http://127.0.0.1:14268/api/traces"}
+
+    def post_bound(env: dict[str, str]) -> float:
+        exporter = build_exporter(load_config(env={**endpoint, **env}))
+        assert isinstance(exporter, FastJaegerExporter) and exporter._http is not None
+        return exporter._http._timeout
+
+    assert post_bound({}) == 10.0  # the official exporter's default
+    assert post_bound({"OTEL_EXPORTER_JAEGER_TIMEOUT": "3"}) == 3.0  # seconds, as there
+    assert post_bound({"OTEL_EXPORTER_JAEGER_TIMEOUT": "60", "OTEL_BSP_EXPORT_TIMEOUT": "20000"}) \
+        == 20.0  # never past the whole export's bound
+
+
 def test_jaeger_console_and_none_exporters() -> None:
     udp = build_exporter(load_config(env={}))
     assert isinstance(udp, FastJaegerExporter) and udp.collector_endpoint is None
