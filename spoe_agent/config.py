@@ -136,8 +136,67 @@ def _http_url(text: str) -> str:
     if text:
         parts = urlsplit(text)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"expected an http:// or https:// URL, got {text!r}")
+            raise ValueError(f"expected an http:// or https:// URL, got {_redacted(text)!r}")
     return text
+
+
+def _redacted(url: str) -> str:
+    """``url`` with the password of its user info starred out, for an error message."""
+    head, at, rest = url.rpartition("@")
+    if not at or ":" not in head.partition("://")[2]:
+        return url
+    scheme, sep, userinfo = head.rpartition("://")
+    return f"{scheme}{sep}{userinfo.partition(':')[0]}:***@{rest}"
+
+
+def _otlp_base(text: str) -> str:
+    """OTEL_EXPORTER_OTLP_ENDPOINT: a base URL, to which the traces path is appended (before a
+    query string, which stays the collector's)."""
+    parts = urlsplit(_http_url(text))
+    return parts._replace(path=parts.path.rstrip("/") + "/v1/traces").geturl()
+
+
+def _readable_file(text: str) -> str:
+    """A certificate or key file: one that cannot be read would fail every export instead.
+    Empty is unset (the system's CAs, no client certificate)."""
+    path = _text(text)
+    if not path:
+        return ""
+    _name(path)  # no control characters
+    if not os.path.isfile(path):
+        raise ValueError(f"no such file: {path!r}")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"cannot read {path!r} (permission denied)")
+    return path
+
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def _otlp_headers(text: str) -> str:
+    """OTEL_EXPORTER_OTLP_HEADERS: ``key=value`` pairs separated by commas, values
+    percent-encoded. The SDK drops a malformed pair with a warning: an API key that never
+    reaches the collector, so it is refused here."""
+    text = str(text).strip()
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        key, sep, _ = item.partition("=")
+        if not sep or not _HEADER_NAME.fullmatch(key.strip()):
+            raise ValueError(f"expected name=value pairs separated by commas, got {item.strip()!r}")
+    return text
+
+
+def _sdk_seconds(text: str) -> float:
+    """A timeout variable that OpenTelemetry's Python exporters read in seconds (the
+    specification says milliseconds): a unit says which; a bare number is seconds, as there,
+    and one so large that milliseconds were surely meant is refused rather than guessed."""
+    value = _positive(parse_duration)(text)
+    if re.fullmatch(r"\s*\d+(?:\.\d+)?\s*", str(text)) and value > 600:
+        raise ValueError(f"{str(text).strip()} seconds? A bare number counts in seconds here, as "
+                         f"in OpenTelemetry's Python exporters: give a unit, such as "
+                         f"{str(text).strip()}ms or 10s")
+    return value
 
 
 def _otlp_endpoint(text: str) -> str:
@@ -267,6 +326,8 @@ def _name(text: str) -> str:
     value = str(text).strip()
     if not value:
         raise ValueError("must not be empty")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError(f"control characters are not allowed, got {value!r}")
     return value
 
 
@@ -350,11 +411,29 @@ OPTIONS: tuple[Option, ...] = (
     Option("jaeger_password", "tracing", "jaeger_password", _text,
            env="OTEL_EXPORTER_JAEGER_PASSWORD"),
     Option("jaeger_timeout", "tracing", "jaeger_timeout", _positive(parse_duration),
-           env="OTEL_EXPORTER_JAEGER_TIMEOUT", env_parse=_positive(parse_duration)),
+           env="OTEL_EXPORTER_JAEGER_TIMEOUT", env_parse=_sdk_seconds),
+    Option("jaeger_certificate", "tracing", "jaeger_certificate", _readable_file,
+           env="OTEL_EXPORTER_JAEGER_CERTIFICATE"),
     Option("otlp_endpoint", "tracing", "otlp_endpoint", _otlp_endpoint,
            env="OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", env_parse=_http_url),
     Option("otlp_protocol", "tracing", "otlp_protocol", _choice(*OTLP_PROTOCOLS),
            env="OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", env_fallback="OTEL_EXPORTER_OTLP_PROTOCOL"),
+    Option("otlp_headers", "tracing", "otlp_headers", _otlp_headers,
+           env="OTEL_EXPORTER_OTLP_TRACES_HEADERS", env_fallback="OTEL_EXPORTER_OTLP_HEADERS"),
+    Option("otlp_timeout", "tracing", "otlp_timeout", _positive(parse_duration),
+           env="OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", env_parse=_sdk_seconds,
+           env_fallback="OTEL_EXPORTER_OTLP_TIMEOUT"),
+    Option("otlp_compression", "tracing", "otlp_compression", _choice("none", "gzip", "deflate"),
+           env="OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
+           env_fallback="OTEL_EXPORTER_OTLP_COMPRESSION"),
+    Option("otlp_certificate", "tracing", "otlp_certificate", _readable_file,
+           env="OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE",
+           env_fallback="OTEL_EXPORTER_OTLP_CERTIFICATE"),
+    Option("otlp_client_certificate", "tracing", "otlp_client_certificate", _readable_file,
+           env="OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE",
+           env_fallback="OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE"),
+    Option("otlp_client_key", "tracing", "otlp_client_key", _readable_file,
+           env="OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY", env_fallback="OTEL_EXPORTER_OTLP_CLIENT_KEY"),
     Option("propagators", "tracing", "propagators", _propagators, env="OTEL_PROPAGATORS"),
     Option("sampler", "tracing", "sampler", _choice(*SAMPLERS), env="OTEL_TRACES_SAMPLER"),
     Option("sampler_arg", "tracing", "sampler_arg", _text, env="OTEL_TRACES_SAMPLER_ARG"),
@@ -422,8 +501,17 @@ class AgentConfig:
     # A collector post's bound, as OTEL_EXPORTER_JAEGER_TIMEOUT is the official exporter's
     # (seconds, 10 by default there too); export_timeout still bounds the whole export.
     jaeger_timeout: float = 10.0
+    jaeger_certificate: str = ""  # CA bundle for an https:// collector (else the system's)
     otlp_endpoint: str = ""
     otlp_protocol: str = "http/protobuf"
+    # The OTLP exporter's own settings, read and checked here rather than by the SDK, which
+    # takes an empty OTEL_EXPORTER_OTLP_CERTIFICATE as "do not verify" and drops bad headers.
+    otlp_headers: str = ""
+    otlp_timeout: float = 10.0  # the SDK's default; export_timeout still bounds the export
+    otlp_compression: str = "none"
+    otlp_certificate: str = ""
+    otlp_client_certificate: str = ""
+    otlp_client_key: str = ""
     propagators: tuple[str, ...] = ("tracecontext", "baggage")
     sampler: str = "parentbased_always_on"
     sampler_arg: str = ""
@@ -458,6 +546,15 @@ class AgentConfig:
         if self.tls_ca and not self.tls_cert:
             raise ConfigError(self.sources.get("tls_ca", "tls"),
                               "tls_ca (client certificate verification) needs tls_cert and tls_key")
+        if bool(self.jaeger_user) != bool(self.jaeger_password):
+            # The official exporter then sends no Authorization at all: a collector answering
+            # 401 to every batch, with nothing at start-up to say why.
+            attr = "jaeger_user" if self.jaeger_user else "jaeger_password"
+            raise ConfigError(self.sources.get(attr, attr),
+                              "jaeger_user and jaeger_password must be set together")
+        if self.otlp_client_key and not self.otlp_client_certificate:
+            raise ConfigError(self.sources.get("otlp_client_key", "otlp_client_key"),
+                              "an OTLP client key needs its client certificate")
         if self.export_batch_size > self.export_queue_size:
             if "export_batch_size" in self.sources:
                 raise ConfigError(self.sources["export_batch_size"],
@@ -503,7 +600,7 @@ def _line_numbers(text: str) -> dict[tuple[str, str], int]:
     """Where each ``key = value`` stands, since configparser forgets line numbers."""
     lines: dict[tuple[str, str], int] = {}
     section = ""
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.split("\n"), 1):
         stripped = line.strip()
         if not stripped or stripped[0] in "#;":
             continue  # an indented line is a key too: continuation lines are refused
@@ -539,6 +636,24 @@ def _syntax_error(path: str, lines: list[str], exc: configparser.Error) -> Confi
     return ConfigError(where, f"syntax error: {reason}")
 
 
+_SECTION_LINE = re.compile(r"\[[^\[\]#;]+\]\s*(?:[#;].*)?")
+
+
+def _check_headers(path: str, lines: list[str]) -> None:
+    """configparser reads ``[tracing] sampler = x`` as the header ``[tracing]`` and drops the
+    rest of the line, setting nothing and saying nothing: a header stands alone (a comment
+    may follow it)."""
+    for number, line in enumerate(lines, 1):
+        stripped = line.strip()
+        if stripped.startswith("[") and not _SECTION_LINE.fullmatch(stripped):
+            where = f"{path}:{number}"
+            if "]" not in stripped:
+                raise ConfigError(where, f"syntax error: unclosed section header {stripped!r}: "
+                                  "expected [section]")
+            raise ConfigError(where, f"syntax error: expected a section header alone on its "
+                              f"line, such as [tracing], got {stripped!r}")
+
+
 def _continuation(lines: list[str], key_line: int) -> int:
     """The line that continued the value of the key at ``key_line``: the next one with text."""
     for number in range(key_line + 1, len(lines) + 1):
@@ -563,9 +678,14 @@ def load_ini(path: str, config: AgentConfig) -> None:
         raise ConfigError(f"{path}:{line}", f"not UTF-8 text: {exc.reason}") from None
     # No DEFAULT section: configparser would copy its keys into every section, past the
     # check that refuses unknown keys; "[DEFAULT]" is then an unknown section like any other.
+    # Lines end where configparser ends them, at "\n" only (str.splitlines also splits at
+    # form feeds and U+2028, which shifted every later line number): old Mac files' bare CRs
+    # become line ends first, or the whole file would be one line, silently ignored.
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    lines = text.split("\n")
+    _check_headers(path, lines)
     parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"),
                                        default_section="\0no default section")
-    lines = text.splitlines()
     try:
         parser.read_string(text, source=path)
     except configparser.Error as exc:
@@ -646,10 +766,9 @@ def load_env(env: Mapping[str, str], config: AgentConfig) -> None:
     base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
     if base and not env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip():
         try:
-            config.otlp_endpoint = _http_url(base.rstrip("/") + "/v1/traces")
+            config.otlp_endpoint = _otlp_base(base)
         except ValueError as exc:
-            raise ConfigError("environment variable OTEL_EXPORTER_OTLP_ENDPOINT",
-                              str(exc).replace("/v1/traces'", "'")) from None
+            raise ConfigError("environment variable OTEL_EXPORTER_OTLP_ENDPOINT", str(exc)) from None
         config.sources["otlp_endpoint"] = "environment variable OTEL_EXPORTER_OTLP_ENDPOINT"
 
 

@@ -174,6 +174,59 @@ def test_jaeger_timeout_counts_seconds_as_the_official_exporter_reads_it(tmp_pat
         load_config(env={"OTEL_EXPORTER_JAEGER_TIMEOUT": "ten"})
 
 
+def test_otlp_exporter_variables_are_checked_where_the_sdk_would_drop_or_misread_them(
+    tmp_path: Path
+) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    config = load_config(env={"OTEL_EXPORTER_OTLP_CERTIFICATE": str(ca),
+                              "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "2500ms",
+                              "OTEL_EXPORTER_OTLP_COMPRESSION": "GZIP",
+                              "OTEL_EXPORTER_OTLP_HEADERS": "a=1, b=2"})
+    assert (config.otlp_certificate, config.otlp_timeout) == (str(ca), 2.5)
+    assert (config.otlp_compression, config.otlp_headers) == ("gzip", "a=1, b=2")
+    assert config.sources["otlp_timeout"] == "environment variable OTEL_EXPORTER_OTLP_TRACES_TIMEOUT"
+    for env, reason in [
+        ({"OTEL_EXPORTER_OTLP_TIMEOUT": "2000"}, "2000 seconds\\? .*give a unit, such as 2000ms"),
+        ({"OTEL_EXPORTER_OTLP_TIMEOUT": "0"}, "must be more than 0"),
+        ({"OTEL_EXPORTER_OTLP_TIMEOUT": "-1"}, "expected a duration"),
+        ({"OTEL_EXPORTER_OTLP_COMPRESSION": "zstd"}, "expected one of none, gzip, deflate"),
+        ({"OTEL_EXPORTER_OTLP_HEADERS": "api-key"}, "expected name=value pairs.*'api-key'"),
+        ({"OTEL_EXPORTER_OTLP_CERTIFICATE": "/nonexistent.pem"}, "no such file"),
+        ({"OTEL_EXPORTER_OTLP_CLIENT_KEY": str(ca)}, "an OTLP client key needs its client certificate"),
+        ({"OTEL_EXPORTER_JAEGER_TIMEOUT": "5000"}, "5000 seconds"),
+        ({"OTEL_EXPORTER_JAEGER_CERTIFICATE": str(tmp_path)}, "no such file"),
+    ]:
+        with pytest.raises(ConfigError, match=f"variable {next(iter(env))}: {reason}"):
+            load_config(env=env)
+
+
+def test_the_readmes_agent_ini_loads_as_shown(tmp_path: Path) -> None:
+    """The reference agent.ini in README.md is what operators copy: every key in it must be
+    one the agent knows, with a value it takes."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("```ini\n[listener]\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "agent.ini"
+    path.write_text("[listener]\n" + block)
+    config = load_config(str(path), env={})
+    assert {"bind", "exporter", "otlp_timeout", "export_timeout"} <= set(config.sources)
+    assert (config.otlp_certificate, config.jaeger_timeout) == ("", 10.0)
+
+
+def test_credentials_are_not_echoed_and_not_half_set() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(env={"OTEL_EXPORTER_JAEGER_ENDPOINT": "ftp://u:s3cret@c/x"})
+    assert "s3cret" not in str(info.value) and "ftp://u:***@c/x" in str(info.value)
+    for env in ({"OTEL_EXPORTER_JAEGER_USER": "alice"}, {"OTEL_EXPORTER_JAEGER_PASSWORD": "pw"}):
+        with pytest.raises(ConfigError, match="jaeger_user and jaeger_password must be set together"):
+            load_config(env=env)
+
+
+def test_the_generic_otlp_endpoint_keeps_its_query_after_the_traces_path() -> None:
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318/?tenant=a"}
+    assert load_config(env=env).otlp_endpoint == "http://c:4318/v1/traces?tenant=a"
+
+
 def test_generic_otlp_endpoint_beats_agent_ini_and_loses_to_the_traces_one(tmp_path: Path) -> None:
     path = write(tmp_path, "[tracing]\notlp_endpoint = http://ini:4318/v1/traces\n")
     generic = {"OTEL_EXPORTER_OTLP_ENDPOINT": " http://env:4318/ "}
@@ -255,6 +308,18 @@ def test_metrics_ports_must_exist_and_leave_the_spop_port_alone(
         (b"[listener]\n  bind = nowhere\n", 2, "expected HOST:PORT"),
         (b"[DEFAULT]\nworkres = 1\n", 1, "unknown section [DEFAULT]"),
         (b"[tracing]\n\nservice_name = caf\xe9\n", 3, "not UTF-8 text"),
+        # configparser took these headers and dropped the rest of the line, setting nothing
+        (b"[listener]\nworkers = 1\n[tracing] exporter = bogus\n", 3,
+         "expected a section header alone on its line, such as [tracing], got "
+         "'[tracing] exporter = bogus'"),
+        (b"[tracing]]\n", 1, "expected a section header alone on its line"),
+        (b"[tracing ; where spans go]\n", 1, "expected a section header alone on its line"),
+        # line ends as configparser counts them: not at a form feed or U+2028 in a comment
+        (b"[tracing]\n# a\x0cb\nexporter = bogus\n", 3, "exporter: expected one of"),
+        (b"[tracing]\n# a\xe2\x80\xa8b\nexporter = bogus\n", 3, "exporter: expected one of"),
+        # an old Mac file: bare CRs end its lines (it was read as one line, and ignored)
+        (b"[tracing]\rservice_name = cr\rexporter = bogus\r", 3, "exporter: expected one of"),
+        (b"[tracing]\nservice_name = x\x00y\n", 2, "control characters are not allowed"),
     ],
 )
 def test_more_bad_files_name_their_line(tmp_path: Path, raw: bytes, line: int,

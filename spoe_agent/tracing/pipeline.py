@@ -57,16 +57,21 @@ def build_exporter(config: AgentConfig) -> SpanExporter | None:
             raise ValueError(
                 "exporter 'otlp' needs the optional extra: pip install 'spoe-agent[otlp]'"
             ) from None
-        # Unless the agent's export timeout was set, the exporter reads its own standard
-        # OTEL_EXPORTER_OTLP_(TRACES_)TIMEOUT (default 10 s), as in any OpenTelemetry SDK.
-        explicit = "export_timeout" in config.sources
-        try:
-            return OTLPSpanExporter(endpoint=config.otlp_endpoint or None,
-                                    timeout=config.export_timeout if explicit else None)
-        except ValueError as exc:  # its own variables, read here: say which ones
-            raise ValueError(
-                f"the OTLP exporter refused its OTEL_EXPORTER_OTLP_* variables (the timeout "
-                f"counts in seconds there, as in the Python SDK): {exc}") from None
+        from opentelemetry.exporter.otlp.proto.http import Compression
+        from opentelemetry.util.re import parse_env_headers
+
+        # Every setting is given, none left for the exporter to read from the environment:
+        # config.py has read and checked its variables (empty ones unset, as the specification
+        # says, where the exporter takes an empty certificate as "do not verify").
+        return OTLPSpanExporter(
+            endpoint=config.otlp_endpoint or "http://localhost:4318/v1/traces",
+            certificate_file=config.otlp_certificate or True,  # type: ignore[arg-type]
+            client_certificate_file=config.otlp_client_certificate or None,
+            client_key_file=config.otlp_client_key or None,
+            headers=dict(parse_env_headers(config.otlp_headers, liberal=True)),
+            timeout=min(config.otlp_timeout, config.export_timeout),
+            compression=Compression(config.otlp_compression),
+        )
     from spoe_agent.tracing.jaeger.exporter import FastJaegerExporter
 
     return FastJaegerExporter(
@@ -77,6 +82,7 @@ def build_exporter(config: AgentConfig) -> SpanExporter | None:
         password=config.jaeger_password or None,
         max_tag_value_length=config.max_attribute_length,
         timeout=min(config.jaeger_timeout, config.export_timeout),
+        certificate=config.jaeger_certificate or None,
         udp_split_oversized_batches=True,
     )
 

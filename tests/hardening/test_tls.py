@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -227,3 +228,47 @@ def test_a_certificate_that_does_not_load_is_named_with_its_line(
     else:
         assert f"{ini}:4: cannot load the CA certificates {ca}: " in check.stderr, check.stderr
     assert "Traceback" not in check.stderr
+
+
+def test_a_jaeger_collector_over_https_is_verified_against_the_given_ca(pki: Pki) -> None:
+    """OTEL_EXPORTER_JAEGER_CERTIFICATE: a collector whose certificate a private CA signed is
+    trusted through that CA alone, and refused without it (the system's CAs do not know it)."""
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+    from threading import Thread
+
+    from spoe_agent.config import load_config
+    from spoe_agent.tracing.jaeger import FastJaegerExporter
+    from spoe_agent.tracing.pipeline import build_exporter
+
+    posted: list[bytes] = []
+
+    class Collector(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            posted.append(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(202)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Collector)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pki.server_cert, pki.server_key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    Thread(target=server.serve_forever, daemon=True).start()
+    endpoint = f"https://127.0.0.1:{server.server_address[1]}/api/traces"
+    try:
+        def sender(env: dict[str, str]) -> Any:
+            exporter = build_exporter(load_config(env={"OTEL_EXPORTER_JAEGER_ENDPOINT": endpoint,
+                                                       **env}))
+            assert isinstance(exporter, FastJaegerExporter) and exporter._http is not None
+            return exporter._http
+
+        sender({"OTEL_EXPORTER_JAEGER_CERTIFICATE": str(pki.ca)}).send(b"batch")
+        assert posted == [b"batch"]
+        with pytest.raises(ssl.SSLCertVerificationError):
+            sender({}).send(b"not trusted")
+        assert posted == [b"batch"]
+    finally:
+        server.shutdown()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -99,20 +100,41 @@ def test_a_disabled_sdk_exports_nothing_and_still_injects(disabled: str) -> None
                 timeout=10)
 
 
-def test_otlp_request_timeout_follows_the_otel_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_otlp_request_timeout_follows_the_otel_variables() -> None:
     otlp = {"OTEL_TRACES_EXPORTER": "otlp"}
-    for name in ("OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT"):
-        monkeypatch.delenv(name, raising=False)
     assert build_exporter(load_config(env=otlp))._timeout == 10  # the exporter's default
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "3")
-    assert build_exporter(load_config(env=otlp))._timeout == 3
-    # The agent's own export timeout, when set, bounds the request too.
+    assert build_exporter(load_config(env={**otlp, "OTEL_EXPORTER_OTLP_TIMEOUT": "3"}))._timeout == 3
+    traces = {**otlp, "OTEL_EXPORTER_OTLP_TIMEOUT": "3", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "4s"}
+    assert build_exporter(load_config(env=traces))._timeout == 4
+    # The agent's own export timeout bounds the request too.
     explicit = load_config(env={**otlp, "OTEL_BSP_EXPORT_TIMEOUT": "1500"})
     assert build_exporter(explicit)._timeout == 1.5
-    # A value the exporter cannot read stops the agent saying whose it was.
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "abc")
-    with pytest.raises(ValueError, match="OTEL_EXPORTER_OTLP_.*in seconds.*'abc'"):
-        build_exporter(load_config(env=otlp))
+
+
+def test_the_otlp_exporter_reads_nothing_from_the_environment_that_config_did_not_check(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Set in the process's environment, as the agent sees them: an empty variable is unset
+    (the SDK took an empty certificate as "do not verify", an empty endpoint as the URL '')."""
+    for name in ("OTEL_EXPORTER_OTLP_CERTIFICATE", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                 "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "OTEL_EXPORTER_OTLP_TIMEOUT",
+                 "OTEL_EXPORTER_OTLP_HEADERS"):
+        monkeypatch.setenv(name, "")
+    env = {**os.environ, "OTEL_TRACES_EXPORTER": "otlp"}
+    exporter = build_exporter(load_config(env=env))
+    assert exporter._certificate_file is True  # verified against the system's CAs
+    assert exporter._endpoint == "http://localhost:4318/v1/traces"
+    assert exporter._timeout == 10 and exporter._compression.value == "none"
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not read here")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_CERTIFICATE", str(ca))
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "api-key=s%20t,x-tenant=a")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip")
+    exporter = build_exporter(load_config(env={**os.environ, "OTEL_TRACES_EXPORTER": "otlp"}))
+    assert exporter._certificate_file == str(ca)
+    assert exporter._session.headers["api-key"] == "s t"
+    assert exporter._session.headers["x-tenant"] == "a"
+    assert exporter._compression.value == "gzip"
 
 
 class _Collector(BaseHTTPRequestHandler):

@@ -111,6 +111,7 @@ class FastJaegerExporter(SpanExporter):
         *,
         max_packet_size: int = UDP_PACKET_MAX_LENGTH,
         default_service_name: str | None = None,
+        certificate: str | None = None,
     ) -> None:
         self.agent_host_name = agent_host_name
         self.agent_port = agent_port
@@ -121,7 +122,7 @@ class FastJaegerExporter(SpanExporter):
         self.translator = JaegerTranslator(max_tag_value_length, default_service_name)
         self._udp = _UDPSender(agent_host_name, agent_port)
         self._http = (
-            _HTTPSender(self.collector_endpoint, username, password, timeout)
+            _HTTPSender(self.collector_endpoint, username, password, timeout, certificate)
             if self.collector_endpoint
             else None
         )

@@ -10,6 +10,7 @@ import base64
 import contextlib
 import http.client
 import socket
+import ssl
 import time
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -74,8 +75,11 @@ class _HTTPSender:
     """
 
     def __init__(
-        self, endpoint: str, username: str | None, password: str | None, timeout: float
+        self, endpoint: str, username: str | None, password: str | None, timeout: float,
+        certificate: str | None = None,
     ) -> None:
+        """``certificate``: the CA bundle an ``https://`` collector's certificate is checked
+        against (OTEL_EXPORTER_JAEGER_CERTIFICATE), else the system's."""
         parts = urlsplit(endpoint)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"unsupported Jaeger collector endpoint: {endpoint!r}")
@@ -95,11 +99,22 @@ class _HTTPSender:
             token = base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
             self._headers["Authorization"] = f"Basic {token}"
         self._conn: http.client.HTTPConnection | None = None
+        self._context: ssl.SSLContext | None = None
+        if self._https:
+            try:
+                self._context = ssl.create_default_context(cafile=certificate)
+            except ssl.SSLError as exc:
+                raise ValueError(f"the Jaeger collector's CA certificate {certificate!r} is not "
+                                 f"a PEM certificate bundle ({exc})") from None
 
     def _connection(self) -> http.client.HTTPConnection:
         if self._conn is None:
-            cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
-            self._conn = cls(self._host, self._port, timeout=self._timeout)
+            if self._context is not None:
+                self._conn = http.client.HTTPSConnection(
+                    self._host, self._port, timeout=self._timeout, context=self._context)
+            else:
+                self._conn = http.client.HTTPConnection(self._host, self._port,
+                                                        timeout=self._timeout)
         return self._conn
 
     def send(self, body: bytes) -> None:
