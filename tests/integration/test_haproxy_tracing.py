@@ -388,6 +388,61 @@ listen traced
     assert named["Backend TCP request"].parent_span_id == named[ROOT].span_id, dump
 
 
+def test_cache_hits_are_answered_and_traced(
+    haproxy: Callable[..., HAProxy],
+    spoe_agent: Callable[..., AgentProcess],
+    receiver: JaegerReceiver,
+) -> None:
+    """HAProxy 3.2 answers a cache hit with a 502 when an SPOE message is bound to
+    on-server-session or on-tcp-response (a hit has no server: found by a black-box run,
+    HAProxy's own doing, even with no agent up); the reference config sends those two only
+    when a server was chosen. 2.6 was not affected. The hit's trace is still complete."""
+    agent = spoe_agent(app=None, env=agent_env(receiver))
+    port, origin = free_port(), free_port()
+    hap = haproxy(f"""\
+global
+    setenv OTEL_SERVICE_NAME cache-hop
+
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+
+cache responses
+    total-max-size 4
+    max-age 60
+
+frontend traced
+    bind 127.0.0.1:{port}
+    unique-id-format %[uuid()]
+    filter spoe engine trace config {REFERENCE_SPOE_CFG}
+    default_backend cached
+
+backend cached
+    http-request cache-use responses
+    http-response cache-store responses
+    server origin 127.0.0.1:{origin}
+
+frontend origin
+    bind 127.0.0.1:{origin}
+    http-request return status 200 content-type text/plain string ok hdr Cache-Control max-age=60
+
+{agents_backend(agent)}""", name="cache")
+    hap.wait_server_status("spoe-agents", "agent1", "UP", timeout=15)
+    assert [get(port, "/cached").status for _ in range(3)] == [200, 200, 200]
+    roots = wait_spans(receiver, lambda s: s.operation_name == ROOT, 3, timeout=10,
+                       what="three complete sessions")
+    spans = receiver.spans
+    dump = describe(spans)
+    assert len(roots) == 3 and len({s.trace_id for s in roots}) == 3, dump
+    for root in roots:
+        assert not root.error and "haproxy.span.incomplete" not in root.tags, dump
+    traces = [{s.operation_name for s in spans if s.trace_id == r.trace_id} for r in roots]
+    assert SPAN_NAMES in traces, dump  # the miss went to the origin: all nine spans
+    assert_agent_log_clean(agent)
+
+
 def test_a_thousand_concurrent_requests_lose_no_span(tracing: TracingFactory) -> None:
     t = tracing()
     total, concurrency = 1000, 32
