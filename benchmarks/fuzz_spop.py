@@ -307,8 +307,9 @@ Sent = tuple[int, int, int, int | None]
 @dataclass
 class Outcome:
     notifies: int = 0
-    # NOTIFYs read in the same batch as the frame that closed the connection (a protocol error,
-    # a HAPROXY-DISCONNECT): the AGENT-DISCONNECT is already queued, so they cannot get an ACK.
+    # NOTIFYs read in the same batch as HAProxy's own DISCONNECT (or a health check's HELLO):
+    # HAProxy ignores what follows its goodbye, and the agent's is queued at once, so they get
+    # no ACK. Those before a protocol error do: that goodbye waits for their ACKs.
     unanswerable: int = 0
     status: int | None = None  # the AGENT-DISCONNECT status, if the agent sent one
     sent: list[Sent] = field(default_factory=list)
@@ -388,7 +389,8 @@ def replay(
             raise BrokenPromise(f"receive_data raised {type(exc).__name__}: {exc}") from exc
         if was_closed and events:
             raise BrokenPromise(f"events after CLOSED: {events}")
-        closing = conn.state is State.CLOSED
+        closing = conn.state is State.CLOSED and not any(
+            isinstance(event, ProtocolViolation) for event in events)
         for event in events:
             if not isinstance(event, EVENTS):
                 raise BrokenPromise(f"unexpected event {event!r}")
@@ -491,8 +493,8 @@ def check_live(address: tuple[str, int], chunks: Sequence[bytes], max_frame_size
                timeout: float = 10.0, acks_any_order: bool = False) -> Outcome:
     """The live agent must send what the oracle predicts: same types, ids and status.
 
-    How the agent's reads cut the stream is up to TCP, and a NOTIFY read together with the frame
-    that closes the connection gets no ACK (see :attr:`Outcome.unanswerable`); so its ACKs are
+    How the agent's reads cut the stream is up to TCP, and a NOTIFY read together with HAProxy's
+    DISCONNECT gets no ACK (see :attr:`Outcome.unanswerable`); so its ACKs are
     checked between two bounds: every frame read alone (the most ACKs) and all in one read.
     With ``acks_any_order`` only which ACKs came is checked, not their order: SPOP lets an agent
     answer pipelined NOTIFYs in any order, and one whose handlers run concurrently does (with
@@ -561,7 +563,7 @@ class Report:
     failures: list[dict[str, Any]] = field(default_factory=list)
     rss_kb: list[tuple[float, int]] = field(default_factory=list)
     handler_errors: int = 0
-    unanswerable: int = 0  # NOTIFYs read with the frame that closed the connection
+    unanswerable: int = 0  # NOTIFYs read with HAProxy's DISCONNECT (Outcome.unanswerable)
 
     @property
     def rss_growth_kb(self) -> int:
@@ -723,8 +725,8 @@ def main(argv: list[str] | None = None) -> int:
     for label, count in report.outcomes.most_common():
         print(f"  {label:24s} {count}")
     if live is None:
-        print(f"  ({report.unanswerable} NOTIFYs arrived with the frame that closed their "
-              f"connection and could not be ACKed)")
+        print(f"  ({report.unanswerable} NOTIFYs arrived with HAProxy's DISCONNECT and could "
+              f"not be ACKed)")
     if report.rss_kb:
         first, last = report.rss_kb[0][1], report.rss_kb[-1][1]
         print(f"  RSS {first // 1024} MB -> {last // 1024} MB "

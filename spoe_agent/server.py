@@ -674,7 +674,8 @@ class SpoaServer:
                 gevent.sleep(_YIELD_S)
         if client.pool is not None:
             client.pool.join(timeout=self.config.read_timeout or None)
-            client.flush()
+        conn.release_goodbye()  # a protocol error's, held for ACKs no handler will now send
+        client.flush()
 
     def _feed(self, client: _Client, data: bytes) -> None:
         """Run the state machine on ``data`` (b"" is EOF), the handlers, and write the replies."""

@@ -110,7 +110,9 @@ class DisconnectReceived:
 
 @dataclass(slots=True)
 class ProtocolViolation:
-    """The peer broke the protocol; AGENT-DISCONNECT(status) is queued and the state is CLOSED."""
+    """The peer broke the protocol; the state is CLOSED and AGENT-DISCONNECT(status) is queued,
+    after the ACKs still owed to the NOTIFYs decoded before the bad frame in the same read
+    (:meth:`SpopConnection.release_goodbye` gives up on those)."""
 
     status: Status
     message: str
@@ -194,6 +196,11 @@ class SpopConnection:
         #: HELLO it never does: that deadline runs from the accept, however many frames of
         #: other kinds a peer dribbles first.)
         self.began_frame = False
+        # A protocol error's AGENT-DISCONNECT waits here while NOTIFYs of the same read, decoded
+        # before the bad frame, still owe their ACKs (``_owed``): the spec wants every NOTIFY
+        # ACKed, and HAProxy would otherwise fail streams whose events were handled.
+        self._goodbye: tuple[int, str] | None = None
+        self._owed = 0
         self._inbuf = bytearray()
         self._out: list[bytes] = []
         self._fragments: _Fragments | None = None
@@ -259,7 +266,7 @@ class SpopConnection:
         is too big". Leading: the first actions are the ones that matter most (an inject's
         ``traceparent`` comes before the baggage a client may have made huge).
         """
-        if self.state is _CLOSED and not self.peer_eof:
+        if self.state is _CLOSED and not self.peer_eof and self._goodbye is None:
             return
         try:
             frame = codec.ack(stream_id, frame_id, actions)
@@ -291,6 +298,19 @@ class SpopConnection:
                 len(actions),
             )
         self._out.append(frame)
+        if self._goodbye is not None:
+            self._owed -= 1
+            if self._owed <= 0:
+                self.release_goodbye()
+
+    def release_goodbye(self) -> None:
+        """Queue a protocol error's AGENT-DISCONNECT now, whatever ACKs are still owed: the
+        shell calls it once it will send no more (the handlers in flight finished or gave up).
+        ACKs are refused after it."""
+        goodbye = self._goodbye
+        if goodbye is not None:
+            self._goodbye = None
+            self._queue_disconnect(goodbye[0], goodbye[1])
 
     def close(self, status: Status = Status.NORMAL, message: str | None = None) -> None:
         """Start an agent-side disconnect (shutdown, limits): AGENT-DISCONNECT then close."""
@@ -439,7 +459,13 @@ class SpopConnection:
         # The server logs it with the peer's address; this is for protocol debugging.
         log.debug("SPOP protocol error, disconnecting with status %d: %s", status, message)
         self._fragments = None
-        self._queue_disconnect(status, message)
+        owed = sum(1 for e in events if type(e) is NotifyReceived and not e.acked)
+        if owed:
+            self._goodbye = (int(status), message)
+            self._owed = owed
+            self.disconnect_status = int(status)
+        else:
+            self._queue_disconnect(status, message)
         self.state = State.CLOSED
         events.append(ProtocolViolation(status, message))
         events.append(ConnectionClosed(message))

@@ -358,3 +358,28 @@ def test_sigkilled_agent_is_seen_down_then_back_by_spop_check(
         agent.stop()
         if restarted is not None:
             restarted.stop()
+
+
+@pytest.mark.parametrize(
+    ("app", "extra"),
+    [(None, ()), ("tests.apps.echo:agent", ()), (None, ("--workers", "2"))],
+    ids=["tracing", "application", "tracing-2-workers"],
+)
+def test_notifies_read_with_a_malformed_frame_are_acked_before_the_disconnect(
+    spoe_agent: AgentFactory, app: str | None, extra: tuple[str, ...]
+) -> None:
+    """A black-box run sent a good NOTIFY and a bad one in one write: the good one was handled
+    (its span exported) and never ACKed, the AGENT-DISCONNECT having closed the connection
+    first. SPOE.txt: every NOTIFY is ACKed; the goodbye comes after."""
+    agent = spoe_agent(*extra, "--exporter", "none", app=app)
+    good = codec.notify(101, 1, [Message("m", [("k", "v")])])
+    bad = codec.encode_frame(3, 0x2F7, 1, b"\x01\x01m\x01\x01x\x0b", 1)  # data type 11
+    with SpopClient((agent.host, agent.port), timeout=15) as client:
+        client.handshake()
+        client.send(good + bad)
+        ack = client.read_frame()
+        assert ack is not None and (ack.type, ack.stream_id, ack.frame_id) == (0x67, 101, 1), ack
+        goodbye = client.read_frame()
+        assert goodbye is not None and goodbye.type == 0x66, goodbye
+        assert codec.decode_kv_list(goodbye.payload)["status-code"] == 4
+        assert client.read_frame() is None

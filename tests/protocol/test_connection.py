@@ -610,6 +610,40 @@ def test_a_malformed_notify_gets_no_early_ack_only_the_disconnect() -> None:
     assert disconnect_status(out[len(ack):])[0] == Status.INVALID_FRAME
 
 
+def test_notifies_before_a_bad_frame_in_the_read_are_acked_before_the_disconnect() -> None:
+    """Without early ACKs (an application that answers each NOTIFY), the NOTIFYs decoded
+    before the bad frame were handled and never ACKed: the DISCONNECT was queued first and
+    the state CLOSED refused their ACKs (a black-box run). It now waits for them."""
+    conn = ready()
+    bad = codec.encode_frame(FrameType.NOTIFY, 3, 1, b"\x01m\x01\x01q\x0b", FLAG_FIN)  # type 11
+    events = conn.receive_data(codec.notify(1, 1, [Message("a", [])])
+                               + codec.notify(2, 1, [Message("b", [])]) + bad)
+    assert [type(e) for e in events] == [NotifyReceived, NotifyReceived, ProtocolViolation,
+                                         ConnectionClosed]
+    assert conn.state is State.CLOSED and conn.disconnect_status == Status.INVALID_FRAME
+    assert conn.data_to_send() == b""  # nothing yet: the goodbye waits for the two ACKs
+    conn.send_ack(2, 1, [SetVar(Scope.TXN, "x", 1)])
+    assert conn.data_to_send() == codec.ack(2, 1, [SetVar(Scope.TXN, "x", 1)])
+    conn.send_ack(1, 1)
+    out = conn.data_to_send()
+    assert out[:len(codec.ack(1, 1))] == codec.ack(1, 1)
+    assert disconnect_status(out[len(codec.ack(1, 1)):])[0] == Status.INVALID_FRAME
+    conn.send_ack(9, 9)  # nothing is owed any more
+    assert conn.data_to_send() == b""
+
+
+def test_a_goodbye_held_for_acks_is_sent_when_the_shell_gives_up_on_them() -> None:
+    conn = ready()
+    conn.receive_data(codec.notify(1, 1, [Message("a", [])]) + b"\x00\x00\x00\x01\x03")
+    assert conn.data_to_send() == b""
+    conn.release_goodbye()
+    assert disconnect_status(conn.data_to_send())[0] == Status.INVALID_FRAME
+    conn.send_ack(1, 1)
+    assert conn.data_to_send() == b""
+    conn.release_goodbye()  # once only
+    assert conn.data_to_send() == b""
+
+
 def test_without_empty_ack_nothing_is_queued_before_the_application_answers() -> None:
     conn = ready()
     events = conn.receive_data(codec.notify(1, 1, [Message("a", [])]))
