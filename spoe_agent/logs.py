@@ -125,11 +125,14 @@ class Throttle:
             return False
         self._last[key] = now
         held = self._held.pop(key, 0)
+        # The key goes to RateLimitFilter too: two keys sharing a template (one per protocol
+        # error status) must not hide each other there either.
+        extra = {"rate_key": key}
         if held:
             self.logger.warning(template + " (and %d more like it since the last report)",
-                                *args, held)
+                                *args, held, extra=extra)
         else:
-            self.logger.warning(template, *args)
+            self.logger.warning(template, *args, extra=extra)
         return True
 
 

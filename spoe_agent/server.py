@@ -35,7 +35,7 @@ import math
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 import gevent
 from gevent.lock import Semaphore
@@ -843,8 +843,11 @@ class SpoaServer:
                                        "HAProxy disconnected %s: status %d (%s)",
                                        _peer(client.address), status, event.message)
         elif kind is ProtocolViolation:
+            # One report per status per interval: a storm of one kind of error must not hide
+            # the first of another.
             self._throttle.warning(
-                "protocol_error", "protocol error from %s, sent AGENT-DISCONNECT status %d: %s",
+                _PROTOCOL_ERROR_KEYS.get(int(event.status), "protocol_error"),
+                "protocol error from %s, sent AGENT-DISCONNECT status %d: %s",
                 _peer(client.address), event.status, event.message)
         elif kind is NotifyAborted:
             stats.aborted += 1
@@ -853,6 +856,9 @@ class SpoaServer:
                 "closed_mid_frame", "connection from %s closed in the middle of a frame: %d "
                 "bytes of it lost (HAProxy stopped or restarted, or the network failed)",
                 _peer(client.address), event.unfinished)
+
+
+_PROTOCOL_ERROR_KEYS: Final = {int(status): f"protocol_error_{int(status)}" for status in Status}
 
 
 def _variables_lost(event: NotifyReceived) -> None:

@@ -151,6 +151,10 @@ def test_logs_are_json_lines_and_a_storm_is_one_line(spoe_agent: AgentFactory) -
             client.handshake()
             client.send(b"\x00\x00\x00\x03\x03\x00\x00")  # a frame too short to be one
             assert [disconnect_status(f) for f in read_until_eof(client)] == [4]
+    with SpopClient((agent.host, agent.port)) as client:  # another kind of error: reported
+        client.handshake()
+        client.send(b"\xff\xff\xff\xff")  # a frame over the negotiated size
+        assert [disconnect_status(f) for f in read_until_eof(client)] == [3]
     s = scrape(metrics)
     assert value(s, "spoe_agent_disconnects_total", direction="sent", status="4",
                  reason="invalid_frame") == storm
@@ -160,9 +164,10 @@ def test_logs_are_json_lines_and_a_storm_is_one_line(spoe_agent: AgentFactory) -
     # Counted 40 times, logged once in the interval: the agent's warning with the peer, and
     # at most one INFO line of the protocol layer's own.
     warnings = [r for r in records if "protocol error from" in r["msg"]]
-    assert len(warnings) == 1 and warnings[0]["level"] == "warning", warnings
+    assert [w["msg"].split("status ")[1][0] for w in warnings] == ["4", "3"], warnings
+    assert {w["level"] for w in warnings} == {"warning"}, warnings
     mentions = [r for r in records if "protocol error" in r["msg"]]
-    assert len(mentions) <= 2, mentions
+    assert len(mentions) <= 4, mentions
 
 
 # ------------------------------------------------------------------------ logging pieces
