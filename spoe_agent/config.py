@@ -142,11 +142,14 @@ def _http_url(text: str) -> str:
 
 def _redacted(url: str) -> str:
     """``url`` with the password of its user info starred out, for an error message."""
-    head, at, rest = url.rpartition("@")
-    if not at or ":" not in head.partition("://")[2]:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
         return url
-    scheme, sep, userinfo = head.rpartition("://")
-    return f"{scheme}{sep}{userinfo.partition(':')[0]}:***@{rest}"
+    if parts.password is None:
+        return url
+    userinfo, _, host = parts.netloc.rpartition("@")
+    return parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{host}").geturl()
 
 
 def _otlp_base(text: str) -> str:
