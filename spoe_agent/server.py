@@ -673,6 +673,10 @@ class SpoaServer:
                 unyielded = 0
                 gevent.sleep(_YIELD_S)
         if client.pool is not None:
+            if conn.goodbye_pending:  # bounded: a hung handler must not hold the goodbye
+                client.pool.join(timeout=_GOODBYE_WAIT_S)
+                conn.release_goodbye()
+                client.flush()
             client.pool.join(timeout=self.config.read_timeout or None)
         conn.release_goodbye()  # a protocol error's, held for ACKs no handler will now send
         client.flush()
@@ -741,6 +745,10 @@ class SpoaServer:
         if held:
             for stream_id, frame_id, actions in held:
                 conn.send_ack(stream_id, frame_id, actions)
+        if client.pool is None or not len(client.pool):
+            # A protocol error ended the read: its goodbye follows the ACKs just queued (with
+            # handlers still running, _serve gives them _GOODBYE_WAIT_S first).
+            conn.release_goodbye()
         client.flush(deferred)
         if observe is not None and announced:
             # NOTIFYs only: a HELLO or a health check answered in microseconds is no ACK.
@@ -839,7 +847,7 @@ class SpoaServer:
                 log.debug("HAProxy disconnected %s: status %d (%s)", _peer(client.address),
                           status, event.message)
             else:
-                self._throttle.warning("haproxy_disconnect",
+                self._throttle.warning(_HAPROXY_DISCONNECT_KEYS.get(status, "haproxy_disconnect"),
                                        "HAProxy disconnected %s: status %d (%s)",
                                        _peer(client.address), status, event.message)
         elif kind is ProtocolViolation:
@@ -858,7 +866,11 @@ class SpoaServer:
                 _peer(client.address), event.unfinished)
 
 
+# How long a protocol error's AGENT-DISCONNECT waits for the ACKs of the concurrent handlers
+# still running on NOTIFYs of its read (SpopConnection.release_goodbye).
+_GOODBYE_WAIT_S: Final = 1.0
 _PROTOCOL_ERROR_KEYS: Final = {int(status): f"protocol_error_{int(status)}" for status in Status}
+_HAPROXY_DISCONNECT_KEYS: Final = {int(s): f"haproxy_disconnect_{int(s)}" for s in Status}
 
 
 def _variables_lost(event: NotifyReceived) -> None:

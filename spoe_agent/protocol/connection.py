@@ -197,10 +197,11 @@ class SpopConnection:
         #: other kinds a peer dribbles first.)
         self.began_frame = False
         # A protocol error's AGENT-DISCONNECT waits here while NOTIFYs of the same read, decoded
-        # before the bad frame, still owe their ACKs (``_owed``): the spec wants every NOTIFY
-        # ACKed, and HAProxy would otherwise fail streams whose events were handled.
+        # before the bad frame, still owe their ACKs (``_owed``: their stream and frame ids):
+        # the spec wants every NOTIFY ACKed, and HAProxy would otherwise fail streams whose
+        # events were handled. The shell releases it once the read is handled, in any case.
         self._goodbye: tuple[int, str] | None = None
-        self._owed = 0
+        self._owed: dict[tuple[int, int], int] = {}  # how many, for ids a peer repeated
         self._inbuf = bytearray()
         self._out: list[bytes] = []
         self._fragments: _Fragments | None = None
@@ -299,14 +300,26 @@ class SpopConnection:
             )
         self._out.append(frame)
         if self._goodbye is not None:
-            self._owed -= 1
-            if self._owed <= 0:
+            owed = self._owed
+            ids = (stream_id, frame_id)
+            left = owed.get(ids, 0) - 1
+            if left > 0:
+                owed[ids] = left
+            else:
+                owed.pop(ids, None)
+            if not owed:
                 self.release_goodbye()
+
+    @property
+    def goodbye_pending(self) -> bool:
+        """A protocol error's AGENT-DISCONNECT waits for ACKs still owed (see release_goodbye)."""
+        return self._goodbye is not None
 
     def release_goodbye(self) -> None:
         """Queue a protocol error's AGENT-DISCONNECT now, whatever ACKs are still owed: the
-        shell calls it once it will send no more (the handlers in flight finished or gave up).
-        ACKs are refused after it."""
+        shell calls it once it has handled the read that ended with the bad frame (a handler
+        still running then loses its ACK, as it would have without the wait). ACKs are refused
+        after it."""
         goodbye = self._goodbye
         if goodbye is not None:
             self._goodbye = None
@@ -459,7 +472,11 @@ class SpopConnection:
         # The server logs it with the peer's address; this is for protocol debugging.
         log.debug("SPOP protocol error, disconnecting with status %d: %s", status, message)
         self._fragments = None
-        owed = sum(1 for e in events if type(e) is NotifyReceived and not e.acked)
+        owed: dict[tuple[int, int], int] = {}
+        for e in events:
+            if type(e) is NotifyReceived and not e.acked:
+                ids = (e.stream_id, e.frame_id)
+                owed[ids] = owed.get(ids, 0) + 1
         if owed:
             self._goodbye = (int(status), message)
             self._owed = owed
