@@ -12,6 +12,7 @@ import ipaddress
 import math
 import os
 import re
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -146,10 +147,12 @@ def _redacted(url: str) -> str:
         parts = urlsplit(url)
     except ValueError:
         return url
-    if parts.password is None:
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if not at:
         return url
-    userinfo, _, host = parts.netloc.rpartition("@")
-    return parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{host}").geturl()
+    user, colon, _ = userinfo.partition(":")
+    shown = f"{user}:***" if colon else "***"  # a lone user part is often a token
+    return parts._replace(netloc=f"{shown}@{host}").geturl()
 
 
 def _otlp_base(text: str) -> str:
@@ -174,6 +177,8 @@ def _readable_file(text: str) -> str:
 
 
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# W3C baggage's value characters, which the SDK's parser accepts (percent-encode the rest).
+_HEADER_VALUE = re.compile(r"[!#-+\--:<-\[\]-~ ]*")
 
 
 def _otlp_headers(text: str) -> str:
@@ -184,9 +189,18 @@ def _otlp_headers(text: str) -> str:
     for item in text.split(","):
         if not item.strip():
             continue
-        key, sep, _ = item.partition("=")
+        key, sep, value = item.partition("=")
         if not sep or not _HEADER_NAME.fullmatch(key.strip()):
-            raise ValueError(f"expected name=value pairs separated by commas, got {item.strip()!r}")
+            raise ValueError(f"expected name=value pairs separated by commas, got a pair "
+                             f"named {key.strip()[:40]!r}")
+        # What the SDK would drop (quotes, ";", a backslash) or requests refuse to send (a
+        # control character, or one that is not Latin-1, once percent-decoded). The value is
+        # not quoted back: it is often a secret.
+        decoded = unquote(value.strip())
+        if (not _HEADER_VALUE.fullmatch(value.strip())
+                or any(ord(c) < 32 or ord(c) == 127 or ord(c) > 255 for c in decoded)):
+            raise ValueError(f"the value of {key.strip()!r} is not a valid header value (no "
+                             "quotes, ';' or '\\'; percent-decoded, printable Latin-1 only)")
     return text
 
 
@@ -413,8 +427,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("jaeger_user", "tracing", "jaeger_user", _text, env="OTEL_EXPORTER_JAEGER_USER"),
     Option("jaeger_password", "tracing", "jaeger_password", _text,
            env="OTEL_EXPORTER_JAEGER_PASSWORD"),
-    Option("jaeger_timeout", "tracing", "jaeger_timeout", _positive(parse_duration),
-           env="OTEL_EXPORTER_JAEGER_TIMEOUT", env_parse=_sdk_seconds),
+    Option("jaeger_timeout", "tracing", "jaeger_timeout", _sdk_seconds,
+           env="OTEL_EXPORTER_JAEGER_TIMEOUT"),
     Option("jaeger_certificate", "tracing", "jaeger_certificate", _readable_file,
            env="OTEL_EXPORTER_JAEGER_CERTIFICATE"),
     Option("otlp_endpoint", "tracing", "otlp_endpoint", _otlp_endpoint,
@@ -423,9 +437,8 @@ OPTIONS: tuple[Option, ...] = (
            env="OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", env_fallback="OTEL_EXPORTER_OTLP_PROTOCOL"),
     Option("otlp_headers", "tracing", "otlp_headers", _otlp_headers,
            env="OTEL_EXPORTER_OTLP_TRACES_HEADERS", env_fallback="OTEL_EXPORTER_OTLP_HEADERS"),
-    Option("otlp_timeout", "tracing", "otlp_timeout", _positive(parse_duration),
-           env="OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", env_parse=_sdk_seconds,
-           env_fallback="OTEL_EXPORTER_OTLP_TIMEOUT"),
+    Option("otlp_timeout", "tracing", "otlp_timeout", _sdk_seconds,
+           env="OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", env_fallback="OTEL_EXPORTER_OTLP_TIMEOUT"),
     Option("otlp_compression", "tracing", "otlp_compression", _choice("none", "gzip", "deflate"),
            env="OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
            env_fallback="OTEL_EXPORTER_OTLP_COMPRESSION"),
@@ -549,7 +562,7 @@ class AgentConfig:
         if self.tls_ca and not self.tls_cert:
             raise ConfigError(self.sources.get("tls_ca", "tls"),
                               "tls_ca (client certificate verification) needs tls_cert and tls_key")
-        if bool(self.jaeger_user) != bool(self.jaeger_password):
+        if self.exporter == "jaeger" and bool(self.jaeger_user) != bool(self.jaeger_password):
             # The official exporter then sends no Authorization at all: a collector answering
             # 401 to every batch, with nothing at start-up to say why.
             attr = "jaeger_user" if self.jaeger_user else "jaeger_password"
@@ -558,6 +571,7 @@ class AgentConfig:
         if self.otlp_client_key and not self.otlp_client_certificate:
             raise ConfigError(self.sources.get("otlp_client_key", "otlp_client_key"),
                               "an OTLP client key needs its client certificate")
+        self._check_certificates()
         if self.export_batch_size > self.export_queue_size:
             if "export_batch_size" in self.sources:
                 raise ConfigError(self.sources["export_batch_size"],
@@ -597,6 +611,29 @@ class AgentConfig:
                 raise ConfigError(self.sources.get("sampler_arg", "sampler_arg"),
                                   f"sampler_arg must be a ratio between 0 and 1, got "
                                   f"{self.sampler_arg!r}")
+
+
+    def _check_certificates(self) -> None:
+        """Load the exporter's certificate files now: one that exists but does not load (not
+        PEM, a key that does not match, an encrypted key) would fail every export instead."""
+        checks: list[tuple[str, Callable[[ssl.SSLContext], object]]] = []
+        if self.exporter == "jaeger" and self.jaeger_certificate:
+            checks.append(("jaeger_certificate",
+                           lambda c: c.load_verify_locations(cafile=self.jaeger_certificate)))
+        if self.exporter == "otlp":
+            if self.otlp_certificate:
+                checks.append(("otlp_certificate",
+                               lambda c: c.load_verify_locations(cafile=self.otlp_certificate)))
+            if self.otlp_client_certificate:
+                # An empty password: an encrypted key fails here rather than prompting for one.
+                checks.append(("otlp_client_certificate", lambda c: c.load_cert_chain(
+                    self.otlp_client_certificate, self.otlp_client_key or None, password="")))
+        for attr, load in checks:
+            try:
+                load(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
+            except (ssl.SSLError, OSError) as exc:
+                raise ConfigError(self.sources.get(attr, attr),
+                                  f"{attr}: cannot load {getattr(self, attr)!r}: {exc}") from None
 
 
 def _line_numbers(text: str) -> dict[tuple[str, str], int]:
@@ -639,7 +676,7 @@ def _syntax_error(path: str, lines: list[str], exc: configparser.Error) -> Confi
     return ConfigError(where, f"syntax error: {reason}")
 
 
-_SECTION_LINE = re.compile(r"\[[^\[\]#;]+\]\s*(?:[#;].*)?")
+_SECTION_LINE = re.compile(r"\[[^\[\]#;]+\](?:\s+[#;].*)?\s*")
 
 
 def _check_headers(path: str, lines: list[str]) -> None:

@@ -192,13 +192,28 @@ def test_otlp_exporter_variables_are_checked_where_the_sdk_would_drop_or_misread
         ({"OTEL_EXPORTER_OTLP_TIMEOUT": "-1"}, "expected a duration"),
         ({"OTEL_EXPORTER_OTLP_COMPRESSION": "zstd"}, "expected one of none, gzip, deflate"),
         ({"OTEL_EXPORTER_OTLP_HEADERS": "api-key"}, "expected name=value pairs.*'api-key'"),
+        ({"OTEL_EXPORTER_OTLP_HEADERS": 'api-key="s3cret"'},
+         "the value of 'api-key' is not a valid header value"),
+        ({"OTEL_EXPORTER_OTLP_HEADERS": "a=b%0D%0AX-Evil:1"}, ".*not a valid header value"),
+        ({"OTEL_EXPORTER_OTLP_HEADERS": "a=%E2%82%AC"}, ".*not a valid header value"),
         ({"OTEL_EXPORTER_OTLP_CERTIFICATE": "/nonexistent.pem"}, "no such file"),
         ({"OTEL_EXPORTER_OTLP_CLIENT_KEY": str(ca)}, "an OTLP client key needs its client certificate"),
         ({"OTEL_EXPORTER_JAEGER_TIMEOUT": "5000"}, "5000 seconds"),
         ({"OTEL_EXPORTER_JAEGER_CERTIFICATE": str(tmp_path)}, "no such file"),
     ]:
-        with pytest.raises(ConfigError, match=f"variable {next(iter(env))}: {reason}"):
+        with pytest.raises(ConfigError, match=f"variable {next(iter(env))}: {reason}") as info:
             load_config(env=env)
+        assert "s3cret" not in str(info.value)
+    # files that exist but do not load are refused when the exporter would use them
+    for env in ({"OTEL_EXPORTER_OTLP_CERTIFICATE": str(ca)},
+                {"OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE": str(ca)}):
+        name = next(iter(env))
+        with pytest.raises(ConfigError, match=f"variable {name}: otlp_.*cannot load"):
+            load_config(env={**env, "OTEL_TRACES_EXPORTER": "otlp"})
+        load_config(env=env)  # the Jaeger exporter does not read them
+    path = write(tmp_path, "[tracing]\notlp_timeout = 2000\n")
+    with pytest.raises(ConfigError, match="agent.ini:2: .*2000 seconds"):
+        load_config(path, env={})
 
 
 def test_the_readmes_agent_ini_loads_as_shown(tmp_path: Path) -> None:
@@ -217,9 +232,13 @@ def test_credentials_are_not_echoed_and_not_half_set() -> None:
     with pytest.raises(ConfigError) as info:
         load_config(env={"OTEL_EXPORTER_JAEGER_ENDPOINT": "ftp://u:s3cret@c/x"})
     assert "s3cret" not in str(info.value) and "ftp://u:***@c/x" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_config(env={"OTEL_EXPORTER_JAEGER_ENDPOINT": "ftp://ghp_T0KEN@c/x"})
+    assert "T0KEN" not in str(info.value) and "ftp://***@c/x" in str(info.value)
     for env in ({"OTEL_EXPORTER_JAEGER_USER": "alice"}, {"OTEL_EXPORTER_JAEGER_PASSWORD": "pw"}):
         with pytest.raises(ConfigError, match="jaeger_user and jaeger_password must be set together"):
             load_config(env=env)
+        load_config(env={**env, "OTEL_TRACES_EXPORTER": "otlp"})  # unused: not in the way
 
 
 def test_the_generic_otlp_endpoint_keeps_its_query_after_the_traces_path() -> None:
@@ -314,6 +333,7 @@ def test_metrics_ports_must_exist_and_leave_the_spop_port_alone(
          "'[tracing] exporter = bogus'"),
         (b"[tracing]]\n", 1, "expected a section header alone on its line"),
         (b"[tracing ; where spans go]\n", 1, "expected a section header alone on its line"),
+        (b"[tracing];sampler = always_off\n", 1, "expected a section header alone on its line"),
         # line ends as configparser counts them: not at a form feed or U+2028 in a comment
         (b"[tracing]\n# a\x0cb\nexporter = bogus\n", 3, "exporter: expected one of"),
         (b"[tracing]\n# a\xe2\x80\xa8b\nexporter = bogus\n", 3, "exporter: expected one of"),

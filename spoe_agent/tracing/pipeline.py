@@ -7,8 +7,10 @@ one costs ~85 µs per span on the request host and is frozen at 1.21.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SpanExporter
@@ -63,15 +65,16 @@ def build_exporter(config: AgentConfig) -> SpanExporter | None:
         # Every setting is given, none left for the exporter to read from the environment:
         # config.py has read and checked its variables (empty ones unset, as the specification
         # says, where the exporter takes an empty certificate as "do not verify").
-        return OTLPSpanExporter(
-            endpoint=config.otlp_endpoint or "http://localhost:4318/v1/traces",
-            certificate_file=config.otlp_certificate or True,  # type: ignore[arg-type]
-            client_certificate_file=config.otlp_client_certificate or None,
-            client_key_file=config.otlp_client_key or None,
-            headers=dict(parse_env_headers(config.otlp_headers, liberal=True)),
-            timeout=min(config.otlp_timeout, config.export_timeout),
-            compression=Compression(config.otlp_compression),
-        )
+        with _without_otlp_variables():
+            return OTLPSpanExporter(
+                endpoint=config.otlp_endpoint or "http://localhost:4318/v1/traces",
+                certificate_file=config.otlp_certificate or True,  # type: ignore[arg-type]
+                client_certificate_file=config.otlp_client_certificate or None,
+                client_key_file=config.otlp_client_key or None,
+                headers=dict(parse_env_headers(config.otlp_headers, liberal=True)),
+                timeout=min(config.otlp_timeout, config.export_timeout),
+                compression=Compression(config.otlp_compression),
+            )
     from spoe_agent.tracing.jaeger.exporter import FastJaegerExporter
 
     return FastJaegerExporter(
@@ -85,6 +88,20 @@ def build_exporter(config: AgentConfig) -> SpanExporter | None:
         certificate=config.jaeger_certificate or None,
         udp_split_oversized_batches=True,
     )
+
+
+@contextlib.contextmanager
+def _without_otlp_variables() -> Iterator[None]:
+    """The OTLP exporter falls back to the environment for any argument given empty (a client
+    key, the headers): config.py has read and checked those variables, so the exporter is
+    built with them out of its sight, and they are put back after."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith("OTEL_EXPORTER_OTLP_")}
+    for name in saved:
+        del os.environ[name]
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 class Resources:

@@ -112,7 +112,7 @@ def test_otlp_request_timeout_follows_the_otel_variables() -> None:
 
 
 def test_the_otlp_exporter_reads_nothing_from_the_environment_that_config_did_not_check(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Set in the process's environment, as the agent sees them: an empty variable is unset
     (the SDK took an empty certificate as "do not verify", an empty endpoint as the URL '')."""
@@ -125,13 +125,17 @@ def test_the_otlp_exporter_reads_nothing_from_the_environment_that_config_did_no
     assert exporter._certificate_file is True  # verified against the system's CAs
     assert exporter._endpoint == "http://localhost:4318/v1/traces"
     assert exporter._timeout == 10 and exporter._compression.value == "none"
-    ca = tmp_path / "ca.pem"
-    ca.write_text("not read here")
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_CERTIFICATE", str(ca))
+    import certifi  # a real CA bundle, which the configuration now loads to check it
+
+    ca = certifi.where()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_CERTIFICATE", ca)
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "api-key=s%20t,x-tenant=a")
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_CLIENT_KEY", "   ")  # blank: unset for the SDK too
     exporter = build_exporter(load_config(env={**os.environ, "OTEL_TRACES_EXPORTER": "otlp"}))
-    assert exporter._certificate_file == str(ca)
+    assert exporter._client_key_file is None and exporter._client_cert is None
+    assert os.environ["OTEL_EXPORTER_OTLP_CLIENT_KEY"] == "   "  # put back
+    assert exporter._certificate_file == ca
     assert exporter._session.headers["api-key"] == "s t"
     assert exporter._session.headers["x-tenant"] == "a"
     assert exporter._compression.value == "gzip"
