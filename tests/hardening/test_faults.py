@@ -23,12 +23,14 @@ from spoe_agent.protocol import codec
 from spoe_agent.protocol.types import Message
 from spoe_agent.viewer.receiver import JaegerReceiver
 from tests.hardening.support import (
+    SLOW_APP,
     agent_on_port,
     clean_env,
     notify_ok,
     scrape,
     value,
     whole_session,
+    write_ini,
 )
 from tests.integration.backend import Backend
 from tests.integration.test_haproxy_core import haproxy_config, spoe_config
@@ -383,3 +385,21 @@ def test_notifies_read_with_a_malformed_frame_are_acked_before_the_disconnect(
         assert goodbye is not None and goodbye.type == 0x66, goodbye
         assert codec.decode_kv_list(goodbye.payload)["status-code"] == 4
         assert client.read_frame() is None
+
+
+def test_a_handler_still_running_does_not_hold_the_goodbye(
+    spoe_agent: AgentFactory, tmp_path: Path
+) -> None:
+    """A concurrent handler that outlives the protocol error (here a 10-minute nap, with no
+    read_timeout to bound the wait for it) loses its ACK; the inline NOTIFY of the same read
+    keeps its own, and the AGENT-DISCONNECT still goes out (a re-test saw it held for good)."""
+    ini = write_ini(tmp_path, "[listener]\nread_timeout = 0\n")
+    agent = spoe_agent("-c", ini, app=SLOW_APP)
+    bad = codec.encode_frame(3, 0x2F7, 1, b"\x01\x01m\x01\x01x\x0b", 1)  # data type 11
+    with SpopClient((agent.host, agent.port), timeout=30) as client:
+        client.handshake()
+        client.send(codec.notify(1, 1, [Message("nap", [("ms", 600_000)])])
+                    + codec.notify(2, 1, [Message("inline", [("n", 7)])]) + bad)
+        frames = [client.read_frame(), client.read_frame()]
+    assert [(f.type, f.stream_id) for f in frames if f is not None] == [(0x67, 2), (0x66, 0)]
+    assert codec.decode_kv_list(frames[1].payload)["status-code"] == 4  # type: ignore[union-attr]
