@@ -745,7 +745,7 @@ class SpoaServer:
         if held:
             for stream_id, frame_id, actions in held:
                 conn.send_ack(stream_id, frame_id, actions)
-        if client.pool is None or not len(client.pool):
+        if conn.state is _CLOSED and (client.pool is None or not len(client.pool)):
             # A protocol error ended the read: its goodbye follows the ACKs just queued (with
             # handlers still running, _serve gives them _GOODBYE_WAIT_S first).
             conn.release_goodbye()
