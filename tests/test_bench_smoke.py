@@ -243,3 +243,80 @@ def test_run_spop_bench_alternates_interpreters_on_the_traced_replay(tmp_path: P
     assert len(runs) == 2 and all(r["agent"].startswith("spoe-agent [") for r in runs), runs
     assert all(r["requests"] > 0 and r["errors"] == 0 for r in runs), runs
     assert "agent CPU per traced request median" in proc.stdout, proc.stdout
+
+
+def test_the_c_driver_completes_requests_with_one_and_two_workers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """worker_wallclock's numbers are requests that spop_drive.c saw ACKed frame by frame, with
+    a fifth of their events sent over another connection (forwarded between two workers):
+    every ACK must name a frame in flight, and both configurations must complete requests."""
+    import os
+
+    from benchmarks.worker_wallclock import main
+
+    workers = ["1", "2"] if len(os.sched_getaffinity(0)) >= 2 else ["1"]
+    assert main(["--workers", *workers, "--rounds", "1", "--duration", "1", "--warmup", "0.5",
+                 "--connections", "4", "--window", "4", "--spread", "20"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| 20% |")]
+    assert [row[2].strip() for row in rows] == workers
+    assert all(float(row[3].replace(",", "")) > 0 for row in rows), out
+
+
+def test_the_c_driver_counts_an_ack_it_did_not_ask_for(tmp_path: Path) -> None:
+    """An agent that ACKs a frame twice (or a frame never sent) must show as errors, or a
+    broken agent would be timed as a fast one: the bare C agent is well-behaved, so its ACKs
+    are replayed to a fake agent that answers every NOTIFY with two ACKs."""
+    import socket
+    import threading
+
+    from benchmarks.worker_wallclock import build_driver, write_pool
+
+    driver = build_driver(tmp_path)
+    pool = tmp_path / "pool.bin"
+    write_pool(pool, requests=200)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        try:
+            answer_twice()
+        except OSError:  # the driver is done and gone
+            pass
+
+    def answer_twice() -> None:
+        conn, _ = listener.accept()
+        conn.recv(65536)  # the HELLO
+        conn.sendall(codec.encode_frame(101, 1, 0, codec.encode_kv_list([
+            ("version", "2.0"), ("max-frame-size", 16380), ("capabilities", "pipelining")])))
+        buf = b""
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                return
+            buf += data
+            while len(buf) >= 4 and len(buf) >= 4 + int.from_bytes(buf[:4], "big"):
+                size = int.from_bytes(buf[:4], "big")
+                frame, buf = buf[4:4 + size], buf[4 + size:]
+                end = 5
+                for _ in range(2):  # the stream and frame id varints
+                    end += 1
+                    if frame[end - 1] >= 240:
+                        while frame[end] >= 128:
+                            end += 1
+                        end += 1
+                ack = bytes([103, 0, 0, 0, 1]) + frame[5:end]
+                conn.sendall((len(ack)).to_bytes(4, "big") + ack)
+                conn.sendall((len(ack)).to_bytes(4, "big") + ack)
+
+    threading.Thread(target=serve, daemon=True).start()
+    out = subprocess.run([str(driver), "--port", str(port), "--pool", str(pool),
+                          "--connections", "1", "--window", "4", "--duration", "0.5",
+                          "--warmup", "0"], capture_output=True, text=True, timeout=30)
+    listener.close()
+    result = json.loads(out.stdout)
+    # Each ACK the driver took was followed by its double, an error; only the last few
+    # doubles (one per request in flight) may have been cut off by the end of the run.
+    assert result["requests"] > 0
+    assert result["errors"] >= result["acks"] - 4, result
