@@ -795,12 +795,10 @@ def load_env(env: Mapping[str, str], config: AgentConfig) -> None:
                           f"expected true or false, got {env['OTEL_SDK_DISABLED']!r}")
     # OpenTelemetry's order for service.name: OTEL_SERVICE_NAME, then OTEL_RESOURCE_ATTRIBUTES,
     # then the default; here agent.ini's service_name (set above) counts as the first.
-    if "service_name" not in config.sources:
-        for item in env.get("OTEL_RESOURCE_ATTRIBUTES", "").split(","):
-            key, sep, value = item.partition("=")
-            if sep and key.strip() == "service.name" and unquote(value).strip():
-                config.service_name = unquote(value).strip()
-                config.sources["service_name"] = "environment variable OTEL_RESOURCE_ATTRIBUTES"
+    resource_name = _resource_service_name(env.get("OTEL_RESOURCE_ATTRIBUTES", ""))
+    if "service_name" not in config.sources and resource_name:
+        config.service_name = resource_name
+        config.sources["service_name"] = "environment variable OTEL_RESOURCE_ATTRIBUTES"
     # The OTLP exporter's generic endpoint variable, as a fallback for the traces-specific one
     # (which then wins), over agent.ini like every variable.
     base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
@@ -810,6 +808,31 @@ def load_env(env: Mapping[str, str], config: AgentConfig) -> None:
         except ValueError as exc:
             raise ConfigError("environment variable OTEL_EXPORTER_OTLP_ENDPOINT", str(exc)) from None
         config.sources["otlp_endpoint"] = "environment variable OTEL_EXPORTER_OTLP_ENDPOINT"
+
+
+def _resource_service_name(text: str) -> str | None:
+    """Check ``OTEL_RESOURCE_ATTRIBUTES`` whole and return its ``service.name``, if any.
+
+    The SDK drops a malformed member with a warning and keeps the rest, where the resource
+    specification says to discard the whole value and report an error: refused here at start,
+    as every other bad ``OTEL_*`` value is, so that a typo cannot lose an attribute unnoticed.
+    Values are not echoed (they are the user's data).
+    """
+    where = "environment variable OTEL_RESOURCE_ATTRIBUTES"
+    name = None
+    for number, item in enumerate(text.split(","), 1):
+        if not item.strip():
+            continue  # an empty member, as after a trailing comma: nothing to lose
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(where, f"member {number} is not key=value (expected "
+                              "key1=value1,key2=value2, with ',' and '=' in values written %2C and %3D)")
+        if key.strip() == "service.name" and unquote(value).strip():
+            try:
+                name = _name(unquote(value))
+            except ValueError as exc:
+                raise ConfigError(where, f"service.name: {exc}") from None
+    return name
 
 
 def load_config(

@@ -580,6 +580,24 @@ def test_service_name_from_resource_attributes_when_nothing_more_specific(tmp_pa
     path = write(tmp_path, "[tracing]\nservice_name = from-ini\n")
     assert load_config(path, env=attrs).service_name == "from-ini"
     assert load_config(env={"OTEL_RESOURCE_ATTRIBUTES": "a=b"}).service_name == "haproxy"
+    assert load_config(env={"OTEL_RESOURCE_ATTRIBUTES": " a=b , ,c=,"}).service_name == "haproxy"
+
+
+@pytest.mark.parametrize(("value", "reason"), [
+    ("foo,team=a", "member 1 is not key=value"),
+    ("team=a,=v", "member 2 is not key=value"),
+    ("team=a, ,secret-token", "member 3 is not key=value"),
+    ("service.name=edge%0Alb", "service.name: control characters"),
+])
+def test_a_malformed_resource_attributes_value_is_refused_whole(value: str, reason: str) -> None:
+    """The SDK would drop the bad member with a warning and keep the rest; the resource
+    specification says to discard the whole value and report it: refused at start, as any bad
+    OTEL_* value, and even when OTEL_SERVICE_NAME names the service. No value is echoed."""
+    for env in ({"OTEL_RESOURCE_ATTRIBUTES": value},
+                {"OTEL_RESOURCE_ATTRIBUTES": value, "OTEL_SERVICE_NAME": "named"}):
+        with pytest.raises(ConfigError, match=f"OTEL_RESOURCE_ATTRIBUTES: {reason}") as info:
+            load_config(env=env)
+        assert "secret-token" not in str(info.value)
 
 
 @pytest.mark.parametrize("text", ["[tracing]\nservice_name =\n",
