@@ -255,6 +255,32 @@ def test_incoming_context_is_continued(tracing: TracingFactory) -> None:
     assert baggage == {"tenant": "acme", "user.id": "42"}
 
 
+@pytest.mark.parametrize(
+    ("traceparent", "tracestate", "continued"),
+    [
+        # an all-zero parent id is invalid: a new trace, and the caller's tracestate is not its
+        ("00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01", "vendor=old", False),
+        # a valid parent with an invalid tracestate: the trace goes on, the tracestate is dropped
+        ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", "a=1,INVALID KEY=2", True),
+    ],
+    ids=["invalid-traceparent", "invalid-tracestate"],
+)
+def test_a_tracestate_the_agent_did_not_carry_on_is_not_forwarded(
+    tracing: TracingFactory, traceparent: str, tracestate: str, continued: bool
+) -> None:
+    """W3C Trace Context: a tracestate belongs to its traceparent, and a vendor that could not
+    parse the traceparent must not pass its tracestate on. The reference forwarding lines only
+    set what the agent injected, so without their del-header the client's tracestate travelled
+    next to the agent's new traceparent (or next to the one whose tracestate it had refused)."""
+    t = tracing()
+    _, trace_id = t.traced("/stale-state", {"traceparent": traceparent, "tracestate": tracestate})
+    assert (trace_id == "4bf92f3577b34da6a3ce929d0e0e4736") is continued
+    assert_reference_tree(wait_trace(t.receiver, trace_id), "hop-1")
+    (seen,) = t.origin.requests
+    assert parse_traceparent(seen.headers["traceparent"])[0] == trace_id
+    assert "tracestate" not in seen.headers, seen.headers
+
+
 def test_server_errors_mark_the_response_and_session(tracing: TracingFactory) -> None:
     t = tracing()
     bad, bad_trace = t.traced("/status/503")

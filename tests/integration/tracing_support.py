@@ -100,6 +100,10 @@ def hop_config(
         f"    http-request set-header {header} %[var(txn.trace.{var})]"
         f" if {{ var(txn.trace.{var}) -m found }}"
         for header, var in forwards
+    ).replace(
+        "    http-request set-header tracestate",
+        "    http-request del-header tracestate if { var(txn.trace.traceparent) -m found }\n"
+        "    http-request set-header tracestate",
     )
     extra = "".join(f"    {line}\n" for line in frontend_lines)
     return f"""\
