@@ -9,6 +9,9 @@ one session's context must never leak into another's.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from string import ascii_letters, digits
+from typing import Any
+from urllib.parse import quote
 
 from opentelemetry import baggage as baggage_api
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
@@ -16,7 +19,11 @@ from opentelemetry.context import Context
 from opentelemetry.propagators.b3 import B3MultiFormat, B3SingleFormat
 from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.propagators.jaeger import JaegerPropagator
-from opentelemetry.propagators.textmap import TextMapPropagator
+from opentelemetry.propagators.textmap import (
+    TextMapPropagator,
+    default_getter,
+    default_setter,
+)
 from opentelemetry.trace import (
     NonRecordingSpan,
     SpanContext,
@@ -46,9 +53,48 @@ CARRIER_KEYS = frozenset(
 )
 UBERCTX_PREFIX = "uberctx-"
 
+# W3C Baggage: a key is a token, written as it is; a value's octets are the printable ASCII
+# but space, '"', ',', ';' and '\\', and '%' starts an escape: everything else is percent-encoded.
+_TOKEN_SAFE = ascii_letters + digits + "!#$&'*+-.^_`|~"
+_VALUE_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '",;\\%')
+
+
+class W3CBaggage(W3CBaggagePropagator):
+    """The OpenTelemetry W3C baggage propagator, with the percent-encoding W3C Baggage has.
+
+    Up to at least 1.39 the API's propagator reads and writes form encoding (``unquote_plus``,
+    ``quote_plus``; open-telemetry/opentelemetry-python#5566): a literal ``+`` from a caller
+    became a space, and a space went out as ``+``, which a conforming service reads as a plus.
+    HAProxy sits on every request's path, so it would rewrite every caller's baggage wrongly.
+    Its list-members' properties (``k=v;p=1``) became part of their values (``v;p=1``, sent on
+    as ``v%3Bp%3D1``): the API has no place for them, so they are dropped and the value kept.
+    Parsing stays the API's (its limits and checks); only the encodings are corrected.
+    """
+
+    def extract(self, carrier: Any, context: Context | None = None,
+                getter: Any = default_getter) -> Context:
+        values = getter.get(carrier, self._BAGGAGE_HEADER_NAME)
+        if not values:
+            return context if context is not None else Context()
+        # A '+' in a header is a plus: escaped, the API's unquote_plus gives it back as one.
+        # A ';' is never part of a value (that one is written %3B): properties start there.
+        header = {self._BAGGAGE_HEADER_NAME: [
+            ",".join(member.split(";", 1)[0] for member in v.replace("+", "%2B").split(","))
+            for v in values]}
+        return super().extract(header, context)
+
+    def inject(self, carrier: Any, context: Context | None = None,
+               setter: Any = default_setter) -> None:
+        entries = baggage_api.get_all(context)
+        if entries:
+            setter.set(carrier, self._BAGGAGE_HEADER_NAME, ",".join(
+                f"{quote(str(key), safe=_TOKEN_SAFE)}={quote(str(value), safe=_VALUE_SAFE)}"
+                for key, value in entries.items()))
+
+
 _FACTORIES = {
     "tracecontext": TraceContextTextMapPropagator,
-    "baggage": W3CBaggagePropagator,
+    "baggage": W3CBaggage,
     "b3": B3SingleFormat,
     "b3multi": B3MultiFormat,
     "jaeger": JaegerPropagator,

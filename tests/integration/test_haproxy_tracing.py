@@ -235,7 +235,7 @@ def test_incoming_context_is_continued(tracing: TracingFactory) -> None:
         {
             "traceparent": f"00-{caller_trace}-{caller_span}-01",
             "tracestate": "vendor=opaque-value",
-            "baggage": "tenant=acme,user.id=42",
+            "baggage": "tenant=acme,user.id=42,note=a%20b+c",
         },
     )
     assert trace_id == caller_trace
@@ -252,7 +252,8 @@ def test_incoming_context_is_continued(tracing: TracingFactory) -> None:
     )
     assert seen.headers.get("tracestate") == "vendor=opaque-value"
     baggage = dict(item.strip().split("=", 1) for item in seen.headers["baggage"].split(","))
-    assert baggage == {"tenant": "acme", "user.id": "42"}
+    # sent on as W3C Baggage encodes it: %20 a space, '+' a plus (not form encoding)
+    assert baggage == {"tenant": "acme", "user.id": "42", "note": "a%20b+c"}
 
 
 @pytest.mark.parametrize(

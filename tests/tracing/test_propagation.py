@@ -106,6 +106,29 @@ def test_extract_without_a_valid_context(carrier: dict[str, str]) -> None:
     assert extract_context(build_propagator("tracecontext,b3,b3multi,jaeger"), carrier)[0] is None
 
 
+@pytest.mark.parametrize(
+    ("header", "items", "sent_on"),
+    [
+        # '+' is a literal plus and a space is %20 (W3C Baggage); the API's form encoding
+        # read "a+b" as "a b" and wrote "a b" as "a+b" (opentelemetry-python#5566)
+        ("k1=a%20b,k2=x+y", {"k1": "a b", "k2": "x+y"}, "k1=a%20b,k2=x+y"),
+        # properties are not part of the value (the API has no place for them: dropped)
+        ("k=v;prop=1;flag,j=w", {"k": "v", "j": "w"}, "k=v,j=w"),
+        # what a value cannot hold as it is goes out percent-encoded, and comes back the same
+        ("k=%2C%3B%22%5C%25%E2%82%AC", {"k": ",;\"\\%\u20ac"}, "k=%2C%3B%22%5C%25%E2%82%AC"),
+    ],
+    ids=["plus-and-space", "properties", "escapes"],
+)
+def test_baggage_is_read_and_written_as_w3c_baggage_encodes_it(
+    header: str, items: dict[str, str], sent_on: str
+) -> None:
+    propagator = build_propagator("tracecontext,baggage")
+    ctx, baggage = extract_context(propagator, {"traceparent": TRACEPARENT, "baggage": header})
+    assert baggage == items
+    assert ctx is not None
+    assert inject_vars(propagator, ctx, baggage)["baggage"] == sent_on
+
+
 def test_extract_baggage_w3c_and_jaeger() -> None:
     propagator = build_propagator("tracecontext,baggage,jaeger")
     ctx, baggage = extract_context(
