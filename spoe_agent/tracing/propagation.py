@@ -75,7 +75,7 @@ class W3CBaggage(W3CBaggagePropagator):
                 getter: Any = default_getter) -> Context:
         values = getter.get(carrier, self._BAGGAGE_HEADER_NAME)
         if not values:
-            return context if context is not None else Context()
+            return super().extract(carrier, context, getter)
         # A '+' in a header is a plus: escaped, the API's unquote_plus gives it back as one.
         # A ';' is never part of a value (that one is written %3B): properties start there.
         header = {self._BAGGAGE_HEADER_NAME: [
