@@ -58,13 +58,19 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+# ``log.warning(..., extra=EVERY_TIME)``: a line that RateLimitFilter never holds back.
+EVERY_TIME = {"rate_limit": False}
+
+
 class RateLimitFilter(logging.Filter):
     """At most one record per (logger, message template) per ``interval`` seconds.
 
     INFO is limited too (a storm of per-connection INFO lines is as bad as one of warnings);
     DEBUG is not, since whoever turns it on wants every line. A record whose ``extra`` has a
     ``rate_key`` is limited per that key too: the failures of two handlers share a template,
-    and one failing handler must not hide another's error.
+    and one failing handler must not hide another's error. One whose ``extra`` has
+    ``rate_limit=False`` always passes (:data:`EVERY_TIME`): a worker's death and restart,
+    bounded by the supervisor's backoff, where each line is what an operator needs to see.
     """
 
     def __init__(self, interval: float = 10.0, min_level: int = logging.INFO) -> None:
@@ -75,7 +81,7 @@ class RateLimitFilter(logging.Filter):
         self._suppressed: dict[tuple[str, str, object], int] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < self.min_level:
+        if record.levelno < self.min_level or getattr(record, "rate_limit", True) is False:
             return True
         key = (record.name, str(record.msg), getattr(record, "rate_key", None))
         now = time.monotonic()

@@ -44,6 +44,7 @@ from gevent.lock import Semaphore
 from gevent.monkey import get_original
 
 from spoe_agent.handlers import MetricSample
+from spoe_agent.logs import EVERY_TIME
 from spoe_agent.protocol.types import SetVar
 from spoe_agent.tracing.language import Command, has_inject
 from spoe_agent.workers.owners import OwnerTable
@@ -1073,7 +1074,7 @@ class PeerMesh:
                 self._lost_until = time.monotonic() + self.lost_window
                 log.info("worker %d restarted: the %d sessions it had open died with it; their "
                          "events are dropped for %.0fs (%d held for it dropped)", peer, lost,
-                         self.lost_window, dropped)
+                         self.lost_window, dropped, extra=EVERY_TIME)
             self._forwarded[peer] = {}
             self._crossed[peer] = {}
             for other in self._inbound:

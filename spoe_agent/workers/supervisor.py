@@ -30,6 +30,7 @@ from gevent.event import Event
 
 from spoe_agent.config import AgentConfig, bind_text
 from spoe_agent.listeners import make_listener, remove_listener_socket
+from spoe_agent.logs import EVERY_TIME
 from spoe_agent.runner import EXIT_FORCED, SHUTDOWN_TIMEOUT, STOP_SIGNALS, StartupError
 from spoe_agent.workers.handoff import (
     GIVE_SIGNAL,
@@ -218,9 +219,9 @@ class Supervisor:
         slot.serving = False
         slot.started = time.monotonic()
         slot.reader = gevent.spawn(self._read_reports, slot, ours)
-        # The index is part of the template: the rate limit of repeated lines (logs.py) must
-        # not hide one worker's start or death behind another's.
-        log.info(f"worker {slot.index} started (pid %d)", slot.proc.pid)
+        # Never rate-limited (logs.py): in a crash loop each start and death is the story, and
+        # the backoff already bounds how often they come.
+        log.info(f"worker {slot.index} started (pid %d)", slot.proc.pid, extra=EVERY_TIME)
 
     def _read_reports(self, slot: _Slot, channel: Any) -> None:
         hub = gevent.get_hub()
@@ -379,7 +380,7 @@ class Supervisor:
                     # replacements too. Refuse to start, as one process would, rather than run
                     # on without it, restarting it forever.
                     log.error(f"worker {slot.index} (pid %d) could not start (%s); stopping",
-                              proc.pid, _describe_status(status))
+                              proc.pid, _describe_status(status), extra=EVERY_TIME)
                     self._failed = status if status > 0 else 1
                     self._stop.set()
                     return
@@ -388,7 +389,8 @@ class Supervisor:
                 slot.restart_at = now + slot.backoff
                 log.warning(f"worker {slot.index} (pid %d) exited with %s after %.1fs; "
                             "restarting%s", proc.pid, _describe_status(status), lived,
-                            f" in {slot.backoff:.1f}s" if slot.backoff else "")
+                            f" in {slot.backoff:.1f}s" if slot.backoff else "",
+                            extra=EVERY_TIME)
             if slot.proc is None and now >= slot.restart_at:
                 slot.restarts += 1
                 self._spawn(slot)

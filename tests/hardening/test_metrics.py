@@ -211,6 +211,20 @@ def test_rate_limit_filter_covers_info_but_not_debug() -> None:
     assert limit.filter(record(logging.DEBUG, "detail %s"))
 
 
+def test_lines_marked_every_time_are_never_held_back() -> None:
+    from spoe_agent.logs import EVERY_TIME
+
+    limit = RateLimitFilter(interval=10.0)
+    for _ in range(3):
+        record = logging.LogRecord("x", logging.WARNING, __file__, 1, "worker %d died", (0,), None)
+        record.__dict__.update(EVERY_TIME)
+        assert limit.filter(record)
+    plain = logging.LogRecord("x", logging.WARNING, __file__, 1, "worker %d died", (0,), None)
+    assert limit.filter(plain)
+    assert not limit.filter(logging.LogRecord("x", logging.WARNING, __file__, 1, "worker %d died",
+                                              (0,), None))
+
+
 def test_one_failing_handler_does_not_hide_another_ones_error() -> None:
     """The failures share a template, which the rate limit keys on: the message name keys it
     too, so each failing handler is logged (once per interval, like anything else)."""

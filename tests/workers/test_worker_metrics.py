@@ -146,6 +146,35 @@ def test_a_dead_worker_shows_up_and_is_counted_when_replaced(
     assert total(samples, "spoe_agent_frames_total", **notifies) == 7
 
 
+def test_each_death_and_restart_of_a_worker_is_logged_even_in_a_crash_loop(
+    spoe_agent: Callable[..., AgentProcess],
+) -> None:
+    """The supervisor's lines are what an operator reads in a crash loop: the generic rate
+    limit of repeated lines (one per template per 10 s) hid every death after the first, with
+    its exit status, lifetime, backoff and new pid, until some later death 10 s on."""
+    agent, port = two_workers(spoe_agent)
+
+    def restarts() -> float | None:
+        return per_worker(scrape(port), "spoe_agent_worker_restarts_total").get("0")
+
+    victims: list[int] = []
+    for n in range(1, 4):
+        pid = wait_until(lambda: worker_pids(agent.process.pid).get(0), what="worker 0's pid")
+        victims.append(pid)
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda n=n: restarts() == n, what=f"restart {n}")
+        wait_until(lambda pid=pid: worker_pids(agent.process.pid).get(0) not in (None, pid),
+                   what="the replacement's pid")
+    replacement = worker_pids(agent.process.pid)[0]
+    wait_until(lambda: f"started (pid {replacement})" in agent.logs(), what="the last start")
+    logs = agent.logs()
+    for pid in victims:
+        assert f"worker 0 (pid {pid}) exited with signal SIGKILL" in logs, logs[-3000:]
+    for pid in [*victims, replacement]:
+        assert f"worker 0 started (pid {pid})" in logs, logs[-3000:]
+    assert "similar suppressed" not in logs
+
+
 def test_worker_endpoints_of_an_ipv6_bind_are_valid_urls() -> None:
     from spoe_agent.workers.metrics import worker_metrics_urls
 
