@@ -8,14 +8,16 @@ one session's context must never leak into another's.
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Iterable, Mapping
 from string import ascii_letters, digits
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from opentelemetry import baggage as baggage_api
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
-from opentelemetry.context import Context
+from opentelemetry.context import Context, get_current
 from opentelemetry.propagators.b3 import B3MultiFormat, B3SingleFormat
 from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.propagators.jaeger import JaegerPropagator
@@ -53,35 +55,61 @@ CARRIER_KEYS = frozenset(
 )
 UBERCTX_PREFIX = "uberctx-"
 
-# W3C Baggage: a key is a token, written as it is; a value's octets are the printable ASCII
-# but space, '"', ',', ';' and '\\', and '%' starts an escape: everything else is percent-encoded.
-_TOKEN_SAFE = ascii_letters + digits + "!#$&'*+-.^_`|~"
+log = logging.getLogger(__name__)
+
+# W3C Baggage: a key is a token (RFC 7230), written as it is; a value's octets are the
+# printable ASCII but space, '"', ',', ';' and '\\', and '%' starts an escape.
+_TOKEN_SAFE = ascii_letters + digits + "!#$%&'*+-.^_`|~"
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _VALUE_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '",;\\%')
+_VALUE = re.compile(r"[\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*")
+_OWS = " \t"
 
 
 class W3CBaggage(W3CBaggagePropagator):
-    """The OpenTelemetry W3C baggage propagator, with the percent-encoding W3C Baggage has.
+    """W3C baggage, read and written as W3C Baggage defines it.
 
-    Up to at least 1.39 the API's propagator reads and writes form encoding (``unquote_plus``,
-    ``quote_plus``; open-telemetry/opentelemetry-python#5566): a literal ``+`` from a caller
-    became a space, and a space went out as ``+``, which a conforming service reads as a plus.
-    HAProxy sits on every request's path, so it would rewrite every caller's baggage wrongly.
-    Its list-members' properties (``k=v;p=1``) became part of their values (``v;p=1``, sent on
-    as ``v%3Bp%3D1``): the API has no place for them, so they are dropped and the value kept.
-    Parsing stays the API's (its limits and checks); only the encodings are corrected.
+    Up to at least 1.39 the OpenTelemetry API's propagator reads and writes form encoding
+    (``unquote_plus``, ``quote_plus``; open-telemetry/opentelemetry-python#5566): a literal
+    ``+`` from a caller became a space, and a space went out as ``+``, which a conforming
+    service reads as a plus; it also percent-decoded keys (tokens, never encoded) and stripped
+    spaces that a value carried encoded. HAProxy sits on every request's path, so it would
+    rewrite every caller's baggage wrongly. Here: members split on ``,``, their optional
+    whitespace trimmed, properties (``k=v;p=1``: the API has no place for them) dropped, the
+    key kept as it is and the value percent-decoded; a malformed member is skipped. The API's
+    limits are kept (8,192 bytes a header, 4,096 a member, 180 members).
     """
 
     def extract(self, carrier: Any, context: Context | None = None,
                 getter: Any = default_getter) -> Context:
+        if context is None:
+            context = get_current()
         values = getter.get(carrier, self._BAGGAGE_HEADER_NAME)
-        if not values:
-            return super().extract(carrier, context, getter)
-        # A '+' in a header is a plus: escaped, the API's unquote_plus gives it back as one.
-        # A ';' is never part of a value (that one is written %3B): properties start there.
-        header = {self._BAGGAGE_HEADER_NAME: [
-            ",".join(member.split(";", 1)[0] for member in v.replace("+", "%2B").split(","))
-            for v in values]}
-        return super().extract(header, context)
+        header = next(iter(values), None) if values else None
+        if not header:
+            return context
+        if len(header) > self._MAX_HEADER_LENGTH:
+            log.warning("baggage header of %d bytes ignored (at most %d)", len(header),
+                        self._MAX_HEADER_LENGTH)
+            return context
+        taken = skipped = 0
+        for member in header.split(","):
+            if not member.strip(_OWS):
+                continue
+            key, sep, value = member.split(";", 1)[0].partition("=")
+            key, value = key.strip(_OWS), value.strip(_OWS)
+            if (len(member) > self._MAX_PAIR_LENGTH or not sep or not _TOKEN.fullmatch(key)
+                    or not _VALUE.fullmatch(value)):
+                skipped += 1
+                continue
+            context = baggage_api.set_baggage(key, unquote(value, errors="replace"), context)
+            taken += 1
+            if taken == self._MAX_PAIRS:
+                break
+        if skipped:
+            log.warning("baggage: %d malformed list-member(s) ignored (W3C Baggage: "
+                        "key=value, a token and baggage octets)", skipped)
+        return context
 
     def inject(self, carrier: Any, context: Context | None = None,
                setter: Any = default_setter) -> None:

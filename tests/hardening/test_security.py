@@ -109,7 +109,8 @@ def test_hostile_values_are_carried_as_data(
         # The context injected for the next hop is a header value: no CR/LF may reach it.
         assert set(actions) == {"traceparent", "baggage"}, actions
         assert "\r" not in actions["baggage"] and "\n" not in actions["baggage"], actions
-        assert actions["baggage"] == "user=%25s%0D%0AX-Injected%3A+1"
+        # W3C Baggage's percent-encoding: ':' is a baggage octet, a space is %20
+        assert actions["baggage"] == "user=%25s%0D%0AX-Injected:%201"
         # A DISCONNECT message is data too: it must not forge a line in the agent's log.
         client.send(codec.disconnect(FrameType.HAPROXY_DISCONNECT, 4,
                                      "bye\nCRITICAL INJECTED: forged %s"))

@@ -116,8 +116,18 @@ def test_extract_without_a_valid_context(carrier: dict[str, str]) -> None:
         ("k=v;prop=1;flag,j=w", {"k": "v", "j": "w"}, "k=v,j=w"),
         # what a value cannot hold as it is goes out percent-encoded, and comes back the same
         ("k=%2C%3B%22%5C%25%E2%82%AC", {"k": ",;\"\\%\u20ac"}, "k=%2C%3B%22%5C%25%E2%82%AC"),
+        # a key is a token, never percent-decoded ('%' is a token character)
+        ("k%41=5,100%=3", {"k%41": "5", "100%": "3"}, "k%41=5,100%=3"),
+        # optional whitespace goes, spaces the value carries encoded stay
+        (" k = %20lead%20 ,j=w", {"k": " lead ", "j": "w"}, "k=%20lead%20,j=w"),
+        # malformed members are skipped, the others kept
+        ('bad key=1,q="x",k=v,=w,x', {"k": "v"}, "k=v"),
+        # the limits count the header's own bytes: a 4,002-byte member with '+' in it is kept
+        ("big=" + "c" * 3948 + "+" * 50, {"big": "c" * 3948 + "+" * 50},
+         "big=" + "c" * 3948 + "+" * 50),
     ],
-    ids=["plus-and-space", "properties", "escapes"],
+    ids=["plus-and-space", "properties", "escapes", "token-keys", "whitespace", "malformed",
+         "long-member"],
 )
 def test_baggage_is_read_and_written_as_w3c_baggage_encodes_it(
     header: str, items: dict[str, str], sent_on: str
