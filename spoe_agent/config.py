@@ -820,18 +820,19 @@ def _resource_service_name(text: str) -> str | None:
     """
     where = "environment variable OTEL_RESOURCE_ATTRIBUTES"
     name = None
+    if not text.strip():
+        return None
     for number, item in enumerate(text.split(","), 1):
-        if not item.strip():
-            continue  # an empty member, as after a trailing comma: nothing to lose
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
+            # An empty member (",," or a trailing comma) too: the SDK warns of it at start.
             raise ConfigError(where, f"member {number} is not key=value (expected "
                               "key1=value1,key2=value2, with ',' and '=' in values written %2C and %3D)")
-        if key.strip() == "service.name" and unquote(value).strip():
-            try:
-                name = _name(unquote(value))
-            except ValueError as exc:
-                raise ConfigError(where, f"service.name: {exc}") from None
+        decoded = unquote(value).strip()
+        if key.strip() == "service.name" and decoded:
+            if any(ord(c) < 32 or ord(c) == 127 for c in decoded):
+                raise ConfigError(where, "service.name: control characters are not allowed")
+            name = decoded
     return name
 
 
