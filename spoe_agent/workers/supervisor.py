@@ -410,7 +410,8 @@ class Supervisor:
             try:
                 proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.warning("worker pid %d did not stop in time; killing it", proc.pid)
+                log.warning("worker pid %d did not stop in time; killing it", proc.pid,
+                            extra=EVERY_TIME)
                 proc.kill()
                 proc.wait()
         if self._listener is not None:
