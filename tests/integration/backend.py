@@ -19,6 +19,7 @@ class SeenRequest:
     method: str
     path: str
     headers: dict[str, str] = field(default_factory=dict)
+    lines: list[tuple[str, str]] = field(default_factory=list)  # every header line, in order
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -30,7 +31,8 @@ class _Handler(BaseHTTPRequestHandler):
         if length:
             self.rfile.read(length)
         self.server.record(
-            SeenRequest(self.command, self.path, {k.lower(): v for k, v in self.headers.items()})
+            SeenRequest(self.command, self.path, {k.lower(): v for k, v in self.headers.items()},
+                        [(k.lower(), v) for k, v in self.headers.items()])
         )
         status = 200
         # /status/<code> lets a test ask for an error response without another server.

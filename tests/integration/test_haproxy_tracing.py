@@ -257,29 +257,46 @@ def test_incoming_context_is_continued(tracing: TracingFactory) -> None:
 
 
 @pytest.mark.parametrize(
-    ("traceparent", "tracestate", "continued"),
+    ("lines", "continued", "forwarded"),
     [
         # an all-zero parent id is invalid: a new trace, and the caller's tracestate is not its
-        ("00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01", "vendor=old", False),
-        # a valid parent with an invalid tracestate: the trace goes on, the tracestate is dropped
-        ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", "a=1,INVALID KEY=2", True),
+        ([("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01"),
+          ("tracestate", "vendor=old")], False, []),
+        # no traceparent at all: a new trace, the tracestate goes too
+        ([("tracestate", "vendor=old")], False, []),
+        # the trace goes on: the caller's tracestate lines stay as they came, even when the last
+        # one (all the agent reads) is empty (W3C trace-context test_tracestate_empty_header)
+        ([("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+          ("tracestate", "foo=1"), ("tracestate", "")], True, ["foo=1", ""]),
     ],
-    ids=["invalid-traceparent", "invalid-tracestate"],
+    ids=["invalid-traceparent", "no-traceparent", "continued-empty-last-line"],
 )
-def test_a_tracestate_the_agent_did_not_carry_on_is_not_forwarded(
-    tracing: TracingFactory, traceparent: str, tracestate: str, continued: bool
+def test_a_tracestate_goes_with_the_trace_it_belongs_to(
+    tracing: TracingFactory, lines: list[tuple[str, str]], continued: bool, forwarded: list[str]
 ) -> None:
-    """W3C Trace Context: a tracestate belongs to its traceparent, and a vendor that could not
-    parse the traceparent must not pass its tracestate on. The reference forwarding lines only
-    set what the agent injected, so without their del-header the client's tracestate travelled
-    next to the agent's new traceparent (or next to the one whose tracestate it had refused)."""
+    """W3C Trace Context: a tracestate belongs to its trace. The reference forwarding lines
+    only set what the agent injected, so without their del-header the caller's tracestate
+    travelled next to the new traceparent the agent started; and a del-header keyed on the
+    agent's having no tracestate of its own also deleted a continued trace's, when the last
+    tracestate line (the one req.fhdr gives the agent) was empty."""
     t = tracing()
-    _, trace_id = t.traced("/stale-state", {"traceparent": traceparent, "tracestate": tracestate})
+    conn = http.client.HTTPConnection("127.0.0.1", t.port, timeout=10)
+    try:
+        conn.putrequest("GET", "/tracestate")
+        for name, value in lines:
+            conn.putheader(name, value)
+        conn.endheaders()
+        reply = conn.getresponse()
+        reply.read()
+        trace_id = reply.getheader("x-trace-id")
+    finally:
+        conn.close()
+    assert reply.status == 200 and trace_id
     assert (trace_id == "4bf92f3577b34da6a3ce929d0e0e4736") is continued
     assert_reference_tree(wait_trace(t.receiver, trace_id), "hop-1")
     (seen,) = t.origin.requests
     assert parse_traceparent(seen.headers["traceparent"])[0] == trace_id
-    assert "tracestate" not in seen.headers, seen.headers
+    assert [v for k, v in seen.lines if k == "tracestate"] == forwarded, seen.lines
 
 
 def test_server_errors_mark_the_response_and_session(tracing: TracingFactory) -> None:

@@ -100,11 +100,14 @@ def hop_config(
         f"    http-request set-header {header} %[var(txn.trace.{var})]"
         f" if {{ var(txn.trace.{var}) -m found }}"
         for header, var in forwards
-    ).replace(
-        "    http-request set-header tracestate",
-        "    http-request del-header tracestate if { var(txn.trace.traceparent) -m found }\n"
-        "    http-request set-header tracestate",
     )
+    # Before the traceparent is set: the incoming one is what the agent's trace is compared to.
+    forward_lines = (
+        "    http-request set-var(txn.trace_id) var(txn.trace.traceparent),field(2,-)"
+        " if { var(txn.trace.traceparent) -m found }\n"
+        "    http-request del-header tracestate if { var(txn.trace_id) -m found }"
+        " !{ req.fhdr(traceparent),field(2,-),strcmp(txn.trace_id) eq 0 }\n"
+    ) + forward_lines
     extra = "".join(f"    {line}\n" for line in frontend_lines)
     return f"""\
 global
