@@ -184,6 +184,7 @@ def test_the_fuzzer_cli_exits_zero() -> None:
 # ------------------------------------------------------------------------------------ live
 
 
+@pytest.mark.alone  # its two workers answer a forwarded inject within the 1 s goodbye bound
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_live_agent_answers_every_input_and_stays_up(spoe_agent: AgentFactory,
                                                      workers: str) -> None:

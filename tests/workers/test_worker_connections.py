@@ -20,6 +20,9 @@ from tests.support.procs import AgentProcess
 from tests.support.spop_client import SpopClient, hello_frame
 from tests.workers.test_multiworker import _HELLO, wait_workers_ready
 
+# Evictions wait for a connection silent for a second: beside other tests, starved past it.
+pytestmark = pytest.mark.alone
+
 
 def test_an_inject_sent_before_a_half_close_is_still_answered(
     spoe_agent: Callable[..., AgentProcess],
