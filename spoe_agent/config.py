@@ -176,9 +176,15 @@ def _readable_file(text: str) -> str:
     return path
 
 
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# An HTTP token (RFC 7230): a header's name, a W3C baggage key (tracing.propagation).
+HTTP_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 # W3C baggage's value characters, which the SDK's parser accepts (percent-encode the rest).
 _HEADER_VALUE = re.compile(r"[!#-+\--:<-\[\]-~ ]*")
+
+
+def _has_control(text: str) -> bool:
+    """A C0 control character or DEL: never right in a name, a header value or a log line."""
+    return any(ord(c) < 32 or ord(c) == 127 for c in text)
 
 
 def _otlp_headers(text: str) -> str:
@@ -190,7 +196,7 @@ def _otlp_headers(text: str) -> str:
         if not item.strip():
             continue
         key, sep, value = item.partition("=")
-        if not sep or not _HEADER_NAME.fullmatch(key.strip()):
+        if not sep or not HTTP_TOKEN.fullmatch(key.strip()):
             raise ValueError(f"expected name=value pairs separated by commas, got a pair "
                              f"named {key.strip()[:40]!r}")
         # What the SDK would drop (quotes, ";", a backslash) or requests refuse to send (a
@@ -198,7 +204,7 @@ def _otlp_headers(text: str) -> str:
         # not quoted back: it is often a secret.
         decoded = unquote(value.strip())
         if (not _HEADER_VALUE.fullmatch(value.strip())
-                or any(ord(c) < 32 or ord(c) == 127 or ord(c) > 255 for c in decoded)):
+                or _has_control(decoded) or any(ord(c) > 255 for c in decoded)):
             raise ValueError(f"the value of {key.strip()!r} is not a valid header value (no "
                              "quotes, ';' or '\\'; percent-decoded, printable Latin-1 only)")
     return text
@@ -343,7 +349,7 @@ def _name(text: str) -> str:
     value = str(text).strip()
     if not value:
         raise ValueError("must not be empty")
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+    if _has_control(value):
         raise ValueError(f"control characters are not allowed, got {value!r}")
     return value
 
@@ -830,7 +836,7 @@ def _resource_service_name(text: str) -> str | None:
                               "key1=value1,key2=value2, with ',' and '=' in values written %2C and %3D)")
         decoded = unquote(value).strip()
         if key.strip() == "service.name" and decoded:
-            if any(ord(c) < 32 or ord(c) == 127 for c in decoded):
+            if _has_control(decoded):
                 raise ConfigError(where, "service.name: control characters are not allowed")
             name = decoded
     return name

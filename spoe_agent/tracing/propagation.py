@@ -34,7 +34,7 @@ from opentelemetry.trace import (
 )
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from spoe_agent.config import PROPAGATORS
+from spoe_agent.config import HTTP_TOKEN, PROPAGATORS
 
 # The carrier keys the span language accepts as incoming headers, whatever the configured
 # propagators: HAProxy forwards what it was told to, and extraction ignores the keys it does not
@@ -60,7 +60,6 @@ log = logging.getLogger(__name__)
 # W3C Baggage: a key is a token (RFC 7230), written as it is; a value's octets are the
 # printable ASCII but space, '"', ',', ';' and '\\', and '%' starts an escape.
 _TOKEN_SAFE = ascii_letters + digits + "!#$%&'*+-.^_`|~"
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _VALUE_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '",;\\%')
 _VALUE = re.compile(r"[\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*")
 _OWS = " \t"
@@ -98,7 +97,7 @@ class W3CBaggage(W3CBaggagePropagator):
                 continue
             key, sep, value = member.split(";", 1)[0].partition("=")
             key, value = key.strip(_OWS), value.strip(_OWS)
-            if (len(member) > self._MAX_PAIR_LENGTH or not sep or not _TOKEN.fullmatch(key)
+            if (len(member) > self._MAX_PAIR_LENGTH or not sep or not HTTP_TOKEN.fullmatch(key)
                     or not _VALUE.fullmatch(value)):
                 skipped += 1
                 continue
