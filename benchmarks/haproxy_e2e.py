@@ -197,6 +197,20 @@ def clean_env() -> dict[str, str]:
     return env
 
 
+def agent_env(python: str | None = None,
+              sink: tuple[str, int] | None = None) -> dict[str, str]:
+    """A benchmarked agent's environment: this tree's source, unless ``python`` runs its own
+    installed spoe_agent (neither PYTHONPATH may put this tree in front of it); exporting
+    Jaeger thrift to ``sink`` (a UDP socket nobody reads), if given."""
+    env = clean_env()
+    if python is not None:
+        del env["PYTHONPATH"]
+    if sink is not None:
+        env.update(OTEL_TRACES_EXPORTER="jaeger", OTEL_EXPORTER_JAEGER_AGENT_HOST=sink[0],
+                   OTEL_EXPORTER_JAEGER_AGENT_PORT=str(sink[1]))
+    return env
+
+
 def start(argv: list[str], cores: set[int] | None, log: Path,
           env: dict[str, str] | None = None, cwd: Path = REPO_ROOT) -> subprocess.Popen[bytes]:
     def pin() -> None:
@@ -386,23 +400,17 @@ class Bench:
                 argv = [sc.python or sys.executable, "-m", "spoe_agent",
                         "--bind", f"127.0.0.1:{agent_port}",
                         "--workers", str(sc.workers), "--log-level", "info", *sc.agent_args]
-                env = clean_env()
-                cwd = REPO_ROOT
-                if sc.python is not None:
-                    # Its own installed spoe_agent: neither PYTHONPATH nor the working
-                    # directory may put this tree's source in front of it.
-                    del env["PYTHONPATH"]
-                    cwd = self.workdir
+                # Its own installed spoe_agent (--python): nor may the working directory put
+                # this tree's source in front of it.
+                cwd = REPO_ROOT if sc.python is None else self.workdir
+                sink = None
                 if sc.spoe == "minimal":
                     argv += ["--app", "benchmarks.apps:minimal_agent", "--exporter", "none"]
                 elif sc.exporter == "none":
                     argv += ["--exporter", "none"]
                 else:
-                    host, port = self.sink.getsockname()
-                    env.update(OTEL_TRACES_EXPORTER="jaeger",
-                               OTEL_EXPORTER_JAEGER_AGENT_HOST=host,
-                               OTEL_EXPORTER_JAEGER_AGENT_PORT=str(port))
-                agent = start(argv, agent_cores, agent_log, env, cwd)
+                    sink = self.sink.getsockname()
+                agent = start(argv, agent_cores, agent_log, agent_env(sc.python, sink), cwd)
             elif sc.agent == "bare":
                 agent = start([sys.executable, "-m", "benchmarks.bare_agent", "--port",
                                str(agent_port)], agent_cores, agent_log)

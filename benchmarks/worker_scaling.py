@@ -47,7 +47,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.haproxy_e2e import (  # noqa: E402
-    clean_env,
+    agent_env,
     free_port,
     installed_build,
     interpreter,
@@ -88,11 +88,7 @@ def measure(workers: int, seconds: float, warmup: float, connections: int,
     sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sink.bind(("127.0.0.1", 0))
     port = free_port()
-    env = clean_env()
-    if python is not None:
-        env.pop("PYTHONPATH", None)  # its own spoe_agent, not this tree's
-    env.update(OTEL_TRACES_EXPORTER="jaeger", OTEL_EXPORTER_JAEGER_AGENT_HOST="127.0.0.1",
-               OTEL_EXPORTER_JAEGER_AGENT_PORT=str(sink.getsockname()[1]))
+    env = agent_env(python, sink.getsockname())
     with tempfile.TemporaryDirectory() as tmp:
         agent = subprocess.Popen(
             ["valgrind", "--tool=callgrind", "--trace-children=yes",

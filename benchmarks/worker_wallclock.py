@@ -37,7 +37,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.haproxy_e2e import (  # noqa: E402
-    clean_env,
+    agent_env,
     cpu_seconds,
     free_port,
     process_tree,
@@ -74,11 +74,7 @@ def measure(workers: int, spread: int, args: argparse.Namespace, driver: Path, p
     sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # spans land here, unread
     sink.bind(("127.0.0.1", 0))
     port = free_port()
-    env = clean_env()
-    if args.python:
-        env.pop("PYTHONPATH", None)  # its own spoe_agent, not this tree's
-    env.update(OTEL_TRACES_EXPORTER="jaeger", OTEL_EXPORTER_JAEGER_AGENT_HOST="127.0.0.1",
-               OTEL_EXPORTER_JAEGER_AGENT_PORT=str(sink.getsockname()[1]))
+    env = agent_env(args.python, sink.getsockname())
     agent_cores = {1} if workers == 1 else set(range(workers))
     log = open(workdir / f"agent-{workers}-{spread}.log", "ab")  # noqa: SIM115
     agent = subprocess.Popen(
