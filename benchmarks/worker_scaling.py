@@ -23,6 +23,12 @@ weighs ~50 times more per request than at full speed, differently from one run t
 as long, and the per-request figure the ratio is taken from is net of that rate.
 
     python -m benchmarks.worker_scaling [--workers 1 2] [--seconds 30] [--python PY]
+        [--spread P ...]
+
+``--spread P`` drives the agent with ``spop_drive.c`` instead (the same traced requests), which
+sends P% of a request's events over another of its connections, as HAProxy does: with several
+workers those are forwarded to their session's owner, and the count shows what that costs in
+instructions, apart from the system calls and scheduling the wall clock also pays.
 
 ``--python`` counts the spoe-agent installed for another interpreter, such as the build compiled
 with mypyc (``SPOE_AGENT_MYPYC=1 pip install .``, setup.py), instead of this tree.
@@ -33,6 +39,7 @@ Needs valgrind (Debian's package). Each configuration takes about two minutes.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import signal
 import socket
@@ -53,6 +60,7 @@ from benchmarks.haproxy_e2e import (  # noqa: E402
     interpreter,
     wait_port,
 )
+from benchmarks.worker_wallclock import build_driver, write_pool  # noqa: E402
 
 NOTIFYS_PER_REQUEST = 8
 _ACKS = re.compile(r"\(([\d,]+) ACKs, ")
@@ -70,6 +78,22 @@ def _drive(port: int, seconds: float, connections: int, window: int) -> tuple[in
     return parse_load_output(proc.stdout + proc.stderr)
 
 
+def _drive_c(port: int, seconds: float, connections: int, window: int,
+             spread: int, driver: tuple[Path, Path]) -> tuple[int, int]:
+    """``spop_drive.c``'s replay of the same requests, ``spread`` % of events moved: (ACKs, errors)."""
+    binary, pool = driver
+    proc = subprocess.run(
+        [str(binary), "--port", str(port), "--pool", str(pool), "--connections", str(connections),
+         "--window", str(window), "--spread", str(spread), "--duration", str(seconds),
+         "--warmup", "0"],
+        capture_output=True, text=True, check=False,
+    )
+    if proc.returncode != 0:
+        return 0, 1
+    result = json.loads(proc.stdout)
+    return int(result["acks"]), int(result["errors"])
+
+
 def parse_load_output(out: str) -> tuple[int, int]:
     """(ACKs in the measured window, errors) from ``spop_load``'s printed result."""
     acks, errors = _ACKS.search(out), _ERRORS.search(out)
@@ -83,8 +107,14 @@ def _callgrind_control(flag: str) -> None:
 
 
 def measure(workers: int, seconds: float, warmup: float, connections: int,
-            window: int, python: str | None = None) -> dict[str, float]:
+            window: int, python: str | None = None, spread: int | None = None,
+            driver: tuple[Path, Path] | None = None) -> dict[str, float]:
     """Instructions per traced request of an agent with ``workers`` workers, saturated."""
+    def drive(duration: float) -> tuple[int, int]:
+        if spread is None or driver is None:
+            return _drive(port, duration, connections, window)
+        return _drive_c(port, duration, connections, window, spread, driver)
+
     sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sink.bind(("127.0.0.1", 0))
     port = free_port()
@@ -101,7 +131,7 @@ def measure(workers: int, seconds: float, warmup: float, connections: int,
             # Under valgrind, workers take tens of seconds to start and greet their peers; the
             # warm-up load runs until every one of them serves (and their caches are warm).
             time.sleep(20 * workers if workers > 1 else 0)
-            _drive(port, warmup, connections, window)  # its errors (a worker not up yet) aside
+            drive(warmup)  # its errors (a worker not up yet) aside
             _callgrind_control("-z")
             started = time.monotonic()
             time.sleep(seconds)
@@ -109,7 +139,7 @@ def measure(workers: int, seconds: float, warmup: float, connections: int,
             idle_s = time.monotonic() - started
             _callgrind_control("-z")
             started = time.monotonic()
-            acks, errors = _drive(port, seconds, connections, window)
+            acks, errors = drive(seconds)
             _callgrind_control("-d")
             load_s = time.monotonic() - started
         finally:
@@ -129,7 +159,7 @@ def measure(workers: int, seconds: float, warmup: float, connections: int,
         raise RuntimeError(f"--workers {workers}: only {processes} processes were counted")
     requests = acks / NOTIFYS_PER_REQUEST
     idle_rate = idle / idle_s
-    return {"workers": workers, "requests": requests, "instructions": total,
+    return {"workers": workers, "spread": spread, "requests": requests, "instructions": total,
             "per_request": total / requests, "idle_per_s": idle_rate,
             "net_per_request": (total - idle_rate * load_s) / requests}
 
@@ -154,24 +184,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=20)
     parser.add_argument("--python", type=interpreter,
                         help="the interpreter whose spoe-agent is counted")
+    parser.add_argument("--spread", type=int, nargs="+",
+                        help="drive with spop_drive.c, moving this percent of events (each value "
+                             "a configuration)")
     args = parser.parse_args(argv)
     if subprocess.run(["which", "valgrind"], capture_output=True).returncode != 0:
         print("valgrind is needed (apt-get install -y valgrind)", file=sys.stderr)
         return 2
     python = args.python or sys.executable
     print(f"spoe-agent for {python}: {installed_build(python) or 'none installed'}")
-    results = [measure(n, args.seconds, args.warmup, args.connections, args.window, args.python)
-               for n in args.workers]
-    base = next((r for r in results if r["workers"] == 1), None)
-    print("| workers | requests counted | instructions per request | idle instructions per s "
-          "| per request, net of idle | x N the throughput of one (net; raw) |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    with tempfile.TemporaryDirectory(prefix="worker-scaling-") as tmp:
+        driver = None
+        if args.spread is not None:
+            driver = (build_driver(Path(tmp)), Path(tmp) / "pool.bin")
+            write_pool(driver[1])
+        results = [measure(n, args.seconds, args.warmup, args.connections, args.window,
+                           args.python, spread, driver)
+                   for spread in (args.spread or [None]) for n in args.workers]
+    print("| spread | workers | requests counted | instructions per request "
+          "| idle instructions per s | per request, net of idle "
+          "| x N the throughput of one (net; raw) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
+        base = next((b for b in results if b["workers"] == 1 and b["spread"] == r["spread"]),
+                    None)
         ratio = "-"
         if base:
             ratio = (f"{base['net_per_request'] / r['net_per_request']:.2f}; "
                      f"{base['per_request'] / r['per_request']:.2f}")
-        print(f"| {r['workers']} | {r['requests']:,.0f} | {r['per_request']:,.0f} "
+        spread = "-" if r["spread"] is None else f"{r['spread']}%"
+        print(f"| {spread} | {r['workers']} | {r['requests']:,.0f} | {r['per_request']:,.0f} "
               f"| {r['idle_per_s']:,.0f} | {r['net_per_request']:,.0f} | {ratio} |")
     return 0
 
