@@ -143,8 +143,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.config is not None and not args.config.strip():
         parser.error("-c/--config: an empty file name (leave the flag out for the defaults)")
+    ini_bytes = None
+    if args.worker_index is not None and args.config:
+        from spoe_agent.workers import inherited_config_bytes
+
+        ini_bytes = inherited_config_bytes()
     try:
-        config = load_config(args.config, _overrides(args))
+        config = load_config(args.config, _overrides(args), ini_bytes=ini_bytes)
     except (ConfigError, ValueError) as exc:
         print(f"spoe-agent: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -546,6 +546,10 @@ class AgentConfig:
     export_delay: float = 0.5
     export_timeout: float = 30.0
     config_file: str = ""
+    #: The file's bytes as read: ``--workers`` hands these, not the path, to every worker it
+    #: starts, so a worker restarted after the file was edited (or moved) runs the same
+    #: configuration as the others.
+    config_bytes: bytes = field(default=b"", repr=False)
     sources: dict[str, str] = field(default_factory=dict)
 
     def set_by(self, attr: str) -> str:
@@ -709,13 +713,20 @@ def _continuation(lines: list[str], key_line: int) -> int:
     return key_line
 
 
-def load_ini(path: str, config: AgentConfig) -> None:
-    """Apply ``agent.ini``: unknown sections and keys are errors, so typos cannot hide."""
-    try:
-        with open(path, "rb") as handle:
-            raw_bytes = handle.read()
-    except OSError as exc:
-        raise ConfigError(path, f"cannot read config file: {exc.strerror or exc}") from None
+def load_ini(path: str, config: AgentConfig, raw: bytes | None = None) -> None:
+    """Apply ``agent.ini``: unknown sections and keys are errors, so typos cannot hide.
+
+    ``raw``: the file's bytes, already read (by the ``--workers`` supervisor); ``path`` then
+    only names it in messages and sources.
+    """
+    if raw is None:
+        try:
+            with open(path, "rb") as handle:
+                raw = handle.read()
+        except OSError as exc:
+            raise ConfigError(path, f"cannot read config file: {exc.strerror or exc}") from None
+    raw_bytes = raw
+    config.config_bytes = raw_bytes
     try:
         # utf-8-sig: a byte-order mark (some Windows editors write one) is not a setting.
         text = raw_bytes.decode("utf-8-sig")
@@ -846,11 +857,13 @@ def load_config(
     path: str | None = None,
     overrides: Mapping[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
+    ini_bytes: bytes | None = None,
 ) -> AgentConfig:
-    """Build the effective configuration; ``overrides`` are already-parsed flag values."""
+    """Build the effective configuration; ``overrides`` are already-parsed flag values;
+    ``ini_bytes``, when given, are ``path``'s contents (see :func:`load_ini`)."""
     config = AgentConfig()
     if path:
-        load_ini(path, config)
+        load_ini(path, config, ini_bytes)
     load_env(os.environ if env is None else env, config)
     names = {f.name for f in fields(AgentConfig)}
     for attr, value in (overrides or {}).items():

@@ -28,6 +28,29 @@ _PARENT_CHECK_S = 1.0
 _REPORT_S = 1.0
 
 
+def inherited_config_bytes() -> bytes | None:
+    """The ``-c`` file's bytes as the supervisor read them (``supervisor.ENV_CONFIG_FD``), or
+    None when it passed none (no ``-c``, or this process is not one of its workers)."""
+    from spoe_agent.workers.supervisor import ENV_CONFIG_FD
+
+    text = os.environ.pop(ENV_CONFIG_FD, None)
+    if text is None:
+        return None
+    fd = int(text)
+    chunks = []
+    offset = 0
+    try:
+        while True:
+            chunk = os.pread(fd, 1 << 16, offset)  # pread: the offset is shared with our peers
+            if not chunk:
+                break
+            chunks.append(chunk)
+            offset += len(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
 def worker_config(config: AgentConfig, index: int) -> AgentConfig:
     """Worker ``index``'s configuration: its share of ``max_sessions`` and ``max_connections``,
     its metrics port.

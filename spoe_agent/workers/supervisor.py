@@ -1,8 +1,10 @@
 """The supervisor of ``--workers N``: one listening socket, N worker interpreters, restarts.
 
-Workers are fresh interpreters (``python -m spoe_agent ... --worker-index i``), not forks: a
+Workers are fresh interpreters (``python -c <boot> ... --worker-index i``), not forks: a
 fork would copy a running gevent hub, the exporter's flush loop and the parent's sockets, which
-is how subtle shared-state bugs start. The supervisor alone listens and accepts, and hands each
+is how subtle shared-state bugs start. A worker runs the same code and the same configuration
+as the supervisor, whatever happens to the working directory or the ``-c`` file meanwhile
+(:meth:`Supervisor.worker_argv`, :data:`ENV_CONFIG_FD`). The supervisor alone listens and accepts, and hands each
 connection to the least loaded worker (:mod:`spoe_agent.workers.handoff` says why the kernel's
 own spreading is not good enough), so the address never stops accepting, even while a worker is
 being replaced: the connections it held reset, HAProxy reconnects, the others take them.
@@ -28,6 +30,7 @@ from typing import Any
 import gevent
 from gevent.event import Event
 
+import spoe_agent
 from spoe_agent.config import AgentConfig, bind_text
 from spoe_agent.listeners import make_listener, remove_listener_socket
 from spoe_agent.logs import EVERY_TIME
@@ -46,6 +49,10 @@ log = logging.getLogger(__name__)
 ENV_HANDOFF_FD = "SPOE_AGENT_HANDOFF_FD"
 ENV_LISTEN_FAMILY = "SPOE_AGENT_LISTEN_FAMILY"
 ENV_RUNTIME_DIR = "SPOE_AGENT_RUNTIME_DIR"
+#: An inherited descriptor of an unlinked file holding the ``-c`` file's bytes, as the
+#: supervisor read them: a worker restarted after the file was edited, moved or cleaned away
+#: must not run another configuration than its peers, or none.
+ENV_CONFIG_FD = "SPOE_AGENT_CONFIG_FD"
 #: A worker that dies sooner than this after starting counts as crash-looping.
 STABLE_AFTER_S = 2.0
 MAX_BACKOFF_S = 5.0
@@ -56,6 +63,7 @@ _FULL_RETRY_S = 0.05
 #: be: a worker with this many more than another gives one away.
 _REBALANCE_S = 1.0
 _REBALANCE_GAP = 2
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(spoe_agent.__file__)))
 #: The longest path a unix socket can be bound to (sun_path is 108 bytes, NUL included).
 _MAX_SOCKET_PATH = 107
 
@@ -114,6 +122,7 @@ class Supervisor:
         self.slots = [_Slot(i) for i in range(config.workers)]
         self.runtime_dir = ""
         self._listener = None
+        self._config_copy: Any = None  # the -c file's bytes, for the workers (ENV_CONFIG_FD)
         self._stop = Event()
         self._forced = False
         self._failed = 0  # a worker's exit status, when one could not start
@@ -123,8 +132,15 @@ class Supervisor:
         self._share = max(1, -(-config.max_connections // config.workers))
 
     def worker_argv(self, index: int) -> list[str]:
+        # Not `python -m spoe_agent`: -m puts the working directory first on sys.path, so a
+        # checkout there (the README's `pip install .` leaves one), or any spoe_agent/
+        # directory, would run in the workers instead of the package the supervisor runs,
+        # compiled or not. The boot line imports from the directory the supervisor's own
+        # spoe_agent came from.
+        boot = (f"import sys; sys.path[0] = {_PACKAGE_ROOT!r}; "
+                "from spoe_agent.cli import main; raise SystemExit(main())")
         # Later flags win in argparse, so these override whatever argv already says.
-        return [sys.executable, "-m", "spoe_agent", *self.argv,
+        return [sys.executable, "-c", boot, *self.argv,
                 "--workers", str(self.config.workers), "--worker-index", str(index)]
 
     def run(self) -> int:
@@ -139,6 +155,11 @@ class Supervisor:
             raise StartupError(f"cannot listen on {bind_text(self.config.bind)} "
                                f"({self.config.set_by('bind')}): {exc.strerror or exc}") from None
         self._listener.setblocking(True)  # a cooperative wait under gevent, not a busy one
+        if self.config.config_file:
+            # Unlinked at once: nothing in TMPDIR for a cleaner to age away, gone with us.
+            self._config_copy = tempfile.TemporaryFile()
+            self._config_copy.write(self.config.config_bytes)
+            self._config_copy.flush()
         metrics = None
         if self.config.metrics:
             metrics = self._start_metrics()
@@ -205,12 +226,16 @@ class Supervisor:
         env[ENV_HANDOFF_FD] = str(theirs.fileno())
         env[ENV_LISTEN_FAMILY] = str(int(self._listener.family))
         env[ENV_RUNTIME_DIR] = self.runtime_dir
+        fds = [theirs.fileno()]
+        env.pop(ENV_CONFIG_FD, None)
+        if self._config_copy is not None:
+            env[ENV_CONFIG_FD] = str(self._config_copy.fileno())
+            fds.append(self._config_copy.fileno())
         try:
             # Its own session: a terminal's Ctrl-C reaches the supervisor only, which then stops
             # the workers in order instead of racing their restart.
             slot.proc = subprocess.Popen(
-                self.worker_argv(slot.index), pass_fds=(theirs.fileno(),), env=env,
-                start_new_session=True,
+                self.worker_argv(slot.index), pass_fds=fds, env=env, start_new_session=True,
             )
         finally:
             theirs.close()
@@ -419,6 +444,8 @@ class Supervisor:
             remove_listener_socket(self.config.bind)
         if self.runtime_dir:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        if self._config_copy is not None:
+            self._config_copy.close()
         log.info("supervisor: stopped")
 
 
