@@ -427,6 +427,8 @@ def test_command_line_viewer_prints_trees_and_json_lines(tmp_path: Path) -> None
     (["--no-udp", "--no-http"], "leave nothing to listen on"),
     (["--no-udp", "--http", "127.0.0.1:0", "--jsonl", "/nonexistent/dir/x.jsonl"],
      "cannot open --jsonl /nonexistent/dir/x.jsonl: No such file or directory"),
+    (["--no-http", "--udp", "127.0.0.1:0", "--quiet-s", "-1"], "0 or more, got '-1'"),
+    (["--no-http", "--udp", "127.0.0.1:0", "--quiet-s", "nan"], "0 or more, got 'nan'"),
 ])
 def test_command_line_viewer_refuses_what_cannot_work(argv: list[str], said: str) -> None:
     """A usage error and exit 2, not a traceback, nor a viewer that listens on nothing."""
@@ -434,6 +436,24 @@ def test_command_line_viewer_refuses_what_cannot_work(argv: list[str], said: str
                           capture_output=True, text=True, timeout=WAIT)
     assert done.returncode == 2, done.stderr
     assert said in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("kind", ["udp", "http"])
+def test_command_line_viewer_names_an_address_it_cannot_listen_on(kind: str) -> None:
+    """A taken HTTP port crashed the viewer with an AttributeError from its own cleanup."""
+    sock_type = socket.SOCK_DGRAM if kind == "udp" else socket.SOCK_STREAM
+    with socket.socket(socket.AF_INET, sock_type) as taken:
+        taken.bind(("127.0.0.1", 0))
+        if kind == "http":
+            taken.listen()
+        port = taken.getsockname()[1]
+        other = "--no-http" if kind == "udp" else "--no-udp"
+        done = subprocess.run([sys.executable, "-m", "spoe_agent.viewer", other,
+                               f"--{kind}", f"127.0.0.1:{port}"], cwd=REPO,
+                              capture_output=True, text=True, timeout=WAIT)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip() == \
+        f"cannot listen: {kind} 127.0.0.1:{port}: Address already in use", done.stderr
 
 
 def test_receiver_and_exporter_work_under_gevent_monkeypatching() -> None:

@@ -30,9 +30,21 @@ def _address(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(f"bad port in {text!r}") from None
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, such as 1 or 0.5, got {text!r}") \
+            from None
+    if not 0 <= value < float("inf"):  # NaN fails too
+        raise argparse.ArgumentTypeError(f"expected seconds, 0 or more, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m spoe_agent.viewer", description=__doc__.splitlines()[0]
+        prog="python -m spoe_agent.viewer",
+        description=__doc__.splitlines()[0].split(": ", 1)[1],
     )
     parser.add_argument(
         "--udp",
@@ -53,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--jsonl", metavar="FILE", help="also append each trace as a JSON line")
     parser.add_argument(
         "--quiet-s",
-        type=float,
+        type=_seconds,
         default=1.0,
         help="a trace is complete after this long without new spans (default 1)",
     )
@@ -118,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         receiver.start()
     except OSError as exc:
-        print(f"cannot listen: {exc}", file=sys.stderr)
+        print(f"cannot listen: {exc.strerror or exc}", file=sys.stderr)
         if jsonl is not None:
             jsonl.close()
         return 1

@@ -196,22 +196,38 @@ class JaegerReceiver:
     # -- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> JaegerReceiver:
+        """Listen; an address that cannot be bound raises OSError naming it, and what was
+        already started is stopped."""
+        try:
+            self._start()
+        except BaseException:
+            self.stop(flush=False)
+            raise
+        return self
+
+    def _start(self) -> None:
         if self.udp_addr is not None:
             sock = socket.socket(address_family(self.udp_addr[0]), socket.SOCK_DGRAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-            sock.bind(self.udp_addr)
+            try:
+                sock.bind(self.udp_addr)
+            except OSError as exc:
+                sock.close()
+                raise _naming(exc, "udp", self.udp_addr) from None
             sock.settimeout(0.2)
             self._udp_sock = sock
             self.udp_address = sock.getsockname()[:2]
             self._spawn(self._udp_loop, "jaeger-receiver-udp")
         if self.http_addr is not None:
-            httpd = _HTTPServer(self.http_addr, _Handler)
+            try:
+                httpd = _HTTPServer(self.http_addr, _Handler)
+            except OSError as exc:
+                raise _naming(exc, "http", self.http_addr) from None
             httpd.receiver = self
             self._httpd = httpd
             self.http_address = httpd.server_address[:2]
             self._spawn(lambda: httpd.serve_forever(poll_interval=0.2), "jaeger-receiver-http")
         self._spawn(self._assembler_loop, "jaeger-receiver-traces")
-        return self
 
     def stop(self, flush: bool = True) -> None:
         """Stop listening; with ``flush`` report the traces still waiting to go quiet."""
@@ -336,6 +352,11 @@ class JaegerReceiver:
             self.assembler.flush()
 
 
+def _naming(exc: OSError, kind: str, addr: tuple[str, int]) -> OSError:
+    host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
+    return OSError(exc.errno, f"{kind} {host}:{addr[1]}: {exc.strerror or exc}")
+
+
 class _HTTPServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -343,9 +364,10 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
 
     def __init__(self, addr: tuple[str, int], handler: type) -> None:
         self.address_family = address_family(addr[0])
-        super().__init__(addr, handler)
+        # Before the base class binds: a bind that fails calls server_close(), which uses them.
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
+        super().__init__(addr, handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._connections_lock:
