@@ -10,11 +10,11 @@ from typing import Any
 
 from opentelemetry.exporter.jaeger.thrift.gen.agent import Agent as _agent
 from opentelemetry.exporter.jaeger.thrift.gen.jaeger import ttypes as jt
-from thrift.protocol import fastbinary
 from thrift.protocol.TBinaryProtocol import TBinaryProtocol
 from thrift.protocol.TCompactProtocol import TCompactProtocol
 from thrift.transport.TTransport import TMemoryBuffer
 
+from spoe_agent.tracing.jaeger import codec
 from spoe_agent.tracing.jaeger.specs import BATCH_ARGS, EMIT_BATCH_ARGS
 
 
@@ -33,7 +33,7 @@ def decode_emit_batch(datagram: bytes) -> tuple[str, Any]:
         return name, None
     args = _agent.emitBatch_args()
     try:
-        fastbinary.decode_compact(args, proto, EMIT_BATCH_ARGS)
+        codec.decode_compact(args, proto, EMIT_BATCH_ARGS)
     except Exception as exc:
         raise ValueError(f"malformed emitBatch: {exc}") from exc
     return name, args.batch
@@ -44,7 +44,7 @@ def decode_batch_binary(body: bytes) -> Any:
     proto = TBinaryProtocol(TMemoryBuffer(body))
     batch = jt.Batch()
     try:
-        fastbinary.decode_binary(batch, proto, BATCH_ARGS)
+        codec.decode_binary(batch, proto, BATCH_ARGS)
     except Exception as exc:
         raise ValueError(f"malformed Batch: {exc}") from exc
     return batch

@@ -13,9 +13,9 @@ from collections.abc import Iterable, Sequence
 from itertools import accumulate
 from typing import Any, Final
 
-from thrift.protocol import fastbinary
 from thrift.Thrift import TMessageType
 
+from spoe_agent.tracing.jaeger import codec
 from spoe_agent.tracing.jaeger.spans import JaegerSpan, ThriftBatch
 from spoe_agent.tracing.jaeger.specs import _SPAN_HEAD_ARGS, _SPAN_HEAD_FIELDS, PROCESS_ARGS
 from spoe_agent.tracing.jaeger.tags import RecordTags, TagPairs, _tags_binary, _tags_compact
@@ -33,8 +33,8 @@ from spoe_agent.tracing.jaeger.wire import (
 )
 from spoe_agent.tracing.registry import SpanRecord
 
-_encode_compact: Final = fastbinary.encode_compact
-_encode_binary: Final = fastbinary.encode_binary
+_encode_compact: Final = codec.encode_compact
+_encode_binary: Final = codec.encode_binary
 
 
 class _RecordHead:
