@@ -810,6 +810,19 @@ def load_env(env: Mapping[str, str], config: AgentConfig) -> None:
     elif disabled not in ("", "false"):
         raise ConfigError("environment variable OTEL_SDK_DISABLED",
                           f"expected true or false, got {env['OTEL_SDK_DISABLED']!r}")
+    # Not used (the span count limits are fixed), but the SDK reads this one when it is
+    # imported and raises on anything but a non-negative integer: a typo stopped the agent
+    # with the SDK's words, as "cannot start". Refused here the way every other variable is.
+    limit = env.get("OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", "").strip()
+    if limit:
+        try:
+            valid = int(limit) >= 0
+        except ValueError:
+            valid = False
+        if not valid:
+            raise ConfigError("environment variable OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT",
+                              f"expected a non-negative integer, got {limit!r} (the agent does "
+                              "not use it, but the OpenTelemetry SDK refuses anything else)")
     # OpenTelemetry's order for service.name: OTEL_SERVICE_NAME, then OTEL_RESOURCE_ATTRIBUTES,
     # then the default; here agent.ini's service_name (set above) counts as the first.
     resource_name = _resource_service_name(env.get("OTEL_RESOURCE_ATTRIBUTES", ""))

@@ -73,6 +73,27 @@ def test_otel_sdk_disabled_turns_export_off_and_a_flag_turns_it_back_on() -> Non
         load_config(env={"OTEL_SDK_DISABLED": "1"})
 
 
+def test_a_span_attribute_count_limit_the_sdk_would_refuse_is_refused_as_configuration(
+    tmp_path: Path,
+) -> None:
+    """The SDK reads OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT when imported and raised on a typo: the
+    agent stopped with "cannot start" and the SDK's words, not as a configuration error."""
+    for value in ("abc", "-1", "1.5"):
+        with pytest.raises(ConfigError, match="OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT: expected a "
+                           f"non-negative integer, got '{value}'"):
+            load_config(env={"OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT": value})
+    for value in ("", " ", "0", "64"):
+        load_config(env={"OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT": value})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "spoe_agent", "--workers", "1", "--check"],
+        capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1],
+        env={**env, "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT": "abc"})
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("spoe-agent: configuration error: environment variable "
+                                  "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT"), done.stderr
+
+
 def test_check_says_why_the_exporter_is_none_and_refuses_a_value_that_is_not_a_boolean(
     tmp_path: Path,
 ) -> None:
