@@ -158,13 +158,14 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging(config.log_level, config.log_format)
     if args.worker_index is not None:
-        from spoe_agent.workers import worker_config
+        from spoe_agent.workers import prefix_log_records, worker_config
 
         config = worker_config(config, args.worker_index)
+        prefix_log_records(f"worker {args.worker_index}: ")
     try:
         agent = _build_agent(args.app, config)
     except Exception as exc:  # a broken --app or tracing setup is a configuration problem
-        print(f"spoe-agent: cannot start: {exc}", file=sys.stderr)
+        _cannot_start(exc, args.worker_index)
         return EXIT_CONFIG
     from spoe_agent.runner import StartupError, run, tls_context
 
@@ -197,8 +198,19 @@ def main(argv: list[str] | None = None) -> int:
                          args.worker_index)
         return run(agent, config)
     except StartupError as exc:
-        print(f"spoe-agent: cannot start: {exc}", file=sys.stderr)
+        _cannot_start(exc, args.worker_index)
         return EXIT_STARTUP
+
+
+def _cannot_start(exc: Exception, worker_index: int | None) -> None:
+    """One process says it on stderr; a worker logs it, so that the line says which worker it
+    is and has the configured format (JSON), as the supervisor's next line about it does."""
+    if worker_index is None:
+        print(f"spoe-agent: cannot start: {exc}", file=sys.stderr)
+        return
+    from spoe_agent.logs import EVERY_TIME
+
+    logging.getLogger("spoe_agent").error("cannot start: %s", exc, extra=EVERY_TIME)
 
 
 def _build_agent(app_spec: str | None, config: Any) -> Any:

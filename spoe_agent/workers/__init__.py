@@ -117,7 +117,6 @@ def _run_worker(agent: Agent, config: AgentConfig, index: int) -> int:
             "spoe-agent: --worker-index is for the processes the supervisor starts; "
             "run with --workers N instead"
         ) from None
-    _prefix_log_records(f"worker {index}: ")
     listener = HandoffListener(fd, family, config.bind)
     # Before the first report: the supervisor asks only workers that reported for connections.
     gevent.signal_handler(GIVE_SIGNAL, listener.give)
@@ -151,7 +150,7 @@ def _run_worker(agent: Agent, config: AgentConfig, index: int) -> int:
             shutil.rmtree(runtime_dir, ignore_errors=True)
 
 
-def _prefix_log_records(prefix: str) -> None:
+def prefix_log_records(prefix: str) -> None:
     """Every line a worker logs says which worker it is: they share one stderr."""
     make_record = logging.getLogRecordFactory()
 

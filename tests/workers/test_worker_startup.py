@@ -7,6 +7,7 @@ error behind a restart loop, with a share of the sessions routed to a worker tha
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -20,7 +21,9 @@ from spoe_agent.workers.supervisor import runtime_dir
 from tests.support.procs import AgentProcess, free_port
 
 
-def test_a_worker_that_cannot_start_stops_the_start_with_its_reason(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_a_worker_that_cannot_start_stops_the_start_with_its_reason(tmp_path: Path,
+                                                                    fmt: str) -> None:
     while True:
         port = free_port()
         # Worker 0's metrics port must be free (a busy machine's connections take ports of
@@ -39,7 +42,7 @@ def test_a_worker_that_cannot_start_stops_the_start_with_its_reason(tmp_path: Pa
         break
     with taken:
         taken.listen()
-        agent = AgentProcess.launch(tmp_path, "--workers", "2",
+        agent = AgentProcess.launch(tmp_path, "--workers", "2", "--log-format", fmt,
                                     "--metrics", f"127.0.0.1:{port}", app=None)
         try:
             status = agent.process.wait(30)
@@ -48,7 +51,13 @@ def test_a_worker_that_cannot_start_stops_the_start_with_its_reason(tmp_path: Pa
             agent.process.stop()
     assert status == 1, logs  # the worker's own status: cannot start
     assert "restarting" not in logs, logs  # refused at once, no restart loop first
-    assert f"cannot serve metrics on 127.0.0.1:{port + 2}" in logs, logs
+    # Which worker, in the log's own format, as every line a worker logs (it was a bare print).
+    said = f"worker 1: cannot start: cannot serve metrics on 127.0.0.1:{port + 2}"
+    if fmt == "json":
+        lines = [json.loads(line) for line in agent.process.stderr_text().splitlines() if line]
+        assert any(line["msg"].startswith(said) for line in lines), logs
+    else:
+        assert said in logs, logs
     assert "worker 1 (pid" in logs and "could not start (status 1); stopping" in logs, logs
     assert "supervisor: stopped" in logs, logs
 
