@@ -41,10 +41,10 @@ import gevent
 from gevent.lock import Semaphore
 from gevent.monkey import get_original
 from gevent.pool import Pool
-from gevent.server import StreamServer
 from gevent.socket import socket as _GeventSocket
 
 from spoe_agent import build_description
+from spoe_agent.acceptor import AcceptingServer, warn_if_too_few_files
 from spoe_agent.busy_poll import BusyPoll
 from spoe_agent.config import AgentConfig, bind_text
 from spoe_agent.handler_pool import HandlerPool
@@ -321,7 +321,7 @@ class SpoaServer:
             config.max_connections, lambda: getattr(self._server, "socket", None),
             self._connections_blocked,
         )
-        self._server = StreamServer(listener, self._handle, spawn=self._pool)
+        self._server = AcceptingServer(listener, self._handle, spawn=self._pool)
         # A listener that hands out connections (--workers: workers.handoff) may also hand out
         # connections that other workers served, with their protocol state, and take some back.
         self._resumed_state: Callable[[int], dict[str, Any] | None] | None = getattr(
@@ -347,6 +347,7 @@ class SpoaServer:
         # Listening starts here, not when the socket was bound: a connection accepted by the
         # kernel means the whole agent (metrics, exporter) is up, which readiness checks rely on.
         self._server.socket.listen(BACKLOG)
+        warn_if_too_few_files(self.config.max_connections)
         self._server.start()
         if self.config.idle_timeout:
             gevent.spawn(self._sweep_idle, self.config.idle_timeout)

@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 from gevent.monkey import get_original
 
+from spoe_agent.acceptor import open_file_limit
+
 if TYPE_CHECKING:  # the server imports nothing from here; the worker wires them up
     from spoe_agent.server import SpoaServer
 
@@ -140,7 +142,7 @@ class HandoffListener:
     def _accept(self) -> tuple[int, Any]:
         while True:
             try:
-                data, fds, _, _ = socket.recv_fds(self._chan, _MSG, 4)
+                data, fds, flags, _ = socket.recv_fds(self._chan, _MSG, 4)
             except InterruptedError:
                 continue
             if not data and not fds:
@@ -154,6 +156,10 @@ class HandoffListener:
             for extra in fds[1:]:
                 os.close(extra)
             if not fds:
+                if flags & socket.MSG_CTRUNC:
+                    # The kernel closed it for us: HAProxy sees the connection reset.
+                    log.warning("a connection handed over was lost: no file descriptor left to "
+                                "receive it (open-file limit %s)", open_file_limit())
                 continue
             fd = fds[0]
             try:
