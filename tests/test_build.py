@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import ast
 import os
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -59,3 +61,33 @@ def test_version_names_the_build() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout == f"spoe-agent {spoe_agent.__version__} ({spoe_agent.build_description()})\n"
+
+
+def test_the_wheel_ships_every_module_the_type_marker_and_the_licence(tmp_path: Path) -> None:
+    """What `pip install .` puts in place: the package whole, ``py.typed`` (handlers and
+    protocol are a library too) and the licence the metadata names."""
+    env = {k: v for k, v in os.environ.items() if k != "SPOE_AGENT_MYPYC"}  # pure: faster
+    # A copy: pip builds in the tree, and a build/ left in the checkout would go into the next
+    # wheel tox builds from it.
+    source = tmp_path / "source"
+    shutil.copytree(REPO_ROOT / "spoe_agent", source / "spoe_agent",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    for name in ("setup.py", "setup.cfg", "pyproject.toml", "MANIFEST.in", "README.md",
+                 "LICENSE"):
+        shutil.copy2(REPO_ROOT / name, source / name)
+    out = tmp_path / "out"
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(source)],
+        capture_output=True, text=True, check=False, env=env, timeout=600)
+    assert built.returncode == 0, built.stdout + built.stderr
+    [wheel] = out.glob("spoe_agent-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        metadata = archive.read(next(n for n in names if n.endswith(".dist-info/METADATA")))
+    modules = {p.relative_to(REPO_ROOT).as_posix()
+               for p in (REPO_ROOT / "spoe_agent").rglob("*.py")}
+    assert modules <= names, sorted(modules - names)
+    assert "spoe_agent/py.typed" in names
+    assert any(n.endswith(".dist-info/licenses/LICENSE") or n.endswith(".dist-info/LICENSE")
+               for n in names), sorted(names)
+    assert b"License: Apache-2.0" in metadata or b"License-Expression: Apache-2.0" in metadata
