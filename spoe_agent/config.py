@@ -50,6 +50,10 @@ def parse_bind(text: str) -> str:
     if text.startswith("unix:"):
         if len(text) <= 5:
             raise ValueError("unix: needs a socket path")
+        if not text[5:].startswith("/"):
+            # Resolved against the working directory, which is / under systemd: the socket
+            # would not be where the configuration's author (or HAProxy's) looks for it.
+            raise ValueError(f"unix: needs an absolute path, got {text!r}")
         return text
     host, sep, port = text.rpartition(":")
     if not sep:
@@ -57,7 +61,7 @@ def parse_bind(text: str) -> str:
     if ":" in host and not (host.startswith("[") and host.endswith("]")):
         raise ValueError(f"write an IPv6 address in brackets, as [::1]:PORT; got {text!r}")
     host = host.strip("[]") or "0.0.0.0"
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    if not _DIGITS.fullmatch(port) or not 0 < int(port) < 65536:
         raise ValueError(f"port must be 1-65535, got {port!r}")
     return f"{host}:{int(port)}"
 
@@ -234,12 +238,16 @@ def _otlp_endpoint(text: str) -> str:
     return text
 
 
+#: An integer as people write one: int() would also take "16_384" and other scripts' digits.
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_DIGITS = re.compile(r"[0-9]+")
+
+
 def _int_range(low: int, high: int | None = None) -> Callable[[str], int]:
     def parse(text: str) -> int:
-        try:
-            value = int(str(text).strip())
-        except ValueError:
-            raise ValueError(f"expected an integer, got {text!r}") from None
+        if not _INTEGER.fullmatch(str(text).strip()):
+            raise ValueError(f"expected an integer, got {text!r}")
+        value = int(str(text).strip())
         if value < low or (high is not None and value > high):
             bound = f"between {low} and {high}" if high is not None else f">= {low}"
             raise ValueError(f"must be {bound}, got {value}")
@@ -618,9 +626,10 @@ class AgentConfig:
             except ValueError:
                 ratio = -1.0
             if not 0.0 <= ratio <= 1.0:
-                raise ConfigError(self.sources.get("sampler_arg", "sampler_arg"),
-                                  f"sampler_arg must be a ratio between 0 and 1, got "
-                                  f"{self.sampler_arg!r}")
+                where = self.sources.get("sampler_arg", "sampler_arg")
+                key = "" if where.startswith("environment variable") else "[tracing] sampler_arg: "
+                raise ConfigError(where, f"{key}expected a ratio between 0 and 1 for the "
+                                  f"{self.sampler} sampler, got {self.sampler_arg!r}")
 
 
     def _check_certificates(self) -> None:

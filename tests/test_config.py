@@ -307,8 +307,41 @@ def test_sampler_arg_is_ignored_by_samplers_without_a_ratio() -> None:
 
     config = load_config(env={"OTEL_TRACES_SAMPLER_ARG": "abc"})
     assert build_sampler(config.sampler, config.sampler_arg) is not None
-    with pytest.raises(ConfigError, match="OTEL_TRACES_SAMPLER_ARG: sampler_arg must be a ratio"):
+    with pytest.raises(ConfigError, match="OTEL_TRACES_SAMPLER_ARG: expected a ratio between 0 "
+                       "and 1 for the traceidratio sampler, got 'abc'"):
         load_config(env={"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "abc"})
+
+
+def test_an_ini_sampler_arg_is_refused_with_its_section_and_key(tmp_path: Path) -> None:
+    ini = tmp_path / "agent.ini"
+    ini.write_text("[tracing]\nsampler = traceidratio\nsampler_arg = 2\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config(str(ini), env={})
+    assert str(refused.value) == (f"{ini}:3: [tracing] sampler_arg: expected a ratio between 0 "
+                                  "and 1 for the traceidratio sampler, got '2'")
+
+
+@pytest.mark.parametrize("key, value", [
+    ("max_frame_size", "16_384"), ("max_frame_size", "\u0661\u0666\u0663\u0668\u0664"),
+    ("max_connections", "1e3"),
+])
+def test_integers_are_written_with_ascii_digits_only(tmp_path: Path, key: str,
+                                                     value: str) -> None:
+    """int() took "16_384" and other scripts' digits: a value that no other tool reads so."""
+    ini = tmp_path / "agent.ini"
+    ini.write_text(f"[listener]\n{key} = {value}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=f"{key}: expected an integer, got"):
+        load_config(str(ini), env={})
+
+
+@pytest.mark.parametrize("bind", ["unix:relative.sock", "unix:./x.sock", "unix:~/x.sock"])
+def test_a_unix_socket_path_must_be_absolute(tmp_path: Path, bind: str) -> None:
+    """Relative to the working directory, which is / under systemd."""
+    ini = tmp_path / "agent.ini"
+    ini.write_text(f"[listener]\nbind = {bind}\n")
+    with pytest.raises(ConfigError, match="agent.ini:2: .*unix: needs an absolute path"):
+        load_config(str(ini), env={})
+    assert parse_bind("unix:/run/spoe-agent.sock") == "unix:/run/spoe-agent.sock"
 
 
 @pytest.mark.parametrize(
