@@ -55,6 +55,13 @@ ENV_RUNTIME_DIR = "SPOE_AGENT_RUNTIME_DIR"
 ENV_CONFIG_FD = "SPOE_AGENT_CONFIG_FD"
 #: A worker that dies sooner than this after starting counts as crash-looping.
 STABLE_AFTER_S = 2.0
+#: A serving worker reports once a second (workers._REPORT_S). Silent this long, it gets no new
+#: connection; silent for HUNG_AFTER_S (stopped, or stuck in a loop that never yields), it is
+#: killed and replaced: HAProxy would otherwise wait on its connections, each event until
+#: `timeout processing`, for as long as it hangs, while the health check, which the other
+#: workers answer, stays green. Killing resets those connections; HAProxy reconnects.
+SILENT_AFTER_S = 2.5
+HUNG_AFTER_S = 5.0
 MAX_BACKOFF_S = 5.0
 _POLL_S = 0.05
 _FIRST_ACCEPT_WAIT_S = 10.0
@@ -93,7 +100,7 @@ class _Slot:
     """Worker ``index``: its current process and its restart history."""
 
     __slots__ = ("index", "proc", "started", "backoff", "restart_at", "restarts", "channel",
-                 "reported", "handed", "reader", "serving")
+                 "reported", "handed", "reader", "serving", "heard", "closing")
 
     def __init__(self, index: int) -> None:
         self.index = index
@@ -107,6 +114,8 @@ class _Slot:
         self.handed = 0  # connections handed over since that report
         self.reader: gevent.Greenlet | None = None
         self.serving = False  # it sent a report: it serves, its routing set up
+        self.heard = 0.0  # when it last wrote on its channel (a report, a connection handed back)
+        self.closing = False  # it closed its channel: stopping, not hung
 
     @property
     def load(self) -> int:
@@ -241,8 +250,8 @@ class Supervisor:
             theirs.close()
         slot.channel = ours
         slot.reported = slot.handed = 0
-        slot.serving = False
-        slot.started = time.monotonic()
+        slot.serving = slot.closing = False
+        slot.started = slot.heard = time.monotonic()
         slot.reader = gevent.spawn(self._read_reports, slot, ours)
         # Never rate-limited (logs.py): in a crash loop each start and death is the story, and
         # the backoff already bounds how often they come.
@@ -260,11 +269,15 @@ class Supervisor:
                     continue
                 except OSError:
                     data, fds = b"", []
+                if slot.channel is channel:
+                    slot.heard = time.monotonic()
                 if fds:
                     self._move(slot, data, fds[0])
                     continue
                 if not data:
-                    return  # the worker exited; _check notices and restarts it
+                    if slot.channel is channel:
+                        slot.closing = True
+                    return  # the worker is stopping or exited; _check notices and restarts it
                 count = read_report(data)
                 if count is not None and slot.channel is channel:
                     slot.reported, slot.handed = count, 0
@@ -299,9 +312,12 @@ class Supervisor:
 
     def _hand_over(self, conn: Any, address: Any, state: Any = None,
                    giver: _Slot | None = None) -> bool:
+        now = time.monotonic()
         for slot in sorted(self.slots, key=lambda s: s.load):
-            if slot.channel is None or slot is giver:
+            if slot.channel is None or slot is giver or slot.closing:
                 continue
+            if slot.serving and now - slot.heard > SILENT_AFTER_S:
+                continue  # hung, most likely (_check kills it): HAProxy would wait on it
             if (state is not None or giver is not None) and (
                     not slot.serving or slot.load >= self._share):
                 # A connection another worker served goes to one that serves it now: HAProxy
@@ -355,8 +371,12 @@ class Supervisor:
         while not self._hand_over(conn, address):
             if not waited:
                 waited = True
-                log.warning("every worker is at max_connections: new connections "
-                            "wait in the listen backlog")
+                if any(s.serving and not s.closing for s in self.slots):
+                    log.warning("every worker is at max_connections: new connections "
+                                "wait in the listen backlog")
+                else:
+                    log.warning("no worker is serving (restarting): new connections wait in "
+                                "the listen backlog")
             gevent.sleep(_FULL_RETRY_S)
 
     def _hand_over_then_close(self, conn: Any, address: Any) -> None:
@@ -391,6 +411,13 @@ class Supervisor:
                 if status is None:
                     if slot.backoff and now - slot.started > STABLE_AFTER_S:
                         slot.backoff = 0.0
+                    if slot.serving and not slot.closing and now - slot.heard > HUNG_AFTER_S:
+                        log.error(f"worker {slot.index} (pid %d) has not reported for %.1fs: "
+                                  "hung; killing it, its connections reset and HAProxy "
+                                  "reconnects to the others", proc.pid, now - slot.heard,
+                                  extra=EVERY_TIME)
+                        slot.closing = True  # killed once; its death is the usual restart
+                        proc.kill()
                     continue
                 lived = now - slot.started
                 slot.proc = None
