@@ -734,8 +734,7 @@ def load_ini(path: str, config: AgentConfig, raw: bytes | None = None) -> None:
                 raw = handle.read()
         except OSError as exc:
             raise ConfigError(path, f"cannot read config file: {exc.strerror or exc}") from None
-    raw_bytes = raw
-    config.config_bytes = raw_bytes
+    raw_bytes = config.config_bytes = raw
     try:
         # utf-8-sig: a byte-order mark (some Windows editors write one) is not a setting.
         text = raw_bytes.decode("utf-8-sig")

@@ -4,10 +4,11 @@ Workers are fresh interpreters (``python -c <boot> ... --worker-index i``), not 
 fork would copy a running gevent hub, the exporter's flush loop and the parent's sockets, which
 is how subtle shared-state bugs start. A worker runs the same code and the same configuration
 as the supervisor, whatever happens to the working directory or the ``-c`` file meanwhile
-(:meth:`Supervisor.worker_argv`, :data:`ENV_CONFIG_FD`). The supervisor alone listens and accepts, and hands each
-connection to the least loaded worker (:mod:`spoe_agent.workers.handoff` says why the kernel's
-own spreading is not good enough), so the address never stops accepting, even while a worker is
-being replaced: the connections it held reset, HAProxy reconnects, the others take them.
+(:meth:`Supervisor.worker_argv`, :data:`ENV_CONFIG_FD`). The supervisor alone listens and
+accepts, and hands each connection to the least loaded worker (:mod:`spoe_agent.workers.handoff`
+says why the kernel's own spreading is not good enough), so the address never stops accepting,
+even while a worker is being replaced: the connections it held reset, HAProxy reconnects, the
+others take them.
 
 A dead worker is restarted with the same index, so it owns the same sessions and listens on
 the same peer socket; if it keeps dying right after starting, restarts back off up to

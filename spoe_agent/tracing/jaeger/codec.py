@@ -18,7 +18,7 @@ from thrift.transport.TTransport import TMemoryBuffer
 
 try:
     from thrift.protocol import fastbinary as _fastbinary
-except ImportError:  # pragma: no cover - exercised in a subprocess (tests/tracing/test_jaeger.py)
+except ImportError:  # pragma: no cover - in a subprocess: tests/tracing/test_jaeger_without_c.py
     _fastbinary = None
 
 ACCELERATED = _fastbinary is not None
