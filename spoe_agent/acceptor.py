@@ -35,8 +35,9 @@ def warn_if_too_few_files(max_connections: int) -> None:
     limit = open_file_limit()
     if limit is not None and limit < max_connections + OWN_FILES:
         log.warning("the open-file limit (%d, ulimit -n) is below max_connections (%d) plus "
-                    "the ~%d files the agent holds itself: connections past it will wait in the "
-                    "listen backlog; raise it (systemd: LimitNOFILE=) or lower max_connections",
+                    "the ~%d files the agent holds itself: connections past it cannot be served "
+                    "(they wait in the listen backlog, or, with --workers, are reset when handed "
+                    "over); raise it (systemd: LimitNOFILE=) or lower max_connections",
                     limit, max_connections, OWN_FILES)
 
 

@@ -63,6 +63,13 @@ STABLE_AFTER_S = 2.0
 #: workers answer, stays green. Killing resets those connections; HAProxy reconnects.
 SILENT_AFTER_S = 2.5
 HUNG_AFTER_S = 5.0
+#: The supervisor checks its workers every _POLL_S; a check this late means it was not running
+#: itself (stopped, frozen with its cgroup, starved): its workers' reports wait unread in the
+#: channels, so their silence says nothing, and they get the full HUNG_AFTER_S again.
+_LATE_CHECK_S = 1.0
+#: A worker that is stopping on its own (it closed its channel) and still runs after this long
+#: is killed: stopping takes SHUTDOWN_TIMEOUT at most, plus its flush.
+STOPPING_AT_MOST_S = SHUTDOWN_TIMEOUT + 10.0
 MAX_BACKOFF_S = 5.0
 _POLL_S = 0.05
 _FIRST_ACCEPT_WAIT_S = 10.0
@@ -101,7 +108,8 @@ class _Slot:
     """Worker ``index``: its current process and its restart history."""
 
     __slots__ = ("index", "proc", "started", "backoff", "restart_at", "restarts", "channel",
-                 "reported", "handed", "reader", "serving", "heard", "closing")
+                 "reported", "handed", "reader", "serving", "heard", "closing",
+                 "closing_since")
 
     def __init__(self, index: int) -> None:
         self.index = index
@@ -116,7 +124,8 @@ class _Slot:
         self.reader: gevent.Greenlet | None = None
         self.serving = False  # it sent a report: it serves, its routing set up
         self.heard = 0.0  # when it last wrote on its channel (a report, a connection handed back)
-        self.closing = False  # it closed its channel: stopping, not hung
+        self.closing = False  # it closed its channel (stopping, not hung), or it was killed
+        self.closing_since = 0.0
 
     @property
     def load(self) -> int:
@@ -138,6 +147,7 @@ class Supervisor:
         self._failed = 0  # a worker's exit status, when one could not start
         self._all_serving = Event()
         self._next_rebalance = 0.0
+        self._last_check = 0.0
         # A worker's share of max_connections (workers.worker_config): it accepts no more.
         self._share = max(1, -(-config.max_connections // config.workers))
 
@@ -276,8 +286,9 @@ class Supervisor:
                     self._move(slot, data, fds[0])
                     continue
                 if not data:
-                    if slot.channel is channel:
+                    if slot.channel is channel and not slot.closing:
                         slot.closing = True
+                        slot.closing_since = time.monotonic()
                     return  # the worker is stopping or exited; _check notices and restarts it
                 count = read_report(data)
                 if count is not None and slot.channel is channel:
@@ -317,7 +328,8 @@ class Supervisor:
         for slot in sorted(self.slots, key=lambda s: s.load):
             if slot.channel is None or slot is giver or slot.closing:
                 continue
-            if slot.serving and now - slot.heard > SILENT_AFTER_S:
+            if (slot.serving and now - slot.heard > SILENT_AFTER_S
+                    and now - self._last_check < _LATE_CHECK_S):
                 continue  # hung, most likely (_check kills it): HAProxy would wait on it
             if (state is not None or giver is not None) and (
                     not slot.serving or slot.load >= self._share):
@@ -372,12 +384,14 @@ class Supervisor:
         while not self._hand_over(conn, address):
             if not waited:
                 waited = True
-                if any(s.serving and not s.closing for s in self.slots):
+                now = time.monotonic()
+                if any(s.serving and not s.closing and now - s.heard <= SILENT_AFTER_S
+                       for s in self.slots):
                     log.warning("every worker is at max_connections: new connections "
                                 "wait in the listen backlog")
                 else:
-                    log.warning("no worker is serving (restarting): new connections wait in "
-                                "the listen backlog")
+                    log.warning("no worker is serving (restarting, or silent: hung?): new "
+                                "connections wait in the listen backlog")
             gevent.sleep(_FULL_RETRY_S)
 
     def _hand_over_then_close(self, conn: Any, address: Any) -> None:
@@ -405,6 +419,10 @@ class Supervisor:
 
     def _check(self) -> None:
         now = time.monotonic()
+        if self._last_check and now - self._last_check > _LATE_CHECK_S:
+            for slot in self.slots:  # we were not running: their reports are still unread
+                slot.heard = max(slot.heard, now)
+        self._last_check = now
         for slot in self.slots:
             proc = slot.proc
             if proc is not None:
@@ -417,7 +435,13 @@ class Supervisor:
                                   "hung; killing it, its connections reset and HAProxy "
                                   "reconnects to the others", proc.pid, now - slot.heard,
                                   extra=EVERY_TIME)
-                        slot.closing = True  # killed once; its death is the usual restart
+                        slot.closing, slot.closing_since = True, now
+                        proc.kill()  # its death is then the usual restart
+                    elif slot.closing and now - slot.closing_since > STOPPING_AT_MOST_S:
+                        log.error(f"worker {slot.index} (pid %d) has been stopping for %.0fs; "
+                                  "killing it", proc.pid, now - slot.closing_since,
+                                  extra=EVERY_TIME)
+                        slot.closing_since = now  # once per bound, should SIGKILL not do
                         proc.kill()
                     continue
                 lived = now - slot.started

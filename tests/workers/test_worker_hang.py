@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from spoe_agent.protocol import codec
 from spoe_agent.protocol.types import Message
-from spoe_agent.workers.supervisor import HUNG_AFTER_S, SILENT_AFTER_S
+from spoe_agent.workers.supervisor import HUNG_AFTER_S, SILENT_AFTER_S, STOPPING_AT_MOST_S
 from tests.hardening.support import SLOW_APP, notify_ok
 from tests.support.procs import AgentProcess, wait_until
 from tests.support.spop_client import SpopClient
@@ -87,4 +87,56 @@ def test_a_worker_stopping_slowly_is_not_taken_for_a_hung_one(
             client.close()
     wait_until(lambda: "exited with status 0" in agent.logs(), timeout=20,
                what="the workers' clean exit")
+    assert "has not reported" not in agent.logs(), agent.describe_logs()
+
+
+def test_workers_are_not_taken_for_hung_when_the_supervisor_was_not_running(
+    spoe_agent: Callable[..., AgentProcess],
+) -> None:
+    """The supervisor stopped (or the whole agent frozen, as `docker pause` does): its
+    workers' reports waited unread, and it killed both as hung the moment it ran again."""
+    agent = spoe_agent("--workers", "2", app=SLOW_APP)
+    _wait_ready(agent)
+    pids = worker_pids(agent.process.pid)
+    os.kill(agent.process.pid, signal.SIGSTOP)
+    try:
+        time.sleep(HUNG_AFTER_S + 2)
+    finally:
+        os.kill(agent.process.pid, signal.SIGCONT)
+    time.sleep(2)
+    assert worker_pids(agent.process.pid) == pids, agent.describe_logs()
+    assert "has not reported" not in agent.logs(), agent.describe_logs()
+    with SpopClient((agent.host, agent.port), timeout=5) as client:
+        client.handshake()
+        notify_ok(client, 1, [Message("inline", [("v", 1)])])
+
+
+def test_a_worker_that_never_finishes_stopping_is_killed_and_replaced(
+    spoe_agent: Callable[..., AgentProcess],
+) -> None:
+    """Told to stop, then stopped itself (SIGSTOP): it closed its channel, so it is not taken
+    for hung, but it must not hold its slot, and HAProxy's connections, for good."""
+    agent = spoe_agent("--workers", "2", app=SLOW_APP)
+    _wait_ready(agent)
+    stuck = worker_pids(agent.process.pid)[1]
+    clients = [SpopClient((agent.host, agent.port), timeout=60) for _ in range(2)]
+    try:
+        for i, client in enumerate(clients):  # one connection each: its stop waits for a nap
+            client.handshake()
+            client.send(codec.notify(1, 1, [Message("nap", [("ms", 60_000), ("id", i)])]))
+        time.sleep(0.5)
+        os.kill(stuck, signal.SIGTERM)
+        wait_until(lambda: "worker 1: shutting down" in agent.logs(), timeout=5,
+                   what="worker 1 stopping")
+        os.kill(stuck, signal.SIGSTOP)
+        wait_until(lambda: worker_pids(agent.process.pid).get(1) not in (None, stuck),
+                   timeout=STOPPING_AT_MOST_S + 10, what="worker 1 replaced")
+    finally:
+        for client in clients:
+            client.close()
+        try:
+            os.kill(stuck, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    assert f"worker 1 (pid {stuck}) has been stopping for" in agent.logs(), agent.describe_logs()
     assert "has not reported" not in agent.logs(), agent.describe_logs()
