@@ -67,8 +67,8 @@ HUNG_AFTER_S = 5.0
 #: itself (stopped, frozen with its cgroup, starved): its workers' reports wait unread in the
 #: channels, so their silence says nothing, and they get the full HUNG_AFTER_S again.
 _LATE_CHECK_S = 1.0
-#: A worker that is stopping on its own (it closed its channel) and still runs after this long
-#: is killed: stopping takes SHUTDOWN_TIMEOUT at most, plus its flush.
+#: A worker that is stopping (it closed its channel) and still runs after this long is killed,
+#: whoever stopped it: stopping takes SHUTDOWN_TIMEOUT at most, plus its flush.
 STOPPING_AT_MOST_S = SHUTDOWN_TIMEOUT + 10.0
 MAX_BACKOFF_S = 5.0
 _POLL_S = 0.05
@@ -421,7 +421,7 @@ class Supervisor:
         now = time.monotonic()
         if self._last_check and now - self._last_check > _LATE_CHECK_S:
             for slot in self.slots:  # we were not running: their reports are still unread
-                slot.heard = max(slot.heard, now)
+                slot.heard = now
         self._last_check = now
         for slot in self.slots:
             proc = slot.proc
@@ -482,7 +482,7 @@ class Supervisor:
                 proc.send_signal(signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        deadline = time.monotonic() + SHUTDOWN_TIMEOUT + 10.0
+        deadline = time.monotonic() + STOPPING_AT_MOST_S
         for proc in running:
             try:
                 proc.wait(max(0.1, deadline - time.monotonic()))
