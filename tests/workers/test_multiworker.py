@@ -44,6 +44,7 @@ from tests.integration.tracing_support import (
 )
 from tests.support.haproxy import HAProxy
 from tests.support.procs import AgentProcess, free_port
+from tests.support.spop_client import SpopClient
 from tests.workers.spop_tap import SpopTap
 
 pytestmark = pytest.mark.haproxy
@@ -199,17 +200,30 @@ def worker_pids(supervisor: int) -> dict[int, int]:
     return out
 
 
-def wait_workers_ready(agent: AgentProcess, workers: int, timeout: float = 20.0) -> None:
+def wait_workers_ready(agent: AgentProcess, workers: int, timeout: float = 20.0,
+                       line: str = "routing sessions as worker") -> None:
+    """Until each worker logged ``line``: the tracing agent's routing is set up (an app
+    without routing: wait for ``spoe-agent listening``)."""
     if workers == 1:
         return  # a single process: ready when it listens, which the fixture waited for
     deadline = time.monotonic() + timeout
     while True:
-        ready = set(re.findall(r"worker (\d+): routing sessions as worker", agent.logs()))
+        ready = set(re.findall(rf"worker (\d+): {line}", agent.logs()))
         if len(ready) == workers:
             return
         assert agent.process.running, agent.describe_logs()
         assert time.monotonic() < deadline, f"workers ready: {ready}\n{agent.describe_logs()}"
         time.sleep(0.05)
+
+
+def wait_workers_serving(agent: AgentProcess, workers: int) -> None:
+    """Until the supervisor counts every worker as serving (each sent its first report), which
+    a worker's own log lines come before: until then the supervisor accepts nothing (for up
+    to 10 s), so a HELLO answered sooner says it; and a worker killed before it counts stops
+    the agent's start instead of being replaced."""
+    wait_workers_ready(agent, workers, line="spoe-agent listening")
+    with SpopClient((agent.host, agent.port), timeout=8) as client:
+        client.handshake()
 
 
 # ------------------------------------------------------------------------------------ load

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tests.support.procs import AgentProcess, ManagedProcess, free_port, wait_until
 from tests.support.spop_client import SpopClient
-from tests.workers.test_multiworker import wait_workers_ready, worker_pids
+from tests.workers.test_multiworker import wait_workers_serving, worker_pids
 
 # The supervisor itself must not import from its working directory either: -c with the
 # directory dropped from sys.path, as the console script does.
@@ -62,7 +62,7 @@ def test_a_restarted_worker_runs_the_configuration_the_agent_started_with(
     ini = tmp_path / "agent.ini"
     ini.write_text("[logging]\nformat = text\n")
     agent = spoe_agent("-c", str(ini), "--workers", "2", app=None)
-    wait_workers_ready(agent, 2)
+    wait_workers_serving(agent, 2)
     # Edited for the next start (JSON logs), then gone altogether: neither is this run's.
     ini.write_text("[logging]\nformat = json\n")
     old = worker_pids(agent.process.pid)[1]

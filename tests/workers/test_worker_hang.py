@@ -20,24 +20,18 @@ from spoe_agent.workers.supervisor import HUNG_AFTER_S, SILENT_AFTER_S, STOPPING
 from tests.hardening.support import SLOW_APP, notify_ok
 from tests.support.procs import AgentProcess, wait_until
 from tests.support.spop_client import SpopClient
-from tests.workers.test_multiworker import worker_pids
+from tests.workers.test_multiworker import wait_workers_serving, worker_pids
 
 
 def _listening(agent: AgentProcess, index: int) -> int:
     return agent.logs().count(f"worker {index}: spoe-agent listening")
 
 
-def _wait_ready(agent: AgentProcess) -> None:
-    wait_until(lambda: _listening(agent, 0) and _listening(agent, 1), timeout=20,
-               what="both workers listening")
-    time.sleep(1.5)  # their first reports: the supervisor counts them as serving
-
-
 def test_a_stopped_worker_gets_no_new_connection_and_is_replaced(
     spoe_agent: Callable[..., AgentProcess],
 ) -> None:
     agent = spoe_agent("--workers", "2", app=SLOW_APP)
-    _wait_ready(agent)
+    wait_workers_serving(agent, 2)
     hung = worker_pids(agent.process.pid)[0]
     os.kill(hung, signal.SIGSTOP)
     try:
@@ -67,7 +61,7 @@ def test_a_worker_stopping_slowly_is_not_taken_for_a_hung_one(
     """A worker told to stop closes its channel at once and reports no more, while it waits
     for its handlers (up to the shutdown timeout): that is not a hang."""
     agent = spoe_agent("--workers", "2", app=SLOW_APP)
-    _wait_ready(agent)
+    wait_workers_serving(agent, 2)
     pids = worker_pids(agent.process.pid)
     clients = [SpopClient((agent.host, agent.port), timeout=30) for _ in range(2)]
     try:
@@ -96,7 +90,7 @@ def test_workers_are_not_taken_for_hung_when_the_supervisor_was_not_running(
     """The supervisor stopped (or the whole agent frozen, as `docker pause` does): its
     workers' reports waited unread, and it killed both as hung the moment it ran again."""
     agent = spoe_agent("--workers", "2", app=SLOW_APP)
-    _wait_ready(agent)
+    wait_workers_serving(agent, 2)
     pids = worker_pids(agent.process.pid)
     os.kill(agent.process.pid, signal.SIGSTOP)
     try:
@@ -117,7 +111,7 @@ def test_a_worker_that_never_finishes_stopping_is_killed_and_replaced(
     """Told to stop, then stopped itself (SIGSTOP): it closed its channel, so it is not taken
     for hung, but it must not hold its slot, and HAProxy's connections, for good."""
     agent = spoe_agent("--workers", "2", app=SLOW_APP)
-    _wait_ready(agent)
+    wait_workers_serving(agent, 2)
     stuck = worker_pids(agent.process.pid)[1]
     clients = [SpopClient((agent.host, agent.port), timeout=60) for _ in range(2)]
     try:

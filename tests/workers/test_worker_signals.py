@@ -75,10 +75,7 @@ def test_a_second_signal_to_the_supervisor_stops_the_workers_at_once(
     spoe_agent: Callable[..., AgentProcess],
 ) -> None:
     agent = spoe_agent("--workers", "2", app=SLOW_APP)
-    deadline = time.monotonic() + 20
-    while len(set(re.findall(r"worker (\d+): spoe-agent listening", agent.logs()))) < 2:
-        assert agent.process.running and time.monotonic() < deadline, agent.describe_logs()
-        time.sleep(0.05)
+    wait_workers_ready(agent, 2, line="spoe-agent listening")
     pids = list(worker_pids(agent.process.pid).values())
     with SpopClient((agent.host, agent.port), timeout=15) as client:
         client.handshake()
