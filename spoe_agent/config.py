@@ -565,10 +565,18 @@ class AgentConfig:
         (a bind address this machine does not have): ``agent.ini:2``, ``command line``..."""
         return self.sources.get(attr, "the default")
 
+    @property
+    def sdk_disabled(self) -> bool:
+        """Whether OTEL_SDK_DISABLED=true turned export off (a ``--exporter`` flag wins over it).
+
+        Not the same as ``exporter = none``, which still makes spans whose ids HAProxy hands
+        on, as an SDK without an exporter does: a disabled SDK hands on what came in."""
+        return self.sources.get("exporter") == _SDK_DISABLED
+
     def exporter_text(self) -> str:
         """The exporter as ``--check`` and the start-up log name it: an operator who set one
         must see why it is ``none`` when OTEL_SDK_DISABLED turned it off."""
-        if self.sources.get("exporter") == _SDK_DISABLED:
+        if self.sdk_disabled:
             return f"{self.exporter} (OTEL_SDK_DISABLED=true)"
         return self.exporter
 
@@ -807,8 +815,8 @@ def load_env(env: Mapping[str, str], config: AgentConfig) -> None:
             config.sources[option.attr] = f"environment variable {name}"
             break
     # OpenTelemetry's switch for the whole SDK. A disabled SDK still propagates what it
-    # extracted; here the spans are still made (their ids are what HAProxy injects downstream,
-    # so the services' traces keep their trace id and sampling) but nothing is exported. The
+    # extracted: the agent hands on the incoming context unchanged (``sdk_disabled``) and
+    # exports nothing; its spans are still made, for its metrics. The
     # specification reads any value but "true" as false; a value that is neither true nor false
     # is refused instead, as every other bad value is, since "1" or "yes" surely meant true.
     disabled = env.get("OTEL_SDK_DISABLED", "").strip().lower()

@@ -107,6 +107,9 @@ class TracingAgent(Agent):
             max_spans_per_session=config.max_spans_per_session,
             max_attr_len=config.max_attribute_length,
             span_records=records,
+            # OTEL_SDK_DISABLED: the services behind it join the incoming context, as they
+            # would behind OpenTelemetry's API with no SDK.
+            pass_through=config.sdk_disabled,
         )
         self._expiry: gevent.Greenlet | None = None
         # Set by a --workers worker (spoe_agent.workers.mesh.PeerMesh): sends each command to

@@ -33,6 +33,7 @@ from opentelemetry.sdk.trace.id_generator import IdGenerator
 from opentelemetry.sdk.trace.sampling import Sampler
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import (
+    INVALID_SPAN_CONTEXT,
     Link,
     NonRecordingSpan,
     SpanContext,
@@ -126,6 +127,7 @@ def _span_context_factory() -> Callable[[int, int, TraceFlags, TraceState], Span
 
 
 _tuple_new: Final = tuple.__new__
+_INVALID_CONTEXT: Final = INVALID_SPAN_CONTEXT
 _MAX_PARENT_WALK: Final = 1024
 _new_context: Final = _span_context_factory()
 
@@ -146,7 +148,8 @@ def _descends(span: _Span, ancestor: _Span) -> bool:
 def _remote_context(
     trace_id: int, span_id: int, flags: TraceFlags, trace_state: TraceState
 ) -> SpanContext:
-    """The incoming parent again, rebuilt for a ReadableSpan (rare: the SDK exporters' path)."""
+    """The incoming parent again: rebuilt for a ReadableSpan (rare: the SDK exporters' path), or
+    to be handed on as it came (``pass_through``)."""
     return SpanContext(trace_id, span_id, True, flags, trace_state)
 # ReadableSpan's parameters, in order: passing them positionally halves its construction cost.
 _POSITIONAL_READABLE_SPAN = list(inspect.signature(ReadableSpan.__init__).parameters)[1:14] == [
@@ -361,9 +364,16 @@ class SessionRegistry:
         max_spans_per_session: int = 64,
         max_attr_len: int = 4096,
         span_records: bool = False,
+        pass_through: bool = False,
     ) -> None:
         """``span_records`` makes ``emit`` receive :class:`SpanRecord` tuples rather than SDK
-        ``ReadableSpan`` objects: only for an exporter that declares ``accepts_span_records``."""
+        ``ReadableSpan`` objects: only for an exporter that declares ``accepts_span_records``.
+
+        ``pass_through`` is for a disabled SDK (``OTEL_SDK_DISABLED=true``): an inject then hands
+        on the context that came in, as OpenTelemetry's API does without an SDK, and no trace
+        context when none came (baggage still). The spans' own ids would name parents that no
+        backend ever receives: the services' spans would hang under a missing span instead of
+        under the client's."""
         if max_sessions < 1:
             raise ValueError("max_sessions must be at least 1")
         self._emit = emit
@@ -374,6 +384,7 @@ class SessionRegistry:
             self._emit_record if span_records else self._emit_readable
         )
         self._propagator = propagator
+        self._pass_through = pass_through
         self._sampler = sampler
         self._span_id: Callable[[], int]
         self._trace_id: Callable[[], int]
@@ -763,7 +774,16 @@ class SessionRegistry:
         if session.trace_id is None:
             self._fix(session, None, None)
         try:
-            carrier = inject_vars(self._propagator, self._ctx(session, span), session.baggage)
+            if self._pass_through:
+                context = _INVALID_CONTEXT
+                if session.remote_id:
+                    trace_id = session.trace_id
+                    assert trace_id is not None
+                    context = _remote_context(trace_id, session.remote_id,
+                                              TraceFlags(session.remote_flags), session.trace_state)
+            else:
+                context = self._ctx(session, span)
+            carrier = inject_vars(self._propagator, context, session.baggage)
         except Exception:
             self.stats["inject_error"] += 1
             return

@@ -74,29 +74,45 @@ def test_jaeger_console_and_none_exporters() -> None:
 
 
 @pytest.mark.parametrize("disabled", ["false", "true"])
-def test_a_disabled_sdk_exports_nothing_and_still_injects(disabled: str) -> None:
-    """OTEL_SDK_DISABLED=true: HAProxy still gets its trace context (the services behind it
-    keep their traces), the collector gets no span. ``false`` is the control: the same spans
-    reach the same receiver."""
+def test_a_disabled_sdk_exports_nothing_and_hands_on_the_incoming_context(disabled: str) -> None:
+    """OTEL_SDK_DISABLED=true: the collector gets no span, and HAProxy gets the client's
+    context back unchanged (the services behind it join the client's span, as behind
+    OpenTelemetry's API with no SDK, not a HAProxy span nobody receives), baggage included;
+    with no incoming context, no trace context at all. ``false`` is the control: the same
+    spans reach the receiver and the inject names HAProxy's own span."""
+    client = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     with JaegerReceiver(udp_addr=("127.0.0.1", 0), http_addr=None, quiet_s=0.2) as receiver:
         host, port = receiver.udp_address
         agent = TracingAgent(load_config(env={
             "OTEL_EXPORTER_JAEGER_AGENT_HOST": str(host),
             "OTEL_EXPORTER_JAEGER_AGENT_PORT": str(port), "OTEL_SDK_DISABLED": disabled}))
         try:
-            actions = agent.handle(Message("m", [
+            joined = agent.handle(Message("m", [
                 ("id", "s1"), ("service", "edge"), ("span", "HAProxy session"),
+                ("traceparent", client), ("tracestate", "k=v"), ("baggage", "user=7"),
                 ("inject", "HAProxy session")]))
             agent.handle(Message("m", [("id", "s1"), ("finish", "*")]))
+            alone = agent.handle(Message("m", [
+                ("id", "s2"), ("span", "HAProxy session"), ("inject", "HAProxy session")]))
+            agent.handle(Message("m", [("id", "s2"), ("finish", "*")]))
         finally:
             agent.stop()  # flushes the queue to the receiver
-        assert actions and any(a.name == "traceparent" for a in actions), actions
+        joined_vars = {a.name: a.value for a in joined}
+        alone_vars = {a.name: a.value for a in alone}
+        assert joined_vars["baggage"] == "user=7", joined_vars
         if disabled == "true":
+            assert joined_vars["traceparent"] == client, joined_vars
+            assert joined_vars["tracestate"] == "k=v", joined_vars
+            assert "traceparent" not in alone_vars, alone_vars
             assert not receiver.wait_for(lambda spans: bool(spans), timeout=1.0)
             assert receiver.spans == []
         else:
+            trace, parent = client.split("-")[1:3]
+            assert joined_vars["traceparent"].split("-")[1] == trace
+            assert joined_vars["traceparent"].split("-")[2] != parent, joined_vars
+            assert alone_vars["traceparent"].startswith("00-"), alone_vars
             assert receiver.wait_for(
-                lambda spans: [s.operation_name for s in spans] == ["HAProxy session"],
+                lambda spans: sorted(s.operation_name for s in spans) == ["HAProxy session"] * 2,
                 timeout=10)
 
 
