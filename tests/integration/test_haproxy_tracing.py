@@ -106,6 +106,7 @@ def tracing(
         spoe_text: str | None = None,
         frontend_lines: Sequence[str] = (),
         forward_headers: Sequence[tuple[str, str]] = (),
+        backend_lines: Sequence[str] = (),
     ) -> Tracing:
         args: list[str] = []
         if agent_ini is not None:
@@ -126,6 +127,7 @@ def tracing(
                 spoe_path="{tmp}/spoe.cfg" if spoe_text is not None else REFERENCE_SPOE_CFG,
                 frontend_lines=frontend_lines,
                 forward_headers=forward_headers,
+                backend_lines=backend_lines,
             )
             hap = haproxy(config, spoe_text, name=service)
             hap.wait_server_status("spoe-agents", "agent1", "UP", timeout=15)
@@ -557,6 +559,19 @@ def b3_spoe_config() -> str:
     return text.replace(anchor, anchor + b3)
 
 
+#: The README's lines for B3 ("Other propagation formats"): the spoe.cfg arguments every
+#: B3 form needs (OpenTelemetry's B3 propagators read the single header first, whichever they
+#: write) and, in the backend, the forms a client sent dropped before HAProxy's are set.
+B3_ARGS = (
+    "    args b3=req.fhdr(b3) x-b3-traceid=req.fhdr(x-b3-traceid) x-b3-spanid=req.fhdr(x-b3-spanid)\n"
+    "    args x-b3-sampled=req.fhdr(x-b3-sampled) x-b3-flags=req.fhdr(x-b3-flags)\n"
+)
+B3_MULTI_BACKEND = [
+    f"http-request del-header {header} if {{ var(txn.trace.x_b3_traceid) -m found }}"
+    for header in ("b3", "x-b3-parentspanid", "x-b3-flags")
+]
+
+
 def test_b3_multi_header_propagation(tracing: TracingFactory) -> None:
     t = tracing(
         otel={"OTEL_PROPAGATORS": "b3multi"}, spoe_text=b3_spoe_config(), forward_headers=B3_HEADERS
@@ -578,5 +593,37 @@ def test_b3_multi_header_propagation(tracing: TracingFactory) -> None:
     assert "traceparent" not in seen.headers
     assert seen.headers.get("x-b3-traceid") == caller_trace
     assert seen.headers.get("x-b3-spanid") == named["Backend HTTP request"].span_id
+    assert seen.headers.get("x-b3-sampled") == "1"
+    assert_agent_log_clean(t.agent)
+
+
+def test_a_client_b3_header_joins_and_is_replaced_at_every_hop(tracing: TracingFactory) -> None:
+    """A client's single ``b3`` header with ``b3multi`` on two hops: the first hop joins it,
+    and neither the second hop nor the service reads it again (they read HAProxy's
+    ``x-b3-*``): one trace, each hop under the previous hop's CLIENT span. Without the
+    README's ``del-header`` lines the stale ``b3``, which B3 readers prefer, made the second
+    hop and the service join the client's span."""
+    text = REFERENCE_SPOE_CFG.read_text()
+    anchor = "    args baggage=req.fhdr(baggage)\n"
+    assert anchor in text, "the reference spoe.cfg changed: update this test's variant"
+    t = tracing(
+        hops=2, otel={"OTEL_PROPAGATORS": "b3multi"}, spoe_text=text.replace(anchor, anchor + B3_ARGS),
+        forward_headers=B3_HEADERS, backend_lines=B3_MULTI_BACKEND,
+    )
+    caller_trace, caller_span = "80f198ee56343ba864fe8b2a57d3eff7", "e457b5a2e4d86bd1"
+    reply = t.get("/b3-single", {"b3": f"{caller_trace}-{caller_span}-1"})
+    assert reply.status == 200
+    assert "x-trace-error" not in reply.headers
+
+    spans = wait_trace(t.receiver, caller_trace, 18)
+    hop1 = assert_reference_tree([s for s in spans if s.service_name == "hop-1"], "hop-1")
+    hop2 = assert_reference_tree([s for s in spans if s.service_name == "hop-2"], "hop-2")
+    assert hop1[ROOT].parent_span_id == caller_span, describe(spans)
+    assert hop2[ROOT].parent_span_id == hop1["Backend HTTP request"].span_id, describe(spans)
+
+    (seen,) = t.origin.requests
+    assert "b3" not in seen.headers, seen.headers
+    assert seen.headers.get("x-b3-traceid") == caller_trace
+    assert seen.headers.get("x-b3-spanid") == hop2["Backend HTTP request"].span_id
     assert seen.headers.get("x-b3-sampled") == "1"
     assert_agent_log_clean(t.agent)

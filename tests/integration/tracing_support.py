@@ -83,11 +83,13 @@ def hop_config(
     spoe_path: str | os.PathLike[str] = REFERENCE_SPOE_CFG,
     frontend_lines: Sequence[str] = (),
     forward_headers: Sequence[tuple[str, str]] = (),
+    backend_lines: Sequence[str] = (),
 ) -> str:
     """One traced HAProxy hop, as devenv/conf/haproxy-1.conf wires the reference config.
 
     ``forward_headers`` are extra ``(header, variable)`` pairs copied from ``txn.trace.*`` to the
-    forwarded request, for propagation formats other than W3C. The response exposes the trace
+    forwarded request, for propagation formats other than W3C; ``backend_lines`` go before
+    them (the README's ``del-header`` lines for those formats). The response exposes the trace
     id the agent injected and HAProxy's SPOE error variable, so a test sees both per request.
     """
     forwards = [
@@ -107,7 +109,7 @@ def hop_config(
         " if { var(txn.trace.traceparent) -m found }\n"
         "    http-request del-header tracestate if { var(txn.trace_id) -m found }"
         " !{ req.fhdr(traceparent),field(2,-),strcmp(txn.trace_id) eq 0 }\n"
-    ) + forward_lines
+    ) + "".join(f"    {line}\n" for line in backend_lines) + forward_lines
     extra = "".join(f"    {line}\n" for line in frontend_lines)
     return f"""\
 global
