@@ -182,6 +182,7 @@ STAT_KEYS = (
     "unknown_session",
     "late_message",
     "unknown_parent",
+    "parent_loop",
     "unknown_span",
     "inject_unknown",
     "no_span_selected",
@@ -547,6 +548,11 @@ class SessionRegistry:
                         first = session.first
                         if first is not None and not _descends(first, sel):
                             sel.parent = first
+                    continue
+                if _descends(parent, sel):
+                    # Below ``sel`` already (m1: B child-of A, then m2: A child-of B): a loop
+                    # would leave the trace without a root. The earlier line stands.
+                    self.stats["parent_loop"] += 1
                     continue
                 sel.parent = parent
                 if code == OP_FOLLOWS_FROM:

@@ -436,6 +436,24 @@ def test_a_span_whose_parent_is_unknown_hangs_under_the_sessions_first_span() ->
     assert h.reg.stats["unknown_parent"] == 2
 
 
+def test_a_parent_line_that_would_close_a_loop_is_ignored_and_counted() -> None:
+    """m1: B child-of A; m2: A child-of B. Taken as written, A and B were each other's parent
+    and the trace had no root (black-box run, nothing counted or logged); the first line
+    stands and the second is counted as ``parent_loop``, as is a span made its own grandparent."""
+    h = Harness()
+    h.send(("id", "s"), ("span", "A"), ("span", "B"), ("child-of", "A"),
+           ("span", "C"), ("follows-from", "B"))
+    h.send(("id", "s"), ("span", "A"), ("child-of", "B"), ("span", "A"), ("follows-from", "C"))
+    h.send(("id", "s"), ("finish", "*"))
+    spans = h.by_name()
+    assert spans["A"].parent is None
+    assert spans["B"].parent == spans["A"].context
+    assert spans["C"].parent == spans["B"].context
+    assert not spans["A"].links
+    assert h.reg.stats["parent_loop"] == 2
+    assert h.reg.stats["unknown_parent"] == 0
+
+
 def test_root_is_child_of_context_extracted_in_a_later_message() -> None:
     h = Harness()
     h.send(("id", "s"), ("span", "root"))
