@@ -283,6 +283,28 @@ def test_errors_after_hello(data: bytes, status: Status) -> None:
     assert disconnect_status(conn.data_to_send())[0] == status
 
 
+def test_a_message_of_256_arguments_as_haproxy_sends_it_says_what_to_fix() -> None:
+    """HAProxy writes a message's argument count in one byte: 256 arguments (``id``, ``ts``,
+    ``span`` and 253 more, as a user reaching for many tags writes) go out with a count of 0,
+    and the rest reads as the next messages. The frame is refused as any malformed one is
+    (status 4), and the reason, logged and sent, names the likely cause (black-box run)."""
+    args = [("id", "0f8a6c1e-1"), ("ts", 1_764_000_000_000_000), ("span", "HAProxy session")]
+    args += [("tag", f"k{i}") if i % 2 == 0 else ("", i) for i in range(253)]
+    payload = (codec.encode_name("m") + bytes((len(args) % 256,)) + b"".join(
+        codec.encode_name(k) + codec.encode_typed(v) for k, v in args))
+    conn = ready()
+    event = conn.receive_data(codec.encode_frame(FrameType.NOTIFY, 1, 1, payload))[0]
+    assert isinstance(event, ProtocolViolation) and event.status == Status.INVALID_FRAME
+    assert "more than 255 arguments" in event.message
+    status, message = disconnect_status(conn.data_to_send())
+    assert status == Status.INVALID_FRAME and "more than 255 arguments" in message
+    # 255 arguments are encoded and decoded whole.
+    whole = codec.encode_frame(FrameType.NOTIFY, 1, 2, codec.encode_messages(
+        [Message("m", args[:255])]))
+    (notify,) = ready().receive_data(whole)
+    assert notify.messages[0].args == args[:255]
+
+
 def test_fragmented_notify_is_reassembled_even_mid_string() -> None:
     conn = ready()
     payload = codec.encode_messages([Message("m", [("q", "x" * 600), ("n", 7)])])
