@@ -392,6 +392,22 @@ def _ms_duration(text: str) -> float:
     return parse_duration(text)
 
 
+def _file_seconds(most: float, variable: str) -> Callable[[str], float]:
+    """An agent.ini duration whose variable counts in milliseconds: a bare number is seconds in
+    the file, so one over ``most`` (500 meaning 500 ms, exports held back for 8 minutes) is
+    refused rather than taken; with a unit, any positive value stands."""
+    def parse(text: str) -> float:
+        value = _positive(parse_duration)(text)
+        bare = str(text).strip()
+        if re.fullmatch(r"\d+(?:\.\d+)?", bare) and value > most:
+            raise ValueError(f"{bare} seconds? A bare number counts in seconds in agent.ini "
+                             f"({variable} counts in milliseconds): give a unit, such as "
+                             f"{bare}ms or {bare}s")
+        return value
+
+    return parse
+
+
 # ------------------------------------------------------------------------------- options
 
 
@@ -477,9 +493,11 @@ OPTIONS: tuple[Option, ...] = (
            env="OTEL_BSP_MAX_QUEUE_SIZE"),
     Option("export_batch_size", "tracing", "export_batch_size", _int_range(1, 100_000_000),
            env="OTEL_BSP_MAX_EXPORT_BATCH_SIZE"),
-    Option("export_delay", "tracing", "export_delay", _positive(parse_duration),
+    Option("export_delay", "tracing", "export_delay",
+           _file_seconds(60, "OTEL_BSP_SCHEDULE_DELAY"),
            env="OTEL_BSP_SCHEDULE_DELAY", env_parse=_positive(_ms_duration)),
-    Option("export_timeout", "tracing", "export_timeout", _positive(parse_duration),
+    Option("export_timeout", "tracing", "export_timeout",
+           _file_seconds(600, "OTEL_BSP_EXPORT_TIMEOUT"),
            env="OTEL_BSP_EXPORT_TIMEOUT", env_parse=_positive(_ms_duration)),
 )
 _BY_KEY = {(o.section, o.key): o for o in OPTIONS}

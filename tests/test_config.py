@@ -183,6 +183,14 @@ def test_bsp_milliseconds_may_have_a_fraction_and_a_unit() -> None:
     assert load_config(env={"OTEL_BSP_EXPORT_TIMEOUT": "2s"}).export_timeout == 2.0
 
 
+def test_the_file_counts_export_durations_in_seconds_and_a_unit_says_otherwise(
+        tmp_path: Path) -> None:
+    for text, delay in (("60", 60.0), ("500ms", 0.5), ("500s", 500.0), ("2.5", 2.5)):
+        path = write(tmp_path, f"[tracing]\nexport_delay = {text}\nexport_timeout = 600\n")
+        config = load_config(str(path), env={})
+        assert (config.export_delay, config.export_timeout) == (delay, 600.0)
+
+
 def test_jaeger_timeout_counts_seconds_as_the_official_exporter_reads_it(tmp_path: Path) -> None:
     assert load_config(env={}).jaeger_timeout == 10.0
     assert load_config(env={"OTEL_EXPORTER_JAEGER_TIMEOUT": "5"}).jaeger_timeout == 5.0
@@ -601,6 +609,11 @@ def test_busy_poll_is_off_unless_the_ini_or_the_flag_asks(tmp_path: Path) -> Non
         ("[tracing]\nsession_ttl = 0\n", "session_ttl: must be more than 0"),
         ("[tracing]\nexport_delay = 0s\n", "export_delay: must be more than 0"),
         ("[tracing]\nexport_timeout = 0\n", "export_timeout: must be more than 0"),
+        # The variables count in ms, the file in s: 500 meant 500 ms (black-box run: exports
+        # held back for 8 minutes, --check said OK).
+        ("[tracing]\n\nexport_delay = 500\n", "agent.ini:3: .*export_delay: 500 seconds\\? A bare "
+         "number counts in seconds in agent.ini \\(OTEL_BSP_SCHEDULE_DELAY counts in"),
+        ("[tracing]\nexport_timeout = 30000\n", "export_timeout: 30000 seconds\\? .*30000ms"),
         ("[tracing]\njaeger_endpoint = not a url\n", "expected an http:// or https:// URL"),
         ("[tracing]\notlp_endpoint = ftp://x/v1/traces\n", "expected an http:// or https://"),
         ("[tracing]\npropagators = none,tracecontext\n", "'none' cannot be combined"),
