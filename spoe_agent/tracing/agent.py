@@ -22,6 +22,7 @@ from spoe_agent.protocol.types import Action, Message, SetVar
 from spoe_agent.tracing.language import (
     INJECT_ARGS_ON_WIRE,
     LANGUAGE_EVENTS,
+    UNKNOWN_NAMES,
     Command,
     has_inject,
     parse_message,
@@ -63,8 +64,8 @@ _MISTAKES = {
                   "the HAProxy frontend? The reference configuration sends id=unique-id)",
     # Typos: nothing in the reference configuration or HAProxy's behaviour causes them.
     "unknown_arg": "%d SPOE message arguments with a name the span language does not know "
-                   "ignored since the last report (a typo, such as chlid-of? README.md, 'The "
-                   "configuration language', lists the names)",
+                   "ignored since the last report (a typo? README.md, 'The configuration "
+                   "language', lists the names; names met: %s)",
     "bad_kind": "%d kind= values other than server, client, producer, consumer and internal "
                 "ignored since the last report",
 }
@@ -248,14 +249,20 @@ class TracingAgent(Agent):
             self._report(name, value, now, f"tracing limit {name} hit %d times since the last "
                          f"report: {_LIMIT_HELP[name]}")
         for name, template in _MISTAKES.items():
-            self._report(name, self.language_stats[name], now, template)
+            if name == "unknown_arg":
+                # repr: the names are a peer's bytes (HAProxy's configuration, or anyone
+                # who reaches the port), kept to one line.
+                names = ", ".join(map(repr, UNKNOWN_NAMES)) or "?"
+                self._report(name, self.language_stats[name], now, template, names)
+            else:
+                self._report(name, self.language_stats[name], now, template)
 
-    def _report(self, name: str, value: int, now: float, template: str) -> None:
+    def _report(self, name: str, value: int, now: float, template: str, *more: object) -> None:
         grew = value - self._limits_seen.get(name, 0)
         if grew > 0 and now - self._limits_logged.get(name, -LIMIT_LOG_INTERVAL_S) >= (
             LIMIT_LOG_INTERVAL_S
         ):
-            log.warning(template, grew)
+            log.warning(template, grew, *more)
             self._limits_seen[name] = value
             self._limits_logged[name] = now
 

@@ -206,6 +206,20 @@ LANGUAGE_EVENTS = (
 )
 
 
+#: The first argument names counted as ``unknown_arg`` (at most :data:`_UNKNOWN_NAMES_KEPT`,
+#: each cut to 64 characters), for the agent's periodic warning to name: a count alone left a
+#: user bisecting spoe.cfg for the typo.
+UNKNOWN_NAMES: dict[str, None] = {}
+_UNKNOWN_NAMES_KEPT = 8
+
+
+def _remember_unknown(names: list[str]) -> None:
+    for name in names:
+        if len(UNKNOWN_NAMES) >= _UNKNOWN_NAMES_KEPT:
+            return
+        UNKNOWN_NAMES[name[:64]] = None
+
+
 def _count(stats: MutableMapping[str, int] | None, key: str, n: int = 1) -> None:
     if stats is not None:
         stats[key] = stats.get(key, 0) + n
@@ -495,6 +509,7 @@ def _compile(
     pending_key = ""
     values: list[Any] = []
     bad_name = 0
+    unknown: list[str] | None = None
     i = 0
     lookup = _ARGS.get
     for name, value in args:
@@ -544,6 +559,10 @@ def _compile(
             header = _HEADER_NAMES.get(name) or _header_key(name)
             if header is None:
                 _count(stats, "unknown_arg")
+                if unknown is None:
+                    unknown = [name]
+                else:
+                    unknown.append(name)
                 continue
             if carrier is None:
                 carrier = {}
@@ -576,6 +595,8 @@ def _compile(
             ops or carrier is not None or ts_ns is not None or service is not None):
         for event, times in stats.items():
             counted[event] = counted.get(event, 0) + times
+        if unknown is not None:
+            _remember_unknown(unknown)
 
     if not ops and carrier is None:
         return None

@@ -320,6 +320,20 @@ def test_another_engines_message_is_ignored_without_counting_typos() -> None:
     assert stats["unknown_arg"] == 1
 
 
+def test_the_unknown_names_counted_are_kept_for_the_warning_a_few_and_cut(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent's warning names them (a count alone had a user bisect spoe.cfg); another
+    engine's names are not typos of ours, and a peer cannot grow the record."""
+    monkeypatch.setattr(language, "UNKNOWN_NAMES", {})
+    stats: Counter[str] = Counter()
+    parse(("id", "k"), ("ip", "10.0.0.1"), stats=stats)  # another engine's
+    parse(("id", "k"), ("span", "a"), ("chlid-of", "b"), ("x" * 100, 1), stats=stats)
+    for i in range(20):
+        parse(("id", "k"), ("span", "a"), (f"typo{i}", 1), stats=stats)
+    assert list(language.UNKNOWN_NAMES) == ["chlid-of", "x" * 64] + [f"typo{i}" for i in range(6)]
+    assert stats["unknown_arg"] == 22
+
+
 # -- propagation headers ------------------------------------------------------------------------
 
 
