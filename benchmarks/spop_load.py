@@ -135,7 +135,8 @@ def traced_request(i: int) -> list[bytes]:
         return Message(name, [("id", uid), ("ts", ts + step * 50), *args])
 
     fe_http = [
-        ("traceparent", None), ("tracestate", None), ("baggage", None),
+        ("traceparent", None), ("traceparent", None), ("tracestate", None),
+        ("tracestate", None), ("baggage", None), ("baggage", None),
         ("span", "Frontend HTTP request"), ("follows-from", "Frontend TCP request"),
         ("finish", "Frontend TCP request"), ("span", "HAProxy session"),
         *_tag("http.request.method", "GET"), *_tag("url.path", f"/api/items/{i}"),

@@ -569,7 +569,12 @@ def _compile(
             if value is not None:
                 text = to_text(value)
                 if text:
-                    carrier[header] = text
+                    # A header given again (``req.fhdr(tracestate,1)``, then ``,2``) is joined
+                    # as HTTP joins repeated lines (RFC 9110, 5.3): W3C tracestate and baggage
+                    # may be split over lines, and two traceparents make an invalid one, so a
+                    # new trace, as W3C Trace Context asks.
+                    before = carrier.get(header)
+                    carrier[header] = text if before is None else before + "," + text
         else:
             text = to_text(value)
             if not text:

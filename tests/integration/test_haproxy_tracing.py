@@ -266,12 +266,22 @@ def test_incoming_context_is_continued(tracing: TracingFactory) -> None:
           ("tracestate", "vendor=old")], False, []),
         # no traceparent at all: a new trace, the tracestate goes too
         ([("tracestate", "vendor=old")], False, []),
-        # the trace goes on: the caller's tracestate lines stay as they came, even when the last
-        # one (all the agent reads) is empty (W3C trace-context test_tracestate_empty_header)
+        # the trace goes on with the caller's tracestate, even when its last line is empty
+        # (W3C trace-context test_tracestate_empty_header; a del-header keyed on the agent's
+        # having no tracestate deleted it), sent on as one line
         ([("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
-          ("tracestate", "foo=1"), ("tracestate", "")], True, ["foo=1", ""]),
+          ("tracestate", "foo=1"), ("tracestate", "")], True, ["foo=1"]),
+        # split over two lines (W3C test_tracestate_multiple_headers_different_keys): both
+        # reach the agent and go on, where req.fhdr alone gave the last line only
+        ([("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+          ("tracestate", "a=1"), ("tracestate", "b=2")], True, ["a=1,b=2"]),
+        # two traceparents: a new trace (W3C test_traceparent_duplicated), without the tracestate
+        ([("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+          ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+          ("tracestate", "vendor=old")], False, []),
     ],
-    ids=["invalid-traceparent", "no-traceparent", "continued-empty-last-line"],
+    ids=["invalid-traceparent", "no-traceparent", "continued-empty-last-line",
+         "continued-two-lines", "two-traceparents"],
 )
 def test_a_tracestate_goes_with_the_trace_it_belongs_to(
     tracing: TracingFactory, lines: list[tuple[str, str]], continued: bool, forwarded: list[str]
@@ -299,6 +309,31 @@ def test_a_tracestate_goes_with_the_trace_it_belongs_to(
     (seen,) = t.origin.requests
     assert parse_traceparent(seen.headers["traceparent"])[0] == trace_id
     assert [v for k, v in seen.lines if k == "tracestate"] == forwarded, seen.lines
+
+
+def test_baggage_split_over_two_lines_goes_on_whole(tracing: TracingFactory) -> None:
+    """W3C Baggage may come over several lines: the agent read the last only (req.fhdr), and
+    the backend's set-header then replaced both with it, so the service lost the first line's
+    members (black-box run)."""
+    t = tracing()
+    conn = http.client.HTTPConnection("127.0.0.1", t.port, timeout=10)
+    try:
+        conn.putrequest("GET", "/baggage")
+        conn.putheader("baggage", "k1=v1")
+        conn.putheader("baggage", "k2=v2,k3=v3")
+        conn.endheaders()
+        reply = conn.getresponse()
+        reply.read()
+        trace_id = reply.getheader("x-trace-id")
+    finally:
+        conn.close()
+    assert reply.status == 200 and trace_id
+    assert_reference_tree(wait_trace(t.receiver, trace_id), "hop-1")
+    (seen,) = t.origin.requests
+    lines = [v for k, v in seen.lines if k == "baggage"]
+    assert len(lines) == 1, seen.lines
+    assert dict(item.strip().split("=", 1) for item in lines[0].split(",")) == {
+        "k1": "v1", "k2": "v2", "k3": "v3"}
 
 
 def test_server_errors_mark_the_response_and_session(tracing: TracingFactory) -> None:
@@ -550,7 +585,7 @@ B3_HEADERS = [
 def b3_spoe_config() -> str:
     """The reference config with the frontend-http-request message also reading B3 headers."""
     text = REFERENCE_SPOE_CFG.read_text()
-    anchor = "    args baggage=req.fhdr(baggage)\n"
+    anchor = "    args baggage=req.fhdr(baggage,1) baggage=req.fhdr(baggage,2)\n"
     assert anchor in text, "the reference spoe.cfg changed: update this test's variant"
     b3 = (
         "    args x-b3-traceid=req.fhdr(x-b3-traceid) x-b3-spanid=req.fhdr(x-b3-spanid)\n"
@@ -604,7 +639,7 @@ def test_a_client_b3_header_joins_and_is_replaced_at_every_hop(tracing: TracingF
     README's ``del-header`` lines the stale ``b3``, which B3 readers prefer, made the second
     hop and the service join the client's span."""
     text = REFERENCE_SPOE_CFG.read_text()
-    anchor = "    args baggage=req.fhdr(baggage)\n"
+    anchor = "    args baggage=req.fhdr(baggage,1) baggage=req.fhdr(baggage,2)\n"
     assert anchor in text, "the reference spoe.cfg changed: update this test's variant"
     t = tracing(
         hops=2, otel={"OTEL_PROPAGATORS": "b3multi"}, spoe_text=text.replace(anchor, anchor + B3_ARGS),

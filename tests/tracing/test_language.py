@@ -337,6 +337,17 @@ def test_the_unknown_names_counted_are_kept_for_the_warning_a_few_and_cut(
 # -- propagation headers ------------------------------------------------------------------------
 
 
+def test_a_header_given_again_is_joined_as_http_joins_repeated_lines() -> None:
+    """spoe.cfg passes each header's first two lines (``req.fhdr(h,1)``, ``req.fhdr(h,2)``):
+    a tracestate or baggage split over lines arrives whole, and two traceparents are one
+    invalid value (a new trace, as W3C Trace Context asks); an absent line adds nothing."""
+    command = parse(("id", "k"), ("tracestate", "a=1"), ("tracestate", "b=2"),
+                    ("baggage", "k1=v1"), ("baggage", None), ("traceparent", "x"),
+                    ("traceparent", "y"), ("span", "s"))
+    assert command is not None and command.carrier == {
+        "tracestate": "a=1,b=2", "baggage": "k1=v1", "traceparent": "x,y"}
+
+
 def test_header_spellings() -> None:
     command = parse(
         ("id", "k"),
