@@ -289,10 +289,17 @@ class SpopConnection:
             if self.on_trimmed_ack is not None:
                 self.on_trimmed_ack("too_big")
             size = len(frame) - _LENGTH_PREFIX
-            kept = len(actions)
-            while kept and len(frame) - _LENGTH_PREFIX > self.frame_size:
-                kept -= 1
-                frame = codec.ack(stream_id, frame_id, actions[:kept])
+            # The leading actions that fit, from each one's size: an ACK is its header then its
+            # actions end to end. Re-encoding after each action dropped was quadratic: a peer's
+            # NOTIFY of 6,000 injects froze the agent for 14 s (black-box run).
+            room = self.frame_size - (len(codec.ack(stream_id, frame_id)) - _LENGTH_PREFIX)
+            kept = 0
+            for action in actions:
+                room -= len(codec.encode_actions([action]))
+                if room < 0:
+                    break
+                kept += 1
+            frame = codec.ack(stream_id, frame_id, actions[:kept])
             log.warning(
                 "ACK for stream %d frame %d is %d bytes, over the negotiated %d: sent with %d "
                 "of its %d actions", stream_id, frame_id, size, self.frame_size, kept,

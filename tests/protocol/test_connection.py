@@ -390,6 +390,27 @@ def test_an_ack_too_big_keeps_the_leading_actions_that_fit() -> None:
     assert conn.acks_too_big == 1
 
 
+def test_trimming_an_ack_of_thousands_of_actions_encodes_it_a_bounded_number_of_times(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peer's NOTIFY of 6,000 injects made an ACK of 18,000 actions, trimmed by dropping one
+    and encoding the rest again, each time: quadratic, the agent frozen 14 s (black-box run).
+    Now the ACK is cut from each action's size and encoded once more, whatever its length."""
+    conn = SpopConnection(max_frame_size=16380)
+    conn.receive_data(HAPROXY_HELLO)
+    conn.data_to_send()
+    actions = [SetVar(Scope.TXN, f"v{i}", "x" * 20) for i in range(6000)]
+    calls = []
+    real_ack = codec.ack
+    monkeypatch.setattr(codec, "ack", lambda *a: calls.append(a) or real_ack(*a))
+    conn.send_ack(9, 2, actions)
+    sent = conn.data_to_send()
+    assert len(calls) <= 3
+    kept = len(codec.decode_actions(codec.decode_frame(sent[4:]).payload))
+    assert sent == real_ack(9, 2, actions[:kept])  # the leading actions ...
+    assert len(sent) - 4 <= 16380 < len(real_ack(9, 2, actions[:kept + 1])) - 4  # ... that fit
+    assert conn.acks_too_big == 1
+
+
 def test_an_unencodable_action_is_dropped_and_the_ack_still_sent() -> None:
     """An application handler returning a float (SPOP has no such type) or a scope out of range
     must not cost the connection: HAProxy gets its ACK, with the actions that encode."""
