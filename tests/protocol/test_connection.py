@@ -369,6 +369,38 @@ def test_reassembly_is_bounded() -> None:
     assert events[0].status == Status.FRAME_TOO_BIG
 
 
+@pytest.mark.parametrize("size", [0, 2])
+def test_reassembly_counts_what_each_fragment_costs_beyond_its_bytes(size: int) -> None:
+    """Empty or 2-byte fragments with no FIN: counted by payload alone they never reached the
+    bound, and a peer held 140 MB (17 million empty ones) or 28 MB per connection against a
+    1 MiB bound (black-box run). Each now counts 64 more: the bound holds to a few times."""
+    conn = ready(max_reassembled_size=1 << 20)
+    conn.receive_data(codec.encode_frame(FrameType.NOTIFY, 4, 2, b"\x01m", 0))
+    fragment = codec.encode_frame(FrameType.UNSET, 4, 2, b"a" * size, 0)
+    sent = 0
+    events: list[Any] = []
+    while not events and sent < 100_000:
+        events = conn.receive_data(fragment * 100)
+        sent += 100
+    assert sent <= (1 << 20) // 64 + 100
+    assert isinstance(events[0], ProtocolViolation) and events[0].status == Status.FRAME_TOO_BIG
+    assert "each fragment counting 64 more" in events[0].message
+
+
+def test_a_legitimate_fragmented_notify_still_fits_the_bound() -> None:
+    """HAProxy's fragments are frame-sized: 1 MB in fragments of 16,000 bytes reassembles
+    under a 1 MiB bound."""
+    conn = ready(max_reassembled_size=1 << 20)
+    message = codec.encode_messages([Message("m", [("k", "a" * 1_000_000)])])
+    chunks = [message[i:i + 16000] for i in range(0, len(message), 16000)]
+    data = b"".join(
+        codec.encode_frame(FrameType.NOTIFY if i == 0 else FrameType.UNSET, 4, 2, chunk,
+                           FLAG_FIN if i == len(chunks) - 1 else 0)
+        for i, chunk in enumerate(chunks))
+    (event,) = conn.receive_data(data)
+    assert event.messages == [Message("m", [("k", "a" * 1_000_000)])]
+
+
 def test_ack_over_the_negotiated_size_is_sent_empty() -> None:
     conn = SpopConnection(max_frame_size=256)
     conn.receive_data(HAPROXY_HELLO)
