@@ -141,7 +141,8 @@ class _Fragments:
     stream_id: int
     frame_id: int
     chunks: list[bytes] = field(default_factory=list)
-    size: int = 0
+    size: int = 0  # payload bytes
+    held: int = 0  # what reassembly's bound counts: payload and each fragment's cost
 
 
 class SpopConnection:
@@ -631,8 +632,9 @@ class SpopConnection:
         # Each fragment also costs what holds it (a bytes object and a list slot): counted by
         # payload bytes alone, 17 million empty fragments held 140 MB, and 2-byte ones 28 MB
         # against a 1 MiB bound (black-box run). HAProxy's fragments are frame-sized.
-        pending.size += len(payload) + _FRAGMENT_COST
-        if pending.size > self.max_reassembled_size:
+        pending.size += len(payload)
+        pending.held += len(payload) + _FRAGMENT_COST
+        if pending.held > self.max_reassembled_size:
             raise FrameTooBig(
                 f"fragmented NOTIFY exceeds {self.max_reassembled_size} bytes once reassembled "
                 f"(each fragment counting {_FRAGMENT_COST} more)"
