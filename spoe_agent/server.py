@@ -11,7 +11,9 @@ counted (:class:`Stats`, read by the metrics endpoint) and logged at most once p
 * ``max_connections``: beyond it the agent stops accepting and new connections wait in the
   kernel's listen backlog (see :class:`_ConnectionPool` for why not refuse them); one that
   waits there takes the slot of a connection that has not said HELLO in ``HELLO_GRACE_S``
-  (HAProxy says it at once), so silent peers cannot keep HAProxy out for a whole deadline;
+  (HAProxy says it at once), so silent peers cannot keep HAProxy out for a whole deadline,
+  or else of one on which nothing came for ``IDLE_GRACE_S``, so a burst's surplus
+  connections cannot keep out HAProxy's health check for its whole ``timeout idle``;
 * the HELLO deadline: a connection must complete its HELLO within ``read_timeout`` of being
   accepted (of its TLS handshake, with TLS, which has the same bound), or it gets
   AGENT-DISCONNECT status 2;
@@ -85,6 +87,11 @@ _NORMAL_CLOSE_ERRNOS = {errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ESH
 SHUTDOWN_MESSAGE = "agent shutting down"
 LINGER_S = 2.0  # how long a closing connection may wait for the peer to close too
 HELLO_GRACE_S = 1.0  # at max_connections, a connection still without HELLO after this yields
+#: ... and then one on which nothing arrived for this long: a surplus connection (HAProxy 2.6
+#: opens one per stream queued in a burst, and keeps it for its ``timeout idle``, 2m in the
+#: reference spoe.cfg; black-box run: 12,000 opened in a second, the health check kept out
+#: and the agent DOWN for two minutes). Closed as HAProxy's own ``timeout idle`` closes it.
+IDLE_GRACE_S = 5.0
 
 
 class Stats:
@@ -136,7 +143,7 @@ class _Client:
 
     __slots__ = (
         "conn", "sock", "raw", "lock", "pool", "address", "greenlet", "in_recv", "draining",
-        "peer_closed", "idle_since", "parked", "moved", "unsent", "accepted",
+        "peer_closed", "idle_since", "parked", "parked_at", "moved", "unsent", "accepted",
         "evicted",
     )
 
@@ -158,6 +165,7 @@ class _Client:
         self.idle_since: float | None = None
         # Parked in recv at a frame boundary (nothing buffered): whatever the idle timeout.
         self.parked = False
+        self.parked_at = 0.0  # since when, the last time it parked
         self.moved = False  # handed to another worker: its socket is closed here, not ended
         self.unsent = b""  # what send_early() could not write: first out of the next flush
         self.accepted = time.monotonic()
@@ -225,6 +233,11 @@ class _Client:
     def silent(self) -> bool:
         """Waiting in ``recv`` for a HELLO that has not come (evictable past the grace)."""
         return self.in_recv and self.conn.state is State.AWAIT_HELLO
+
+    def idle(self) -> bool:
+        """Ready and parked in ``recv`` with nothing owed: HAProxy awaits nothing on it."""
+        return (self.in_recv and self.parked and self.conn.state is State.READY
+                and not self.busy() and not self.lock.locked())
 
     def busy(self) -> bool:
         """Handlers still running for this connection (it is not idle, HAProxy awaits ACKs)."""
@@ -453,10 +466,13 @@ class SpoaServer:
         return True
 
     def evictable(self) -> int:
-        """Connections still without HELLO after ``HELLO_GRACE_S``: slots a waiting
-        connection would get (with ``--workers``, the supervisor counts them as free)."""
-        limit = time.monotonic() - HELLO_GRACE_S
-        return sum(1 for client in self._clients if client.silent() and client.accepted <= limit)
+        """Connections still without HELLO after ``HELLO_GRACE_S``, or idle for
+        ``IDLE_GRACE_S``: slots a waiting connection would get (with ``--workers``, the
+        supervisor counts them as free)."""
+        now = time.monotonic()
+        return sum(1 for client in self._clients
+                   if (client.silent() and client.accepted <= now - HELLO_GRACE_S)
+                   or (client.idle() and client.parked_at <= now - IDLE_GRACE_S))
 
     def _connections_blocked(self) -> None:
         """A connection waits in the backlog while every slot is taken: count it, and free the
@@ -484,6 +500,18 @@ class SpoaServer:
             if client.silent() and (oldest is None or client.accepted < oldest.accepted):
                 oldest = client
         if oldest is None:
+            # Every connection said HELLO: the one idle longest, once idle IDLE_GRACE_S.
+            for client in self._clients:
+                if client.idle() and (oldest is None or client.parked_at < oldest.parked_at):
+                    oldest = client
+            if oldest is not None:
+                self._eviction_due = True
+                delay = oldest.parked_at + IDLE_GRACE_S - time.monotonic()
+                if delay > 0:
+                    gevent.spawn_later(delay, self._evict_silent)
+                else:
+                    gevent.get_hub().loop.run_callback(self._evict, oldest)
+                return
             if self._give_back is not None:  # --workers
                 wait = self._passed_on_at + HELLO_GRACE_S - time.monotonic()
                 if wait > 0:
@@ -525,8 +553,10 @@ class SpoaServer:
             _close_socket(sock)
 
     def _evict(self, client: _Client) -> None:
-        """Hub callback: end ``client`` if it still waits for its HELLO, else look again."""
-        if client.silent() and not client.greenlet.dead:
+        """Hub callback: end ``client`` if it still waits for its HELLO, or is still idle
+        since ``IDLE_GRACE_S`` ago, else look again."""
+        if not client.greenlet.dead and (client.silent() or (
+                client.idle() and client.parked_at <= time.monotonic() - IDLE_GRACE_S)):
             client.greenlet.throw(_Evict)  # _eviction_due stays set until its slot is free
         else:
             self._evict_silent()
@@ -630,7 +660,11 @@ class SpoaServer:
                         self._timed_out(client, kind)
                         return
             sock.settimeout(timeout)
-            if timeout is None and idle is not None:
+            if parked:
+                client.parked_at = monotonic()
+                if idle is not None:
+                    client.idle_since = client.parked_at
+            elif timeout is None and idle is not None:
                 client.idle_since = monotonic()
             client.in_recv = True
             client.parked = parked
@@ -651,7 +685,8 @@ class SpoaServer:
                     self._drain(client)
                 elif type(interrupt) is _Evict:
                     client.evicted = True
-                    self._timed_out(client, "hello_evicted")
+                    self._timed_out(client, "hello_evicted" if conn.state is State.AWAIT_HELLO
+                                    else "idle_evicted")
                 else:
                     self._timed_out(client, kind)
                 return
@@ -771,9 +806,13 @@ class SpoaServer:
             "idle_timeout": "nothing received for idle_timeout (%.1fs)",
             "hello_evicted": "no HELLO %.1fs after connecting, and a new connection needs its "
                              "slot (max_connections)",
+            "idle_evicted": "nothing received for %.1fs, and a new connection needs its slot "
+                            "(max_connections)",
         }[kind]
         if kind == "hello_evicted":
             seconds = time.monotonic() - client.accepted
+        elif kind == "idle_evicted":
+            seconds = time.monotonic() - client.parked_at
         else:
             seconds = (self.config.idle_timeout if kind == "idle_timeout"
                        else self.config.read_timeout)

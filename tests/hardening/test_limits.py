@@ -120,6 +120,7 @@ def test_a_waiting_connection_takes_the_slot_of_one_that_never_said_hello(
 def test_a_connection_that_said_hello_keeps_its_slot(
     spoe_agent: AgentFactory, tmp_path: Path
 ) -> None:
+    """... for as long as it is in use, or idle for less than IDLE_GRACE_S (5 s)."""
     agent, metrics = start(spoe_agent, tmp_path, "max_connections = 1\nread_timeout = 60s")
     address = (agent.host, agent.port)
     with SpopClient(address, timeout=15) as served:
@@ -135,6 +136,46 @@ def test_a_connection_that_said_hello_keeps_its_slot(
     assert frame is not None and frame.type == FrameType.AGENT_HELLO, frame
     waiting.close()
     assert limit_hits(metrics, "hello_evicted") == 0
+
+
+def test_at_the_cap_the_connection_idle_longest_gives_its_slot_not_one_in_use(
+    spoe_agent: AgentFactory, tmp_path: Path
+) -> None:
+    """HAProxy 2.6 opens a connection per stream queued in a burst and keeps each for its
+    ``timeout idle`` (2m): 12,000 in a second filled max_connections, the health check waited
+    in the backlog and the agent was DOWN for two minutes (black-box run). A waiting
+    connection now takes the slot of the one idle longest, once idle IDLE_GRACE_S (5 s),
+    closed with status 2 as HAProxy's own timeout idle closes it; not a connection in use,
+    even an older one."""
+    agent, metrics = start(spoe_agent, tmp_path, "max_connections = 2\nread_timeout = 60s",
+                           app=None)
+    address = (agent.host, agent.port)
+    with SpopClient(address, timeout=15) as used, SpopClient(address, timeout=15) as idle:
+        used.handshake()
+        idle.handshake()
+        waiting = SpopClient(address, timeout=15)
+        waiting.send(hello_frame())
+        stream = 0
+        # In use: a NOTIFY every half second, until the waiting connection is answered.
+        waiting.sock.settimeout(0.5)
+        answered = None
+        for _ in range(40):
+            stream += 1
+            notify_ok(used, stream, [trace("busy", ("span", "x"))])
+            try:
+                answered = waiting.read_frame()
+                break
+            except TimeoutError:
+                continue
+        assert answered is not None and answered.type == FrameType.AGENT_HELLO, answered
+        assert [disconnect_status(f) for f in read_until_eof(idle)] == [2]
+        notify_ok(used, stream + 1, [trace("busy", ("span", "x"))])  # kept its slot
+        waiting.close()
+    assert limit_hits(metrics, "idle_evicted") == 1
+    assert limit_hits(metrics, "hello_evicted") == 0
+    assert re.search(r"with status 2: nothing received for [5-9]\.\ds, and a new connection "
+                     r"needs its slot", agent.logs()), agent.describe_logs()
+    still_serving(agent)
 
 
 # ---------------------------------------------------------------------------- deadlines
