@@ -392,6 +392,22 @@ def _ms_duration(text: str) -> float:
     return parse_duration(text)
 
 
+_SIZE = re.compile(r"\s*([0-9]+)\s*(|k|m|g)(?:i?b)?\s*", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """Bytes, with HAProxy's suffixes accepted (``256m``, ``1g``; ``MB`` and ``MiB`` alike,
+    as powers of 1024)."""
+    match = _SIZE.fullmatch(str(text))
+    if not match:
+        raise ValueError(f"expected a size such as 256m, 1g or 1048576, got {text!r}")
+    value = int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+    if value < 1 << 20:
+        raise ValueError(f"must be at least 1m, got {text!r}")
+    return value
+
+
 def _file_seconds(most: float, variable: str) -> Callable[[str], float]:
     """An agent.ini duration whose variable counts in milliseconds: a bare number is seconds in
     the file, so one over ``most`` (500 meaning 500 ms, exports held back for 8 minutes) is
@@ -486,6 +502,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("session_ttl", "tracing", "session_ttl", _positive(parse_duration)),
     Option("max_sessions", "tracing", "max_sessions", _int_range(1, 100_000_000)),
     Option("max_spans_per_session", "tracing", "max_spans_per_session", _int_range(1, 10_000)),
+    Option("max_open_bytes", "tracing", "max_open_bytes", parse_size),
     Option("max_attribute_length", "tracing", "max_attribute_length", _int_range(1),
            env="OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT",
            env_fallback="OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT"),
@@ -566,6 +583,7 @@ class AgentConfig:
     session_ttl: float = 30.0
     max_sessions: int = 100_000
     max_spans_per_session: int = 64
+    max_open_bytes: int = 256 << 20  # per worker: names and values the open sessions hold
     max_attribute_length: int = 4096
     export_queue_size: int = 20480
     export_batch_size: int = 512

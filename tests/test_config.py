@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from spoe_agent.config import ConfigError, load_config, parse_bind, parse_duration
+from spoe_agent.config import ConfigError, load_config, parse_bind, parse_duration, parse_size
 
 
 def write(tmp_path: Path, text: str) -> str:
@@ -733,3 +733,17 @@ def test_the_jaeger_agent_host_is_a_name_or_an_address(given: str, host: str) ->
     """An IPv6 address in brackets, as in a URL, is the address: the send would fail on it."""
     config = load_config(env={"OTEL_EXPORTER_JAEGER_AGENT_HOST": given})
     assert config.jaeger_agent_host == host
+
+
+def test_max_open_bytes_takes_sizes_as_haproxy_writes_them(tmp_path: Path) -> None:
+    assert load_config(env={}).max_open_bytes == 256 << 20
+    for text, size in (("256m", 256 << 20), ("1g", 1 << 30), ("512 MiB", 512 << 20),
+                       ("2048k", 2 << 20), ("1048576", 1 << 20), ("64MB", 64 << 20)):
+        assert parse_size(text) == size, text
+    path = write(tmp_path, "[tracing]\nmax_open_bytes = 64m\n")
+    assert load_config(str(path), env={}).max_open_bytes == 64 << 20
+    for bad, reason in (("lots", "expected a size such as 256m"), ("1k", "must be at least 1m"),
+                        ("-5m", "expected a size")):
+        path = write(tmp_path, f"[tracing]\n\nmax_open_bytes = {bad}\n")
+        with pytest.raises(ConfigError, match=f"agent.ini:3: .*max_open_bytes: {reason}"):
+            load_config(str(path), env={})

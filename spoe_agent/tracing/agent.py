@@ -48,12 +48,15 @@ _REGISTRY_LIMITS = {
     "spans_per_session": "span_limit",
     "items_per_span": "item_limit",
     "attribute_length": "value_truncated",
+    "open_bytes": "open_bytes",
 }
 _LIMIT_HELP = {
     "sessions": "max_sessions reached, the least recently active sessions were ended early",
     "spans_per_session": "max_spans_per_session reached, further spans were not started",
     "items_per_span": "too many tags/logs/baggage items on one span, the extra were dropped",
     "attribute_length": "max_attribute_length reached, a tag, log or baggage value was cut",
+    "open_bytes": "max_open_bytes reached, spans, tags, logs or baggage of open sessions were "
+                  "dropped (a peer sending huge values? or raise it)",
     "export_queue": "export_queue_size reached, spans were dropped (is the collector slow?)",
 }
 # Span-language events that mean a configuration mistake rather than one odd message: logged
@@ -106,6 +109,7 @@ class TracingAgent(Agent):
             resource_for_service=Resources(),
             default_service=config.service_name,
             max_spans_per_session=config.max_spans_per_session,
+            max_open_bytes=config.max_open_bytes,
             max_attr_len=config.max_attribute_length,
             span_records=records,
             # OTEL_SDK_DISABLED: the services behind it join the incoming context, as they

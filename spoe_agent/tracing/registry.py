@@ -127,6 +127,9 @@ def _span_context_factory() -> Callable[[int, int, TraceFlags, TraceState], Span
 
 
 _tuple_new: Final = tuple.__new__
+#: ``max_open_bytes`` counts in units of 1 << 6 = 64 bytes.
+_UNIT_SHIFT: Final = 6
+_UNIT: Final = 1 << _UNIT_SHIFT
 _INVALID_CONTEXT: Final = INVALID_SPAN_CONTEXT
 _MAX_PARENT_WALK: Final = 1024
 _new_context: Final = _span_context_factory()
@@ -190,6 +193,7 @@ STAT_KEYS = (
     "span_limit",
     "item_limit",
     "value_truncated",
+    "open_bytes",
     "late_carrier",
     "bad_ts",
     "extract_error",
@@ -317,10 +321,14 @@ class _Session:
         "baggage",
         "pending",
         "resource",
+        "held",
     )
 
     def __init__(self, key: str, now_ns: int) -> None:
         self.key = key
+        # What its names and values were charged against ``max_open_bytes``, in units of
+        # 64 bytes (a usual session's stays a small int, which costs no object of its own).
+        self.held = 0
         self.spans: dict[str, _Span] = {}
         self.started = 0
         self.last_ns = now_ns  # the agent's clock at the latest event: what the TTL counts from
@@ -366,6 +374,7 @@ class SessionRegistry:
         max_attr_len: int = 4096,
         span_records: bool = False,
         pass_through: bool = False,
+        max_open_bytes: int = 256 << 20,
     ) -> None:
         """``span_records`` makes ``emit`` receive :class:`SpanRecord` tuples rather than SDK
         ``ReadableSpan`` objects: only for an exporter that declares ``accepts_span_records``.
@@ -374,7 +383,14 @@ class SessionRegistry:
         on the context that came in, as OpenTelemetry's API does without an SDK, and no trace
         context when none came (baggage still). The spans' own ids would name parents that no
         backend ever receives: the services' spans would hang under a missing span instead of
-        under the client's."""
+        under the client's.
+
+        ``max_open_bytes`` bounds what the open sessions' span names, tags, logs and baggage
+        may hold all together (roughly: each item counts 64 bytes and its text): the counts
+        alone (sessions, spans, items, value length) allowed gigabytes, which a peer sending
+        long values filled at 200 MB a second (black-box run). Past it, new tags, logs and
+        baggage are dropped and counted (``open_bytes``); spans an eighth later, so that
+        traces keep their shape."""
         if max_sessions < 1:
             raise ValueError("max_sessions must be at least 1")
         self._emit = emit
@@ -386,6 +402,10 @@ class SessionRegistry:
         )
         self._propagator = propagator
         self._pass_through = pass_through
+        #: Units of 64 bytes the open sessions may still take (``max_open_bytes`` less what
+        #: they hold; spans may go an eighth, ``_span_slack``, below zero).
+        self._room = max(1, max_open_bytes >> _UNIT_SHIFT)
+        self._span_slack = self._room >> 3
         self._sampler = sampler
         self._span_id: Callable[[], int]
         self._trace_id: Callable[[], int]
@@ -479,6 +499,11 @@ class SessionRegistry:
         spans = session.spans
         sel: _Span | None = None
         max_len = self._max_attr_len
+        # What the open sessions may still take (units of 64 bytes): counted down here, and
+        # what was taken written back at the end, for the registry and for this session
+        # (``_start`` charges a long span name directly).
+        room = start_room = self._room
+        full = room <= 0  # once per command: one may go past the bound by its own size
         for op in ops:
             code: int = op[0]
             if code == OP_TAG:  # the most frequent op first (16 of a reference request's 48)
@@ -486,14 +511,19 @@ class SessionRegistry:
                     self.stats["no_span_selected"] += 1
                 elif sel.start_ns is None and session.trace_id is not None:
                     self.stats["span_ended"] += 1
+                elif full:
+                    self.stats["open_bytes"] += 1
                 elif session.sampled is not False:
                     attrs = sel.attrs
                     value = op[2]
-                    if (
-                        attrs is not None
-                        and len(attrs) < _MAX_ATTR_SLOTS
-                        and (type(value) is not str or len(value) <= max_len)
-                    ):
+                    room -= 1
+                    if type(value) is str:
+                        size = len(value)
+                        if size >= _UNIT:
+                            room -= (size if size <= max_len else max_len) >> _UNIT_SHIFT
+                    else:
+                        size = 0
+                    if attrs is not None and len(attrs) < _MAX_ATTR_SLOTS and size <= max_len:
                         attrs.append(op[1])  # _set_attr's common case, inlined
                         attrs.append(value)
                     else:
@@ -502,7 +532,16 @@ class SessionRegistry:
             if code == OP_SPAN:
                 sel = spans.get(op[1])
                 if sel is None or sel.start_ns is None:
-                    sel = self._start(session, op[1], t) if op[1] else None
+                    name = op[1]
+                    if not name:
+                        sel = None
+                    elif full and room + self._span_slack < 2:
+                        # Spans have an eighth more: squeezed, a trace keeps its shape.
+                        self.stats["open_bytes"] += 1
+                        sel = None
+                    else:
+                        sel = self._start(session, name, t)  # charges a long name itself
+                        room -= 2
                 continue
             if code == OP_FINISH:
                 span = spans.get(op[1])
@@ -514,18 +553,24 @@ class SessionRegistry:
                     self._end_span(session, span, t)
                 continue
             if code == OP_BAGGAGE:
-                self._set_baggage(session, op[1], op[2])
+                if full:
+                    self.stats["open_bytes"] += 1
+                else:
+                    self._set_baggage(session, op[1], op[2])
+                    room -= 1 + ((len(op[1]) + len(op[2])) >> _UNIT_SHIFT)
                 continue
             if code == OP_INJECT:
                 self._inject(session, op[1], out)
                 continue
             if code == OP_FINISH_ALL:
+                session.held += start_room - room
+                self._room -= start_room - room
                 del sessions[key]
                 self.stats["sessions_finished"] += 1
                 self._end_session(session, t, None)
                 if self.on_end is not None:
                     self.on_end(key)
-                break
+                return out
             # The rest changes the selected span, which must not have been emitted yet.
             if sel is None:
                 self.stats["no_span_selected"] += 1
@@ -571,7 +616,15 @@ class SessionRegistry:
                     extra.status = _ERROR_STATUS
             elif code == OP_LOG:
                 if session.sampled is not False:
-                    self._add_event(sel, op[1], op[2], t)
+                    value = op[2]
+                    if full:
+                        self.stats["open_bytes"] += 1
+                    else:
+                        self._add_event(sel, op[1], value, t)
+                        room -= 2 + ((len(value) if type(value) is str else 0) >> _UNIT_SHIFT)
+        if room != start_room:
+            self._room -= start_room - room
+            session.held += start_room - room
         return out
 
     def expire(self, now_ns: int | None = None) -> int:
@@ -646,6 +699,8 @@ class SessionRegistry:
         ``reason`` is ``None`` for a regular ``finish=*``; otherwise the open spans are
         incomplete: status ERROR and the incomplete attribute.
         """
+        self._room += session.held
+        session.held = 0
         status = None if reason is None else self._incomplete_status(reason)
         for span in reversed(session.spans.values()):
             if span.start_ns is not None:
@@ -737,6 +792,15 @@ class SessionRegistry:
         session.flags = _SAMPLED if sampled else _NOT_SAMPLED
         session.trace_state = trace_state
         if baggage:
+            # The header's, kept until the session ends: charged as the configuration's are.
+            units = len(baggage) + (sum(len(k) + len(v) for k, v in baggage.items()) >> _UNIT_SHIFT)
+            if units > self._room:
+                self.stats["open_bytes"] += 1
+                baggage = None
+            else:
+                self._room -= units
+                session.held += units
+        if baggage:
             own = session.baggage
             if own is None:
                 own = session.baggage = dict(list(baggage.items())[:_MAX_BAGGAGE_ITEMS])
@@ -804,6 +868,10 @@ class SessionRegistry:
             return None
         session.started += 1
         self.stats["spans_started"] += 1
+        if len(name) >= _UNIT:  # (apply charges the rest)
+            units = len(name) >> _UNIT_SHIFT
+            session.held += units
+            self._room -= units
         span = _Span(name, t)
         session.spans[name] = span
         if session.first is None:

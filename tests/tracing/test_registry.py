@@ -1100,3 +1100,56 @@ def test_measure_cost_per_request(capsys: pytest.CaptureFixture[str]) -> None:
             f"{total:.1f} us CPU (parse {parse:.1f} + apply with emission {apply:.1f}); "
             f"open session after 5 events: {per_session:.0f} B"
         )
+
+
+# -- the open sessions' byte budget ---------------------------------------------------------------
+
+
+def test_the_open_sessions_hold_no_more_than_max_open_bytes_and_keep_their_spans() -> None:
+    """A peer sending long values filled 1 GB in 4 s (black-box run): the counts (sessions,
+    spans, items, value length) bound nothing practical. Past max_open_bytes the values are
+    dropped and counted; the sessions, their spans and the short values still go on."""
+    h = Harness(max_open_bytes=1 << 20)
+    whole = h.reg._room  # units of 64 bytes
+    big = "x" * 4000
+    for i in range(400):  # ~1.6 MB of values asked for
+        h.send(("id", f"s{i}"), ("span", "root"), ("tag", "big"), ("", big), ("tag", "n"), ("", i))
+    assert h.reg.stats["open_bytes"] > 0
+    assert h.reg._room >= -whole // 8  # spans may go an eighth further
+    kept = h.reg.stats["open_bytes"]
+    for i in range(400):
+        h.send(("id", f"s{i}"), ("finish", "*"))
+    assert h.reg._room == whole  # all given back as the sessions end
+    assert len(h.spans) == 400  # spans have an eighth more room than values
+    with_big = [s for s in h.spans if "big" in s.attributes]
+    assert 200 < len(with_big) < 400 and len(with_big) + kept >= 400
+    # Room again: a new session keeps its long value.
+    h.send(("id", "after"), ("span", "root"), ("tag", "big"), ("", big), ("finish", "*"))
+    assert h.spans[-1].attributes["big"] == big
+
+
+def test_every_way_a_session_ends_gives_back_what_it_held() -> None:
+    """finish=*, the TTL, the cap and a shutdown: the budget returns to nothing, or it would
+    fill for good with sessions long gone and drop everything after."""
+    h = Harness(ttl_s=10, max_sessions=3)
+    whole = h.reg._room
+    def session(key: str, *more: tuple[str, Any]) -> None:
+        h.send(("id", key), ("span", "root"), ("tag", "k"), ("", "v" * 300), ("log", "e"),
+               ("", "w" * 200), ("baggage", "bk"), ("", "bv"), ("span", "child"),
+               ("child-of", "root"), *more)
+    session("finished", ("finish", "*"))
+    assert h.reg._room == whole
+    session("expired")
+    h.clock.advance(11)
+    h.reg.expire()
+    assert h.reg._room == whole
+    for i in range(5):  # two past the cap
+        session(f"capped{i}")
+    assert h.reg.stats["sessions_evicted_cap"] == 2
+    h.reg.close_all()
+    assert h.reg._room == whole
+    h.send(("id", "carrier"), ("span", "root"), ("baggage", "a=1,b=" + "2" * 500))
+    assert h.reg._room < whole
+    h.send(("id", "carrier"), ("finish", "*"))
+    assert h.reg._room == whole
+    assert h.reg.stats["open_bytes"] == 0
