@@ -516,7 +516,7 @@ class SessionRegistry:
                 elif session.sampled is not False:
                     attrs = sel.attrs
                     value = op[2]
-                    room -= 1
+                    room -= 1 + (len(op[1]) >> _UNIT_SHIFT)  # a peer's keys are its own too
                     if type(value) is str:
                         size = len(value)
                         if size >= _UNIT:
@@ -621,7 +621,8 @@ class SessionRegistry:
                         self.stats["open_bytes"] += 1
                     else:
                         self._add_event(sel, op[1], value, t)
-                        room -= 2 + ((len(value) if type(value) is str else 0) >> _UNIT_SHIFT)
+                        room -= 2 + ((len(op[1]) + (len(value) if type(value) is str else 0))
+                                     >> _UNIT_SHIFT)
         if room != start_room:
             self._room -= start_room - room
             session.held += start_room - room

@@ -1128,6 +1128,25 @@ def test_the_open_sessions_hold_no_more_than_max_open_bytes_and_keep_their_spans
     assert h.spans[-1].attributes["big"] == big
 
 
+@pytest.mark.parametrize("where", ["tag key", "log key", "span name", "baggage"])
+def test_a_peers_long_names_count_against_max_open_bytes_as_values_do(where: str) -> None:
+    """Keys and names are a peer's bytes too: 4,000-character ones with short values held as
+    much as long values, and were not counted."""
+    h = Harness(max_open_bytes=1 << 20)
+    whole = h.reg._room
+    name = "k" * 4000
+    for i in range(400):
+        args = {"tag key": [("span", "root"), ("tag", f"{i}{name}"), ("", 1)],
+                "log key": [("span", "root"), ("log", f"{i}{name}"), ("", 1)],
+                "span name": [("span", f"{i}{name}")],
+                "baggage": [("span", "root"), ("baggage", f"b{i}"), ("", name)]}[where]
+        h.send(("id", f"s{i}"), *args)
+    assert h.reg.stats["open_bytes"] > 0
+    assert h.reg._room >= -whole // 8 - 64
+    h.reg.close_all()
+    assert h.reg._room == whole
+
+
 def test_every_way_a_session_ends_gives_back_what_it_held() -> None:
     """finish=*, the TTL, the cap and a shutdown: the budget returns to nothing, or it would
     fill for good with sessions long gone and drop everything after."""
