@@ -527,17 +527,23 @@ class SpopConnection:
         if frame.stream_id or frame.frame_id:
             raise InvalidFrame("HAPROXY-HELLO must carry stream-id 0 and frame-id 0")
         items = codec.decode_kv_list(frame.payload)
+        # A value there but of the wrong type is an invalid frame, as HAProxy judges an
+        # AGENT-HELLO; status 5, 6 or 7 means the value is missing.
         versions = items.get("supported-versions")
-        if not isinstance(versions, str):
+        if versions is None:
             raise ProtocolError("supported-versions not found in HAPROXY-HELLO", Status.NO_VERSION)
+        if not isinstance(versions, str):
+            raise InvalidFrame("supported-versions must be a string")
         if not _supports_v2(versions):
             raise ProtocolError(
                 f"no supported version in {versions[:64]!r}: this agent speaks SPOP 2.0",
                 Status.UNSUPPORTED_VERSION,
             )
         peer_size = items.get("max-frame-size")
-        if type(peer_size) is not int:
+        if peer_size is None:
             raise ProtocolError("max-frame-size not found in HAPROXY-HELLO", Status.NO_MAX_FRAME_SIZE)
+        if type(peer_size) is not int:
+            raise InvalidFrame("max-frame-size must be an integer")
         if peer_size < MIN_FRAME_SIZE:
             raise ProtocolError(
                 f"max-frame-size {peer_size} is below the minimum of {MIN_FRAME_SIZE}",
@@ -649,14 +655,20 @@ _FRAGMENT_COST: Final = 64
 
 
 def _supports_v2(versions: str) -> bool:
-    """True if HAProxy announced a major version >= 2 ("2.0" in every release since 1.8.10).
+    """True if HAProxy announced a major version >= 2 ("2.0" in every release since 1.8.10),
+    written "Major.Minor" as the specification has it ("2" or "2.x" are not versions).
 
     ASCII digits only, and a bounded count: ``str.isdigit`` is true of "²" or "٢", which
     ``int`` rejects or reads as another number, and ``int`` refuses over 4,300 digits.
     """
     for item in versions.split(","):
-        major, _, _minor = item.strip().partition(".")
-        if 0 < len(major) <= 9 and major.isascii() and major.isdigit() and int(major) >= 2:
+        major, dot, minor = item.strip().partition(".")
+        if dot and _version_part(major) and _version_part(minor) and int(major) >= 2:
             return True
     return False
+
+
+def _version_part(text: str) -> bool:
+    return 0 < len(text) <= 9 and text.isascii() and text.isdigit()
+
 

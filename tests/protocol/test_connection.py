@@ -247,8 +247,17 @@ def test_a_notify_read_before_eof_still_gets_its_ack() -> None:
                      id="hello-nonzero-ids"),
         pytest.param(codec.encode_frame(FrameType.HAPROXY_HELLO, 0, 0, b"\x03ab"),
                      Status.INVALID_FRAME, id="hello-truncated-kv"),
-        pytest.param(hello(**{"max-frame-size": "big"}), Status.NO_MAX_FRAME_SIZE,
-                     id="size-not-int"),
+        # A value of the wrong type is there, not missing: an invalid frame, as HAProxy judges
+        # an AGENT-HELLO (black-box run: 5 and 6 were sent, against 4 for capabilities).
+        pytest.param(hello(**{"max-frame-size": "big"}), Status.INVALID_FRAME, id="size-not-int"),
+        pytest.param(hello(**{"supported-versions": 2}), Status.INVALID_FRAME,
+                     id="version-not-str"),
+        pytest.param(hello(capabilities=1), Status.INVALID_FRAME, id="capabilities-not-str"),
+        # "Major.Minor", as the specification writes versions
+        pytest.param(hello(**{"supported-versions": "2"}), Status.UNSUPPORTED_VERSION,
+                     id="version-no-minor"),
+        pytest.param(hello(**{"supported-versions": "2.x"}), Status.UNSUPPORTED_VERSION,
+                     id="version-minor-not-a-number"),
     ],
 )
 def test_hello_errors_get_the_spec_status_code(data: bytes, status: Status) -> None:
