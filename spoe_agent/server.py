@@ -476,11 +476,13 @@ class SpoaServer:
 
     def _connections_blocked(self) -> None:
         """A connection waits in the backlog while every slot is taken: count it, and free the
-        slot of the oldest connection still without HELLO, once it is ``HELLO_GRACE_S`` old.
+        slot of the oldest connection still without HELLO, once it is ``HELLO_GRACE_S`` old,
+        or else of the one idle longest, once idle ``IDLE_GRACE_S``.
 
         HAProxy says HELLO as soon as it connects, so such a connection is not HAProxy's, or
         no longer works; left alone, a thousand of them would keep HAProxy's connections out
         for a whole HELLO deadline (``read_timeout``), far longer than its ``timeout hello``.
+        An idle one is a burst's surplus, which HAProxy 2.6 keeps for its ``timeout idle``.
         """
         self._limit("connections", "max_connections (%d) reached: new HAProxy connections wait "
                     "in the %s until one closes", self.config.max_connections,
@@ -491,7 +493,8 @@ class SpoaServer:
     def _evict_silent(self) -> None:
         """Give the slot of the oldest connection without HELLO to the one waiting, once that
         connection is ``HELLO_GRACE_S`` old (later, if it is younger: gevent asks ``full()``
-        once per wait, not again)."""
+        once per wait, not again); with none, the slot of the one idle longest, once idle
+        ``IDLE_GRACE_S`` (with ``--workers``, the waiting one is passed on meanwhile)."""
         self._eviction_due = False
         if self._stopping or self._pool.free_count() > 0 or not self._pool.waiting():
             return
@@ -505,13 +508,15 @@ class SpoaServer:
                 if client.idle() and (oldest is None or client.parked_at < oldest.parked_at):
                     oldest = client
             if oldest is not None:
-                self._eviction_due = True
                 delay = oldest.parked_at + IDLE_GRACE_S - time.monotonic()
-                if delay > 0:
-                    gevent.spawn_later(delay, self._evict_silent)
-                else:
+                if delay <= 0:
+                    self._eviction_due = True
                     gevent.get_hub().loop.run_callback(self._evict, oldest)
-                return
+                    return
+                if self._give_back is None:  # with --workers, another may have room now
+                    self._eviction_due = True
+                    gevent.spawn_later(delay, self._evict_silent)
+                    return
             if self._give_back is not None:  # --workers
                 wait = self._passed_on_at + HELLO_GRACE_S - time.monotonic()
                 if wait > 0:
