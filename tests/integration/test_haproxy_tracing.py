@@ -258,6 +258,24 @@ def test_incoming_context_is_continued(tracing: TracingFactory) -> None:
     assert baggage == {"tenant": "acme", "user.id": "42", "note": "a%20b+c"}
 
 
+def get_with_lines(port: int, path: str, lines: list[tuple[str, str]]) -> str:
+    """GET with these header lines, repeated names kept apart (a dict would merge them);
+    returns the trace id HAProxy answered with, after checking the 200."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.putrequest("GET", path)
+        for name, value in lines:
+            conn.putheader(name, value)
+        conn.endheaders()
+        reply = conn.getresponse()
+        reply.read()
+        trace_id = reply.getheader("x-trace-id")
+    finally:
+        conn.close()
+    assert reply.status == 200 and trace_id
+    return trace_id
+
+
 @pytest.mark.parametrize(
     ("lines", "continued", "forwarded"),
     [
@@ -292,18 +310,7 @@ def test_a_tracestate_goes_with_the_trace_it_belongs_to(
     agent's having no tracestate of its own also deleted a continued trace's, when the last
     tracestate line (the one req.fhdr gives the agent) was empty."""
     t = tracing()
-    conn = http.client.HTTPConnection("127.0.0.1", t.port, timeout=10)
-    try:
-        conn.putrequest("GET", "/tracestate")
-        for name, value in lines:
-            conn.putheader(name, value)
-        conn.endheaders()
-        reply = conn.getresponse()
-        reply.read()
-        trace_id = reply.getheader("x-trace-id")
-    finally:
-        conn.close()
-    assert reply.status == 200 and trace_id
+    trace_id = get_with_lines(t.port, "/tracestate", lines)
     assert (trace_id == "4bf92f3577b34da6a3ce929d0e0e4736") is continued
     assert_reference_tree(wait_trace(t.receiver, trace_id), "hop-1")
     (seen,) = t.origin.requests
@@ -316,18 +323,8 @@ def test_baggage_split_over_two_lines_goes_on_whole(tracing: TracingFactory) -> 
     the backend's set-header then replaced both with it, so the service lost the first line's
     members (black-box run)."""
     t = tracing()
-    conn = http.client.HTTPConnection("127.0.0.1", t.port, timeout=10)
-    try:
-        conn.putrequest("GET", "/baggage")
-        conn.putheader("baggage", "k1=v1")
-        conn.putheader("baggage", "k2=v2,k3=v3")
-        conn.endheaders()
-        reply = conn.getresponse()
-        reply.read()
-        trace_id = reply.getheader("x-trace-id")
-    finally:
-        conn.close()
-    assert reply.status == 200 and trace_id
+    trace_id = get_with_lines(t.port, "/baggage", [("baggage", "k1=v1"),
+                                                   ("baggage", "k2=v2,k3=v3")])
     assert_reference_tree(wait_trace(t.receiver, trace_id), "hop-1")
     (seen,) = t.origin.requests
     lines = [v for k, v in seen.lines if k == "baggage"]
