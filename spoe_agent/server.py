@@ -517,6 +517,12 @@ class SpoaServer:
                     self._eviction_due = True
                     gevent.spawn_later(delay, self._evict_silent)
                     return
+            if self._give_back is None:
+                # Every connection busy: look again, as nothing else will (the listener is
+                # readable already; black-box run: DOWN for 2 minutes after a burst).
+                self._eviction_due = True
+                gevent.spawn_later(HELLO_GRACE_S, self._evict_silent)
+                return
             if self._give_back is not None:  # --workers
                 wait = self._passed_on_at + HELLO_GRACE_S - time.monotonic()
                 if wait > 0:

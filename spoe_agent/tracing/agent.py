@@ -68,7 +68,7 @@ _MISTAKES = {
     # Typos: nothing in the reference configuration or HAProxy's behaviour causes them.
     "unknown_arg": "%d SPOE message arguments with a name the span language does not know "
                    "ignored since the last report (a typo? README.md, 'The configuration "
-                   "language', lists the names; names met: %s)",
+                   "language', lists the names; names first met since the last report: %s)",
     "bad_kind": "%d kind= values other than server, client, producer, consumer and internal "
                 "ignored since the last report",
 }
@@ -256,12 +256,13 @@ class TracingAgent(Agent):
             if name == "unknown_arg":
                 # repr: the names are a peer's bytes (HAProxy's configuration, or anyone
                 # who reaches the port), kept to one line.
-                names = ", ".join(map(repr, UNKNOWN_NAMES)) or "?"
-                self._report(name, self.language_stats[name], now, template, names)
+                names = ", ".join(map(repr, UNKNOWN_NAMES)) or "none new"
+                if self._report(name, self.language_stats[name], now, template, names):
+                    UNKNOWN_NAMES.clear()  # the next report names what is new since this one
             else:
                 self._report(name, self.language_stats[name], now, template)
 
-    def _report(self, name: str, value: int, now: float, template: str, *more: object) -> None:
+    def _report(self, name: str, value: int, now: float, template: str, *more: object) -> bool:
         grew = value - self._limits_seen.get(name, 0)
         if grew > 0 and now - self._limits_logged.get(name, -LIMIT_LOG_INTERVAL_S) >= (
             LIMIT_LOG_INTERVAL_S
@@ -269,6 +270,8 @@ class TracingAgent(Agent):
             log.warning(template, grew, *more)
             self._limits_seen[name] = value
             self._limits_logged[name] = now
+            return True
+        return False
 
     def stop(self) -> None:
         """End what is still open as incomplete and flush the exporter within a deadline.

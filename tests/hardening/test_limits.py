@@ -396,7 +396,7 @@ def test_typos_in_the_span_language_are_logged_and_every_event_has_a_series(
     wait_until(lambda: "1 SPOE message arguments with a name the span language does not know"
                in agent.logs(), what="the unknown-argument report")
     # Named, so that the typo is found without bisecting spoe.cfg (black-box run).
-    assert "names met: 'chlid-of')" in agent.logs()
+    assert "names first met since the last report: 'chlid-of')" in agent.logs()
     wait_until(lambda: "1 kind= values other than server" in agent.logs(),
                what="the bad-kind report")
     after = scrape(metrics)
