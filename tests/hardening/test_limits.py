@@ -178,6 +178,28 @@ def test_at_the_cap_the_connection_idle_longest_gives_its_slot_not_one_in_use(
     still_serving(agent)
 
 
+def test_a_cap_reached_while_every_connection_is_busy_still_evicts_once_one_is_idle(
+    spoe_agent: AgentFactory, tmp_path: Path
+) -> None:
+    """When the connection came, the only slot was busy (a handler in flight): nothing was
+    idle to evict, and nothing looked again, so it waited for HAProxy's timeout idle (re-test
+    run: DOWN for 115 s in 5 of 9 runs). One process now looks again every second."""
+    agent, metrics = start(spoe_agent, tmp_path, "max_connections = 1\nread_timeout = 60s")
+    address = (agent.host, agent.port)
+    with SpopClient(address, timeout=15) as busy:
+        busy.handshake()
+        busy.send(codec.notify(1, 1, [Message("nap", [("ms", 1500), ("id", 1)])]))
+        waiting = SpopClient(address, timeout=20)  # arrives while the handler is in flight
+        waiting.send(hello_frame())
+        ack = busy.read_frame()
+        assert ack is not None and ack.type == FrameType.ACK, ack
+        frame = waiting.read_frame()  # the busy one, idle 5 s since its ACK, gives its slot
+        assert frame is not None and frame.type == FrameType.AGENT_HELLO, frame
+        waiting.close()
+    assert limit_hits(metrics, "idle_evicted") == 1
+    still_serving(agent)
+
+
 # ---------------------------------------------------------------------------- deadlines
 
 
