@@ -214,16 +214,24 @@ def _otlp_headers(text: str) -> str:
     return text
 
 
-def _sdk_seconds(text: str) -> float:
-    """A timeout variable that OpenTelemetry's Python exporters read in seconds (the
-    specification says milliseconds): a unit says which; a bare number is seconds, as there,
-    and one so large that milliseconds were surely meant is refused rather than guessed."""
-    value = _positive(parse_duration)(text)
-    if re.fullmatch(r"\s*\d+(?:\.\d+)?\s*", str(text)) and value > 600:
-        raise ValueError(f"{str(text).strip()} seconds? A bare number counts in seconds here, as "
-                         f"in OpenTelemetry's Python exporters: give a unit, such as "
-                         f"{str(text).strip()}ms or 10s")
-    return value
+def _seconds_at_most_bare(most: float, where: str, example: str) -> Callable[[str], float]:
+    """A positive duration, seconds when bare; a bare number over ``most``, where milliseconds
+    were surely meant, is refused rather than guessed: seconds ``where`` (the reason), give a
+    unit (``example``, or the number in ms)."""
+    def parse(text: str) -> float:
+        value = _positive(parse_duration)(text)
+        bare = str(text).strip()
+        if re.fullmatch(r"\d+(?:\.\d+)?", bare) and value > most:
+            raise ValueError(f"{bare} seconds? A bare number counts in seconds {where}: give a "
+                             f"unit, such as {bare}ms or {example or bare + 's'}")
+        return value
+
+    return parse
+
+
+#: A timeout variable that OpenTelemetry's Python exporters read in seconds (the specification
+#: says milliseconds): a unit says which; a bare number is seconds, as there.
+_sdk_seconds = _seconds_at_most_bare(600, "here, as in OpenTelemetry's Python exporters", "10s")
 
 
 def _otlp_endpoint(text: str) -> str:
@@ -410,18 +418,8 @@ def parse_size(text: str) -> int:
 
 def _file_seconds(most: float, variable: str) -> Callable[[str], float]:
     """An agent.ini duration whose variable counts in milliseconds: a bare number is seconds in
-    the file, so one over ``most`` (500 meaning 500 ms, exports held back for 8 minutes) is
-    refused rather than taken; with a unit, any positive value stands."""
-    def parse(text: str) -> float:
-        value = _positive(parse_duration)(text)
-        bare = str(text).strip()
-        if re.fullmatch(r"\d+(?:\.\d+)?", bare) and value > most:
-            raise ValueError(f"{bare} seconds? A bare number counts in seconds in agent.ini "
-                             f"({variable} counts in milliseconds): give a unit, such as "
-                             f"{bare}ms or {bare}s")
-        return value
-
-    return parse
+    the file (500 meaning 500 ms held exports back for 8 minutes)."""
+    return _seconds_at_most_bare(most, f"in agent.ini ({variable} counts in milliseconds)", "")
 
 
 # ------------------------------------------------------------------------------- options

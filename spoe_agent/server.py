@@ -507,23 +507,18 @@ class SpoaServer:
             for client in self._clients:
                 if client.idle() and (oldest is None or client.parked_at < oldest.parked_at):
                     oldest = client
-            if oldest is not None:
-                delay = oldest.parked_at + IDLE_GRACE_S - time.monotonic()
-                if delay <= 0:
-                    self._eviction_due = True
-                    gevent.get_hub().loop.run_callback(self._evict, oldest)
-                    return
-                if self._give_back is None:  # with --workers, another may have room now
-                    self._eviction_due = True
-                    gevent.spawn_later(delay, self._evict_silent)
-                    return
-            if self._give_back is None:
-                # Every connection busy: look again, as nothing else will (the listener is
-                # readable already; black-box run: DOWN for 2 minutes after a burst).
+            delay = (HELLO_GRACE_S if oldest is None
+                     else oldest.parked_at + IDLE_GRACE_S - time.monotonic())
+            if oldest is not None and delay <= 0:
                 self._eviction_due = True
-                gevent.spawn_later(HELLO_GRACE_S, self._evict_silent)
-                return
-            if self._give_back is not None:  # --workers
+                gevent.get_hub().loop.run_callback(self._evict, oldest)
+            elif self._give_back is None:
+                # Look again once it is old enough, or, every connection busy, a second later:
+                # nothing else will (the listener is readable already; black-box run: DOWN for
+                # 2 minutes after a burst).
+                self._eviction_due = True
+                gevent.spawn_later(delay, self._evict_silent)
+            else:  # --workers: another worker may have room meanwhile
                 wait = self._passed_on_at + HELLO_GRACE_S - time.monotonic()
                 if wait > 0:
                     self._eviction_due = True

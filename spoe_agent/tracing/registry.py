@@ -130,7 +130,6 @@ _tuple_new: Final = tuple.__new__
 #: ``max_open_bytes`` counts in units of 1 << 6 = 64 bytes.
 _UNIT_SHIFT: Final = 6
 _UNIT: Final = 1 << _UNIT_SHIFT
-_INVALID_CONTEXT: Final = INVALID_SPAN_CONTEXT
 _MAX_PARENT_WALK: Final = 1024
 _new_context: Final = _span_context_factory()
 
@@ -846,7 +845,7 @@ class SessionRegistry:
             self._fix(session, None, None)
         try:
             if self._pass_through:
-                context = _INVALID_CONTEXT
+                context = INVALID_SPAN_CONTEXT
                 if session.remote_id:
                     trace_id = session.trace_id
                     assert trace_id is not None
