@@ -46,6 +46,10 @@ _socket_class = get_original("socket", "socket")
 _socketpair = get_original("socket", "socketpair")
 _MSG = 4096
 REPORT_PREFIX = b"L"
+#: Worker to supervisor, just before each report: how many of its open connections would give
+#: their slot to one that waits (server.SpoaServer.evictable). A message of its own, so that a
+#: supervisor of the version before, which reads reports as digits alone, ignores it.
+FREEABLE_PREFIX = b"F"
 #: Supervisor to worker: hand one idle connection back, to be served by another worker.
 GIVE_SIGNAL = signal.SIGUSR1
 #: Worker to supervisor, with the descriptor: ``marshal`` of (address, connection state).
@@ -95,9 +99,11 @@ def read_move(data: bytes) -> tuple[Any, Any] | None:
     return address, state
 
 
-def read_report(data: bytes) -> int | None:
-    """The open-connection count in a worker's report, or None if ``data`` is not one."""
-    if data.startswith(REPORT_PREFIX) and data[1:].isdigit():
+def read_report(data: bytes, prefix: bytes = REPORT_PREFIX) -> int | None:
+    """The count in a worker's report (``REPORT_PREFIX``: its open connections;
+    ``FREEABLE_PREFIX``: those that would give up their slot), or None if ``data`` is not
+    one."""
+    if data.startswith(prefix) and data[1:].isdigit():
         return int(data[1:])
     return None
 
@@ -215,14 +221,16 @@ class HandoffListener:
         return alive
 
     def report(self) -> None:
-        """Tell the supervisor how many connections this worker has open, not counting those
-        that said no HELLO in time: their slots go to the next connection that waits here,
-        which the supervisor then routes here rather than to a worker full of HAProxy's."""
-        count = self.open_connections()
-        if self._server is not None:
-            count = max(0, count - self._server.evictable())
+        """Tell the supervisor how many connections this worker has open, and how many of them
+        would give their slot to a connection that waits here (silent, or idle, past their
+        grace), so that it routes new connections here rather than to a worker full of busy
+        ones. Two counts, not one less the other: the open count is the worker's load, which
+        the supervisor keeps even (``_rebalance``), and HAProxy's connections all fall idle
+        whenever traffic pauses."""
+        freeable = 0 if self._server is None else self._server.evictable()
         try:
-            self._chan.send(REPORT_PREFIX + str(count).encode())
+            self._chan.send(FREEABLE_PREFIX + str(freeable).encode())
+            self._chan.send(REPORT_PREFIX + str(self.open_connections()).encode())
         except OSError:
             pass
 

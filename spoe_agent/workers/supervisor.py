@@ -37,6 +37,7 @@ from spoe_agent.listeners import make_listener, remove_listener_socket
 from spoe_agent.logs import EVERY_TIME
 from spoe_agent.runner import EXIT_FORCED, SHUTDOWN_TIMEOUT, STOP_SIGNALS, StartupError
 from spoe_agent.workers.handoff import (
+    FREEABLE_PREFIX,
     GIVE_SIGNAL,
     channel_pair,
     read_move,
@@ -108,7 +109,7 @@ class _Slot:
     """Worker ``index``: its current process and its restart history."""
 
     __slots__ = ("index", "proc", "started", "backoff", "restart_at", "restarts", "channel",
-                 "reported", "handed", "reader", "serving", "heard", "closing",
+                 "reported", "freeable", "handed", "reader", "serving", "heard", "closing",
                  "closing_since")
 
     def __init__(self, index: int) -> None:
@@ -120,6 +121,7 @@ class _Slot:
         self.restarts = 0
         self.channel: Any = None  # our end of the hand-off socket pair
         self.reported = 0  # open connections, as the worker last said
+        self.freeable = 0  # of those, how many would give their slot to one that waits
         self.handed = 0  # connections handed over since that report
         self.reader: gevent.Greenlet | None = None
         self.serving = False  # it sent a report: it serves, its routing set up
@@ -129,7 +131,14 @@ class _Slot:
 
     @property
     def load(self) -> int:
+        """Connections open: what the workers are kept even by."""
         return self.reported + self.handed
+
+    @property
+    def taken(self) -> int:
+        """Slots a connection handed here could not have: idle and silent connections give
+        theirs up (server.SpoaServer.evictable)."""
+        return max(0, self.reported - self.freeable) + self.handed
 
 
 class Supervisor:
@@ -260,7 +269,7 @@ class Supervisor:
         finally:
             theirs.close()
         slot.channel = ours
-        slot.reported = slot.handed = 0
+        slot.reported = slot.freeable = slot.handed = 0
         slot.serving = slot.closing = False
         slot.started = slot.heard = time.monotonic()
         slot.reader = gevent.spawn(self._read_reports, slot, ours)
@@ -290,6 +299,11 @@ class Supervisor:
                         slot.closing = True
                         slot.closing_since = time.monotonic()
                     return  # the worker is stopping or exited; _check notices and restarts it
+                freeable = read_report(data, FREEABLE_PREFIX)
+                if freeable is not None:
+                    if slot.channel is channel:
+                        slot.freeable = freeable
+                    continue
                 count = read_report(data)
                 if count is not None and slot.channel is channel:
                     slot.reported, slot.handed = count, 0
@@ -325,19 +339,23 @@ class Supervisor:
     def _hand_over(self, conn: Any, address: Any, state: Any = None,
                    giver: _Slot | None = None) -> bool:
         now = time.monotonic()
-        for slot in sorted(self.slots, key=lambda s: s.load):
+        # With room first, then those with room once a connection gives its slot up; the
+        # fewest open connections first among each.
+        share = self._share
+        ranked = sorted(self.slots, key=lambda s: (s.taken >= share, s.load >= share, s.load))
+        for slot in ranked:
             if slot.channel is None or slot is giver or slot.closing:
                 continue
             if (slot.serving and now - slot.heard > SILENT_AFTER_S
                     and now - self._last_check < _LATE_CHECK_S):
                 continue  # hung, most likely (_check kills it): HAProxy would wait on it
             if (state is not None or giver is not None) and (
-                    not slot.serving or slot.load >= self._share):
+                    not slot.serving or slot.taken >= share):
                 # A connection another worker served goes to one that serves it now: HAProxy
                 # is using it (a new one waits for its HELLO answer, which a starting worker
                 # gives once it is up, or a full one once a connection closes). One a full
                 # worker passed back goes to one with room (reports count the slots of
-                # connections silent too long as room: server.SpoaServer.evictable).
+                # connections silent or idle too long as room: server.SpoaServer.evictable).
                 continue
             try:
                 send_connection(slot.channel, conn, address, state)

@@ -11,6 +11,8 @@ import pytest
 from spoe_agent.config import AgentConfig
 from spoe_agent.workers import worker_config
 from spoe_agent.workers.handoff import (
+    FREEABLE_PREFIX,
+    GIVE_SIGNAL,
     MOVE_PREFIX,
     HandoffListener,
     channel_pair,
@@ -119,6 +121,64 @@ def test_a_connection_handed_back_when_every_other_worker_is_full_returns_to_its
             worker.close()
 
 
+class _Process:
+    """What ``_rebalance`` asks of a worker's process."""
+
+    def __init__(self) -> None:
+        self.signals: list[int] = []
+
+    def poll(self) -> None:
+        return None
+
+    def send_signal(self, signum: int) -> None:
+        self.signals.append(signum)
+
+
+def test_connections_idle_on_both_workers_are_still_evened_out() -> None:
+    """After a restart the other worker holds HAProxy's connections; traffic pauses, and
+    every connection falls idle past its grace (all of them evictable). The workers are
+    still kept even by open connections: before, the reports left idle ones out, both read
+    0, and a worker holding 9 against 2 stayed so (CI: the killed-worker test)."""
+    supervisor, workers = _supervisor(max_connections=1000)
+    busiest, idlest = supervisor.slots
+    busiest.reported, busiest.freeable = 9, 9
+    idlest.reported, idlest.freeable = 2, 2
+    for slot in supervisor.slots:
+        slot.proc = _Process()
+    supervisor._all_serving.set()
+    try:
+        supervisor._rebalance(1000.0)
+        assert busiest.proc.signals == [GIVE_SIGNAL] and idlest.proc.signals == []
+    finally:
+        for worker in workers:
+            worker.close()
+
+
+@pytest.mark.parametrize("first, second, chosen", [
+    ((1, 0), (2, 0), 0),  # room on both: the fewest open connections
+    ((2, 0), (2, 1), 1),  # both full but one would free a slot
+    ((2, 1), (1, 0), 1),  # a free slot before one freed by eviction
+    ((2, 2), (2, 0), 0),
+])
+def test_a_new_connection_goes_where_a_slot_is_free_or_would_be(
+        first: tuple[int, int], second: tuple[int, int], chosen: int) -> None:
+    supervisor, workers = _supervisor(max_connections=4)  # a share of 2 each
+    for slot, (open_, freeable) in zip(supervisor.slots, (first, second), strict=True):
+        slot.reported, slot.freeable = open_, freeable
+    a, b = socket.socketpair()
+    try:
+        assert supervisor._hand_over(a, "peer")
+        fd, address = workers[chosen].listener._accept()
+        os.close(fd)
+        with pytest.raises(BlockingIOError):
+            workers[1 - chosen].listener._accept()
+    finally:
+        a.close()
+        b.close()
+        for worker in workers:
+            worker.close()
+
+
 def test_a_descriptor_that_is_not_a_socket_is_closed_not_handed_on() -> None:
     supervisor, workers = _supervisor(max_connections=100)
     read_end, write_end = os.pipe()
@@ -145,17 +205,21 @@ def test_the_worker_reports_its_open_connections() -> None:
     theirs.close()
     try:
         listener.report()
+        assert read_report(ours.recv(64), FREEABLE_PREFIX) == 0
         assert read_report(ours.recv(64)) == 0
         assert read_report(b"L12") == 12
+        assert read_report(b"F12") is None  # what a supervisor of the version before reads
+        assert read_report(b"F3", FREEABLE_PREFIX) == 3
         assert read_report(b"garbage") is None
     finally:
         listener.close()
         ours.close()
 
 
-def test_connections_without_hello_are_reported_as_free_slots() -> None:
+def test_connections_that_would_give_up_their_slot_are_reported_with_the_open_ones() -> None:
     """They give their slot to the next connection that waits (server._evict_silent), so the
-    supervisor must route new connections to their worker, not to one full of HAProxy's."""
+    supervisor must route new connections to their worker, not to one full of HAProxy's; but
+    they stay open, and count in the load the supervisor keeps even."""
 
     class Server:
         def evictable(self) -> int:
@@ -169,10 +233,12 @@ def test_connections_without_hello_are_reported_as_free_slots() -> None:
         for a, _ in pairs:
             listener._handed[a.fileno()] = os.fstat(a.fileno()).st_ino
         listener.report()
+        assert read_report(ours.recv(64), FREEABLE_PREFIX) == 0
         assert read_report(ours.recv(64)) == 3
         listener.attach(Server())
         listener.report()
-        assert read_report(ours.recv(64)) == 2
+        assert read_report(ours.recv(64), FREEABLE_PREFIX) == 1
+        assert read_report(ours.recv(64)) == 3
     finally:
         for a, b in pairs:
             a.close()
