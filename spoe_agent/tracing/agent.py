@@ -59,6 +59,12 @@ _LIMIT_HELP = {
                   "dropped (a peer sending huge values? or raise it)",
     "export_queue": "export_queue_size reached, spans were dropped (is the collector slow?)",
 }
+# Messages for sessions already ended early: the trace is cut and marked incomplete, and the
+# usual cause, a server slower than session_ttl, is a setting to change.
+_LATE_MESSAGES = ("%d SPOE messages came for sessions already ended by session_ttl or "
+                  "max_sessions since the last report, and were dropped: those traces end "
+                  "early, marked incomplete (a server slower than session_ttl? Keep it above "
+                  "your longest 'timeout server')")
 # Span-language events that mean a configuration mistake rather than one odd message: logged
 # like the limits, since a counter alone is silent for whoever has no /metrics yet.
 _MISTAKES = {
@@ -252,6 +258,7 @@ class TracingAgent(Agent):
             # rate-limits by template, and one limit must not silence another.
             self._report(name, value, now, f"tracing limit {name} hit %d times since the last "
                          f"report: {_LIMIT_HELP[name]}")
+        self._report("late_message", self.registry.stats["late_message"], now, _LATE_MESSAGES)
         for name, template in _MISTAKES.items():
             if name == "unknown_arg":
                 # repr: the names are a peer's bytes (HAProxy's configuration, or anyone

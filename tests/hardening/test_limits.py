@@ -427,6 +427,27 @@ def test_typos_in_the_span_language_are_logged_and_every_event_has_a_series(
     still_serving(agent)
 
 
+def test_events_after_the_session_ttl_are_logged_not_only_counted(
+    spoe_agent: AgentFactory, tmp_path: Path
+) -> None:
+    """A server slower than session_ttl: the TTL ends the trace early, and the response's
+    events that come later were dropped with nothing said but a counter (black-box run: a
+    200 after 9.5 s showed as an incomplete 1 ms trace, and the log was silent)."""
+    agent, metrics = start(spoe_agent, tmp_path, "", app=None, tracing="session_ttl = 1s",
+                           env=clean_env(OTEL_TRACES_EXPORTER="none"))
+    with SpopClient((agent.host, agent.port), timeout=15) as client:
+        client.handshake()
+        notify_ok(client, 1, [trace("slow", ("span", "root"))])
+        wait_until(lambda: value(scrape(metrics), "spoe_agent_tracing_events_total",
+                                 event="sessions_evicted_ttl") == 1, what="the TTL's end")
+        notify_ok(client, 2, [trace("slow", ("finish", "root"))])
+    wait_until(lambda: "1 SPOE messages came for sessions already ended by session_ttl"
+               in agent.logs(), what="the late-message report")
+    assert "Keep it above your longest 'timeout server'" in agent.logs()
+    assert value(scrape(metrics), "spoe_agent_tracing_events_total", event="late_message") == 1
+    still_serving(agent)
+
+
 def test_open_sessions_hold_no_more_than_max_open_bytes(
     spoe_agent: AgentFactory, tmp_path: Path
 ) -> None:
