@@ -10,6 +10,7 @@ language, the registry and the exporter shows up here.
 from __future__ import annotations
 
 import http.client
+import socket
 import subprocess
 import threading
 import time
@@ -44,7 +45,7 @@ from tests.integration.tracing_support import (
     wait_spans,
     wait_trace,
 )
-from tests.support.haproxy import HAProxy
+from tests.support.haproxy import HAProxy, HAProxyConfigError
 from tests.support.procs import AgentProcess, free_port
 
 pytestmark = pytest.mark.haproxy
@@ -658,4 +659,47 @@ def test_a_client_b3_header_joins_and_is_replaced_at_every_hop(tracing: TracingF
     assert seen.headers.get("x-b3-traceid") == caller_trace
     assert seen.headers.get("x-b3-spanid") == hop2["Backend HTTP request"].span_id
     assert seen.headers.get("x-b3-sampled") == "1"
+    assert_agent_log_clean(t.agent)
+
+
+def _readme_block(first_line: str) -> str:
+    """The README's code block that starts with ``first_line``, as a user copies it."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    return first_line + readme.split(first_line, 1)[1].split("```", 1)[0]
+
+
+def test_the_readmes_timer_tags_show_the_time_no_span_holds(
+    tracing: TracingFactory, haproxy_version: str
+) -> None:
+    """Time HAProxy spent before its first event (receiving the request headers) is in no
+    span (black-box run: a slow client's 254 ms did not show). The README's message puts
+    HAProxy 3.2's timers on the root span; 2.6 has no such fetches and refuses it, as the
+    README says."""
+    text = REFERENCE_SPOE_CFG.read_text()
+    anchor = "    groups   answered\n"
+    assert anchor in text, "the reference spoe.cfg changed: update this test's variant"
+    spoe_text = (text.replace(anchor, "    messages trace-request-timers trace-server-timers\n"
+                              + anchor)
+                 + "\n" + _readme_block("spoe-message trace-request-timers\n"))
+    if haproxy_version == "2.6":
+        with pytest.raises(HAProxyConfigError, match="unknown fetch method"):
+            tracing(spoe_text=spoe_text)
+        return
+    t = tracing(spoe_text=spoe_text)
+    with socket.create_connection(("127.0.0.1", t.port), timeout=15) as sock:
+        sock.sendall(b"GET /slow-client HTTP/1.1\r\nHost: shop\r\n")
+        time.sleep(0.3)  # the rest of the headers comes late, as from a slow client
+        sock.sendall(b"Connection: close\r\n\r\n")
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        response.read()
+    assert response.status == 200
+    trace_id = response.getheader("x-trace-id")
+    assert trace_id, response.getheaders()
+    named = assert_reference_tree(wait_trace(t.receiver, trace_id), "hop-1")
+    tags = own_tags(named[ROOT])
+    assert tags["haproxy.timer.request_headers_ms"] >= 300, tags
+    assert named[ROOT].duration_us < 300_000, describe(named.values())  # the span missed it
+    assert tags["haproxy.timer.queue_ms"] == 0 and tags["haproxy.timer.connect_ms"] >= 0, tags
+    assert tags["haproxy.retries"] == 0 and tags["haproxy.redispatched"] is False, tags
     assert_agent_log_clean(t.agent)
