@@ -913,7 +913,7 @@ class SpoaServer:
 
 
 # How long a protocol error's AGENT-DISCONNECT waits for the ACKs of the concurrent handlers
-# still running on NOTIFYs of its read (SpopConnection.release_goodbye).
+# still running on NOTIFYs decoded before the bad frame (SpopConnection.release_goodbye).
 _GOODBYE_WAIT_S: Final = 1.0
 _PROTOCOL_ERROR_KEYS: Final = {int(status): f"protocol_error_{int(status)}" for status in Status}
 _HAPROXY_DISCONNECT_KEYS: Final = {int(s): f"haproxy_disconnect_{int(s)}" for s in Status}

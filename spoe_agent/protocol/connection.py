@@ -111,8 +111,8 @@ class DisconnectReceived:
 @dataclass(slots=True)
 class ProtocolViolation:
     """The peer broke the protocol; the state is CLOSED and AGENT-DISCONNECT(status) is queued,
-    after the ACKs still owed to the NOTIFYs decoded before the bad frame in the same read
-    (:meth:`SpopConnection.release_goodbye` gives up on those)."""
+    after the ACKs still owed to the NOTIFYs decoded before the bad frame, in this read or an
+    earlier one (:meth:`SpopConnection.release_goodbye` gives up on those)."""
 
     status: Status
     message: str
@@ -197,12 +197,14 @@ class SpopConnection:
         #: HELLO it never does: that deadline runs from the accept, however many frames of
         #: other kinds a peer dribbles first.)
         self.began_frame = False
-        # A protocol error's AGENT-DISCONNECT waits here while NOTIFYs of the same read, decoded
-        # before the bad frame, still owe their ACKs (``_owed``: their stream and frame ids):
-        # the spec wants every NOTIFY ACKed, and HAProxy would otherwise fail streams whose
-        # events were handled. The shell releases it once the read is handled, in any case.
+        # A protocol error's AGENT-DISCONNECT waits here while NOTIFYs decoded before the bad
+        # frame still owe their ACKs (``_unanswered``: those of the same read, and those of
+        # earlier reads whose concurrent handlers still run, such as an inject waiting for
+        # another worker): the spec wants every NOTIFY ACKed, and HAProxy would otherwise fail
+        # streams whose events were handled. The shell releases it once the read is handled
+        # and its handlers joined, within a bound, in any case.
         self._goodbye: tuple[int, str] | None = None
-        self._owed: dict[tuple[int, int], int] = {}  # how many, for ids a peer repeated
+        self._unanswered = 0  # NOTIFYs decoded whose ACK is not queued yet
         self._inbuf = bytearray()
         self._out: list[bytes] = []
         self._fragments: _Fragments | None = None
@@ -307,16 +309,10 @@ class SpopConnection:
                 len(actions),
             )
         self._out.append(frame)
-        if self._goodbye is not None:
-            owed = self._owed
-            ids = (stream_id, frame_id)
-            left = owed.get(ids, 0) - 1
-            if left > 0:
-                owed[ids] = left
-            else:
-                owed.pop(ids, None)
-            if not owed:
-                self.release_goodbye()
+        if self._unanswered:
+            self._unanswered -= 1
+        if self._goodbye is not None and not self._unanswered:
+            self.release_goodbye()
 
     @property
     def goodbye_pending(self) -> bool:
@@ -434,6 +430,7 @@ class SpopConnection:
                         else:
                             early = None
                             events.append(NotifyReceived(sid, fid, messages))
+                            self._unanswered += 1
                     else:
                         early = None
                         self._handle_frame(data[pos + _LENGTH_PREFIX:frame_end], events)
@@ -480,14 +477,8 @@ class SpopConnection:
         # The server logs it with the peer's address; this is for protocol debugging.
         log.debug("SPOP protocol error, disconnecting with status %d: %s", status, message)
         self._fragments = None
-        owed: dict[tuple[int, int], int] = {}
-        for e in events:
-            if type(e) is NotifyReceived and not e.acked:
-                ids = (e.stream_id, e.frame_id)
-                owed[ids] = owed.get(ids, 0) + 1
-        if owed:
+        if self._unanswered:
             self._goodbye = (int(status), message)
-            self._owed = owed
             self.disconnect_status = int(status)
         else:
             self._queue_disconnect(status, message)
@@ -602,6 +593,7 @@ class SpopConnection:
                 events.append(NotifyReceived(
                     frame.stream_id, frame.frame_id, codec.decode_messages(frame.payload),
                 ))
+                self._unanswered += 1
                 return
             if "fragmentation" not in self.capabilities:
                 raise ProtocolError(
@@ -633,6 +625,7 @@ class SpopConnection:
             events.append(NotifyReceived(
                 pending.stream_id, pending.frame_id, codec.decode_messages(payload),
             ))
+            self._unanswered += 1
 
     def _add_fragment(self, pending: _Fragments, payload: bytes) -> None:
         # Each fragment also costs what holds it (a bytes object and a list slot): counted by

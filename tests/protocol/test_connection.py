@@ -716,6 +716,23 @@ def test_notifies_before_a_bad_frame_in_the_read_are_acked_before_the_disconnect
     assert conn.data_to_send() == b""
 
 
+def test_a_notify_of_an_earlier_read_still_handled_gets_its_ack_before_the_disconnect() -> None:
+    """A concurrent handler (with --workers, an inject for a session another worker owns)
+    can still run when a later read brings a bad frame: its ACK was refused, the DISCONNECT
+    already queued, where the same frames in one read got it (live fuzzing, 1 run in 20)."""
+    conn = ready()
+    conn.receive_data(codec.notify(1, 1, [Message("a", [])]))  # handed to a handler
+    events = conn.receive_data(codec.notify(2, 1, [Message("b", [])]) + b"\x00\x00\x00\x01\x03")
+    assert [type(e) for e in events] == [NotifyReceived, ProtocolViolation, ConnectionClosed]
+    assert conn.data_to_send() == b""  # the goodbye waits for both ACKs
+    conn.send_ack(2, 1)
+    assert conn.data_to_send() == codec.ack(2, 1)
+    conn.send_ack(1, 1)
+    out = conn.data_to_send()
+    assert out[:len(codec.ack(1, 1))] == codec.ack(1, 1)
+    assert disconnect_status(out[len(codec.ack(1, 1)):])[0] == Status.INVALID_FRAME
+
+
 def test_a_goodbye_held_for_acks_is_sent_when_the_shell_gives_up_on_them() -> None:
     conn = ready()
     conn.receive_data(codec.notify(1, 1, [Message("a", [])]) + b"\x00\x00\x00\x01\x03")
