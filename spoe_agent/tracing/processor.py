@@ -275,7 +275,10 @@ class QueueSpanProcessor(SpanProcessor):
                 _pause()
             if time.monotonic() >= deadline:
                 return
-            slice_ = self._take(size)
+            # What tops up what is encoded so far to one batch, no more: the batch size is the
+            # most a post holds (OTEL_BSP_MAX_EXPORT_BATCH_SIZE), which operators set to stay
+            # under a collector's body limit; whole slices made posts of up to twice it.
+            slice_ = self._take(size - (0 if self._encoded is None else len(self._encoded)))
             if not slice_:
                 return
             try:

@@ -414,6 +414,33 @@ def test_encoding_exporter_encodes_as_spans_end_and_sends_whole_batches() -> Non
     processor.shutdown()
 
 
+def test_a_post_holds_at_most_a_batch_whatever_the_slices() -> None:
+    """OTEL_BSP_MAX_EXPORT_BATCH_SIZE is a maximum: each slice topped up a batch with up to a
+    whole batch more, and posts of 100 held up to 178 spans (black-box run against a
+    collector with a body limit)."""
+    exporter = Encoding()
+    gate = threading.Event()
+    encode = exporter.encode
+
+    def first_waits(spans: Sequence[ReadableSpan], into: _Encoded | None = None) -> _Encoded:
+        if into is None:
+            gate.wait(WAIT)  # spans pile up meanwhile, as under load
+        return encode(spans, into)
+
+    exporter.encode = first_waits  # type: ignore[method-assign]
+    processor = QueueSpanProcessor(
+        exporter, max_export_batch_size=8, schedule_delay_s=3600, encode_slice=1
+    )
+    processor.on_end(span(0))
+    for i in range(1, 24):
+        processor.on_end(span(i))
+    gate.set()
+    assert exporter.wait_for_spans(24)
+    assert [len(batch) for batch in exporter.batches] == [8, 8, 8], exporter.batches
+    assert [n for batch in exporter.batches for n in batch] == names(0, 24)
+    processor.shutdown()
+
+
 def test_encoded_spans_go_out_after_the_delay_on_flush_and_at_shutdown() -> None:
     exporter = Encoding()
     processor = QueueSpanProcessor(
