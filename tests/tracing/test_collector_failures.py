@@ -151,3 +151,24 @@ def test_a_failed_post_is_logged_without_the_credentials_of_its_url(
         assert exporter.export(spans()) is SpanExportResult.FAILURE
     assert f"export to http://127.0.0.1:{port}/api/traces failed" in caplog.text
     assert "S3cr3t" not in caplog.text and "tracer" not in caplog.text
+
+
+def test_a_closed_jaeger_agent_port_shows_as_failed_exports_not_as_exported(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A jaeger-agent down, or a wrong port: every datagram was lost while the counters said
+    them all exported, and nothing was logged (black-box run: 42,795 spans). The kernel's
+    ICMP refusal now reaches the exporter: about one export in two fails, counted and logged."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # nothing listens there now
+    exporter = FastJaegerExporter(agent_host_name="127.0.0.1", agent_port=port)
+    with caplog.at_level(logging.WARNING):
+        results = [exporter.export(spans()) for _ in range(6)]
+    assert SpanExportResult.FAILURE in results, results
+    assert exporter.stats.send_errors >= 2 and exporter.stats.spans_failed >= 6, exporter.stats
+    assert exporter.stats.spans_sent < 18
+    assert f"Jaeger agent export to 127.0.0.1:{port} failed" in caplog.text
+    assert "Connection refused" in caplog.text
+    exporter.shutdown()

