@@ -142,6 +142,13 @@ def _http_url(text: str) -> str:
         parts = urlsplit(text)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"expected an http:// or https:// URL, got {_redacted(text)!r}")
+        try:
+            port = parts.port  # a port out of range or not a number: each export would fail
+        except ValueError:
+            port = 0
+        if port == 0:
+            raise ValueError(f"the port of {_redacted(text)!r} is not a number from 1 to "
+                             "65535")
     return text
 
 

@@ -257,6 +257,21 @@ def test_the_readmes_agent_ini_loads_as_shown(tmp_path: Path) -> None:
     assert (config.otlp_certificate, config.jaeger_timeout) == ("", 10.0)
 
 
+@pytest.mark.parametrize("name, url", [
+    ("OTEL_EXPORTER_JAEGER_ENDPOINT", "http://collector:99999/api/traces"),
+    ("OTEL_EXPORTER_JAEGER_ENDPOINT", "http://collector:abc/api/traces"),
+    ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:99999"),
+    ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "https://collector:0/v1/traces"),
+])
+def test_an_endpoint_port_that_cannot_be_is_refused_naming_the_variable(name: str,
+                                                                        url: str) -> None:
+    """Black-box run: the Jaeger endpoint's bad port stopped the agent with "Port out of range
+    0-65535" and no variable named; the OTLP one passed --check, and every export failed."""
+    with pytest.raises(ConfigError, match=f"variable {name}: .*is not a number from 1 to 65535"):
+        load_config(env={name: url, "OTEL_TRACES_EXPORTER": "otlp" if "OTLP" in name
+                         else "jaeger"})
+
+
 def test_credentials_are_not_echoed_and_not_half_set() -> None:
     with pytest.raises(ConfigError) as info:
         load_config(env={"OTEL_EXPORTER_JAEGER_ENDPOINT": "ftp://u:s3cret@c/x"})
