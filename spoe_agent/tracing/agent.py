@@ -65,6 +65,17 @@ _LATE_MESSAGES = ("%d SPOE messages came for sessions already ended by session_t
                   "max_sessions since the last report, and were dropped: those traces end "
                   "early, marked incomplete (a server slower than session_ttl? Keep it above "
                   "your longest 'timeout server')")
+# Sessions that began mid-stream: a restart cuts a few; many mean another agent gets the rest.
+_PARTIAL_SESSIONS = ("%d sessions began mid-stream since the last report (their first message "
+                     "named spans they never had; marked haproxy.session.partial): an agent "
+                     "restart cuts a few; many mean HAProxy spreads each stream's events over "
+                     "several agents, as several servers in the spoe-agents backend do (keep "
+                     "one, and mark the others 'backup')")
+# Two services in one session: colliding session keys, which nothing else would show.
+_SERVICE_CONFLICTS = ("%d messages named another service than their session's since the last "
+                      "report (last: %r, then %r): two HAProxies send the same session key "
+                      "(id=), and their spans are merged into broken traces; each hop's "
+                      "unique-id must be its own (a request id passed from hop to hop is not)")
 # Span-language events that mean a configuration mistake rather than one odd message: logged
 # like the limits, since a counter alone is silent for whoever has no /metrics yet.
 _MISTAKES = {
@@ -258,7 +269,12 @@ class TracingAgent(Agent):
             # rate-limits by template, and one limit must not silence another.
             self._report(name, value, now, f"tracing limit {name} hit %d times since the last "
                          f"report: {_LIMIT_HELP[name]}")
-        self._report("late_message", self.registry.stats["late_message"], now, _LATE_MESSAGES)
+        registry = self.registry
+        self._report("late_message", registry.stats["late_message"], now, _LATE_MESSAGES)
+        self._report("sessions_partial", registry.stats["sessions_partial"], now,
+                     _PARTIAL_SESSIONS)
+        self._report("service_conflict", registry.stats["service_conflict"], now,
+                     _SERVICE_CONFLICTS, *(registry.last_conflict or ("?", "?")))
         for name, template in _MISTAKES.items():
             if name == "unknown_arg":
                 # repr: the names are a peer's bytes (HAProxy's configuration, or anyone

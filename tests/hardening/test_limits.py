@@ -448,6 +448,34 @@ def test_events_after_the_session_ttl_are_logged_not_only_counted(
     still_serving(agent)
 
 
+def test_colliding_session_keys_and_streams_split_over_agents_are_logged(
+    spoe_agent: AgentFactory, tmp_path: Path
+) -> None:
+    """Two HAProxies sending the same session key (a request id reused as unique-id on both
+    hops), and one stream's events spread over two agents (a spoe-agents backend with two
+    servers): every trace broken, and only counters said so (black-box run)."""
+    agent, metrics = start(spoe_agent, tmp_path, "", app=None,
+                           env=clean_env(OTEL_TRACES_EXPORTER="none"))
+    with SpopClient((agent.host, agent.port), timeout=15) as client:
+        client.handshake()
+        notify_ok(client, 1, [trace("req-1", ("service", "hop1"), ("span", "HAProxy session"))])
+        notify_ok(client, 2, [trace("req-1", ("service", "hop2"), ("span", "HAProxy session"))])
+        # The rest of a stream whose start went to another agent: it names spans it never had.
+        notify_ok(client, 3, [trace("req-2", ("span", "Backend TCP request"),
+                                    ("follows-from", "Frontend HTTP request"),
+                                    ("finish", "Frontend HTTP request"))])
+    wait_until(lambda: "1 messages named another service than their session's since the last "
+               "report (last: 'hop1', then 'hop2')" in agent.logs(), what="the conflict report")
+    assert "each hop's unique-id must be its own" in agent.logs()
+    wait_until(lambda: "1 sessions began mid-stream since the last report" in agent.logs(),
+               what="the partial-session report")
+    assert "mark the others 'backup'" in agent.logs()
+    samples = scrape(metrics)
+    assert value(samples, "spoe_agent_tracing_events_total", event="service_conflict") == 1
+    assert value(samples, "spoe_agent_tracing_events_total", event="sessions_partial") == 1
+    still_serving(agent)
+
+
 def test_open_sessions_hold_no_more_than_max_open_bytes(
     spoe_agent: AgentFactory, tmp_path: Path
 ) -> None:
