@@ -54,7 +54,7 @@ def build_exporter(config: AgentConfig) -> SpanExporter | None:
         return ConsoleSpanExporter()
     if kind == "otlp":
         try:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+            from spoe_agent.tracing.otlp import SlicedOTLPSpanExporter
         except ImportError:
             raise ValueError(
                 "exporter 'otlp' needs the optional extra: pip install 'spoe-agent[otlp]'"
@@ -66,7 +66,7 @@ def build_exporter(config: AgentConfig) -> SpanExporter | None:
         # config.py has read and checked its variables (empty ones unset, as the specification
         # says, where the exporter takes an empty certificate as "do not verify").
         with _without_otlp_variables():
-            return OTLPSpanExporter(
+            return SlicedOTLPSpanExporter(
                 endpoint=config.otlp_endpoint or "http://localhost:4318/v1/traces",
                 certificate_file=config.otlp_certificate or True,  # type: ignore[arg-type]
                 client_certificate_file=config.otlp_client_certificate or None,

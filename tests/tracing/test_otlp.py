@@ -1,0 +1,130 @@
+"""The OTLP exporter that encodes a batch a slice at a time, against a collector over HTTP."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.trace import SpanContext, TraceFlags
+
+from spoe_agent.tracing.otlp import SlicedOTLPSpanExporter
+from spoe_agent.tracing.processor import QueueSpanProcessor
+
+
+class Collector(BaseHTTPRequestHandler):
+    """Answers each post with the next status of ``statuses`` (200 once they run out)."""
+
+    statuses: list[int] = []
+    bodies: list[bytes] = []
+    answered: list[int] = []
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        status = self.statuses.pop(0) if self.statuses else 200
+        self.bodies.append(body)
+        self.answered.append(status)
+        self.send_response(status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def endpoint() -> Iterator[str]:
+    Collector.statuses, Collector.bodies, Collector.answered = [], [], []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1/traces"
+    finally:
+        server.shutdown()
+
+
+def spans(n: int, service: str = "edge") -> list[ReadableSpan]:
+    resource = Resource.create({"service.name": service})
+    return [ReadableSpan(name=f"span {i}", context=SpanContext(i + 1, i + 1, False, TraceFlags(1)),
+                         start_time=1, end_time=2, resource=resource) for i in range(n)]
+
+
+def names(body: bytes) -> list[str]:
+    request = ExportTraceServiceRequest.FromString(body)
+    return [span.name for rs in request.resource_spans for ss in rs.scope_spans
+            for span in ss.spans]
+
+
+def test_slices_encoded_apart_make_one_request_holding_them_all(endpoint: str) -> None:
+    """The encodings of requests end to end are one request with all their resource_spans:
+    what the collector decodes is every span of every slice, each with its resource."""
+    exporter = SlicedOTLPSpanExporter(endpoint=endpoint, timeout=5)
+    encoded = exporter.encode(spans(3))
+    encoded = exporter.encode(spans(2, service="other"), encoded)
+    assert len(encoded) == 5
+    exporter.send_encoded(encoded)
+    (body,) = Collector.bodies
+    assert names(body) == [f"span {i}" for i in (0, 1, 2, 0, 1)]
+    request = ExportTraceServiceRequest.FromString(body)
+    services = [next(a.value.string_value for a in rs.resource.attributes
+                     if a.key == "service.name") for rs in request.resource_spans]
+    assert services == ["edge", "other"]
+    exporter.shutdown()
+
+
+def test_the_processor_posts_batches_encoded_a_slice_at_a_time(endpoint: str) -> None:
+    """What keeps the event loop free (the SDK's exporter encoded a 512-span batch in one go,
+    ~15 ms): the processor encodes small slices as spans end and posts whole batches."""
+    exporter = SlicedOTLPSpanExporter(endpoint=endpoint, timeout=5)
+    slices: list[int] = []
+    encode = exporter.encode
+
+    def counted(batch, into=None):  # type: ignore[no-untyped-def]
+        slices.append(len(batch))
+        return encode(batch, into)
+
+    exporter.encode = counted  # type: ignore[method-assign]
+    processor = QueueSpanProcessor(exporter, max_export_batch_size=8, schedule_delay_s=3600,
+                                   encode_slice=2)
+    for span in spans(20):
+        processor.on_end(span)
+    processor.shutdown()
+    posted = [names(body) for body in Collector.bodies]
+    assert [n for post in posted for n in post] == [f"span {i}" for i in range(20)]
+    assert all(len(post) <= 8 for post in posted), posted
+    assert all(size <= 8 for size in slices) and sum(slices) == 20
+    assert processor.stats.exported == 20
+
+
+def test_a_retryable_refusal_is_tried_again_and_a_final_one_is_named(
+    endpoint: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    exporter = SlicedOTLPSpanExporter(endpoint=endpoint, timeout=5)
+    Collector.statuses = [503]
+    exporter.send_encoded(exporter.encode(spans(2)))
+    assert Collector.answered == [503, 200]
+    assert names(Collector.bodies[1]) == ["span 0", "span 1"]
+
+    Collector.statuses = [400]  # not retryable: once, and the status says why
+    processor = QueueSpanProcessor(exporter, max_export_batch_size=4, schedule_delay_s=3600)
+    with caplog.at_level(logging.WARNING):
+        for span in spans(3):
+            processor.on_end(span)
+        processor.shutdown()
+    assert Collector.answered == [503, 200, 400]
+    assert processor.stats.export_failed_spans == 3 and processor.stats.exported == 0
+    assert "OTLP collector answered HTTP 400" in caplog.text
+
+
+def test_the_agent_builds_the_sliced_exporter_for_otlp() -> None:
+    from spoe_agent.config import load_config
+    from spoe_agent.tracing.pipeline import build_exporter
+
+    exporter = build_exporter(load_config(env={"OTEL_TRACES_EXPORTER": "otlp"}))
+    assert isinstance(exporter, SlicedOTLPSpanExporter)
+    exporter.shutdown()
