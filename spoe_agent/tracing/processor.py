@@ -109,6 +109,11 @@ class QueueSpanProcessor(SpanProcessor):
         self._held = 0
         self._abandoned = False
         self._last_error_log = float("-inf")
+        # Since when exports fail, and the spans lost since: the failures are logged once a
+        # minute at most, and without a word when they stop an operator could not tell a
+        # collector that came back from one whose failures are only not logged any more.
+        self._failing_since: float | None = None
+        self._lost_while_failing = 0
         self._drain_deadline = float("inf")
         self._start_worker()
         if hasattr(os, "register_at_fork"):
@@ -306,6 +311,7 @@ class QueueSpanProcessor(SpanProcessor):
         ``failed`` lost in sends (the rest, if any, the exporter dropped and counts under a
         reason of its own); False if shutdown already counted them all as dropped (an export
         that outlived the deadline)."""
+        recovered: tuple[int, float] | None = None
         with self._count_lock:
             if self._abandoned:
                 return False
@@ -315,7 +321,17 @@ class QueueSpanProcessor(SpanProcessor):
             if exported < spans:
                 stats.export_errors += 1
                 stats.export_failed_spans += failed
-            return True
+                if failed:
+                    if self._failing_since is None:
+                        self._failing_since = time.monotonic()
+                    self._lost_while_failing += failed
+            elif self._failing_since is not None:
+                recovered = (self._lost_while_failing, time.monotonic() - self._failing_since)
+                self._failing_since, self._lost_while_failing = None, 0
+        if recovered is not None:
+            log.info("exporting works again: %d spans were lost over the %.0fs it failed",
+                     *recovered)
+        return True
 
     def _send_encoded(self) -> None:
         encoded, self._encoded = self._encoded, None

@@ -147,6 +147,28 @@ def test_export_failures_are_counted_never_raised(failure: str) -> None:
     assert exporter.names == [f"span {i}" for i in range(6)]
 
 
+def test_exports_that_work_again_after_failures_say_so_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Failures are logged once a minute at most: without a word when they stop, a collector
+    that came back looked like one whose failures were only not logged any more (black-box
+    run)."""
+    exporter = Recording(SpanExportResult.FAILURE)
+    processor = QueueSpanProcessor(exporter, max_export_batch_size=2, schedule_delay_s=3600)
+    with caplog.at_level(logging.INFO, logger="spoe_agent.tracing.processor"):
+        for i in range(3):
+            processor.on_end(span(i))
+        assert processor.force_flush(int(WAIT * 1000))
+        exporter.result = SpanExportResult.SUCCESS
+        for i in range(3, 7):
+            processor.on_end(span(i))
+        assert processor.force_flush(int(WAIT * 1000))
+        processor.shutdown()
+    recovered = [r.getMessage() for r in caplog.records if "works again" in r.getMessage()]
+    assert len(recovered) == 1, caplog.text
+    assert recovered[0].startswith("exporting works again: 3 spans were lost over the ")
+
+
 def refused() -> Exception:
     """The shape of what requests raises for a refused connection: a wrapper raised while
     handling a wrapper raised from the OS error."""
