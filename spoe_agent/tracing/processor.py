@@ -73,6 +73,7 @@ class QueueSpanProcessor(SpanProcessor):
     """
 
     ERROR_LOG_INTERVAL_S = 60.0
+    RECOVERED_AFTER_S = 10.0  # exports that worked this long after a failure: recovered
 
     def __init__(
         self,
@@ -113,6 +114,7 @@ class QueueSpanProcessor(SpanProcessor):
         # minute at most, and without a word when they stop an operator could not tell a
         # collector that came back from one whose failures are only not logged any more.
         self._failing_since: float | None = None
+        self._failed_last = 0.0
         self._lost_while_failing = 0
         self._drain_deadline = float("inf")
         self._start_worker()
@@ -322,15 +324,21 @@ class QueueSpanProcessor(SpanProcessor):
                 stats.export_errors += 1
                 stats.export_failed_spans += failed
                 if failed:
+                    now = time.monotonic()
                     if self._failing_since is None:
-                        self._failing_since = time.monotonic()
+                        self._failing_since = now
+                    self._failed_last = now
                     self._lost_while_failing += failed
-            elif self._failing_since is not None:
-                recovered = (self._lost_while_failing, time.monotonic() - self._failing_since)
+            elif (self._failing_since is not None
+                  and time.monotonic() - self._failed_last >= self.RECOVERED_AFTER_S):
+                # Only once exports have worked for a while: to a closed UDP port every other
+                # datagram fails (the kernel reports each refusal once), and "works again"
+                # between two failures would be false.
+                recovered = (self._lost_while_failing, self._failed_last - self._failing_since)
                 self._failing_since, self._lost_while_failing = None, 0
         if recovered is not None:
-            log.info("exporting works again: %d spans were lost over the %.0fs it failed",
-                     *recovered)
+            log.info("exporting works again: %d spans were lost over the %.0fs it failed, and "
+                     "none since", *recovered)
         return True
 
     def _send_encoded(self) -> None:

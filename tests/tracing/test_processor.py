@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -155,18 +156,26 @@ def test_exports_that_work_again_after_failures_say_so_once(
     run)."""
     exporter = Recording(SpanExportResult.FAILURE)
     processor = QueueSpanProcessor(exporter, max_export_batch_size=2, schedule_delay_s=3600)
+    processor.RECOVERED_AFTER_S = 0.2
+
+    def export(first: int, stop: int) -> None:
+        for i in range(first, stop):
+            processor.on_end(span(i))
+        assert processor.force_flush(int(WAIT * 1000))
+
     with caplog.at_level(logging.INFO, logger="spoe_agent.tracing.processor"):
-        for i in range(3):
-            processor.on_end(span(i))
-        assert processor.force_flush(int(WAIT * 1000))
+        export(0, 3)
         exporter.result = SpanExportResult.SUCCESS
-        for i in range(3, 7):
-            processor.on_end(span(i))
-        assert processor.force_flush(int(WAIT * 1000))
+        export(3, 5)  # right after a failure: not yet (a closed UDP port alternates so)
+        exporter.result = SpanExportResult.FAILURE
+        export(5, 6)
+        exporter.result = SpanExportResult.SUCCESS
+        time.sleep(0.3)
+        export(6, 10)
         processor.shutdown()
     recovered = [r.getMessage() for r in caplog.records if "works again" in r.getMessage()]
     assert len(recovered) == 1, caplog.text
-    assert recovered[0].startswith("exporting works again: 3 spans were lost over the ")
+    assert recovered[0].startswith("exporting works again: 4 spans were lost over the ")
 
 
 def refused() -> Exception:
