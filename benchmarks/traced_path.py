@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import re
 import shutil
 import socket
@@ -47,8 +46,6 @@ def _inner(stage: str, requests: int, built: int) -> None:
     replayed, so that encoding them cancels out), warm up, then replay ``requests``."""
     sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sink.bind(("127.0.0.1", 0))
-    os.environ["OTEL_EXPORTER_JAEGER_AGENT_HOST"] = "127.0.0.1"
-    os.environ["OTEL_EXPORTER_JAEGER_AGENT_PORT"] = str(sink.getsockname()[1])
     # Appended: spoe_agent is the one installed for this interpreter (the tree's own when it
     # runs from the dev venv's editable install, a compiled build in another venv).
     sys.path.append(str(REPO_ROOT))
@@ -58,7 +55,11 @@ def _inner(stage: str, requests: int, built: int) -> None:
     from spoe_agent.tracing.agent import TracingAgent
     from spoe_agent.tracing.language import parse_message
 
-    agent = TracingAgent(AgentConfig())
+    # The sink, in the configuration itself: AgentConfig() reads no environment, and its
+    # default, localhost:6831, had no one there (the exports "worked" only until a closed
+    # port's refusals counted as failures).
+    agent = TracingAgent(AgentConfig(jaeger_agent_host="127.0.0.1",
+                                     jaeger_agent_port=sink.getsockname()[1]))
     processor = agent.processor
     assert processor is not None
     # The background loop must not export on its own: the stage decides what is exported.
