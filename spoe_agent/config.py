@@ -600,6 +600,9 @@ class AgentConfig:
     #: configuration as the others.
     config_bytes: bytes = field(default=b"", repr=False)
     sources: dict[str, str] = field(default_factory=dict)
+    #: Bad ``OTEL_EXPORTER_JAEGER_*``/``OTEL_EXPORTER_OTLP_*`` values, by attribute, raised by
+    #: :meth:`validate` only if the exporter they configure is the one chosen (see load_env).
+    unused_errors: dict[str, ConfigError] = field(default_factory=dict, repr=False)
 
     def set_by(self, attr: str) -> str:
         """Where ``attr``'s value came from, for an error that only shows once it is used
@@ -623,6 +626,9 @@ class AgentConfig:
 
     def validate(self) -> None:
         """Cross-option checks that no single value can make."""
+        for attr, error in self.unused_errors.items():
+            if attr.startswith(self.exporter + "_"):
+                raise error
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError(self.sources.get("tls_cert", "tls"),
                               "tls_cert and tls_key must be set together")
@@ -635,7 +641,7 @@ class AgentConfig:
             attr = "jaeger_user" if self.jaeger_user else "jaeger_password"
             raise ConfigError(self.sources.get(attr, attr),
                               "jaeger_user and jaeger_password must be set together")
-        if self.otlp_client_key and not self.otlp_client_certificate:
+        if self.exporter == "otlp" and self.otlp_client_key and not self.otlp_client_certificate:
             raise ConfigError(self.sources.get("otlp_client_key", "otlp_client_key"),
                               "an OTLP client key needs its client certificate")
         self._check_certificates()
@@ -840,6 +846,11 @@ def load_env(env: Mapping[str, str], config: AgentConfig) -> None:
     An empty variable counts as unset, as the OpenTelemetry specification says; a bad value is
     refused with the variable's name, where the SDKs warn and fall back: a sampler or endpoint
     silently replaced by its default is a tracing outage nobody notices.
+
+    Except the one exporter's variables while another exports: the environment is often shared
+    (a pod's, a host's), and OTEL_EXPORTER_OTLP_TIMEOUT=10000, milliseconds for every other
+    SDK, stopped a Jaeger-exporting agent that never reads it. Such errors wait in
+    ``unused_errors`` for :meth:`AgentConfig.validate`, once the exporter is known.
     """
     for option in OPTIONS:
         for name in (option.env, option.env_fallback):
@@ -852,8 +863,12 @@ def load_env(env: Mapping[str, str], config: AgentConfig) -> None:
             try:
                 setattr(config, option.attr, parse(raw))
             except ValueError as exc:
-                raise ConfigError(f"environment variable {name}", str(exc)) from None
-            config.sources[option.attr] = f"environment variable {name}"
+                error = ConfigError(f"environment variable {name}", str(exc))
+                if not option.attr.startswith(("jaeger_", "otlp_")):
+                    raise error from None
+                config.unused_errors[option.attr] = error
+            else:
+                config.sources[option.attr] = f"environment variable {name}"
             break
     # OpenTelemetry's switch for the whole SDK. A disabled SDK still propagates what it
     # extracted: the agent hands on the incoming context unchanged (``sdk_disabled``) and
@@ -893,8 +908,10 @@ def load_env(env: Mapping[str, str], config: AgentConfig) -> None:
         try:
             config.otlp_endpoint = _otlp_base(base)
         except ValueError as exc:
-            raise ConfigError("environment variable OTEL_EXPORTER_OTLP_ENDPOINT", str(exc)) from None
-        config.sources["otlp_endpoint"] = "environment variable OTEL_EXPORTER_OTLP_ENDPOINT"
+            config.unused_errors["otlp_endpoint"] = ConfigError(
+                "environment variable OTEL_EXPORTER_OTLP_ENDPOINT", str(exc))
+        else:
+            config.sources["otlp_endpoint"] = "environment variable OTEL_EXPORTER_OTLP_ENDPOINT"
 
 
 def _resource_service_name(text: str) -> str | None:

@@ -154,7 +154,8 @@ def test_an_otlp_protocol_other_than_http_protobuf_is_refused(variable: str, pro
         ({"OTEL_BSP_EXPORT_TIMEOUT": "0"}, "OTEL_BSP_EXPORT_TIMEOUT", "must be more than 0"),
         ({"OTEL_EXPORTER_JAEGER_ENDPOINT": "foo"}, "OTEL_EXPORTER_JAEGER_ENDPOINT",
          "expected an http:// or https:// URL, got 'foo'"),
-        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "127.0.0.1:4318"}, "OTEL_EXPORTER_OTLP_ENDPOINT",
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "127.0.0.1:4318", "OTEL_TRACES_EXPORTER": "otlp"},
+         "OTEL_EXPORTER_OTLP_ENDPOINT",
          "expected an http:// or https:// URL, got '127.0.0.1:4318'"),
         ({"OTEL_PROPAGATORS": "none,b3"}, "OTEL_PROPAGATORS", "cannot be combined"),
         ({"OTEL_EXPORTER_JAEGER_AGENT_HOST": "jaeger!"}, "OTEL_EXPORTER_JAEGER_AGENT_HOST",
@@ -230,8 +231,10 @@ def test_otlp_exporter_variables_are_checked_where_the_sdk_would_drop_or_misread
         ({"OTEL_EXPORTER_JAEGER_TIMEOUT": "5000"}, "5000 seconds"),
         ({"OTEL_EXPORTER_JAEGER_CERTIFICATE": str(tmp_path)}, "no such file"),
     ]:
-        with pytest.raises(ConfigError, match=f"variable {next(iter(env))}: {reason}") as info:
-            load_config(env=env)
+        name = next(iter(env))
+        exporter = "otlp" if "OTLP" in name else "jaeger"
+        with pytest.raises(ConfigError, match=f"variable {name}: {reason}") as info:
+            load_config(env={**env, "OTEL_TRACES_EXPORTER": exporter})
         assert "s3cret" not in str(info.value)
     # files that exist but do not load are refused when the exporter would use them
     for env in ({"OTEL_EXPORTER_OTLP_CERTIFICATE": str(ca)},
@@ -242,6 +245,33 @@ def test_otlp_exporter_variables_are_checked_where_the_sdk_would_drop_or_misread
         load_config(env=env)  # the Jaeger exporter does not read them
     path = write(tmp_path, "[tracing]\notlp_timeout = 2000\n")
     with pytest.raises(ConfigError, match="agent.ini:2: .*2000 seconds"):
+        load_config(path, env={})
+
+
+def test_another_exporters_bad_variables_are_left_alone(tmp_path: Path) -> None:
+    """The environment is often shared: OTEL_EXPORTER_OTLP_TIMEOUT=10000 (milliseconds, for
+    the other SDKs) stopped an agent exporting to Jaeger, which never reads it. The chosen
+    exporter's variables are still refused, whichever way it was chosen; agent.ini's keys are
+    the agent's own and are refused whatever the exporter."""
+    otlp = {"OTEL_EXPORTER_OTLP_TIMEOUT": "10000", "OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4317",
+            "OTEL_EXPORTER_OTLP_HEADERS": "api-key", "OTEL_EXPORTER_OTLP_CLIENT_KEY": "/none.pem"}
+    jaeger = {"OTEL_EXPORTER_JAEGER_ENDPOINT": "collector:14268",
+              "OTEL_EXPORTER_JAEGER_AGENT_PORT": "six"}
+    config = load_config(env=otlp)
+    assert (config.exporter, config.otlp_timeout, config.otlp_endpoint) == ("jaeger", 10.0, "")
+    assert not {"otlp_timeout", "otlp_endpoint"} & set(config.sources)
+    for exporter in ("console", "none"):
+        load_config(env={**otlp, **jaeger, "OTEL_TRACES_EXPORTER": exporter})
+    assert load_config(env={**jaeger, "OTEL_TRACES_EXPORTER": "otlp"}).jaeger_agent_port == 6831
+    with pytest.raises(ConfigError, match="variable OTEL_EXPORTER_OTLP_"):
+        load_config(env=otlp, overrides={"exporter": "otlp"})
+    with pytest.raises(ConfigError, match="variable OTEL_EXPORTER_JAEGER_AGENT_PORT"):
+        load_config(env={**jaeger, "OTEL_TRACES_EXPORTER": "otlp"}, overrides={"exporter": "jaeger"})
+    for name, value in otlp.items():
+        with pytest.raises(ConfigError, match=f"variable {name}: "):
+            load_config(env={name: value, "OTEL_TRACES_EXPORTER": "otlp"})
+    path = write(tmp_path, "[tracing]\nexporter = jaeger\notlp_timeout = 2000\n")
+    with pytest.raises(ConfigError, match="agent.ini:3: .*2000 seconds"):
         load_config(path, env={})
 
 
