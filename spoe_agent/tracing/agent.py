@@ -18,6 +18,7 @@ import gevent
 
 from spoe_agent.config import AgentConfig
 from spoe_agent.handlers import Agent, MetricSample, Work
+from spoe_agent.logs import EVERY_TIME
 from spoe_agent.protocol.types import Action, Message, SetVar
 from spoe_agent.tracing.language import (
     INJECT_ARGS_ON_WIRE,
@@ -259,11 +260,12 @@ class TracingAgent(Agent):
             hits["export_queue"] = self.processor.stats.dropped_queue_full
         return hits
 
-    def _report_limits(self) -> None:
+    def _report_limits(self, final: bool = False) -> None:
         """Log the limits hit and the configuration mistakes met since the last look, once per
         interval each (the registry, the processor and the span language only count: they run
-        on the request path and must not log per hit)."""
-        now = time.monotonic()
+        on the request path and must not log per hit). ``final`` (at stop) logs all that grew
+        since, however recent the last line: what the last seconds lost was never said."""
+        now = float("inf") if final else time.monotonic()
         for name, value in self.limit_hits().items():
             # One template per limit (ours, not peer data): the root logging filter
             # rate-limits by template, and one limit must not silence another.
@@ -290,7 +292,9 @@ class TracingAgent(Agent):
         if grew > 0 and now - self._limits_logged.get(name, -LIMIT_LOG_INTERVAL_S) >= (
             LIMIT_LOG_INTERVAL_S
         ):
-            log.warning(template, grew, *more)
+            # At stop (now is then infinite), past the root filter, which would hold back a
+            # template logged less than its interval ago.
+            log.warning(template, grew, *more, extra=EVERY_TIME if now == float("inf") else None)
             self._limits_seen[name] = value
             self._limits_logged[name] = now
             return True
@@ -305,6 +309,7 @@ class TracingAgent(Agent):
         """
         if self._expiry is not None:
             self._expiry.kill(block=False)
+        self._report_limits(final=True)
         ended = self.registry.close_all("shutdown")
         if ended:
             log.info("tracing: ended %d open sessions as incomplete at shutdown", ended)

@@ -446,6 +446,15 @@ def test_events_after_the_session_ttl_are_logged_not_only_counted(
     assert "Keep it above your longest 'timeout server'" in agent.logs()
     assert value(scrape(metrics), "spoe_agent_tracing_events_total", event="late_message") == 1
     still_serving(agent)
+    # Two more within the report's 10 s, then a stop: said at the stop, or never.
+    with SpopClient((agent.host, agent.port), timeout=15) as client:
+        client.handshake()
+        notify_ok(client, 1, [trace("slow", ("finish", "root"))])
+        notify_ok(client, 2, [trace("slow", ("finish", "root"))])
+    wait_until(lambda: value(scrape(metrics), "spoe_agent_tracing_events_total",
+                             event="late_message") == 3, what="the later late messages")
+    agent.stop()
+    assert "2 SPOE messages came for sessions already ended" in agent.logs(), agent.logs()
 
 
 def test_colliding_session_keys_and_streams_split_over_agents_are_logged(
