@@ -42,7 +42,12 @@ fail() {
 trap 'fail "unexpected error at line $LINENO (exit status $?)"' ERR
 
 wrapper_works() {
-    [ -x "$WRAPPER" ] && "$WRAPPER" -v 2>/dev/null | grep -Eq '^HAProxy version (3\.([1-9]|[1-9][0-9])|[4-9])\.'
+    # The output is read whole before grep looks at it: "grep -q" stops at the first line, and
+    # haproxy writing the next one then dies of SIGPIPE, which pipefail takes as a failure (seen
+    # with 3.2.26, whose -v prints three lines).
+    local out
+    [ -x "$WRAPPER" ] && out="$("$WRAPPER" -v 2>/dev/null)" &&
+        grep -Eq '^HAProxy version (3\.([1-9]|[1-9][0-9])|[4-9])\.' <<<"$out"
 }
 
 if wrapper_works; then
