@@ -76,11 +76,24 @@ def cluster(runtime_dir: str) -> Iterator[Callable[..., list[Node]]]:
 
 def settle(nodes: list[Node]) -> None:
     """What ticks would do: every owner drains and applies what is waiting for it, twice, so
-    what the first round made a worker announce reaches the others too."""
-    for _ in range(2):
-        gevent.sleep(0)
+    what the first round made a worker announce reaches the others too; then more rounds
+    while any round still changes something. Two rounds of one loop pass each were enough on
+    an idle machine, not always under load (the full suite on 2 busy cores: a peer's reader
+    greenlet not yet run), and a test then saw a state still on its way."""
+    def state() -> list[object]:
+        return [(n.mesh.counters(), n.mesh.peer_sessions, len(n.reg), len(n.spans))
+                for n in nodes]
+
+    deadline = time.monotonic() + 5.0
+    rounds, before = 0, state()
+    while True:
+        gevent.sleep(0 if rounds < 2 else 0.005)
         for node in nodes:
             node.mesh.pump()
+        rounds, after = rounds + 1, state()
+        if rounds >= 2 and (after == before or time.monotonic() > deadline):
+            return
+        before = after
 
 
 def take(node: Node, keys: list[str]) -> None:
