@@ -60,7 +60,8 @@ def worker_config(config: AgentConfig, index: int) -> AgentConfig:
     and the supervisor spreads HAProxy's connections evenly, so the cap evicts the least
     recently active sessions of the agent as evenly as the connections are spread.
     The export queue (``OTEL_BSP_MAX_QUEUE_SIZE``) is the agent's too, shared the same way, so
-    the summed ``spoe_agent_export_queue_limit`` the supervisor serves is the configured one.
+    the summed ``spoe_agent_export_queue_limit`` the supervisor serves is the configured one
+    (up to N - 1 more, where N does not divide it: each share is rounded up).
     Worker i serves ``/metrics`` on the configured port + 1 + i: the configured port is the
     supervisor's, which serves the agent's totals, summed over the workers
     (:mod:`spoe_agent.workers.metrics`).
