@@ -923,7 +923,8 @@ class PeerMesh:
                 link.close()
         held = sum(len(b) for b in self._backlogs)
         if held:
-            log.info("%d commands held for stopped workers discarded", held)
+            log.info("%d forwarded frames (commands, or batches of them) held for stopped "
+                     "workers discarded", held)
 
     # ----------------------------------------------------------------------- connections
 
