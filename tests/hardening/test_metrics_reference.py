@@ -29,6 +29,7 @@ from tests.hardening.support import (
 )
 from tests.support.procs import AgentProcess, free_port, wait_until
 from tests.support.spop_client import SpopClient
+from tests.workers.test_multiworker import free_port_range
 
 AgentFactory = Callable[..., AgentProcess]
 
@@ -140,7 +141,7 @@ def test_a_single_process_serves_exactly_the_documented_series(
 def test_the_workers_series_are_documented_and_served(
     spoe_agent: AgentFactory, jaeger_port: int
 ) -> None:
-    metrics = free_port()
+    metrics = free_port_range(3)  # the supervisor's, then one per worker
     worker_metrics = metrics + 1
     spoe_agent("--metrics", f"127.0.0.1:{metrics}", "--workers", "2", app=None,
                env=agent_env(jaeger_port))
