@@ -317,10 +317,12 @@ class TracingAgent(Agent):
             self.processor.shutdown(FLUSH_TIMEOUT_S)
             stats = self.processor.stats
             log.info("tracing: %d spans exported in all, %d dropped (queue full %d, export "
-                     "failed %d, shutdown deadline %d)", stats.exported, stats.dropped_queue_full
-                     + stats.export_failed_spans + stats.dropped_shutdown_deadline,
-                     stats.dropped_queue_full, stats.export_failed_spans,
-                     stats.dropped_shutdown_deadline)
+                     "failed %d, shutdown deadline %d)%s", stats.exported,
+                     stats.dropped_queue_full + stats.export_failed_spans
+                     + stats.dropped_shutdown_deadline, stats.dropped_queue_full,
+                     stats.export_failed_spans, stats.dropped_shutdown_deadline,
+                     f"; {stats.export_refused_spans} of those exported were refused by the "
+                     "destination" if stats.export_refused_spans else "")
 
     def metric_samples(self) -> Iterator[MetricSample]:
         """The tracing series of /metrics, read from plain counters at scrape time, so that
@@ -354,6 +356,8 @@ class TracingAgent(Agent):
             yield ("spoe_agent_spans_dropped", "counter", dropped,
                    {"reason": "export_failed"}, pstats.export_failed_spans)
             yield ("spoe_agent_spans_dropped", "counter", dropped,
+                   {"reason": "refused"}, pstats.export_refused_spans)
+            yield ("spoe_agent_spans_dropped", "counter", dropped,
                    {"reason": "after_shutdown"}, pstats.dropped_after_shutdown)
             yield ("spoe_agent_spans_dropped", "counter", dropped,
                    {"reason": "shutdown_deadline"}, pstats.dropped_shutdown_deadline)
@@ -370,7 +374,7 @@ class TracingAgent(Agent):
                 if hasattr(estats, name):
                     yield ("spoe_agent_spans_dropped", "counter", dropped, {"reason": reason},
                            getattr(estats, name))
-            for name in ("send_errors", "spans_failed", "spans_sent"):
+            for name in ("send_errors", "spans_failed", "spans_refused", "spans_sent"):
                 if hasattr(estats, name):
                     yield ("spoe_agent_jaeger_exporter", "counter", "Jaeger exporter counters",
                            {"counter": name}, getattr(estats, name))

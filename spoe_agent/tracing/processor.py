@@ -60,6 +60,9 @@ class ProcessorStats:
     # The spans those calls lost: all they were handed, unless the exporter says which (ours
     # does: the spans it dropped as too big or unencodable are its own reasons, not these).
     export_failed_spans: int = 0
+    # Spans counted in ``exported`` when sent that the destination refused afterwards (over
+    # UDP, jaeger-agent's host answering "port unreachable"; the exporter says, in a Delivery).
+    export_refused_spans: int = 0
 
 
 class QueueSpanProcessor(SpanProcessor):
@@ -308,10 +311,11 @@ class QueueSpanProcessor(SpanProcessor):
             self._held += len(taken)
         return taken
 
-    def _settle(self, spans: int, exported: int, failed: int = 0) -> bool:
+    def _settle(self, spans: int, exported: int, failed: int = 0, refused: int = 0) -> bool:
         """Count the outcome for ``spans`` the worker held, ``exported`` of them sent and
         ``failed`` lost in sends (the rest, if any, the exporter dropped and counts under a
-        reason of its own); False if shutdown already counted them all as dropped (an export
+        reason of its own), and ``refused`` spans exported before that the destination
+        refused since; False if shutdown already counted them all as dropped (an export
         that outlived the deadline)."""
         recovered: tuple[int, float] | None = None
         with self._count_lock:
@@ -320,15 +324,16 @@ class QueueSpanProcessor(SpanProcessor):
             self._held -= spans
             stats = self.stats
             stats.exported += exported
-            if exported < spans:
+            if exported < spans or refused:
                 stats.export_errors += 1
                 stats.export_failed_spans += failed
-                if failed:
+                stats.export_refused_spans += refused
+                if failed or refused:
                     now = time.monotonic()
                     if self._failing_since is None:
                         self._failing_since = now
                     self._failed_last = now
-                    self._lost_while_failing += failed
+                    self._lost_while_failing += failed + refused
             elif (self._failing_since is not None
                   and time.monotonic() - self._failed_last >= self.RECOVERED_AFTER_S):
                 # Only once exports have worked for a while: to a closed UDP port every other
@@ -372,8 +377,9 @@ class QueueSpanProcessor(SpanProcessor):
             self._settle(len(spans), len(spans))
         elif result is SpanExportResult.FAILURE:
             self._failed(len(spans), error)
-        elif self._settle(len(spans), result.sent, result.failed) and result.failed:
-            self._log_failure(result.failed, "see the exporter's warning above")
+        elif (self._settle(len(spans), result.sent, result.failed, result.refused)
+              and (result.failed or result.refused)):
+            self._log_failure(result.failed + result.refused, "see the exporter's warning above")
 
     def _failed(self, spans: int, error: Exception | None) -> None:
         if self._settle(spans, 0, spans):

@@ -535,6 +535,38 @@ def test_a_partial_delivery_counts_only_the_spans_it_lost() -> None:
     processor.shutdown()
 
 
+def test_spans_refused_after_they_were_sent_are_counted_lost_and_delay_the_recovery(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Over UDP a send learns that the datagram before it was refused: those spans were
+    counted exported when sent. They count as lost now, in the failure log, in the lost-spans
+    total of the 'works again' line, and as a failure that line waits past."""
+    exporter = Encoding()
+    processor = QueueSpanProcessor(exporter, max_export_batch_size=4, schedule_delay_s=3600,
+                                   encode_slice=4)
+    processor.RECOVERED_AFTER_S = 0.2
+
+    def export(first: int, delivery: Delivery) -> None:
+        exporter.delivery = delivery
+        for i in range(first, first + 4):
+            processor.on_end(span(i))
+        assert processor.force_flush(int(WAIT * 1000))
+
+    with caplog.at_level(logging.INFO, logger="spoe_agent.tracing.processor"):
+        export(0, Delivery(sent=4, failed=0, dropped=0))
+        export(4, Delivery(sent=4, failed=0, dropped=0, refused=4))  # the first four's
+        stats = processor.stats
+        assert (stats.exported, stats.export_failed_spans, stats.export_refused_spans,
+                stats.export_errors) == (8, 0, 4, 1)
+        assert "exporting 4 spans failed" in caplog.text
+        export(8, Delivery(sent=4, failed=0, dropped=0))  # right after: not yet recovered
+        assert "works again" not in caplog.text
+        time.sleep(0.3)
+        export(12, Delivery(sent=4, failed=0, dropped=0))
+        processor.shutdown()
+    assert "exporting works again: 4 spans were lost over the 0s it failed" in caplog.text
+
+
 def test_a_bug_in_one_export_does_not_stop_the_export(caplog: pytest.LogCaptureFixture) -> None:
     exporter = Encoding()
     exporter.delivery = "not a delivery"  # type: ignore[assignment]

@@ -48,6 +48,8 @@ class ExportStats:
     bytes_sent: int = 0
     send_errors: int = 0
     spans_failed: int = 0  # spans in datagrams/posts that could not be sent
+    # spans in datagrams sent (so in spans_sent) that the destination's host then refused
+    spans_refused: int = 0
     spans_dropped_oversize: int = 0
     spans_dropped_invalid: int = 0  # spans that could not be translated or encoded
 
@@ -64,6 +66,9 @@ class Delivery(NamedTuple):
     sent: int
     failed: int
     dropped: int
+    #: Spans of earlier sends, of this call or an earlier one, counted in their ``sent`` then,
+    #: that the destination refused since (UDP: jaeger-agent's host said port unreachable).
+    refused: int = 0
 
     @property
     def complete(self) -> bool:
@@ -127,6 +132,8 @@ class FastJaegerExporter(SpanExporter):
             else None
         )
         self._process_bytes: dict[str, bytes] = {}
+        # The spans of the last datagram sent: a refusal the next send finds is theirs.
+        self._udp_last_spans = 0
         self._lock = threading.Lock()
         self._shutdown = False
 
@@ -218,7 +225,7 @@ class FastJaegerExporter(SpanExporter):
         valid = encoded.spans - encoded.invalid
         if self._shutdown:
             return Delivery(0, valid, encoded.invalid)
-        sent = failed = oversize = 0
+        sent = failed = oversize = refused = 0
         with self._lock:
             for process, spans in encoded.groups.values():
                 if not spans:
@@ -229,11 +236,12 @@ class FastJaegerExporter(SpanExporter):
                     else:
                         failed += len(spans)
                 else:
-                    ok, lost, too_big = self._send_udp(process, spans, between)
+                    ok, lost, too_big, gone = self._send_udp(process, spans, between)
                     sent += ok
                     failed += lost
                     oversize += too_big
-        return Delivery(sent, failed, encoded.invalid + oversize)
+                    refused += gone
+        return Delivery(sent, failed, encoded.invalid + oversize, refused)
 
     def _encode_spans(self, batch: ThriftBatch, encode: Any) -> list[bytes]:
         encoded = []
@@ -266,10 +274,11 @@ class FastJaegerExporter(SpanExporter):
         process_struct: ThriftProcess,
         spans: list[bytes],
         between: Callable[[], None] | None = None,
-    ) -> tuple[int, int, int]:
-        """Spans sent, spans in datagrams that failed, spans too big for a datagram."""
+    ) -> tuple[int, int, int, int]:
+        """Spans sent, spans in datagrams that failed, spans too big for a datagram, and spans
+        of datagrams sent before that were refused."""
         stats = self.stats
-        sent = failed = 0
+        sent = failed = refused = 0
         service = process_struct.serviceName
         process = self._process_bytes.get(service)
         if process is None:
@@ -287,7 +296,7 @@ class FastJaegerExporter(SpanExporter):
                 size,
                 self.max_packet_size,
             )
-            return 0, 0, len(spans)
+            return 0, 0, len(spans), 0
         else:
             datagrams, dropped = pack_span_bytes(process, spans, self.max_packet_size)
             if dropped:
@@ -297,7 +306,7 @@ class FastJaegerExporter(SpanExporter):
             if n and between is not None:
                 between()
             try:
-                self._udp.send(data)
+                earlier = self._udp.send(data)
             except Exception as exc:
                 stats.send_errors += 1
                 stats.spans_failed += count
@@ -305,11 +314,20 @@ class FastJaegerExporter(SpanExporter):
                 log.warning("Jaeger agent export to %s:%s failed: %s", self.agent_host_name,
                             self.agent_port, exc)
                 continue
+            if earlier is not None:
+                lost, self._udp_last_spans = self._udp_last_spans, 0
+                stats.send_errors += 1
+                stats.spans_refused += lost
+                refused += lost
+                log.warning("Jaeger agent export to %s:%s failed: %s: the datagram sent before "
+                            "(%d spans) was lost", self.agent_host_name, self.agent_port,
+                            earlier.strerror, lost)
             stats.datagrams_sent += 1
             stats.bytes_sent += len(data)
             stats.spans_sent += count
+            self._udp_last_spans = count
             sent += count
-        return sent, failed, len(spans) - sent - failed
+        return sent, failed, len(spans) - sent - failed, refused
 
     def shutdown(self) -> None:
         """Refuse further exports and close the sockets.
