@@ -316,13 +316,14 @@ class TracingAgent(Agent):
         if self.processor is not None:
             self.processor.shutdown(FLUSH_TIMEOUT_S)
             stats = self.processor.stats
+            # Refused spans were sent, so counted exported too, and then lost: said twice, as
+            # /metrics counts them, where "0 dropped" contradicted reason="refused".
             log.info("tracing: %d spans exported in all, %d dropped (queue full %d, export "
-                     "failed %d, shutdown deadline %d)%s", stats.exported,
-                     stats.dropped_queue_full + stats.export_failed_spans
-                     + stats.dropped_shutdown_deadline, stats.dropped_queue_full,
-                     stats.export_failed_spans, stats.dropped_shutdown_deadline,
-                     f"; {stats.export_refused_spans} of those exported were refused by the "
-                     "destination" if stats.export_refused_spans else "")
+                     "failed %d, refused after they were sent %d, shutdown deadline %d)",
+                     stats.exported, stats.dropped_queue_full + stats.export_failed_spans
+                     + stats.export_refused_spans + stats.dropped_shutdown_deadline,
+                     stats.dropped_queue_full, stats.export_failed_spans,
+                     stats.export_refused_spans, stats.dropped_shutdown_deadline)
 
     def metric_samples(self) -> Iterator[MetricSample]:
         """The tracing series of /metrics, read from plain counters at scrape time, so that

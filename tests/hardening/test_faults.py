@@ -211,7 +211,7 @@ def test_sigterm_with_a_stalled_collector_still_exits_zero(
             logs
         ), agent.describe_logs()
         assert ("tracing: 0 spans exported in all, 6 dropped (queue full 0, export failed 0, "
-                "shutdown deadline 6)") in logs, agent.describe_logs()
+                "refused after they were sent 0, shutdown deadline 6)") in logs, agent.describe_logs()
     finally:
         stall.close()
 
