@@ -315,7 +315,7 @@ class FastJaegerExporter(SpanExporter):
                             self.agent_port, exc)
                 continue
             if earlier is not None:
-                lost, self._udp_last_spans = self._udp_last_spans, 0
+                lost = self._udp_last_spans
                 stats.send_errors += 1
                 stats.spans_refused += lost
                 refused += lost
