@@ -379,22 +379,31 @@ class QueueSpanProcessor(SpanProcessor):
             self._failed(len(spans), error)
         elif (self._settle(len(spans), result.sent, result.failed, result.refused)
               and (result.failed or result.refused)):
-            self._log_failure(result.failed + result.refused, "see the exporter's warning above")
+            self._log_failure(result.failed, "see the exporter's warning above",
+                              refused=result.refused)
 
     def _failed(self, spans: int, error: Exception | None) -> None:
         if self._settle(spans, 0, spans):
             self._log_failure(spans, "the exporter reported failure" if error is None
                               else describe_error(error), error)
 
-    def _log_failure(self, spans: int, why: str, error: Exception | None = None) -> None:
+    def _log_failure(self, spans: int, why: str, error: Exception | None = None,
+                     refused: int = 0) -> None:
+        """``refused`` spans went out in an earlier send and were lost after it: saying that
+        they failed to export would send an operator looking for an error in the send."""
         now = time.monotonic()
         if now - self._last_error_log >= self.ERROR_LOG_INTERVAL_S:  # a dead exporter: log rarely
             self._last_error_log = now
+            what = []
+            if spans:
+                what.append(f"exporting {spans} spans failed")
+            if refused:
+                what.append(f"{refused} spans sent before were refused by the destination")
             # One line, as the Jaeger exporter's own: an HTTP client's traceback (requests over
             # urllib3 chains four exceptions) is ~150 lines saying "connection refused".
             log.warning(
-                "exporting %d spans failed (%d failed exports so far): %s",
-                spans,
+                "%s (%d failed exports so far): %s",
+                " and ".join(what),
                 self.stats.export_errors,
                 why,
                 exc_info=error if log.isEnabledFor(logging.DEBUG) else None,

@@ -518,11 +518,14 @@ def test_encoding_failures_are_counted_never_raised(failure: str) -> None:
     processor.shutdown()
 
 
-def test_a_partial_delivery_counts_only_the_spans_it_lost() -> None:
+def test_a_partial_delivery_counts_only_the_spans_it_lost(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """One datagram of several failed, one span too big: the batch's other spans were sent,
-    and counting them all as failed made spans_dropped add up to more than was lost."""
+    and counting them all as failed made spans_dropped add up to more than was lost. The
+    log tells the spans that failed from those an earlier send's refusal lost."""
     exporter = Encoding()
-    exporter.delivery = Delivery(sent=5, failed=2, dropped=1)  # of 8
+    exporter.delivery = Delivery(sent=5, failed=2, dropped=1, refused=3)  # of 8, and 3 before
     processor = QueueSpanProcessor(
         exporter, max_export_batch_size=8, schedule_delay_s=3600, encode_slice=8
     )
@@ -531,7 +534,10 @@ def test_a_partial_delivery_counts_only_the_spans_it_lost() -> None:
     assert processor.force_flush(int(WAIT * 1000))
     stats = processor.stats
     # The one dropped is the exporter's to count, under its own reason (oversize, invalid).
-    assert (stats.exported, stats.export_failed_spans, stats.export_errors) == (5, 2, 1)
+    assert (stats.exported, stats.export_failed_spans, stats.export_refused_spans,
+            stats.export_errors) == (5, 2, 3, 1)
+    assert ("exporting 2 spans failed and 3 spans sent before were refused by the destination "
+            "(1 failed exports so far): see the exporter's warning above") in caplog.text
     processor.shutdown()
 
 
@@ -558,7 +564,9 @@ def test_spans_refused_after_they_were_sent_are_counted_lost_and_delay_the_recov
         stats = processor.stats
         assert (stats.exported, stats.export_failed_spans, stats.export_refused_spans,
                 stats.export_errors) == (8, 0, 4, 1)
-        assert "exporting 4 spans failed" in caplog.text
+        assert ("4 spans sent before were refused by the destination (1 failed exports so "
+                "far)") in caplog.text
+        assert "exporting 4 spans failed" not in caplog.text  # they were sent
         export(8, Delivery(sent=4, failed=0, dropped=0))  # right after: not yet recovered
         assert "works again" not in caplog.text
         time.sleep(0.3)
