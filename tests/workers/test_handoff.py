@@ -154,6 +154,46 @@ def test_connections_idle_on_both_workers_are_still_evened_out() -> None:
             worker.close()
 
 
+def test_once_the_worker_asked_hands_a_connection_over_the_next_is_asked_for_soon() -> None:
+    """A restart leaves the survivor with HAProxy's connections (150 under load on 2.6):
+    asked for one a second, the workers took 75 s to even out. An ask answered lets the
+    next go after _REBALANCE_ANSWERED_S; a worker that had none idle to give waits the
+    full _REBALANCE_S before it is asked again."""
+    import time
+
+    from spoe_agent.workers import supervisor as sup
+
+    supervisor, workers = _supervisor(max_connections=1000)
+    busiest, idlest = supervisor.slots
+    busiest.reported, idlest.reported = 9, 1
+    for slot in supervisor.slots:
+        slot.proc = _Process()
+    supervisor._all_serving.set()
+    a, b = socket.socketpair()
+    try:
+        now = time.monotonic()
+        supervisor._rebalance(now)
+        assert busiest.proc.signals == [GIVE_SIGNAL]
+        supervisor._rebalance(now + sup._REBALANCE_ANSWERED_S + 0.05)  # not answered yet
+        assert busiest.proc.signals == [GIVE_SIGNAL]
+        supervisor._move(busiest, MOVE_PREFIX + marshal.dumps(("peer", {})), os.dup(a.fileno()))
+        assert (busiest.load, idlest.load) == (8, 2)
+        supervisor._rebalance(time.monotonic() + sup._REBALANCE_ANSWERED_S + 0.05)
+        assert busiest.proc.signals == [GIVE_SIGNAL] * 2
+        # Unanswered, this one: the next waits a whole _REBALANCE_S.
+        later = time.monotonic() + sup._REBALANCE_ANSWERED_S + 0.05
+        supervisor._rebalance(later)
+        assert busiest.proc.signals == [GIVE_SIGNAL] * 2
+        supervisor._rebalance(later + sup._REBALANCE_S)
+        assert busiest.proc.signals == [GIVE_SIGNAL] * 3
+        assert idlest.proc.signals == []
+    finally:
+        a.close()
+        b.close()
+        for worker in workers:
+            worker.close()
+
+
 @pytest.mark.parametrize("first, second, chosen", [
     ((1, 0), (2, 0), 0),  # room on both: the fewest open connections
     ((2, 0), (2, 1), 1),  # both full but one would free a slot
