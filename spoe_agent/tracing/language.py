@@ -510,6 +510,9 @@ def _compile(
     values: list[Any] = []
     bad_name = 0
     unknown: list[str] | None = None
+    # finish=str("*") takes effect once the rest of its message is applied: what a message
+    # says after it (a last tag, a span ended by name) was dropped without a word.
+    finish_all = False
     i = 0
     lookup = _ARGS.get
     for name, value in args:
@@ -543,7 +546,7 @@ def _compile(
                 pending = code
                 pending_key = value
             elif code == OP_FINISH and value == "*":
-                ops.append(_FINISH_ALL_OP)
+                finish_all = True
             else:
                 ops.append((code, value))
         elif code == _K_ID:
@@ -592,6 +595,8 @@ def _compile(
                     ops.append((OP_KIND, kind))
     if pending >= 0:
         _flush(pending, pending_key, values, ops, stats)
+    if finish_all:
+        ops.append(_FINISH_ALL_OP)
     if bad_name:
         _count(stats, "empty_name", bad_name)
     # An id= alone does not make a message ours: other engines send unique-id too (a WAF's,

@@ -80,8 +80,8 @@ def test_every_name_keyword() -> None:
         ("inject", "a"),
         ("log", "ev"),
         ("", 7),
-        ("finish", "a"),
         ("finish", "*"),
+        ("finish", "a"),
     ) == (
         (OP_SPAN, "a"),
         (OP_CHILD_OF, "p"),
@@ -90,7 +90,7 @@ def test_every_name_keyword() -> None:
         (OP_INJECT, "a"),
         (OP_LOG, "ev", 7),
         (OP_FINISH, "a"),
-        (OP_FINISH_ALL,),
+        (OP_FINISH_ALL,),  # last, wherever the message says it: what follows it applies too
     )
 
 

@@ -478,6 +478,23 @@ def test_finish_star_ends_everything_children_first_and_the_session() -> None:
     assert h.reg.stats["unknown_session"] == 1
 
 
+def test_what_a_message_says_after_finish_star_is_applied_before_the_session_ends() -> None:
+    """A black-box user wrote ``finish=str("*")`` mid-message: the span and tag after it were
+    dropped without a word. The whole message now applies, then everything ends."""
+    h = Harness()
+    h.send(("id", "s"), ("span", "root"))
+    h.send(("id", "s"), ("span", "root"), ("finish", "*"), ("span", "after"),
+           ("child-of", "root"), ("tag", "k"), ("", 1), ("span", "root"), ("tag", "last"),
+           ("", True))
+    spans = {s.name: s for s in h.spans}
+    assert set(spans) == {"root", "after"}
+    assert spans["after"].parent.span_id == spans["root"].context.span_id
+    assert dict(spans["after"].attributes) == {"k": 1}
+    assert dict(spans["root"].attributes) == {"last": True}
+    assert spans["after"].status.status_code is StatusCode.UNSET  # a regular end
+    assert len(h.reg) == 0 and h.reg.stats["sessions_finished"] == 1
+
+
 def test_finish_unknown_or_ended_span_is_counted() -> None:
     h = Harness()
     h.send(("id", "s"), ("span", "a"), ("finish", "a"), ("finish", "a"), ("finish", "zz"))
