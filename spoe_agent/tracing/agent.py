@@ -77,6 +77,14 @@ _SERVICE_CONFLICTS = ("%d messages named another service than their session's si
                       "report (last: %r, then %r): two HAProxies send the same session key "
                       "(id=), and their spans are merged into broken traces; each hop's "
                       "unique-id must be its own (a request id passed from hop to hop is not)")
+# An inject= naming a span the session does not have: the next hop gets no trace context, and
+# its trace is cut from HAProxy's (the span is started in the same message in any working
+# configuration, so this is a mistake: a typo, or an inject before its span=).
+_INJECT_UNKNOWN = ("%d inject= arguments named a span their session does not have since the "
+                   "last report (last: %r): no trace context was set for the next hop, whose "
+                   "trace is cut from HAProxy's (a typo in the span's name? inject= must name "
+                   "a span started before it, as the reference configuration's Backend HTTP "
+                   "request)")
 # Span-language events that mean a configuration mistake rather than one odd message: logged
 # like the limits, since a counter alone is silent for whoever has no /metrics yet.
 _MISTAKES = {
@@ -277,6 +285,8 @@ class TracingAgent(Agent):
                      _PARTIAL_SESSIONS)
         self._report("service_conflict", registry.stats["service_conflict"], now,
                      _SERVICE_CONFLICTS, *(registry.last_conflict or ("?", "?")))
+        self._report("inject_unknown", registry.stats["inject_unknown"], now, _INJECT_UNKNOWN,
+                     registry.last_inject_unknown or "?")
         for name, template in _MISTAKES.items():
             if name == "unknown_arg":
                 # repr: the names are a peer's bytes (HAProxy's configuration, or anyone

@@ -438,6 +438,8 @@ class SessionRegistry:
         self.stats: Counter[str] = Counter(dict.fromkeys(STAT_KEYS, 0))
         #: The services of the last ``service_conflict``: (the session's, the message's).
         self.last_conflict: tuple[str, str] | None = None
+        #: The span name of the last ``inject_unknown``: a typo costs the next hop its context.
+        self.last_inject_unknown: str | None = None
         #: Called with the key of every session this registry no longer answers for: at its
         #: ``finish=*`` or close, and for one ended by TTL or cap once its key is forgotten
         #: (until then, the rest of its stream must come here, to be counted as late). With
@@ -850,6 +852,7 @@ class SessionRegistry:
         span = session.spans.get(name)
         if span is None:
             self.stats["inject_unknown"] += 1
+            self.last_inject_unknown = name
             return
         if session.trace_id is None:
             self._fix(session, None, None)

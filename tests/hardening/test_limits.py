@@ -421,6 +421,15 @@ def test_typos_in_the_span_language_are_logged_and_every_event_has_a_series(
     assert "names first met since the last report: 'chlid-of')" in agent.logs()
     wait_until(lambda: "1 kind= values other than server" in agent.logs(),
                what="the bad-kind report")
+    # inject= naming a span the session does not have: the next hop got no context, and a
+    # counter was all that said so (black-box run: a typo, "Backend HTTP Request").
+    with SpopClient((agent.host, agent.port)) as client:
+        client.handshake()
+        notify_ok(client, 2, [trace("typo", ("span", "Backend HTTP request"),
+                                    ("inject", "Backend HTTP Request"))])
+    wait_until(lambda: "1 inject= arguments named a span their session does not have since "
+               "the last report (last: 'Backend HTTP Request')" in agent.logs(),
+               what="the unknown-inject report")
     after = scrape(metrics)
     assert value(after, "spoe_agent_language_events_total", event="unknown_arg") == 1
     assert value(after, "spoe_agent_language_events_total", event="bad_kind") == 1
