@@ -102,7 +102,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def load_app(spec: str) -> Any:
-    """Import ``MODULE:ATTR``; the attribute is an Agent or a factory taking the config."""
+    """Import ``MODULE:ATTR``; the attribute is an Agent or a factory taking the config (a
+    function: an Agent class is refused by :func:`_build_agent`)."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ValueError(f"--app expects MODULE:ATTR, got {spec!r}")
@@ -222,6 +223,14 @@ def _build_agent(app_spec: str | None, config: Any) -> Any:
         from spoe_agent.tracing.agent import build_tracing_agent as app
     if isinstance(app, Agent):
         return app
+    if isinstance(app, type) and issubclass(app, Agent):
+        # Called as a factory it would build an empty Agent named after the configuration,
+        # which answers every message with an empty ACK.
+        module = app_spec.partition(":")[0] if app_spec else "the module"
+        raise TypeError(
+            f"--app {app_spec} names a class: give an Agent instance (agent = "
+            f"{app.__name__}(\"name\") and its handlers in {module}, then --app {module}:agent) "
+            f"or a function that takes the configuration and returns one")
     if callable(app):
         try:
             agent = app(config)

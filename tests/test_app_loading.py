@@ -1,0 +1,78 @@
+"""``--app MODULE:ATTR``: what ATTR may be, and the error when it is an Agent class."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from spoe_agent.config import load_config
+from spoe_agent.handlers import Agent
+
+APP_MODULE = """\
+from spoe_agent.handlers import Agent
+from spoe_agent.protocol import Scope, SetVar
+
+
+class ScoringAgent(Agent):
+    pass
+
+
+agent = Agent("ip-reputation")
+
+
+@agent.message("check-client-ip")
+def check(args):
+    return [SetVar(Scope.TXN, "score", 42)]
+
+
+def make(config):
+    return agent
+"""
+
+
+@pytest.fixture
+def app_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    (tmp_path / "class_app.py").write_text(APP_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+@pytest.mark.parametrize("attr", ["Agent", "ScoringAgent"])
+def test_an_agent_class_is_refused_with_the_fix(app_module: Path, attr: str) -> None:
+    """Called as a factory, the class built an empty Agent named after the configuration,
+    which answered every message with an empty ACK and never said why."""
+    from spoe_agent.cli import _build_agent
+
+    with pytest.raises(TypeError) as info:
+        _build_agent(f"class_app:{attr}", load_config(env={}))
+    assert str(info.value) == (
+        f"--app class_app:{attr} names a class: give an Agent instance (agent = "
+        f'{attr}("name") and its handlers in class_app, then --app class_app:agent) or a '
+        "function that takes the configuration and returns one")
+
+
+def test_an_instance_and_a_factory_are_still_served(app_module: Path) -> None:
+    from spoe_agent.cli import _build_agent
+
+    config = load_config(env={})
+    built = _build_agent("class_app:agent", config)
+    assert isinstance(built, Agent) and built.name == "ip-reputation"
+    assert _build_agent("class_app:make", config) is built
+
+
+def test_the_cli_refuses_the_class_before_serving(app_module: Path) -> None:
+    """The same exit status and stderr line as the other --app mistakes (a missing module or
+    attribute), so it never gets as far as listening."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("OTEL_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "spoe_agent", "--app", "class_app:Agent", "--exporter", "none",
+         "--check"],
+        cwd=app_module, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done
+    assert done.stderr.startswith(
+        "spoe-agent: cannot start: --app class_app:Agent names a class: "), done.stderr
+    assert "configuration OK" not in done.stdout
