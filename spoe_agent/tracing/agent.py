@@ -320,9 +320,14 @@ class TracingAgent(Agent):
         if self._expiry is not None:
             self._expiry.kill(block=False)
         self._report_limits(final=True)
-        ended = self.registry.close_all("shutdown")
+        registry = self.registry
+        before = registry.stats["spans_incomplete"]
+        ended = registry.close_all("shutdown")
         if ended:
-            log.info("tracing: ended %d open sessions as incomplete at shutdown", ended)
+            # A session whose spans all finished is held until finish=str("*") or the TTL
+            # ends it: calling it incomplete sent users looking for lost spans.
+            log.info("tracing: ended %d open sessions at shutdown, %d unfinished spans of them "
+                     "marked incomplete", ended, registry.stats["spans_incomplete"] - before)
         if self.processor is not None:
             self.processor.shutdown(FLUSH_TIMEOUT_S)
             stats = self.processor.stats

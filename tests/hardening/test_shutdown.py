@@ -22,6 +22,7 @@ from spoe_agent.protocol.types import FrameType, Message, Scope, SetVar
 from spoe_agent.viewer.receiver import JaegerReceiver
 from tests.hardening.support import (
     SLOW_APP,
+    clean_env,
     disconnect_status,
     notify_ok,
     read_until_eof,
@@ -136,6 +137,22 @@ def receiver() -> Iterator[JaegerReceiver]:
 
 
 @pytest.mark.haproxy
+def test_the_stop_says_how_many_spans_of_the_sessions_it_ends_were_unfinished(
+    spoe_agent: Callable[..., AgentProcess],
+) -> None:
+    """A session whose spans all finished by name (spoa-opentracing's style, without
+    finish=str("*")) is held until the TTL or a stop; the stop said it ended it "as
+    incomplete", though every span of it had been exported (black-box run)."""
+    agent = spoe_agent(app=None, env=clean_env(OTEL_TRACES_EXPORTER="none"))
+    with SpopClient((agent.host, agent.port), timeout=15) as client:
+        client.handshake()
+        notify_ok(client, 1, [trace("done", ("span", "a"), ("finish", "a"))])
+        notify_ok(client, 2, [trace("open", ("span", "b"), ("span", "c"), ("finish", "c"))])
+    assert agent.stop() == 0, agent.describe_logs()
+    assert ("tracing: ended 2 open sessions at shutdown, 1 unfinished spans of them marked "
+            "incomplete") in agent.logs(), agent.describe_logs()
+
+
 def test_no_span_of_a_completed_request_is_lost_across_sigterm(
     haproxy: Callable[..., HAProxy],
     spoe_agent: Callable[..., AgentProcess],
