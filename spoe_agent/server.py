@@ -822,7 +822,14 @@ class SpoaServer:
         else:
             seconds = (self.config.idle_timeout if kind == "idle_timeout"
                        else self.config.read_timeout)
-        self._limit(kind, "closing %s with status 2: " + what, _peer(client.address), seconds)
+        if kind == "idle_timeout":
+            # The configured close of an idle connection, as HAProxy's own "timeout idle" does:
+            # normal operation, so INFO (RateLimitFilter still holds it to one line per 10 s).
+            self.stats.hit_limit(kind)
+            log.info("closing %s with status 2: " + what, _peer(client.address), seconds)
+        else:
+            self._limit(kind, "closing %s with status 2: " + what, _peer(client.address),
+                        seconds)
         client.conn.close(Status.TIMEOUT)
         client.flush()
 

@@ -211,6 +211,9 @@ def test_silent_connection_must_say_hello_within_read_timeout(
         frames = read_until_eof(client)  # sends nothing at all
     assert [disconnect_status(f) for f in frames] == [2], frames
     assert limit_hits(metrics, "hello_timeout") == 1
+    # A peer that never says HELLO is a problem, unlike a configured idle close.
+    assert re.search(r"WARNING spoe_agent\.server: closing \S+ with status 2: no complete HELLO "
+                     r"within read_timeout \(1\.0s\)", agent.logs()), agent.describe_logs()
     still_serving(agent)
 
 
@@ -310,6 +313,10 @@ def test_idle_connection_is_closed_like_haproxy_does_but_not_while_busy(
         frames = read_until_eof(client)  # then nothing more: idle
     assert [disconnect_status(f) for f in frames] == [2], frames
     assert limit_hits(metrics, "idle_timeout") == 1
+    # The configured idle close is normal operation, as HAProxy's "timeout idle" is: INFO.
+    assert re.search(r"INFO spoe_agent\.server: closing \S+ with status 2: nothing received for "
+                     r"idle_timeout \(1\.0s\)", agent.logs()), agent.describe_logs()
+    assert "WARNING spoe_agent.server: closing" not in agent.logs()
     samples = scrape(metrics)
     assert value(samples, "spoe_agent_disconnects_total", direction="sent", status="2",
                  reason="timeout") == 1
