@@ -54,7 +54,8 @@ _REGISTRY_LIMITS = {
 _LIMIT_HELP = {
     "sessions": "max_sessions reached, the least recently active sessions were ended early",
     "spans_per_session": "max_spans_per_session reached, further spans were not started",
-    "items_per_span": "too many tags/logs/baggage items on one span, the extra were dropped",
+    "items_per_span": "too many tags, logs or follows-from links on one span (128 of each) or "
+                      "baggage items in one session (64), the extra were dropped",
     "attribute_length": "max_attribute_length reached, a tag, log or baggage value was cut",
     "open_bytes": "max_open_bytes reached, spans, tags, logs or baggage of open sessions were "
                   "dropped (a peer sending huge values? or raise it)",

@@ -619,6 +619,8 @@ class SessionRegistry:
                         sel.links = (links, parent)
                     elif len(links) < _MAX_ITEMS_PER_SPAN:
                         sel.links = links + (parent,)
+                    else:
+                        self.stats["item_limit"] += 1
             elif code == OP_KIND:
                 sel.kind = op[1]
             elif code == OP_ERROR:

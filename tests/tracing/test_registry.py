@@ -753,6 +753,15 @@ def test_incoming_baggage_past_the_session_cap_is_counted(configured: int) -> No
     assert h.reg.stats["item_limit"] == 100 - 64 + configured
 
 
+def test_links_past_the_span_cap_are_counted_as_the_other_items_are() -> None:
+    """docs/metrics.md says item_limit counts links too: the 129th was dropped uncounted."""
+    h = Harness()
+    h.send(("id", "s"), ("span", "p"), ("span", "a"),
+           *[("follows-from", "p")] * 130, ("finish", "*"))
+    assert len({s.name: s for s in h.spans}["a"].links) == 128
+    assert h.reg.stats["item_limit"] == 2
+
+
 def test_inject_of_ended_name_uses_latest_record_and_unknown_name_is_counted() -> None:
     h = Harness()
     h.send(("id", "s"), ("span", "a"), ("finish", "a"))
