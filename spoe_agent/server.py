@@ -893,6 +893,8 @@ class SpoaServer:
                 stats.healthchecks += 1
             log.debug("HELLO from %s: frame size %d, capabilities %s", _peer(client.address),
                       event.negotiated_frame_size, ",".join(sorted(event.capabilities)))
+            if event.negotiated_frame_size < SMALL_FRAME_SIZE and not event.healthcheck:
+                self._small_frames(client, event)
         elif kind is DisconnectReceived:
             status = event.status
             stats.disconnects_received[status] = stats.disconnects_received.get(status, 0) + 1
@@ -918,6 +920,31 @@ class SpoaServer:
                 "bytes of it lost (HAProxy stopped or restarted, or the network failed)",
                 _peer(client.address), event.unfinished)
 
+    def _small_frames(self, client: _Client, event: HelloReceived) -> None:
+        """HAProxy drops a message that does not fit the negotiated frame, logging nothing but
+        its set-on-error variable, and the only trace of it here would be sessions that begin
+        mid-stream: say which setting is to blame while the connection is being set up."""
+        if event.max_frame_size <= self.config.max_frame_size:
+            setting = "HAProxy's max-frame-size (spoe.cfg)"
+        else:
+            setting = f"the agent's max_frame_size ({self.config.set_by('max_frame_size')})"
+        size = event.negotiated_frame_size
+        self._throttle.warning(
+            "small_frame", "HELLO from %s negotiated frames of %d bytes, set by %s: HAProxy drops "
+            "every SPOE message larger than %d bytes, logging nothing (its set-on-error variable "
+            "gets 3 or 259; only 2.6 fragments them instead, and only under its own "
+            "max-frame-size), so their spans are missing. The reference spoe.cfg's messages "
+            "reach ~750 bytes for an ordinary request, more with long URLs or trace context: "
+            "leave max-frame-size and max_frame_size at their defaults (HAProxy's is 16380)",
+            _peer(client.address), size, setting, size)
+
+
+# Below this negotiated frame size HAProxy drops messages of ordinary requests: the reference
+# spoe.cfg's on-frontend-http-request NOTIFY is ~490 bytes for a bare curl request and ~720 with a
+# browser user-agent and a traceparent (benchmarks/spop_load.py's traced workload, re-encoded);
+# a few hundred bytes of URL, tracestate or baggage add to it, and HAProxy 2.6 keeps 32 bytes of
+# the frame for itself.
+SMALL_FRAME_SIZE: Final = 2048
 
 # How long a protocol error's AGENT-DISCONNECT waits for the ACKs of the concurrent handlers
 # still running on NOTIFYs decoded before the bad frame (SpopConnection.release_goodbye).
