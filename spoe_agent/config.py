@@ -23,6 +23,9 @@ from spoe_agent.protocol.connection import MIN_FRAME_SIZE
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|ms|s|m|h)?\s*$")
 _UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 EXPORTERS = ("jaeger", "otlp", "console", "none")
+#: The OTLP exporter's endpoint when none is set: the SDK's default, as pipeline.py passes it
+#: (tests/tracing/test_destination_logs.py checks that the two agree).
+OTLP_DEFAULT_ENDPOINT = "http://localhost:4318/v1/traces"
 # What OTEL_EXPORTER_OTLP_PROTOCOL may say; only the first is served (see validate).
 OTLP_PROTOCOLS = ("http/protobuf", "grpc", "http/json")
 SAMPLERS = (
@@ -164,6 +167,13 @@ def _redacted(url: str) -> str:
     user, colon, _ = userinfo.partition(":")
     shown = f"{user}:***" if colon else "***"  # a lone user part is often a token
     return parts._replace(netloc=f"{shown}@{host}").geturl()
+
+
+def shown_url(url: str) -> str:
+    """``url`` without the user info it may carry, for a log line or ``--check``'s summary:
+    the password would be in every log that quotes it."""
+    parts = urlsplit(url)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
 
 
 def _otlp_base(text: str) -> str:
@@ -618,10 +628,20 @@ class AgentConfig:
         return self.sources.get("exporter") == _SDK_DISABLED
 
     def exporter_text(self) -> str:
-        """The exporter as ``--check`` and the start-up log name it: an operator who set one
-        must see why it is ``none`` when OTEL_SDK_DISABLED turned it off."""
+        """The exporter and where it sends, as ``--check`` and the start-up log name them: an
+        operator must be able to tell that an endpoint variable was picked up, and see why the
+        exporter is ``none`` when OTEL_SDK_DISABLED turned it off. Never a credential: no user
+        info, no header."""
         if self.sdk_disabled:
             return f"{self.exporter} (OTEL_SDK_DISABLED=true)"
+        if self.exporter == "jaeger":
+            if self.jaeger_endpoint:
+                return f"jaeger to collector {shown_url(self.jaeger_endpoint)}"
+            host = self.jaeger_agent_host
+            host = f"[{host}]" if ":" in host else host
+            return f"jaeger to agent {host}:{self.jaeger_agent_port} (UDP)"
+        if self.exporter == "otlp":
+            return f"otlp to {shown_url(self.otlp_endpoint or OTLP_DEFAULT_ENDPOINT)}"
         return self.exporter
 
     def validate(self) -> None:

@@ -1,0 +1,87 @@
+"""Where spans go, as the start-up log, ``--check`` and export failures say it: an operator must
+be able to see that an endpoint variable was picked up (or is wrong), and never a credential."""
+
+from __future__ import annotations
+
+import errno
+import socket
+from pathlib import Path
+
+import pytest
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.trace import SpanContext, TraceFlags
+
+from spoe_agent.config import load_config
+
+SECRET = "s3cret"
+
+
+def free_port() -> int:
+    """A port of the range these tests may use that nothing listens on now."""
+    for port in range(51000, 51500):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                continue
+            return port
+    raise RuntimeError("no free port in 51000-51499")
+
+
+def spans(n: int) -> list[ReadableSpan]:
+    resource = Resource.create({"service.name": "edge"})
+    return [ReadableSpan(name=f"span {i}", context=SpanContext(i + 1, i + 1, False, TraceFlags(1)),
+                         start_time=1, end_time=2, resource=resource) for i in range(n)]
+
+
+@pytest.mark.parametrize(("env", "shown"), [
+    ({}, "jaeger to agent localhost:6831 (UDP)"),
+    ({"OTEL_EXPORTER_JAEGER_AGENT_HOST": "::1", "OTEL_EXPORTER_JAEGER_AGENT_PORT": "51831"},
+     "jaeger to agent [::1]:51831 (UDP)"),
+    ({"OTEL_EXPORTER_JAEGER_ENDPOINT": f"http://bob:{SECRET}@collector:14268/api/traces"},
+     "jaeger to collector http://collector:14268/api/traces"),
+    ({"OTEL_EXPORTER_JAEGER_ENDPOINT": "https://collector/api/traces?format=jaeger.thrift",
+      "OTEL_EXPORTER_JAEGER_USER": "bob", "OTEL_EXPORTER_JAEGER_PASSWORD": SECRET},
+     "jaeger to collector https://collector/api/traces?format=jaeger.thrift"),
+    ({"OTEL_TRACES_EXPORTER": "otlp"}, "otlp to http://localhost:4318/v1/traces"),
+    ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": f"https://k:{SECRET}@otel:4318",
+      "OTEL_EXPORTER_OTLP_HEADERS": f"api-key={SECRET}"},
+     "otlp to https://otel:4318/v1/traces"),
+    ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://ignored:4318",
+      "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://otel:4318/custom"},
+     "otlp to http://otel:4318/custom"),
+    ({"OTEL_TRACES_EXPORTER": "console"}, "console"),
+    ({"OTEL_TRACES_EXPORTER": "none"}, "none"),
+])
+def test_the_exporter_is_named_with_its_destination_and_no_credential(
+    env: dict[str, str], shown: str,
+) -> None:
+    assert load_config(env=env).exporter_text() == shown
+
+
+def test_the_ini_otlp_base_url_is_shown_with_the_path_appended(tmp_path: Path) -> None:
+    ini = tmp_path / "agent.ini"
+    ini.write_text("[tracing]\nexporter = otlp\notlp_endpoint = http://otel:4318\n")
+    config = load_config(str(ini), env={})
+    assert config.exporter_text() == "otlp to http://otel:4318/v1/traces"
+
+
+@pytest.mark.parametrize("env", [
+    {},
+    {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://k:{SECRET}@otel:4318/base/?x=1"},
+    {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://otel:4318/custom"},
+])
+def test_the_otlp_url_shown_is_the_one_the_exporter_posts_to(env: dict[str, str]) -> None:
+    pytest.importorskip("opentelemetry.exporter.otlp.proto.http")
+    from spoe_agent.tracing.pipeline import build_exporter
+
+    config = load_config(env={"OTEL_TRACES_EXPORTER": "otlp", **env})
+    exporter = build_exporter(config)
+    try:
+        posted_to = exporter._endpoint.replace(f"k:{SECRET}@", "")  # type: ignore[union-attr]
+        assert config.exporter_text() == f"otlp to {posted_to}"
+    finally:
+        exporter.shutdown()  # type: ignore[union-attr]
