@@ -176,6 +176,19 @@ def shown_url(url: str) -> str:
     return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
 
 
+#: Where jaeger-collector takes Thrift batches over HTTP.
+JAEGER_COLLECTOR_PATH = "/api/traces"
+
+
+def jaeger_collector_hint(url: str) -> str:
+    """Where the collector at ``url``'s host takes spans: the endpoint is used as written, as
+    by the official exporter (a proxy may serve another path), so one without the path passes
+    every check and then has each batch answered 404."""
+    parts = urlsplit(shown_url(url))
+    fixed = parts._replace(path=JAEGER_COLLECTOR_PATH, fragment="").geturl()
+    return f"Jaeger's collector takes spans at {JAEGER_COLLECTOR_PATH} ({fixed})"
+
+
 def _otlp_base(text: str) -> str:
     """OTEL_EXPORTER_OTLP_ENDPOINT: a base URL, to which the traces path is appended (before a
     query string, which stays the collector's)."""
@@ -643,6 +656,17 @@ class AgentConfig:
         if self.exporter == "otlp":
             return f"otlp to {shown_url(self.otlp_endpoint or OTLP_DEFAULT_ENDPOINT)}"
         return self.exporter
+
+    def endpoint_warning(self) -> str | None:
+        """What is likely wrong with the chosen exporter's endpoint though it is valid, for the
+        start-up log and ``--check``: a Jaeger collector URL without a path."""
+        if self.exporter != "jaeger" or not self.jaeger_endpoint:
+            return None
+        if urlsplit(self.jaeger_endpoint).path not in ("", "/"):
+            return None
+        where = self.set_by("jaeger_endpoint")
+        return (f"jaeger_endpoint {shown_url(self.jaeger_endpoint)} ({where}) has no path: "
+                f"{jaeger_collector_hint(self.jaeger_endpoint)}")
 
     def validate(self) -> None:
         """Cross-option checks that no single value can make."""

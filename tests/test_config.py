@@ -118,6 +118,22 @@ def test_check_says_why_the_exporter_is_none_and_refuses_a_value_that_is_not_a_b
     assert "OTEL_SDK_DISABLED: expected true or false, got 'yes'" in refused.stderr
 
 
+def test_check_names_where_spans_go_and_warns_of_a_collector_url_without_a_path() -> None:
+    """Used as written (a proxy may serve another path), such a URL passed --check and then
+    had every batch answered 404; the summary shows the endpoint, never its password."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "spoe_agent", "--workers", "1", "--check"],
+        capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1],
+        env={**env, "OTEL_EXPORTER_JAEGER_ENDPOINT": "http://bob:s3cret@127.0.0.1:51268/"})
+    assert done.returncode == 0, done.stderr
+    assert "; exporter jaeger to collector http://127.0.0.1:51268/)" in done.stdout
+    assert ("spoe-agent: warning: jaeger_endpoint http://127.0.0.1:51268/ (environment variable "
+            "OTEL_EXPORTER_JAEGER_ENDPOINT) has no path: Jaeger's collector takes spans at "
+            "/api/traces (http://127.0.0.1:51268/api/traces)") in done.stderr
+    assert "s3cret" not in done.stdout + done.stderr
+
+
 def test_specific_otel_variables_win_over_the_general_ones() -> None:
     general = {"OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT": "100",
                "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}

@@ -251,6 +251,9 @@ class TracingAgent(Agent):
         log.info("tracing: exporter %s, propagators %s, sampler %s, session ttl %.1fs",
                  self.config.exporter_text(), ",".join(self.config.propagators) or "none",
                  self.config.sampler, self.config.session_ttl)
+        warning = self.config.endpoint_warning()
+        if warning:
+            log.warning("%s", warning, extra=EVERY_TIME)  # once, at start: never held back
 
     def _expire_loop(self, interval: float) -> None:
         while True:

@@ -4,15 +4,22 @@ be able to see that an endpoint variable was picked up (or is wrong), and never 
 from __future__ import annotations
 
 import errno
+import logging
 import socket
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.trace import SpanContext, TraceFlags
 
 from spoe_agent.config import load_config
+from spoe_agent.tracing.agent import TracingAgent
+from spoe_agent.tracing.jaeger import FastJaegerExporter
 
 SECRET = "s3cret"
 
@@ -85,3 +92,63 @@ def test_the_otlp_url_shown_is_the_one_the_exporter_posts_to(env: dict[str, str]
         assert config.exporter_text() == f"otlp to {posted_to}"
     finally:
         exporter.shutdown()  # type: ignore[union-attr]
+
+
+def test_the_start_up_log_names_the_destination_and_warns_of_an_endpoint_without_a_path(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    port = free_port()
+    for path, warned in (("", True), ("/", True), ("/api/traces", False)):
+        caplog.clear()
+        url = f"http://bob:{SECRET}@127.0.0.1:{port}{path}"
+        agent = TracingAgent(load_config(env={"OTEL_EXPORTER_JAEGER_ENDPOINT": url}))
+        with caplog.at_level(logging.INFO):
+            agent.start()
+            agent.stop()
+        assert (f"tracing: exporter jaeger to collector http://127.0.0.1:{port}{path}, "
+                "propagators ") in caplog.text
+        warning = (f"jaeger_endpoint http://127.0.0.1:{port}{path} (environment variable "
+                   f"OTEL_EXPORTER_JAEGER_ENDPOINT) has no path: Jaeger's collector takes "
+                   f"spans at /api/traces (http://127.0.0.1:{port}/api/traces)")
+        assert (warning in caplog.messages) is warned, caplog.messages
+        assert SECRET not in caplog.text
+
+
+class NotFound(BaseHTTPRequestHandler):
+    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def not_found() -> Iterator[int]:
+    port = free_port()
+    server = ThreadingHTTPServer(("127.0.0.1", port), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield port
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_404_from_another_path_than_the_collectors_says_where_it_takes_spans(
+    not_found: int, caplog: pytest.LogCaptureFixture,
+) -> None:
+    base = f"http://127.0.0.1:{not_found}"
+    hint = f": Jaeger's collector takes spans at /api/traces ({base}/api/traces)"
+    for path, hinted in (("", True), ("/jaeger", True), ("/api/traces", False)):
+        caplog.clear()
+        exporter = FastJaegerExporter(collector_endpoint=base + path, timeout=5)
+        with caplog.at_level(logging.WARNING):
+            assert exporter.export(spans(2)) is SpanExportResult.FAILURE
+        (line,) = caplog.messages
+        assert line.startswith(f"Jaeger collector export to {base}{path} failed: Jaeger "
+                               "collector answered HTTP 404 Not Found"), line
+        assert line.endswith(hint) is hinted, line
+        exporter.shutdown()

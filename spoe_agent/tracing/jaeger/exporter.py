@@ -12,10 +12,12 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
+from urllib.parse import urlsplit
 
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
+from spoe_agent.config import JAEGER_COLLECTOR_PATH, jaeger_collector_hint
 from spoe_agent.tracing.jaeger.encode import (
     UDP_PACKET_MAX_LENGTH,
     _RecordHead,
@@ -261,13 +263,21 @@ class FastJaegerExporter(SpanExporter):
         except Exception as exc:
             stats.send_errors += 1
             stats.spans_failed += len(spans)
-            log.warning("Jaeger collector export to %s failed: %s",
-                        self._http.shown, exc)  # type: ignore[union-attr]
+            log.warning("Jaeger collector export to %s failed: %s%s",
+                        self._http.shown, exc, self._not_found_hint(exc))  # type: ignore[union-attr]
             return False
         stats.http_posts += 1
         stats.bytes_sent += len(body)
         stats.spans_sent += len(spans)
         return True
+
+    def _not_found_hint(self, exc: Exception) -> str:
+        """For a 404 from an endpoint whose path is not the collector's: the endpoint is used
+        as written, and one without ``/api/traces`` has every batch refused this way."""
+        if (not str(exc).startswith("Jaeger collector answered HTTP 404 ")
+                or urlsplit(self.collector_endpoint or "").path == JAEGER_COLLECTOR_PATH):
+            return ""
+        return ": " + jaeger_collector_hint(self.collector_endpoint or "")
 
     def _send_udp(
         self,
