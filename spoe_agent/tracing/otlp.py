@@ -17,6 +17,7 @@ exporter's timeout allows.
 from __future__ import annotations
 
 import inspect
+import logging
 import random
 import threading
 import time
@@ -27,6 +28,11 @@ from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
+
+from spoe_agent.config import shown_url
+from spoe_agent.tracing.processor import describe_error
+
+log = logging.getLogger(__name__)
 
 #: What the OTLP specification lets a client retry.
 RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
@@ -54,6 +60,8 @@ class SlicedOTLPSpanExporter(OTLPSpanExporter):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._stopping = threading.Event()
+        #: The endpoint as logs may show it: without the user and password it may carry.
+        self.shown = shown_url(self._endpoint)
 
     def encode(self, spans: Sequence[ReadableSpan],
                into: EncodedRequest | None = None) -> EncodedRequest:
@@ -64,24 +72,34 @@ class SlicedOTLPSpanExporter(OTLPSpanExporter):
 
     def send_encoded(self, encoded: EncodedRequest,
                      between: Callable[[], None] | None = None) -> SpanExportResult:
-        """Post what ``encode`` produced as one request; raises OSError naming the status of
-        a final refusal, which the processor logs and counts."""
+        """Post what ``encode`` produced as one request; raises OSError naming the endpoint
+        and the status of a final refusal or the cause of a failed post, which the processor
+        logs and counts (one line: the Jaeger exporter's failures name their destination, and
+        so must these, or a wrong endpoint variable cannot be told from a collector down)."""
         if self._stopping.is_set():
             return SpanExportResult.FAILURE
         body = b"".join(encoded.parts)
         deadline = time.monotonic() + self._timeout
         for attempt in range(_MAX_ATTEMPTS):
-            if _EXPORT_TAKES_TIMEOUT:
-                response = self._export(body, max(0.001, deadline - time.monotonic()))
-            else:  # pragma: no cover - depends on the installed SDK
-                response = self._export(body)
+            try:
+                if _EXPORT_TAKES_TIMEOUT:
+                    response = self._export(body, max(0.001, deadline - time.monotonic()))
+                else:  # pragma: no cover - depends on the installed SDK
+                    response = self._export(body)
+            except Exception as exc:
+                # The processor's DEBUG traceback shows this OSError only: the client's chain
+                # is logged here instead.
+                log.debug("OTLP export to %s failed", self.shown, exc_info=True)
+                raise OSError(f"OTLP export to {self.shown} failed: "
+                              f"{describe_error(exc)}") from None
             if response.ok:
                 return SpanExportResult.SUCCESS
             backoff = 2 ** attempt * random.uniform(0.8, 1.2)
             if (response.status_code not in RETRYABLE_STATUSES or attempt + 1 == _MAX_ATTEMPTS
                     or backoff > deadline - time.monotonic()
                     or self._stopping.wait(backoff)):
-                raise OSError(f"OTLP collector answered HTTP {response.status_code} "
+                raise OSError(f"OTLP export to {self.shown} failed: the collector answered "
+                              f"HTTP {response.status_code} "
                               f"{response.reason}"
                               + (f" after {attempt + 1} tries" if attempt else ""))
         return SpanExportResult.FAILURE  # pragma: no cover - the loop always returns or raises

@@ -20,6 +20,7 @@ from opentelemetry.trace import SpanContext, TraceFlags
 from spoe_agent.config import load_config
 from spoe_agent.tracing.agent import TracingAgent
 from spoe_agent.tracing.jaeger import FastJaegerExporter
+from spoe_agent.tracing.processor import QueueSpanProcessor
 
 SECRET = "s3cret"
 
@@ -90,6 +91,7 @@ def test_the_otlp_url_shown_is_the_one_the_exporter_posts_to(env: dict[str, str]
     try:
         posted_to = exporter._endpoint.replace(f"k:{SECRET}@", "")  # type: ignore[union-attr]
         assert config.exporter_text() == f"otlp to {posted_to}"
+        assert exporter.shown == posted_to  # type: ignore[union-attr]
     finally:
         exporter.shutdown()  # type: ignore[union-attr]
 
@@ -152,3 +154,45 @@ def test_a_404_from_another_path_than_the_collectors_says_where_it_takes_spans(
                                "collector answered HTTP 404 Not Found"), line
         assert line.endswith(hint) is hinted, line
         exporter.shutdown()
+
+
+def test_an_otlp_export_failure_names_the_url_without_its_credentials(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pytest.importorskip("opentelemetry.exporter.otlp.proto.http")
+    from spoe_agent.tracing.otlp import SlicedOTLPSpanExporter
+
+    port = free_port()  # nothing listens: refused
+    exporter = SlicedOTLPSpanExporter(
+        endpoint=f"http://bob:{SECRET}@127.0.0.1:{port}/v1/traces", timeout=5)
+    processor = QueueSpanProcessor(exporter, max_export_batch_size=8, schedule_delay_s=3600)
+    with caplog.at_level(logging.WARNING):
+        for span in spans(3):
+            processor.on_end(span)
+        processor.shutdown()
+    assert processor.stats.export_failed_spans == 3
+    (line,) = caplog.messages
+    assert line == (f"exporting 3 spans failed (1 failed exports so far): OSError: OTLP export "
+                    f"to http://127.0.0.1:{port}/v1/traces failed: ConnectionError caused by "
+                    "ConnectionRefusedError: [Errno 111] Connection refused")
+    assert SECRET not in caplog.text
+
+
+def test_at_debug_the_otlp_clients_own_exception_chain_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The processor's DEBUG traceback holds only the OSError naming the URL."""
+    pytest.importorskip("opentelemetry.exporter.otlp.proto.http")
+    from requests.exceptions import ConnectionError as RequestsConnectionError
+
+    from spoe_agent.tracing.otlp import SlicedOTLPSpanExporter
+
+    port = free_port()
+    exporter = SlicedOTLPSpanExporter(endpoint=f"http://127.0.0.1:{port}/v1/traces", timeout=5)
+    with caplog.at_level(logging.DEBUG, logger="spoe_agent.tracing.otlp"), \
+            pytest.raises(OSError, match=f"OTLP export to http://127.0.0.1:{port}/v1/traces"):
+        exporter.send_encoded(exporter.encode(spans(1)))
+    (record,) = [r for r in caplog.records if r.name == "spoe_agent.tracing.otlp"]
+    assert record.getMessage() == f"OTLP export to http://127.0.0.1:{port}/v1/traces failed"
+    assert record.exc_info is not None and isinstance(record.exc_info[1], RequestsConnectionError)
+    exporter.shutdown()

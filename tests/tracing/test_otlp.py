@@ -118,7 +118,8 @@ def test_a_retryable_refusal_is_tried_again_and_a_final_one_is_named(
         processor.shutdown()
     assert Collector.answered == [503, 200, 400]
     assert processor.stats.export_failed_spans == 3 and processor.stats.exported == 0
-    assert "OTLP collector answered HTTP 400" in caplog.text
+    assert (f"OTLP export to {endpoint} failed: the collector answered HTTP 400 "
+            "Bad Request") in caplog.text
 
 
 def test_the_agent_builds_the_sliced_exporter_for_otlp() -> None:
