@@ -72,7 +72,9 @@ _PARTIAL_SESSIONS = ("%d sessions began mid-stream since the last report (their 
                      "named spans they never had; marked haproxy.session.partial): an agent "
                      "restart cuts a few; many mean HAProxy spreads each stream's events over "
                      "several agents, as several servers in the spoe-agents backend do (keep "
-                     "one, and mark the others 'backup')")
+                     "one, and mark the others 'backup'); or HAProxy could not send their first "
+                     "messages (an error in its set-on-error variable: 3 or 259 is a message "
+                     "larger than the negotiated frame size, 1 a timeout)")
 # Two services in one session: colliding session keys, which nothing else would show.
 _SERVICE_CONFLICTS = ("%d messages named another service than their session's since the last "
                       "report (last: %r, then %r): two HAProxies send the same session key "
