@@ -226,9 +226,10 @@ def _build_agent(app_spec: str | None, config: Any) -> Any:
         from spoe_agent.tracing.agent import build_tracing_agent as app
     if isinstance(app, Agent):
         return app
-    if isinstance(app, type) and issubclass(app, Agent):
+    if isinstance(app, type) and issubclass(app, Agent) and app.__init__ is Agent.__init__:
         # Called as a factory it would build an empty Agent named after the configuration,
-        # which answers every message with an empty ACK.
+        # which answers every message with an empty ACK. A subclass with an __init__ of its
+        # own (TracingAgent's takes the configuration) is a factory like any function.
         module = app_spec.partition(":")[0] if app_spec else "the module"
         raise TypeError(
             f"--app {app_spec} names a class: give an Agent instance (agent = "

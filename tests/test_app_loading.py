@@ -21,6 +21,12 @@ class ScoringAgent(Agent):
     pass
 
 
+class ConfiguredAgent(Agent):
+    def __init__(self, config):
+        super().__init__("configured")
+        self.on_message("check-client-ip", check)
+
+
 agent = Agent("ip-reputation")
 
 
@@ -62,6 +68,11 @@ def test_an_instance_and_a_factory_are_still_served(app_module: Path) -> None:
     built = _build_agent("class_app:agent", config)
     assert isinstance(built, Agent) and built.name == "ip-reputation"
     assert _build_agent("class_app:make", config) is built
+    # A class with an __init__ of its own is a factory too (as TracingAgent is).
+    configured = _build_agent("class_app:ConfiguredAgent", config)
+    assert type(configured).__name__ == "ConfiguredAgent" and configured.name == "configured"
+    assert type(_build_agent("spoe_agent.tracing.agent:TracingAgent", config)).__name__ == \
+        "TracingAgent"
 
 
 def test_the_cli_refuses_the_class_before_serving(app_module: Path) -> None:
