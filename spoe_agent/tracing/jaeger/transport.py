@@ -20,6 +20,8 @@ from urllib.parse import unquote, urlsplit
 import gevent
 from gevent import monkey
 
+from spoe_agent.config import shown_url
+
 
 class _UDPSender:
     """Sends datagrams to jaeger-agent; resolves the host now and then rather than per packet.
@@ -114,7 +116,7 @@ class _HTTPSender:
             raise ValueError(f"unsupported Jaeger collector endpoint: {endpoint!r}")
         self.endpoint = endpoint
         #: The endpoint as logs may show it: without the user and password it may carry.
-        self.shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+        self.shown = shown_url(endpoint)
         self._https = parts.scheme == "https"
         self._host = parts.hostname
         self._port = parts.port or (443 if self._https else 80)
