@@ -133,7 +133,7 @@ HTTP GET [haproxy] 12.345ms
     connect [haproxy] 500us
       app handler [backend-app] 300us
   log [haproxy] 50us (follows from)
-orphan [haproxy] 1us"""
+orphan [haproxy] 1us (parent not received)"""
 
 
 @pytest.fixture

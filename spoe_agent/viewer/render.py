@@ -15,6 +15,7 @@ from spoe_agent.viewer.receiver import ReceivedSpan
 
 FOLLOWS_MARK = "(follows from)"
 ERROR_MARK = "!ERROR"
+ORPHAN_MARK = "(parent not received)"
 INDENT = "  "
 
 
@@ -82,6 +83,11 @@ def span_line(span: ReceivedSpan, depth: int = 0, how: str | None = None) -> str
     line += format_duration(span.duration_us)
     if how == "FOLLOWS_FROM":
         line += f" {FOLLOWS_MARK}"
+    elif depth == 0 and span.parent_span_id:
+        # Its parent is in no trace printed here: the caller's span, or a span of this trace
+        # printed before or still open (a session TTL ends those ~30 s later). Unmarked, a
+        # fragment read as a whole trace that the agent had broken.
+        line += f" {ORPHAN_MARK}"
     if span.error:
         description = span.tags.get("otel.status_description")
         line += f" {ERROR_MARK}: {description}" if description else f" {ERROR_MARK}"
