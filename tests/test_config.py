@@ -12,6 +12,17 @@ import pytest
 
 from spoe_agent.config import ConfigError, load_config, parse_bind, parse_duration, parse_size
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_check(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``spoe-agent ARGS --workers 1 --check`` in a subprocess, with no OTEL_* variable of the
+    test run's own environment unless ``env`` gives it."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    return subprocess.run(
+        [sys.executable, "-m", "spoe_agent", *args, "--workers", "1", "--check"],
+        capture_output=True, text=True, timeout=60, cwd=REPO, env={**clean, **(env or {})})
+
 
 def write(tmp_path: Path, text: str) -> str:
     path = tmp_path / "agent.ini"
@@ -84,11 +95,7 @@ def test_a_span_attribute_count_limit_the_sdk_would_refuse_is_refused_as_configu
             load_config(env={"OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT": value})
     for value in ("", " ", "0", "64"):
         load_config(env={"OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT": value})
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    done = subprocess.run(
-        [sys.executable, "-m", "spoe_agent", "--workers", "1", "--check"],
-        capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1],
-        env={**env, "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT": "abc"})
+    done = run_check(env={"OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT": "abc"})
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("spoe-agent: configuration error: environment variable "
                                   "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT"), done.stderr
@@ -99,13 +106,9 @@ def test_check_says_why_the_exporter_is_none_and_refuses_a_value_that_is_not_a_b
 ) -> None:
     ini = tmp_path / "agent.ini"
     ini.write_text("[tracing]\nexporter = jaeger\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
 
     def check(value: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "spoe_agent", "-c", str(ini), "--workers", "1", "--check"],
-            capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1],
-            env={**env, "OTEL_SDK_DISABLED": value})
+        return run_check("-c", str(ini), env={"OTEL_SDK_DISABLED": value})
 
     disabled = check("true")
     assert disabled.returncode == 0, disabled.stderr
@@ -121,11 +124,7 @@ def test_check_says_why_the_exporter_is_none_and_refuses_a_value_that_is_not_a_b
 def test_check_names_where_spans_go_and_warns_of_a_collector_url_without_a_path() -> None:
     """Used as written (a proxy may serve another path), such a URL passed --check and then
     had every batch answered 404; the summary shows the endpoint, never its password."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    done = subprocess.run(
-        [sys.executable, "-m", "spoe_agent", "--workers", "1", "--check"],
-        capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1],
-        env={**env, "OTEL_EXPORTER_JAEGER_ENDPOINT": "http://bob:s3cret@127.0.0.1:51268/"})
+    done = run_check(env={"OTEL_EXPORTER_JAEGER_ENDPOINT": "http://bob:s3cret@127.0.0.1:51268/"})
     assert done.returncode == 0, done.stderr
     assert "; exporter jaeger to collector http://127.0.0.1:51268/)" in done.stdout
     assert ("spoe-agent: warning: jaeger_endpoint http://127.0.0.1:51268/ (environment variable "
@@ -544,10 +543,7 @@ def test_ipv6_binds_are_written_as_bind_takes_them() -> None:
     assert bind_text(parse_bind("[2001:db8::1]:80")) == "[2001:db8::1]:80"
     assert bind_text(parse_bind("127.0.0.1:21001")) == "127.0.0.1:21001"
     assert bind_text(parse_bind("unix:/run/a:b.sock")) == "unix:/run/a:b.sock"
-    check = subprocess.run(
-        [sys.executable, "-m", "spoe_agent", "--bind", "[::1]:21001", "--workers", "1",
-         "--check"], capture_output=True, text=True, timeout=60,
-        cwd=Path(__file__).resolve().parents[1])
+    check = run_check("--bind", "[::1]:21001")
     assert check.returncode == 0 and "listening on [::1]:21001;" in check.stdout, check
 
 
@@ -558,9 +554,7 @@ def test_ipv6_binds_are_written_as_bind_takes_them() -> None:
 def test_check_refuses_a_bind_that_cannot_be_listened_on(bind: str, why: str) -> None:
     """--check said OK, then the start failed: it now probes what it can without taking the
     address (a running agent may hold the port)."""
-    check = subprocess.run(
-        [sys.executable, "-m", "spoe_agent", "--bind", bind, "--workers", "1", "--check"],
-        capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    check = run_check("--bind", bind)
     assert check.returncode == 2, check
     assert f"configuration error: cannot listen on {bind} (command line): {why}" in (
         check.stderr), check.stderr
