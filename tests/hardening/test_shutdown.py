@@ -136,7 +136,6 @@ def receiver() -> Iterator[JaegerReceiver]:
         yield rec
 
 
-@pytest.mark.haproxy
 def test_the_stop_says_how_many_spans_of_the_sessions_it_ends_were_unfinished(
     spoe_agent: Callable[..., AgentProcess],
 ) -> None:
@@ -153,6 +152,7 @@ def test_the_stop_says_how_many_spans_of_the_sessions_it_ends_were_unfinished(
             "incomplete") in agent.logs(), agent.describe_logs()
 
 
+@pytest.mark.haproxy
 def test_no_span_of_a_completed_request_is_lost_across_sigterm(
     haproxy: Callable[..., HAProxy],
     spoe_agent: Callable[..., AgentProcess],
