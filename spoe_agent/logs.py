@@ -124,6 +124,11 @@ class Throttle:
 
         ``template`` must be a constant of ours: peer-supplied values go in ``args``.
         """
+        return self.log(logging.WARNING, key, template, *args)
+
+    def log(self, level: int, key: str, template: str, *args: object) -> bool:
+        """:meth:`warning` at ``level``: a configured, expected event is counted the same way
+        without reading as a problem."""
         now = self._clock()
         last = self._last.get(key)
         if last is not None and now - last < self.interval:
@@ -135,10 +140,10 @@ class Throttle:
         # error status) must not hide each other there either.
         extra = {"rate_key": key}
         if held:
-            self.logger.warning(template + " (and %d more like it since the last report)",
-                                *args, held, extra=extra)
+            self.logger.log(level, template + " (and %d more like it since the last report)",
+                            *args, held, extra=extra)
         else:
-            self.logger.warning(template, *args, extra=extra)
+            self.logger.log(level, template, *args, extra=extra)
         return True
 
 

@@ -402,10 +402,11 @@ class SpoaServer:
 
     # ------------------------------------------------------------------------------ limits
 
-    def _limit(self, name: str, template: str, *args: object) -> None:
+    def _limit(self, name: str, template: str, *args: object,
+               level: int = logging.WARNING) -> None:
         """Count a limit hit and log it, at most once per interval per limit."""
         self.stats.hit_limit(name)
-        self._throttle.warning(name, template, *args)
+        self._throttle.log(level, name, template, *args)
 
     def _trimmed_ack(self, why: str) -> None:
         """An ACK went out without some of its actions (the connection logged which): over the
@@ -822,14 +823,10 @@ class SpoaServer:
         else:
             seconds = (self.config.idle_timeout if kind == "idle_timeout"
                        else self.config.read_timeout)
-        if kind == "idle_timeout":
-            # The configured close of an idle connection, as HAProxy's own "timeout idle" does:
-            # normal operation, so INFO (RateLimitFilter still holds it to one line per 10 s).
-            self.stats.hit_limit(kind)
-            log.info("closing %s with status 2: " + what, _peer(client.address), seconds)
-        else:
-            self._limit(kind, "closing %s with status 2: " + what, _peer(client.address),
-                        seconds)
+        # The configured close of an idle connection, as HAProxy's own "timeout idle" does, is
+        # normal operation: INFO. The others say a peer misbehaves.
+        self._limit(kind, "closing %s with status 2: " + what, _peer(client.address), seconds,
+                    level=logging.INFO if kind == "idle_timeout" else logging.WARNING)
         client.conn.close(Status.TIMEOUT)
         client.flush()
 

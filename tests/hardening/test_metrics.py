@@ -197,6 +197,17 @@ def test_throttle_logs_once_per_interval_and_says_how_many_it_held(
         "limit hit by a", "another limit",
         "limit hit by e (and 3 more like it since the last report)",
     ]
+    # A configured, expected close (idle_timeout) is held and counted alike, at its own level.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="t"):
+        assert throttle.log(logging.INFO, "idle", "idle close of %s", "a")
+        assert not throttle.log(logging.INFO, "idle", "idle close of %s", "b")
+        clock.now += 10.0
+        assert throttle.log(logging.INFO, "idle", "idle close of %s", "c")
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.INFO, "idle close of a"),
+        (logging.INFO, "idle close of c (and 1 more like it since the last report)"),
+    ]
 
 
 def test_rate_limit_filter_covers_info_but_not_debug() -> None:
