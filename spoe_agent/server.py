@@ -339,8 +339,8 @@ class SpoaServer:
         # connections that other workers served, with their protocol state, and take some back.
         self._resumed_state: Callable[[int], dict[str, Any] | None] | None = getattr(
             listener, "resumed_state", None)
-        self._give_back: Callable[[Any, Any, dict[str, Any]], bool] | None = getattr(
-            listener, "give_back", None)
+        self._give_back: Callable[[Any, Any, dict[str, Any] | None, bool], bool] | None = (
+            getattr(listener, "give_back", None))
         attach = getattr(listener, "attach", None)
         if attach is not None:
             attach(self)
@@ -459,7 +459,7 @@ class SpoaServer:
         """Hand ``client``'s connection over (in its own greenlet, out of ``recv``)."""
         state = client.conn.export_state()
         if (state is None or client.busy() or client.lock.locked() or self._give_back is None
-                or not self._give_back(client.sock, client.address, state)):
+                or not self._give_back(client.sock, client.address, state, False)):
             return False
         client.moved = True
         self.stats.moved_out += 1
@@ -549,7 +549,7 @@ class SpoaServer:
             return
         try:
             state = self._resumed_state(sock.fileno()) if self._resumed_state else None
-            if self._give_back(sock, address, state):
+            if self._give_back(sock, address, state, True):
                 log.debug("max_connections reached here: a waiting connection went back to "
                           "the supervisor for another worker")
                 self._pool.watch()  # if it comes back, it is looked at again

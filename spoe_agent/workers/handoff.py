@@ -50,6 +50,10 @@ REPORT_PREFIX = b"L"
 #: their slot to one that waits (server.SpoaServer.evictable). A message of its own, so that a
 #: supervisor of the version before, which reads reports as digits alone, ignores it.
 FREEABLE_PREFIX = b"F"
+#: Worker to supervisor, just before it hands back a connection that waited for a slot there
+#: rather than one it served: its open count did not hold it, and it answers no ask. A message
+#: of its own, which a supervisor of the version before ignores.
+WAITING_PREFIX = b"W"
 #: Supervisor to worker: hand one idle connection back, to be served by another worker.
 GIVE_SIGNAL = signal.SIGUSR1
 #: Worker to supervisor, with the descriptor: ``marshal`` of (address, connection state).
@@ -198,9 +202,12 @@ class HandoffListener:
         """The protocol state of connection ``fd`` if another worker served it until now."""
         return self._states.pop(fd, None)
 
-    def give_back(self, sock: Any, address: Any, state: Any) -> bool:
-        """Hand a connection this worker served to the supervisor, for another worker."""
+    def give_back(self, sock: Any, address: Any, state: Any, waiting: bool = False) -> bool:
+        """Hand a connection this worker served (or, ``waiting``, one that waited here for a
+        slot) to the supervisor, for another worker."""
         try:
+            if waiting:
+                self._chan.send(WAITING_PREFIX)
             socket.send_fds(self._chan, [MOVE_PREFIX + _payload(address, state)],
                             [sock.fileno()])
         except OSError:

@@ -39,6 +39,7 @@ from spoe_agent.runner import EXIT_FORCED, SHUTDOWN_TIMEOUT, STOP_SIGNALS, Start
 from spoe_agent.workers.handoff import (
     FREEABLE_PREFIX,
     GIVE_SIGNAL,
+    WAITING_PREFIX,
     channel_pair,
     read_move,
     read_report,
@@ -114,8 +115,8 @@ class _Slot:
     """Worker ``index``: its current process and its restart history."""
 
     __slots__ = ("index", "proc", "started", "backoff", "restart_at", "restarts", "channel",
-                 "reported", "freeable", "handed", "reader", "serving", "heard", "closing",
-                 "closing_since")
+                 "reported", "freeable", "handed", "waiting", "reader", "serving", "heard",
+                 "closing", "closing_since")
 
     def __init__(self, index: int) -> None:
         self.index = index
@@ -128,6 +129,7 @@ class _Slot:
         self.reported = 0  # open connections, as the worker last said
         self.freeable = 0  # of those, how many would give their slot to one that waits
         self.handed = 0  # connections handed over since that report
+        self.waiting = False  # the connection it hands back next waited there for a slot
         self.reader: gevent.Greenlet | None = None
         self.serving = False  # it sent a report: it serves, its routing set up
         self.heard = 0.0  # when it last wrote on its channel (a report, a connection handed back)
@@ -276,7 +278,7 @@ class Supervisor:
             theirs.close()
         slot.channel = ours
         slot.reported = slot.freeable = slot.handed = 0
-        slot.serving = slot.closing = False
+        slot.serving = slot.closing = slot.waiting = False
         slot.started = slot.heard = time.monotonic()
         slot.reader = gevent.spawn(self._read_reports, slot, ours)
         # Never rate-limited (logs.py): in a crash loop each start and death is the story, and
@@ -295,30 +297,42 @@ class Supervisor:
                     continue
                 except OSError:
                     data, fds = b"", []
-                if slot.channel is channel:
-                    slot.heard = time.monotonic()
-                if fds:
-                    self._move(slot, data, fds[0])
-                    continue
-                if not data:
-                    if slot.channel is channel and not slot.closing:
-                        slot.closing = True
-                        slot.closing_since = time.monotonic()
+                if not self._received(slot, channel, data, fds):
                     return  # the worker is stopping or exited; _check notices and restarts it
-                freeable = read_report(data, FREEABLE_PREFIX)
-                if freeable is not None:
-                    if slot.channel is channel:
-                        slot.freeable = freeable
-                    continue
-                count = read_report(data)
-                if count is not None and slot.channel is channel:
-                    slot.reported, slot.handed = count, 0
-                    if not slot.serving:
-                        slot.serving = True
-                        if all(s.serving for s in self.slots):
-                            self._all_serving.set()
         finally:
             watcher.close()
+
+    def _received(self, slot: _Slot, channel: Any, data: bytes, fds: list[int]) -> bool:
+        """One message from worker ``slot`` on ``channel`` (its current one, or that of the
+        process before); False once the channel is closed."""
+        current = slot.channel is channel
+        if current:
+            slot.heard = time.monotonic()
+        if fds:
+            self._move(slot, data, fds[0], waiting=current and slot.waiting)
+            slot.waiting = False
+            return True
+        if not data:
+            if current and not slot.closing:
+                slot.closing = True
+                slot.closing_since = time.monotonic()
+            return False
+        if data == WAITING_PREFIX:
+            slot.waiting = current
+            return True
+        freeable = read_report(data, FREEABLE_PREFIX)
+        if freeable is not None:
+            if current:
+                slot.freeable = freeable
+            return True
+        count = read_report(data)
+        if count is not None and current:
+            slot.reported, slot.handed = count, 0
+            if not slot.serving:
+                slot.serving = True
+                if all(s.serving for s in self.slots):
+                    self._all_serving.set()
+        return True
 
     def _accept_loop(self) -> None:
         """Accept HAProxy's connections and give each to the least loaded live worker."""
@@ -371,8 +385,10 @@ class Supervisor:
             return True
         return False
 
-    def _move(self, giver: _Slot, data: bytes, fd: int) -> None:
-        """A connection ``giver`` handed back (``_rebalance``): on to the least loaded worker."""
+    def _move(self, giver: _Slot, data: bytes, fd: int, waiting: bool = False) -> None:
+        """A connection ``giver`` handed back: on to the least loaded worker. One it served
+        (``_rebalance`` asked for it), or, ``waiting``, one that waited there for a slot
+        (server.SpoaServer._pass_on_waiting), which its open count never held."""
         try:
             conn = socket.socket(fileno=fd)
         except OSError:
@@ -384,11 +400,12 @@ class Supervisor:
             if moved is None:
                 log.warning(f"worker {giver.index} sent a descriptor that is not a connection")
                 return
-            giver.reported = max(0, giver.reported - 1)  # until its next report says so
-            if giver is self._asked:  # answered: the next may be asked for soon
-                self._asked = None
-                self._next_rebalance = min(self._next_rebalance,
-                                           time.monotonic() + _REBALANCE_ANSWERED_S)
+            if not waiting:
+                giver.reported = max(0, giver.reported - 1)  # until its next report says so
+                if giver is self._asked:  # answered: the next may be asked for soon
+                    self._asked = None
+                    self._next_rebalance = min(self._next_rebalance,
+                                               time.monotonic() + _REBALANCE_ANSWERED_S)
             if self._hand_over(conn, *moved, giver=giver):
                 return
             # Every other worker filled up meanwhile: back to the one that held it a moment

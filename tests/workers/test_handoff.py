@@ -5,6 +5,7 @@ from __future__ import annotations
 import marshal
 import os
 import socket
+import time
 
 import pytest
 
@@ -187,6 +188,41 @@ def test_once_the_worker_asked_hands_a_connection_over_the_next_is_asked_for_soo
         supervisor._rebalance(later + sup._REBALANCE_S)
         assert busiest.proc.signals == [GIVE_SIGNAL] * 3
         assert idlest.proc.signals == []
+    finally:
+        a.close()
+        b.close()
+        for worker in workers:
+            worker.close()
+
+
+def test_a_waiting_connection_a_full_worker_passes_on_leaves_its_count_alone() -> None:
+    """A full worker hands back a new connection that waited for a slot there: it was never
+    open there, so the worker's count must not drop. It did, the other worker looked two
+    connections ahead, and the ask moved one of HAProxy's connections, HELLO said, into the
+    full worker, where it waited unserved (CI, then 3 of 48 runs of the eviction test)."""
+    supervisor, workers = _supervisor(max_connections=4)  # a share of 2 each
+    other, full = supervisor.slots
+    other.reported, other.freeable = 2, 1  # one of them silent past its grace
+    full.reported = 2
+    for slot in supervisor.slots:
+        slot.proc = _Process()
+    supervisor._all_serving.set()
+    supervisor._asked = full  # an ask it has not answered: a passed-on connection is no answer
+    a, b = socket.socketpair()
+    try:
+        assert workers[1].listener.give_back(a, "peer", None, waiting=True)
+        while True:  # what the supervisor's reader (_read_reports) gets
+            try:
+                data, fds, _, _ = socket.recv_fds(full.channel, 4096, 1)
+            except BlockingIOError:
+                break
+            supervisor._received(full, full.channel, data, fds)
+        fd, address = workers[0].listener._accept()  # on to the one with a slot to free
+        os.close(fd)
+        assert address == "peer"
+        assert (full.reported, supervisor._asked) == (2, full)
+        supervisor._rebalance(time.monotonic() + 10)
+        assert other.proc.signals == [] and full.proc.signals == []
     finally:
         a.close()
         b.close()

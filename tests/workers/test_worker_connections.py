@@ -107,15 +107,17 @@ def test_a_waiting_connection_gets_a_silent_ones_slot_whichever_worker_holds_it(
     wait_workers_ready(agent, 2)
     address = (agent.host, agent.port)
     held: list[socket.socket] = []
+    greeted: list[SpopClient] = []
 
     def said_hello(timeout: float) -> bool:
-        sock = socket.create_connection(address, timeout=timeout)
-        held.append(sock)
-        sock.sendall(hello_frame())
+        client = SpopClient(address, timeout=timeout)
+        greeted.append(client)
+        client.send(hello_frame())
         try:
-            return sock.recv(5)[4:5] == bytes([FrameType.AGENT_HELLO])
+            frame = client.read_frame()
         except TimeoutError:
             return False
+        return frame is not None and frame.type == FrameType.AGENT_HELLO
 
     try:
         for kind in "RSRS":
@@ -130,9 +132,29 @@ def test_a_waiting_connection_gets_a_silent_ones_slot_whichever_worker_holds_it(
         # IDLE_GRACE_S (a burst's surplus connections kept HAProxy's health check out for its
         # whole timeout idle, black-box run), and takes its slot, whichever worker holds it.
         assert said_hello(15), agent.describe_logs()
+        # Each of the five is served, or was closed with a goodbye; none waits unserved in a
+        # worker. (A full worker's passing on of a waiting connection read as one it served:
+        # the other worker, looking two ahead, moved one of its connections into the full
+        # one, and the new connection took a silent one's slot, with no idle one evicted.)
+        outcomes = []
+        for stream_id, client in enumerate(greeted, 1):
+            client.sock.settimeout(5)
+            try:
+                client.send(codec.notify(stream_id, 1, [Message("ping", [])]))
+                frame = client.read_frame()
+            except TimeoutError:
+                outcomes.append("unanswered")
+            except OSError:
+                outcomes.append("closed")
+            else:
+                outcomes.append("closed" if frame is None else FrameType(frame.type).name)
+        assert sorted(outcomes) == ["ACK"] * 4 + ["AGENT_DISCONNECT"], (
+            outcomes, agent.describe_logs())
     finally:
         for sock in held:
             sock.close()
+        for client in greeted:
+            client.close()
     assert re.search(r"no HELLO \d+\.\ds after connecting", agent.logs())  # (throttled)
     assert re.search(r"nothing received for \d+\.\ds, and a new connection needs its slot",
                      agent.logs())
