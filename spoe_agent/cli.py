@@ -132,11 +132,32 @@ def _app_failure(what: str, exc: Exception) -> ValueError:
     return ValueError(f"{what} failed: {type(exc).__name__}: {exc}{where}")
 
 
+def _patch_all() -> None:
+    """gevent's ``monkey.patch_all``, with one look at the installed packages' entry points.
+
+    For each module it patches, gevent looks up its plugins in the entry points of every
+    installed distribution: 25 scans, 0.15-0.25 s of CPU at every start (a worker restarted
+    with ``--workers``, each ``--check``), half of what patching costs. They are answered here
+    from one scan; plugins registered there still run.
+    """
+    from importlib import metadata
+
+    from gevent import monkey
+
+    scanned = metadata.entry_points()
+    lookup = metadata.entry_points
+    metadata.entry_points = lambda **selection: scanned.select(**selection)  # type: ignore[assignment]
+    try:
+        monkey.patch_all()
+    finally:
+        metadata.entry_points = lookup
+
+
 def main(argv: list[str] | None = None) -> int:
     from gevent import monkey
 
     if not monkey.is_module_patched("socket"):
-        monkey.patch_all()
+        _patch_all()
 
     from spoe_agent.config import ConfigError, bind_text, ignored_unix_options, load_config
 
