@@ -169,11 +169,27 @@ def _redacted(url: str) -> str:
     return parts._replace(netloc=f"{shown}@{host}").geturl()
 
 
+#: Words in a query parameter's name that say its value is a credential (``access_token``,
+#: ``api_key``, ``X-Goog-Signature``, ``AWSAccessKeyId``, ``sig``...): :func:`shown_url` hides it.
+_CREDENTIAL_NAMES = ("token", "key", "secret", "passw", "pwd", "auth", "sig", "credential")
+
+
 def shown_url(url: str) -> str:
-    """``url`` without the user info it may carry, for a log line or ``--check``'s summary:
-    the password would be in every log that quotes it."""
+    """``url`` for a log line or ``--check``'s summary: without the user info it may carry, and
+    with the values of query parameters named as credentials replaced by ``REDACTED``, as
+    OpenTelemetry's ``url.full`` has them; the password or token would be in every log that
+    quotes it. Other parameters (``format=jaeger.thrift``) stay: they help see what is used."""
     parts = urlsplit(url)
-    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+    query = "&".join(_shown_parameter(item) for item in parts.query.split("&"))
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2], query=query).geturl()
+
+
+def _shown_parameter(item: str) -> str:
+    name, equals, value = item.partition("=")
+    plain = unquote(name.replace("+", " ")).lower()
+    if equals and value and any(word in plain for word in _CREDENTIAL_NAMES):
+        return f"{name}=REDACTED"
+    return item
 
 
 #: Where jaeger-collector takes Thrift batches over HTTP.

@@ -54,7 +54,16 @@ def spans(n: int) -> list[ReadableSpan]:
     ({"OTEL_EXPORTER_JAEGER_ENDPOINT": "https://collector/api/traces?format=jaeger.thrift",
       "OTEL_EXPORTER_JAEGER_USER": "bob", "OTEL_EXPORTER_JAEGER_PASSWORD": SECRET},
      "jaeger to collector https://collector/api/traces?format=jaeger.thrift"),
+    ({"OTEL_EXPORTER_JAEGER_ENDPOINT":
+      f"https://collector/api/traces?format=jaeger.thrift&access_token={SECRET}&apiKey={SECRET}"},
+     "jaeger to collector https://collector/api/traces?format=jaeger.thrift"
+     "&access_token=REDACTED&apiKey=REDACTED"),
     ({"OTEL_TRACES_EXPORTER": "otlp"}, "otlp to http://localhost:4318/v1/traces"),
+    ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT":
+      f"https://otel/v1/traces?X-Goog-Signature={SECRET}&AWSAccessKeyId={SECRET}&sig={SECRET}"
+      f"&x-auth={SECRET}&tenant=a&key="},
+     "otlp to https://otel/v1/traces?X-Goog-Signature=REDACTED&AWSAccessKeyId=REDACTED"
+     "&sig=REDACTED&x-auth=REDACTED&tenant=a&key="),
     ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": f"https://k:{SECRET}@otel:4318",
       "OTEL_EXPORTER_OTLP_HEADERS": f"api-key={SECRET}"},
      "otlp to https://otel:4318/v1/traces"),
