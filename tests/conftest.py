@@ -21,6 +21,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.append(str(REPO_ROOT))
 
 from tests.integration.backend import Backend  # noqa: E402
+from tests.support import examples  # noqa: E402, F401 - loads the hypothesis profile
 from tests.support.haproxy import HAProxy, binary_version, haproxy_binaries  # noqa: E402
 from tests.support.procs import AgentProcess  # noqa: E402
 

@@ -38,11 +38,12 @@ from spoe_agent.protocol import codec
 from spoe_agent.protocol.connection import DEFAULT_MAX_FRAME_SIZE
 from spoe_agent.protocol.types import FLAG_FIN, FrameType, Message, Status
 from tests.protocol import strategies as sp
+from tests.support.examples import examples
 from tests.support.procs import AgentProcess
 from tests.support.spop_client import SpopClient
 
 AgentFactory = Callable[..., AgentProcess]
-FUZZ = settings(deadline=None, max_examples=200,
+FUZZ = settings(deadline=None, max_examples=examples(200),
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
@@ -153,7 +154,7 @@ def test_the_benchmark_generator_through_the_tracing_agent(rng: random.Random) -
     assert errors() == 0
 
 
-@settings(deadline=None, max_examples=300)
+@settings(deadline=None, max_examples=examples(300))
 @given(st.lists(st.builds(random_message, st.randoms(use_true_random=False)), max_size=6),
        st.lists(st.tuples(sp.names, sp.values), max_size=12))
 def test_span_language_never_breaks_the_handler(messages: list[Message],
@@ -194,7 +195,7 @@ def test_live_agent_answers_every_input_and_stays_up(spoe_agent: AgentFactory,
     address = (agent.host, agent.port)
     any_order = workers != "1"
 
-    @settings(deadline=None, max_examples=60,
+    @settings(deadline=None, max_examples=examples(60),
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(st.data())
     def exchange(data: st.DataObject) -> None:

@@ -31,6 +31,7 @@ from spoe_agent.protocol.types import (
     Status,
     Typed,
 )
+from tests.support.examples import examples
 
 # Captured from HAProxy 2.6.12 (spop-notes §12a and §12b).
 HAPROXY_HELLO = bytes.fromhex(
@@ -524,7 +525,7 @@ _notify_frames = st.builds(
 )
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.lists(_notify_frames, min_size=1, max_size=12), st.data())
 def test_notifies_in_any_split_give_what_the_general_path_gives(
     frames: list[bytes], data: st.DataObject
@@ -549,7 +550,7 @@ def test_notifies_in_any_split_give_what_the_general_path_gives(
     assert conn.buffered == 0
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.binary(max_size=24), st.binary(max_size=12))
 def test_notify_ids_running_past_the_frame_are_refused_as_the_general_path_does(
     ids_and_payload: bytes, next_bytes: bytes
@@ -752,7 +753,7 @@ def test_without_empty_ack_nothing_is_queued_before_the_application_answers() ->
     assert conn.data_to_send() == b""
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.lists(_notify_frames, min_size=1, max_size=12), st.data(),
        st.sampled_from(["all", "none", "odd"]))
 def test_early_acks_leave_the_bytes_an_application_acking_in_order_sends(

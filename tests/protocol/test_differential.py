@@ -18,6 +18,7 @@ from spoe_agent.protocol import codec, grammar
 from spoe_agent.protocol.errors import InvalidFrame
 from spoe_agent.protocol.types import Frame, FrameType, Message
 from spoe_agent.protocol.varint import _decode_long_varint, decode_varint
+from tests.support.examples import examples
 
 from .strategies import (
     CODEC,
@@ -37,9 +38,9 @@ from .strategies import (
 # Sized so the whole file runs in about 10 s on an idle 2-core box (under 30 s when loaded);
 # the grammar is the slow half, and messages with 20 args are its slowest input.
 _QUIET = [HealthCheck.too_slow, HealthCheck.data_too_large]
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=_QUIET)
-VALID = settings(max_examples=250, deadline=None, suppress_health_check=_QUIET)
-BIG = settings(max_examples=120, deadline=None, suppress_health_check=_QUIET)
+FUZZ = settings(max_examples=examples(300), deadline=None, suppress_health_check=_QUIET)
+VALID = settings(max_examples=examples(250), deadline=None, suppress_health_check=_QUIET)
+BIG = settings(max_examples=examples(120), deadline=None, suppress_health_check=_QUIET)
 
 
 def outcome(parse: Callable[[bytes], Any], data: bytes) -> tuple:
@@ -242,7 +243,7 @@ def _varint_outcome(decode: Callable[[bytes, int], tuple[int, int]], data: bytes
         return str(exc)
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=examples(500), deadline=None)
 @given(
     st.integers(240, 255),
     st.lists(st.integers(128, 255), max_size=11),

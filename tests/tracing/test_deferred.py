@@ -23,6 +23,7 @@ from spoe_agent.protocol.connection import SpopConnection
 from spoe_agent.protocol.types import FrameType, Message, Scope, SetVar
 from spoe_agent.server import _Client
 from spoe_agent.tracing.agent import TracingAgent
+from tests.support.examples import examples
 from tests.support.spop_client import SpopClient
 
 KEY = "0a1b2c3d-0000-4000-8000-000000000001"
@@ -317,7 +318,7 @@ def test_the_tracing_agent_acks_early_only_what_cannot_inject() -> None:
     assert Agent("plain").empty_ack_check() is None
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.lists(st.lists(st.tuples(
     st.sampled_from(["span", "inject", "Inject", "injects", "child-of", "tag", "", "id", "x"]),
     st.one_of(st.sampled_from(["a", "inject", "\x06inject", ""]), st.integers(0, 300))),

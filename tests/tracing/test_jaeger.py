@@ -48,6 +48,7 @@ from spoe_agent.tracing.jaeger import FastJaegerExporter, JaegerTranslator, tran
 from spoe_agent.tracing.jaeger import encode as encode_module
 from spoe_agent.tracing.jaeger.exporter import Delivery
 from spoe_agent.viewer.receiver import JaegerReceiver
+from tests.support.examples import examples
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -552,7 +553,7 @@ def test_packing_respects_any_limit_exactly() -> None:
     assert fast.pack_datagrams(batch, len(whole)) == ([whole], 0)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(
     sizes=st.lists(st.integers(1, 700), max_size=600),
     limit=st.integers(60, 4000),

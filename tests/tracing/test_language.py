@@ -32,6 +32,7 @@ from spoe_agent.tracing.language import (
     clean_str,
     parse_message,
 )
+from tests.support.examples import examples
 
 
 def parse(*args: tuple[str, Any], stats: Counter[str] | None = None) -> Command | None:
@@ -551,7 +552,7 @@ _HOLE_SAMPLES = st.one_of(st.sampled_from(["/é", "\udcff", 2**64, -(2**63) - 1,
                           _SAMPLES)
 
 
-@settings(max_examples=300)
+@settings(max_examples=examples(300))
 @given(
     names=_SHAPE_NAMES,
     rounds=st.lists(st.lists(_HOLE_SAMPLES, min_size=15, max_size=15), min_size=2, max_size=5),

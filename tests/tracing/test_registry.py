@@ -28,6 +28,7 @@ from spoe_agent.protocol.types import Message, Scope, SetVar
 from spoe_agent.tracing.language import parse_message
 from spoe_agent.tracing.propagation import build_propagator
 from spoe_agent.tracing.registry import INCOMPLETE_ATTRIBUTE, SessionRegistry
+from tests.support.examples import examples
 
 T0 = 1_700_000_000_000_000_000
 REMOTE_TRACE = 0x0AF7651916CD43DD8448EB211C80319C
@@ -1030,7 +1031,7 @@ _MESSAGES = st.lists(
 )
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(_MESSAGES, st.booleans())
 def test_any_message_sequence_emits_each_started_span_exactly_once(messages, sampled) -> None:
     h = Harness(sampler=ALWAYS_ON if sampled else ALWAYS_OFF, max_sessions=2)

@@ -29,6 +29,7 @@ from spoe_agent.tracing.jaeger import FastJaegerExporter
 from spoe_agent.tracing.language import parse_message
 from spoe_agent.tracing.propagation import build_propagator
 from spoe_agent.tracing.registry import SessionRegistry, SpanRecord
+from tests.support.examples import examples
 
 from .test_registry import (
     _MESSAGES,
@@ -191,7 +192,7 @@ def test_unsampled_sessions_emit_nothing_on_either_path() -> None:
     assert twin.check() == 0
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(_MESSAGES, st.booleans())
 def test_any_message_sequence_encodes_identically(messages, sampled) -> None:
     twin = Twin(sampler=ALWAYS_ON if sampled else ALWAYS_OFF, max_sessions=2)

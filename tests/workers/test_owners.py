@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from spoe_agent.workers.owners import OwnerTable
+from tests.support.examples import examples
 
 SLOTS = 1024
 # Few distinct homes, near the end of the table, so that probe runs are long and wrap to slot 0;
@@ -87,7 +88,7 @@ class TableMatchesDict(RuleBasedStateMachine):
                 assert self.table.get(digest) == self.model.get(_norm(digest))
 
 
-TableMatchesDict.TestCase.settings = settings(max_examples=150, stateful_step_count=40,
+TableMatchesDict.TestCase.settings = settings(max_examples=examples(150), stateful_step_count=40,
                                                deadline=None)
 test_table_matches_dict = TableMatchesDict.TestCase
 

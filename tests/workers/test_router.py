@@ -28,6 +28,7 @@ from spoe_agent.workers.router import (
     encode_reply,
     reply_actions,
 )
+from tests.support.examples import examples
 from tests.workers.streams import expected_shape, registry, shapes, stream
 
 KEYS = [f"{i:08x}-4d2c-4e7b-9f3a-{i * 7919:012x}" for i in range(3000)]
@@ -57,7 +58,7 @@ commands = st.builds(
 )
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(batch=st.lists(commands, min_size=1, max_size=5), cut=st.integers(1, 64),
        stamps=st.lists(st.integers(0, 2**63 - 1), min_size=5, max_size=5))
 def test_commands_survive_the_wire_in_any_chunking(
@@ -79,7 +80,7 @@ def test_commands_survive_the_wire_in_any_chunking(
     assert all(type(c) is Command for c in decoded)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(batch=st.lists(commands, max_size=8), cut=st.integers(1, 64),
        stamp=st.integers(0, 2**63 - 1), owns=st.lists(st.text(), max_size=4).map(tuple),
        ended=st.lists(st.text(), max_size=4).map(tuple), drained=st.integers(0, 2**63 - 1))
