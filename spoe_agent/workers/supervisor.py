@@ -308,9 +308,11 @@ class Supervisor:
         current = slot.channel is channel
         if current:
             slot.heard = time.monotonic()
+        # Only the very next message can be the connection a WAITING_PREFIX announced (the
+        # worker sends the two at once); anything else means it could not be sent.
+        waiting, slot.waiting = slot.waiting, False
         if fds:
-            self._move(slot, data, fds[0], waiting=current and slot.waiting)
-            slot.waiting = False
+            self._move(slot, data, fds[0], waiting=current and waiting)
             return True
         if not data:
             if current and not slot.closing:

@@ -15,6 +15,7 @@ from spoe_agent.workers.handoff import (
     FREEABLE_PREFIX,
     GIVE_SIGNAL,
     MOVE_PREFIX,
+    WAITING_PREFIX,
     HandoffListener,
     channel_pair,
     read_report,
@@ -223,6 +224,29 @@ def test_a_waiting_connection_a_full_worker_passes_on_leaves_its_count_alone() -
         assert (full.reported, supervisor._asked) == (2, full)
         supervisor._rebalance(time.monotonic() + 10)
         assert other.proc.signals == [] and full.proc.signals == []
+    finally:
+        a.close()
+        b.close()
+        for worker in workers:
+            worker.close()
+
+
+def test_an_announced_waiting_connection_that_did_not_follow_leaves_the_next_move_alone() -> None:
+    """The worker sends WAITING_PREFIX and the connection at once; if the second send failed,
+    the next message is something else, and a later move of a served connection is read as
+    one: its giver's count drops."""
+    supervisor, workers = _supervisor(max_connections=1000)
+    giver = supervisor.slots[1]
+    giver.reported = 5
+    a, b = socket.socketpair()
+    try:
+        supervisor._received(giver, giver.channel, WAITING_PREFIX, [])
+        supervisor._received(giver, giver.channel, FREEABLE_PREFIX + b"0", [])
+        supervisor._received(giver, giver.channel, MOVE_PREFIX + marshal.dumps(("peer", {})),
+                             [os.dup(a.fileno())])
+        assert giver.reported == 4
+        fd, _ = workers[0].listener._accept()
+        os.close(fd)
     finally:
         a.close()
         b.close()
