@@ -156,17 +156,21 @@ def _http_url(text: str) -> str:
 
 
 def _redacted(url: str) -> str:
-    """``url`` with the password of its user info starred out, for an error message."""
+    """``url`` with the password of its user info starred out, and its credential query
+    values hidden as :func:`shown_url` hides them, for an error message."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return url
+    query = _shown_query(parts.query)
     userinfo, at, host = parts.netloc.rpartition("@")
-    if not at:
+    if not at and query == parts.query:
         return url
-    user, colon, _ = userinfo.partition(":")
-    shown = f"{user}:***" if colon else "***"  # a lone user part is often a token
-    return parts._replace(netloc=f"{shown}@{host}").geturl()
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        shown = f"{user}:***" if colon else "***"  # a lone user part is often a token
+        parts = parts._replace(netloc=f"{shown}@{host}")
+    return parts._replace(query=query).geturl()
 
 
 #: Words in a query parameter's name that say its value is a credential (``access_token``,
@@ -180,8 +184,12 @@ def shown_url(url: str) -> str:
     OpenTelemetry's ``url.full`` has them; the password or token would be in every log that
     quotes it. Other parameters (``format=jaeger.thrift``) stay: they help see what is used."""
     parts = urlsplit(url)
-    query = "&".join(_shown_parameter(item) for item in parts.query.split("&"))
-    return parts._replace(netloc=parts.netloc.rpartition("@")[2], query=query).geturl()
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2],
+                          query=_shown_query(parts.query)).geturl()
+
+
+def _shown_query(query: str) -> str:
+    return "&".join(_shown_parameter(item) for item in query.split("&"))
 
 
 def _shown_parameter(item: str) -> str:

@@ -325,6 +325,10 @@ def test_credentials_are_not_echoed_and_not_half_set() -> None:
     with pytest.raises(ConfigError) as info:
         load_config(env={"OTEL_EXPORTER_JAEGER_ENDPOINT": "ftp://ghp_T0KEN@c/x"})
     assert "T0KEN" not in str(info.value) and "ftp://***@c/x" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_config(env={"OTEL_EXPORTER_JAEGER_ENDPOINT": "ftp://c/x?access_token=T0KEN&f=1"})
+    assert "T0KEN" not in str(info.value) and "ftp://c/x?access_token=REDACTED&f=1" in str(
+        info.value)
     for env in ({"OTEL_EXPORTER_JAEGER_USER": "alice"}, {"OTEL_EXPORTER_JAEGER_PASSWORD": "pw"}):
         with pytest.raises(ConfigError, match="jaeger_user and jaeger_password must be set together"):
             load_config(env=env)
