@@ -9,6 +9,7 @@ UDP port a Jaeger agent would listen on. They need the stack's fixed ports (7000
 
 from __future__ import annotations
 
+import fcntl
 import http.client
 import json
 import os
@@ -18,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -471,6 +473,21 @@ def test_demo_requests_cover_the_advertised_cases() -> None:
 # ------------------------------------------------------------------- local stack (e2e)
 
 
+@pytest.fixture
+def demo_ports() -> Iterator[None]:
+    """Holds the demo stack's fixed ports for one test at a time, across xdist processes.
+
+    The two tests that start the stack need the same ports; whichever xdist process runs
+    second waits here for the first to finish instead of finding them taken.
+    """
+    with open(Path(tempfile.gettempdir()) / "spoe-agent-tests-demo-ports.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def _require_free_ports(ports: list[local.Port]) -> None:
     taken = [f"{p} ({p.owner})" for p in ports if not local.port_free(p)]
     if taken:
@@ -535,7 +552,7 @@ CALLER_SPAN = "00f067aa0ba902b7"
 
 
 @pytest.mark.haproxy
-def test_local_stack_end_to_end(tmp_path: Path) -> None:
+def test_local_stack_end_to_end(tmp_path: Path, demo_ports: None) -> None:
     """Real HAProxies, agent and fake server on the demo ports: one trace across every hop."""
     _haproxy()
     stack = local.LocalStack(
@@ -597,8 +614,10 @@ def _viewer_blocks(stdout: str) -> list[list[str]]:
     return blocks
 
 
+@pytest.mark.slow
 @pytest.mark.haproxy
-def test_demo_command_shows_every_demo_trace_and_leaves_nothing_running(tmp_path: Path) -> None:
+def test_demo_command_shows_every_demo_trace_and_leaves_nothing_running(
+        tmp_path: Path, demo_ports: None) -> None:
     """``python -m devenv.local --exit-after-demo`` exactly as ./dev demo runs it, viewer and all."""
     _haproxy()
     stack = local.LocalStack(local.StackOptions(workdir=tmp_path, viewer=True, jaeger=False))
