@@ -57,6 +57,20 @@ def pytest_configure(config: pytest.Config) -> None:
         config.option.reportchars = chars + "s"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules holding a test marked ``slow`` run first, each kept whole and in order.
+
+    Most of the suite waits on agent processes rather than computing, so tox runs it with more
+    xdist processes than cores and ``--dist worksteal``. What bounds the run then is the last
+    long test to start: left in file order, tests/workers' 20-second ones started near the end
+    and ran on alone (a 25-second tail). Whole modules move, so their module-scoped fixtures
+    are still set up once.
+    """
+    slow = {item.module.__name__ for item in items
+            if item.get_closest_marker("slow") is not None and item.module is not None}
+    items.sort(key=lambda item: item.module is None or item.module.__name__ not in slow)
+
+
 def pytest_terminal_summary(
     terminalreporter: pytest.TerminalReporter, exitstatus: int, config: pytest.Config
 ) -> None:

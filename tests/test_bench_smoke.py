@@ -188,6 +188,7 @@ def test_worker_scaling_counts_the_driven_requests(tmp_path: Path) -> None:
     assert parse_load_output(format_result(result)) == (1_234_567, 3)
 
 
+@pytest.mark.slow
 @pytest.mark.haproxy
 def test_soak_smoke(tmp_path: Path) -> None:
     """The soak harness end to end at a tiny scale: 20 s at 200 req/s through HAProxy 2.6 with
@@ -245,6 +246,7 @@ def test_run_spop_bench_alternates_interpreters_on_the_traced_replay(tmp_path: P
     assert "agent CPU per traced request median" in proc.stdout, proc.stdout
 
 
+@pytest.mark.slow
 def test_the_c_driver_completes_requests_with_one_and_two_workers(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -173,6 +173,7 @@ def test_refusing_otlp_collector_is_one_warning_line_naming_the_cause(
     assert "Traceback" not in agent.logs(), agent.describe_logs()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("exporter", ["jaeger", "otlp"])
 def test_sigterm_with_a_stalled_collector_still_exits_zero(
     spoe_agent: AgentFactory, collector_port: int, exporter: str

@@ -382,6 +382,7 @@ def test_traces_across_workers_are_those_of_one_process(
     assert_agent_log_clean(multi.agent)
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_replaced_and_loses_only_the_sessions_it_held(
     node: NodeFactory, receiver: JaegerReceiver,
 ) -> None:

@@ -14,6 +14,8 @@ import signal
 import time
 from collections.abc import Callable
 
+import pytest
+
 from spoe_agent.protocol import codec
 from spoe_agent.protocol.types import Message
 from spoe_agent.workers.supervisor import HUNG_AFTER_S, SILENT_AFTER_S, STOPPING_AT_MOST_S
@@ -105,6 +107,7 @@ def test_workers_are_not_taken_for_hung_when_the_supervisor_was_not_running(
         notify_ok(client, 1, [Message("inline", [("v", 1)])])
 
 
+@pytest.mark.slow
 def test_a_worker_that_never_finishes_stopping_is_killed_and_replaced(
     spoe_agent: Callable[..., AgentProcess],
 ) -> None:

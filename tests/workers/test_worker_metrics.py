@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from spoe_agent.protocol import codec
@@ -109,6 +110,7 @@ def test_supervisor_serves_the_agents_totals_as_one_process_would(
     assert status == 200 and "worker 0: ok" in body and "worker 1: ok" in body
 
 
+@pytest.mark.slow
 def test_a_dead_worker_shows_up_and_is_counted_when_replaced(
     spoe_agent: Callable[..., AgentProcess],
 ) -> None:
