@@ -481,11 +481,8 @@ def demo_ports() -> Iterator[None]:
     second waits here for the first to finish instead of finding them taken.
     """
     with open(Path(tempfile.gettempdir()) / "spoe-agent-tests-demo-ports.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
 
 
 def _require_free_ports(ports: list[local.Port]) -> None:
