@@ -58,13 +58,16 @@ def _inner(stage: str, requests: int, built: int) -> None:
     # The sink, in the configuration itself: AgentConfig() reads no environment, and its
     # default, localhost:6831, had no one there (the exports "worked" only until a closed
     # port's refusals counted as failures).
+    # The background loop must not export on its own: the stage decides what is exported. Its
+    # first wake-up is set from the configuration when it starts: a delay set on the processor
+    # afterwards came too late, and a replay slower than 0.5 s (a loaded machine) had the loop
+    # take spans while the stage exported the rest ("exported 34 spans" once).
     agent = TracingAgent(AgentConfig(jaeger_agent_host="127.0.0.1",
-                                     jaeger_agent_port=sink.getsockname()[1]))
+                                     jaeger_agent_port=sink.getsockname()[1],
+                                     export_delay=1e9))
     processor = agent.processor
     assert processor is not None
-    # The background loop must not export on its own: the stage decides what is exported.
     processor.max_export_batch_size = 1 << 30
-    processor.schedule_delay_s = 1e9
     processor._wake_at = 1 << 30  # nor encode as spans end
     conn = SpopConnection()
     conn.receive_data(haproxy_hello("traced-path"))
