@@ -1061,6 +1061,7 @@ def _fresh_messages(uid: str, count: int = 8) -> list[Message]:
     return [pickle.loads(pickle.dumps(msg)) for notify in notifies for msg in notify]
 
 
+@pytest.mark.slow  # 100,000 sessions: ~15-21 s, which must not start last
 def test_an_open_session_holds_less_than_2_kib() -> None:
     """Issue 6's memory target for a request halfway through (the reference config's first four
     events, decoded from real NOTIFYs, the decoder's and the language's caches warm), counted
