@@ -33,7 +33,7 @@ from spoe_agent.tracing.jaeger.encode import (
 )
 from spoe_agent.tracing.jaeger.spans import ThriftBatch, ThriftProcess
 from spoe_agent.tracing.jaeger.translate import _CACHE_LIMIT, JaegerTranslator
-from spoe_agent.tracing.jaeger.transport import _HTTPSender, _UDPSender
+from spoe_agent.tracing.jaeger.transport import CollectorAnswered, _HTTPSender, _UDPSender
 from spoe_agent.tracing.registry import SpanRecord
 
 # The package's logger, as before it was split: log lines and logging configuration keep its name.
@@ -274,7 +274,7 @@ class FastJaegerExporter(SpanExporter):
     def _not_found_hint(self, exc: Exception) -> str:
         """For a 404 from an endpoint whose path is not the collector's: the endpoint is used
         as written, and one without ``/api/traces`` has every batch refused this way."""
-        if (not str(exc).startswith("Jaeger collector answered HTTP 404 ")
+        if (not isinstance(exc, CollectorAnswered) or exc.status != 404
                 or urlsplit(self.collector_endpoint or "").path == JAEGER_COLLECTOR_PATH):
             return ""
         return ": " + jaeger_collector_hint(self.collector_endpoint or "")

@@ -94,6 +94,15 @@ class _UDPSender:
             self._addr = None
 
 
+class CollectorAnswered(OSError):
+    """A post the collector answered with a status other than 2xx; ``status`` says which, for
+    the hints that depend on it (the message is for people)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"Jaeger collector answered HTTP {status} {reason}")
+        self.status = status
+
+
 class _HTTPSender:
     """POSTs binary thrift Batches to jaeger-collector, keeping the connection alive between posts.
 
@@ -166,7 +175,7 @@ class _HTTPSender:
             self.close()
             raise
         if not 200 <= status < 300:
-            raise OSError(f"Jaeger collector answered HTTP {status} {reason}")
+            raise CollectorAnswered(status, reason)
 
     def _post(self, body: bytes, deadline: float) -> tuple[int, str]:
         conn = self._connection()
