@@ -340,9 +340,7 @@ def test_check_says_unix_permissions_with_a_tcp_bind_are_ignored(tmp_path: Path)
 
 def test_start_up_log_writes_an_ipv6_bind_as_bind_takes_it() -> None:
     """``::1:PORT`` read as an address without a port; ``[::1]:PORT`` is what --bind takes."""
-    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
-        probe.bind(("::1", 0))
-        port = probe.getsockname()[1]
+    port = free_port("::1")
     agent = subprocess.Popen(
         [sys.executable, "-m", "spoe_agent", "--bind", f"[::1]:{port}", "--workers", "1",
          "--exporter", "none", "--app", APP], stderr=subprocess.PIPE, text=True)

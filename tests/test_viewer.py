@@ -36,6 +36,7 @@ from spoe_agent.tracing.jaeger import FastJaegerExporter
 from spoe_agent.tracing.processor import QueueSpanProcessor
 from spoe_agent.viewer import JaegerReceiver, ReceivedSpan, TraceAssembler, render_trace, to_json
 from spoe_agent.viewer.render import tree_order
+from tests.support.procs import free_port
 
 WAIT = 10.0
 REPO = Path(__file__).resolve().parents[1]
@@ -376,14 +377,8 @@ def test_garbage_is_counted_and_does_not_stop_the_receiver(receiver: JaegerRecei
     assert receiver.decode_errors == 3
 
 
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_command_line_viewer_prints_trees_and_json_lines(tmp_path: Path) -> None:
-    port = free_udp_port()
+    port = free_port()
     jsonl = tmp_path / "traces.jsonl"
     proc = subprocess.Popen(
         [

@@ -27,9 +27,8 @@ from tests.hardening.support import (
     notify_ok,
     whole_session,
 )
-from tests.support.procs import AgentProcess, free_port, wait_until
+from tests.support.procs import AgentProcess, free_port, free_port_range, wait_until
 from tests.support.spop_client import SpopClient
-from tests.workers.test_multiworker import free_port_range
 
 AgentFactory = Callable[..., AgentProcess]
 

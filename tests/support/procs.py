@@ -8,6 +8,7 @@ test can show what the process said rather than a bare timeout.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -18,12 +19,66 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+# Ports for test servers come from below the kernel's ephemeral range, one slice per xdist
+# worker. A port that bind(0) picked and the test then closed stays in that range, where the
+# kernel hands it again to the next bind(0) or as the source port of any outgoing connection
+# (HAProxy's to an agent, wrk's, a client's): ci54 lost an e2e test to HAProxy failing to bind
+# such a port ("Address already in use"). Below the range only explicit binds land, and each
+# worker's counter never hands out a port twice before its slice wraps. The slices start above
+# the demo stack's fixed ports (the highest, Jaeger's UI, 16686), which its tests need free.
+_PORTS_FIRST = 17000
+_PORTS_SLICES = 8
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _port_slice() -> range:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    size = max((_ephemeral_low() - _PORTS_FIRST) // _PORTS_SLICES, 64)
+    start = _PORTS_FIRST + (index % _PORTS_SLICES) * size
+    return range(start, start + size)
+
+
+_SLICE = _port_slice()
+# A random start, so two test sessions run side by side outside xdist rarely walk in step.
+_next_port = _SLICE.start + random.randrange(len(_SLICE))
+
+
+def _bindable(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        with socket.socket(family, kind) as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                return False
+    return True
+
+
+def free_port_range(count: int, host: str = "127.0.0.1") -> int:
+    """The first of ``count`` consecutive ports on which nothing listens, TCP or UDP, and that
+    this process has not handed out before (see above for where they come from)."""
+    global _next_port
+    for _ in range(len(_SLICE)):
+        base = _next_port
+        if base + count > _SLICE.stop:
+            base = _SLICE.start
+        _next_port = base + count
+        if all(_bindable(host, port) for port in range(base, base + count)):
+            return base
+    raise RuntimeError(f"no {count} free consecutive ports in {_SLICE.start}-{_SLICE.stop - 1}")
+
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (the kernel picks it, so parallel runs don't clash)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A port nothing listens on, TCP or UDP, that no other test of this run is handed."""
+    return free_port_range(1, host)
 
 
 def port_accepts(host: str, port: int) -> bool:

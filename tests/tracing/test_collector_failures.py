@@ -25,6 +25,7 @@ from opentelemetry.trace import SpanContext, TraceFlags
 
 from spoe_agent.tracing.jaeger import FastJaegerExporter, transport
 from spoe_agent.tracing.jaeger.decode import decode_emit_batch
+from tests.support.procs import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 1000
@@ -146,23 +147,13 @@ def test_under_gevent_the_whole_post_is_bounded_and_a_stop_cuts_it_cleanly() -> 
 
 def test_a_failed_post_is_logged_without_the_credentials_of_its_url(
         caplog: pytest.LogCaptureFixture) -> None:
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    listener.close()  # nothing listens: refused
+    port = free_port()  # nothing listens: refused
     exporter = FastJaegerExporter(
         collector_endpoint=f"http://tracer:S3cr3t@127.0.0.1:{port}/api/traces", timeout=5)
     with caplog.at_level(logging.WARNING):
         assert exporter.export(spans()) is SpanExportResult.FAILURE
     assert f"export to http://127.0.0.1:{port}/api/traces failed" in caplog.text
     assert "S3cr3t" not in caplog.text and "tracer" not in caplog.text
-
-
-def closed_udp_port() -> int:
-    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    probe.bind(("127.0.0.1", 0))
-    port = int(probe.getsockname()[1])
-    probe.close()  # nothing listens there now
-    return port
 
 
 def test_a_closed_jaeger_agent_port_shows_as_refused_spans_not_as_delivered(
@@ -173,7 +164,7 @@ def test_a_closed_jaeger_agent_port_shows_as_refused_spans_not_as_delivered(
     failed sends, half the loss went uncounted: the refusal a send reports is the datagram
     before's, and that send's own never left. Now every datagram is sent and each refusal
     is charged to the datagram it was for."""
-    port = closed_udp_port()
+    port = free_port()
     exporter = FastJaegerExporter(agent_host_name="127.0.0.1", agent_port=port)
     with caplog.at_level(logging.WARNING):
         deliveries = []
@@ -194,7 +185,7 @@ def test_the_first_datagram_after_jaeger_agent_is_back_is_delivered() -> None:
     """Black-box run: the refusal of a datagram sent during the outage, still pending when
     jaeger-agent came back, failed the next send, and its 155 spans, which could have been
     delivered, were discarded."""
-    port = closed_udp_port()
+    port = free_port()
     exporter = FastJaegerExporter(agent_host_name="127.0.0.1", agent_port=port)
     first = exporter.send_encoded(exporter.encode(spans()))
     time.sleep(0.05)  # its refusal is pending on the socket

@@ -3,9 +3,7 @@ be able to see that an endpoint variable was picked up (or is wrong), and never 
 
 from __future__ import annotations
 
-import errno
 import logging
-import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,22 +19,9 @@ from spoe_agent.config import load_config
 from spoe_agent.tracing.agent import TracingAgent
 from spoe_agent.tracing.jaeger import FastJaegerExporter
 from spoe_agent.tracing.processor import QueueSpanProcessor
+from tests.support.procs import free_port
 
 SECRET = "s3cret"
-
-
-def free_port() -> int:
-    """A port of the range these tests may use that nothing listens on now."""
-    for port in range(51000, 51500):
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError as exc:
-                if exc.errno != errno.EADDRINUSE:
-                    raise
-                continue
-            return port
-    raise RuntimeError("no free port in 51000-51499")
 
 
 def spans(n: int) -> list[ReadableSpan]:

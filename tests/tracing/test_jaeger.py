@@ -49,6 +49,7 @@ from spoe_agent.tracing.jaeger import encode as encode_module
 from spoe_agent.tracing.jaeger.exporter import Delivery
 from spoe_agent.viewer.receiver import JaegerReceiver
 from tests.support.examples import examples
+from tests.support.procs import free_port
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -688,10 +689,7 @@ def test_http_errors_are_counted(receiver: JaegerReceiver) -> None:
     assert wrong_path.export(spans) is SpanExportResult.FAILURE
     assert wrong_path.stats.send_errors == 1 and wrong_path.stats.spans_failed == 2
 
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    closed_port = probe.getsockname()[1]
-    probe.close()
+    closed_port = free_port()
     refused = FastJaegerExporter(
         collector_endpoint=f"http://127.0.0.1:{closed_port}/api/traces", timeout=5
     )

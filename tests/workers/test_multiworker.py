@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import http.client
 import os
-import random
 import re
 import signal
-import socket
 import threading
 import time
 import urllib.request
@@ -43,7 +41,7 @@ from tests.integration.tracing_support import (
     wait_spans,
 )
 from tests.support.haproxy import HAProxy
-from tests.support.procs import AgentProcess, free_port
+from tests.support.procs import AgentProcess, free_port, free_port_range
 from tests.support.spop_client import SpopClient
 from tests.workers.spop_tap import SpopTap
 
@@ -155,29 +153,6 @@ def node(
     yield build
     for relay in taps:
         relay.close()
-
-
-def free_port_range(count: int) -> int:
-    """A base port with ``count`` free ports from it (the supervisor serves metrics on base,
-    worker i on base + 1 + i),
-    below the kernel's ephemeral range so the ports handed out for the agent and HAProxy
-    (free_port) cannot land inside it."""
-    rng = random.Random()
-    for _ in range(100):
-        base = rng.randrange(20000, 32000 - count)
-        socks = []
-        try:
-            for port in range(base, base + count):
-                sock = socket.socket()
-                socks.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise RuntimeError(f"no {count} consecutive free ports")
 
 
 def worker_pids(supervisor: int) -> dict[int, int]:

@@ -17,9 +17,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from spoe_agent.protocol import codec
 from spoe_agent.protocol.types import FrameType, Message
-from tests.support.procs import AgentProcess, wait_until
+from tests.support.procs import AgentProcess, free_port_range, wait_until
 from tests.support.spop_client import SpopClient
-from tests.workers.test_multiworker import free_port_range, worker_pids
+from tests.workers.test_multiworker import worker_pids
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

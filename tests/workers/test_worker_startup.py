@@ -18,28 +18,16 @@ import pytest
 
 from spoe_agent.workers.mesh import peer_path
 from spoe_agent.workers.supervisor import runtime_dir
-from tests.support.procs import AgentProcess, free_port
+from tests.support.procs import AgentProcess, free_port_range
 
 
 @pytest.mark.parametrize("fmt", ["text", "json"])
 def test_a_worker_that_cannot_start_stops_the_start_with_its_reason(tmp_path: Path,
                                                                     fmt: str) -> None:
-    while True:
-        port = free_port()
-        # Worker 0's metrics port must be free (a busy machine's connections take ports of
-        # this range too: it once was not, and worker 0 failed first), worker 1's taken.
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        taken = socket.socket()
-        try:
-            taken.bind(("127.0.0.1", port + 2))  # worker 1's metrics port
-        except OSError:
-            taken.close()
-            continue
-        break
+    # The supervisor's metrics port and worker 0's free, worker 1's taken.
+    port = free_port_range(3)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", port + 2))
     with taken:
         taken.listen()
         agent = AgentProcess.launch(tmp_path, "--workers", "2", "--log-format", fmt,
