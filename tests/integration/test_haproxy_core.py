@@ -401,16 +401,25 @@ def test_500_requests_at_concurrency_50(stack: StackFactory) -> None:
     assert not failures, f"{len(failures)} bad responses, first: {failures[:3]}"
     assert_agent_log_clean(s.agent)
     # HAProxy's side of the story: a successful SPOE log line per request, no error status.
-    # HAProxy may write a stream's SPOE line just after its response went out, so wait for all;
-    # but twice in CI it wrote 499 of them (once for good) while all 500 responses above
-    # carried their own ACK's variables, so one missing line is HAProxy's log, not a lost event.
+    # HAProxy may write a stream's SPOE line just after its response went out, so wait for all.
+    # Its threads share stdout, and one that finds another writing gives up after 200 tries
+    # and drops its line (fd_write_frag_line), counted in `show info`'s DroppedLogs: CI saw 499
+    # and 498 lines on a loaded machine while all 500 responses above carried their own ACK's
+    # variables. So each line is either here or counted as dropped (which also counts any
+    # other log line HAProxy lost: the bound is one-sided).
+    def seen() -> tuple[list[int], int]:
+        info = s.hap.command("show info")
+        dropped = re.search(r"^DroppedLogs: (\d+)", info, re.M)
+        assert dropped is not None, info
+        return spoe_log_statuses(s.hap), int(dropped.group(1))
+
     deadline = time.monotonic() + 10
-    statuses = spoe_log_statuses(s.hap)
-    while len(statuses) < 500 and time.monotonic() < deadline:
+    statuses, dropped = seen()
+    while len(statuses) + dropped < 500 and time.monotonic() < deadline:
         time.sleep(0.1)
-        statuses = spoe_log_statuses(s.hap)
-    assert 499 <= len(statuses) <= 500 and set(statuses) == {0}, (
-        len(statuses), sorted(set(statuses)))
+        statuses, dropped = seen()
+    assert 500 - dropped <= len(statuses) <= 500 and set(statuses) == {0}, (
+        len(statuses), dropped, sorted(set(statuses)))
     # Connections are reused: nowhere near one per request.
     assert s.agent_connects() < 100, s.hap.server_stats("agents", "a1")
 
