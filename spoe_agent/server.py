@@ -720,6 +720,11 @@ class SpoaServer:
                 client.pool.join(timeout=_GOODBYE_WAIT_S)
                 conn.release_goodbye()
                 client.flush()
+            if conn.disconnect_status is not None and len(client.pool):
+                # Our AGENT-DISCONNECT is written and nothing may follow it, so HAProxy gets
+                # its end of stream now (SPOE.txt 3.2.9: the agent "must close the socket just
+                # after sending this frame"), while the handlers still running finish.
+                _shut_write(sock)
             client.pool.join(timeout=self.config.read_timeout or None)
         conn.release_goodbye()  # a protocol error's, held for ACKs no handler will now send
         client.flush()
@@ -1009,6 +1014,13 @@ def _linger(sock: socket.socket) -> None:
             if not sock.recv(65536):
                 return
     except OSError:  # reset, timeout, already shut: nothing more to save
+        pass
+
+
+def _shut_write(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:  # reset or already shut: the peer has its end of stream either way
         pass
 
 

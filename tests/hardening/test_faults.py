@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from spoe_agent.protocol import codec
-from spoe_agent.protocol.types import Message
+from spoe_agent.protocol.types import FrameType, Message
 from spoe_agent.viewer.receiver import JaegerReceiver
 from tests.hardening.support import (
     SLOW_APP,
@@ -402,5 +402,28 @@ def test_a_handler_still_running_does_not_hold_the_goodbye(
         client.send(codec.notify(1, 1, [Message("nap", [("ms", 600_000)])])
                     + codec.notify(2, 1, [Message("inline", [("n", 7)])]) + bad)
         frames = [client.read_frame(), client.read_frame()]
+        # And the socket closes right after it (SPOE.txt 3.2.9: the agent "must close the
+        # socket just after sending this frame"), not once the nap is over.
+        end = client.read_frame()
     assert [(f.type, f.stream_id) for f in frames if f is not None] == [(0x67, 2), (0x66, 0)]
     assert codec.decode_kv_list(frames[1].payload)["status-code"] == 4  # type: ignore[union-attr]
+    assert end is None, end
+
+
+def test_haproxy_disconnect_is_answered_and_the_socket_closed_while_a_handler_runs(
+    spoe_agent: AgentFactory, tmp_path: Path
+) -> None:
+    """HAProxy's goodbye is answered at once, and the end of stream follows the answer even
+    while a handler naps (a re-test kept the socket open until the handler returned): the
+    handler's ACK could not follow an AGENT-DISCONNECT anyway."""
+    ini = write_ini(tmp_path, "[listener]\nread_timeout = 0\n")
+    agent = spoe_agent("-c", ini, app=SLOW_APP)
+    with SpopClient((agent.host, agent.port), timeout=30) as client:
+        client.handshake()
+        client.send(codec.notify(1, 1, [Message("nap", [("ms", 600_000)])]))
+        client.send(codec.disconnect(FrameType.HAPROXY_DISCONNECT, 0, "normal"))
+        goodbye = client.read_frame()
+        end = client.read_frame()
+    assert goodbye is not None and goodbye.type == FrameType.AGENT_DISCONNECT, goodbye
+    assert codec.decode_kv_list(goodbye.payload)["status-code"] == 0
+    assert end is None, end
