@@ -377,8 +377,8 @@ def decode_messages(payload: bytes) -> list[Message]:
 #: What an operator meets this error for: HAProxy writes a message's argument count in one byte
 #: and sends a message of 256 or more arguments with the count wrapped, so the arguments past
 #: the count read as the next messages (HAProxy 2.6 and 3.2 accept such a configuration).
-_NARGS_HINT = (" (a spoe-message with more than 255 arguments does this: HAProxy counts them in"
-               " one byte, and each tag= with its value is two)")
+_NARGS_HINT = (" (from HAProxy, the likely cause is a spoe-message with more than 255 arguments:"
+               " HAProxy counts them in one byte, and each tag= with its value is two)")
 
 
 def _new_run(name: str, first: int, raw: bytes, args: list[tuple[str, Any]]) -> None:

@@ -505,8 +505,10 @@ class SpopConnection:
             if ftype == FrameType.HAPROXY_DISCONNECT:
                 self._handle_disconnect(frame, events)
                 return
-            if ftype == FrameType.NOTIFY or ftype == FrameType.UNSET:
+            if ftype == FrameType.NOTIFY:
                 raise InvalidFrame("NOTIFY received before HAPROXY-HELLO")
+            if ftype == FrameType.UNSET:
+                raise InvalidFrame("a NOTIFY's fragment (frame type 0) received before HAPROXY-HELLO")
         if ftype in (FrameType.AGENT_HELLO, FrameType.AGENT_DISCONNECT, FrameType.ACK):
             raise InvalidFrame(f"agent frame type {ftype} received from HAProxy")
         # Unknown frame types are skipped, as HAProxy itself does.

@@ -181,6 +181,17 @@ def test_disconnect_before_hello_is_answered_too() -> None:
     assert disconnect_status(conn.data_to_send())[0] == 0
 
 
+def test_a_frame_before_hello_is_named_as_what_it_is() -> None:
+    """The reason sent with status 4 says which frame came first (a black-box run read
+    "NOTIFY received before HAPROXY-HELLO" for a fragment)."""
+    for ftype, said in ((FrameType.NOTIFY, "NOTIFY received"),
+                        (FrameType.UNSET, "fragment (frame type 0) received")):
+        conn = SpopConnection()
+        (event, _closed) = conn.receive_data(codec.encode_frame(ftype, 1, 1, b""))
+        assert isinstance(event, ProtocolViolation) and said in event.message, event
+        assert disconnect_status(conn.data_to_send())[0] == Status.INVALID_FRAME
+
+
 def test_eof_is_a_normal_close() -> None:
     conn = ready()
     assert conn.receive_eof() == [ConnectionClosed("peer closed the connection")]
