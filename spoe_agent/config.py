@@ -370,6 +370,13 @@ def parse_busy_poll(text: str) -> float:
     except ValueError:
         pass
     try:
+        bare = float(text)
+    except ValueError:
+        bare = 0.0
+    if bare >= 1:  # "1" is true, so "2" as 2 s (or "1.0" as 1 s) of spinning after every read
+        # would be a trap: a window that long needs its unit, as export_delay's does past 60.
+        raise ValueError(f"give a unit (such as 1ms or 500us) or true/false, got {text!r}")
+    try:
         return parse_duration(text)
     except ValueError:
         raise ValueError(
@@ -787,7 +794,8 @@ def _line_numbers(text: str) -> dict[tuple[str, str], int]:
         if not stripped or stripped[0] in "#;":
             continue  # an indented line is a key too: continuation lines are refused
         if stripped.startswith("[") and "]" in stripped:
-            section = stripped[1:stripped.index("]")].strip()
+            # As configparser names it: everything up to the last "]", spaces kept.
+            section = stripped[1:stripped.rindex("]")]
             lines.setdefault((section, ""), number)
             continue
         key = re.split(r"[=:]", stripped, maxsplit=1)[0].strip().lower()
@@ -883,6 +891,9 @@ def load_ini(path: str, config: AgentConfig, raw: bytes | None = None) -> None:
     for section in parser.sections():
         if section not in _SECTIONS:
             where = f"{path}:{numbers.get((section, ''), '?')}"
+            if section.strip() in _SECTIONS:
+                raise ConfigError(where, f"[{section}] has spaces inside its brackets: "
+                                  f"write [{section.strip()}]")
             raise ConfigError(where, f"unknown section [{section}]; known: "
                               + ", ".join(f"[{s}]" for s in _SECTIONS))
         for key, raw in parser.items(section, raw=True):

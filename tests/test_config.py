@@ -500,6 +500,8 @@ def test_ipv6_needs_brackets() -> None:
         ("[tracing]\nsession_ttl = soon\n", 2, "expected a duration"),
         ("[tracing]\nexporter = otlp\n\notlp_protocol = grpc\n", 4, "OTLP over grpc"),
         ("[listner]\nbind = 127.0.0.1:1\n", 1, "unknown section [listner]"),
+        ("# x\n[ listener ]\nbind = 127.0.0.1:1\n", 2, "has spaces inside its brackets"),
+        ("\n[bogus ]\n", 2, "unknown section [bogus ]"),
         ("[listener]\nbnid = 127.0.0.1:1\n", 2, "unknown option 'bnid' in [listener]"),
         ("[tracing]\npropagators = tracecontext,w3c\n", 2, "unknown propagator 'w3c'"),
         ("bind = 1\n", 1, "syntax error: 'bind = 1' comes before any [section] header"),
@@ -655,6 +657,12 @@ def test_busy_poll_is_off_unless_the_ini_or_the_flag_asks(tmp_path: Path) -> Non
         assert load_config(ini, env={}).busy_poll == pytest.approx(window), text
     assert flags("--busy-poll") == math.inf
     assert flags("--busy-poll", "2ms") == pytest.approx(0.002)
+    # A bare number of a second or more is a unit forgotten (black-box run: "2" spun a core
+    # for 2 s after every read, while "1" never sleeps): refused.
+    for text in ("2", "1.0", "1000"):
+        ini = write(tmp_path, f"[listener]\nbusy_poll = {text}\n")
+        with pytest.raises(ConfigError, match="give a unit"):
+            load_config(ini, env={})
     assert flags("--busy-poll", "--workers", "1") == math.inf  # the next flag is not a window
     flagged = load_config(overrides=_overrides(build_parser().parse_args(["--busy-poll"])), env={})
     assert flagged.sources["busy_poll"]
