@@ -705,7 +705,8 @@ class AgentConfig:
             if attr.startswith(self.exporter + "_"):
                 raise error
         if bool(self.tls_cert) != bool(self.tls_key):
-            raise ConfigError(self.sources.get("tls_cert", "tls"),
+            attr = "tls_cert" if self.tls_cert else "tls_key"  # where the one given was set
+            raise ConfigError(self.sources.get(attr, "tls"),
                               "tls_cert and tls_key must be set together")
         if self.tls_ca and not self.tls_cert:
             raise ConfigError(self.sources.get("tls_ca", "tls"),

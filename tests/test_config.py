@@ -502,6 +502,8 @@ def test_ipv6_needs_brackets() -> None:
         ("[listner]\nbind = 127.0.0.1:1\n", 1, "unknown section [listner]"),
         ("# x\n[ listener ]\nbind = 127.0.0.1:1\n", 2, "has spaces inside its brackets"),
         ("\n[bogus ]\n", 2, "unknown section [bogus ]"),
+        ("[listener]\n\ntls_key = /k.pem\n", 3, "tls_cert and tls_key must be set together"),
+        ("[listener]\ntls_cert = /c.pem\n", 2, "tls_cert and tls_key must be set together"),
         ("[listener]\nbnid = 127.0.0.1:1\n", 2, "unknown option 'bnid' in [listener]"),
         ("[tracing]\npropagators = tracecontext,w3c\n", 2, "unknown propagator 'w3c'"),
         ("bind = 1\n", 1, "syntax error: 'bind = 1' comes before any [section] header"),
