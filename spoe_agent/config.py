@@ -273,14 +273,17 @@ def _seconds_at_most_bare(most: float, where: str, example: str) -> Callable[[st
     were surely meant, is refused rather than guessed: seconds ``where`` (the reason), give a
     unit (``example``, or the number in ms)."""
     def parse(text: str) -> float:
-        value = _positive(parse_duration)(text)
-        bare = str(text).strip()
-        if re.fullmatch(r"\d+(?:\.\d+)?", bare) and value > most:
-            raise ValueError(f"{bare} seconds? A bare number counts in seconds {where}: give a "
-                             f"unit, such as {bare}ms or {example or bare + 's'}")
-        return value
+        return _refuse_bare_over(most, text, _positive(parse_duration)(text), where, example)
 
     return parse
+
+
+def _refuse_bare_over(most: float, text: str, value: float, where: str, example: str) -> float:
+    bare = str(text).strip()
+    if re.fullmatch(r"\d+(?:\.\d+)?", bare) and value > most:
+        raise ValueError(f"{bare} seconds? A bare number counts in seconds {where}: give a "
+                         f"unit, such as {bare}ms or {example or bare + 's'}")
+    return value
 
 
 #: A timeout variable that OpenTelemetry's Python exporters read in seconds (the specification
@@ -370,17 +373,13 @@ def parse_busy_poll(text: str) -> float:
     except ValueError:
         pass
     try:
-        bare = float(text)
-    except ValueError:
-        bare = 0.0
-    if bare >= 1:  # "1" is true, so "2" as 2 s (or "1.0" as 1 s) of spinning after every read
-        # would be a trap: a window that long needs its unit, as export_delay's does past 60.
-        raise ValueError(f"give a unit (such as 1ms or 500us) or true/false, got {text!r}")
-    try:
-        return parse_duration(text)
+        value = parse_duration(text)
     except ValueError:
         raise ValueError(
             f"expected true, false or a duration such as 1ms or 500us, got {text!r}") from None
+    # "1" is true, so "2" read as 2 s (or "1.0" as 1 s) of spinning after every read would be a
+    # trap: a bare window past 0.1 s needs its unit, as the exporters' timeouts do past 600 s.
+    return _refuse_bare_over(0.1, text, value, "(a busy-poll window)", "1ms")
 
 
 def _choice(*choices: str) -> Callable[[str], str]:
