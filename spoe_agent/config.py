@@ -245,6 +245,20 @@ def _has_control(text: str) -> bool:
     return any(ord(c) < 32 or ord(c) == 127 for c in text)
 
 
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
+def _percent_decoded(value: str) -> str:
+    """A W3C-baggage-style value, decoded strictly: ``unquote`` keeps a stray ``%`` and
+    replaces bytes that are not UTF-8, so a mistyped value would otherwise travel altered."""
+    if _BAD_ESCAPE.search(value):
+        raise ValueError("a '%' not followed by two hex digits (write a literal % as %25)")
+    try:
+        return unquote(value, errors="strict")
+    except UnicodeDecodeError:
+        raise ValueError("its percent-encoded bytes are not UTF-8") from None
+
+
 def _otlp_headers(text: str) -> str:
     """OTEL_EXPORTER_OTLP_HEADERS: ``key=value`` pairs separated by commas, values
     percent-encoded. The SDK drops a malformed pair with a warning: an API key that never
@@ -260,7 +274,10 @@ def _otlp_headers(text: str) -> str:
         # What the SDK would drop (quotes, ";", a backslash) or requests refuse to send (a
         # control character, or one that is not Latin-1, once percent-decoded). The value is
         # not quoted back: it is often a secret.
-        decoded = unquote(value.strip())
+        try:
+            decoded = _percent_decoded(value.strip())
+        except ValueError as exc:
+            raise ValueError(f"the value of {key.strip()!r}: {exc}") from None
         if (not _HEADER_VALUE.fullmatch(value.strip())
                 or _has_control(decoded) or any(ord(c) > 255 for c in decoded)):
             raise ValueError(f"the value of {key.strip()!r} is not a valid header value (no "
@@ -1011,7 +1028,10 @@ def _resource_service_name(text: str) -> str | None:
             # An empty member (",," or a trailing comma) too: the SDK warns of it at start.
             raise ConfigError(where, f"member {number} is not key=value (expected "
                               "key1=value1,key2=value2, with ',' and '=' in values written %2C and %3D)")
-        decoded = unquote(value).strip()
+        try:
+            decoded = _percent_decoded(value).strip()
+        except ValueError as exc:
+            raise ConfigError(where, f"member {number}: {exc}") from None
         if key.strip() == "service.name" and decoded:
             if _has_control(decoded):
                 raise ConfigError(where, "service.name: control characters are not allowed")

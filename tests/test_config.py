@@ -242,6 +242,8 @@ def test_otlp_exporter_variables_are_checked_where_the_sdk_would_drop_or_misread
          "the value of 'api-key' is not a valid header value"),
         ({"OTEL_EXPORTER_OTLP_HEADERS": "a=b%0D%0AX-Evil:1"}, ".*not a valid header value"),
         ({"OTEL_EXPORTER_OTLP_HEADERS": "a=%E2%82%AC"}, ".*not a valid header value"),
+        ({"OTEL_EXPORTER_OTLP_HEADERS": "api-key=50%off"},
+         "the value of 'api-key': a '%' not followed by two hex digits"),
         ({"OTEL_EXPORTER_OTLP_CERTIFICATE": "/nonexistent.pem"}, "no such file"),
         ({"OTEL_EXPORTER_OTLP_CLIENT_KEY": str(ca)}, "an OTLP client key needs its client certificate"),
         ({"OTEL_EXPORTER_JAEGER_TIMEOUT": "5000"}, "5000 seconds"),
@@ -728,6 +730,9 @@ def test_service_name_from_resource_attributes_when_nothing_more_specific(tmp_pa
     ("team=a,", "member 2 is not key=value"),
     (",team=a", "member 1 is not key=value"),
     ("service.name=secret-token%0Alb", "service.name: control characters"),
+    ("team=a,note=secret-token%zz", "member 2: a '%' not followed by two hex digits"),
+    ("team=secret-token%", "member 1: a '%' not followed by two hex digits"),
+    ("team=secret-token%FF", "member 1: its percent-encoded bytes are not UTF-8"),
 ])
 def test_a_malformed_resource_attributes_value_is_refused_whole(value: str, reason: str) -> None:
     """The SDK would drop the bad member with a warning and keep the rest; the resource
