@@ -23,6 +23,9 @@ from spoe_agent.protocol.connection import MIN_FRAME_SIZE
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|ms|s|m|h)?\s*$")
 _UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 EXPORTERS = ("jaeger", "otlp", "console", "none")
+# What OTEL_EXPORTER_JAEGER_PROTOCOL may say; the first two are served (see validate).
+JAEGER_PROTOCOLS = ("udp/thrift.compact", "http/thrift.binary", "udp/thrift.binary", "grpc")
+DEFAULT_JAEGER_COLLECTOR = "http://localhost:14268/api/traces"
 #: The OTLP exporter's endpoint when none is set: the SDK's default, as pipeline.py passes it
 #: (tests/tracing/test_destination_logs.py checks that the two agree).
 OTLP_DEFAULT_ENDPOINT = "http://localhost:4318/v1/traces"
@@ -545,6 +548,8 @@ OPTIONS: tuple[Option, ...] = (
            env="OTEL_EXPORTER_JAEGER_AGENT_PORT"),
     Option("jaeger_endpoint", "tracing", "jaeger_endpoint", _http_url,
            env="OTEL_EXPORTER_JAEGER_ENDPOINT"),
+    Option("jaeger_protocol", "tracing", "jaeger_protocol", _choice(*JAEGER_PROTOCOLS),
+           env="OTEL_EXPORTER_JAEGER_PROTOCOL"),
     Option("jaeger_user", "tracing", "jaeger_user", _text, env="OTEL_EXPORTER_JAEGER_USER"),
     Option("jaeger_password", "tracing", "jaeger_password", _text,
            env="OTEL_EXPORTER_JAEGER_PASSWORD"),
@@ -636,6 +641,10 @@ class AgentConfig:
     jaeger_agent_host: str = "localhost"
     jaeger_agent_port: int = 6831
     jaeger_endpoint: str = ""
+    # OTEL_EXPORTER_JAEGER_PROTOCOL. Unset, the endpoint decides (a collector when one is
+    # given, else the agent): the specification's default, http/thrift.binary, would break
+    # every deployment that relies on the UDP agent, the exporter's own default.
+    jaeger_protocol: str = ""
     jaeger_user: str = ""
     jaeger_password: str = ""
     # A collector post's bound, as OTEL_EXPORTER_JAEGER_TIMEOUT is the official exporter's
@@ -727,6 +736,8 @@ class AgentConfig:
         if self.tls_ca and not self.tls_cert:
             raise ConfigError(self.sources.get("tls_ca", "tls"),
                               "tls_ca (client certificate verification) needs tls_cert and tls_key")
+        if self.exporter == "jaeger" and self.jaeger_protocol:
+            self._apply_jaeger_protocol()
         if self.exporter == "jaeger" and bool(self.jaeger_user) != bool(self.jaeger_password):
             # The official exporter then sends no Authorization at all: a collector answering
             # 401 to every batch, with nothing at start-up to say why.
@@ -778,6 +789,25 @@ class AgentConfig:
                 raise ConfigError(where, f"{key}expected a ratio between 0 and 1 for the "
                                   f"{self.sampler} sampler, got {self.sampler_arg!r}")
 
+
+    def _apply_jaeger_protocol(self) -> None:
+        """Honour the protocol the specification names, or say why not: ignoring it sent spans
+        over UDP to an agent that a user who asked for the collector does not run."""
+        where = self.sources.get("jaeger_protocol", "jaeger_protocol")
+        if self.jaeger_protocol == "http/thrift.binary":
+            if not self.jaeger_endpoint:
+                self.jaeger_endpoint = DEFAULT_JAEGER_COLLECTOR
+                self.sources["jaeger_endpoint"] = f"{where} (the specification's default endpoint)"
+        elif self.jaeger_protocol == "udp/thrift.compact":
+            if self.jaeger_endpoint:
+                raise ConfigError(where, "udp/thrift.compact sends to a Jaeger agent, but "
+                                  f"jaeger_endpoint ({self.set_by('jaeger_endpoint')}) names a "
+                                  "collector: unset one of them")
+        else:
+            raise ConfigError(where, f"{self.jaeger_protocol} is not supported: use "
+                              "udp/thrift.compact (a Jaeger agent's port 6831), "
+                              "http/thrift.binary (a collector's port 14268), or exporter otlp "
+                              "for Jaeger >= 1.35 (OTEL_TRACES_EXPORTER=otlp)")
 
     def _check_certificates(self) -> None:
         """Load the exporter's certificate files now: one that exists but does not load (not

@@ -220,6 +220,38 @@ def test_jaeger_timeout_counts_seconds_as_the_official_exporter_reads_it(tmp_pat
         load_config(env={"OTEL_EXPORTER_JAEGER_TIMEOUT": "ten"})
 
 
+def test_the_jaeger_protocol_variable_chooses_agent_or_collector_or_is_refused(
+        tmp_path: Path) -> None:
+    """OTEL_EXPORTER_JAEGER_PROTOCOL was ignored, even set to grpc: spans went over UDP to an
+    agent a user who asked for a collector does not run. Unset, the endpoint still decides."""
+    assert load_config(env={}).exporter_text() == "jaeger to agent localhost:6831 (UDP)"
+    collector = load_config(env={"OTEL_EXPORTER_JAEGER_PROTOCOL": "http/thrift.binary"})
+    assert collector.jaeger_endpoint == "http://localhost:14268/api/traces"
+    assert collector.sources["jaeger_endpoint"].startswith(
+        "environment variable OTEL_EXPORTER_JAEGER_PROTOCOL")
+    given = {"OTEL_EXPORTER_JAEGER_PROTOCOL": "http/thrift.binary",
+             "OTEL_EXPORTER_JAEGER_ENDPOINT": "http://jaeger:14268/api/traces"}
+    assert load_config(env=given).jaeger_endpoint == "http://jaeger:14268/api/traces"
+    agent = load_config(env={"OTEL_EXPORTER_JAEGER_PROTOCOL": "udp/thrift.compact"})
+    assert agent.jaeger_endpoint == ""
+    path = write(tmp_path, "[tracing]\njaeger_protocol = http/thrift.binary\n")
+    assert load_config(path, env={}).jaeger_endpoint == "http://localhost:14268/api/traces"
+    for env, reason in [
+        ({"OTEL_EXPORTER_JAEGER_PROTOCOL": "grpc"}, "grpc is not supported: use udp/thrift.compact"),
+        ({"OTEL_EXPORTER_JAEGER_PROTOCOL": "udp/thrift.binary"}, "udp/thrift.binary is not supp"),
+        ({"OTEL_EXPORTER_JAEGER_PROTOCOL": "thrift"}, "expected one of udp/thrift.compact, "),
+        ({"OTEL_EXPORTER_JAEGER_PROTOCOL": "udp/thrift.compact",
+          "OTEL_EXPORTER_JAEGER_ENDPOINT": "http://jaeger:14268/api/traces"},
+         "udp/thrift.compact sends to a Jaeger agent, but jaeger_endpoint \\(environment "
+         "variable OTEL_EXPORTER_JAEGER_ENDPOINT\\) names a collector"),
+    ]:
+        with pytest.raises(ConfigError, match="environment variable OTEL_EXPORTER_JAEGER_PROTOCOL: "
+                           + reason):
+            load_config(env=env)
+        # Left alone while another exporter runs: the environment may be shared.
+        assert load_config(env={**env, "OTEL_TRACES_EXPORTER": "otlp"}).exporter == "otlp"
+
+
 def test_otlp_exporter_variables_are_checked_where_the_sdk_would_drop_or_misread_them(
     tmp_path: Path
 ) -> None:
