@@ -131,14 +131,28 @@ def parse_duration(text: str) -> float:
 
 
 def _positive(parse: Callable[[str], float]) -> Callable[[str], float]:
-    """``parse``, refusing 0: for durations where 0 would break the agent, not turn it off."""
+    """``parse``, refusing 0: for durations where 0 would break the agent, not turn it off;
+    and below a millisecond, HAProxy's and OpenTelemetry's finest unit, so surely a typo
+    (``1us``) that would fail every export or end every session at once."""
     def parse_positive(text: str) -> float:
         value = parse(text)
         if value <= 0:
             raise ValueError(f"must be more than 0, got {text!r}")
+        if value < 1e-3:
+            raise ValueError(f"must be at least 1ms, got {text!r}")
         return value
 
     return parse_positive
+
+
+def _connection_timeout(text: str) -> float:
+    """read_timeout, idle_timeout: 0 is off; a value under 100 ms was a typo that passed
+    --check, then closed every connection before HAProxy's HELLO could arrive."""
+    value = parse_duration(text)
+    if 0 < value < 0.1:
+        raise ValueError(f"{str(text).strip()} is too short to wait for HAProxy: give at least "
+                         "100ms (or 0 to turn it off)")
+    return value
 
 
 def _http_url(text: str) -> str:
@@ -529,8 +543,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_frame_size", "listener", "max_frame_size", _int_range(MIN_FRAME_SIZE, 16 << 20)),
     Option("max_connections", "listener", "max_connections", _int_range(1, 1_000_000)),
     Option("max_in_flight", "listener", "max_in_flight", _int_range(1, 100_000)),
-    Option("idle_timeout", "listener", "idle_timeout", parse_duration),
-    Option("read_timeout", "listener", "read_timeout", parse_duration),
+    Option("idle_timeout", "listener", "idle_timeout", _connection_timeout),
+    Option("read_timeout", "listener", "read_timeout", _connection_timeout),
     Option("busy_poll", "listener", "busy_poll", parse_busy_poll,
            help="poll instead of sleeping, forever (true) or for a window after each read "
                 "(1ms): lower latency on VMs, for CPU"),

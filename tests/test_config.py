@@ -726,6 +726,13 @@ def test_busy_poll_is_off_unless_the_ini_or_the_flag_asks(tmp_path: Path) -> Non
          "agent.ini:3: export_batch_size \\(20\\) cannot exceed export_queue_size \\(10\\)"),
         ("[listener]\nmax_in_flight = -1\n", "must be between 1 and 100000"),
         ("[listener]\nidle_timeout = forever\n", "expected a duration"),
+        # Black-box run: read_timeout = 1us passed --check, then closed every connection.
+        ("[listener]\nread_timeout = 1us\n", "agent.ini:2: .*read_timeout: 1us is too short "
+         "to wait for HAProxy: give at least 100ms \\(or 0 to turn it off\\)"),
+        ("[listener]\nidle_timeout = 50ms\n", "idle_timeout: 50ms is too short"),
+        ("[tracing]\nsession_ttl = 500us\n", "session_ttl: must be at least 1ms, got '500us'"),
+        ("[tracing]\nexport_timeout = 1us\n", "export_timeout: must be at least 1ms"),
+        ("[tracing]\njaeger_timeout = 0.0001\n", "jaeger_timeout: must be at least 1ms"),
         ("[tracing]\nmax_attribute_length = 0\n", "must be >= 1"),
         ("[listener]\n\nbusy_poll = sometimes\n",
          "agent.ini:3: .*busy_poll: expected true, false or a duration such as 1ms"),
