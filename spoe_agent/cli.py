@@ -207,9 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spoe-agent: configuration OK ({config.config_file or 'defaults'}; "
               f"listening on {bind_text(config.bind)}{' with TLS' if tls is not None else ''}; "
               f"workers {config.workers}; exporter {config.exporter_text()})")
-        warning = config.endpoint_warning()
-        if warning:
-            print(f"spoe-agent: warning: {warning}", file=sys.stderr)
+        for warning in (config.endpoint_warning(), config.frame_size_warning()):
+            if warning:
+                print(f"spoe-agent: warning: {warning}", file=sys.stderr)
         note = ignored_unix_options(config.bind, config.unix_mode, config.unix_group)
         if note:
             print(f"spoe-agent: note: {note}")

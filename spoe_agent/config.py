@@ -26,6 +26,12 @@ EXPORTERS = ("jaeger", "otlp", "console", "none")
 # What OTEL_EXPORTER_JAEGER_PROTOCOL may say; the first two are served (see validate).
 JAEGER_PROTOCOLS = ("udp/thrift.compact", "http/thrift.binary", "udp/thrift.binary", "grpc")
 DEFAULT_JAEGER_COLLECTOR = "http://localhost:14268/api/traces"
+# Below this negotiated frame size HAProxy drops messages of ordinary requests: the reference
+# spoe.cfg's on-frontend-http-request NOTIFY is ~490 bytes for a bare curl request and ~720 with a
+# browser user-agent and a traceparent (benchmarks/spop_load.py's traced workload, re-encoded);
+# a few hundred bytes of URL, tracestate or baggage add to it, and HAProxy 2.6 keeps 32 bytes of
+# the frame for itself.
+SMALL_FRAME_SIZE = 2048
 #: The OTLP exporter's endpoint when none is set: the SDK's default, as pipeline.py passes it
 #: (tests/tracing/test_destination_logs.py checks that the two agree).
 OTLP_DEFAULT_ENDPOINT = "http://localhost:4318/v1/traces"
@@ -737,6 +743,17 @@ class AgentConfig:
         where = self.set_by("jaeger_endpoint")
         return (f"jaeger_endpoint {shown_url(self.jaeger_endpoint)} ({where}) has no path: "
                 f"{jaeger_collector_hint(self.jaeger_endpoint)}")
+
+    def frame_size_warning(self) -> str | None:
+        """For ``--check``: a max_frame_size that will cost spans, which otherwise shows only
+        at HAProxy's first HELLO (server.py warns of it there, whichever side set it)."""
+        if self.max_frame_size >= SMALL_FRAME_SIZE:
+            return None
+        return (f"max_frame_size {self.max_frame_size} ({self.set_by('max_frame_size')}) is "
+                f"below {SMALL_FRAME_SIZE}: HAProxy drops every SPOE message larger than the "
+                "negotiated frame, logging nothing, and the reference spoe.cfg's reach ~750 "
+                "bytes for an ordinary request, so their spans would be missing: leave it at "
+                f"its default ({AgentConfig.max_frame_size})")
 
     def validate(self) -> None:
         """Cross-option checks that no single value can make."""

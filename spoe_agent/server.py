@@ -48,7 +48,7 @@ from gevent.socket import socket as _GeventSocket
 from spoe_agent import build_description
 from spoe_agent.acceptor import AcceptingServer, warn_if_too_few_files
 from spoe_agent.busy_poll import BusyPoll
-from spoe_agent.config import AgentConfig, bind_text
+from spoe_agent.config import SMALL_FRAME_SIZE, AgentConfig, bind_text
 from spoe_agent.handler_pool import HandlerPool
 from spoe_agent.handlers import Agent, Work
 from spoe_agent.listeners import BACKLOG, make_listener
@@ -940,13 +940,6 @@ class SpoaServer:
             "leave max-frame-size and max_frame_size at their defaults (HAProxy's is 16380)",
             _peer(client.address), size, setting, size)
 
-
-# Below this negotiated frame size HAProxy drops messages of ordinary requests: the reference
-# spoe.cfg's on-frontend-http-request NOTIFY is ~490 bytes for a bare curl request and ~720 with a
-# browser user-agent and a traceparent (benchmarks/spop_load.py's traced workload, re-encoded);
-# a few hundred bytes of URL, tracestate or baggage add to it, and HAProxy 2.6 keeps 32 bytes of
-# the frame for itself.
-SMALL_FRAME_SIZE: Final = 2048
 
 # How long a protocol error's AGENT-DISCONNECT waits for the ACKs of the concurrent handlers
 # still running on NOTIFYs decoded before the bad frame (SpopConnection.release_goodbye).

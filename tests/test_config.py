@@ -133,6 +133,21 @@ def test_check_names_where_spans_go_and_warns_of_a_collector_url_without_a_path(
     assert "s3cret" not in done.stdout + done.stderr
 
 
+def test_check_warns_of_a_frame_size_that_will_cost_spans(tmp_path: Path) -> None:
+    """Black-box run: max_frame_size = 512 passed --check in silence; the warning came only
+    at HAProxy's first HELLO, once messages were already being dropped."""
+    ini = tmp_path / "agent.ini"
+    ini.write_text("[listener]\nmax_frame_size = 512\n")
+    done = run_check("-c", str(ini))
+    assert done.returncode == 0, done.stderr
+    assert (f"spoe-agent: warning: max_frame_size 512 ({ini}:2) is below 2048: HAProxy drops "
+            "every SPOE message larger than the negotiated frame") in done.stderr
+    assert "leave it at its default (65532)" in done.stderr
+    ini.write_text("[listener]\nmax_frame_size = 2048\n")
+    quiet = run_check("-c", str(ini))
+    assert quiet.returncode == 0 and "warning" not in quiet.stderr, quiet.stderr
+
+
 def test_specific_otel_variables_win_over_the_general_ones() -> None:
     general = {"OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT": "100",
                "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
