@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Precedence: command-line flags > OTEL_* environment variables > agent.ini > "
                "defaults.",
     )
-    parser.add_argument("-c", "--config", metavar="FILE", help="agent.ini configuration file")
+    parser.add_argument("-c", "--config", metavar="FILE", action=_Once,
+                        help="agent.ini configuration file")
     parser.add_argument("--bind", type=_option("bind"), metavar="HOST:PORT|unix:PATH",
                         help="where HAProxy connects (default 127.0.0.1:12345)")
     parser.add_argument("--workers", type=_option("workers"), metavar="N|auto",
@@ -82,6 +83,17 @@ def _option(attr: str) -> Any:
             raise argparse.ArgumentTypeError(str(exc)) from None
 
     return parse_flag
+
+
+class _Once(argparse.Action):
+    """``-c`` given twice is refused: argparse would keep the last file, silently, where
+    HAProxy's ``-f a -f b`` loads both; neither guess is safe for a configuration."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error("-c/--config given twice: give one configuration file")
+        setattr(namespace, self.dest, values)
 
 
 class _Version(argparse.Action):
