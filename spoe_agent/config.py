@@ -67,6 +67,11 @@ def parse_bind(text: str) -> str:
             # would not be where the configuration's author (or HAProxy's) looks for it.
             raise ValueError(f"unix: needs an absolute path, got {text!r}")
         return text
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://|(?:ipv4|ipv6|unix|abns|fd|sockpair)@", text):
+        # tcp://host:port (a URL) or HAProxy's ipv4@host:port address prefixes: the rest
+        # would be read as an IPv6 address, with a hint about brackets.
+        raise ValueError(f"expected HOST:PORT or unix:/path, without a scheme or an address "
+                         f"prefix, got {text!r}")
     host, sep, port = text.rpartition(":")
     if not sep:
         raise ValueError(f"expected HOST:PORT or unix:/path, got {text!r}")

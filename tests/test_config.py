@@ -592,6 +592,26 @@ def test_bind_and_duration_parsers() -> None:
     assert parse_duration("30") == 30.0
 
 
+@pytest.mark.parametrize("bind", ["tcp://127.0.0.1:12345", "ipv4@127.0.0.1:12345",
+                                  "unix@/run/spoa.sock"])
+def test_a_bind_with_a_scheme_or_haproxy_prefix_is_refused_as_such(bind: str) -> None:
+    """Black-box run: tcp://127.0.0.1:12345 got "write an IPv6 address in brackets"."""
+    with pytest.raises(ValueError, match="without a scheme or an address prefix") as info:
+        parse_bind(bind)
+    assert "IPv6" not in str(info.value)
+
+
+def test_one_config_file_only(tmp_path: Path) -> None:
+    """Black-box run: ``-c a -c b`` used b alone, silently (HAProxy's -f a -f b loads both)."""
+    first, second = tmp_path / "a.ini", tmp_path / "b.ini"
+    first.write_text("[listener]\nbind = 127.0.0.1:21003\n")
+    second.write_text("[listener]\nbind = 127.0.0.1:21004\n")
+    done = run_check("-c", str(first), "-c", str(second))
+    assert done.returncode == 2, done
+    assert "spoe-agent: error: -c/--config given twice: give one configuration file" in done.stderr
+    assert "listening on 127.0.0.1:21003" in run_check("-c", str(first)).stdout
+
+
 def test_ipv6_binds_are_written_as_bind_takes_them() -> None:
     """--check and the logs wrote ``::1:21001``, which reads as an address without a port."""
     from spoe_agent.config import bind_text
