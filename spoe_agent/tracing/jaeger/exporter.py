@@ -261,6 +261,12 @@ class FastJaegerExporter(SpanExporter):
         try:
             self._http.send(body)  # type: ignore[union-attr]
         except Exception as exc:
+            if self._shutdown:
+                # Cut short by shutdown's abort, once its deadline had counted these spans as
+                # dropped: a warning now would follow "stopped", about a failure of our making.
+                log.debug("Jaeger collector export to %s aborted at shutdown: %s",
+                          self._http.shown, exc)  # type: ignore[union-attr]
+                return False
             stats.send_errors += 1
             stats.spans_failed += len(spans)
             log.warning("Jaeger collector export to %s failed: %s%s",
