@@ -67,7 +67,9 @@ def _parser() -> argparse.ArgumentParser:
         "--quiet-s",
         type=_seconds,
         default=1.0,
-        help="a trace is complete after this long without new spans (default 1)",
+        help="a trace is complete after this long without new spans (default 1); spans an "
+             "agent's session_ttl ended arrive that long later and print as more of a trace "
+             "printed above, unless this is longer",
     )
     return parser
 
