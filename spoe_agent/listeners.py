@@ -8,6 +8,7 @@ them without serving anything.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import os
 import shutil
@@ -30,6 +31,28 @@ def address_family(host: str) -> int:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
+def resolve_host(host: str) -> tuple[int, str]:
+    """The family and address a TCP bind's host listens on.
+
+    A name is resolved as HAProxy resolves a server's (the first address getaddrinfo gives,
+    for any family), so that ``localhost`` on both sides means the same address: with ::1
+    listed first, as on a stock Debian, HAProxy connected to ::1 while the agent listened on
+    127.0.0.1 alone, and every connection was refused.
+    """
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        return address_family(host), host
+    try:
+        family, _, _, _, sockaddr = socket.getaddrinfo(host, None, socket.AF_UNSPEC,
+                                                       socket.SOCK_DGRAM)[0]
+    except socket.gaierror as exc:
+        raise OSError(exc.errno, f"cannot resolve {host}: {exc.strerror}") from None
+    return int(family), str(sockaddr[0])
+
+
 def bind_problem(bind: str) -> str | None:
     """Why ``bind`` cannot be listened on, as far as ``--check`` can tell without taking it
     (a running agent may hold it): a unix socket's directory, a TCP host this machine has not.
@@ -42,9 +65,9 @@ def bind_problem(bind: str) -> str | None:
         if not os.access(directory, os.W_OK | os.X_OK):
             return f"{directory} is not writable by this user"
         return None
-    host, _ = target
     try:
-        with socket.socket(address_family(host), socket.SOCK_STREAM) as probe:
+        family, host = resolve_host(target[0])
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.bind((host, 0))  # any port: is the address one of this machine's?
     except OSError as exc:
         return exc.strerror or str(exc)
@@ -79,8 +102,9 @@ def make_listener(
         note = ignored_unix_options(bind, mode, group)
         if note:
             log.warning("%s", note)
-        host, port = target
-        sock = socket.socket(address_family(host), socket.SOCK_STREAM)
+        family, host = resolve_host(target[0])
+        port = target[1]
+        sock = socket.socket(family, socket.SOCK_STREAM)
         # A restarted agent (even after SIGKILL) must get its port back despite TIME_WAIT.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))

@@ -326,6 +326,33 @@ def test_make_listener_sets_the_mode_before_the_socket_listens() -> None:
             path.unlink()
 
 
+def test_a_host_name_listens_where_haproxy_would_connect(monkeypatch: pytest.MonkeyPatch) -> None:
+    """HAProxy connects a server named ``localhost`` to the first address getaddrinfo gives,
+    ::1 on a stock Debian; the agent bound the name for IPv4 alone (black-box run), so a
+    name is resolved the same way here, whichever family comes first."""
+    from spoe_agent import listeners
+
+    real = socket.getaddrinfo
+
+    def resolver(host, port, family=0, type=0, *rest):  # type: ignore[no-untyped-def]
+        if host == "dual.test":
+            return [(socket.AF_INET6, type, 0, "", ("::1", 0, 0, 0)),
+                    (socket.AF_INET, type, 0, "", ("127.0.0.1", 0))]
+        return real(host, port, family, type, *rest)
+
+    monkeypatch.setattr(listeners.socket, "getaddrinfo", resolver)
+    sock = listeners.make_listener("dual.test:0", listen=False)
+    try:
+        assert sock.family == socket.AF_INET6 and sock.getsockname()[0] == "::1"
+    finally:
+        sock.close()
+    assert listeners.bind_problem("dual.test:9") is None
+    assert listeners.resolve_host("127.0.0.1") == (socket.AF_INET, "127.0.0.1")
+    assert listeners.resolve_host("::1") == (socket.AF_INET6, "::1")
+    assert (listeners.bind_problem("nosuchhost.invalid:9") or "").startswith(
+        "cannot resolve nosuchhost.invalid: ")
+
+
 def test_unix_permissions_with_a_tcp_bind_are_said_to_be_ignored(caplog) -> None:
     from spoe_agent.listeners import make_listener
 
