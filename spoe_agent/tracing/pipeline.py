@@ -63,8 +63,8 @@ def build_exporter(config: AgentConfig) -> SpanExporter | None:
         from opentelemetry.util.re import parse_env_headers
 
         # Every setting is given, none left for the exporter to read from the environment:
-        # config.py has read and checked its variables (empty ones unset, as the specification
-        # says, where the exporter takes an empty certificate as "do not verify").
+        # spoe_agent.config has read and checked its variables (empty ones unset, as the
+        # specification says, where the exporter takes an empty certificate as "do not verify").
         with _without_otlp_variables():
             return SlicedOTLPSpanExporter(
                 endpoint=config.otlp_endpoint or "http://localhost:4318/v1/traces",
@@ -100,7 +100,7 @@ def build_exporter(config: AgentConfig) -> SpanExporter | None:
 @contextlib.contextmanager
 def _without_otlp_variables() -> Iterator[None]:
     """The OTLP exporter falls back to the environment for any argument given empty (a client
-    key, the headers): config.py has read and checked those variables, so the exporter is
+    key, the headers): spoe_agent.config has read and checked those variables, so the exporter is
     built with them out of its sight, and they are put back after."""
     saved = {k: v for k, v in os.environ.items() if k.startswith("OTEL_EXPORTER_OTLP_")}
     for name in saved:
