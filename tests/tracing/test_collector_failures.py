@@ -144,6 +144,10 @@ def test_under_gevent_the_whole_post_is_bounded_and_a_stop_cuts_it_cleanly() -> 
     # The post that failed says why, with its endpoint; the one the stop cut says nothing at
     # warning level (the stop's deadline counts its spans, before "stopped" is logged).
     assert sum("export to http://127.0.0.1:" in line for line in lines) == 1, done.stdout
+    # ... and names the bound that fired (black-box run: "the export timeout" read as
+    # export_timeout, 30 s, where jaeger_timeout, 2 s, had cut the post).
+    assert ("no complete answer within 1s (jaeger_timeout, or export_timeout if shorter)"
+            in done.stdout), done.stdout
     assert "aborted" not in done.stdout
 
 

@@ -180,12 +180,12 @@ class _HTTPSender:
     def _post(self, body: bytes, deadline: float) -> tuple[int, str]:
         conn = self._connection()
         conn.request("POST", self._path, body=body, headers=self._headers)
-        _time_left(conn, deadline)
+        _time_left(conn, deadline, self._timeout)
         response = conn.getresponse()
         # One read at a time, each bounded by what is left: read() would wait for the whole
         # body, with the per-operation timeout only.
         while not response.isclosed():
-            _time_left(conn, deadline)
+            _time_left(conn, deadline, self._timeout)
             if not response.read1(65536):
                 break
         response.read()  # nothing left: marks the response done, so the connection is reusable
@@ -209,11 +209,18 @@ class _HTTPSender:
                 sock.shutdown(socket.SHUT_RDWR)
 
 
-def _time_left(conn: http.client.HTTPConnection, deadline: float) -> None:
+def _too_slow(seconds: float) -> TimeoutError:
+    # The bound is the lower of the two settings (pipeline.py): name both, as a user who set
+    # jaeger_timeout = 2s read "the export timeout" as export_timeout, 30 s (black-box run).
+    return TimeoutError(f"no complete answer within {seconds:g}s (jaeger_timeout, or "
+                        "export_timeout if shorter)")
+
+
+def _time_left(conn: http.client.HTTPConnection, deadline: float, seconds: float) -> None:
     """Give the connection's next socket operation what is left of the post's time."""
     left = deadline - time.monotonic()
     if left <= 0:
-        raise TimeoutError("no complete answer within the export timeout")
+        raise _too_slow(seconds)
     if conn.sock is not None:
         conn.sock.settimeout(left)
 
@@ -222,5 +229,5 @@ def _bounded(seconds: float) -> Any:
     """Under gevent (the agent), a timeout over everything a post does, headers included; in
     a plain thread, only the per-read bounds of ``_post`` apply."""
     if monkey.is_module_patched("socket"):
-        return gevent.Timeout(seconds, TimeoutError("no complete answer within the export timeout"))
+        return gevent.Timeout(seconds, _too_slow(seconds))
     return contextlib.nullcontext()
