@@ -294,22 +294,28 @@ def get_with_lines(port: int, path: str, lines: list[tuple[str, str]]) -> str:
         # reach the agent and go on, where req.fhdr alone gave the last line only
         ([("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
           ("tracestate", "a=1"), ("tracestate", "b=2")], True, ["a=1,b=2"]),
+        # a tracestate the agent cannot parse is not passed on with its trace (black-box run:
+        # it was, as the trace went on; W3C lets a vendor discard it)
+        ([("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+          ("tracestate", "BAD KEY=@@@")], True, []),
         # two traceparents: a new trace (W3C test_traceparent_duplicated), without the tracestate
         ([("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
           ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
           ("tracestate", "vendor=old")], False, []),
     ],
     ids=["invalid-traceparent", "no-traceparent", "continued-empty-last-line",
-         "continued-two-lines", "two-traceparents"],
+         "continued-two-lines", "invalid-tracestate", "two-traceparents"],
 )
 def test_a_tracestate_goes_with_the_trace_it_belongs_to(
     tracing: TracingFactory, lines: list[tuple[str, str]], continued: bool, forwarded: list[str]
 ) -> None:
     """W3C Trace Context: a tracestate belongs to its trace. The reference forwarding lines
     only set what the agent injected, so without their del-header the caller's tracestate
-    travelled next to the new traceparent the agent started; and a del-header keyed on the
-    agent's having no tracestate of its own also deleted a continued trace's, when the last
-    tracestate line (the one req.fhdr gives the agent) was empty."""
+    travelled next to the new traceparent the agent started. The del-header is keyed on the
+    agent's having injected no tracestate: that once also deleted a continued trace's when
+    the last tracestate line (then the only one the agent saw) was empty; the agent now gets
+    the first two lines, and it drops a tracestate it cannot parse, as the earlier rule (the
+    trace ids compared) did not."""
     t = tracing()
     trace_id = get_with_lines(t.port, "/tracestate", lines)
     assert (trace_id == "4bf92f3577b34da6a3ce929d0e0e4736") is continued

@@ -105,10 +105,8 @@ def hop_config(
     )
     # Before the traceparent is set: the incoming one is what the agent's trace is compared to.
     forward_lines = (
-        "    http-request set-var(txn.trace_id) var(txn.trace.traceparent),field(2,-)"
-        " if { var(txn.trace.traceparent) -m found }\n"
-        "    http-request del-header tracestate if { var(txn.trace_id) -m found }"
-        " !{ req.fhdr(traceparent),field(2,-),strcmp(txn.trace_id) eq 0 }\n"
+        "    http-request del-header tracestate if { var(txn.trace.traceparent) -m found }"
+        " !{ var(txn.trace.tracestate) -m found }\n"
     ) + "".join(f"    {line}\n" for line in backend_lines) + forward_lines
     extra = "".join(f"    {line}\n" for line in frontend_lines)
     return f"""\
