@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 # Probing a unix socket must block even where gevent patched ``socket``.
 _OriginalSocket = get_original("socket", "socket")
 BACKLOG = 1024
+# sockaddr_un's sun_path is 108 bytes on Linux, one of them the terminating NUL: a longer path
+# passed --check, then failed the start with "AF_UNIX path too long" (black-box run).
+UNIX_PATH_MAX = 107
 
 
 def address_family(host: str) -> int:
@@ -59,6 +62,10 @@ def bind_problem(bind: str) -> str | None:
     """
     target = split_bind(bind)
     if isinstance(target, str):
+        size = len(os.fsencode(target))
+        if size > UNIX_PATH_MAX:
+            return (f"the path is {size} bytes long, and a unix socket's may be "
+                    f"{UNIX_PATH_MAX} at most")
         directory = os.path.dirname(os.path.abspath(target))
         if not os.path.isdir(directory):
             return f"{directory} is not a directory"

@@ -626,6 +626,8 @@ def test_ipv6_binds_are_written_as_bind_takes_them() -> None:
 
 @pytest.mark.parametrize(("bind", "why"), [
     ("unix:/nonexistent/dir/agent.sock", "/nonexistent/dir is not a directory"),
+    ("unix:/tmp/" + "x" * 120 + ".sock", "the path is 130 bytes long, and a unix socket's may "
+     "be 107 at most"),
     ("192.0.2.1:21002", "Cannot assign requested address"),  # TEST-NET-1: not this machine's
 ])
 def test_check_refuses_a_bind_that_cannot_be_listened_on(bind: str, why: str) -> None:
