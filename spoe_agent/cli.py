@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         agent = _build_agent(args.app, config)
     except Exception as exc:  # a broken --app or tracing setup is a configuration problem
-        _cannot_start(exc, args.worker_index)
+        _cannot_start(exc, args.worker_index, config.log_format)
         return EXIT_CONFIG
     from spoe_agent.runner import StartupError, run, tls_context
 
@@ -235,14 +235,16 @@ def main(argv: list[str] | None = None) -> int:
                          args.worker_index)
         return run(agent, config)
     except StartupError as exc:
-        _cannot_start(exc, args.worker_index)
+        _cannot_start(exc, args.worker_index, config.log_format)
         return EXIT_STARTUP
 
 
-def _cannot_start(exc: Exception, worker_index: int | None) -> None:
+def _cannot_start(exc: Exception, worker_index: int | None, log_format: str = "text") -> None:
     """One process says it on stderr; a worker logs it, so that the line says which worker it
-    is and has the configured format (JSON), as the supervisor's next line about it does."""
-    if worker_index is None:
+    is and has the configured format (JSON), as the supervisor's next line about it does. With
+    JSON logs the process logs it too: a log pipeline that parses every line would otherwise
+    get the one line that says why the agent is down as text (black-box run)."""
+    if worker_index is None and log_format != "json":
         print(f"spoe-agent: cannot start: {exc}", file=sys.stderr)
         return
     from spoe_agent.logs import EVERY_TIME

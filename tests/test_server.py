@@ -408,6 +408,29 @@ def test_a_metrics_port_in_use_is_named_once(workers: str) -> None:
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
+def test_with_json_logs_a_failed_start_is_a_json_line_too(workers: str) -> None:
+    """Black-box run: with --log-format json every line was JSON but the one saying why the
+    agent did not start."""
+    import json
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        spop = free_port()
+        result = subprocess.run(
+            [sys.executable, "-m", "spoe_agent", "--bind", f"127.0.0.1:{spop}", "--workers",
+             workers, "--metrics", f"127.0.0.1:{port}", "--exporter", "none", "--app", APP,
+             "--log-format", "json"],
+            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    records = [json.loads(line) for line in result.stderr.splitlines()]
+    assert [r for r in records if r["level"] == "error" and r["msg"] == (
+        f"cannot start: cannot serve metrics on 127.0.0.1:{port}: Address already in use")], (
+        result.stderr)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
 def test_a_bind_that_fails_at_start_names_the_line_that_set_it(workers: str,
                                                                tmp_path: Path) -> None:
     """The value was valid, the machine refused it: the operator still needs the line."""
