@@ -26,6 +26,7 @@ from gevent.event import Event
 from spoe_agent.config import AgentConfig, bind_text
 from spoe_agent.handlers import Agent
 from spoe_agent.listeners import make_listener, remove_listener_socket
+from spoe_agent.logs import EVERY_TIME
 from spoe_agent.server import SpoaServer
 
 if TYPE_CHECKING:
@@ -37,7 +38,22 @@ SHUTDOWN_TIMEOUT = 10.0
 #: SIGHUP too: its default action kills the process on the spot (a terminal closed under a
 #: foreground agent), losing the spans a clean stop flushes. The agent has no reload.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+#: Signals whose default action would kill the agent on the spot, losing what a clean stop
+#: flushes, for what an operator meant otherwise: logrotate's "reopen your logs" (the agent
+#: logs to stderr: there is nothing to reopen) or HAProxy's soft-stop and reload. Logged and
+#: ignored. (A worker keeps SIGUSR1 for the supervisor: workers.handoff.GIVE_SIGNAL.)
+IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 EXIT_FORCED = 1
+
+
+def ignore_signals(signums: tuple[int, ...]) -> None:
+    """Log and ignore ``signums`` (see :data:`IGNORED_SIGNALS`)."""
+    def ignored(signum: int) -> None:
+        log.info("%s ignored: the agent logs to stderr (nothing to reopen) and has no reload; "
+                 "SIGTERM stops it", signal.Signals(signum).name, extra=EVERY_TIME)
+
+    for signum in signums:
+        gevent.signal_handler(signum, ignored, signum)
 
 
 class StartupError(Exception):
@@ -45,7 +61,8 @@ class StartupError(Exception):
 
 
 def run(
-    agent: Agent, config: AgentConfig, *, listener: object = None, second_signal_exits: bool = True
+    agent: Agent, config: AgentConfig, *, listener: object = None, second_signal_exits: bool = True,
+    ignored_signals: tuple[int, ...] = IGNORED_SIGNALS,
 ) -> int:
     tls = tls_context(config)
     own_listener = listener is None
@@ -85,6 +102,7 @@ def run(
 
     for signum in STOP_SIGNALS:
         gevent.signal_handler(signum, on_signal)
+    ignore_signals(ignored_signals)
     # What start-up built (modules, the configuration, the exporter) lives as long as the
     # process: frozen, it is out of the cyclic collector's sight, whose full collections had to
     # walk it (~15 ms of stall each, about one every few thousand traced requests).

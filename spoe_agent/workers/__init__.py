@@ -105,7 +105,7 @@ def serve(agent: Agent, config: AgentConfig, argv: list[str], index: int | None)
 def _run_worker(agent: Agent, config: AgentConfig, index: int) -> int:
     import gevent
 
-    from spoe_agent.runner import run
+    from spoe_agent.runner import IGNORED_SIGNALS, run
     from spoe_agent.workers.handoff import GIVE_SIGNAL, HandoffListener
     from spoe_agent.workers.supervisor import ENV_HANDOFF_FD, ENV_LISTEN_FAMILY, ENV_RUNTIME_DIR
 
@@ -142,7 +142,8 @@ def _run_worker(agent: Agent, config: AgentConfig, index: int) -> int:
     gevent.spawn(_exit_with_parent, parent)
     log.info("starting, %d workers in all (pid %d)", config.workers, os.getpid())
     try:
-        return run(agent, config, listener=listener, second_signal_exits=False)
+        return run(agent, config, listener=listener, second_signal_exits=False,
+                   ignored_signals=tuple(s for s in IGNORED_SIGNALS if s != GIVE_SIGNAL))
     finally:
         # The supervisor, which removes the runtime directory when it stops, was killed: the
         # last workers out remove it (a peer still stopping only finds its socket gone). A

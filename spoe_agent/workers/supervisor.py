@@ -35,7 +35,14 @@ import spoe_agent
 from spoe_agent.config import AgentConfig, bind_text
 from spoe_agent.listeners import make_listener, remove_listener_socket
 from spoe_agent.logs import EVERY_TIME
-from spoe_agent.runner import EXIT_FORCED, SHUTDOWN_TIMEOUT, STOP_SIGNALS, StartupError
+from spoe_agent.runner import (
+    EXIT_FORCED,
+    IGNORED_SIGNALS,
+    SHUTDOWN_TIMEOUT,
+    STOP_SIGNALS,
+    StartupError,
+    ignore_signals,
+)
 from spoe_agent.workers.handoff import (
     FREEABLE_PREFIX,
     GIVE_SIGNAL,
@@ -202,6 +209,7 @@ class Supervisor:
             metrics = self._start_metrics()
         for signum in STOP_SIGNALS:
             gevent.signal_handler(signum, self._on_signal)
+        ignore_signals(IGNORED_SIGNALS)
         log.info("spoe-agent supervisor: %d workers%s on %s (peer sockets in %s)",
                  len(self.slots),
                  "" if "workers" in self.config.sources else " (auto: one per usable core)",

@@ -23,7 +23,7 @@ from spoe_agent.protocol.types import Message
 from spoe_agent.viewer.receiver import JaegerReceiver
 from tests.hardening.support import SLOW_APP, notify_ok, trace
 from tests.integration.tracing_support import agent_env
-from tests.support.procs import AgentProcess
+from tests.support.procs import AgentProcess, wait_until
 from tests.support.spop_client import SpopClient
 from tests.workers.test_multiworker import _is_zombie, wait_workers_ready, worker_pids
 
@@ -113,3 +113,34 @@ def test_workers_whose_supervisor_was_killed_stop_and_remove_the_runtime_directo
     logs = agent.logs()
     assert "is gone; stopping" in logs or "closed its channel; stopping" in logs, logs
     assert not os.path.exists(runtime_dir), os.listdir(runtime_dir)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigusr1_and_sigusr2_are_ignored_not_fatal(
+    spoe_agent: Callable[..., AgentProcess], receiver: JaegerReceiver, workers: str
+) -> None:
+    """Black-box run: SIGUSR1 (logrotate's "reopen", HAProxy's soft-stop) or SIGUSR2 killed the
+    agent on the spot, exit 138, without the clean stop's flush or AGENT-DISCONNECTs. Sent to
+    every process at once, as ``systemctl kill`` does: a worker keeps SIGUSR1 for the
+    supervisor's connection hand-offs, and must survive SIGUSR2 like the others."""
+    agent = spoe_agent("--workers", workers, app=None, env=agent_env(receiver))
+    pids: dict[int, int] = {}
+    if workers == "2":
+        wait_workers_ready(agent, 2)
+        pids = worker_pids(agent.process.pid)
+    with SpopClient((agent.host, agent.port), timeout=15) as client:
+        client.handshake()
+        for sig in (signal.SIGUSR1, signal.SIGUSR2):
+            for pid in (agent.process.pid, *pids.values()):
+                os.kill(pid, sig)
+        # Still serving, on the same connection, and no process was replaced.
+        notify_ok(client, 1, [trace("after-usr", ("span", "Root"), ("finish", "*"))])
+        wait_until(lambda: "SIGUSR2 ignored: the agent logs to stderr (nothing to reopen) "
+                   "and has no reload; SIGTERM stops it" in agent.logs(),
+                   what="the SIGUSR2 to be logged")
+        assert agent.process.running, agent.describe_logs()
+        if pids:
+            assert worker_pids(agent.process.pid) == pids, agent.describe_logs()
+        agent.process.send_signal(signal.SIGTERM)
+        assert agent.process.wait(30) == 0, agent.describe_logs()
+    assert "SIGUSR1 ignored" in agent.logs(), agent.describe_logs()
