@@ -144,14 +144,29 @@ def main(argv: list[str] | None = None) -> int:
         host, port = receiver.http_address
         listening.append(f"http {host}:{port}/api/traces")
     print("trace viewer listening on " + ", ".join(listening), file=sys.stderr, flush=True)
+    reported = 0
     try:
         while not stop.wait(0.5):
-            pass
+            reported = _report_drops(receiver, reported)
     finally:
         receiver.stop(flush=True)
+        _report_drops(receiver, reported)
         if jsonl is not None:
             jsonl.close()
     return 0
+
+
+def _report_drops(receiver: JaegerReceiver, reported: int) -> int:
+    """Say when the kernel dropped datagrams this viewer read too slowly: the traces printed
+    then lack spans the agent did send, which would otherwise read as the agent's fault (a
+    black-box run: ~600k datagrams dropped at 3,300 traced requests/s, nothing said)."""
+    drops = receiver.kernel_drops
+    if drops > reported:
+        print(f"viewer: the kernel dropped {drops - reported} datagrams ({drops} in all) that "
+              "this viewer read too slowly: traces printed around now lack spans the agent "
+              "sent (its spoe_agent_spans_exported_total counts them)", file=sys.stderr,
+              flush=True)
+    return drops
 
 
 if __name__ == "__main__":
