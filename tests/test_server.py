@@ -389,9 +389,8 @@ def test_start_up_log_writes_an_ipv6_bind_as_bind_takes_it() -> None:
         assert agent.wait(20) == 0
 
 
-@pytest.mark.parametrize("workers", ["1", "2"])
-def test_a_metrics_port_in_use_is_named_once(workers: str) -> None:
-    """gevent appends the address to the reason, which the message names already."""
+def _start_with_the_metrics_port_taken(workers: str,
+                                       *flags: str) -> tuple[subprocess.CompletedProcess[str], int]:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -399,9 +398,17 @@ def test_a_metrics_port_in_use_is_named_once(workers: str) -> None:
         spop = free_port()
         result = subprocess.run(
             [sys.executable, "-m", "spoe_agent", "--bind", f"127.0.0.1:{spop}", "--workers",
-             workers, "--metrics", f"127.0.0.1:{port}", "--exporter", "none", "--app", APP],
+             workers, "--metrics", f"127.0.0.1:{port}", "--exporter", "none", "--app", APP,
+             *flags],
             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1, result.stderr
+    return result, port
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_metrics_port_in_use_is_named_once(workers: str) -> None:
+    """gevent appends the address to the reason, which the message names already."""
+    result, port = _start_with_the_metrics_port_taken(workers)
     assert result.stderr.endswith(
         f"spoe-agent: cannot start: cannot serve metrics on 127.0.0.1:{port}: "
         "Address already in use\n"), result.stderr
@@ -413,17 +420,7 @@ def test_with_json_logs_a_failed_start_is_a_json_line_too(workers: str) -> None:
     agent did not start."""
     import json
 
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        spop = free_port()
-        result = subprocess.run(
-            [sys.executable, "-m", "spoe_agent", "--bind", f"127.0.0.1:{spop}", "--workers",
-             workers, "--metrics", f"127.0.0.1:{port}", "--exporter", "none", "--app", APP,
-             "--log-format", "json"],
-            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 1, result.stderr
+    result, port = _start_with_the_metrics_port_taken(workers, "--log-format", "json")
     records = [json.loads(line) for line in result.stderr.splitlines()]
     assert [r for r in records if r["level"] == "error" and r["msg"] == (
         f"cannot start: cannot serve metrics on 127.0.0.1:{port}: Address already in use")], (
