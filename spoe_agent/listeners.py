@@ -138,8 +138,11 @@ def remove_stale_socket(path: str) -> None:
     try:
         probe.settimeout(1.0)
         probe.connect(path)
-    except TimeoutError:
-        pass  # a full backlog: someone listens
+    except (TimeoutError, BlockingIOError):
+        # A full backlog: someone listens. A unix socket says so at once with EAGAIN (the
+        # probe has a timeout, so it does not block), which was reported as it was, "Resource
+        # temporarily unavailable", rather than as the other agent it is (black-box run).
+        pass
     except (ConnectionRefusedError, FileNotFoundError):
         try:
             os.unlink(path)

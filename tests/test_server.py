@@ -446,6 +446,34 @@ def test_a_bind_that_fails_at_start_names_the_line_that_set_it(workers: str,
             in result.stderr), result.stderr
 
 
+def test_a_live_unix_socket_with_a_full_backlog_is_still_another_agents() -> None:
+    """Black-box run: a second agent on the path of one whose backlog was full (stopped, say)
+    said "Resource temporarily unavailable", the probe's EAGAIN, instead of naming it."""
+    from spoe_agent.listeners import remove_stale_socket
+
+    path = Path(tempfile.mkdtemp(prefix="spoe-unix-")) / "agent.sock"
+    waiting = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as owner:
+        owner.bind(str(path))
+        owner.listen(1)
+        try:
+            for _ in range(64):  # never accepted: the backlog fills
+                client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                client.setblocking(False)
+                waiting.append(client)
+                client.connect(str(path))
+        except BlockingIOError:
+            pass
+        else:
+            raise AssertionError("the backlog never filled")
+        with pytest.raises(OSError, match=f"another process listens on {path}"):
+            remove_stale_socket(str(path))
+        assert path.exists()
+    for client in waiting:
+        client.close()
+    path.unlink()
+
+
 def test_unix_bind_never_replaces_a_file_or_a_live_socket(tmp_path: Path) -> None:
     """Where a TCP port in use is refused, a unix path in use must be too: unlinking it
     destroyed a regular file, or silently cut a running agent off from HAProxy."""
