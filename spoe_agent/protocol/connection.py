@@ -41,6 +41,11 @@ DEFAULT_MAX_FRAME_SIZE = 65532
 DEFAULT_CAPABILITIES = ("pipelining", "async", "fragmentation")
 _MAX_DISCONNECT_MESSAGE: Final = 255  # HAProxy 2.6 treats a longer message as an invalid frame
 _LENGTH_PREFIX: Final = 4
+# An ACK stays a byte under the negotiated size: HAProxy 3.2 takes one of exactly that size
+# (16,380 bytes under its default max-frame-size) and never hands it on, and every later ACK
+# on the connection then waits behind it: the requests fail after "timeout processing" until
+# HAProxy restarts (black-box run; 2.6 takes it). One byte less than allowed costs nothing.
+_ACK_MARGIN: Final = 1
 
 
 class State(Enum):
@@ -287,7 +292,7 @@ class SpopConnection:
             if self.on_trimmed_ack is not None:
                 self.on_trimmed_ack("unencodable")
             frame = codec.ack(stream_id, frame_id, actions)
-        if actions and len(frame) - _LENGTH_PREFIX > self.frame_size:
+        if actions and len(frame) - _LENGTH_PREFIX > self.frame_size - _ACK_MARGIN:
             self.acks_too_big += 1
             if self.on_trimmed_ack is not None:
                 self.on_trimmed_ack("too_big")
@@ -295,7 +300,8 @@ class SpopConnection:
             # The leading actions that fit, from each one's size: an ACK is its header then its
             # actions end to end. Re-encoding after each action dropped was quadratic: a peer's
             # NOTIFY of 6,000 injects froze the agent for 14 s (black-box run).
-            room = self.frame_size - (len(codec.ack(stream_id, frame_id)) - _LENGTH_PREFIX)
+            room = (self.frame_size - _ACK_MARGIN
+                    - (len(codec.ack(stream_id, frame_id)) - _LENGTH_PREFIX))
             kept = 0
             for action in actions:
                 room -= len(codec.encode_actions([action]))
@@ -304,8 +310,9 @@ class SpopConnection:
                 kept += 1
             frame = codec.ack(stream_id, frame_id, actions[:kept])
             log.warning(
-                "ACK for stream %d frame %d is %d bytes, over the negotiated %d: sent with %d "
-                "of its %d actions", stream_id, frame_id, size, self.frame_size, kept,
+                "ACK for stream %d frame %d is %d bytes, over the negotiated %d (less the byte "
+                "HAProxy 3.2 needs): sent with %d of its %d actions", stream_id, frame_id, size,
+                self.frame_size, kept,
                 len(actions),
             )
         self._out.append(frame)

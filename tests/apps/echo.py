@@ -84,6 +84,9 @@ def check(args: Args) -> list[Action]:
 def measure(args: Args) -> list[Action]:
     """The length of a (possibly fragmented) argument, so a test can prove it arrived whole."""
     blob = dict(args).get("blob")
+    if isinstance(blob, str) and blob.startswith("fill="):
+        # An ACK of a chosen size, nearly all of it one variable no response header mirrors.
+        return [SetVar(Scope.TXN, "filled", "x" * int(blob[5:]))]
     size = len(blob) if isinstance(blob, str | bytes) else -1
     tail = blob[-16:] if isinstance(blob, str) else ""
     return [SetVar(Scope.TXN, "blob_len", size), SetVar(Scope.TXN, "blob_tail", tail)]

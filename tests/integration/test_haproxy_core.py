@@ -484,8 +484,23 @@ def test_ack_over_negotiated_frame_size_keeps_the_leading_actions(stack: StackFa
     assert h.get("x-v-nargs") == "14", h  # the first action was applied
     assert "x-v-arg13" not in h, h  # the last one was dropped
     assert "x-v-ptime" in h  # and the exchange completed
-    assert re.search(r"over the negotiated 256: sent with \d+ of its \d+ actions",
+    assert re.search(r"over the negotiated 256 \(less the byte HAProxy 3.2 needs\): sent "
+                     r"with \d+ of its \d+ actions",
                      s.agent.logs()), s.agent.logs()
+    _assert_no_reconnect_storm(s)
+
+
+def test_acks_up_to_the_frame_size_leave_the_connection_working(stack: StackFactory) -> None:
+    """Black-box run: an ACK of exactly the negotiated size (16,380 bytes) stalled HAProxy
+    3.2's connection to the agent for good; that request and every later one failed after
+    timeout processing. ACKs from a few bytes under to a few over that size now all leave
+    the connection serving (the largest ones go empty: their one variable does not fit)."""
+    s = stack()
+    for size in range(16352, 16368):
+        status, h = s.get(f"/measure?fill={size}")
+        assert status == 200 and "x-v-err" not in h and "x-v-ptime" in h, (size, h)
+    status, h = s.get("/measure?after")
+    assert status == 200 and h.get("x-v-blob_len") == "5", h
     _assert_no_reconnect_storm(s)
 
 

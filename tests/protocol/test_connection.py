@@ -431,6 +431,23 @@ def test_ack_over_the_negotiated_size_is_sent_empty() -> None:
     assert conn.acks_too_big == 1
 
 
+def test_an_ack_stays_a_byte_under_the_negotiated_size() -> None:
+    """HAProxy 3.2 takes an ACK of exactly the negotiated size and never hands it on; every
+    later ACK on the connection waits behind it (black-box run: each request then failed after
+    "timeout processing", until HAProxy restarted). One byte under, it is served."""
+    conn = SpopConnection(max_frame_size=16380)
+    conn.receive_data(HAPROXY_HELLO)
+    conn.data_to_send()
+    overhead = len(codec.ack(9, 2, [SetVar(Scope.TXN, "v", "")])) - 4
+    for size in (16379, 16380):
+        value = "x" * (size - overhead - 2)  # the varint length of the value takes 2 bytes
+        exact = codec.ack(9, 2, [SetVar(Scope.TXN, "v", value)])
+        assert len(exact) - 4 == size
+        conn.send_ack(9, 2, [SetVar(Scope.TXN, "v", value)])
+        assert conn.data_to_send() == (exact if size == 16379 else codec.ack(9, 2)), size
+    assert conn.acks_too_big == 1
+
+
 def test_an_ack_too_big_keeps_the_leading_actions_that_fit() -> None:
     """An inject's traceparent comes first; a client's huge baggage must not take it along."""
     conn = SpopConnection(max_frame_size=256)
@@ -460,7 +477,7 @@ def test_trimming_an_ack_of_thousands_of_actions_encodes_it_a_bounded_number_of_
     assert len(calls) <= 3
     kept = len(codec.decode_actions(codec.decode_frame(sent[4:]).payload))
     assert sent == real_ack(9, 2, actions[:kept])  # the leading actions ...
-    assert len(sent) - 4 <= 16380 < len(real_ack(9, 2, actions[:kept + 1])) - 4  # ... that fit
+    assert len(sent) - 4 <= 16379 < len(real_ack(9, 2, actions[:kept + 1])) - 4  # ... that fit
     assert conn.acks_too_big == 1
 
 
