@@ -101,6 +101,26 @@ def _encode_bytes(tag: int, raw: bytes) -> bytes:
     return bytes((tag,)) + _varint(len(raw)) + raw
 
 
+# What a varint of each signedness carries (HAProxy reads the 32-bit types as 64-bit ones, as
+# it writes them). An int outside went out wrapped (2**63 arrived as -9223372036854775808, a
+# UINT64 of -1 as 18446744073709551615; black-box run): refused instead.
+_INT_RANGES: Final = {
+    DataType.INT32: (-(1 << 63), 1 << 63),
+    DataType.UINT32: (0, 1 << 64),
+    DataType.INT64: (-(1 << 63), 1 << 63),
+    DataType.UINT64: (0, 1 << 64),
+}
+_INT64_LOW: Final = -(1 << 63)
+_INT64_END: Final = 1 << 63
+_BYTES_TYPES: Final = (bytes, bytearray, memoryview)
+
+
+def _int64(value: int) -> bytes:
+    if not _INT64_LOW <= value < _INT64_END:
+        raise OverflowError(f"{value} does not fit in a signed 64-bit integer, HAProxy's")
+    return b"\x04" + _varint(value)
+
+
 def encode_typed(value: Any) -> bytes:
     """Encode a value as TYPED-DATA; ints go out as INT64 (what HAProxy sends for samples)."""
     if value is None:
@@ -113,7 +133,7 @@ def encode_typed(value: Any) -> bytes:
     if cls is str:
         return _encode_bytes(8, value.encode("utf-8", "surrogateescape"))
     if cls is int:
-        return b"\x04" + _varint(value)
+        return _int64(value)
     if cls is Typed:
         return _encode_explicit(value.type, value.value)
     if cls is bytes or cls is bytearray or cls is memoryview:
@@ -123,7 +143,7 @@ def encode_typed(value: Any) -> bytes:
     if cls is ipaddress.IPv6Address:
         return b"\x07" + value.packed
     if isinstance(value, int):  # IntEnum and friends
-        return b"\x04" + _varint(int(value))
+        return _int64(int(value))
     if isinstance(value, str):
         return _encode_bytes(8, str(value).encode("utf-8", "surrogateescape"))
     raise TypeError(f"cannot encode {cls.__name__} as SPOP typed data")
@@ -133,17 +153,32 @@ def _encode_explicit(kind: DataType, value: Any) -> bytes:
     if kind == DataType.NULL:
         return b"\x00"
     if kind == DataType.BOOL:
+        # Not truthiness: Typed(BOOL, "false") went out as true (black-box run).
+        if value is not True and value is not False:
+            raise TypeError(f"BOOL takes True or False, not {type(value).__name__}")
         return b"\x11" if value else b"\x01"
-    if kind in (DataType.INT32, DataType.UINT32, DataType.INT64, DataType.UINT64):
+    if kind in _INT_RANGES:
+        if not isinstance(value, int):
+            raise TypeError(f"{kind.name} takes an int, not {type(value).__name__}")
+        low, end = _INT_RANGES[kind]
+        if not low <= value < end:
+            raise OverflowError(f"{value} does not fit in {kind.name}")
         return bytes((int(kind),)) + _varint(int(value))
     if kind == DataType.IPV4:
         return b"\x06" + ipaddress.IPv4Address(value).packed
     if kind == DataType.IPV6:
         return b"\x07" + ipaddress.IPv6Address(value).packed
+    # bytes(5) is five NUL bytes: an int (or anything but text and bytes) is refused, not
+    # sent as that (black-box run: Typed(STRING, 5) arrived as "\0\0\0\0\0").
     if kind == DataType.STRING:
-        raw = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else bytes(value)
-        return _encode_bytes(8, raw)
+        if isinstance(value, str):
+            return _encode_bytes(8, value.encode("utf-8", "surrogateescape"))
+        if not isinstance(value, _BYTES_TYPES):
+            raise TypeError(f"STRING takes str or bytes, not {type(value).__name__}")
+        return _encode_bytes(8, bytes(value))
     if kind == DataType.BINARY:
+        if not isinstance(value, _BYTES_TYPES):
+            raise TypeError(f"BINARY takes bytes, not {type(value).__name__}")
         return _encode_bytes(9, bytes(value))
     raise TypeError(f"unknown data type {kind!r}")
 

@@ -288,10 +288,36 @@ def test_typed_round_trip(impl: Impl, value: object) -> None:
 
 
 def test_plain_int_goes_out_as_int64(impl: Impl) -> None:
-    # 2**64-1 is not an int64: as a plain int it is sent as INT64 and comes back as -1.
-    encoded = impl.build_typed(2**64 - 1)
-    assert encoded == bytes.fromhex("04 FF F0 FE FE FE FE FE FE FE 0E")
-    assert impl.parse_typed(encoded) == -1
+    # 2**64-1 is not an int64: the wire grammar would send it as INT64 and it would come back
+    # as -1. The codec, which encodes the agent's actions, refuses it instead: HAProxy got -1
+    # for a handler's 2**64-1 and -9223372036854775808 for its 2**63 (black-box run).
+    wrapped = bytes.fromhex("04 FF F0 FE FE FE FE FE FE FE 0E")
+    if impl is CODEC:
+        for value in (2**64 - 1, 2**63, -(2**63) - 1):
+            with pytest.raises(OverflowError, match="does not fit in a signed 64-bit integer"):
+                impl.build_typed(value)
+        assert impl.build_typed(-1) == wrapped
+    else:
+        assert impl.build_typed(2**64 - 1) == wrapped
+    assert impl.parse_typed(wrapped) == -1
+
+
+def test_typed_values_the_codec_refuses_rather_than_send_altered() -> None:
+    """Black-box run: Typed(STRING, 5) arrived as five NUL bytes (bytes(5)), Typed(BOOL,
+    "false") as true, and a UINT64 of -1 as 18446744073709551615."""
+    for value, error in [
+        (Typed(DataType.STRING, 5), "STRING takes str or bytes, not int"),
+        (Typed(DataType.BINARY, 3), "BINARY takes bytes, not int"),
+        (Typed(DataType.BOOL, "false"), "BOOL takes True or False, not str"),
+        (Typed(DataType.UINT64, -1), "-1 does not fit in UINT64"),
+        (Typed(DataType.INT64, 1 << 63), "does not fit in INT64"),
+        (Typed(DataType.INT32, "7"), "INT32 takes an int, not str"),
+    ]:
+        with pytest.raises((TypeError, OverflowError), match=error):
+            CODEC.build_typed(value)
+    assert CODEC.build_typed(Typed(DataType.STRING, b"ok")) == b"\x08\x02ok"
+    assert CODEC.build_typed(Typed(DataType.UINT32, 1 << 40)) == GRAMMAR.build_typed(
+        Typed(DataType.UINT32, 1 << 40))
 
 
 # ------------------------------------------------------------------ §12 captured frames
