@@ -87,7 +87,12 @@ def run(
                 f"{bind_failure(exc, config.metrics)}"
             ) from None
     for hook in agent.on_startup:
-        hook()
+        try:
+            hook()
+        except Exception as exc:  # an --app's hook: its failure is a start-up failure
+            name = getattr(hook, "__qualname__", repr(hook))
+            raise StartupError(f"the on_startup hook {name} failed: "
+                               f"{type(exc).__name__}: {exc}") from exc
     stop = Event()
 
     def on_signal() -> None:

@@ -87,3 +87,77 @@ def test_the_cli_refuses_the_class_before_serving(app_module: Path) -> None:
     assert done.stderr.startswith(
         "spoe-agent: cannot start: --app class_app:Agent names a class: "), done.stderr
     assert "configuration OK" not in done.stdout
+
+
+HOOKS_MODULE = """\
+import os
+from spoe_agent.handlers import Agent
+
+agent = Agent("hooks")
+LOG = os.environ["HOOKS_LOG"]
+
+
+def note(what):
+    with open(LOG, "a") as out:
+        out.write(f"{os.getpid()} {what}\\n")
+
+
+def start():
+    note("startup")
+    if os.environ.get("HOOKS_FAIL"):
+        raise RuntimeError("no database")
+
+
+agent.on_startup.append(start)
+agent.on_shutdown.append(lambda: note("shutdown"))
+"""
+
+
+def _serve_hooks(tmp_path: Path, workers: str, fail: bool) -> tuple[subprocess.Popen[str], Path]:
+    from tests.support.procs import free_port
+
+    (tmp_path / "hooks_app.py").write_text(HOOKS_MODULE)
+    log = tmp_path / "hooks.log"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("OTEL_")}
+    env.update(HOOKS_LOG=str(log), **({"HOOKS_FAIL": "1"} if fail else {}))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "spoe_agent", "--app", "hooks_app:agent", "--exporter", "none",
+         "--workers", workers, "--bind", f"127.0.0.1:{free_port()}"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc, log
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_failing_startup_hook_is_a_failed_start_not_a_traceback(tmp_path: Path,
+                                                                   workers: str) -> None:
+    """Black-box run: an --app's on_startup hook that raised ended the agent with a raw
+    traceback, where a failing factory gets one line."""
+    proc, _ = _serve_hooks(tmp_path, workers, fail=True)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    assert "cannot start: the on_startup hook start failed: RuntimeError: no database" in err, err
+    assert "Traceback" not in err, err
+
+
+def test_the_supervisor_runs_no_hook_of_an_app(tmp_path: Path) -> None:
+    """Black-box run: with workers, the supervisor ran the app's on_shutdown hooks at start-up,
+    before any worker started, in a process that never ran on_startup."""
+    import signal
+
+    from tests.support.procs import wait_until
+
+    proc, log = _serve_hooks(tmp_path, "2", fail=False)
+    try:
+        wait_until(lambda: log.exists() and log.read_text().count("startup") == 2, timeout=30,
+                   what="both workers' on_startup")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    lines = [line.split() for line in log.read_text().splitlines()]
+    started = {pid for pid, what in lines if what == "startup"}
+    stopped = {pid for pid, what in lines if what == "shutdown"}
+    assert len(started) == 2 and stopped == started, lines
+    assert str(proc.pid) not in started | stopped, lines

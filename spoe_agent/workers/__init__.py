@@ -86,18 +86,22 @@ def worker_config(config: AgentConfig, index: int) -> AgentConfig:
 def serve(agent: Agent, config: AgentConfig, argv: list[str], index: int | None) -> int:
     """Supervise (``index is None``) or run worker ``index`` until SIGTERM."""
     if index is None:
+        from spoe_agent.tracing.agent import TracingAgent
         from spoe_agent.workers.supervisor import Supervisor
 
-        # The supervisor built the agent only to validate the configuration; it serves nothing,
-        # so the summary its shutdown logs ("0 spans exported in all") would only mislead.
-        quiet = logging.getLogger("spoe_agent.tracing")
-        level = quiet.level
-        quiet.setLevel(max(logging.WARNING, quiet.getEffectiveLevel()))
-        try:
-            for hook in agent.on_shutdown:
-                hook()
-        finally:
-            quiet.setLevel(level)
+        # The supervisor built the agent only to validate the configuration; it serves nothing.
+        # The tracing agent's exporter is let go (quietly: its summary, "0 spans exported in
+        # all", would only mislead). An --app's own hooks are not run: they pair with an
+        # on_startup this process never ran (black-box run: a hook that closes a pool or
+        # removes a file ran here, before any worker started).
+        if isinstance(agent, TracingAgent):
+            quiet = logging.getLogger("spoe_agent.tracing")
+            level = quiet.level
+            quiet.setLevel(max(logging.WARNING, quiet.getEffectiveLevel()))
+            try:
+                agent.stop()
+            finally:
+                quiet.setLevel(level)
         return Supervisor(config, argv).run()
     return _run_worker(agent, config, index)
 
