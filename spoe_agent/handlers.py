@@ -48,6 +48,12 @@ class Agent:
         self.metric_sources: list[Callable[[], Iterable[MetricSample]]] = []
 
     def on_message(self, name: str, handler: Handler, *, concurrent: bool = False) -> None:
+        """Handle SPOE message ``name`` with ``handler``; one handler per message: a second
+        one for the same name is refused (it silently replaced the first: black-box run)."""
+        existing = self._handlers.get(name)
+        if existing is not None and existing is not handler:
+            raise ValueError(f"SPOE message {name!r} already has a handler, "
+                             f"{getattr(existing, '__qualname__', existing)!r}")
         self._handlers[name] = handler
         if concurrent:
             self._concurrent.add(name)

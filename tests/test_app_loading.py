@@ -161,3 +161,20 @@ def test_the_supervisor_runs_no_hook_of_an_app(tmp_path: Path) -> None:
     stopped = {pid for pid, what in lines if what == "shutdown"}
     assert len(started) == 2 and stopped == started, lines
     assert str(proc.pid) not in started | stopped, lines
+
+
+def test_a_second_handler_for_one_message_is_refused() -> None:
+    """Black-box run: registering two handlers for one SPOE message kept the second, silently
+    (Flask refuses the same for a route)."""
+    agent = Agent("twice")
+
+    @agent.message("check")
+    def first(args):  # type: ignore[no-untyped-def]
+        return []
+
+    agent.on_message("check", first, concurrent=True)  # the same handler again: a re-setting
+    with pytest.raises(ValueError, match="SPOE message 'check' already has a handler, "
+                                         "'test_a_second_handler_for_one_message_is_refused"):
+        @agent.message("check")
+        def second(args):  # type: ignore[no-untyped-def]
+            return []
