@@ -8,6 +8,7 @@ up the frames behind it.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Iterable
 from functools import partial
@@ -50,6 +51,11 @@ class Agent:
     def on_message(self, name: str, handler: Handler, *, concurrent: bool = False) -> None:
         """Handle SPOE message ``name`` with ``handler``; one handler per message: a second
         one for the same name is refused (it silently replaced the first: black-box run)."""
+        if inspect.iscoroutinefunction(handler):
+            # Accepted, it failed on every call ("'coroutine' object is not iterable").
+            raise TypeError(f"the handler of SPOE message {name!r} is async: the agent runs on "
+                            "gevent, so write a plain function (blocking calls yield to the "
+                            "other connections: gevent patches them)")
         existing = self._handlers.get(name)
         if existing is not None and existing is not handler:
             raise ValueError(f"SPOE message {name!r} already has a handler, "

@@ -178,3 +178,12 @@ def test_a_second_handler_for_one_message_is_refused() -> None:
         @agent.message("check")
         def second(args):  # type: ignore[no-untyped-def]
             return []
+
+
+def test_an_async_handler_is_refused_at_registration() -> None:
+    """Black-box run: an ``async def`` handler was taken and failed on every message."""
+    agent = Agent("async")
+    with pytest.raises(TypeError, match="the handler of SPOE message 'check' is async"):
+        @agent.message("check")
+        async def check(args):  # type: ignore[no-untyped-def]
+            return []
