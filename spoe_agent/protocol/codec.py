@@ -104,14 +104,12 @@ def _encode_bytes(tag: int, raw: bytes) -> bytes:
 # What a varint of each signedness carries (HAProxy reads the 32-bit types as 64-bit ones, as
 # it writes them). An int outside went out wrapped (2**63 arrived as -9223372036854775808, a
 # UINT64 of -1 as 18446744073709551615; black-box run): refused instead.
-_INT_RANGES: Final = {
-    DataType.INT32: (-(1 << 63), 1 << 63),
-    DataType.UINT32: (0, 1 << 64),
-    DataType.INT64: (-(1 << 63), 1 << 63),
-    DataType.UINT64: (0, 1 << 64),
-}
 _INT64_LOW: Final = -(1 << 63)
 _INT64_END: Final = 1 << 63
+_SIGNED: Final = (_INT64_LOW, _INT64_END)
+_UNSIGNED: Final = (0, 1 << 64)
+_INT_RANGES: Final = {DataType.INT32: _SIGNED, DataType.UINT32: _UNSIGNED,
+                      DataType.INT64: _SIGNED, DataType.UINT64: _UNSIGNED}
 _BYTES_TYPES: Final = (bytes, bytearray, memoryview)
 
 
