@@ -29,8 +29,11 @@ from spoe_agent.protocol.types import (
     DataType,
     FrameType,
     Message,
+    Scope,
+    SetVar,
     Status,
     Typed,
+    UnsetVar,
 )
 from spoe_agent.protocol.varint import decode_varint
 
@@ -70,6 +73,21 @@ def _encodes(action: Any) -> bool:
     except (TypeError, ValueError, OverflowError, AttributeError, UnicodeError):
         return False
     return True
+
+
+def _describe(action: Any) -> str:
+    """``set-var(txn.name) of float``: what an operator greps the handler code for."""
+    name = getattr(action, "name", None)
+    scope = getattr(action, "scope", None)
+    try:
+        where = f"{Scope(scope).name.lower()}.{name}"
+    except (ValueError, TypeError):
+        where = f"scope {scope!r}, {name!r}"
+    if isinstance(action, SetVar):
+        return f"set-var({where}) of {type(action.value).__name__}"
+    if isinstance(action, UnsetVar):
+        return f"unset-var({where})"
+    return f"the action {type(action).__name__}"
 
 
 @dataclass(slots=True)
@@ -285,10 +303,15 @@ class SpopConnection:
             # would had the handler raised. Dropping the connection would fail every NOTIFY in
             # flight on it.
             assert actions is not None  # an ACK without actions always encodes
+            bad = next((action for action in actions if not _encodes(action)), None)
             actions = [action for action in actions if _encodes(action)]
             self.actions_unencodable += 1
-            log.error("ACK for stream %d frame %d: an action cannot be encoded (%s); sent with "
-                      "the %d that can", stream_id, frame_id, exc, len(actions))
+            # Named after the action, and rate-limited per variable: the handler is not known
+            # here, its variable is, and one handler's bug must not hide another's.
+            what = _describe(bad)
+            log.error("ACK for stream %d frame %d: %s cannot be encoded (%s); sent with the %d "
+                      "action(s) that can", stream_id, frame_id, what, exc, len(actions),
+                      extra={"rate_key": f"unencodable {what}"})
             if self.on_trimmed_ack is not None:
                 self.on_trimmed_ack("unencodable")
             frame = codec.ack(stream_id, frame_id, actions)

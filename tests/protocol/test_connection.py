@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
@@ -496,6 +497,25 @@ def test_an_unencodable_action_is_dropped_and_the_ack_still_sent() -> None:
     assert conn.state is State.READY
     assert conn.actions_unencodable == 3
     assert told == ["unencodable"] * 3
+
+
+def test_an_unencodable_action_is_named_in_the_log(caplog) -> None:
+    """The handler is not known to the connection, its variable is: the log names the action
+    and keys its rate limit on it, so a second handler's bug is not hidden by the first's."""
+    conn = SpopConnection()
+    conn.receive_data(HAPROXY_HELLO)
+    conn.data_to_send()
+    with caplog.at_level(logging.ERROR, logger="spoe_agent.protocol.connection"):
+        conn.send_ack(3, 1, [SetVar(Scope.TXN, "ok", 1), SetVar(Scope.REQ, "fl", 1.5)])  # type: ignore[arg-type]
+        conn.send_ack(3, 2, [SetVar(7, "scope", 1)])  # type: ignore[arg-type]
+        conn.send_ack(3, 3, ["not an action"])  # type: ignore[list-item]
+    messages = [record.getMessage() for record in caplog.records]
+    assert "set-var(req.fl) of float cannot be encoded (cannot encode float" in messages[0]
+    assert "sent with the 1 action(s) that can" in messages[0]
+    assert "set-var(scope 7, 'scope') of int cannot be encoded" in messages[1]
+    assert "the action str cannot be encoded" in messages[2]
+    keys = {getattr(record, "rate_key", None) for record in caplog.records}
+    assert len(keys) == 3
 
 
 def test_an_ack_too_big_is_told() -> None:
