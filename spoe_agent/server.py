@@ -935,9 +935,10 @@ class SpoaServer:
             "small_frame", "HELLO from %s negotiated frames of %d bytes, set by %s: HAProxy drops "
             "every SPOE message larger than %d bytes, logging nothing (its set-on-error variable "
             "gets 3 or 259; only 2.6 fragments them instead, and only under its own "
-            "max-frame-size), so their spans are missing. The reference spoe.cfg's messages "
-            "reach ~750 bytes for an ordinary request, more with long URLs or trace context: "
-            "leave max-frame-size and max_frame_size at their defaults (HAProxy's is 16380)",
+            "max-frame-size), so they never reach the agent (with the tracing agent, their "
+            "spans are missing: the reference spoe.cfg's messages reach ~750 bytes for an "
+            "ordinary request, more with long URLs or trace context): leave max-frame-size "
+            "and max_frame_size at their defaults (HAProxy's is 16380)",
             _peer(client.address), size, setting, size)
 
 

@@ -281,9 +281,10 @@ class AgentConfig:
             return None
         return (f"max_frame_size {self.max_frame_size} ({self.set_by('max_frame_size')}) is "
                 f"below {SMALL_FRAME_SIZE}: HAProxy drops every SPOE message larger than the "
-                "negotiated frame, logging nothing, and the reference spoe.cfg's reach ~750 "
-                "bytes for an ordinary request, so their spans would be missing: leave it at "
-                f"its default ({AgentConfig.max_frame_size})")
+                "negotiated frame, logging nothing, so it would never reach the agent (with the "
+                "tracing agent, its spans would be missing: the reference spoe.cfg's messages "
+                "reach ~750 bytes for an ordinary request): leave it at its default "
+                f"({AgentConfig.max_frame_size})")
 
     def validate(self) -> None:
         """Cross-option checks that no single value can make."""
