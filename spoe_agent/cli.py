@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import logging
 import math
 import os
@@ -132,6 +133,16 @@ def load_app(spec: str) -> Any:
         return getattr(module, attr)
     except AttributeError:
         raise ValueError(f"module {module_name!r} has no attribute {attr!r}") from None
+
+
+def _takes_one_argument(cls: type) -> bool:
+    try:
+        inspect.signature(cls).bind(object())
+    except TypeError:
+        return False
+    except ValueError:  # no signature to read: let the call say
+        return True
+    return True
 
 
 def _app_failure(what: str, exc: Exception) -> ValueError:
@@ -270,6 +281,14 @@ def _build_agent(app_spec: str | None, config: Any) -> Any:
             f"--app {app_spec} names a class: give an Agent instance (agent = "
             f"{app.__name__}(\"name\") and its handlers in {module}, then --app {module}:agent) "
             f"or a function that takes the configuration and returns one")
+    if isinstance(app, type) and issubclass(app, Agent) and not _takes_one_argument(app):
+        # Called with the configuration it fails inside the agent's own class, and the error
+        # blamed "the --app factory" for a class nobody wrote as one.
+        module = app_spec.partition(":")[0] if app_spec else "the module"
+        raise TypeError(
+            f"--app {app_spec} names a class whose __init__ does not take the configuration: "
+            f"give an instance (agent = {app.__name__}() in {module}, then --app "
+            f"{module}:agent) or let __init__(self, config) take it")
     if callable(app):
         try:
             agent = app(config)

@@ -21,6 +21,11 @@ class ScoringAgent(Agent):
     pass
 
 
+class SelfMadeAgent(Agent):
+    def __init__(self):
+        super().__init__("self-made")
+
+
 class ConfiguredAgent(Agent):
     def __init__(self, config):
         super().__init__("configured")
@@ -59,6 +64,19 @@ def test_an_agent_class_is_refused_with_the_fix(app_module: Path, attr: str) -> 
         f"--app class_app:{attr} names a class: give an Agent instance (agent = "
         f'{attr}("name") and its handlers in class_app, then --app class_app:agent) or a '
         "function that takes the configuration and returns one")
+
+
+def test_an_agent_class_whose_init_takes_no_configuration_is_named_as_such(
+        app_module: Path) -> None:
+    """It was called with the configuration and blamed as "the --app factory"."""
+    from spoe_agent.cli import _build_agent
+
+    with pytest.raises(TypeError) as info:
+        _build_agent("class_app:SelfMadeAgent", load_config(env={}))
+    assert str(info.value) == (
+        "--app class_app:SelfMadeAgent names a class whose __init__ does not take the "
+        "configuration: give an instance (agent = SelfMadeAgent() in class_app, then --app "
+        "class_app:agent) or let __init__(self, config) take it")
 
 
 def test_an_instance_and_a_factory_are_still_served(app_module: Path) -> None:
