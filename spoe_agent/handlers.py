@@ -25,6 +25,38 @@ Work = Callable[[], "list[Action] | None"]
 MetricSample = tuple[str, str, str, dict[str, str], float]
 
 
+# Variable names HAProxy can read back, met so far (bounded: a handler may make names up).
+_READABLE_NAMES: set[str] = set()
+_READABLE_NAMES_LIMIT = 1024
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._")
+
+
+def _check_names(actions: list[Action], start: int, message: str) -> int:
+    """Drop the actions from ``start`` on whose variable HAProxy could never read.
+
+    SPOE.txt allows 'a-z', 'A-Z', '0-9', '.' and '_' in a name, and HAProxy's ``var()``
+    refuses any other at configuration time: ``my-score`` would be set and never seen, with
+    no word anywhere. The handler is known here, so the log names it.
+    """
+    kept = actions[:start]
+    for action in actions[start:]:
+        name = getattr(action, "name", None)
+        if name in _READABLE_NAMES or not isinstance(name, str):  # not an action: the ACK says
+            kept.append(action)
+        elif name and _NAME_CHARS.issuperset(name):
+            if len(_READABLE_NAMES) >= _READABLE_NAMES_LIMIT:
+                _READABLE_NAMES.clear()
+            _READABLE_NAMES.add(name)
+            kept.append(action)
+        else:
+            log.error("handler for SPOE message %r set variable %r, which HAProxy cannot read "
+                      "(a name is of 'a-z', 'A-Z', '0-9', '.' and '_' only): the action is "
+                      "dropped", message, name, extra={"rate_key": f"var name {message} {name}"})
+    dropped = len(actions) - len(kept)
+    actions[start:] = kept[start:]
+    return dropped
+
+
 class Agent:
     """A registry of message handlers; a message nobody handles gets an empty ACK."""
 
@@ -120,7 +152,13 @@ class Agent:
                 else:
                     continue
                 if result:
+                    start = len(actions)
                     actions.extend(result)
+                    for action in actions[start:]:
+                        if getattr(action, "name", None) not in _READABLE_NAMES:
+                            if _check_names(actions, start, message.name):
+                                self.handler_errors += 1
+                            break
             except Exception:
                 self.handler_errors += 1
                 log.exception("handler for SPOE message %r failed", message.name,

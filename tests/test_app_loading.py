@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -108,6 +109,7 @@ def test_the_cli_refuses_the_class_before_serving(app_module: Path) -> None:
 
 
 HOOKS_MODULE = """\
+import logging
 import os
 from spoe_agent.handlers import Agent
 
@@ -205,3 +207,37 @@ def test_an_async_handler_is_refused_at_registration() -> None:
         @agent.message("check")
         async def check(args):  # type: ignore[no-untyped-def]
             return []
+
+
+def test_a_variable_haproxy_cannot_read_is_dropped_and_its_handler_named(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Black-box run: ``SetVar(Scope.TXN, "my-score", 1)`` went to HAProxy, whose ``var()``
+    refuses a '-' at configuration time: set, never readable, and nothing said."""
+    from spoe_agent.protocol import Message, Scope, SetVar, UnsetVar
+
+    agent = Agent("names")
+
+    @agent.message("check")
+    def check(args):  # type: ignore[no-untyped-def]
+        return [SetVar(Scope.TXN, "score", 1), SetVar(Scope.TXN, "my-score", 2),
+                UnsetVar(Scope.SESS, ""), SetVar(Scope.TXN, "a.b_C9", 3)]
+
+    @agent.message("other")
+    def other(args):  # type: ignore[no-untyped-def]
+        yield SetVar(Scope.REQ, "ok", 4)  # a generator's actions are checked too
+        yield SetVar(Scope.REQ, "é", 5)
+
+    with caplog.at_level(logging.ERROR, logger="spoe_agent.handlers"):
+        actions = agent.dispatch([Message("check", []), Message("other", [])])
+    assert actions == [SetVar(Scope.TXN, "score", 1), SetVar(Scope.TXN, "a.b_C9", 3),
+                       SetVar(Scope.REQ, "ok", 4)]
+    assert [r.getMessage() for r in caplog.records] == [
+        "handler for SPOE message 'check' set variable 'my-score', which HAProxy cannot read "
+        "(a name is of 'a-z', 'A-Z', '0-9', '.' and '_' only): the action is dropped",
+        "handler for SPOE message 'check' set variable '', which HAProxy cannot read "
+        "(a name is of 'a-z', 'A-Z', '0-9', '.' and '_' only): the action is dropped",
+        "handler for SPOE message 'other' set variable 'é', which HAProxy cannot read "
+        "(a name is of 'a-z', 'A-Z', '0-9', '.' and '_' only): the action is dropped",
+    ]
+    assert agent.handler_errors == 2  # one per handler call that returned such a name
+    assert agent.dispatch([Message("check", [])])[0] == SetVar(Scope.TXN, "score", 1)
