@@ -306,11 +306,9 @@ Sent = tuple[int, int, int, int | None]
 
 @dataclass
 class Outcome:
+    # Every NOTIFY decoded is owed an ACK, those read with HAProxy's DISCONNECT or before a
+    # protocol error too: the agent's goodbye waits for their ACKs.
     notifies: int = 0
-    # NOTIFYs read in the same batch as HAProxy's own DISCONNECT (or a health check's HELLO):
-    # HAProxy ignores what follows its goodbye, and the agent's is queued at once, so they get
-    # no ACK. Those before a protocol error do: that goodbye waits for their ACKs.
-    unanswerable: int = 0
     status: int | None = None  # the AGENT-DISCONNECT status, if the agent sent one
     sent: list[Sent] = field(default_factory=list)
     max_buffered: int = 0
@@ -389,14 +387,11 @@ def replay(
             raise BrokenPromise(f"receive_data raised {type(exc).__name__}: {exc}") from exc
         if was_closed and events:
             raise BrokenPromise(f"events after CLOSED: {events}")
-        closing = conn.state is State.CLOSED and not any(
-            isinstance(event, ProtocolViolation) for event in events)
         for event in events:
             if not isinstance(event, EVENTS):
                 raise BrokenPromise(f"unexpected event {event!r}")
             if isinstance(event, NotifyReceived):
                 outcome.notifies += 1
-                outcome.unanswerable += closing
                 actions = handler(event.messages) if handler is not None else []
                 conn.send_ack(event.stream_id, event.frame_id, actions)
             elif isinstance(event, ProtocolViolation):
@@ -419,9 +414,8 @@ def replay(
     sent = describe_sent(split_frames(bytes(out), "in-process output"))
     outcome.sent = sent
     acks = sum(1 for s in sent if s[0] == FrameType.ACK)
-    if acks != outcome.notifies - outcome.unanswerable:
-        raise BrokenPromise(f"{outcome.notifies - outcome.unanswerable} NOTIFYs owed an ACK "
-                            f"but {acks} ACKs")
+    if acks != outcome.notifies:
+        raise BrokenPromise(f"{outcome.notifies} NOTIFYs owed an ACK but {acks} ACKs")
     disconnects = [s for s in sent if s[0] == FrameType.AGENT_DISCONNECT]
     if violation is not None or disconnected:
         expected = violation if violation is not None else 0
@@ -493,9 +487,10 @@ def check_live(address: tuple[str, int], chunks: Sequence[bytes], max_frame_size
                timeout: float = 10.0, acks_any_order: bool = False) -> Outcome:
     """The live agent must send what the oracle predicts: same types, ids and status.
 
-    How the agent's reads cut the stream is up to TCP, and a NOTIFY read together with HAProxy's
-    DISCONNECT gets no ACK (see :attr:`Outcome.unanswerable`); so its ACKs are
-    checked between two bounds: every frame read alone (the most ACKs) and all in one read.
+    How the agent's reads cut the stream is up to TCP, and must not matter: the oracle replays
+    it both ways, every frame read alone and all in one read, and the live ACKs are checked
+    between the two (they agree, now that a NOTIFY read with HAProxy's DISCONNECT gets its ACK
+    too).
     With ``acks_any_order`` only which ACKs came is checked, not their order: SPOP lets an agent
     answer pipelined NOTIFYs in any order, and one whose handlers run concurrently does (with
     ``--workers N``, an inject for a session another worker owns waits for that worker).
@@ -563,7 +558,6 @@ class Report:
     failures: list[dict[str, Any]] = field(default_factory=list)
     rss_kb: list[tuple[float, int]] = field(default_factory=list)
     handler_errors: int = 0
-    unanswerable: int = 0  # NOTIFYs read with HAProxy's DISCONNECT (Outcome.unanswerable)
 
     @property
     def rss_growth_kb(self) -> int:
@@ -579,7 +573,7 @@ class Report:
             "seconds": round(self.seconds, 2),
             "inputs_per_s": round(self.inputs / self.seconds, 1) if self.seconds else 0.0,
             "outcomes": dict(self.outcomes.most_common()), "failures": self.failures,
-            "handler_errors": self.handler_errors, "unanswerable_notifies": self.unanswerable,
+            "handler_errors": self.handler_errors,
             "rss_kb": self.rss_kb,
             "rss_growth_kb": self.rss_growth_kb,
         }
@@ -640,7 +634,6 @@ def fuzz(
                 outcome = check_live(live, chunks, max_frame_size,
                                      acks_any_order=acks_any_order)
             report.outcomes[outcome.label] += 1
-            report.unanswerable += outcome.unanswerable
         except Exception as exc:  # BrokenPromise, or a crash of the oracle: a finding either way
             report.outcomes["BROKEN"] += 1
             report.failures.append({"index": index, "error": f"{type(exc).__name__}: {exc}",
@@ -724,9 +717,6 @@ def main(argv: list[str] | None = None) -> int:
           f"{report.seconds:.1f}s ({result['inputs_per_s']}/s)")
     for label, count in report.outcomes.most_common():
         print(f"  {label:24s} {count}")
-    if live is None:
-        print(f"  ({report.unanswerable} NOTIFYs arrived with HAProxy's DISCONNECT and could "
-              f"not be ACKed)")
     if report.rss_kb:
         first, last = report.rss_kb[0][1], report.rss_kb[-1][1]
         print(f"  RSS {first // 1024} MB -> {last // 1024} MB "

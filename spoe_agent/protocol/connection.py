@@ -607,7 +607,15 @@ class SpopConnection:
         status = status if type(status) is int else -1
         message = message if isinstance(message, str) else ""
         self._fragments = None
-        self._queue_disconnect(Status.NORMAL, None)
+        if self._unanswered:
+            # NOTIFYs decoded before it (in the same read, or with handlers still running)
+            # are ACKed first, as after a protocol error: with --workers their ACKs are queued
+            # after the read's frames are all decoded, and were refused, where one process had
+            # already written its empty ones (black-box run).
+            self._goodbye = (int(Status.NORMAL), STATUS_MESSAGES[Status.NORMAL])
+            self.disconnect_status = int(Status.NORMAL)
+        else:
+            self._queue_disconnect(Status.NORMAL, None)
         self.state = State.CLOSED
         events.append(DisconnectReceived(status, message))
         events.append(ConnectionClosed(f"HAProxy disconnected (status {status}: {message})"))

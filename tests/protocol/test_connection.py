@@ -782,6 +782,29 @@ def test_a_notify_of_an_earlier_read_still_handled_gets_its_ack_before_the_disco
     assert disconnect_status(out[len(codec.ack(1, 1)):])[0] == Status.INVALID_FRAME
 
 
+def test_notifies_before_haproxys_disconnect_in_one_read_are_acked_before_the_goodbye() -> None:
+    """Black-box run: with --workers the read's ACKs are queued once all its frames decoded,
+    and HAProxy's DISCONNECT at the read's end had already closed the connection to them."""
+    conn = ready()
+    events = conn.receive_data(codec.notify(1, 1, [Message("a", [])])
+                               + codec.notify(2, 1, [Message("b", [])])
+                               + codec.disconnect(FrameType.HAPROXY_DISCONNECT, 0, "normal"))
+    assert [type(e) for e in events] == [NotifyReceived, NotifyReceived, DisconnectReceived,
+                                         ConnectionClosed]
+    assert conn.state is State.CLOSED and conn.disconnect_status == Status.NORMAL
+    assert conn.data_to_send() == b""  # the goodbye waits for the two ACKs
+    conn.send_ack(1, 1)
+    conn.send_ack(2, 1, [SetVar(Scope.TXN, "x", 1)])
+    out = conn.data_to_send()
+    acks = codec.ack(1, 1) + codec.ack(2, 1, [SetVar(Scope.TXN, "x", 1)])
+    assert out[:len(acks)] == acks
+    assert disconnect_status(out[len(acks):]) == (Status.NORMAL, "normal")
+    # Alone, it is answered at once, as before.
+    alone = ready()
+    alone.receive_data(codec.disconnect(FrameType.HAPROXY_DISCONNECT, 0, "normal"))
+    assert disconnect_status(alone.data_to_send()) == (Status.NORMAL, "normal")
+
+
 def test_a_goodbye_held_for_acks_is_sent_when_the_shell_gives_up_on_them() -> None:
     conn = ready()
     conn.receive_data(codec.notify(1, 1, [Message("a", [])]) + b"\x00\x00\x00\x01\x03")

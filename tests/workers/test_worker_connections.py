@@ -55,6 +55,41 @@ def test_an_inject_sent_before_a_half_close_is_still_answered(
             assert codec.decode_actions(acks[0].payload), (key, "no traceparent")
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_notifies_in_the_read_of_haproxys_disconnect_are_acked_before_the_goodbye(
+    spoe_agent: Callable[..., AgentProcess], workers: int,
+) -> None:
+    """Black-box run: a NOTIFY and HAProxy's DISCONNECT in one segment got the
+    AGENT-DISCONNECT only with --workers 2 (one process wrote the empty ACK as the NOTIFY
+    decoded, and lost the inject's). With two, the inject waits for the other worker, the
+    session's owner."""
+    agent = spoe_agent("--workers", str(workers), app=None,
+                       env={"OTEL_TRACES_EXPORTER": "none"})
+    if workers > 1:
+        wait_workers_ready(agent, workers)
+    goodbye = codec.disconnect(FrameType.HAPROXY_DISCONNECT, 0, "normal")
+    with SpopClient((agent.host, agent.port), timeout=10) as opener:
+        opener.handshake()
+        for n in range(4):
+            key = f"bye-{n}"
+            opener.send(codec.notify(n + 1, 1, [Message("open", [("id", key), ("span", "s")])]))
+            ack = opener.read_frame()
+            assert ack is not None and ack.type == FrameType.ACK, ack
+            with SpopClient((agent.host, agent.port), timeout=10) as client:
+                client.handshake()
+                client.send(codec.notify(5, 1, [Message("m", [])])
+                            + codec.notify(7, 1, [Message("trace", [
+                                ("id", key), ("kind", "client"), ("inject", "s")])])
+                            + goodbye)
+                frames = []
+                while (frame := client.read_frame()) is not None:
+                    frames.append(frame)
+            assert [(f.type, f.stream_id) for f in frames] == [
+                (FrameType.ACK, 5), (FrameType.ACK, 7), (FrameType.AGENT_DISCONNECT, 0)], (
+                key, frames)
+            assert codec.decode_actions(frames[1].payload), (key, "no traceparent")
+
+
 def test_connections_past_every_workers_cap_wait_rather_than_reset(
     spoe_agent: Callable[..., AgentProcess], tmp_path: Path
 ) -> None:
