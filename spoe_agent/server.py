@@ -609,6 +609,13 @@ class SpoaServer:
                     stats.sent_disconnect(client.conn.disconnect_status)
                 if not (client.peer_closed or client.moved or client.evicted):
                     _linger(sock)
+            except TimeoutError:
+                # Reads time out inside _serve: this is a write that waited the socket's whole
+                # timeout. The peer stopped reading; a frame cut short here is not its doing.
+                self._throttle.warning(
+                    "write_timeout", "connection from %s closed: it read none of the agent's "
+                    "frames for %.1fs (the socket's buffers stayed full)", _peer(address),
+                    sock.gettimeout() or 0.0)
             except OSError as exc:
                 if exc.errno not in _NORMAL_CLOSE_ERRNOS:
                     log.info("connection from %s ended: %s", _peer(address), exc)
@@ -903,6 +910,10 @@ class SpoaServer:
             if status in (0, 2):
                 log.debug("HAProxy disconnected %s: status %d (%s)", _peer(client.address),
                           status, event.message)
+            elif status == -1:
+                self._throttle.warning("haproxy_disconnect_no_status",
+                                       "HAProxy disconnected %s without a status code (%s)",
+                                       _peer(client.address), event.message)
             else:
                 self._throttle.warning(_HAPROXY_DISCONNECT_KEYS.get(status, "haproxy_disconnect"),
                                        "HAProxy disconnected %s: status %d (%s)",

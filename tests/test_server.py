@@ -110,6 +110,51 @@ def test_malformed_frame_gets_agent_disconnect_with_status(spoe_agent) -> None:
         assert client.handshake()["version"] == "2.0"
 
 
+def test_a_peer_that_reads_no_acks_is_closed_at_the_write_deadline_and_said_so(
+        spoe_agent, tmp_path: Path) -> None:
+    """Black-box run: the write's timeout was logged as "ended: timed out", then as the
+    peer having closed mid-frame ("HAProxy stopped or restarted, or the network failed")."""
+    ini = tmp_path / "agent.ini"
+    ini.write_text("[listener]\nidle_timeout = 1s\n")
+    agent = spoe_agent("-c", str(ini), app="tests.apps.echo:agent")  # its "measure" fills ACKs
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(10)
+    sock.connect((agent.host, agent.port))
+    try:
+        sock.sendall(hello_frame())
+        time.sleep(0.5)  # the HELLO read alone: the NOTIFYs then come to an idle connection,
+        # whose writes have idle_timeout for their deadline
+        blob = [Message("measure", [("blob", "fill=16000")])]
+        sock.sendall(b"".join(codec.notify(i, 1, blob) for i in range(1, 400)))
+        deadline = time.monotonic() + 20
+        while "read none of the agent's frames" not in agent.process.stderr_text():
+            assert time.monotonic() < deadline, agent.process.stderr_text()
+            time.sleep(0.1)
+    finally:
+        sock.close()
+    text = agent.process.stderr_text()
+    assert "it read none of the agent's frames for 1.0s (the socket's buffers stayed full)" \
+        in text
+    assert "closed in the middle of a frame" not in text and "ended: timed out" not in text
+    with SpopClient((agent.host, agent.port)) as client:  # and it serves on
+        assert client.handshake()["version"] == "2.0"
+
+
+def test_a_haproxy_disconnect_without_status_is_logged_as_such(spoe_agent) -> None:
+    """It read "status -1 ()" (black-box run); HAProxy always sends one."""
+    agent = spoe_agent(app=APP)
+    with SpopClient((agent.host, agent.port)) as client:
+        client.handshake()
+        client.send(codec.encode_frame(FrameType.HAPROXY_DISCONNECT, 0, 0, b""))
+        assert client.read_frame().type == FrameType.AGENT_DISCONNECT
+    deadline = time.monotonic() + 10
+    while "without a status code" not in agent.process.stderr_text():
+        assert time.monotonic() < deadline, agent.process.stderr_text()
+        time.sleep(0.05)
+    assert "status -1" not in agent.process.stderr_text()
+
+
 def test_healthcheck_is_answered_and_closed(spoe_agent) -> None:
     agent = spoe_agent(app=APP)
     with SpopClient((agent.host, agent.port)) as client:

@@ -125,7 +125,10 @@ class NotifyAborted:
 
 @dataclass(slots=True)
 class DisconnectReceived:
-    """HAProxy said goodbye; our AGENT-DISCONNECT reply is already queued."""
+    """HAProxy said goodbye; our AGENT-DISCONNECT reply is queued, after the ACKs still owed.
+
+    ``status`` is -1 when the frame carried none (HAProxy always sends one); ``message`` is
+    cut to the 255 characters SPOE.txt allows it, since it goes to the log."""
 
     status: int
     message: str
@@ -605,7 +608,7 @@ class SpopConnection:
         status = items.get("status-code")
         message = items.get("message")
         status = status if type(status) is int else -1
-        message = message if isinstance(message, str) else ""
+        message = message[:_MAX_DISCONNECT_MESSAGE] if isinstance(message, str) else ""
         self._fragments = None
         if self._unanswered:
             # NOTIFYs decoded before it (in the same read, or with handlers still running)

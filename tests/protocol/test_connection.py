@@ -175,6 +175,20 @@ def test_haproxy_disconnect_gets_agent_disconnect_then_close() -> None:
     assert conn.receive_data(codec.notify(1, 1, [])) == []  # nothing after close
 
 
+@pytest.mark.parametrize(("payload", "expected"), [
+    (b"", DisconnectReceived(-1, "")),
+    (codec.encode_kv_list([("status-code", "x"), ("message", "m")]), DisconnectReceived(-1, "m")),
+    (b"\x0bstatus-code\x03", DisconnectReceived(-1, "")),  # truncated: the items are dropped
+    (codec.encode_kv_list([("status-code", 2), ("message", "y" * 1000)]),
+     DisconnectReceived(2, "y" * 255)),  # to the log it goes: SPOE.txt's 255 at most
+])
+def test_a_malformed_haproxy_disconnect_is_still_a_goodbye(payload: bytes, expected: Any) -> None:
+    conn = ready()
+    events = conn.receive_data(codec.encode_frame(FrameType.HAPROXY_DISCONNECT, 0, 0, payload))
+    assert events[0] == expected and isinstance(events[1], ConnectionClosed)
+    assert disconnect_status(conn.data_to_send()) == (0, "normal")
+
+
 def test_disconnect_before_hello_is_answered_too() -> None:
     conn = SpopConnection()
     events = conn.receive_data(SOFT_STOP)
