@@ -227,10 +227,16 @@ def main(argv: list[str] | None = None) -> int:
         except StartupError as exc:
             print(f"spoe-agent: configuration error: {exc}", file=sys.stderr)
             return EXIT_CONFIG
+        from spoe_agent.tracing.agent import TracingAgent
+
+        # An --app of its own exports nothing: naming the exporter it would not use misleads.
+        tracing = isinstance(agent, TracingAgent)
+        serving = f"exporter {config.exporter_text()}" if tracing else f"app {args.app}"
         print(f"spoe-agent: configuration OK ({config.config_file or 'defaults'}; "
               f"listening on {bind_text(config.bind)}{' with TLS' if tls is not None else ''}; "
-              f"workers {config.workers}; exporter {config.exporter_text()})")
-        for warning in (config.endpoint_warning(), config.frame_size_warning()):
+              f"workers {config.workers}; {serving})")
+        warnings = [config.endpoint_warning()] if tracing else []
+        for warning in (*warnings, config.frame_size_warning()):
             if warning:
                 print(f"spoe-agent: warning: {warning}", file=sys.stderr)
         note = ignored_unix_options(config.bind, config.unix_mode, config.unix_group)

@@ -674,6 +674,9 @@ def test_an_app_module_is_found_in_the_current_directory_by_the_console_script(
         cwd=tmp_path / "app", env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "configuration OK" in done.stdout
+    # Its own app exports nothing: --check names it, not an exporter (black-box run).
+    assert done.stdout.rstrip().endswith("; app mymodule:agent)"), done.stdout
+    assert "exporter" not in done.stdout
 
 
 def test_an_app_factory_that_raises_is_named(tmp_path: Path,
