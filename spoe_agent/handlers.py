@@ -28,6 +28,9 @@ MetricSample = tuple[str, str, str, dict[str, str], float]
 # Variable names HAProxy can read back, met so far (bounded: a handler may make names up).
 _READABLE_NAMES: set[str] = set()
 _READABLE_NAMES_LIMIT = 1024
+# HAProxy builds "<scope>.<var-prefix>.<name>" in a 64-byte buffer (measured on 2.6.12 and
+# 3.2.26: 63 bytes set, 64 silently not); the shortest scope is 3 bytes, a prefix at least 1.
+_LONGEST_NAME = 63 - len("txn.p.")
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._")
 
 
@@ -43,6 +46,11 @@ def _check_names(actions: list[Action], start: int, message: str) -> int:
         name = getattr(action, "name", None)
         if name in _READABLE_NAMES or not isinstance(name, str):  # not an action: the ACK says
             kept.append(action)
+        elif len(name) > _LONGEST_NAME:
+            log.error("handler for SPOE message %r set variable %r, which HAProxy cannot set: "
+                      "its whole name, <scope>.<var-prefix>.<name>, must fit in 63 bytes (2.6 "
+                      "and 3.x alike drop a longer one, saying nothing): the action is dropped",
+                      message, name, extra={"rate_key": f"var name {message} {name}"})
         elif name and _NAME_CHARS.issuperset(name):
             if len(_READABLE_NAMES) >= _READABLE_NAMES_LIMIT:
                 _READABLE_NAMES.clear()
