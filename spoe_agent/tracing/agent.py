@@ -74,7 +74,8 @@ _PARTIAL_SESSIONS = ("%d sessions began mid-stream since the last report (their 
                      "several agents, as several servers in the spoe-agents backend do (keep "
                      "one, and mark the others 'backup'); or HAProxy could not send their first "
                      "messages (an error in its set-on-error variable: 3 or 259 is a message "
-                     "larger than the negotiated frame size, 1 a timeout); or, in a spoe.cfg of "
+                     "larger than the negotiated frame size, 1 a timeout: the agent answered "
+                     "after spoe.cfg's 'timeout processing', or was down); or, in a spoe.cfg of "
                      "your own, a session's first message names a span (child-of, finish) that "
                      "no message started)")
 # Two services in one session: colliding session keys, which nothing else would show.

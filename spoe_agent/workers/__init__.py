@@ -141,7 +141,8 @@ def _run_worker(agent: Agent, config: AgentConfig, index: int) -> int:
         agent.metric_sources.append(mesh.metric_samples)
     # Last, so the first report (0 connections: "send me some") goes out once the worker is
     # ready to serve them.
-    agent.on_startup.append(lambda: gevent.spawn(_report_loop, listener))
+    processor = getattr(agent, "processor", None)  # the tracing agent's export queue, if any
+    agent.on_startup.append(lambda: gevent.spawn(_report_loop, listener, processor))
     parent = os.getppid()
     gevent.spawn(_exit_with_parent, parent)
     log.info("starting, %d workers in all (pid %d)", config.workers, os.getpid())
@@ -168,11 +169,11 @@ def prefix_log_records(prefix: str) -> None:
     logging.setLogRecordFactory(factory)
 
 
-def _report_loop(listener: Any) -> None:
+def _report_loop(listener: Any, processor: Any = None) -> None:
     import gevent
 
     while not listener.closed:
-        listener.report()
+        listener.report(None if processor is None else processor.queue_size)
         gevent.sleep(_REPORT_S)
 
 

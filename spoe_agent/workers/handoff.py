@@ -54,6 +54,10 @@ FREEABLE_PREFIX = b"F"
 #: rather than one it served: its open count did not hold it, and it answers no ask. A message
 #: of its own, which a supervisor of the version before ignores.
 WAITING_PREFIX = b"W"
+#: Worker to supervisor, with each report: the spans its export queue holds. Should it die, the
+#: supervisor says (and counts) about how many died with it. A message of its own, which a
+#: supervisor of the version before ignores.
+PENDING_PREFIX = b"P"
 #: Supervisor to worker: hand one idle connection back, to be served by another worker.
 GIVE_SIGNAL = signal.SIGUSR1
 #: Worker to supervisor, with the descriptor: ``marshal`` of (address, connection state).
@@ -105,8 +109,8 @@ def read_move(data: bytes) -> tuple[Any, Any] | None:
 
 def read_report(data: bytes, prefix: bytes = REPORT_PREFIX) -> int | None:
     """The count in a worker's report (``REPORT_PREFIX``: its open connections;
-    ``FREEABLE_PREFIX``: those that would give up their slot), or None if ``data`` is not
-    one."""
+    ``FREEABLE_PREFIX``: those that would give up their slot; ``PENDING_PREFIX``: spans
+    waiting for export), or None if ``data`` is not one."""
     if data.startswith(prefix) and data[1:].isdigit():
         return int(data[1:])
     return None
@@ -227,7 +231,7 @@ class HandoffListener:
                 del self._handed[fd]
         return alive
 
-    def report(self) -> None:
+    def report(self, pending_spans: int | None = None) -> None:
         """Tell the supervisor how many connections this worker has open, and how many of them
         would give their slot to a connection that waits here (silent, or idle, past their
         grace), so that it routes new connections here rather than to a worker full of busy
@@ -236,6 +240,8 @@ class HandoffListener:
         whenever traffic pauses."""
         freeable = 0 if self._server is None else self._server.evictable()
         try:
+            if pending_spans is not None:
+                self._chan.send(PENDING_PREFIX + str(pending_spans).encode())
             self._chan.send(FREEABLE_PREFIX + str(freeable).encode())
             self._chan.send(REPORT_PREFIX + str(self.open_connections()).encode())
         except OSError:

@@ -65,9 +65,11 @@ def _smallest(sample_name: str) -> bool:
 class WorkersCollector(Collector):
     """The workers' samples summed into the agent's, plus the supervisor's view of them."""
 
-    def __init__(self, worker_urls: Sequence[str], restarts: Any) -> None:
+    def __init__(self, worker_urls: Sequence[str], restarts: Any,
+                 spans_lost: Any = lambda: 0) -> None:
         self.worker_urls = list(worker_urls)
         self.restarts = restarts  # () -> restarts per worker index
+        self.spans_lost = spans_lost  # () -> spans dead workers held for export, in all
         # Per worker: its restarts when last seen, and its monotonic samples as last reported.
         self._seen_restarts = [0] * len(self.worker_urls)
         self._last: list[dict[SampleKey, float]] = [{} for _ in self.worker_urls]
@@ -127,6 +129,10 @@ class WorkersCollector(Collector):
             self._last[index] = last
         for key, value in self._retired.items():
             totals[key] = totals.get(key, 0.0) + value
+        if "spoe_agent_spans_dropped" in families:  # only where spans are exported at all
+            key = ("spoe_agent_spans_dropped_total", (("reason", "worker_died"),))
+            self._family_of[key] = "spoe_agent_spans_dropped"
+            totals[key] = float(self.spans_lost())
         yield up
         restarted = CounterMetricFamily("spoe_agent_worker_restarts",
                                         "Times the supervisor restarted the worker",
@@ -147,10 +153,11 @@ class WorkersCollector(Collector):
 class WorkersMetricsServer:
     """The aggregated endpoint, served by the supervisor on the configured metrics address."""
 
-    def __init__(self, bind: str, worker_urls: Sequence[str], restarts: Any) -> None:
+    def __init__(self, bind: str, worker_urls: Sequence[str], restarts: Any,
+                 spans_lost: Any = lambda: 0) -> None:
         self.worker_urls = list(worker_urls)
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(WorkersCollector(worker_urls, restarts))
+        registry.register(WorkersCollector(worker_urls, restarts, spans_lost))
         self.wsgi = endpoint_server(bind, registry, self._health)
 
     def _health(self) -> tuple[bool, bytes]:

@@ -46,6 +46,7 @@ from spoe_agent.runner import (
 from spoe_agent.workers.handoff import (
     FREEABLE_PREFIX,
     GIVE_SIGNAL,
+    PENDING_PREFIX,
     WAITING_PREFIX,
     channel_pair,
     read_move,
@@ -123,7 +124,7 @@ class _Slot:
 
     __slots__ = ("index", "proc", "started", "backoff", "restart_at", "restarts", "channel",
                  "reported", "freeable", "handed", "waiting", "reader", "serving", "heard",
-                 "closing", "closing_since")
+                 "closing", "closing_since", "pending", "spans_lost")
 
     def __init__(self, index: int) -> None:
         self.index = index
@@ -135,6 +136,8 @@ class _Slot:
         self.channel: Any = None  # our end of the hand-off socket pair
         self.reported = 0  # open connections, as the worker last said
         self.freeable = 0  # of those, how many would give their slot to one that waits
+        self.pending = 0  # spans its export queue held, as it last said
+        self.spans_lost = 0  # those its processes held when they died, in all
         self.handed = 0  # connections handed over since that report
         self.waiting = False  # the connection it hands back next waited there for a slot
         self.reader: gevent.Greenlet | None = None
@@ -253,7 +256,8 @@ class Supervisor:
 
         bind = self.config.metrics
         urls = worker_metrics_urls(bind, len(self.slots))
-        metrics = WorkersMetricsServer(bind, urls, lambda: [s.restarts for s in self.slots])
+        metrics = WorkersMetricsServer(bind, urls, lambda: [s.restarts for s in self.slots],
+                                       lambda: sum(s.spans_lost for s in self.slots))
         try:
             metrics.start()
         except OSError as exc:
@@ -329,6 +333,11 @@ class Supervisor:
             return False
         if data == WAITING_PREFIX:
             slot.waiting = current
+            return True
+        pending = read_report(data, PENDING_PREFIX)
+        if pending is not None:
+            if current:
+                slot.pending = pending
             return True
         freeable = read_report(data, FREEABLE_PREFIX)
         if freeable is not None:
@@ -520,10 +529,17 @@ class Supervisor:
                 if lived < STABLE_AFTER_S:
                     slot.backoff = min(MAX_BACKOFF_S, max(0.1, slot.backoff * 2))
                 slot.restart_at = now + slot.backoff
+                # A worker that stopped cleanly (status 0) flushed its queue; any other end
+                # took the spans it held with it: the count of its last report, up to a second
+                # old, is what can be said of them.
+                lost = slot.pending if status != 0 else 0
+                slot.spans_lost += lost
+                slot.pending = 0
                 log.warning(f"worker {slot.index} (pid %d) exited with %s after %.1fs; "
-                            "restarting%s", proc.pid, _describe_status(status), lived,
+                            "restarting%s%s", proc.pid, _describe_status(status), lived,
                             f" in {slot.backoff:.1f}s" if slot.backoff else "",
-                            extra=EVERY_TIME)
+                            f"; about {lost} spans waiting for export in it (its last report) "
+                            "are lost" if lost else "", extra=EVERY_TIME)
             if slot.proc is None and now >= slot.restart_at:
                 slot.restarts += 1
                 self._spawn(slot)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from spoe_agent.protocol import codec
 from spoe_agent.protocol.types import FrameType, Message
-from tests.support.procs import AgentProcess, free_port_range, wait_until
+from tests.support.procs import AgentProcess, free_port, free_port_range, wait_until
 from tests.support.spop_client import SpopClient
 from tests.workers.test_multiworker import worker_pids
 
@@ -188,3 +189,41 @@ def test_worker_endpoints_of_an_ipv6_bind_are_valid_urls() -> None:
     assert worker_metrics_urls("::1:9464", 2) == ["http://[::1]:9465", "http://[::1]:9466"]
     assert worker_metrics_urls("0.0.0.0:9464", 1) == ["http://127.0.0.1:9465"]
     assert worker_metrics_urls(":::9464", 1) == ["http://[::1]:9465"]
+
+
+def test_spans_a_killed_worker_held_for_export_are_logged_and_counted(
+    spoe_agent: Callable[..., AgentProcess],
+) -> None:
+    """Black-box run: SIGKILLing a worker under load lost ~40 finished traces, waiting in its
+    export queue, and nothing said so (spans_dropped_total stayed 0). Its reports now carry
+    its queue's size, which the supervisor logs and counts when the worker dies."""
+    from tests.hardening.support import notify_ok, whole_session
+
+    port = free_port_range(3)
+    sink = free_port()  # UDP: nothing listens, and the queue is never flushed in the test
+    agent = spoe_agent("--workers", "2", "--metrics", f"127.0.0.1:{port}", app=None,
+                       env={"OTEL_EXPORTER_JAEGER_AGENT_HOST": "127.0.0.1",
+                            "OTEL_EXPORTER_JAEGER_AGENT_PORT": str(sink),
+                            "OTEL_BSP_SCHEDULE_DELAY": "600000"})
+    wait_until(lambda: health(port)[0] == 200, what="both workers serving")
+    with SpopClient((agent.host, agent.port)) as client:
+        client.handshake()
+        for n in range(10):
+            for m, message in enumerate(whole_session(f"held-{n}")):
+                notify_ok(client, 2 * (10 * n + m) + 1, [message])
+
+    def queued() -> dict[int, float]:
+        return {i: total(scrape(port + 1 + i), "spoe_agent_export_queue_size") or 0.0
+                for i in range(2)}
+
+    # The report that carries the count comes once a second.
+    wait_until(lambda: sorted(queued().values()) == [0, 20], what="20 spans queued in one worker")
+    holder = next(i for i, size in queued().items() if size)
+    time.sleep(1.5)
+    pid = worker_pids(agent.process.pid)[holder]
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: f"worker {holder} (pid {pid}) exited with signal SIGKILL" in agent.logs(),
+               what="the death logged")
+    assert "about 20 spans waiting for export in it (its last report) are lost" in agent.logs()
+    wait_until(lambda: total(scrape(port), "spoe_agent_spans_dropped_total",
+                             reason="worker_died") == 20, what="the loss counted")
