@@ -340,14 +340,22 @@ class TracingAgent(Agent):
         if self.processor is not None:
             self.processor.shutdown(FLUSH_TIMEOUT_S)
             stats = self.processor.stats
+            # The exporter's own drops (Jaeger: too big for a datagram, untranslatable) are
+            # reasons of spans_dropped_total too: "0 dropped" beside reason="oversize" misled.
+            estats = getattr(self.exporter, "stats", None)
+            oversize = getattr(estats, "spans_dropped_oversize", 0)
+            invalid = getattr(estats, "spans_dropped_invalid", 0)
             # Refused spans were sent, so counted exported too, and then lost: said twice, as
             # /metrics counts them, where "0 dropped" contradicted reason="refused".
             log.info("tracing: %d spans exported in all, %d dropped (queue full %d, export "
-                     "failed %d, refused after they were sent %d, shutdown deadline %d)",
+                     "failed %d, refused after they were sent %d, shutdown deadline %d, too "
+                     "big for a datagram %d, invalid %d)",
                      stats.exported, stats.dropped_queue_full + stats.export_failed_spans
-                     + stats.export_refused_spans + stats.dropped_shutdown_deadline,
+                     + stats.export_refused_spans + stats.dropped_shutdown_deadline
+                     + oversize + invalid,
                      stats.dropped_queue_full, stats.export_failed_spans,
-                     stats.export_refused_spans, stats.dropped_shutdown_deadline)
+                     stats.export_refused_spans, stats.dropped_shutdown_deadline,
+                     oversize, invalid)
 
     def metric_samples(self) -> Iterator[MetricSample]:
         """The tracing series of /metrics, read from plain counters at scrape time, so that

@@ -10,6 +10,7 @@ bodies are compared byte for byte.
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Iterable
 from typing import Any
 
@@ -308,3 +309,24 @@ def test_the_tracing_agent_sends_records_through_its_counted_queue() -> None:
 def test_other_exporters_still_get_sdk_spans() -> None:
     agent = TracingAgent(load_config(env={"OTEL_TRACES_EXPORTER": "console"}))
     assert not agent.registry._records
+
+
+def test_the_stop_summary_counts_the_exporters_own_drops(caplog: pytest.LogCaptureFixture) -> None:
+    """Black-box run: spans too big for a datagram were in spans_dropped_total{reason=
+    "oversize"} while the stop's line said "0 dropped"; the lines that tell of them each
+    carry the running total, since repeated ones are held back."""
+    agent = TracingAgent(load_config(env={"OTEL_EXPORTER_JAEGER_AGENT_PORT": "9"}))
+    exporter = agent.exporter
+    assert isinstance(exporter, FastJaegerExporter)
+    exporter._udp = Captured()  # type: ignore[assignment]
+    exporter.max_packet_size = 120  # no span of the reference request fits
+    with caplog.at_level(logging.INFO):
+        for notify in reference_notifies("big"):
+            agent.dispatch(notify)
+        agent.stop()
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(line.endswith("span(s) larger than a UDP packet dropped (9 so far)")
+               for line in lines), lines
+    assert ("tracing: 0 spans exported in all, 9 dropped (queue full 0, export failed 0, "
+            "refused after they were sent 0, shutdown deadline 0, too big for a datagram 9, "
+            "invalid 0)") in lines, lines
