@@ -367,6 +367,23 @@ def test_an_endpoint_port_that_cannot_be_is_refused_naming_the_variable(name: st
                          else "jaeger"})
 
 
+@pytest.mark.parametrize("name, url", [
+    ("OTEL_EXPORTER_JAEGER_ENDPOINT", "http://127.0.0.1 x:30732/api/traces"),
+    ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://exa_mple..com:4318"),
+    ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "https://collector!/v1/traces"),
+])
+def test_an_endpoint_host_that_cannot_be_is_refused_naming_the_variable(name: str,
+                                                                        url: str) -> None:
+    """Black-box run: they passed --check and the start, then every export failed."""
+    with pytest.raises(ConfigError, match=f"variable {name}: the host of .* is not a host name "
+                                          "or an IP address"):
+        load_config(env={name: url, "OTEL_TRACES_EXPORTER": "otlp" if "OTLP" in name
+                         else "jaeger"})
+    assert load_config(env={name: url.replace("127.0.0.1 x", "[::1]").replace(
+        "exa_mple..com", "exa_mple.com").replace("collector!", "collector"),
+        "OTEL_TRACES_EXPORTER": "otlp" if "OTLP" in name else "jaeger"})
+
+
 def test_credentials_are_not_echoed_and_not_half_set() -> None:
     with pytest.raises(ConfigError) as info:
         load_config(env={"OTEL_EXPORTER_JAEGER_ENDPOINT": "ftp://u:s3cret@c/x"})

@@ -167,6 +167,10 @@ def _http_url(text: str) -> str:
         parts = urlsplit(text)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"expected an http:// or https:// URL, got {_redacted(text)!r}")
+        if not _valid_host(parts.hostname):
+            # "127.0.0.1 x" or "exa_mple..com" passed, and then every export failed.
+            raise ValueError(f"the host of {_redacted(text)!r} is not a host name or an IP "
+                             "address")
         try:
             port = parts.port  # a port out of range or not a number: each export would fail
         except ValueError:
@@ -470,6 +474,14 @@ def _name(text: str) -> str:
 
 
 _HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})(?:\.[A-Za-z0-9_-]{1,63})*\.?")
+
+
+def _valid_host(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return _HOSTNAME.fullmatch(host) is not None
+    return True
 
 
 def _host(text: str) -> str:
