@@ -308,6 +308,18 @@ def test_otlp_exporter_variables_are_checked_where_the_sdk_would_drop_or_misread
         with pytest.raises(ConfigError, match=f"variable {name}: otlp_.*cannot load"):
             load_config(env={**env, "OTEL_TRACES_EXPORTER": "otlp"})
         load_config(env=env)  # the Jaeger exporter does not read them
+    # A certificate without its key says so (it read "[SSL] PEM lib" alone: black-box run).
+    with pytest.raises(ConfigError, match=r"\(no otlp_client_key is set, "
+                                          "OTEL_EXPORTER_OTLP_CLIENT_KEY: this file must then "
+                                          r"hold the key too\)"):
+        load_config(env={"OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE": str(ca),
+                         "OTEL_TRACES_EXPORTER": "otlp"})
+    # agent.ini's protocol errors name their key, as its other errors do.
+    for text, key in (("exporter = otlp\notlp_protocol = grpc\n", "otlp_protocol"),
+                      ("jaeger_protocol = grpc\n", "jaeger_protocol")):
+        path = write(tmp_path, "[tracing]\n" + text)
+        with pytest.raises(ConfigError, match=rf"agent.ini:\d: \[tracing\] {key}: "):
+            load_config(path, env={})
     path = write(tmp_path, "[tracing]\notlp_timeout = 2000\n")
     with pytest.raises(ConfigError, match="agent.ini:2: .*2000 seconds"):
         load_config(path, env={})

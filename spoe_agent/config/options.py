@@ -337,9 +337,10 @@ class AgentConfig:
         if self.exporter == "otlp" and self.otlp_protocol != "http/protobuf":
             # Refused rather than ignored: an HTTP exporter pointed at a gRPC port (4317) fails
             # every export with nothing at start-up to say why.
-            raise ConfigError(self.sources.get("otlp_protocol", "otlp_protocol"),
-                              f"OTLP over {self.otlp_protocol} is not supported: spoe-agent "
-                              "exports OTLP over HTTP (http/protobuf, a collector's port 4318)")
+            where = self.sources.get("otlp_protocol", "otlp_protocol")
+            raise ConfigError(where, f"{_ini_key(where, 'otlp_protocol')}OTLP over "
+                              f"{self.otlp_protocol} is not supported: spoe-agent exports OTLP "
+                              "over HTTP (http/protobuf, a collector's port 4318)")
         if self.sampler.endswith("traceidratio") and self.sampler_arg:
             try:
                 ratio = float(self.sampler_arg)
@@ -347,8 +348,8 @@ class AgentConfig:
                 ratio = -1.0
             if not 0.0 <= ratio <= 1.0:
                 where = self.sources.get("sampler_arg", "sampler_arg")
-                key = "" if where.startswith("environment variable") else "[tracing] sampler_arg: "
-                raise ConfigError(where, f"{key}expected a ratio between 0 and 1 for the "
+                raise ConfigError(where, f"{_ini_key(where, 'sampler_arg')}expected a ratio "
+                                  "between 0 and 1 for the "
                                   f"{self.sampler} sampler, got {self.sampler_arg!r}")
 
 
@@ -362,11 +363,13 @@ class AgentConfig:
                 self.sources["jaeger_endpoint"] = f"{where} (the specification's default endpoint)"
         elif self.jaeger_protocol == "udp/thrift.compact":
             if self.jaeger_endpoint:
-                raise ConfigError(where, "udp/thrift.compact sends to a Jaeger agent, but "
+                raise ConfigError(where, f"{_ini_key(where, 'jaeger_protocol')}"
+                                  "udp/thrift.compact sends to a Jaeger agent, but "
                                   f"jaeger_endpoint ({self.set_by('jaeger_endpoint')}) names a "
                                   "collector: unset one of them")
         else:
-            raise ConfigError(where, f"{self.jaeger_protocol} is not supported: use "
+            raise ConfigError(where, f"{_ini_key(where, 'jaeger_protocol')}"
+                              f"{self.jaeger_protocol} is not supported: use "
                               "udp/thrift.compact (a Jaeger agent's port 6831), "
                               "http/thrift.binary (a collector's port 14268), or exporter otlp "
                               "for Jaeger >= 1.35 (OTEL_TRACES_EXPORTER=otlp)")
@@ -390,5 +393,19 @@ class AgentConfig:
             try:
                 load(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
             except (ssl.SSLError, OSError) as exc:
+                hint = ""
+                if attr == "otlp_client_certificate" and not self.otlp_client_key:
+                    # "[SSL] PEM lib" alone did not say what was missing (black-box run).
+                    hint = (" (no otlp_client_key is set, OTEL_EXPORTER_OTLP_CLIENT_KEY: this "
+                            "file must then hold the key too)")
                 raise ConfigError(self.sources.get(attr, attr),
-                                  f"{attr}: cannot load {getattr(self, attr)!r}: {exc}") from None
+                                  f"{attr}: cannot load {getattr(self, attr)!r}: {exc}{hint}"
+                                  ) from None
+
+
+def _ini_key(where: str, attr: str) -> str:
+    """``[tracing] attr: `` before a reason given by a line of agent.ini, as every other
+    agent.ini error reads; a variable's own name already says which it is."""
+    if where.startswith("environment variable") or where.startswith("--") or ":" not in where:
+        return ""
+    return f"[tracing] {attr}: "
