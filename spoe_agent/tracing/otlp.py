@@ -26,10 +26,12 @@ from typing import Any
 
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
 
 from spoe_agent.config import shown_url
+from spoe_agent.tracing.jaeger.exporter import Delivery
 from spoe_agent.tracing.processor import describe_error
 
 log = logging.getLogger(__name__)
@@ -71,7 +73,7 @@ class SlicedOTLPSpanExporter(OTLPSpanExporter):
         return out
 
     def send_encoded(self, encoded: EncodedRequest,
-                     between: Callable[[], None] | None = None) -> SpanExportResult:
+                     between: Callable[[], None] | None = None) -> SpanExportResult | Delivery:
         """Post what ``encode`` produced as one request; raises OSError naming the endpoint
         and the status of a final refusal or the cause of a failed post, which the processor
         logs and counts (one line: the Jaeger exporter's failures name their destination, and
@@ -93,7 +95,7 @@ class SlicedOTLPSpanExporter(OTLPSpanExporter):
                 raise OSError(f"OTLP export to {self.shown} failed: "
                               f"{describe_error(exc)}") from None
             if response.ok:
-                return SpanExportResult.SUCCESS
+                return self._accepted(response.content, encoded.spans)
             backoff = 2 ** attempt * random.uniform(0.8, 1.2)
             if (response.status_code not in RETRYABLE_STATUSES or attempt + 1 == _MAX_ATTEMPTS
                     or backoff > deadline - time.monotonic()
@@ -103,6 +105,22 @@ class SlicedOTLPSpanExporter(OTLPSpanExporter):
                               f"{response.reason}"
                               + (f" after {attempt + 1} tries" if attempt else ""))
         return SpanExportResult.FAILURE  # pragma: no cover - the loop always returns or raises
+
+    def _accepted(self, body: bytes, spans: int) -> SpanExportResult | Delivery:
+        """A 2xx may still reject spans: the specification's partial success, which the SDK
+        ignores, so they vanished from every count (black-box run). They are counted as refused
+        (sent, then refused by the destination), as Jaeger's port-unreachable datagrams are;
+        the collector is not asked again, as the specification says."""
+        try:
+            partial = ExportTraceServiceResponse.FromString(body).partial_success
+        except Exception:  # an empty body, or not protobuf: nothing rejected that we can tell
+            return SpanExportResult.SUCCESS
+        rejected = min(max(partial.rejected_spans, 0), spans)
+        if not rejected and not partial.error_message:
+            return SpanExportResult.SUCCESS
+        log.warning("OTLP collector at %s rejected %d of %d spans: %s", self.shown, rejected,
+                    spans, partial.error_message or "(it gave no reason)")
+        return Delivery(sent=spans, failed=0, dropped=0, refused=rejected)
 
     def shutdown(self) -> None:
         self._stopping.set()  # a backoff in progress ends now

@@ -8,7 +8,10 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanContext, TraceFlags
@@ -23,15 +26,19 @@ class Collector(BaseHTTPRequestHandler):
     statuses: list[int] = []
     bodies: list[bytes] = []
     answered: list[int] = []
+    replies: list[bytes] = []  # the body of each answer, in turn (empty once they run out)
 
     def do_POST(self) -> None:  # noqa: N802 - http.server's naming
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         status = self.statuses.pop(0) if self.statuses else 200
         self.bodies.append(body)
         self.answered.append(status)
+        reply = self.replies.pop(0) if self.replies else b""
         self.send_response(status)
-        self.send_header("Content-Length", "0")
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", str(len(reply)))
         self.end_headers()
+        self.wfile.write(reply)
 
     def log_message(self, *args: object) -> None:
         pass
@@ -40,6 +47,7 @@ class Collector(BaseHTTPRequestHandler):
 @pytest.fixture
 def endpoint() -> Iterator[str]:
     Collector.statuses, Collector.bodies, Collector.answered = [], [], []
+    Collector.replies = []
     server = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -120,6 +128,29 @@ def test_a_retryable_refusal_is_tried_again_and_a_final_one_is_named(
     assert processor.stats.export_failed_spans == 3 and processor.stats.exported == 0
     assert (f"OTLP export to {endpoint} failed: the collector answered HTTP 400 "
             "Bad Request") in caplog.text
+
+
+def test_a_partial_success_counts_the_rejected_spans_as_refused(
+    endpoint: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Black-box run: a 200 whose partial_success rejected 50 of 180 spans counted 180
+    exported, 0 dropped, and said nothing (the SDK's exporter ignores the field)."""
+    exporter = SlicedOTLPSpanExporter(endpoint=endpoint, timeout=5)
+    partial = ExportTraceServiceResponse()
+    partial.partial_success.rejected_spans = 2
+    partial.partial_success.error_message = "span too old"
+    whole = ExportTraceServiceResponse()  # a protobuf answer with nothing rejected
+    Collector.replies = [partial.SerializeToString(), whole.SerializeToString()]
+    processor = QueueSpanProcessor(exporter, max_export_batch_size=5, schedule_delay_s=3600)
+    with caplog.at_level(logging.WARNING):
+        for span in spans(10):
+            processor.on_end(span)
+        processor.shutdown()
+    assert Collector.answered == [200, 200]
+    stats = processor.stats
+    assert (stats.exported, stats.export_refused_spans, stats.export_failed_spans) == (10, 2, 0)
+    assert f"OTLP collector at {endpoint} rejected 2 of 5 spans: span too old" in caplog.text
+    assert "2 spans sent before were refused by the destination" in caplog.text
 
 
 def test_the_agent_builds_the_sliced_exporter_for_otlp() -> None:
