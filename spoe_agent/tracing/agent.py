@@ -348,14 +348,14 @@ class TracingAgent(Agent):
             # Refused spans were sent, so counted exported too, and then lost: said twice, as
             # /metrics counts them, where "0 dropped" contradicted reason="refused".
             log.info("tracing: %d spans exported in all, %d dropped (queue full %d, export "
-                     "failed %d, refused after they were sent %d, shutdown deadline %d, too "
-                     "big for a datagram %d, invalid %d)",
+                     "failed %d, refused after they were sent %d, shutdown deadline %d, ended "
+                     "after the stop began %d, too big for a datagram %d, invalid %d)",
                      stats.exported, stats.dropped_queue_full + stats.export_failed_spans
                      + stats.export_refused_spans + stats.dropped_shutdown_deadline
-                     + oversize + invalid,
+                     + stats.dropped_after_shutdown + oversize + invalid,
                      stats.dropped_queue_full, stats.export_failed_spans,
                      stats.export_refused_spans, stats.dropped_shutdown_deadline,
-                     oversize, invalid)
+                     stats.dropped_after_shutdown, oversize, invalid)
 
     def metric_samples(self) -> Iterator[MetricSample]:
         """The tracing series of /metrics, read from plain counters at scrape time, so that

@@ -331,7 +331,7 @@ class _Session:
         self.held = 0
         self.spans: dict[str, _Span] = {}
         self.started = 0
-        self.last_ns = now_ns  # the agent's clock at the latest event: what the TTL counts from
+        self.last_ns = now_ns  # the latest event, on the TTL's (monotonic) clock: what it counts from
         self.last_t = now_ns  # the latest event's own time (its ts=): where a cut span ends
         self.first: _Span | None = None  # the first span started: where orphans hang
         self.partial = False  # PARTIAL_ATTRIBUTE
@@ -366,6 +366,7 @@ class SessionRegistry:
         sampler: Sampler,
         id_generator: IdGenerator | None = None,
         clock_ns: Callable[[], int] = time.time_ns,
+        ttl_clock_ns: Callable[[], int] | None = None,
         ttl_s: float = 30.0,
         max_sessions: int = 100_000,
         resource_for_service: Callable[[str], Resource],
@@ -421,6 +422,13 @@ class SessionRegistry:
         # (48 B), an offset from the agent's start a 32 B one, for every span start and every
         # session's last activity. Emission adds the epoch back.
         self._epoch_ns = clock_ns()
+        # The TTL counts on the monotonic clock: on the wall clock, stepped back (NTP, a VM
+        # resumed) nothing expired until it caught up, and stepped forward past the TTL every
+        # open session was cut at once (code review). A test's fake clock serves for both.
+        if ttl_clock_ns is None:
+            ttl_clock_ns = time.monotonic_ns if clock_ns is time.time_ns else clock_ns
+        self._ttl_clock_ns = ttl_clock_ns
+        self._ttl_epoch_ns = ttl_clock_ns()
         self._ttl_ns = int(ttl_s * 1e9)
         self._max_sessions = max_sessions
         self._resource_for_service = resource_for_service
@@ -469,6 +477,7 @@ class SessionRegistry:
         key, ts_ns, service, carrier, ops = command
         sessions = self._sessions
         now = self._clock_ns() - self._epoch_ns
+        active = self._ttl_clock_ns() - self._ttl_epoch_ns
         t = now
         if ts_ns:
             t = ts_ns - self._epoch_ns
@@ -488,10 +497,10 @@ class SessionRegistry:
                 # Only ends or annotations for a session that is gone (or never started).
                 self.stats["unknown_session"] += 1
                 return []
-            session = self._new_session(key, now)
+            session = self._new_session(key, active)
         else:
             sessions.move_to_end(key)
-            session.last_ns = now
+            session.last_ns = active
         session.last_t = t
         if service and service != session.service:
             if session.service is not None:
@@ -647,9 +656,10 @@ class SessionRegistry:
         Their open spans end at the session's last event, not now: most such sessions are
         streams HAProxy finished without an event (a deny, a redirect, a 502 or 504 of its
         own, a client abort), and a 1 ms deny shown as lasting the whole TTL misled. The
-        incomplete attribute and the ERROR status say that the end is not known.
+        incomplete attribute and the ERROR status say that the end is not known. ``now_ns``
+        is on the TTL's clock (``time.monotonic_ns`` unless the registry was given others).
         """
-        now = (self._clock_ns() if now_ns is None else now_ns) - self._epoch_ns
+        now = (self._ttl_clock_ns() if now_ns is None else now_ns) - self._ttl_epoch_ns
         cutoff = now - self._ttl_ns
         sessions = self._sessions
         ended = 0

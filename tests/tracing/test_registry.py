@@ -825,6 +825,37 @@ def test_sampler_sees_the_root_span() -> None:
 # -- expiry -------------------------------------------------------------------------------------
 
 
+def test_the_ttl_counts_on_its_own_clock_whatever_the_wall_clock_does() -> None:
+    """Code review: on the wall clock, a step back held every session past its TTL (nothing
+    expired until the clock caught up), and a step forward past the TTL cut every open one."""
+    steady = FakeClock(0)  # as time.monotonic_ns is by default
+    h = Harness(ttl_s=30, ttl_clock_ns=steady)
+    h.send(("id", "old"), ("span", "x"))
+    h.clock.advance(-3600)  # NTP steps the wall clock an hour back
+    h.send(("id", "new"), ("span", "y"))
+    steady.advance(31)
+    assert h.reg.expire() == 2  # both idle 31 s on the steady clock
+    h.send(("id", "live"), ("span", "z"))
+    h.clock.advance(7200)  # and two hours forward
+    steady.advance(1)
+    assert h.reg.expire() == 0 and "live" in h.reg
+
+
+def test_the_ttl_clock_is_monotonic_unless_the_wall_clock_is_a_test_s() -> None:
+    import time
+
+    from spoe_agent.tracing.registry import SessionRegistry
+
+    def registry(**clocks: Any) -> SessionRegistry:
+        return SessionRegistry(lambda span: None, propagator=build_propagator("tracecontext"),
+                               sampler=ALWAYS_ON, resource_for_service=Resource.create,
+                               default_service="haproxy", **clocks)
+
+    assert registry()._ttl_clock_ns is time.monotonic_ns
+    fake = FakeClock()
+    assert registry(clock_ns=fake)._ttl_clock_ns is fake
+
+
 def test_ttl_expiry_marks_open_spans_incomplete() -> None:
     h = Harness(ttl_s=30)
     notifies = reference_notifies("u")

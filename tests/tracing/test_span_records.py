@@ -328,5 +328,5 @@ def test_the_stop_summary_counts_the_exporters_own_drops(caplog: pytest.LogCaptu
     assert any(line.endswith("span(s) larger than a UDP packet dropped (9 so far)")
                for line in lines), lines
     assert ("tracing: 0 spans exported in all, 9 dropped (queue full 0, export failed 0, "
-            "refused after they were sent 0, shutdown deadline 0, too big for a datagram 9, "
-            "invalid 0)") in lines, lines
+            "refused after they were sent 0, shutdown deadline 0, ended after the stop began 0, "
+            "too big for a datagram 9, invalid 0)") in lines, lines
