@@ -921,10 +921,9 @@ class PeerMesh:
         for link in [*self._inbound, *self._bulk, *self._urgent]:
             if link is not None:
                 link.close()
-        held = sum(len(b) for b in self._backlogs)
+        held = sum(b.commands for b in self._backlogs)
         if held:
-            log.info("%d forwarded frames (commands, or batches of them) held for stopped "
-                     "workers discarded", held)
+            log.info("%d forwarded commands held for stopped workers discarded", held)
 
     # ----------------------------------------------------------------------- connections
 
@@ -1146,7 +1145,7 @@ class PeerMesh:
                    {"event": name}, value)
         yield ("spoe_agent_worker_held_commands", "gauge",
                "Commands held for workers that are down", {},
-               sum(len(b) for b in self._backlogs))
+               sum(b.commands for b in self._backlogs))
         yield ("spoe_agent_worker_peer_sessions", "gauge",
                "Open sessions other workers own, as this worker knows them", {},
                self.peer_sessions)

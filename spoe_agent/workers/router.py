@@ -234,17 +234,21 @@ class Reorderer:
 class Backlog:
     """Commands for an owner that is down (restarting), held to be written once it is back.
 
-    Bounded in count and in age: past either bound the oldest are dropped and counted, because
-    an owner that does not come back must not make its peers grow without limit.
+    Bounded in count (of frames) and in age: past either bound the oldest are dropped and
+    counted, because an owner that does not come back must not make its peers grow without
+    limit. ``commands`` and ``dropped`` count commands, as the ``held`` count does: a frame is
+    often a whole read's batch of them (counted in frames, the metrics understated a loss up
+    to a batch's size: code review).
     """
 
-    __slots__ = ("_items", "max_items", "max_age_ns", "dropped")
+    __slots__ = ("_items", "max_items", "max_age_ns", "dropped", "commands")
 
     def __init__(self, max_items: int = 65536, max_age_s: float = 10.0) -> None:
         self._items: deque[tuple[int, bytes, int]] = deque()
         self.max_items = max_items
         self.max_age_ns = int(max_age_s * 1e9)
         self.dropped = 0
+        self.commands = 0  # held now
 
     def __len__(self) -> int:
         return len(self._items)
@@ -254,9 +258,11 @@ class Backlog:
         now = time.monotonic_ns() if now_ns is None else now_ns
         items = self._items
         if len(items) >= self.max_items:
-            items.popleft()
-            self.dropped += 1
+            lost = items.popleft()[2]
+            self.dropped += lost
+            self.commands -= lost
         items.append((now, data, commands))
+        self.commands += commands
 
     def expire(self, now_ns: int | None = None) -> int:
         now = time.monotonic_ns() if now_ns is None else now_ns
@@ -264,15 +270,16 @@ class Backlog:
         items = self._items
         n = 0
         while items and items[0][0] < cutoff:
-            items.popleft()
-            n += 1
+            n += items.popleft()[2]
         self.dropped += n
+        self.commands -= n
         return n
 
     def discard(self) -> int:
         """Drop everything held (its owner died, and its sessions with it); how many commands."""
         n = sum(item[2] for item in self._items)
         self._items.clear()
+        self.commands = 0
         return n
 
     def take(self, now_ns: int | None = None) -> bytes:
@@ -280,4 +287,5 @@ class Backlog:
         self.expire(now_ns)
         data = b"".join([item[1] for item in self._items])
         self._items.clear()
+        self.commands = 0
         return data

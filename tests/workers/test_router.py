@@ -220,6 +220,20 @@ def test_backlog_discards_and_counts_commands_not_frames() -> None:
     assert len(backlog) == 0 and backlog.take() == b"" and backlog.dropped == 0
 
 
+def test_backlog_counts_what_it_holds_and_drops_in_commands() -> None:
+    """Code review: a frame dropped counted 1 whatever batch it held, and the held gauge
+    counted frames: a loss was understated up to a batch's size."""
+    backlog = Backlog(max_items=2, max_age_s=1.0)
+    for i in range(4):
+        backlog.add(bytes([i]), now_ns=i, commands=10)
+    assert (len(backlog), backlog.commands, backlog.dropped) == (2, 20, 20)
+    backlog.add(b"batch", now_ns=2_000_000_000, commands=50)  # the 4th frame drops: 10 more
+    assert (backlog.commands, backlog.dropped) == (60, 30)
+    assert backlog.expire(now_ns=2_500_000_000) == 10  # the 3rd frame aged out
+    assert (backlog.commands, backlog.dropped) == (50, 40)
+    assert backlog.take(now_ns=2_500_000_000) == b"batch" and backlog.commands == 0
+
+
 def test_backlog_is_bounded_by_age() -> None:
     backlog = Backlog(max_items=100, max_age_s=1.0)
     backlog.add(b"old", now_ns=0)
