@@ -34,9 +34,14 @@ _idle: list[_Runner] = []
 class _Runner:
     """A greenlet that runs one handler at a time and parks in the hub in between."""
 
-    __slots__ = ("greenlet",)
+    __slots__ = ("greenlet", "condemned")
 
     def __init__(self) -> None:
+        # Set by HandlerPool.kill: the greenlet is to end, not park. Its kill is delivered by
+        # a hub callback, which can come after the one that hands it its work: parked again
+        # by then, it died listed as idle, and the next connection's handler given to it
+        # never ran, its NOTIFY never ACKed and its pool never empty (code review).
+        self.condemned = False
         self.greenlet = gevent.spawn(self._loop)
 
     def start(self, work: tuple[Callable[..., Any], tuple[Any, ...], HandlerPool]) -> None:
@@ -47,6 +52,8 @@ class _Runner:
         hub = gevent.get_hub()
         work = hub.switch()
         while True:
+            if self.condemned:
+                return  # its connection went away before the handler could start
             function, args, pool = work
             try:
                 # In an empty context, as a new greenlet starts: a context variable one handler
@@ -58,7 +65,7 @@ class _Runner:
                 pool._finished(self)
             # Parked, it must not keep the last handler's connection and messages alive.
             work = function = args = pool = None  # type: ignore[assignment]
-            if len(_idle) >= MAX_IDLE:
+            if self.condemned or len(_idle) >= MAX_IDLE:
                 return
             _idle.append(self)
             work = hub.switch()
@@ -105,4 +112,5 @@ class HandlerPool:
         self._running.clear()
         self._empty.set()
         for runner in running:
+            runner.condemned = True
             runner.greenlet.kill(block=block)

@@ -116,3 +116,26 @@ def test_a_parked_greenlet_keeps_nothing_of_its_last_handler() -> None:
     del connection
     gc.collect()
     assert gone() is None
+
+
+def test_a_pool_killed_before_its_handler_started_leaves_no_dead_runner_for_the_next() -> None:
+    """Code review: a reused runner handed work, then killed before the hub ran the hand-over
+    (a connection reset in the read that spawned it), ran the work, parked, and died parked,
+    still listed idle; the next connection's handler went to it and never ran (its NOTIFY
+    never ACKed, its pool never empty)."""
+    from spoe_agent import handler_pool
+
+    ran: list[str] = []
+    warm = HandlerPool(4)
+    warm.spawn(ran.append, "warm")
+    gevent.sleep(0.01)
+    assert handler_pool._idle, "a runner parked for reuse"
+    doomed = HandlerPool(4)
+    doomed.spawn(ran.append, "after its connection went")
+    doomed.kill(block=False)  # no yield in between, as when the flush meets a reset
+    gevent.sleep(0.01)
+    assert all(not runner.greenlet.dead for runner in handler_pool._idle)
+    innocent = HandlerPool(2)
+    innocent.spawn(ran.append, "innocent")
+    assert innocent.join(timeout=1) and ran[-1] == "innocent" and not len(innocent)
+    assert "after its connection went" not in ran  # nobody would read its ACK

@@ -78,7 +78,7 @@ def _encodes(action: Any) -> bool:
 def _describe(action: Any) -> str:
     """``set-var(txn.name) of float``: what an operator greps the handler code for."""
     name = getattr(action, "name", None)
-    scope = getattr(action, "scope", None)
+    scope: Any = getattr(action, "scope", None)
     try:
         where = f"{Scope(scope).name.lower()}.{name}"
     except (ValueError, TypeError):
