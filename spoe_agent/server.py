@@ -138,18 +138,34 @@ class _Move(Exception):
     worker (:meth:`SpoaServer.give_connection`)."""
 
 
+class WriteStalled(TimeoutError):
+    """The peer took none of the agent's bytes for ``seconds``: the connection is shut."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"no room to write for {seconds:.1f}s")
+        self.seconds = seconds
+
+
 class _Client:
     """One accepted connection: its state machine, socket, write lock and shutdown flags."""
 
     __slots__ = (
         "conn", "sock", "raw", "lock", "pool", "address", "greenlet", "in_recv", "draining",
         "peer_closed", "idle_since", "parked", "parked_at", "moved", "unsent", "accepted",
-        "evicted",
+        "evicted", "write_timeout", "failed",
     )
 
-    def __init__(self, conn: SpopConnection, sock: socket.socket, address: Any) -> None:
+    def __init__(self, conn: SpopConnection, sock: socket.socket, address: Any,
+                 write_timeout: float | None = None) -> None:
         self.conn = conn
         self.sock = sock
+        # How long a write may wait for room: its own deadline, not the socket's timeout,
+        # which is the reader's (a frame's remaining time, or none while parked: a concurrent
+        # handler's write begun then waited for ever, holding the write lock: code review).
+        self.write_timeout = write_timeout
+        # The error of a write that failed or stalled part-way: nothing may follow a frame
+        # cut short, so every later write raises it again.
+        self.failed: OSError | None = None
         # The OS socket under gevent's (non-blocking: a send on it never waits, never yields);
         # None for TLS, whose bytes must go through the SSL object.
         self.raw = sock._sock if type(sock) is _GeventSocket else None  # type: ignore[attr-defined]
@@ -192,13 +208,16 @@ class _Client:
             if later:
                 self._send_then(data, later)
             elif data:
-                # One send() is almost always all of it; gevent's sendall() adds a getsockopt
-                # and its chunking machinery to every call.
-                sent = self.sock.send(data)
-                if sent < len(data):
-                    self.sock.sendall(memoryview(data)[sent:])
+                self._send_then(data, None)
 
-    def _send_then(self, data: bytes, later: list[Work]) -> None:
+    def _send_then(self, data: bytes, later: list[Work] | None) -> None:
+        """One non-blocking send is almost always all of it (gevent's sendall() adds a
+        getsockopt and its chunking machinery to every call); ``later`` runs once the kernel
+        has what it took, and the rest waits for room."""
+        if self.failed is not None:
+            if later:
+                _run_all(later)
+            raise self.failed
         sent = 0
         if data and self.raw is not None:
             try:
@@ -206,11 +225,38 @@ class _Client:
             except (BlockingIOError, InterruptedError):
                 pass
             except OSError:
-                _run_all(later)
+                if later:
+                    _run_all(later)
                 raise
-        _run_all(later)
+        if later:
+            _run_all(later)
         if sent < len(data):
-            self.sock.sendall(memoryview(data)[sent:])
+            self._send_rest(memoryview(data)[sent:])
+
+    def _send_rest(self, data: memoryview) -> None:
+        sock = self.sock
+        sock.settimeout(None)  # the reader's; it sets its own again before each recv
+        timer = gevent.Timeout(self.write_timeout) if self.write_timeout else None
+        if timer is not None:
+            timer.start()
+        try:
+            sock.sendall(data)
+        except gevent.Timeout as exc:
+            if exc is not timer:
+                raise
+            self.failed = WriteStalled(self.write_timeout or 0.0)
+            # Both ways: the reader's recv returns, and the other writers fail at once.
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            raise self.failed from None
+        except OSError as exc:
+            self.failed = exc
+            raise
+        finally:
+            if timer is not None:
+                timer.close()
 
     def send_early(self) -> None:
         """Write the ACKs the connection queued as it decoded (``SpopConnection.empty_ack``),
@@ -218,7 +264,7 @@ class _Client:
         their streams' next events, on any connection, as soon as it reads them. What the
         kernel does not take now leaves first with the next flush."""
         raw = self.raw
-        if raw is None or self.lock.locked():
+        if raw is None or self.lock.locked() or self.failed is not None:
             return  # TLS, or a concurrent handler is writing: the next flush sends them
         data = self.conn.data_to_send()
         try:
@@ -326,6 +372,9 @@ class SpoaServer:
         self._stop_deadline = float("inf")
         self._throttle = Throttle(log)
         self._busy_poll: BusyPoll | None = None  # --busy-poll, while serving
+        # A write that finds no room waits this long at most (read_timeout: a frame must
+        # complete within it, either way), then the connection is shut (WriteStalled).
+        self._write_timeout = config.read_timeout or config.idle_timeout or None
         self._eviction_due = False  # a silent connection's slot is about to be given away
         self._passed_on_at = -math.inf  # when a waiting connection last went back (--workers)
         if listener is None:
@@ -599,7 +648,7 @@ class SpoaServer:
                 conn = SpopConnection(max_frame_size=self.config.max_frame_size,
                                       on_trimmed_ack=self._trimmed_ack,
                                       empty_ack=self.agent.empty_ack_check())
-            client = _Client(conn, sock, address)
+            client = _Client(conn, sock, address, self._write_timeout)
             self._clients.add(client)
             try:
                 if self._stopping:
@@ -609,13 +658,12 @@ class SpoaServer:
                     stats.sent_disconnect(client.conn.disconnect_status)
                 if not (client.peer_closed or client.moved or client.evicted):
                     _linger(sock)
-            except TimeoutError:
-                # Reads time out inside _serve: this is a write that waited the socket's whole
-                # timeout. The peer stopped reading; a frame cut short here is not its doing.
+            except WriteStalled as exc:
+                # The peer stopped reading; a frame cut short here is not its doing.
                 self._throttle.warning(
                     "write_timeout", "connection from %s closed: it read none of the agent's "
                     "frames for %.1fs (the socket's buffers stayed full)", _peer(address),
-                    sock.gettimeout() or 0.0)
+                    exc.seconds)
             except OSError as exc:
                 if exc.errno not in _NORMAL_CLOSE_ERRNOS:
                     log.info("connection from %s ended: %s", _peer(address), exc)
@@ -638,16 +686,40 @@ class SpoaServer:
         connects and never sends a ClientHello would otherwise hold a slot for ever) and so a
         refused client certificate is one log line, not a traceback.
         """
-        sock.settimeout(self.config.read_timeout or None)
+        seconds = self.config.read_timeout or None
+        sock.settimeout(seconds)
+        # The socket's timeout bounds each wait of the handshake, not the whole: a byte of it
+        # every read_timeout - 1 s kept a slot for hours, out of eviction's reach (code review).
+        deadline = gevent.Timeout(seconds) if seconds else None
+        if deadline is not None:
+            deadline.start()
         try:
             if not sock.recv(1, socket.MSG_PEEK):
                 return None  # connected and closed without a byte: a TCP probe, not an error
-            return self._tls.wrap_socket(sock, server_side=True)
+            # The TLS socket takes the descriptor over: closed here if the handshake fails
+            # (an SSLError closed it, a deadline would have leaked it).
+            tls_sock = self._tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            try:
+                tls_sock.do_handshake()
+            except BaseException:
+                tls_sock.close()
+                raise
+            return tls_sock
+        except gevent.Timeout as exc:
+            if exc is not deadline:
+                raise
+            self.stats.tls_handshake_errors += 1
+            self._throttle.warning("tls_handshake", "TLS handshake with %s failed: %s",
+                                   _peer(address), f"not done within read_timeout ({seconds:g}s)")
+            return None
         except OSError as exc:  # ssl.SSLError, timeouts and resets are all OSErrors
             self.stats.tls_handshake_errors += 1
             self._throttle.warning("tls_handshake", "TLS handshake with %s failed: %s",
                                    _peer(address), exc)
             return None
+        finally:
+            if deadline is not None:
+                deadline.close()
 
     def _serve(self, client: _Client) -> None:
         conn = client.conn
@@ -701,14 +773,15 @@ class SpoaServer:
                     client.evicted = True
                     self._timed_out(client, "hello_evicted" if conn.state is State.AWAIT_HELLO
                                     else "idle_evicted")
-                else:
-                    self._timed_out(client, kind)
+                else:  # _Idle: the idle sweep, whatever the wait was (mid-frame too, with
+                    # read_timeout off: it read "a frame did not complete within
+                    # read_timeout (0.0s)": code review)
+                    self._timed_out(client, "idle_timeout")
                 return
             finally:
                 client.in_recv = client.parked = False
             if client.idle_since is not None:
                 client.idle_since = None
-                sock.settimeout(idle)  # writes keep the idle timeout as their deadline
             if self._busy_poll is not None:
                 self._busy_poll.touch()
             self._feed(client, data)
@@ -751,6 +824,8 @@ class SpoaServer:
                 # it always did: a write more per read costs the CPU that saturation lacks.
                 client.send_early()
         else:
+            if client.failed is not None:
+                raise client.failed  # our shutdown after a stalled write, not the peer's EOF
             client.peer_closed = True
             events = conn.receive_eof()
         deferred: list[Work] = []  # run in order, after the ACKs are written (Agent.prepare)
@@ -859,14 +934,19 @@ class SpoaServer:
                 chunks.append(data)
         except OSError:  # would block (nothing more has arrived), or the peer is gone
             pass
-        remaining = max(0.0, self._stop_deadline - time.monotonic())
-        sock.settimeout(remaining or 0.001)  # bounds the final writes too
+        remaining = max(0.0, self._stop_deadline - time.monotonic()) or 0.001
+        sock.settimeout(remaining)
+        # The stop's deadline bounds the final writes too.
+        client.write_timeout = min(client.write_timeout or remaining, remaining)
         for data in chunks:
             self._feed(client, data)
         if client.pool is not None:
             client.pool.join(timeout=max(0.0, self._stop_deadline - time.monotonic()))
         if eof:
             self._feed(client, b"")
+        # A protocol error's AGENT-DISCONNECT, held for ACKs of handlers still running: it
+        # was lost, though counted as sent (code review).
+        conn.release_goodbye()
         if conn.state is not State.CLOSED:
             conn.close(Status.NORMAL, SHUTDOWN_MESSAGE)
         client.flush()

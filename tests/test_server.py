@@ -115,7 +115,7 @@ def test_a_peer_that_reads_no_acks_is_closed_at_the_write_deadline_and_said_so(
     """Black-box run: the write's timeout was logged as "ended: timed out", then as the
     peer having closed mid-frame ("HAProxy stopped or restarted, or the network failed")."""
     ini = tmp_path / "agent.ini"
-    ini.write_text("[listener]\nidle_timeout = 1s\n")
+    ini.write_text("[listener]\nread_timeout = 1s\n")
     agent = spoe_agent("-c", str(ini), app="tests.apps.echo:agent")  # its "measure" fills ACKs
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -123,8 +123,7 @@ def test_a_peer_that_reads_no_acks_is_closed_at_the_write_deadline_and_said_so(
     sock.connect((agent.host, agent.port))
     try:
         sock.sendall(hello_frame())
-        time.sleep(0.5)  # the HELLO read alone: the NOTIFYs then come to an idle connection,
-        # whose writes have idle_timeout for their deadline
+        time.sleep(0.5)  # the HELLO read alone
         blob = [Message("measure", [("blob", "fill=16000")])]
         sock.sendall(b"".join(codec.notify(i, 1, blob) for i in range(1, 400)))
         deadline = time.monotonic() + 20
@@ -139,6 +138,36 @@ def test_a_peer_that_reads_no_acks_is_closed_at_the_write_deadline_and_said_so(
     assert "closed in the middle of a frame" not in text and "ended: timed out" not in text
     with SpopClient((agent.host, agent.port)) as client:  # and it serves on
         assert client.handshake()["version"] == "2.0"
+
+
+def test_concurrent_handlers_writing_to_a_peer_that_reads_nothing_end_at_the_deadline(
+        spoe_agent, tmp_path: Path) -> None:
+    """Code review: a concurrent handler's write begun while the reader was parked (socket
+    timeout: none) waited for ever, holding the write lock; the other handlers and the
+    reader queued behind it, and the connection's slot was never freed."""
+    ini = tmp_path / "agent.ini"
+    ini.write_text("[listener]\nread_timeout = 1s\n")
+    agent = spoe_agent("-c", str(ini), app="tests.apps.echo:agent")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(10)
+    sock.connect((agent.host, agent.port))
+    try:
+        sock.sendall(hello_frame())
+        time.sleep(0.5)  # the reader parks at a frame boundary
+        blob = [Message("fill-slowly", [("size", 16000)])]
+        sock.sendall(b"".join(codec.notify(i, 1, blob) for i in range(1, 400)))
+        deadline = time.monotonic() + 20
+        while "read none of the agent's frames" not in agent.process.stderr_text():
+            assert time.monotonic() < deadline, agent.process.stderr_text()
+            time.sleep(0.1)
+    finally:
+        sock.close()
+    assert "for 1.0s (the socket's buffers stayed full)" in agent.process.stderr_text()
+    with SpopClient((agent.host, agent.port)) as client:
+        client.handshake()
+        client.send(codec.notify(1, 1, [Message("fill-slowly", [("size", 3)])]))
+        assert client.read_frame().type == FrameType.ACK
 
 
 def test_a_haproxy_disconnect_without_status_is_logged_as_such(spoe_agent) -> None:
@@ -559,3 +588,69 @@ def test_a_stale_socket_file_is_replaced_and_removed_at_stop(tmp_path: Path) -> 
             agent.send_signal(signal.SIGTERM)
             assert agent.wait(20) == 0, agent.stderr.read()
         assert not path.exists(), workers
+
+
+def test_a_protocol_errors_goodbye_read_while_stopping_is_still_sent() -> None:
+    """Code review: at a stop, a buffered NOTIFY for a concurrent handler then a bad frame
+    held the AGENT-DISCONNECT for the handler's ACK; the handler outlived the stop's deadline,
+    and the goodbye was never written, though counted as sent."""
+    import gevent
+    import gevent.socket
+
+    from spoe_agent.config import AgentConfig
+    from spoe_agent.handlers import Agent
+    from spoe_agent.server import SpoaServer
+
+    agent = Agent("stopping")
+
+    @agent.message("slow", concurrent=True)
+    def slow(args):  # type: ignore[no-untyped-def]
+        gevent.sleep(10)
+        return []
+
+    listener = gevent.socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    server = SpoaServer(agent, AgentConfig(exporter="none"), listener=listener)
+    ours, theirs = gevent.socket.socketpair()
+    try:
+        theirs.sendall(hello_frame())
+        serving = gevent.spawn(server._handle, ours, ("127.0.0.1", 40000))
+        gevent.sleep(0.1)  # HELLO answered; the reader parks
+        bad = codec.encode_frame(FrameType.NOTIFY, 3, 1, b"\x01m\x01\x01a\x0e")  # type 14
+        theirs.sendall(codec.notify(1, 1, [Message("slow", [])]) + bad)
+        server.stop(timeout=0.3)  # no yield since the send: the drain reads them
+        serving.join(5)
+        theirs.settimeout(5)
+        received = b""
+        while chunk := theirs.recv(65536):
+            received += chunk
+        frames = []
+        while received:
+            size = int.from_bytes(received[:4], "big")
+            frames.append(codec.decode_frame(received[4:4 + size]))
+            received = received[4 + size:]
+        assert frames[-1].type == FrameType.AGENT_DISCONNECT, frames
+        assert codec.decode_kv_list(frames[-1].payload)["status-code"] == 4
+    finally:
+        theirs.close()
+        listener.close()
+
+
+def test_with_read_timeout_off_a_connection_stuck_mid_frame_ends_at_idle_timeout_named_so(
+        spoe_agent, tmp_path: Path) -> None:
+    """Code review: the idle sweep ended it, and the log blamed "read_timeout (0.0s)"."""
+    ini = tmp_path / "agent.ini"
+    ini.write_text("[listener]\nread_timeout = 0\nidle_timeout = 500ms\n")
+    agent = spoe_agent("-c", str(ini), app=APP)
+    with SpopClient((agent.host, agent.port)) as client:
+        client.handshake()
+        client.send(codec.notify(1, 1, [Message("inline", [("v", 1)])])[:9])  # half a frame
+        frame = client.read_frame()
+        assert frame is not None and frame.type == FrameType.AGENT_DISCONNECT
+        assert codec.decode_kv_list(frame.payload)["status-code"] == 2
+    deadline = time.monotonic() + 10
+    while "idle_timeout (0.5s)" not in agent.process.stderr_text():
+        assert time.monotonic() < deadline, agent.process.stderr_text()
+        time.sleep(0.05)
+    assert "read_timeout (0.0s)" not in agent.process.stderr_text()

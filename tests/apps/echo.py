@@ -102,6 +102,13 @@ def slow(args: Args) -> list[Action]:
     ]
 
 
+@agent.message("fill-slowly", concurrent=True)
+def fill_slowly(args: Args) -> list[Action]:
+    """An ACK of a chosen size from a concurrent handler: its write is not the reader's."""
+    gevent.sleep(0.001)
+    return [SetVar(Scope.TXN, "filled", "x" * int(dict(args).get("size", 0)))]
+
+
 @agent.message("gc")
 def gc_state(args: Args) -> list[Action]:
     """How many objects start-up froze out of the cyclic collector's reach (the runner's doing)."""

@@ -272,3 +272,42 @@ def test_a_jaeger_collector_over_https_is_verified_against_the_given_ca(pki: Pki
         assert posted == [b"batch"]
     finally:
         server.shutdown()
+
+
+def test_a_handshake_dribbled_a_byte_at_a_time_ends_at_read_timeout(
+    spoe_agent: AgentFactory, tmp_path: Path, pki: Pki
+) -> None:
+    """Code review: the socket's timeout bounds each wait of the handshake, not the whole: a
+    ClientHello a byte every read_timeout - ε held a slot for hours, out of eviction's reach."""
+    import socket
+    import time
+
+    ini = write_ini(tmp_path, f"[listener]\ntls_cert = {pki.server_cert}\n"
+                              f"tls_key = {pki.server_key}\nread_timeout = 1s\n")
+    agent = spoe_agent("-c", ini, app=SERVER_APP)
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    outgoing = ssl.MemoryBIO()
+    tls = context.wrap_bio(ssl.MemoryBIO(), outgoing, server_hostname="127.0.0.1")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    client_hello = outgoing.read()
+    assert len(client_hello) > 50
+    started = time.monotonic()
+    with socket.create_connection((agent.host, agent.port), timeout=10) as sock:
+        for byte in client_hello[:40]:
+            try:
+                sock.sendall(bytes([byte]))
+                sock.settimeout(0.4)
+                if sock.recv(1) == b"":
+                    break  # the agent closed it
+            except TimeoutError:
+                continue  # still open: the next byte
+            except ConnectionError:
+                break
+        else:
+            pytest.fail("the agent still held the handshake after 40 bytes over ~16 s")
+    assert time.monotonic() - started < 5
+    wait_until(lambda: "not done within read_timeout (1s)" in agent.logs(), what="the log")
+    with tls_client(agent, pki, None, None) as client:  # and it serves (no CA: no client cert)
+        assert client.handshake()["version"] == "2.0"
