@@ -429,6 +429,11 @@ class SessionRegistry:
             ttl_clock_ns = time.monotonic_ns if clock_ns is time.time_ns else clock_ns
         self._ttl_clock_ns = ttl_clock_ns
         self._ttl_epoch_ns = ttl_clock_ns()
+        # One clock read per message, not two: the wall time of an event without ts= is the
+        # TTL clock's plus this offset, which expire() (every second at most) sets again, so
+        # it follows a step of the wall clock within that.
+        self._wall_offset_ns = 0
+        self._sync_wall_clock()
         self._ttl_ns = int(ttl_s * 1e9)
         self._max_sessions = max_sessions
         self._resource_for_service = resource_for_service
@@ -476,8 +481,8 @@ class SessionRegistry:
         """Apply one compiled message to its session; return the variables its injects set."""
         key, ts_ns, service, carrier, ops = command
         sessions = self._sessions
-        now = self._clock_ns() - self._epoch_ns
         active = self._ttl_clock_ns() - self._ttl_epoch_ns
+        now = active + self._wall_offset_ns
         t = now
         if ts_ns:
             t = ts_ns - self._epoch_ns
@@ -660,6 +665,7 @@ class SessionRegistry:
         is on the TTL's clock (``time.monotonic_ns`` unless the registry was given others).
         """
         now = (self._ttl_clock_ns() if now_ns is None else now_ns) - self._ttl_epoch_ns
+        self._sync_wall_clock()
         cutoff = now - self._ttl_ns
         sessions = self._sessions
         ended = 0
@@ -679,6 +685,11 @@ class SessionRegistry:
             if on_end is not None:
                 on_end(key)
         return ended
+
+    def _sync_wall_clock(self) -> None:
+        """The wall clock's time since its epoch, less the TTL clock's since its own."""
+        self._wall_offset_ns = ((self._clock_ns() - self._epoch_ns)
+                                - (self._ttl_clock_ns() - self._ttl_epoch_ns))
 
     def close_all(self, reason: str = "shutdown") -> int:
         """End every session (at shutdown), their open spans marked incomplete, at each

@@ -839,6 +839,11 @@ def test_the_ttl_counts_on_its_own_clock_whatever_the_wall_clock_does() -> None:
     h.clock.advance(7200)  # and two hours forward
     steady.advance(1)
     assert h.reg.expire() == 0 and "live" in h.reg
+    # An event without ts= is dated by the wall clock as expiry last read it (once a second
+    # at most), one clock read per message rather than two.
+    h.send(("id", "dated"), ("span", "d"))
+    h.reg.close_all()
+    assert h.by_name()["d"].start_time == h.clock.t
 
 
 def test_the_ttl_clock_is_monotonic_unless_the_wall_clock_is_a_test_s() -> None:
