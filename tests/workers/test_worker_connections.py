@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from spoe_agent.protocol import codec
-from spoe_agent.protocol.types import FrameType, Message
+from spoe_agent.protocol.types import Frame, FrameType, Message
 from tests.hardening.support import notify_ok, trace
 from tests.support.procs import AgentProcess
 from tests.support.spop_client import SpopClient, hello_frame
@@ -22,6 +22,31 @@ from tests.workers.test_multiworker import _HELLO, wait_workers_ready
 
 # Evictions wait for a connection silent for a second: beside other tests, starved past it.
 pytestmark = pytest.mark.alone
+
+
+def open_session(opener: SpopClient, stream_id: int, key: str) -> str:
+    """Session ``key`` opened, with span "s", on the connection of its first event."""
+    opener.send(codec.notify(stream_id, 1, [Message("open", [("id", key), ("span", "s")])]))
+    ack = opener.read_frame()
+    assert ack is not None and ack.type == FrameType.ACK, ack
+    return key
+
+
+def inject(key: str) -> Message:
+    return Message("trace", [("id", key), ("kind", "client"), ("inject", "s")])
+
+
+def exchange(agent: AgentProcess, data: bytes, half_close: bool = False) -> list[Frame]:
+    """``data`` sent on a new connection after its HELLO: every frame until the agent closes."""
+    with SpopClient((agent.host, agent.port), timeout=10) as client:
+        client.handshake()
+        client.send(data)
+        if half_close:
+            client.sock.shutdown(socket.SHUT_WR)
+        frames = []
+        while (frame := client.read_frame()) is not None:
+            frames.append(frame)
+    return frames
 
 
 def test_an_inject_sent_before_a_half_close_is_still_answered(
@@ -37,18 +62,8 @@ def test_an_inject_sent_before_a_half_close_is_still_answered(
     with SpopClient((agent.host, agent.port), timeout=10) as opener:
         opener.handshake()
         for n in range(8):
-            key = f"half-{n}"
-            opener.send(codec.notify(n + 1, 1, [Message("open", [("id", key), ("span", "s")])]))
-            ack = opener.read_frame()
-            assert ack is not None and ack.type == FrameType.ACK, ack
-            with SpopClient((agent.host, agent.port), timeout=10) as client:
-                client.handshake()
-                client.send(codec.notify(7, 1, [Message("trace", [
-                    ("id", key), ("kind", "client"), ("inject", "s")])]))
-                client.sock.shutdown(socket.SHUT_WR)
-                frames = []
-                while (frame := client.read_frame()) is not None:
-                    frames.append(frame)
+            key = open_session(opener, n + 1, f"half-{n}")
+            frames = exchange(agent, codec.notify(7, 1, [inject(key)]), half_close=True)
             acks = [f for f in frames if f.type == FrameType.ACK]
             assert len(acks) == 1 and (acks[0].stream_id, acks[0].frame_id) == (7, 1), (
                 key, frames)
@@ -71,19 +86,9 @@ def test_notifies_in_the_read_of_haproxys_disconnect_are_acked_before_the_goodby
     with SpopClient((agent.host, agent.port), timeout=10) as opener:
         opener.handshake()
         for n in range(4):
-            key = f"bye-{n}"
-            opener.send(codec.notify(n + 1, 1, [Message("open", [("id", key), ("span", "s")])]))
-            ack = opener.read_frame()
-            assert ack is not None and ack.type == FrameType.ACK, ack
-            with SpopClient((agent.host, agent.port), timeout=10) as client:
-                client.handshake()
-                client.send(codec.notify(5, 1, [Message("m", [])])
-                            + codec.notify(7, 1, [Message("trace", [
-                                ("id", key), ("kind", "client"), ("inject", "s")])])
-                            + goodbye)
-                frames = []
-                while (frame := client.read_frame()) is not None:
-                    frames.append(frame)
+            key = open_session(opener, n + 1, f"bye-{n}")
+            frames = exchange(agent, codec.notify(5, 1, [Message("m", [])])
+                              + codec.notify(7, 1, [inject(key)]) + goodbye)
             assert [(f.type, f.stream_id) for f in frames] == [
                 (FrameType.ACK, 5), (FrameType.ACK, 7), (FrameType.AGENT_DISCONNECT, 0)], (
                 key, frames)
