@@ -149,6 +149,37 @@ def test_a_peer_that_reads_no_acks_is_closed_at_the_write_deadline_and_said_so(
         assert client.read_frame().type == FrameType.ACK
 
 
+@pytest.mark.parametrize("message", [
+    Message("measure", [("blob", "fill=16000")]), Message("fill-slowly", [("size", 16000)]),
+], ids=["inline", "concurrent"])
+def test_a_slow_peer_that_keeps_reading_is_not_cut(spoe_agent, tmp_path: Path,
+                                                    message: Message) -> None:
+    """Black-box run: the write deadline first bounded a whole write, so a peer reading 30 MB
+    of ACKs at 256 KB/s was cut as if it read nothing. It bounds each wait for room."""
+    ini = tmp_path / "agent.ini"
+    ini.write_text("[listener]\nread_timeout = 1s\n")
+    agent = spoe_agent("-c", str(ini), app="tests.apps.echo:agent")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    sock.settimeout(10)
+    sock.connect((agent.host, agent.port))
+    try:
+        sock.sendall(hello_frame())
+        time.sleep(0.5)
+        sock.sendall(b"".join(codec.notify(i, 1, [message]) for i in range(1, 400)))
+        received = 0
+        started = time.monotonic()
+        while time.monotonic() - started < 3.5:  # three deadlines and more, reading slowly
+            chunk = sock.recv(32768)
+            assert chunk, ("closed", received, agent.process.stderr_text())
+            received += len(chunk)
+            time.sleep(0.1)
+        assert received < 399 * 16000  # still reading: the agent had more to write
+    finally:
+        sock.close()
+    assert "read none of the agent's frames" not in agent.process.stderr_text()
+
+
 def test_a_haproxy_disconnect_without_status_is_logged_as_such(spoe_agent) -> None:
     """It read "status -1 ()" (black-box run); HAProxy always sends one."""
     agent = spoe_agent(app=APP)
