@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
 
-from spoe_agent.protocol.types import Action, Message
+from spoe_agent.protocol.types import Action, Message, UnsetVar
 
 log = logging.getLogger(__name__)
 
@@ -25,41 +25,56 @@ Work = Callable[[], "list[Action] | None"]
 MetricSample = tuple[str, str, str, dict[str, str], float]
 
 
-# Variable names HAProxy can read back, met so far (bounded: a handler may make names up).
+# Variable names HAProxy can read back and set in any scope, met so far (bounded: a handler
+# may make names up).
 _READABLE_NAMES: set[str] = set()
 _READABLE_NAMES_LIMIT = 1024
 # HAProxy builds "<scope>.<var-prefix>.<name>" in a 64-byte buffer (measured on 2.6.12 and
-# 3.2.26: 63 bytes set, 64 silently not); the shortest scope is 3 bytes, a prefix at least 1.
-_LONGEST_NAME = 63 - len("txn.p.")
+# 3.2.26: 63 bytes set, 64 silently not), with a prefix of 1 byte at least: 57 bytes of name
+# for txn, req and res, 56 for sess and proc.
+_SCOPE_LENGTHS = (4, 4, 3, 3, 3)  # proc, sess, txn, req, res
+_LONGEST_ANYWHERE = 63 - len("sess.p.")
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._")
 
 
+def _longest(scope: Any) -> int:
+    try:
+        return 63 - _SCOPE_LENGTHS[int(scope)] - len("..p")
+    except (TypeError, ValueError, IndexError):  # not a scope: the ACK's encoding says so
+        return _LONGEST_ANYWHERE
+
+
 def _check_names(actions: list[Action], start: int, message: str) -> int:
-    """Drop the actions from ``start`` on whose variable HAProxy could never read.
+    """Drop the actions from ``start`` on whose variable HAProxy could never read or set.
 
     SPOE.txt allows 'a-z', 'A-Z', '0-9', '.' and '_' in a name, and HAProxy's ``var()``
     refuses any other at configuration time: ``my-score`` would be set and never seen, with
-    no word anywhere. The handler is known here, so the log names it.
+    no word anywhere. The handler's message is known here, so the log names it.
     """
     kept = actions[:start]
     for action in actions[start:]:
         name = getattr(action, "name", None)
         if name in _READABLE_NAMES or not isinstance(name, str):  # not an action: the ACK says
             kept.append(action)
-        elif len(name) > _LONGEST_NAME:
-            log.error("handler for SPOE message %r set variable %r, which HAProxy cannot set: "
-                      "its whole name, <scope>.<var-prefix>.<name>, must fit in 63 bytes (2.6 "
-                      "and 3.x alike drop a longer one, saying nothing): the action is dropped",
-                      message, name, extra={"rate_key": f"var name {message} {name}"})
+            continue
+        verb = "unset" if isinstance(action, UnsetVar) else "set"
+        if len(name) > _longest(getattr(action, "scope", None)):
+            log.error("handler for SPOE message %r would %s variable %r, which HAProxy cannot "
+                      "set: its whole name, <scope>.<var-prefix>.<name>, must fit in 63 bytes "
+                      "(2.6 and 3.x alike drop a longer one, saying nothing): the action is "
+                      "dropped", message, verb, name,
+                      extra={"rate_key": f"var name {message} {name}"})
         elif name and _NAME_CHARS.issuperset(name):
-            if len(_READABLE_NAMES) >= _READABLE_NAMES_LIMIT:
-                _READABLE_NAMES.clear()
-            _READABLE_NAMES.add(name)
+            if len(name) <= _LONGEST_ANYWHERE:  # longer ones are checked per scope each time
+                if len(_READABLE_NAMES) >= _READABLE_NAMES_LIMIT:
+                    _READABLE_NAMES.clear()
+                _READABLE_NAMES.add(name)
             kept.append(action)
         else:
-            log.error("handler for SPOE message %r set variable %r, which HAProxy cannot read "
-                      "(a name is of 'a-z', 'A-Z', '0-9', '.' and '_' only): the action is "
-                      "dropped", message, name, extra={"rate_key": f"var name {message} {name}"})
+            log.error("handler for SPOE message %r would %s variable %r, which HAProxy cannot "
+                      "read (a name is of 'a-z', 'A-Z', '0-9', '.' and '_' only): the action is "
+                      "dropped", message, verb, name,
+                      extra={"rate_key": f"var name {message} {name}"})
     dropped = len(actions) - len(kept)
     actions[start:] = kept[start:]
     return dropped

@@ -228,21 +228,27 @@ def test_a_variable_haproxy_cannot_read_is_dropped_and_its_handler_named(
         yield SetVar(Scope.REQ, "é", 5)
         yield SetVar(Scope.REQ, "n" * 57, 6)  # "req.p." and it: 63 bytes, the most HAProxy sets
         yield SetVar(Scope.REQ, "n" * 58, 7)
+        yield SetVar(Scope.SESS, "n" * 57, 8)  # "sess.p." and it: 64 (black-box run)
+        yield SetVar(Scope.SESS, "n" * 56, 9)
 
     with caplog.at_level(logging.ERROR, logger="spoe_agent.handlers"):
         actions = agent.dispatch([Message("check", []), Message("other", [])])
     assert actions == [SetVar(Scope.TXN, "score", 1), SetVar(Scope.TXN, "a.b_C9", 3),
-                       SetVar(Scope.REQ, "ok", 4), SetVar(Scope.REQ, "n" * 57, 6)]
+                       SetVar(Scope.REQ, "ok", 4), SetVar(Scope.REQ, "n" * 57, 6),
+                       SetVar(Scope.SESS, "n" * 56, 9)]
     assert [r.getMessage() for r in caplog.records] == [
-        "handler for SPOE message 'check' set variable 'my-score', which HAProxy cannot read "
-        "(a name is of 'a-z', 'A-Z', '0-9', '.' and '_' only): the action is dropped",
-        "handler for SPOE message 'check' set variable '', which HAProxy cannot read "
-        "(a name is of 'a-z', 'A-Z', '0-9', '.' and '_' only): the action is dropped",
-        "handler for SPOE message 'other' set variable 'é', which HAProxy cannot read "
-        "(a name is of 'a-z', 'A-Z', '0-9', '.' and '_' only): the action is dropped",
-        f"handler for SPOE message 'other' set variable '{'n' * 58}', which HAProxy cannot set: "
-        "its whole name, <scope>.<var-prefix>.<name>, must fit in 63 bytes (2.6 and 3.x alike "
-        "drop a longer one, saying nothing): the action is dropped",
+        "handler for SPOE message 'check' would set variable 'my-score', which HAProxy cannot "
+        "read (a name is of 'a-z', 'A-Z', '0-9', '.' and '_' only): the action is dropped",
+        "handler for SPOE message 'check' would unset variable '', which HAProxy cannot "
+        "read (a name is of 'a-z', 'A-Z', '0-9', '.' and '_' only): the action is dropped",
+        "handler for SPOE message 'other' would set variable 'é', which HAProxy cannot "
+        "read (a name is of 'a-z', 'A-Z', '0-9', '.' and '_' only): the action is dropped",
+        f"handler for SPOE message 'other' would set variable '{'n' * 58}', which HAProxy cannot "
+        "set: its whole name, <scope>.<var-prefix>.<name>, must fit in 63 bytes (2.6 and 3.x "
+        "alike drop a longer one, saying nothing): the action is dropped",
+        f"handler for SPOE message 'other' would set variable '{'n' * 57}', which HAProxy cannot "
+        "set: its whole name, <scope>.<var-prefix>.<name>, must fit in 63 bytes (2.6 and 3.x "
+        "alike drop a longer one, saying nothing): the action is dropped",
     ]
     assert agent.handler_errors == 2  # one per handler call that returned such a name
     assert agent.dispatch([Message("check", [])])[0] == SetVar(Scope.TXN, "score", 1)
