@@ -26,6 +26,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from gevent.pool import Pool
 from gevent.pywsgi import WSGIServer
 from prometheus_client import CollectorRegistry, Histogram, ProcessCollector, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -33,6 +34,7 @@ from prometheus_client.registry import Collector
 
 from spoe_agent.config import split_bind
 from spoe_agent.handlers import Agent, MetricSample
+from spoe_agent.logs import Throttle
 from spoe_agent.protocol.types import Status
 from spoe_agent.server import SpoaServer, Stats
 
@@ -176,7 +178,42 @@ def endpoint_server(
     target = split_bind(bind)
     if isinstance(target, str):
         raise ValueError("the metrics endpoint listens on HOST:PORT, not a unix socket")
-    return WSGIServer(target, app, log=None, error_log=log)
+    return _EndpointServer(target, app, log=None, error_log=_HttpErrors(),
+                           spawn=Pool(ENDPOINT_CONNECTIONS))
+
+
+#: Connections the endpoint serves at once; more wait in the listen backlog. Unbounded, 200
+#: half-sent requests took the agent's last descriptors and stopped HAProxy's connections
+#: being accepted (code review). Prometheus and a health check need two or three.
+ENDPOINT_CONNECTIONS = 16
+#: How long a request may take to arrive, each read: a client that sends a byte and waits
+#: held its connection for ever.
+ENDPOINT_READ_TIMEOUT_S = 10.0
+
+
+class _EndpointServer(WSGIServer):
+    def handle(self, sock: Any, address: Any) -> None:
+        sock.settimeout(ENDPOINT_READ_TIMEOUT_S)
+        super().handle(sock, address)
+
+
+class _HttpErrors:
+    """gevent's error log for the endpoint: one line per 10 s, however many bad requests (each
+    line of its own text named a socket and a port, so no rate limit ever held one back)."""
+
+    def __init__(self) -> None:
+        self._throttle = Throttle(log)
+
+    def write(self, text: str) -> None:
+        first = text.strip().splitlines()[0] if text.strip() else "(empty)"
+        self._throttle.warning("metrics_http_error", "metrics endpoint: %s", first[:300])
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        pass
 
 
 def bind_failure(exc: OSError, bind: str) -> str:

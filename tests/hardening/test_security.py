@@ -185,3 +185,40 @@ def test_hostile_requests_through_haproxy_become_plain_span_data(
         assert tags["url.query"] == query.decode("utf-8", "replace")
         assert tags["user_agent.original"] == agent_header.decode("utf-8", "replace")[:LIMIT]
         assert "Traceback" not in agent.logs(), agent.describe_logs()
+
+
+def test_half_sent_requests_to_the_metrics_endpoint_take_few_descriptors_and_few_lines(
+    spoe_agent: Callable[..., AgentProcess],
+) -> None:
+    """Code review: the endpoint took every connection and waited for ever for each request
+    (200 of them took the agent's last descriptors: HAProxy's connections were no longer
+    accepted), and logged each bad request on a line of its own."""
+    import os
+    import time
+
+    metrics = free_port()
+    agent = spoe_agent("--metrics", f"127.0.0.1:{metrics}")
+
+    def descriptors() -> int:
+        return len(os.listdir(f"/proc/{agent.process.pid}/fd"))
+
+    before = descriptors()
+    held = []
+    try:
+        for _ in range(100):
+            conn = socket.create_connection(("127.0.0.1", metrics), timeout=5)
+            conn.sendall(b"G")
+            held.append(conn)
+        time.sleep(0.5)
+        assert descriptors() - before <= 20  # the endpoint's 16 at most, and a few more
+        with SpopClient((agent.host, agent.port)) as client:  # SPOP is served meanwhile
+            assert client.handshake()["version"] == "2.0"
+    finally:
+        for conn in held:
+            conn.close()
+    for _ in range(20):  # malformed requests: one line for them all in 10 s
+        with socket.create_connection(("127.0.0.1", metrics), timeout=5) as conn:
+            conn.sendall(b"BREW /pot HTTP/1.1\r\n\r\n")
+            conn.recv(1024)
+    time.sleep(0.5)
+    assert agent.logs().count("metrics endpoint:") <= 2, agent.describe_logs()
