@@ -85,7 +85,11 @@ class AgentCollector(Collector):
             try:
                 families.extend(list(source()))
             except Exception:
-                log.exception("metrics source failed")
+                # Keyed by source: one failing must not hide another's error for good (a
+                # scrape every 15 s is always within the 10 s window of the one before).
+                name = getattr(source, "__qualname__", repr(source))
+                log.exception("metrics source %s failed", name,
+                              extra={"rate_key": f"metrics source {name}"})
         yield from families
 
 

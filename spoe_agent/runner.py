@@ -123,7 +123,9 @@ def run(
         try:
             hook()
         except Exception:
-            log.exception("shutdown hook failed")
+            # Each is said: the process ends before a held-back line could be summed up.
+            log.exception("shutdown hook %s failed", getattr(hook, "__qualname__", repr(hook)),
+                          extra=EVERY_TIME)
     if metrics is not None:
         metrics.stop()
     log.info("stopped")

@@ -278,3 +278,32 @@ def test_log_lines_cannot_be_forged_by_peer_data() -> None:
     entry = json.loads(JsonFormatter().format(logging.LogRecord(
         "x", logging.WARNING, __file__, 1, "said %s", ("\udcff\n",), None)))
     assert entry["msg"] == "said \\udcff\\x0a"
+
+
+def test_each_failing_metrics_source_is_named_in_the_log(caplog) -> None:  # type: ignore[no-untyped-def]
+    """Code review: two failing sources shared one line's rate limit, so the second's error
+    was never seen at any usual scrape interval."""
+    import logging as _logging
+
+    from spoe_agent.config import AgentConfig
+    from spoe_agent.handlers import Agent
+    from spoe_agent.metrics import AgentCollector
+    from spoe_agent.server import SpoaServer
+
+    agent = Agent("sources")
+
+    def source_a():  # type: ignore[no-untyped-def]
+        raise RuntimeError("a broke")
+
+    def source_b():  # type: ignore[no-untyped-def]
+        raise RuntimeError("b broke")
+
+    agent.metric_sources += [source_a, source_b]
+    collector = AgentCollector(SpoaServer(agent, AgentConfig(exporter="none")), agent)
+    with caplog.at_level(_logging.ERROR, logger="spoe_agent.metrics"):
+        list(collector.collect())
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("source_a failed" in line for line in lines), lines
+    assert any("source_b failed" in line for line in lines), lines
+    keys = {getattr(r, "rate_key", None) for r in caplog.records}
+    assert len(keys) == 2
