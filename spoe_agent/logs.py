@@ -18,8 +18,11 @@ import re
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
-_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f\u2028\u2029]")
+# C0 but tab, DEL, C1 (NEL ends a line for str.splitlines(), CSI starts a terminal escape: code
+# review) and Unicode's line and paragraph separators.
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def _escape(match: re.Match[str]) -> str:
@@ -38,11 +41,23 @@ def log_safe(text: str) -> str:
 
 
 class TextFormatter(logging.Formatter):
-    """The usual text format, but the message (not the traceback) is kept to one safe line."""
+    """The usual text format, the message kept to one safe line, and each line of a traceback
+    indented and made safe: an exception's text is often a peer's value, and flush left it
+    could pass for a record of its own (code review)."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
         record.message = log_safe(record.message)
         return super().formatMessage(record)
+
+    def formatException(self, ei: Any) -> str:  # noqa: N802 (logging's name)
+        return _indented(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:  # noqa: N802 (logging's name)
+        return _indented(super().formatStack(stack_info))
+
+
+def _indented(text: str) -> str:
+    return "\n".join("  " + log_safe(line) for line in text.split("\n"))
 
 
 class JsonFormatter(logging.Formatter):

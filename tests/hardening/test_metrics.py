@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import sys
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -278,6 +279,16 @@ def test_log_lines_cannot_be_forged_by_peer_data() -> None:
     entry = json.loads(JsonFormatter().format(logging.LogRecord(
         "x", logging.WARNING, __file__, 1, "said %s", ("\udcff\n",), None)))
     assert entry["msg"] == "said \\udcff\\x0a"
+    # Code review: NEL (a line end to str.splitlines) and CSI (a terminal escape) passed, and
+    # a traceback's lines went out flush left and unescaped.
+    assert log_safe("bye\x85FORGED\x9b31m") == "bye\\x85FORGED\\x9b31m"
+    try:
+        raise ValueError("unknown method x\n2026-12-03 CRITICAL spoe_agent.runner: forged")
+    except ValueError:
+        exc_info = sys.exc_info()
+    text = formatter.format(logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", (),
+                                              exc_info))
+    assert [line for line in text.splitlines()[1:] if not line.startswith("  ")] == []
 
 
 def test_each_failing_metrics_source_is_named_in_the_log(caplog) -> None:  # type: ignore[no-untyped-def]
