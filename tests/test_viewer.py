@@ -377,6 +377,32 @@ def test_garbage_is_counted_and_does_not_stop_the_receiver(receiver: JaegerRecei
     assert receiver.decode_errors == 3
 
 
+@pytest.mark.parametrize("length, status", [("-1", 400), ("abc", 400),
+                                            ("100000000000", 413)])
+def test_a_post_length_it_cannot_trust_is_refused_before_reading(
+        receiver: JaegerReceiver, length: str, status: int) -> None:
+    """Code review: -1 read to EOF and kept the body (200 MB), a huge length raised
+    MemoryError, "abc" a traceback; the client got no answer."""
+    host, port = receiver.http_address
+    with socket.create_connection((host, port), timeout=5) as sock:
+        sock.sendall(f"POST /api/traces HTTP/1.1\r\nHost: x\r\nContent-Length: {length}"
+                     "\r\n\r\n".encode())
+        answer = sock.recv(4096).decode()
+    assert answer.startswith(f"HTTP/1.1 {status} "), answer
+    assert receiver.last_http_body == b""
+
+
+def test_the_standalone_viewer_keeps_no_trace_it_printed() -> None:
+    """Code review: keep_spans=False (the command line's) still kept every finished trace."""
+    printed: list[int] = []
+    assembler = TraceAssembler(0.0, lambda trace: printed.append(len(trace)),
+                               keep_finished=False)
+    for n in range(100):
+        assembler.add([replace(received(f"s{n}", "1"), trace_id=f"{n:032x}")])
+    assembler.flush(everything=True)
+    assert len(printed) == 100 and assembler.finished == []
+
+
 def test_command_line_viewer_prints_trees_and_json_lines(tmp_path: Path) -> None:
     port = free_port()
     jsonl = tmp_path / "traces.jsonl"
@@ -459,6 +485,7 @@ def test_the_viewer_says_when_the_kernel_dropped_datagrams_it_read_too_slowly(
      "cannot open --jsonl /nonexistent/dir/x.jsonl: No such file or directory"),
     (["--no-http", "--udp", "127.0.0.1:0", "--quiet-s", "-1"], "0 or more, got '-1'"),
     (["--no-http", "--udp", "127.0.0.1:0", "--quiet-s", "nan"], "0 or more, got 'nan'"),
+    (["--no-http", "--udp", "127.0.0.1:99999"], "a number from 0 to 65535"),  # a traceback
 ])
 def test_command_line_viewer_refuses_what_cannot_work(argv: list[str], said: str) -> None:
     """A usage error and exit 2, not a traceback, nor a viewer that listens on nothing."""

@@ -24,10 +24,9 @@ def _address(text: str) -> tuple[str, int]:
     if not sep:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
     host = host.strip("[]") or "0.0.0.0"
-    try:
-        return host, int(port)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad port in {text!r}") from None
+    if not port.isdigit() or not 0 <= int(port) <= 65535:  # 99999 ended in a traceback
+        raise argparse.ArgumentTypeError(f"bad port in {text!r}: a number from 0 to 65535")
+    return host, int(port)
 
 
 def _seconds(text: str) -> float:
@@ -102,7 +101,12 @@ class _Printer:
             self.out.write(text + "\n\n")
             self.out.flush()
             if self.jsonl is not None:
-                self.jsonl.write(json.dumps(to_json(trace), sort_keys=True) + "\n")
+                entry = to_json(trace)
+                try:
+                    line = json.dumps(entry, sort_keys=True)
+                except TypeError:  # keys that do not sort (a tag without a key beside others)
+                    line = json.dumps(entry)
+                self.jsonl.write(line + "\n")
                 self.jsonl.flush()
 
 
@@ -111,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.no_udp and args.no_http:
         parser.error("--no-udp and --no-http together leave nothing to listen on")
+    from spoe_agent.logs import setup_logging
+
+    setup_logging("INFO")  # and its rate limit: a storm of bad datagrams is a line per 10 s
     try:
         jsonl = open(args.jsonl, "a", encoding="utf-8") if args.jsonl else None  # noqa: SIM115
     except OSError as exc:

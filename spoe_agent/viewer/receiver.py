@@ -118,10 +118,14 @@ class TraceAssembler:
     """Groups spans by trace id; a trace is finished once it has been quiet for ``quiet_s``."""
 
     def __init__(
-        self, quiet_s: float = 1.0, on_trace: Callable[[list[ReceivedSpan]], None] | None = None
+        self, quiet_s: float = 1.0, on_trace: Callable[[list[ReceivedSpan]], None] | None = None,
+        keep_finished: bool = True,
     ) -> None:
         self.quiet_s = quiet_s
         self.on_trace = on_trace
+        # The standalone viewer prints each trace and keeps none: kept, every trace it ever
+        # printed stayed in memory (code review).
+        self.keep_finished = keep_finished
         self._lock = threading.Lock()
         self._pending: dict[str, tuple[float, list[ReceivedSpan]]] = {}
         self.finished: list[list[ReceivedSpan]] = []
@@ -151,7 +155,8 @@ class TraceAssembler:
                 if everything or now - last >= self.quiet_s
             ]
             traces = [self._pending.pop(trace_id)[1] for trace_id in done]
-            self.finished.extend(traces)
+            if self.keep_finished:
+                self.finished.extend(traces)
         for trace in traces:
             if self.on_trace is not None:
                 try:
@@ -179,7 +184,7 @@ class JaegerReceiver:
     ) -> None:
         self.udp_addr = udp_addr
         self.http_addr = http_addr
-        self.assembler = TraceAssembler(quiet_s, on_trace)
+        self.assembler = TraceAssembler(quiet_s, on_trace, keep_finished=keep_spans)
         self.keep_spans = keep_spans
         self.udp_address: tuple[str, int] | None = None
         self.http_address: tuple[str, int] | None = None
@@ -313,9 +318,12 @@ class JaegerReceiver:
         """Decode one agent datagram (also usable without sockets)."""
         try:
             name, batch = decode_emit_batch(data)
-        except ValueError:
+        except ValueError as exc:
             self.decode_errors += 1
-            log.warning("undecodable datagram of %d bytes", len(data), exc_info=True)
+            # One line, not a traceback each (a fuzzer's 327 datagrams printed 384 of them):
+            # the rate limit of the log holds back the rest, and decode_errors counts them.
+            log.warning("undecodable datagram of %d bytes: %s", len(data), exc,
+                        extra={"rate_key": "undecodable datagram"})
             return []
         self.datagrams += 1
         if batch is None:
@@ -408,13 +416,26 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
                 pass
 
 
+#: The largest POST body taken: an exporter's batches are far smaller (the Jaeger one posts a
+#: few MB at most).
+MAX_POST_BYTES = 64 * 1024 * 1024
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as the exporter reuses its connection
     timeout = 60  # an idle kept-alive connection is closed after this
     server: _HTTPServer
 
     def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
-        length = int(self.headers.get("Content-Length") or 0)
+        # A length it cannot trust is refused before reading: -1 read to EOF (200 MB held),
+        # a huge one raised MemoryError, "abc" a traceback (code review).
+        text = self.headers.get("Content-Length") or "0"
+        length = int(text) if text.isdigit() else -1
+        if not 0 <= length <= MAX_POST_BYTES:
+            self.close_connection = True
+            self._reply(413 if length > MAX_POST_BYTES else 400,
+                        f"Content-Length must be 0 to {MAX_POST_BYTES}\n".encode())
+            return
         body = self.rfile.read(length)
         receiver = self.server.receiver
         receiver.last_http_headers = dict(self.headers.items())
