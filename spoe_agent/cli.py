@@ -222,6 +222,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"spoe-agent: configuration error: cannot listen on {bind_text(config.bind)} "
                   f"({config.set_by('bind')}): {problem}", file=sys.stderr)
             return EXIT_CONFIG
+        # The metrics address too: one this machine does not have passed --check, and the
+        # start failed (code review).
+        problem = bind_problem(config.metrics) if config.metrics else None
+        if problem is not None:
+            print(f"spoe-agent: configuration error: cannot serve metrics on "
+                  f"{bind_text(config.metrics)} ({config.set_by('metrics')}): {problem}",
+                  file=sys.stderr)
+            return EXIT_CONFIG
         try:
             tls = tls_context(config)  # certificates are read now, not at the first connection
         except StartupError as exc:

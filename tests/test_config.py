@@ -930,3 +930,12 @@ def test_max_open_bytes_takes_sizes_as_haproxy_writes_them(tmp_path: Path) -> No
         path = write(tmp_path, f"[tracing]\n\nmax_open_bytes = {bad}\n")
         with pytest.raises(ConfigError, match=f"agent.ini:3: .*max_open_bytes: {reason}"):
             load_config(str(path), env={})
+
+
+def test_check_refuses_a_metrics_address_this_machine_does_not_have() -> None:
+    """Code review: --check said OK, and the start then failed on it."""
+    done = run_check("--metrics", "192.0.2.1:9464", "--exporter", "none")  # TEST-NET-1
+    assert done.returncode == 2, done
+    assert ("configuration error: cannot serve metrics on 192.0.2.1:9464 (command line): "
+            "Cannot assign requested address") in done.stderr
+    assert run_check("--metrics", "127.0.0.1:9464", "--exporter", "none").returncode == 0
