@@ -161,6 +161,14 @@ class Throttle:
             self.logger.log(level, template, *args, extra=extra)
         return True
 
+    def flush(self) -> None:
+        """Say what is still held back: at a stop, no later line of its kind would (two closes
+        a black-box run caused were never logged, even at SIGTERM)."""
+        held, self._held = self._held, {}
+        for key, count in sorted(held.items()):
+            self.logger.warning("%d more %s events since the last line about them, held back",
+                                count, key, extra=EVERY_TIME)
+
 
 def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)

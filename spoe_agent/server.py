@@ -470,6 +470,7 @@ class SpoaServer:
                 loop.run_callback(_wake_for_drain, client)
         # Waits for the connection greenlets, then kills whatever is left at the deadline.
         self._server.stop(timeout=max(0.0, self._stop_deadline - time.monotonic()))
+        self._throttle.flush()
 
     # ------------------------------------------------------------------------------ limits
 

@@ -318,3 +318,18 @@ def test_each_failing_metrics_source_is_named_in_the_log(caplog) -> None:  # typ
     assert any("source_b failed" in line for line in lines), lines
     keys = {getattr(r, "rate_key", None) for r in caplog.records}
     assert len(keys) == 2
+
+
+def test_what_the_throttle_holds_back_is_said_at_a_stop(caplog: pytest.LogCaptureFixture) -> None:
+    """Black-box run: two closes counted into "(and N more ...)" were never logged, since no
+    later line of their kind came before SIGTERM."""
+    clock = [0.0]
+    throttle = Throttle(logging.getLogger("held"), interval=10.0, clock=lambda: clock[0])
+    with caplog.at_level(logging.WARNING, logger="held"):
+        throttle.warning("write_timeout", "closed %s", "a")
+        throttle.warning("write_timeout", "closed %s", "b")
+        throttle.warning("write_timeout", "closed %s", "c")
+        throttle.flush()
+        throttle.flush()  # once
+    assert [r.getMessage() for r in caplog.records] == [
+        "closed a", "2 more write_timeout events since the last line about them, held back"]
