@@ -939,3 +939,15 @@ def test_check_refuses_a_metrics_address_this_machine_does_not_have() -> None:
     assert ("configuration error: cannot serve metrics on 192.0.2.1:9464 (command line): "
             "Cannot assign requested address") in done.stderr
     assert run_check("--metrics", "127.0.0.1:9464", "--exporter", "none").returncode == 0
+
+
+def test_an_inline_comment_on_a_header_and_bare_cr_line_ends_keep_line_numbers_right(
+        tmp_path: Path) -> None:
+    """Code review: "[tracing] ; see [docs]" made every error of the section say "?" for its
+    line, and a non-UTF-8 byte in an old Mac file (bare CRs) was always on line 1."""
+    path = write(tmp_path, "[tracing] ; see [docs]\nsession_ttl = banana\n")
+    with pytest.raises(ConfigError, match=r"agent.ini:2: \[tracing\] session_ttl: "):
+        load_config(path, env={})
+    (tmp_path / "agent.ini").write_bytes(b"[tracing]\rsession_ttl = 5s\r\r\xff = 1\r")
+    with pytest.raises(ConfigError, match=r"agent.ini:4: not UTF-8 text"):
+        load_config(path, env={})

@@ -26,13 +26,17 @@ from spoe_agent.config.values import (
     parse_workers,
 )
 
+_INLINE_COMMENT = re.compile(r"\s[#;]")
+
 
 def _line_numbers(text: str) -> dict[tuple[str, str], int]:
     """Where each ``key = value`` stands, since configparser forgets line numbers."""
     lines: dict[tuple[str, str], int] = {}
     section = ""
     for number, line in enumerate(text.split("\n"), 1):
-        stripped = line.strip()
+        # Without its inline comment, as configparser reads it: "[tracing] ; see [docs]" was
+        # mapped as a section "tracing] ; see [docs", and its errors said "?" for the line.
+        stripped = _INLINE_COMMENT.split(line, maxsplit=1)[0].strip()
         if not stripped or stripped[0] in "#;":
             continue  # an indented line is a key too: continuation lines are refused
         if stripped.startswith("[") and "]" in stripped:
@@ -112,7 +116,9 @@ def load_ini(path: str, config: AgentConfig, raw: bytes | None = None) -> None:
         # utf-8-sig: a byte-order mark (some Windows editors write one) is not a setting.
         text = raw_bytes.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        line = raw_bytes.count(b"\n", 0, exc.start) + 1
+        # Counted as the lines are split below: an old Mac file's bare CRs end lines too.
+        before = raw_bytes[:exc.start].replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        line = before.count(b"\n") + 1
         raise ConfigError(f"{path}:{line}", f"not UTF-8 text: {exc.reason}") from None
     # No DEFAULT section: configparser would copy its keys into every section, past the
     # check that refuses unknown keys; "[DEFAULT]" is then an unknown section like any other.
