@@ -177,6 +177,9 @@ def _patch_all() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from spoe_agent.stop_signals import catch_early_stop
+
+    catch_early_stop()
     from gevent import monkey
 
     if not monkey.is_module_patched("socket"):

@@ -28,6 +28,7 @@ from spoe_agent.handlers import Agent
 from spoe_agent.listeners import make_listener, remove_listener_socket
 from spoe_agent.logs import EVERY_TIME
 from spoe_agent.server import SpoaServer
+from spoe_agent.stop_signals import STOP_SIGNALS, stopped_early
 
 if TYPE_CHECKING:
     import ssl
@@ -35,9 +36,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SHUTDOWN_TIMEOUT = 10.0
-#: SIGHUP too: its default action kills the process on the spot (a terminal closed under a
-#: foreground agent), losing the spans a clean stop flushes. The agent has no reload.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 #: Signals whose default action would kill the agent on the spot, losing what a clean stop
 #: flushes, for what an operator meant otherwise: logrotate's "reopen your logs" (the agent
 #: logs to stderr: there is nothing to reopen) or HAProxy's soft-stop and reload. Logged and
@@ -108,6 +106,8 @@ def run(
     for signum in STOP_SIGNALS:
         gevent.signal_handler(signum, on_signal)
     ignore_signals(ignored_signals)
+    if stopped_early():
+        stop.set()
     # What start-up built (modules, the configuration, the exporter) lives as long as the
     # process: frozen, it is out of the cyclic collector's sight, whose full collections had to
     # walk it (~15 ms of stall each, about one every few thousand traced requests).

@@ -126,6 +126,10 @@ def start():
     note("startup")
     if os.environ.get("HOOKS_FAIL"):
         raise RuntimeError("no database")
+    if os.environ.get("HOOKS_SLOW"):
+        import time
+        time.sleep(float(os.environ["HOOKS_SLOW"]))
+        note("started")
 
 
 agent.on_startup.append(start)
@@ -133,13 +137,14 @@ agent.on_shutdown.append(lambda: note("shutdown"))
 """
 
 
-def _serve_hooks(tmp_path: Path, workers: str, fail: bool) -> tuple[subprocess.Popen[str], Path]:
+def _serve_hooks(tmp_path: Path, workers: str, fail: bool,
+                 **extra: str) -> tuple[subprocess.Popen[str], Path]:
     from tests.support.procs import free_port
 
     (tmp_path / "hooks_app.py").write_text(HOOKS_MODULE)
     log = tmp_path / "hooks.log"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("OTEL_")}
-    env.update(HOOKS_LOG=str(log), **({"HOOKS_FAIL": "1"} if fail else {}))
+    env.update(HOOKS_LOG=str(log), **({"HOOKS_FAIL": "1"} if fail else {}), **extra)
     proc = subprocess.Popen(
         [sys.executable, "-m", "spoe_agent", "--app", "hooks_app:agent", "--exporter", "none",
          "--workers", workers, "--bind", f"127.0.0.1:{free_port()}"],
@@ -181,6 +186,29 @@ def test_the_supervisor_runs_no_hook_of_an_app(tmp_path: Path) -> None:
     stopped = {pid for pid, what in lines if what == "shutdown"}
     assert len(started) == 2 and stopped == started, lines
     assert str(proc.pid) not in started | stopped, lines
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT", "SIGHUP"])
+def test_a_stop_signal_during_start_up_is_a_clean_stop(tmp_path: Path, signum: str) -> None:
+    """Code review: before the runner's handlers, SIGTERM exited 143, SIGHUP 129, and SIGINT
+    with a KeyboardInterrupt traceback; the README says they stop the agent cleanly."""
+    import signal
+
+    from tests.support.procs import wait_until
+
+    proc, log = _serve_hooks(tmp_path, "1", fail=False, HOOKS_SLOW="1.5")
+    try:
+        wait_until(lambda: log.exists() and "startup" in log.read_text(), timeout=30,
+                   what="the on_startup hook running")
+        proc.send_signal(getattr(signal, signum))
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert f"{signum} during start-up: stopping" in err and "Traceback" not in err, err
+    assert "shutdown" in log.read_text()  # stopped as after serving: its hooks ran
 
 
 def test_a_second_handler_for_one_message_is_refused() -> None:

@@ -39,10 +39,10 @@ from spoe_agent.runner import (
     EXIT_FORCED,
     IGNORED_SIGNALS,
     SHUTDOWN_TIMEOUT,
-    STOP_SIGNALS,
     StartupError,
     ignore_signals,
 )
+from spoe_agent.stop_signals import STOP_SIGNALS, stopped_early
 from spoe_agent.workers.handoff import (
     FREEABLE_PREFIX,
     GIVE_SIGNAL,
@@ -213,6 +213,8 @@ class Supervisor:
         for signum in STOP_SIGNALS:
             gevent.signal_handler(signum, self._on_signal)
         ignore_signals(IGNORED_SIGNALS)
+        if stopped_early():
+            self._stop.set()
         log.info("spoe-agent supervisor: %d workers%s on %s (peer sockets in %s)",
                  len(self.slots),
                  "" if "workers" in self.config.sources else " (auto: one per usable core)",
