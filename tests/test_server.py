@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -110,6 +111,23 @@ def test_malformed_frame_gets_agent_disconnect_with_status(spoe_agent) -> None:
         assert client.handshake()["version"] == "2.0"
 
 
+def flooded(spoe_agent, tmp_path: Path, message: Message,  # type: ignore[no-untyped-def]
+            receive_buffer: int) -> tuple[Any, socket.socket]:
+    """An agent with a 1 s read_timeout, and a connection that sent it 399 NOTIFYs whose ACKs
+    are 16 KB each, after its HELLO was read alone (the reader parked at a frame boundary)."""
+    ini = tmp_path / "agent.ini"
+    ini.write_text("[listener]\nread_timeout = 1s\n")
+    agent = spoe_agent("-c", str(ini), app="tests.apps.echo:agent")  # both messages fill ACKs
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.settimeout(10)
+    sock.connect((agent.host, agent.port))
+    sock.sendall(hello_frame())
+    time.sleep(0.5)
+    sock.sendall(b"".join(codec.notify(i, 1, [message]) for i in range(1, 400)))
+    return agent, sock
+
+
 @pytest.mark.parametrize("message", [
     # The reader's own write (an inline handler): the write's timeout was logged as "ended:
     # timed out", then as the peer having closed mid-frame ("HAProxy stopped or restarted,
@@ -122,17 +140,8 @@ def test_malformed_frame_gets_agent_disconnect_with_status(spoe_agent) -> None:
 ], ids=["inline", "concurrent"])
 def test_a_peer_that_reads_no_acks_is_closed_at_the_write_deadline_and_said_so(
         spoe_agent, tmp_path: Path, message: Message) -> None:
-    ini = tmp_path / "agent.ini"
-    ini.write_text("[listener]\nread_timeout = 1s\n")
-    agent = spoe_agent("-c", str(ini), app="tests.apps.echo:agent")  # both fill their ACKs
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.settimeout(10)
-    sock.connect((agent.host, agent.port))
+    agent, sock = flooded(spoe_agent, tmp_path, message, receive_buffer=4096)
     try:
-        sock.sendall(hello_frame())
-        time.sleep(0.5)  # the HELLO read alone: the reader parks at a frame boundary
-        sock.sendall(b"".join(codec.notify(i, 1, [message]) for i in range(1, 400)))
         deadline = time.monotonic() + 20
         while "read none of the agent's frames" not in agent.process.stderr_text():
             assert time.monotonic() < deadline, agent.process.stderr_text()
@@ -156,17 +165,8 @@ def test_a_slow_peer_that_keeps_reading_is_not_cut(spoe_agent, tmp_path: Path,
                                                     message: Message) -> None:
     """Black-box run: the write deadline first bounded a whole write, so a peer reading 30 MB
     of ACKs at 256 KB/s was cut as if it read nothing. It bounds each wait for room."""
-    ini = tmp_path / "agent.ini"
-    ini.write_text("[listener]\nread_timeout = 1s\n")
-    agent = spoe_agent("-c", str(ini), app="tests.apps.echo:agent")
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-    sock.settimeout(10)
-    sock.connect((agent.host, agent.port))
+    agent, sock = flooded(spoe_agent, tmp_path, message, receive_buffer=16384)
     try:
-        sock.sendall(hello_frame())
-        time.sleep(0.5)
-        sock.sendall(b"".join(codec.notify(i, 1, [message]) for i in range(1, 400)))
         received = 0
         started = time.monotonic()
         while time.monotonic() - started < 3.5:  # three deadlines and more, reading slowly
