@@ -177,8 +177,8 @@ class Agent:
                 if result:
                     start = len(actions)
                     actions.extend(result)
-                    for action in actions[start:]:
-                        if getattr(action, "name", None) not in _READABLE_NAMES:
+                    for i in range(start, len(actions)):  # no copy: each --app message does it
+                        if getattr(actions[i], "name", None) not in _READABLE_NAMES:
                             if _check_names(actions, start, message.name):
                                 self.handler_errors += 1
                             break

@@ -490,13 +490,12 @@ def _host(text: str) -> str:
     value = _name(text)
     if value.startswith("[") and value.endswith("]"):
         value = value[1:-1]
-    try:
-        return str(ipaddress.ip_address(value))
-    except ValueError:
-        pass
-    if not _HOSTNAME.fullmatch(value):
+    if not _valid_host(value):
         raise ValueError(f"expected a host name or an IP address, got {text!r}")
-    return value
+    try:
+        return str(ipaddress.ip_address(value))  # written as Python writes it
+    except ValueError:
+        return value
 
 
 def _level(text: str) -> str:

@@ -306,8 +306,14 @@ class SpopConnection:
             # would had the handler raised. Dropping the connection would fail every NOTIFY in
             # flight on it.
             assert actions is not None  # an ACK without actions always encodes
-            bad = next((action for action in actions if not _encodes(action)), None)
-            actions = [action for action in actions if _encodes(action)]
+            encodable: list[Action] = []
+            bad: Any = None
+            for action in actions:  # each encoded once: kept, or the first one named below
+                if _encodes(action):
+                    encodable.append(action)
+                elif bad is None:
+                    bad = action
+            actions = encodable
             self.actions_unencodable += 1
             # Named after the action, and rate-limited per variable: the handler is not known
             # here, its variable is, and one handler's bug must not hide another's.
