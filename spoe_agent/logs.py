@@ -94,6 +94,7 @@ class RateLimitFilter(logging.Filter):
         self.min_level = min_level
         self._last: dict[tuple[str, str, object], float] = {}
         self._suppressed: dict[tuple[str, str, object], int] = {}
+        self._levels: dict[tuple[str, str, object], int] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < self.min_level or getattr(record, "rate_limit", True) is False:
@@ -103,15 +104,39 @@ class RateLimitFilter(logging.Filter):
         last = self._last.get(key)
         if last is not None and now - last < self.interval:
             self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            self._levels[key] = record.levelno
             return False
         self._last[key] = now
         if len(self._last) > 10_000:  # bounded: forget old keys
             self._last.clear()
             self._suppressed.clear()
+            self._levels.clear()
         suppressed = self._suppressed.pop(key, 0)
         if suppressed:
             record.msg = f"{record.msg} ({suppressed} similar suppressed)"
         return True
+
+    def flush(self) -> None:
+        """Say what is still held back: at exit no later record of its kind will, and a storm's
+        count (the lines a black-box run caused in its last ten seconds) was lost there."""
+        held, self._suppressed = self._suppressed, {}
+        levels, self._levels = self._levels, {}
+        for key, count in sorted(held.items(), key=lambda item: (item[0][0], item[0][1])):
+            name, template, _ = key
+            logging.getLogger(name).log(
+                levels.get(key, logging.WARNING),
+                "%d more lines like this one held back since it was last logged: %s",
+                count, template, extra=EVERY_TIME,
+            )
+
+
+def flush_held_lines() -> None:
+    """:meth:`RateLimitFilter.flush` for the filters :func:`setup_logging` installed: the last
+    call of a process that stops."""
+    for handler in logging.getLogger().handlers:
+        for fltr in handler.filters:
+            if isinstance(fltr, RateLimitFilter):
+                fltr.flush()
 
 
 class Throttle:

@@ -26,7 +26,7 @@ from gevent.event import Event
 from spoe_agent.config import AgentConfig, bind_text
 from spoe_agent.handlers import Agent
 from spoe_agent.listeners import make_listener, remove_listener_socket
-from spoe_agent.logs import EVERY_TIME
+from spoe_agent.logs import EVERY_TIME, flush_held_lines
 from spoe_agent.server import SpoaServer
 from spoe_agent.stop_signals import STOP_SIGNALS, stopped_early
 
@@ -128,6 +128,7 @@ def run(
                           extra=EVERY_TIME)
     if metrics is not None:
         metrics.stop()
+    flush_held_lines()
     log.info("stopped")
     return 0
 

@@ -34,7 +34,7 @@ from gevent.event import Event
 import spoe_agent
 from spoe_agent.config import AgentConfig, bind_text
 from spoe_agent.listeners import make_listener, remove_listener_socket
-from spoe_agent.logs import EVERY_TIME
+from spoe_agent.logs import EVERY_TIME, flush_held_lines
 from spoe_agent.runner import (
     EXIT_FORCED,
     IGNORED_SIGNALS,
@@ -572,6 +572,7 @@ class Supervisor:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
         if self._config_copy is not None:
             self._config_copy.close()
+        flush_held_lines()
         log.info("supervisor: stopped")
 
 

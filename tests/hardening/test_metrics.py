@@ -223,6 +223,33 @@ def test_rate_limit_filter_covers_info_but_not_debug() -> None:
     assert limit.filter(record(logging.DEBUG, "detail %s"))
 
 
+def test_held_back_lines_are_counted_at_exit(capsys: pytest.CaptureFixture[str]) -> None:
+    """Black-box run: a storm's last ten seconds of held-back lines were never said, because
+    only a later line of the same kind reports them and at a stop none comes."""
+    from spoe_agent.logs import flush_held_lines, setup_logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        setup_logging("INFO")
+        noisy = logging.getLogger("spoe_agent.server")
+        for peer in ("a", "b", "c"):
+            noisy.warning("protocol error from %s", peer)
+        logging.getLogger("spoe_agent.other").info("quiet %s", "once")
+        flush_held_lines()
+        flush_held_lines()  # said once: the counts start again
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(" ", 2)[2] for line in lines] == [
+        "WARNING spoe_agent.server: protocol error from a",
+        "INFO spoe_agent.other: quiet once",
+        "WARNING spoe_agent.server: 2 more lines like this one held back since it was last "
+        "logged: protocol error from %s",
+    ]
+
+
 def test_lines_marked_every_time_are_never_held_back() -> None:
     from spoe_agent.logs import EVERY_TIME
 
