@@ -167,6 +167,7 @@ class Agent:
         handlers = self._handlers
         for message in messages:
             handler = handlers.get(message.name)
+            start = len(actions)
             try:
                 if handler is not None:
                     result = handler(message.args)
@@ -175,7 +176,6 @@ class Agent:
                 else:
                     continue
                 if result:
-                    start = len(actions)
                     actions.extend(result)
                     for i in range(start, len(actions)):  # no copy: each --app message does it
                         if getattr(actions[i], "name", None) not in _READABLE_NAMES:
@@ -183,6 +183,9 @@ class Agent:
                                 self.handler_errors += 1
                             break
             except Exception:
+                # A generator that raised part-way has added some: they go too, unchecked as
+                # they are (code review: an invalid name reached HAProxy).
+                del actions[start:]
                 self.handler_errors += 1
                 log.exception("handler for SPOE message %r failed", message.name,
                               extra={"rate_key": message.name})

@@ -6,12 +6,14 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from spoe_agent.config import load_config
 from spoe_agent.handlers import Agent
+from spoe_agent.protocol import Message, Scope, SetVar
 
 APP_MODULE = """\
 from spoe_agent.handlers import Agent
@@ -280,3 +282,28 @@ def test_a_variable_haproxy_cannot_read_is_dropped_and_its_handler_named(
     ]
     assert agent.handler_errors == 2  # one per handler call that returned such a name
     assert agent.dispatch([Message("check", [])])[0] == SetVar(Scope.TXN, "score", 1)
+
+
+def test_a_handler_that_raises_part_way_costs_all_its_own_actions(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Code review: a generator's actions yielded before it raised stayed in the ACK, and went
+    unchecked (a name HAProxy cannot read reached it)."""
+    agent = Agent("part-way")
+
+    @agent.message("first")
+    def first(args: list[tuple[str, object]]) -> list[SetVar]:
+        return [SetVar(Scope.TXN, "kept", 1)]
+
+    @agent.message("broken")
+    def broken(args: list[tuple[str, object]]) -> Iterator[SetVar]:
+        yield SetVar(Scope.TXN, "bad-name", 2)
+        yield SetVar(Scope.TXN, "fine", 3)
+        raise RuntimeError("boom")
+
+    with caplog.at_level(logging.ERROR, logger="spoe_agent.handlers"):
+        actions = agent.dispatch([Message("first", []), Message("broken", []),
+                                  Message("first", [])])
+    assert actions == [SetVar(Scope.TXN, "kept", 1), SetVar(Scope.TXN, "kept", 1)]
+    assert [r.getMessage() for r in caplog.records] == [
+        "handler for SPOE message 'broken' failed"]
+    assert agent.handler_errors == 1
