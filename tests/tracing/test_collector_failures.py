@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.trace import SpanContext, TraceFlags
@@ -238,3 +239,124 @@ def test_an_unreachable_host_is_charged_to_the_datagram_before_too() -> None:
     assert earlier is not None and earlier.errno == errno.EHOSTUNREACH
     assert sender.send(b"two") is None
     assert held.sent == [b"one", b"two"]
+
+
+def test_a_kept_alive_connection_gets_the_time_left_for_its_own_post() -> None:
+    """Code review: a reused connection's socket kept the time its last post had left (0.3 s
+    of 2 s), and the next, larger post failed with a timeout it had not used."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    answered = []
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            for delay in (1.7, 0.5):
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = int(re.search(rb"content-length: *(\d+)", head, re.I).group(1))
+                time.sleep(delay)  # the first answer leaves its post 0.3 s
+                while len(body) < length:
+                    body += conn.recv(1 << 20)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                answered.append(len(body))
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    sender = transport._HTTPSender(
+        f"http://127.0.0.1:{listener.getsockname()[1]}/api/traces", None, None, 2.0)
+    try:
+        sender.send(b"x")
+        sender.send(b"y" * (8 << 20))  # its headers go out, then it waits 0.5 s for the read
+    finally:
+        sender.close()
+        listener.close()
+        server.join(20)
+    assert answered == [1, 8 << 20]
+
+
+def test_one_export_is_bounded_by_the_timeout_whatever_its_services() -> None:
+    """Code review: each service's batch is a post of its own, and each took the whole
+    timeout, so an export to a collector that never answers lasted a timeout per service
+    (up to 1,024 of them). Once the first post has used up the export's time, the others
+    fail without connecting."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        try:
+            while True:
+                held.append(listener.accept()[0])  # never answered
+        except OSError:
+            return
+
+    threading.Thread(target=accept, daemon=True).start()
+    exporter = FastJaegerExporter(
+        collector_endpoint=f"http://127.0.0.1:{listener.getsockname()[1]}/api/traces",
+        timeout=1.0)
+    batch = []
+    for service in "abcd":
+        for span in spans(2):
+            batch.append(ReadableSpan(name=span.name, context=span.context, start_time=1,
+                                      end_time=2, resource=Resource({"service.name": service})))
+    try:
+        delivery = exporter.send_encoded(exporter.encode(batch))
+    finally:
+        exporter.shutdown()
+        listener.close()
+        for conn in held:
+            conn.close()
+    assert (delivery.sent, delivery.failed) == (0, 8)
+    assert len(held) == 1, "a post per service was tried, each with the whole timeout"
+
+
+def test_no_datagram_and_no_socket_once_the_exporter_is_shut_down() -> None:
+    """Code review: a send in progress when the exporter shut down (its deadline past)
+    reopened the UDP socket, sent on, and never closed it; those spans counted as sent,
+    where the processor had counted them dropped."""
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind(("127.0.0.1", 0))
+    sink.settimeout(5)
+    exporter = FastJaegerExporter("127.0.0.1", sink.getsockname()[1], max_packet_size=600)
+    batch = [ReadableSpan(name=f"span {i}", context=SpanContext(i + 1, i + 1, False,
+                                                                TraceFlags(1)),
+                          start_time=1, end_time=2, attributes={"a": "x" * 200})
+             for i in range(5)]
+    try:
+        delivery = exporter.send_encoded(exporter.encode(batch), between=exporter.shutdown)
+        first = decode_emit_batch(sink.recv(65536))[1].spans
+        sink.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            sink.recv(65536)
+    finally:
+        sink.close()
+    assert exporter._udp._sock is None
+    assert delivery.sent == len(first) == exporter.stats.spans_sent
+    assert delivery.sent + delivery.failed == 5
+    with pytest.raises(OSError, match="shut down"):
+        exporter._udp.send(b"late")
+    assert exporter._udp._sock is None
+
+
+def test_a_failed_lookup_is_not_asked_again_for_each_datagram(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Code review: every datagram after a failed lookup looked the host up again, so with a
+    resolver that times out a batch took one timeout per datagram."""
+    lookups = []
+
+    def failing(*args: object, **kwargs: object) -> list[object]:
+        lookups.append(args[0])
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", failing)
+    exporter = FastJaegerExporter("jaeger.invalid", 6831, max_packet_size=600)
+    batch = [ReadableSpan(name=f"span {i}", context=SpanContext(i + 1, i + 1, False,
+                                                                TraceFlags(1)),
+                          start_time=1, end_time=2, attributes={"a": "x" * 200})
+             for i in range(10)]
+    delivery = exporter.send_encoded(exporter.encode(batch))
+    assert (delivery.sent, delivery.failed) == (0, 10)
+    assert exporter.stats.send_errors > 1  # each datagram failed, and was counted
+    assert lookups == ["jaeger.invalid"]
+    exporter.shutdown()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -124,6 +125,7 @@ class FastJaegerExporter(SpanExporter):
         self.agent_port = agent_port
         self.collector_endpoint = collector_endpoint or None
         self.udp_split_oversized_batches = udp_split_oversized_batches
+        self.timeout = timeout
         self.max_packet_size = max_packet_size
         self.stats = ExportStats()
         self.translator = JaegerTranslator(max_tag_value_length, default_service_name)
@@ -229,11 +231,13 @@ class FastJaegerExporter(SpanExporter):
             return Delivery(0, valid, encoded.invalid)
         sent = failed = oversize = refused = 0
         with self._lock:
+            # One bound for the whole export, whatever number of services it posts.
+            deadline = time.monotonic() + self.timeout
             for process, spans in encoded.groups.values():
                 if not spans:
                     continue
                 if self._http is not None:
-                    if self._send_http(process, spans):
+                    if self._send_http(process, spans, deadline):
                         sent += len(spans)
                     else:
                         failed += len(spans)
@@ -255,11 +259,11 @@ class FastJaegerExporter(SpanExporter):
                 self.stats.spans_dropped_invalid += 1
         return encoded
 
-    def _send_http(self, process: ThriftProcess, spans: list[bytes]) -> bool:
+    def _send_http(self, process: ThriftProcess, spans: list[bytes], deadline: float) -> bool:
         stats = self.stats
         body = batch_binary_from_parts(encode_process_binary(process), spans)
         try:
-            self._http.send(body)  # type: ignore[union-attr]
+            self._http.send(body, deadline)  # type: ignore[union-attr]
         except Exception as exc:
             if self._shutdown:
                 # Cut short by shutdown's abort, once its deadline had counted these spans as
@@ -326,6 +330,11 @@ class FastJaegerExporter(SpanExporter):
         for n, (data, count) in enumerate(datagrams):
             if n and between is not None:
                 between()
+            if self._shutdown:
+                # Shut down meanwhile, its deadline past: the processor has counted what is
+                # left as dropped, and these are neither sent nor the transport's failures.
+                failed += sum(c for _, c in datagrams[n:])
+                break
             try:
                 earlier = self._udp.send(data)
             except Exception as exc:
@@ -356,7 +365,7 @@ class FastJaegerExporter(SpanExporter):
         Not under the export lock: an export stuck on a dead collector must not hold this up.
         """
         self._shutdown = True
-        self._udp.close()
+        self._udp.shut()
         if self._http is not None:
             if self._lock.acquire(blocking=False):  # no post in progress
                 try:
