@@ -24,6 +24,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import gevent
+from gevent import monkey
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
@@ -84,10 +86,7 @@ class SlicedOTLPSpanExporter(OTLPSpanExporter):
         deadline = time.monotonic() + self._timeout
         for attempt in range(_MAX_ATTEMPTS):
             try:
-                if _EXPORT_TAKES_TIMEOUT:
-                    response = self._export(body, max(0.001, deadline - time.monotonic()))
-                else:  # pragma: no cover - depends on the installed SDK
-                    response = self._export(body)
+                response = self._bounded_export(body, max(0.001, deadline - time.monotonic()))
             except Exception as exc:
                 # The processor's DEBUG traceback shows this OSError only: the client's chain
                 # is logged here instead.
@@ -105,6 +104,33 @@ class SlicedOTLPSpanExporter(OTLPSpanExporter):
                               f"{response.reason}"
                               + (f" after {attempt + 1} tries" if attempt else ""))
         return SpanExportResult.FAILURE  # pragma: no cover - the loop always returns or raises
+
+    def _bounded_export(self, body: bytes, seconds: float) -> Any:
+        """The SDK's post, done within ``seconds``.
+
+        ``requests`` applies its timeout to each socket operation: a collector trickling its
+        answer a byte at a time held a post 26 s with a 1 s timeout, and the SDK posts again
+        after a connection error (code review). Under gevent (the agent) a timer bounds it
+        whole; it is not an ``OSError``, so neither urllib3 nor the SDK's retry catches it.
+        """
+        def post() -> Any:
+            if _EXPORT_TAKES_TIMEOUT:
+                return self._export(body, seconds)
+            return self._export(body)  # pragma: no cover - depends on the installed SDK
+
+        if not monkey.is_module_patched("socket"):
+            return post()
+        timer = gevent.Timeout(seconds)
+        timer.start()
+        try:
+            return post()
+        except gevent.Timeout as exc:
+            if exc is not timer:
+                raise
+            raise TimeoutError(f"no complete answer within {self._timeout:g}s (otlp_timeout, "
+                               "or export_timeout if shorter)") from None
+        finally:
+            timer.close()
 
     def _accepted(self, body: bytes, spans: int) -> SpanExportResult | Delivery:
         """A 2xx may still reject spans: the specification's partial success, which the SDK

@@ -160,3 +160,42 @@ def test_the_agent_builds_the_sliced_exporter_for_otlp() -> None:
     exporter = build_exporter(load_config(env={"OTEL_TRACES_EXPORTER": "otlp"}))
     assert isinstance(exporter, SlicedOTLPSpanExporter)
     exporter.shutdown()
+
+
+OTLP_TRICKLE_SCRIPT = """
+from gevent import monkey
+monkey.patch_all()
+import sys
+import gevent
+sys.path.insert(0, {repo!r})
+from tests.tracing.test_collector_failures import Trickle
+from tests.tracing.test_otlp import spans
+from spoe_agent.tracing.otlp import SlicedOTLPSpanExporter
+
+collector = Trickle(headers_too=True)  # a byte every 0.1 s: no read ever waits 1 s
+exporter = SlicedOTLPSpanExporter(endpoint=collector.endpoint.replace("/api/traces", "/v1/traces"),
+                                  timeout=1)
+post = gevent.spawn(exporter.send_encoded, exporter.encode(spans(2)))
+post.join(20)  # liveness only: unbounded, the answer takes 100 s
+assert post.dead, "the post is still reading its answer"
+print(type(post.exception).__name__, post.exception)
+collector.close()
+"""
+
+
+def test_under_gevent_an_otlp_post_is_bounded_as_a_whole() -> None:
+    """Code review: ``requests`` bounds each socket operation, so a collector trickling its
+    answer held one export 26 s with a 1 s timeout (and the SDK posts again after a
+    connection error, with the full timeout again)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", OTLP_TRICKLE_SCRIPT.format(repo=str(repo))],
+                          capture_output=True, text=True, timeout=120, cwd=repo)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip().endswith(
+        "failed: TimeoutError: no complete answer within 1s (otlp_timeout, or export_timeout "
+        "if shorter)"), done.stdout + done.stderr
+    assert done.stdout.startswith("OSError OTLP export to http://127.0.0.1:"), done.stdout
