@@ -211,6 +211,32 @@ def test_throttle_logs_once_per_interval_and_says_how_many_it_held(
     ]
 
 
+def test_a_throttled_line_is_not_held_back_again_by_the_rate_limit() -> None:
+    """Code review: both limit to one line per 10 s, on clocks read a moment apart, so the
+    filter could hold back the line the throttle let out at the interval's edge, and with it
+    the count of the lines the throttle had held."""
+    clock = _Clock()
+    seen: list[str] = []
+    sink = logging.Handler()
+    sink.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    sink.addFilter(RateLimitFilter(interval=10.0))
+    logger = logging.getLogger("throttled-twice")
+    logger.addHandler(sink)
+    logger.propagate = False
+    try:
+        throttle = Throttle(logger, interval=10.0, clock=clock)
+        assert throttle.warning("slow", "limit hit")
+        for held in (1, 2):
+            for _ in range(held):
+                assert not throttle.warning("slow", "limit hit")
+            clock.now += 10.0  # the throttle's interval is up; the filter's clock hardly moved
+            assert throttle.warning("slow", "limit hit")
+    finally:
+        logger.removeHandler(sink)
+    assert seen == ["limit hit", "limit hit (and 1 more like it since the last report)",
+                    "limit hit (and 2 more like it since the last report)"]
+
+
 def test_rate_limit_filter_covers_info_but_not_debug() -> None:
     limit = RateLimitFilter(interval=10.0)
 
