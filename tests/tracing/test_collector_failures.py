@@ -360,3 +360,33 @@ def test_a_failed_lookup_is_not_asked_again_for_each_datagram(
     assert exporter.stats.send_errors > 1  # each datagram failed, and was counted
     assert lookups == ["jaeger.invalid"]
     exporter.shutdown()
+
+
+def test_a_refusal_read_before_a_failed_send_is_said_by_the_next_one() -> None:
+    """Code review: reading the pending error clears it, and a send that then failed for a
+    reason of its own lost it, so the datagram before stayed counted as delivered."""
+
+    class Flaky:
+        def __init__(self) -> None:
+            self.pending, self.failures, self.sent = errno.ECONNREFUSED, 1, []  # type: ignore[var-annotated]
+
+        def getsockopt(self, level: int, option: int) -> int:
+            pending, self.pending = self.pending, 0
+            return pending
+
+        def send(self, data: bytes) -> int:
+            if self.failures:
+                self.failures -= 1
+                raise OSError(errno.ENETUNREACH, os.strerror(errno.ENETUNREACH))
+            self.sent.append(data)
+            return len(data)
+
+    sender = transport._UDPSender("127.0.0.1", 6831)
+    flaky = Flaky()
+    sender._target = lambda: (flaky, ("127.0.0.1", 6831))  # type: ignore[method-assign]
+    with pytest.raises(OSError, match="unreachable"):
+        sender.send(b"one")
+    earlier = sender.send(b"two")
+    assert earlier is not None and earlier.errno == errno.ECONNREFUSED
+    assert sender.send(b"three") is None
+    assert flaky.sent == [b"two", b"three"]

@@ -57,6 +57,7 @@ class _UDPSender:
         self._resolved_at = 0.0
         self._lookup_failed: tuple[float, OSError] | None = None
         self._shut = False
+        self._held_error = 0
 
     def _target(self) -> tuple[socket.socket, Any]:
         if self._shut:
@@ -94,6 +95,7 @@ class _UDPSender:
         Raises if this one cannot be sent. Whether the last datagram sent arrived only the next
         send can tell, if the destination's host answers at all (hosts rate-limit their ICMP).
         """
+        earlier = 0
         try:
             sock, _ = self._target()
             earlier = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # and clears it
@@ -106,7 +108,11 @@ class _UDPSender:
                 sock.send(datagram)
         except OSError:
             self._resolved_at = 0.0  # re-resolve on the next attempt
+            # Read and cleared, it is still the last datagram sent's: said by the next send
+            # that goes out, whose own datagram comes after it (code review: it went uncounted).
+            self._held_error = earlier or self._held_error
             raise
+        earlier, self._held_error = earlier or self._held_error, 0
         return OSError(earlier, os.strerror(earlier)) if earlier else None
 
     def close(self) -> None:
