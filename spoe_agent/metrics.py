@@ -26,8 +26,9 @@ import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import gevent
 from gevent.pool import Pool
-from gevent.pywsgi import WSGIServer
+from gevent.pywsgi import WSGIHandler, WSGIServer
 from prometheus_client import CollectorRegistry, Histogram, ProcessCollector, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -193,9 +194,37 @@ ENDPOINT_CONNECTIONS = 16
 #: How long a request may take to arrive, each read: a client that sends a byte and waits
 #: held its connection for ever.
 ENDPOINT_READ_TIMEOUT_S = 10.0
+#: How long a request may take, from its first byte to the end of its answer: a client that
+#: sent a byte every few seconds kept its slot for ever, and 16 of them kept /health from
+#: answering (code review).
+ENDPOINT_REQUEST_TIMEOUT_S = 10.0
+
+
+class _Handler(WSGIHandler):
+    def handle_one_request(self) -> Any:
+        try:
+            if self.rfile.closed or not self.rfile.peek(1):
+                return None  # the client is gone
+        except OSError:  # no request within the read timeout: a kept-alive connection idle
+            return None
+        timer = gevent.Timeout(ENDPOINT_REQUEST_TIMEOUT_S)
+        timer.start()
+        try:
+            return super().handle_one_request()
+        except gevent.Timeout as exc:
+            if exc is not timer:
+                raise
+            self.server.error_log.write(
+                f"a request from {self.client_address[0]} took over "
+                f"{ENDPOINT_REQUEST_TIMEOUT_S:g}s; its connection is closed")
+            return None
+        finally:
+            timer.close()
 
 
 class _EndpointServer(WSGIServer):
+    handler_class = _Handler
+
     def handle(self, sock: Any, address: Any) -> None:
         sock.settimeout(ENDPOINT_READ_TIMEOUT_S)
         super().handle(sock, address)

@@ -222,3 +222,50 @@ def test_half_sent_requests_to_the_metrics_endpoint_take_few_descriptors_and_few
             conn.recv(1024)
     time.sleep(0.5)
     assert agent.logs().count("metrics endpoint:") <= 2, agent.describe_logs()
+
+
+METRICS_TRICKLE_SCRIPT = """
+from gevent import monkey
+monkey.patch_all()
+import socket, sys
+import gevent
+sys.path.insert(0, {repo!r})
+from prometheus_client import CollectorRegistry
+from spoe_agent import metrics
+
+metrics.ENDPOINT_READ_TIMEOUT_S = 0.5
+metrics.ENDPOINT_REQUEST_TIMEOUT_S = 1.0
+server = metrics.endpoint_server("127.0.0.1:0", CollectorRegistry(), lambda: (True, b"ok\\n"))
+server.start()
+port = server.address[1]
+request = b"GET /health HTTP/1.1\\r\\nHost: x\\r\\nUser-Agent: slow\\r\\n\\r\\n"
+conn = socket.create_connection(("127.0.0.1", port))
+answer = b""
+try:
+    for byte in request:  # a byte every 0.2 s: each read well within its 0.5 s
+        conn.sendall(bytes([byte]))
+        gevent.sleep(0.2)
+    answer = conn.recv(1024)
+except OSError:
+    pass
+print("trickled:", answer[:12])
+with socket.create_connection(("127.0.0.1", port)) as plain:
+    plain.sendall(b"GET /health HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n")
+    print("plain:", plain.recv(1024)[:15])
+"""
+
+
+def test_a_trickled_request_to_the_metrics_endpoint_is_cut_at_its_deadline() -> None:
+    """Code review: the read timeout bounds each read, so a client sending a byte every few
+    seconds held a slot for ever, and 16 of them kept /health from answering at all."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", METRICS_TRICKLE_SCRIPT.format(repo=str(repo))],
+                          capture_output=True, text=True, timeout=120, cwd=repo)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines()[:2] == ["trickled: b''", "plain: b'HTTP/1.1 200 OK'"], \
+        done.stdout + done.stderr
+    assert "took over 1s; its connection is closed" in done.stdout + done.stderr
