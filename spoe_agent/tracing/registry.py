@@ -195,6 +195,7 @@ STAT_KEYS = (
     "value_truncated",
     "open_bytes",
     "late_carrier",
+    "after_finish",
     "bad_ts",
     "extract_error",
     "inject_error",
@@ -453,6 +454,8 @@ class SessionRegistry:
         self.last_conflict: tuple[str, str] | None = None
         #: The span name of the last ``inject_unknown``: a typo costs the next hop its context.
         self.last_inject_unknown: str | None = None
+        #: The span name of the last ``unknown_span`` or ``unknown_parent``, for the log line.
+        self.last_unknown_span: str | None = None
         #: Called with the key of every session this registry no longer answers for: at its
         #: ``finish=*`` or close, and for one ended by TTL or cap once its key is forgotten
         #: (until then, the rest of its stream must come here, to be counted as late). With
@@ -498,6 +501,7 @@ class SessionRegistry:
             if key in self._evicted:
                 self.stats["late_message"] += 1
                 return []
+
             if carrier is None and not any(op[0] in _CREATING_OPS for op in ops):
                 # Only ends or annotations for a session that is gone (or never started).
                 self.stats["unknown_session"] += 1
@@ -572,6 +576,7 @@ class SessionRegistry:
                 span = spans.get(op[1])
                 if span is None or span.start_ns is None:
                     self.stats["unknown_span"] += 1
+                    self.last_unknown_span = op[1]
                     if created and not session.partial and span is None:
                         self._mark_partial(session)
                 else:
@@ -612,6 +617,7 @@ class SessionRegistry:
                     # rather than starting a second root in the trace (the first span itself
                     # stays a root: nothing is above it).
                     self.stats["unknown_parent"] += 1
+                    self.last_unknown_span = op[1]
                     if created and not session.partial and parent is None:
                         self._mark_partial(session)
                     if sel.parent is None:
@@ -982,10 +988,16 @@ class SessionRegistry:
         end = t if t >= start else start
         span.start_ns = None
         if session.trace_id is None:
-            if session.pending is None:
-                session.pending = [(span, start, end)]
+            pending = session.pending
+            if pending is None:
+                pending = session.pending = [(span, start, end)]
             else:
-                session.pending.append((span, start, end))
+                pending.append((span, start, end))
+            if len(pending) >= session.started:
+                # None open: the trace is fixed now, and the spans go out as they end, rather
+                # than at finish=* or the TTL (a black-box run's configuration had no
+                # traceparent= and no finish=*: every trace waited 30 s).
+                self._fix(session, None, None)
         elif session.sampled:
             self._emit_span(session, span, start, end)
         else:

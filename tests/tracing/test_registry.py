@@ -1236,3 +1236,23 @@ def test_every_way_a_session_ends_gives_back_what_it_held() -> None:
     h.send(("id", "carrier"), ("finish", "*"))
     assert h.reg._room == whole
     assert h.reg.stats["open_bytes"] == 0
+
+
+def test_spans_go_out_once_none_is_open_without_a_context_argument() -> None:
+    """Black-box run: a configuration with neither traceparent= nor finish=str("*") had every
+    span wait for the session TTL (30 s), though each had ended: the trace id was only fixed
+    by a context argument, an inject or the session's end."""
+    h = Harness()
+    h.send(("id", "s"), ("span", "req"), ("span", "inner"), ("child-of", "req"))
+    h.send(("id", "s"), ("finish", "inner"))
+    assert h.spans == []  # req is open: a later message may still bring the caller's context
+    h.send(("id", "s"), ("finish", "req"))
+    spans = h.by_name()
+    assert sorted(spans) == ["inner", "req"]
+    assert spans["inner"].context.trace_id == spans["req"].context.trace_id
+    assert spans["inner"].parent.span_id == spans["req"].context.span_id
+    assert "s" in h.reg  # the session is held (until finish=* or the TTL), its trace fixed
+    h.send(("id", "s"), ("traceparent", TRACEPARENT))
+    assert h.reg.stats["late_carrier"] == 1
+    h.send(("id", "s"), ("span", "later"), ("finish", "later"))  # the same trace still
+    assert h.by_name()["later"].context.trace_id == spans["req"].context.trace_id
