@@ -21,10 +21,12 @@ from spoe_agent.handlers import Agent, MetricSample, Work
 from spoe_agent.logs import EVERY_TIME
 from spoe_agent.protocol.types import Action, Message, SetVar
 from spoe_agent.tracing.language import (
+    BAD_KINDS,
     INJECT_ARGS_ON_WIRE,
     LANGUAGE_EVENTS,
     UNKNOWN_NAMES,
     Command,
+    ends_session,
     has_inject,
     parse_message,
 )
@@ -102,8 +104,24 @@ _MISTAKES = {
                    "ignored since the last report (a typo? README.md, 'The configuration "
                    "language', lists the names; names first met since the last report: %s)",
     "bad_kind": "%d kind= values other than server, client, producer, consumer and internal "
-                "ignored since the last report",
+                "ignored since the last report (values first met since the last report: %s)",
 }
+# Context headers after the trace was fixed: the caller's trace is lost without a word.
+_LATE_CARRIER = ("%d incoming trace contexts (traceparent= and the other propagation "
+                 "arguments) came after their session's trace was fixed since the last report, "
+                 "and were ignored: those traces are cut from their callers' (in a spoe.cfg of "
+                 "your own, the message that carries them must come before the first inject= "
+                 "and while a span is still open)")
+_AFTER_FINISH = ("%d SPOE messages came after the message with finish=str(\"*\") of their own "
+                 "event since the last report, and were ignored: the spoe-agent section's "
+                 "messages lines list that message before them (list it last)")
+# finish=, child-of=, follows-from= naming a span not open: a typo's only trace, and what the
+# reference configuration does in mode tcp and listen sections (so INFO, not a warning).
+_UNKNOWN_SPANS = ("%d finish=, child-of= or follows-from= arguments named a span their session "
+                  "does not have open since the last report (last: %r), counted as "
+                  "unknown_span and unknown_parent: the reference configuration does this in "
+                  "mode tcp frontends and listen sections; otherwise, a typo in a span's name, "
+                  "or a span finished twice?")
 
 
 class TracingAgent(Agent):
@@ -154,6 +172,7 @@ class TracingAgent(Agent):
         self.router: PeerMesh | None = None
         self._limits_seen: dict[str, int] = {}
         self._limits_logged: dict[str, float] = {}
+        self._finished_in_event: str | None = None
         self.fallback(self.handle)
         self.on_startup.append(self.start)
         self.on_shutdown.append(self.stop)
@@ -178,6 +197,7 @@ class TracingAgent(Agent):
             return super().prepare(messages)
         commands: list[Command] = []
         stats = self.language_stats
+        finished: str | None = None
         for message in messages:
             try:
                 command = parse_message(message, stats)
@@ -187,6 +207,11 @@ class TracingAgent(Agent):
                               extra={"rate_key": message.name})
                 continue
             if command is not None:
+                if command[0] == finished:
+                    self._after_finish()
+                    continue
+                if ends_session(command):
+                    finished = command[0]
                 commands.append(command)
         if not commands:
             return None, None
@@ -241,10 +266,27 @@ class TracingAgent(Agent):
                 self.handler_errors += 1
                 log.exception("applying SPOE message of session %r failed", command.key)
 
+    def _after_finish(self) -> None:
+        """A message of the event whose earlier message had ``finish=*`` for its session: the
+        spoe-agent section lists that one first. Applied, it started a second trace of the
+        request's last spans (black-box run); one NOTIFY is one stream, so it is dropped."""
+        self.registry.stats["after_finish"] += 1
+
+    def dispatch(self, messages: list[Message]) -> list[Action]:
+        self._finished_in_event = None
+        return super().dispatch(messages)
+
     def handle(self, message: Message) -> list[SetVar] | None:
         command = parse_message(message, self.language_stats)
         if command is None:
             return None
+        # The dispatch path's check (prepare's): a route that yields (an inject waiting for
+        # its owner) may let another NOTIFY reset it, which only misses a drop.
+        if command[0] == self._finished_in_event:
+            self._after_finish()
+            return None
+        if ends_session(command):
+            self._finished_in_event = command[0]
         router = self.router
         if router is not None:
             return router.route(command)
@@ -296,24 +338,32 @@ class TracingAgent(Agent):
                      _SERVICE_CONFLICTS, *(registry.last_conflict or ("?", "?")))
         self._report("inject_unknown", registry.stats["inject_unknown"], now, _INJECT_UNKNOWN,
                      registry.last_inject_unknown or "?")
+        self._report("late_carrier", registry.stats["late_carrier"], now, _LATE_CARRIER)
+        self._report("after_finish", registry.stats["after_finish"], now, _AFTER_FINISH)
+        self._report("unknown_span", registry.stats["unknown_span"]
+                     + registry.stats["unknown_parent"], now, _UNKNOWN_SPANS,
+                     registry.last_unknown_span or "?", level=logging.INFO)
         for name, template in _MISTAKES.items():
-            if name == "unknown_arg":
+            met = {"unknown_arg": UNKNOWN_NAMES, "bad_kind": BAD_KINDS}.get(name)
+            if met is not None:
                 # repr: the names are a peer's bytes (HAProxy's configuration, or anyone
                 # who reaches the port), kept to one line.
-                names = ", ".join(map(repr, UNKNOWN_NAMES)) or "none new"
+                names = ", ".join(map(repr, met)) or "none new"
                 if self._report(name, self.language_stats[name], now, template, names):
-                    UNKNOWN_NAMES.clear()  # the next report names what is new since this one
+                    met.clear()  # the next report names what is new since this one
             else:
                 self._report(name, self.language_stats[name], now, template)
 
-    def _report(self, name: str, value: int, now: float, template: str, *more: object) -> bool:
+    def _report(self, name: str, value: int, now: float, template: str, *more: object,
+                level: int = logging.WARNING) -> bool:
         grew = value - self._limits_seen.get(name, 0)
         if grew > 0 and now - self._limits_logged.get(name, -LIMIT_LOG_INTERVAL_S) >= (
             LIMIT_LOG_INTERVAL_S
         ):
             # At stop (now is then infinite), past the root filter, which would hold back a
             # template logged less than its interval ago.
-            log.warning(template, grew, *more, extra=EVERY_TIME if now == float("inf") else None)
+            log.log(level, template, grew, *more,
+                    extra=EVERY_TIME if now == float("inf") else None)
             self._limits_seen[name] = value
             self._limits_logged[name] = now
             return True

@@ -69,6 +69,12 @@ def has_inject(command: Command) -> bool:
     return False
 
 
+def ends_session(command: Command) -> bool:
+    """Whether ``command`` has ``finish=*`` (compiled as its last op)."""
+    ops = command[4]
+    return bool(ops) and ops[-1][0] == OP_FINISH_ALL
+
+
 # Argument names to codes: below _K_ID, the op the keyword compiles to.
 _K_ID, _K_TS, _K_SERVICE, _K_KIND, _K_HEADER, _K_UNKNOWN = 20, 21, 22, 23, 24, 25
 _ARGS: dict[str, int] = {
@@ -211,6 +217,9 @@ LANGUAGE_EVENTS = (
 #: user bisecting spoe.cfg for the typo.
 UNKNOWN_NAMES: dict[str, None] = {}
 _UNKNOWN_NAMES_KEPT = 8
+#: The same for the ``kind=`` values counted as ``bad_kind`` (black-box run: the line did not
+#: say which value).
+BAD_KINDS: dict[str, None] = {}
 
 
 def _remember_unknown(names: list[str]) -> None:
@@ -591,6 +600,8 @@ def _compile(
                 kind = KIND_VALUES.get(text.lower())
                 if kind is None:
                     _count(stats, "bad_kind")
+                    if len(BAD_KINDS) < _UNKNOWN_NAMES_KEPT:
+                        BAD_KINDS[text[:64]] = None
                 else:
                     ops.append((OP_KIND, kind))
     if pending >= 0:

@@ -451,3 +451,67 @@ def test_an_app_may_ack_early_what_it_knows_answers_nothing(caplog) -> None:
         client.sock.close()
         peer.close()
         listener.close()
+
+
+def test_a_message_after_its_own_events_finish_star_is_dropped_not_a_second_trace(
+        caplog: Any) -> None:
+    """Black-box run: with the message that has finish=str("*") listed first, the event's
+    next message started a second trace of the request's last spans, silently. One NOTIFY is
+    one stream: such a message belongs to the session just ended."""
+    import logging
+
+    agent = _agent()
+    registry = agent.registry
+
+    def last_event(key: str) -> list[Message]:
+        return [
+            Message("m-err", [("id", key), ("span", "request"), ("tag", "error"), ("", True),
+                              ("finish", "*")]),
+            Message("m-end", [("id", key), ("span", "request"),
+                              ("tag", "http.response.status_code"), ("", 503), ("finish", "*")]),
+        ]
+
+    agent.prepare([_msg("start", ("span", "request"))])[1]()
+    now, later = agent.prepare(last_event(KEY))
+    assert now is None and later is not None
+    later()
+    assert KEY not in registry
+    assert (registry.stats["sessions_started"], registry.stats["after_finish"]) == (1, 1)
+    # The path a NOTIFY takes when it must be dispatched message by message.
+    other = "0a1b2c3d-0000-4000-8000-000000000002"
+    agent.dispatch([Message("start", [("id", other), ("span", "request")])])
+    agent.dispatch(last_event(other))
+    assert other not in registry
+    assert (registry.stats["sessions_started"], registry.stats["after_finish"]) == (2, 2)
+    # A later event of the stream is another NOTIFY: a new session, as the README says.
+    agent.prepare([_msg("late", ("span", "x"))])[1]()
+    assert KEY in registry
+    with caplog.at_level(logging.INFO, logger="spoe_agent.tracing.agent"):
+        agent._report_limits(final=True)
+    assert ('2 SPOE messages came after the message with finish=str("*") of their own event '
+            "since the last report, and were ignored") in caplog.text
+
+
+def test_mistakes_that_were_only_counted_are_logged_and_named(caplog: Any) -> None:
+    """Black-box run: a finish= or child-of= typo, a context after the trace was fixed and a
+    bad kind= value were counted but never said, or said without the value."""
+    import logging
+
+    agent = _agent()
+    for work in (
+        agent.prepare([_msg("a", ("span", "root"), ("span", "x"), ("child-of", "Frontend TCP reqeust"),
+                            ("kind", "srv"))])[1],
+        agent.prepare([_msg("b", ("finish", "Fronted TCP request"), ("inject", "root"))])[0],
+        agent.prepare([_msg("c", ("traceparent", "00-" + "1" * 32 + "-" + "2" * 16 + "-01"))])[1],
+    ):
+        assert work is not None
+        work()
+    with caplog.at_level(logging.INFO, logger="spoe_agent.tracing.agent"):
+        agent._report_limits(final=True)
+    lines = {r.getMessage().split(" ", 2)[1]: (r.levelno, r.getMessage()) for r in caplog.records}
+    assert "kind=" in caplog.text and "(values first met since the last report: 'srv')" in caplog.text
+    assert lines["finish=,"] == (logging.INFO, lines["finish=,"][1])
+    assert "(last: 'Fronted TCP request')" in lines["finish=,"][1]
+    assert lines["incoming"][0] == logging.WARNING
+    assert lines["incoming"][1].startswith("1 incoming trace contexts (traceparent= and the "
+                                           "other propagation arguments) came after")
