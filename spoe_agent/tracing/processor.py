@@ -151,6 +151,14 @@ class QueueSpanProcessor(SpanProcessor):
         encoded = self._encoded
         return len(self._queue) + (len(encoded) if encoded is not None else 0)
 
+    @property
+    def pending(self) -> int:
+        """Spans ended and not yet exported or given up: queued, encoded, or being sent. What a
+        process killed now would lose of them."""
+        if self._abandoned:
+            return len(self._queue)
+        return len(self._queue) + self._held
+
     # -- SpanProcessor interface ---------------------------------------------------------------
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:

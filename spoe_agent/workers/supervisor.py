@@ -532,16 +532,17 @@ class Supervisor:
                     slot.backoff = min(MAX_BACKOFF_S, max(0.1, slot.backoff * 2))
                 slot.restart_at = now + slot.backoff
                 # A worker that stopped cleanly (status 0) flushed its queue; any other end
-                # took the spans it held with it: the count of its last report, up to a second
-                # old, is what can be said of them.
+                # took the spans it held with it: its last report, their mean count over a
+                # second, is what can be said of them.
                 lost = slot.pending if status != 0 else 0
                 slot.spans_lost += lost
                 slot.pending = 0
                 log.warning(f"worker {slot.index} (pid %d) exited with %s after %.1fs; "
                             "restarting%s%s", proc.pid, _describe_status(status), lived,
                             f" in {slot.backoff:.1f}s" if slot.backoff else "",
-                            f"; about {lost} spans waiting for export in it (its last report) "
-                            "are lost" if lost else "", extra=EVERY_TIME)
+                            f"; about {lost} spans waiting for export in it (their mean count "
+                            "over its last reported second) are lost" if lost else "",
+                            extra=EVERY_TIME)
             if slot.proc is None and now >= slot.restart_at:
                 slot.restarts += 1
                 self._spawn(slot)

@@ -224,6 +224,38 @@ def test_spans_a_killed_worker_held_for_export_are_logged_and_counted(
     os.kill(pid, signal.SIGKILL)
     wait_until(lambda: f"worker {holder} (pid {pid}) exited with signal SIGKILL" in agent.logs(),
                what="the death logged")
-    assert "about 20 spans waiting for export in it (its last report) are lost" in agent.logs()
+    assert ("about 20 spans waiting for export in it (their mean count over its last reported "
+            "second) are lost") in agent.logs()
     wait_until(lambda: total(scrape(port), "spoe_agent_spans_dropped_total",
                              reason="worker_died") == 20, what="the loss counted")
+
+
+def test_a_worker_reports_the_mean_of_what_it_held_for_export_over_the_second(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chaos run: the queue is a saw (it fills, then a batch goes), and one sample a second
+    read 0 after a batch as often as not; a SIGKILL lost 306 spans where the supervisor, told
+    0, said nothing. Ten samples a second, and their mean reported."""
+    import gevent
+
+    from spoe_agent import workers
+
+    monkeypatch.setattr(workers, "_REPORT_S", 0.01)
+    held = iter([0] + [50] * 9 + [0] * 5 + [100] * 5 + [0] * 100)
+
+    class Processor:
+        @property
+        def pending(self) -> int:
+            return next(held)
+
+    class Listener:
+        closed = False
+        reports: list[int | None] = []
+
+        def report(self, pending: int | None) -> None:
+            self.reports.append(pending)
+            if len(self.reports) == 3:
+                self.closed = True
+
+    listener = Listener()
+    gevent.spawn(workers._report_loop, listener, Processor()).join(10)
+    assert listener.reports == [0, 45, 50]  # the first at once, then each over ten samples
