@@ -24,9 +24,10 @@ from spoe_agent.tracing.language import (
     BAD_KINDS,
     INJECT_ARGS_ON_WIRE,
     LANGUAGE_EVENTS,
+    OP_FINISH_ALL,
     UNKNOWN_NAMES,
     Command,
-    ends_session,
+    after_finish,
     has_inject,
     parse_message,
 )
@@ -197,7 +198,6 @@ class TracingAgent(Agent):
             return super().prepare(messages)
         commands: list[Command] = []
         stats = self.language_stats
-        finished: str | None = None
         for message in messages:
             try:
                 command = parse_message(message, stats)
@@ -207,14 +207,14 @@ class TracingAgent(Agent):
                               extra={"rate_key": message.name})
                 continue
             if command is not None:
-                if command[0] == finished:
-                    self._after_finish()
-                    continue
-                if ends_session(command):
-                    finished = command[0]
                 commands.append(command)
         if not commands:
             return None, None
+        if len(commands) > 1:  # most events send one message
+            kept = after_finish(commands)
+            if kept is not None:
+                self._after_finish(len(commands) - len(kept))
+                commands = kept
         for command in commands:
             if has_inject(command):
                 return partial(self._apply, commands, router and router.route), None
@@ -266,11 +266,11 @@ class TracingAgent(Agent):
                 self.handler_errors += 1
                 log.exception("applying SPOE message of session %r failed", command.key)
 
-    def _after_finish(self) -> None:
-        """A message of the event whose earlier message had ``finish=*`` for its session: the
-        spoe-agent section lists that one first. Applied, it started a second trace of the
-        request's last spans (black-box run); one NOTIFY is one stream, so it is dropped."""
-        self.registry.stats["after_finish"] += 1
+    def _after_finish(self, dropped: int = 1) -> None:
+        """Messages of the event whose earlier message had ``finish=*`` for their session: the
+        spoe-agent section lists that one first. Applied, they started a second trace of the
+        request's last spans (black-box run); one NOTIFY is one stream, so they are dropped."""
+        self.registry.stats["after_finish"] += dropped
 
     def dispatch(self, messages: list[Message]) -> list[Action]:
         self._finished_in_event = None
@@ -285,7 +285,8 @@ class TracingAgent(Agent):
         if command[0] == self._finished_in_event:
             self._after_finish()
             return None
-        if ends_session(command):
+        ops = command[4]
+        if ops and ops[-1][0] == OP_FINISH_ALL:
             self._finished_in_event = command[0]
         router = self.router
         if router is not None:
@@ -337,12 +338,12 @@ class TracingAgent(Agent):
         self._report("service_conflict", registry.stats["service_conflict"], now,
                      _SERVICE_CONFLICTS, *(registry.last_conflict or ("?", "?")))
         self._report("inject_unknown", registry.stats["inject_unknown"], now, _INJECT_UNKNOWN,
-                     registry.last_inject_unknown or "?")
+                     registry.last_named.get("inject_unknown", "?"))
         self._report("late_carrier", registry.stats["late_carrier"], now, _LATE_CARRIER)
         self._report("after_finish", registry.stats["after_finish"], now, _AFTER_FINISH)
         self._report("unknown_span", registry.stats["unknown_span"]
                      + registry.stats["unknown_parent"], now, _UNKNOWN_SPANS,
-                     registry.last_unknown_span or "?", level=logging.INFO)
+                     registry.last_named.get("unknown_span", "?"), level=logging.INFO)
         for name, template in _MISTAKES.items():
             met = {"unknown_arg": UNKNOWN_NAMES, "bad_kind": BAD_KINDS}.get(name)
             if met is not None:

@@ -69,10 +69,22 @@ def has_inject(command: Command) -> bool:
     return False
 
 
-def ends_session(command: Command) -> bool:
-    """Whether ``command`` has ``finish=*`` (compiled as its last op)."""
-    ops = command[4]
-    return bool(ops) and ops[-1][0] == OP_FINISH_ALL
+def after_finish(commands: list[Command]) -> list[Command] | None:
+    """One NOTIFY's commands without those that follow a ``finish=*`` of their own session
+    (compiled as its last op), or None if there is none such."""
+    finished: str | None = None
+    kept: list[Command] | None = None
+    for i, command in enumerate(commands):
+        if command[0] == finished:
+            if kept is None:
+                kept = commands[:i]
+            continue
+        if kept is not None:
+            kept.append(command)
+        ops = command[4]
+        if ops and ops[-1][0] == OP_FINISH_ALL:
+            finished = command[0]
+    return kept
 
 
 # Argument names to codes: below _K_ID, the op the keyword compiles to.
