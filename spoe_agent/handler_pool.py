@@ -59,7 +59,7 @@ class _Runner:
                 # In an empty context, as a new greenlet starts: a context variable one handler
                 # set must not be seen by the next one this greenlet runs.
                 Context().run(function, *args)
-            except Exception:
+            except (Exception, gevent.Timeout):  # a timeout it armed and did not catch, too
                 log.exception("concurrent handler %r failed", function)
             finally:
                 pool._finished(self)
@@ -68,7 +68,18 @@ class _Runner:
             if self.condemned or len(_idle) >= MAX_IDLE:
                 return
             _idle.append(self)
-            work = hub.switch()
+            try:
+                work = hub.switch()
+            except BaseException as exc:
+                # Thrown into while parked: a gevent.Timeout a handler started and left armed
+                # (harmless in a greenlet that died with its handler). Dead, it must not stay
+                # listed as idle: the next handler given to it would never run (code review).
+                if self in _idle:
+                    _idle.remove(self)
+                if not isinstance(exc, gevent.GreenletExit):
+                    log.warning("a handler left %r armed after it returned; it fired while its "
+                                "greenlet was parked", exc)
+                return
 
 
 class HandlerPool:
@@ -91,6 +102,8 @@ class HandlerPool:
         """Run ``function(*args)`` in a greenlet of its own once a slot is free (may wait)."""
         self._slots.acquire()
         runner = _idle.pop() if _idle else _Runner()
+        while runner.greenlet.dead:  # ended some way its loop could not see
+            runner = _idle.pop() if _idle else _Runner()
         self._running.add(runner)
         self._empty.clear()
         runner.start((function, args, self))

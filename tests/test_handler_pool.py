@@ -139,3 +139,37 @@ def test_a_pool_killed_before_its_handler_started_leaves_no_dead_runner_for_the_
     innocent.spawn(ran.append, "innocent")
     assert innocent.join(timeout=1) and ran[-1] == "innocent" and not len(innocent)
     assert "after its connection went" not in ran  # nobody would read its ACK
+
+
+def test_a_timer_a_handler_left_armed_does_not_cost_the_next_handler(caplog) -> None:
+    """Code review: a handler that started a gevent.Timeout and returned left it to fire in
+    its parked greenlet, which died still listed as idle; the next handler, on any
+    connection, was given to it and never ran (its NOTIFY never ACKed)."""
+    ran: list[str] = []
+
+    def leaky() -> None:
+        gevent.Timeout(0.05).start()
+        ran.append("leaky")
+
+    pool = HandlerPool(2)
+    pool.spawn(leaky)
+    assert pool.join(timeout=5)
+    gevent.sleep(0.2)  # the timer fires in the parked greenlet
+    other = HandlerPool(2)
+    other.spawn(lambda: ran.append("next"))
+    assert other.join(timeout=5), "the next handler never ran"
+    assert ran == ["leaky", "next"]
+    assert "left <Timeout" in caplog.text and "armed after it returned" in caplog.text
+
+    # Left armed and fired while the greenlet runs the next handler: that handler fails
+    # (logged), as it would with any exception, and the greenlet serves on.
+    def leaky_then_slow() -> None:
+        gevent.Timeout(0.01).start()
+
+    pool.spawn(leaky_then_slow)
+    assert pool.join(timeout=5)
+    pool.spawn(lambda: gevent.sleep(0.1))
+    assert pool.join(timeout=5)
+    pool.spawn(lambda: ran.append("after"))
+    assert pool.join(timeout=5)
+    assert ran[-1] == "after"
