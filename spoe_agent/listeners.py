@@ -7,6 +7,7 @@ them without serving anything.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import logging
@@ -24,6 +25,15 @@ log = logging.getLogger(__name__)
 # Probing a unix socket must block even where gevent patched ``socket``.
 _OriginalSocket = get_original("socket", "socket")
 BACKLOG = 1024
+#: The unix sockets this process bound, by path, for its stop to remove only its own
+#: (:func:`remove_listener_socket`).
+_BOUND: dict[str, tuple[int, int, int]] = {}
+
+
+def _identity(status: os.stat_result) -> tuple[int, int, int]:
+    """A file as made: an inode freed by an unlink is given to the next file at once, so the
+    creation time (ctime) tells a socket bound again at the same path from ours."""
+    return status.st_dev, status.st_ino, status.st_ctime_ns
 # sockaddr_un's sun_path is 108 bytes on Linux, one of them the terminating NUL: a longer path
 # passed --check, then failed the start with "AF_UNIX path too long" (black-box run).
 UNIX_PATH_MAX = 107
@@ -105,6 +115,7 @@ def make_listener(
             sock.close()
             os.unlink(target)
             raise OSError(exc.errno, f"{step} {target}: {exc.strerror}") from None
+        _BOUND[target] = _identity(os.lstat(target))
     else:
         note = ignored_unix_options(bind, mode, group)
         if note:
@@ -155,9 +166,22 @@ def remove_stale_socket(path: str) -> None:
 
 
 def remove_listener_socket(bind: str) -> None:
-    """After a clean stop, remove the unix socket file this agent listened on."""
+    """After a clean stop, remove the unix socket file this agent listened on, if it is still
+    the one it bound: another agent may have replaced it meanwhile, and a probe could not tell
+    its socket, bound but not listening yet, from a stale one (code review: the old agent's
+    stop unlinked the new one's)."""
     target = split_bind(bind)
     if isinstance(target, str):
+        ours = _BOUND.pop(target, None)
+        if ours is not None:
+            try:
+                now = os.lstat(target)
+            except OSError:
+                return
+            if _identity(now) == ours:
+                with contextlib.suppress(OSError):
+                    os.unlink(target)
+            return
         try:
             remove_stale_socket(target)
         except OSError:

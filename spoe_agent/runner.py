@@ -113,7 +113,13 @@ def run(
     # walk it (~15 ms of stall each, about one every few thousand traced requests).
     gc.collect()
     gc.freeze()
-    server.start()
+    try:
+        server.start()
+    except OSError as exc:
+        # Bound, not listening yet: with SO_REUSEADDR another process could bind the same port
+        # meanwhile and listen first (code review: a traceback, after the hooks had run).
+        raise StartupError(f"cannot listen on {bind_text(config.bind)} "
+                           f"({config.set_by('bind')}): {exc.strerror or exc}") from None
     stop.wait()
     log.info("shutting down: draining %d connections", server.stats.connections_open)
     server.stop(timeout=SHUTDOWN_TIMEOUT)

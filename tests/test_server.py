@@ -600,6 +600,62 @@ def test_a_stale_socket_file_is_replaced_and_removed_at_stop(tmp_path: Path) -> 
         assert not path.exists(), workers
 
 
+def test_a_stop_removes_its_own_socket_file_only(tmp_path: Path) -> None:
+    """Code review: the stop of an agent whose path another agent had taken meanwhile probed
+    the new socket, bound but not listening yet, took it for a stale one and unlinked it."""
+    from spoe_agent.listeners import make_listener, remove_listener_socket
+
+    path = Path(tempfile.mkdtemp(prefix="spoe-unix-")) / "agent.sock"
+    old = make_listener(f"unix:{path}", listen=False)
+    old.close()
+    path.unlink()  # the new agent's start found it stale (as it is, between bind and listen)
+    time.sleep(0.05)  # (file times tick every few ms: a real restart is seconds apart)
+    new = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    new.bind(str(path))
+    try:
+        remove_listener_socket(f"unix:{path}")  # the old agent's stop
+        assert path.exists(), "the new agent's socket was removed"
+        mine = make_listener(f"unix:{tmp_path / 'mine.sock'}")
+        mine.close()
+        remove_listener_socket(f"unix:{tmp_path / 'mine.sock'}")
+        assert not (tmp_path / "mine.sock").exists()
+    finally:
+        new.close()
+        path.unlink()
+
+
+LISTEN_RACE_SCRIPT = """
+import socket, sys
+sys.path.insert(0, {repo!r})
+from spoe_agent.config import AgentConfig
+from spoe_agent.handlers import Agent
+from spoe_agent.listeners import make_listener
+from spoe_agent.runner import StartupError, run
+
+mine = make_listener("127.0.0.1:0", listen=False)  # bound, as the runner binds, not listening
+port = mine.getsockname()[1]
+other = socket.socket()
+other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+other.bind(("127.0.0.1", port))  # SO_REUSEADDR both: Linux lets a second agent bind it too
+other.listen(1)  # and it listens first
+try:
+    run(Agent("late"), AgentConfig(bind=f"127.0.0.1:{{port}}", exporter="none"), listener=mine)
+except StartupError as exc:
+    print("StartupError:", exc)
+"""
+
+
+def test_a_port_another_agent_listens_on_first_is_a_startup_error() -> None:
+    """Code review: with the port bound but not listening during start-up, a second agent
+    could bind and listen first, and the first one's listen() ended it with a traceback."""
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", LISTEN_RACE_SCRIPT.format(repo=str(repo))],
+                          capture_output=True, text=True, timeout=60, cwd=repo)
+    assert done.stdout.startswith("StartupError: cannot listen on 127.0.0.1:"), \
+        done.stdout + done.stderr
+    assert "Address already in use" in done.stdout and "Traceback" not in done.stderr
+
+
 def test_a_protocol_errors_goodbye_read_while_stopping_is_still_sent() -> None:
     """Code review: at a stop, a buffered NOTIFY for a concurrent handler then a bad frame
     held the AGENT-DISCONNECT for the handler's ACK; the handler outlived the stop's deadline,
