@@ -222,13 +222,21 @@ class Supervisor:
         acceptor = None
         try:
             for slot in self.slots:
-                self._spawn(slot)
+                try:
+                    self._spawn(slot)
+                except OSError as exc:
+                    raise StartupError(f"cannot start worker {slot.index}: {exc}") from None
             acceptor = gevent.spawn(self._accept_loop)
             while not self._stop.wait(_POLL_S):
                 self._check()
         finally:
             if acceptor is not None:
                 acceptor.kill()
+            if self._listener is not None:
+                # Refused from now on, as by one process that stops: kept open while the
+                # workers drained, the kernel took connections nobody would serve, reset
+                # without a word when it closed (code review).
+                self._listener.close()
             self._shutdown()
             if metrics is not None:
                 metrics.stop()
@@ -271,6 +279,8 @@ class Supervisor:
         return metrics
 
     def _spawn(self, slot: _Slot) -> None:
+        """Start ``slot``'s worker; raises OSError if the system would not (no process or
+        descriptor to spare)."""
         assert self._listener is not None
         ours, theirs = channel_pair()
         env = dict(os.environ)
@@ -288,6 +298,9 @@ class Supervisor:
             slot.proc = subprocess.Popen(
                 self.worker_argv(slot.index), pass_fds=fds, env=env, start_new_session=True,
             )
+        except OSError:
+            ours.close()
+            raise
         finally:
             theirs.close()
         slot.channel = ours
@@ -545,7 +558,16 @@ class Supervisor:
                             extra=EVERY_TIME)
             if slot.proc is None and now >= slot.restart_at:
                 slot.restarts += 1
-                self._spawn(slot)
+                try:
+                    self._spawn(slot)
+                except OSError as exc:
+                    # fork's EAGAIN (a pids limit), no memory, no descriptor: the other workers
+                    # serve on, and this one is tried again (code review: it stopped the agent,
+                    # with a traceback).
+                    slot.backoff = min(MAX_BACKOFF_S, max(0.1, slot.backoff * 2))
+                    slot.restart_at = now + slot.backoff
+                    log.error(f"worker {slot.index} could not be started: %s; trying again in "
+                              "%.1fs", exc, slot.backoff, extra=EVERY_TIME)
         self._rebalance(now)
 
     def _shutdown(self) -> None:

@@ -69,3 +69,92 @@ def test_a_temporary_directory_too_deep_for_unix_sockets_is_replaced(
     shallow.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(shallow))
     assert os.path.dirname(runtime_dir(4)) == str(shallow)
+
+
+FORK_FAILS_SCRIPT = """
+import errno, sys
+sys.path.insert(0, {repo!r})
+from gevent import monkey
+monkey.patch_all()
+import spoe_agent.workers.supervisor as supervisor
+
+real = supervisor.subprocess.Popen
+started = [0]
+
+def popen(*args, **kwargs):
+    started[0] += 1
+    if 2 < started[0] < 5:  # the first two replacements: fork's EAGAIN (a pids limit)
+        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+    return real(*args, **kwargs)
+
+supervisor.subprocess.Popen = popen
+from spoe_agent.cli import main
+sys.exit(main(["--bind", "127.0.0.1:{port}", "--workers", "2", "--exporter", "none"]))
+"""
+
+
+def test_a_worker_that_cannot_be_forked_is_tried_again_while_the_other_serves(
+        tmp_path: Path) -> None:
+    """Code review: an OSError from starting a replacement (fork's EAGAIN, no memory, no
+    descriptor) escaped the supervisor's loop, which stopped the healthy worker too and
+    exited with a traceback."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.support.procs import free_port, wait_for_port, wait_until
+    from tests.support.spop_client import SpopClient
+    from tests.workers.test_multiworker import worker_pids
+
+    repo = Path(__file__).resolve().parents[2]
+    port = free_port()
+    log = tmp_path / "agent.log"
+    with open(log, "w") as out:
+        agent = subprocess.Popen(
+            [sys.executable, "-c", FORK_FAILS_SCRIPT.format(repo=str(repo), port=port)],
+            stdout=out, stderr=subprocess.STDOUT, cwd=repo)
+    try:
+        wait_for_port("127.0.0.1", port, 30)
+        wait_until(lambda: log.read_text().count("spoe-agent listening on") == 2,
+                   what="two workers serving")
+        os.kill(worker_pids(agent.pid)[0], signal.SIGKILL)
+        wait_until(lambda: log.read_text().count("worker 0 could not be started: [Errno 11] "
+                                                 "Resource temporarily unavailable; trying "
+                                                 "again in") == 2, what="two failed restarts")
+        wait_until(lambda: 0 in worker_pids(agent.pid), what="worker 0 started at last")
+        for _ in range(4):  # both workers serve (connections go to each in turn)
+            with SpopClient(("127.0.0.1", port)) as client:
+                assert client.handshake()["version"] == "2.0"
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        status = agent.wait(30)
+    text = log.read_text()
+    assert status == 0, text
+    assert "Traceback" not in text, text
+
+
+def test_a_stopping_supervisor_refuses_new_connections_while_its_workers_drain(
+        tmp_path: Path) -> None:
+    """Code review: the supervisor listened on while its workers drained (up to 20 s), so the
+    kernel took connections nobody would serve, reset at the end without a word. One process
+    that stops refuses them at once."""
+    import signal
+
+    from tests.support.procs import wait_until
+    from tests.support.spop_client import SpopClient
+
+    agent = AgentProcess.launch(tmp_path, "--workers", "2", app=None)
+    try:
+        agent.wait_ready()
+        wait_until(lambda: agent.logs().count("spoe-agent listening on") == 2,
+                   what="two workers serving")
+        held = SpopClient((agent.host, agent.port), timeout=30)
+        held.handshake()  # open, and never closed by us: its worker lingers on it
+        agent.process.send_signal(signal.SIGTERM)
+        wait_until(lambda: "supervisor: stopping 2 workers" in agent.logs(), what="the stop")
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((agent.host, agent.port), timeout=5).close()
+        held.close()
+        assert agent.process.wait(30) == 0, agent.logs()
+    finally:
+        agent.process.stop()
