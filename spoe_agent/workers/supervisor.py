@@ -73,6 +73,11 @@ STABLE_AFTER_S = 2.0
 #: workers answer, stays green. Killing resets those connections; HAProxy reconnects.
 SILENT_AFTER_S = 2.5
 HUNG_AFTER_S = 5.0
+#: A replacement that has not begun serving this long after it started is killed as hung too
+#: (a worker serves within a few seconds: imports, then its peers' SYNC, 2 s at most). Before,
+#: one stopped in its start-up was never killed, and was handed new connections meanwhile
+#: (code review).
+STARTING_AT_MOST_S = 30.0
 #: The supervisor checks its workers every _POLL_S; a check this late means it was not running
 #: itself (stopped, frozen with its cgroup, starved): its workers' reports wait unread in the
 #: channels, so their silence says nothing, and they get the full HUNG_AFTER_S again.
@@ -393,10 +398,12 @@ class Supervisor:
     def _hand_over(self, conn: Any, address: Any, state: Any = None,
                    giver: _Slot | None = None) -> bool:
         now = time.monotonic()
-        # With room first, then those with room once a connection gives its slot up; the
-        # fewest open connections first among each.
+        # With room first, then those with room once a connection gives its slot up; serving
+        # ones first among each (a starting one answers its HELLO only once it is up, if it
+        # ever is), and the fewest open connections first.
         share = self._share
-        ranked = sorted(self.slots, key=lambda s: (s.taken >= share, s.load >= share, s.load))
+        ranked = sorted(self.slots,
+                        key=lambda s: (s.taken >= share, s.load >= share, not s.serving, s.load))
         for slot in ranked:
             if slot.channel is None or slot is giver or slot.closing:
                 continue
@@ -517,6 +524,13 @@ class Supervisor:
                                   extra=EVERY_TIME)
                         slot.closing, slot.closing_since = True, now
                         proc.kill()  # its death is then the usual restart
+                    elif (not slot.serving and not slot.closing and self._all_serving.is_set()
+                          and now - slot.started > STARTING_AT_MOST_S):
+                        log.error(f"worker {slot.index} (pid %d) has not begun serving %.0fs "
+                                  "after it started: hung; killing it", proc.pid,
+                                  now - slot.started, extra=EVERY_TIME)
+                        slot.closing, slot.closing_since = True, now
+                        proc.kill()
                     elif slot.closing and now - slot.closing_since > STOPPING_AT_MOST_S:
                         log.error(f"worker {slot.index} (pid %d) has been stopping for %.0fs; "
                                   "killing it", proc.pid, now - slot.closing_since,

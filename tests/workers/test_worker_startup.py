@@ -158,3 +158,58 @@ def test_a_stopping_supervisor_refuses_new_connections_while_its_workers_drain(
         assert agent.process.wait(30) == 0, agent.logs()
     finally:
         agent.process.stop()
+
+
+STARTING_SCRIPT = """
+import sys
+sys.path.insert(0, {repo!r})
+from gevent import monkey
+monkey.patch_all()
+import spoe_agent.workers.supervisor as supervisor
+
+supervisor.STARTING_AT_MOST_S = 3.0
+from spoe_agent.cli import main
+sys.exit(main(["--bind", "127.0.0.1:{port}", "--workers", "2", "--exporter", "none"]))
+"""
+
+
+def test_a_replacement_stopped_in_its_start_up_is_killed_and_gets_no_connection(
+        tmp_path: Path) -> None:
+    """Code review: hang detection waited for a worker's first report, so a replacement that
+    stopped in its start-up was never killed; and being the least loaded, it was handed the
+    new connections, which waited on it."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.support.procs import free_port, wait_for_port, wait_until
+    from tests.support.spop_client import SpopClient
+    from tests.workers.test_multiworker import worker_pids
+
+    repo = Path(__file__).resolve().parents[2]
+    port = free_port()
+    log = tmp_path / "agent.log"
+    with open(log, "w") as out:
+        agent = subprocess.Popen(
+            [sys.executable, "-c", STARTING_SCRIPT.format(repo=str(repo), port=port)],
+            stdout=out, stderr=subprocess.STDOUT, cwd=repo)
+    try:
+        wait_for_port("127.0.0.1", port, 30)
+        wait_until(lambda: log.read_text().count("spoe-agent listening on") == 2,
+                   what="two workers serving")
+        first = worker_pids(agent.pid)[0]
+        os.kill(first, signal.SIGKILL)
+        replacement = wait_until(lambda: [pid for i, pid in worker_pids(agent.pid).items()
+                                          if i == 0 and pid != first], what="a replacement")[0]
+        os.kill(replacement, signal.SIGSTOP)  # stuck in its start-up
+        for _ in range(4):  # each new connection goes to the worker that serves
+            with SpopClient(("127.0.0.1", port), timeout=10) as client:
+                assert client.handshake()["version"] == "2.0"
+        wait_until(lambda: f"worker 0 (pid {replacement}) has not begun serving" in
+                   log.read_text(), what="the stuck replacement killed")
+        wait_until(lambda: log.read_text().count("spoe-agent listening on") == 3,
+                   what="its own replacement serving")
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        status = agent.wait(30)
+    assert status == 0, log.read_text()
