@@ -27,6 +27,11 @@ def catch_early_stop() -> None:
 
     for signum in STOP_SIGNALS:
         signal.signal(signum, remember)
+    # Ignored for good later (the runner's IGNORED_SIGNALS; a worker's GIVE_SIGNAL, which the
+    # supervisor sends only once it serves): until then their default action killed the agent
+    # (code review).
+    for signum in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def stopped_early() -> bool:

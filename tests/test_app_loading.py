@@ -307,3 +307,26 @@ def test_a_handler_that_raises_part_way_costs_all_its_own_actions(
     assert [r.getMessage() for r in caplog.records] == [
         "handler for SPOE message 'broken' failed"]
     assert agent.handler_errors == 1
+
+
+def test_a_usr_signal_during_start_up_is_ignored_as_after(tmp_path: Path) -> None:
+    """Code review: the README says SIGUSR1 and SIGUSR2 are ignored, but before the runner's
+    handlers their default action killed the agent."""
+    import signal
+
+    from tests.support.procs import wait_until
+
+    proc, log = _serve_hooks(tmp_path, "1", fail=False, HOOKS_SLOW="1.5")
+    try:
+        wait_until(lambda: log.exists() and "startup" in log.read_text(), timeout=30,
+                   what="the on_startup hook running")
+        proc.send_signal(signal.SIGUSR1)
+        proc.send_signal(signal.SIGUSR2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "SIGTERM" in err and "Traceback" not in err, err
