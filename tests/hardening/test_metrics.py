@@ -7,6 +7,7 @@ malformed exposition fails here as it would fail Prometheus.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
@@ -211,28 +212,34 @@ def test_throttle_logs_once_per_interval_and_says_how_many_it_held(
     ]
 
 
+@contextlib.contextmanager
+def _limited_messages(name: str) -> Iterator[list[str]]:
+    """What logger ``name`` logs through a RateLimitFilter, as setup_logging installs one."""
+    seen: list[str] = []
+    sink = logging.Handler()
+    sink.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    sink.addFilter(RateLimitFilter(interval=10.0))
+    logger = logging.getLogger(name)
+    logger.addHandler(sink)
+    try:
+        yield seen
+    finally:
+        logger.removeHandler(sink)
+
+
 def test_a_throttled_line_is_not_held_back_again_by_the_rate_limit() -> None:
     """Code review: both limit to one line per 10 s, on clocks read a moment apart, so the
     filter could hold back the line the throttle let out at the interval's edge, and with it
     the count of the lines the throttle had held."""
     clock = _Clock()
-    seen: list[str] = []
-    sink = logging.Handler()
-    sink.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
-    sink.addFilter(RateLimitFilter(interval=10.0))
-    logger = logging.getLogger("throttled-twice")
-    logger.addHandler(sink)
-    logger.propagate = False
-    try:
-        throttle = Throttle(logger, interval=10.0, clock=clock)
+    with _limited_messages("throttled-twice") as seen:
+        throttle = Throttle(logging.getLogger("throttled-twice"), interval=10.0, clock=clock)
         assert throttle.warning("slow", "limit hit")
         for held in (1, 2):
             for _ in range(held):
                 assert not throttle.warning("slow", "limit hit")
             clock.now += 10.0  # the throttle's interval is up; the filter's clock hardly moved
             assert throttle.warning("slow", "limit hit")
-    finally:
-        logger.removeHandler(sink)
     assert seen == ["limit hit", "limit hit (and 1 more like it since the last report)",
                     "limit hit (and 2 more like it since the last report)"]
 
@@ -305,17 +312,9 @@ def test_one_failing_handler_does_not_hide_another_ones_error() -> None:
     def single(args: list[tuple[str, object]]) -> object:
         return 42  # not a list of actions: fails in the agent, not in the handler
 
-    seen: list[str] = []
-    sink = logging.Handler()
-    sink.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
-    sink.addFilter(RateLimitFilter(interval=10.0))
-    logger = logging.getLogger("spoe_agent.handlers")
-    logger.addHandler(sink)
-    try:
+    with _limited_messages("spoe_agent.handlers") as seen:
         for _ in range(3):
             agent.dispatch([Message("boom", []), Message("single", [])])
-    finally:
-        logger.removeHandler(sink)
     assert seen == ["handler for SPOE message 'boom' failed",
                     "handler for SPOE message 'single' failed"]
     assert agent.handler_errors == 6

@@ -212,6 +212,13 @@ def test_the_first_datagram_after_jaeger_agent_is_back_is_delivered() -> None:
     assert got == [2, 4]
 
 
+def _sender_over(fake: object) -> transport._UDPSender:
+    """A UDP sender whose socket is ``fake`` (getsockopt and send)."""
+    sender = transport._UDPSender("127.0.0.1", 6831)
+    sender._target = lambda: (fake, ("127.0.0.1", 6831))  # type: ignore[method-assign]
+    return sender
+
+
 def test_an_unreachable_host_is_charged_to_the_datagram_before_too() -> None:
     """An ICMP "host unreachable" is held on the socket as a refusal is, but a send that finds
     it would fail with an error that can also be its own: it is read (and cleared) before each
@@ -232,9 +239,8 @@ def test_an_unreachable_host_is_charged_to_the_datagram_before_too() -> None:
             self.sent.append(data)
             return len(data)
 
-    sender = transport._UDPSender("127.0.0.1", 6831)
     held = Held()
-    sender._target = lambda: (held, ("127.0.0.1", 6831))  # type: ignore[method-assign]
+    sender = _sender_over(held)
     earlier = sender.send(b"one")
     assert earlier is not None and earlier.errno == errno.EHOSTUNREACH
     assert sender.send(b"two") is None
@@ -381,9 +387,8 @@ def test_a_refusal_read_before_a_failed_send_is_said_by_the_next_one() -> None:
             self.sent.append(data)
             return len(data)
 
-    sender = transport._UDPSender("127.0.0.1", 6831)
     flaky = Flaky()
-    sender._target = lambda: (flaky, ("127.0.0.1", 6831))  # type: ignore[method-assign]
+    sender = _sender_over(flaky)
     with pytest.raises(OSError, match="unreachable"):
         sender.send(b"one")
     earlier = sender.send(b"two")

@@ -13,6 +13,7 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -71,6 +72,31 @@ def test_a_temporary_directory_too_deep_for_unix_sockets_is_replaced(
     assert os.path.dirname(runtime_dir(4)) == str(shallow)
 
 
+def _patched_supervisor(tmp_path: Path, script: str) -> tuple[Any, Path, int]:
+    """The agent with two workers, run by ``script`` (a supervisor patched for the test), once
+    both serve: its process, its log and its port."""
+    import subprocess
+    import sys
+
+    from tests.support.procs import free_port, wait_for_port, wait_until
+
+    repo = Path(__file__).resolve().parents[2]
+    port = free_port()
+    log = tmp_path / "agent.log"
+    with open(log, "w") as out:
+        agent = subprocess.Popen([sys.executable, "-c", script.format(repo=str(repo), port=port)],
+                                 stdout=out, stderr=subprocess.STDOUT, cwd=repo)
+    try:
+        wait_for_port("127.0.0.1", port, 30)
+        wait_until(lambda: log.read_text().count("spoe-agent listening on") == 2,
+                   what="two workers serving")
+    except BaseException:
+        agent.kill()
+        agent.wait()
+        raise
+    return agent, log, port
+
+
 FORK_FAILS_SCRIPT = """
 import errno, sys
 sys.path.insert(0, {repo!r})
@@ -99,24 +125,13 @@ def test_a_worker_that_cannot_be_forked_is_tried_again_while_the_other_serves(
     descriptor) escaped the supervisor's loop, which stopped the healthy worker too and
     exited with a traceback."""
     import signal
-    import subprocess
-    import sys
 
-    from tests.support.procs import free_port, wait_for_port, wait_until
+    from tests.support.procs import wait_until
     from tests.support.spop_client import SpopClient
     from tests.workers.test_multiworker import worker_pids
 
-    repo = Path(__file__).resolve().parents[2]
-    port = free_port()
-    log = tmp_path / "agent.log"
-    with open(log, "w") as out:
-        agent = subprocess.Popen(
-            [sys.executable, "-c", FORK_FAILS_SCRIPT.format(repo=str(repo), port=port)],
-            stdout=out, stderr=subprocess.STDOUT, cwd=repo)
+    agent, log, port = _patched_supervisor(tmp_path, FORK_FAILS_SCRIPT)
     try:
-        wait_for_port("127.0.0.1", port, 30)
-        wait_until(lambda: log.read_text().count("spoe-agent listening on") == 2,
-                   what="two workers serving")
         os.kill(worker_pids(agent.pid)[0], signal.SIGKILL)
         wait_until(lambda: log.read_text().count("worker 0 could not be started: [Errno 11] "
                                                  "Resource temporarily unavailable; trying "
@@ -179,24 +194,13 @@ def test_a_replacement_stopped_in_its_start_up_is_killed_and_gets_no_connection(
     stopped in its start-up was never killed; and being the least loaded, it was handed the
     new connections, which waited on it."""
     import signal
-    import subprocess
-    import sys
 
-    from tests.support.procs import free_port, wait_for_port, wait_until
+    from tests.support.procs import wait_until
     from tests.support.spop_client import SpopClient
     from tests.workers.test_multiworker import worker_pids
 
-    repo = Path(__file__).resolve().parents[2]
-    port = free_port()
-    log = tmp_path / "agent.log"
-    with open(log, "w") as out:
-        agent = subprocess.Popen(
-            [sys.executable, "-c", STARTING_SCRIPT.format(repo=str(repo), port=port)],
-            stdout=out, stderr=subprocess.STDOUT, cwd=repo)
+    agent, log, port = _patched_supervisor(tmp_path, STARTING_SCRIPT)
     try:
-        wait_for_port("127.0.0.1", port, 30)
-        wait_until(lambda: log.read_text().count("spoe-agent listening on") == 2,
-                   what="two workers serving")
         first = worker_pids(agent.pid)[0]
         os.kill(first, signal.SIGKILL)
         replacement = wait_until(lambda: [pid for i, pid in worker_pids(agent.pid).items()
