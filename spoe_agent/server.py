@@ -388,6 +388,10 @@ class SpoaServer:
         self.config = config
         self.stats = Stats()
         self._clients: set[_Client] = set()
+        #: Connections still in their TLS handshake (greenlet -> accepted): silent as much as
+        #: those without HELLO, so evictable too (code review: a waiting HAProxy connection
+        #: waited out their whole read_timeout).
+        self._handshaking: dict[Any, float] = {}
         self._latency_observer: Callable[[float], None] | None = None  # metrics sets it
         self._tls = tls_context
         self._stopping = False
@@ -545,7 +549,8 @@ class SpoaServer:
         now = time.monotonic()
         return sum(1 for client in self._clients
                    if (client.silent() and client.accepted <= now - HELLO_GRACE_S)
-                   or (client.idle() and client.parked_at <= now - IDLE_GRACE_S))
+                   or (client.idle() and client.parked_at <= now - IDLE_GRACE_S)) + sum(
+            1 for accepted in self._handshaking.values() if accepted <= now - HELLO_GRACE_S)
 
     def _connections_blocked(self) -> None:
         """A connection waits in the backlog while every slot is taken: count it, and free the
@@ -575,6 +580,16 @@ class SpoaServer:
         for client in self._clients:
             if client.silent() and (oldest is None or client.accepted < oldest.accepted):
                 oldest = client
+        if self._handshaking:
+            greenlet, accepted = min(self._handshaking.items(), key=lambda item: item[1])
+            if oldest is None or accepted < oldest.accepted:
+                self._eviction_due = True
+                delay = accepted + HELLO_GRACE_S - time.monotonic()
+                if delay > 0:
+                    gevent.spawn_later(delay, self._evict_silent)
+                else:
+                    gevent.get_hub().loop.run_callback(self._evict_handshake, greenlet)
+                return
         if oldest is None:
             # Every connection said HELLO: the one idle longest, once idle IDLE_GRACE_S.
             for client in self._clients:
@@ -630,6 +645,13 @@ class SpoaServer:
                             "closing a waiting connection from %s", _peer(address))
         finally:
             _close_socket(sock)
+
+    def _evict_handshake(self, greenlet: Any) -> None:
+        """Hub callback: end a connection still in its TLS handshake, else look again."""
+        if greenlet in self._handshaking and not greenlet.dead:
+            greenlet.throw(_Evict)
+        else:
+            self._evict_silent()
 
     def _evict(self, client: _Client) -> None:
         """Hub callback: end ``client`` if it still waits for its HELLO, or is still idle
@@ -716,6 +738,8 @@ class SpoaServer:
         deadline = gevent.Timeout(seconds) if seconds else None
         if deadline is not None:
             deadline.start()
+        me = gevent.getcurrent()
+        accepted = self._handshaking[me] = time.monotonic()
         try:
             if not sock.recv(1, socket.MSG_PEEK):
                 return None  # connected and closed without a byte: a TCP probe, not an error
@@ -740,7 +764,14 @@ class SpoaServer:
             self._throttle.warning("tls_handshake", "TLS handshake with %s failed: %s",
                                    _peer(address), exc)
             return None
+        except _Evict:
+            self._eviction_due = False  # its slot is free once this returns
+            self._limit("hello_evicted", "closing %s: its TLS handshake was not done %.1fs "
+                        "after connecting, and a new connection needs its slot "
+                        "(max_connections)", _peer(address), time.monotonic() - accepted)
+            return None
         finally:
+            del self._handshaking[me]
             if deadline is not None:
                 deadline.close()
 

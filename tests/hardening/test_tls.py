@@ -308,3 +308,35 @@ def test_a_handshake_dribbled_a_byte_at_a_time_ends_at_read_timeout(
     wait_until(lambda: "not done within read_timeout (1s)" in agent.logs(), what="the log")
     with tls_client(agent, pki, None, None) as client:  # and it serves (no CA: no client cert)
         assert client.handshake()["version"] == "2.0"
+
+
+def test_a_waiting_connection_takes_the_slot_of_one_stuck_in_its_tls_handshake(
+    spoe_agent: AgentFactory, tmp_path: Path, pki: Pki
+) -> None:
+    """Code review: a connection still in its TLS handshake was out of eviction's reach, so
+    with max_connections reached a waiting HAProxy connection waited out its whole
+    read_timeout, where one that never said HELLO gives its slot up after a second."""
+    import socket
+
+    ini = write_ini(tmp_path, f"[listener]\ntls_cert = {pki.server_cert}\n"
+                              f"tls_key = {pki.server_key}\ntls_ca = {pki.ca}\n"
+                              "max_connections = 2\nread_timeout = 60s\n")
+    metrics = free_port()
+    agent = spoe_agent("-c", ini, "--metrics", f"127.0.0.1:{metrics}", app=SERVER_APP)
+    stuck = [socket.create_connection((agent.host, agent.port), timeout=20) for _ in range(2)]
+    try:
+        wait_until(lambda: value(scrape(metrics), "spoe_agent_connections_open") == 2,
+                   what="both stuck connections accepted")
+        with tls_client(agent, pki, pki.client_cert, pki.client_key) as client:  # 10 s << 60 s
+            assert client.handshake()["version"] == "2.0"
+        assert stuck[0].recv(1) == b"", "the oldest was not closed"
+        stuck[1].settimeout(0.5)
+        with pytest.raises(TimeoutError):  # one slot was wanted: one connection gave it
+            stuck[1].recv(1)
+    finally:
+        for sock in stuck:
+            sock.close()
+    samples = scrape(metrics)
+    assert value(samples, "spoe_agent_limit_hits_total", limit="hello_evicted") == 1
+    assert "its TLS handshake was not done" in agent.logs(), agent.describe_logs()
+    assert "Traceback" not in agent.logs(), agent.describe_logs()
