@@ -19,6 +19,13 @@ log = logging.getLogger(__name__)
 
 #: accept() failing for want of resources: the connection stays in the listen backlog.
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: accept() passing on an error of the connection it was to return, gone before it was taken
+#: (accept(2): "treat them like EAGAIN by retrying"; EPERM: a firewall rule refused it). gevent
+#: printed a traceback for each, past the log's format.
+_CONNECTION_GONE = frozenset({
+    errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN, errno.ENOPROTOOPT,
+    errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH,
+})
 #: Files the agent holds besides HAProxy's connections: its listener, the exporter's and the
 #: metrics endpoint's sockets, the peer links of --workers, the event loop's, the logs.
 OWN_FILES = 64
@@ -58,6 +65,9 @@ class AcceptingServer(StreamServer):
         try:
             accepted = super().do_read()
         except OSError as exc:
+            if exc.errno in _CONNECTION_GONE:
+                log.debug("a connection was gone before it was accepted: %s", exc)
+                return None
             if exc.errno not in _OUT_OF_RESOURCES:
                 raise
             self._pause(exc)

@@ -720,3 +720,47 @@ def test_with_read_timeout_off_a_connection_stuck_mid_frame_ends_at_idle_timeout
         assert time.monotonic() < deadline, agent.process.stderr_text()
         time.sleep(0.05)
     assert "read_timeout (0.0s)" not in agent.process.stderr_text()
+
+
+def test_a_connection_gone_before_accept_is_skipped_without_a_traceback(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Code review: accept() passes on a pending error of the connection it was to return
+    (ECONNABORTED, a firewall's EPERM ...), which gevent printed as a traceback, past the log's
+    format; accept(2) says to treat them as EAGAIN."""
+    import errno
+
+    import gevent
+
+    from spoe_agent.acceptor import AcceptingServer
+
+    served: list[object] = []
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)  # as make_listener leaves it
+    server = AcceptingServer(listener, lambda sock, address: served.append(address))
+
+    class Aborting:
+        """The listener, whose first accept finds the connection reset meanwhile."""
+
+        def __init__(self, real: socket.socket) -> None:
+            self.real, self.failed = real, False
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.real, name)
+
+        def _accept(self) -> tuple[int, object]:
+            if not self.failed:
+                self.failed = True
+                raise ConnectionAbortedError(errno.ECONNABORTED, "Software caused connection abort")
+            return self.real._accept()
+
+    server.start()
+    aborting = server.socket = Aborting(server.socket)  # type: ignore[assignment]
+    try:
+        with socket.create_connection(listener.getsockname()):
+            with gevent.Timeout(5):
+                while len(served) < 1:
+                    gevent.sleep(0.01)
+    finally:
+        server.stop()
+    assert aborting.failed and len(served) == 1
+    assert "Traceback" not in capsys.readouterr().err
