@@ -102,8 +102,6 @@ class HandlerPool:
         """Run ``function(*args)`` in a greenlet of its own once a slot is free (may wait)."""
         self._slots.acquire()
         runner = _idle.pop() if _idle else _Runner()
-        while runner.greenlet.dead:  # ended some way its loop could not see
-            runner = _idle.pop() if _idle else _Runner()
         self._running.add(runner)
         self._empty.clear()
         runner.start((function, args, self))

@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import itertools
 import logging
 import math
 import socket
 import struct
 import termios
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 import gevent
@@ -148,6 +149,25 @@ class WriteStalled(TimeoutError):
     def __init__(self, seconds: float) -> None:
         super().__init__(f"no room to write for {seconds:.1f}s")
         self.seconds = seconds
+
+
+class _Handshaking:
+    """A connection still in its TLS handshake, as eviction sees one: silent since accepted
+    (:meth:`SpoaServer._evict_silent` takes it as it takes a client without HELLO)."""
+
+    __slots__ = ("greenlet", "accepted", "done")
+    parked_at = 0.0
+
+    def __init__(self) -> None:
+        self.greenlet = gevent.getcurrent()
+        self.accepted = time.monotonic()
+        self.done = False  # its greenlet may serve the connection by the time an eviction runs
+
+    def silent(self) -> bool:
+        return not self.done
+
+    def idle(self) -> bool:
+        return False
 
 
 class _Client:
@@ -388,10 +408,10 @@ class SpoaServer:
         self.config = config
         self.stats = Stats()
         self._clients: set[_Client] = set()
-        #: Connections still in their TLS handshake (greenlet -> accepted): silent as much as
-        #: those without HELLO, so evictable too (code review: a waiting HAProxy connection
-        #: waited out their whole read_timeout).
-        self._handshaking: dict[Any, float] = {}
+        #: Connections still in their TLS handshake: silent as much as those without HELLO,
+        #: so evictable too (code review: a waiting HAProxy connection waited out their whole
+        #: read_timeout).
+        self._handshaking: set[_Handshaking] = set()
         self._latency_observer: Callable[[float], None] | None = None  # metrics sets it
         self._tls = tls_context
         self._stopping = False
@@ -547,10 +567,12 @@ class SpoaServer:
         ``IDLE_GRACE_S``: slots a waiting connection would get (with ``--workers``, the
         supervisor counts them as free)."""
         now = time.monotonic()
-        return sum(1 for client in self._clients
+        return sum(1 for client in self._evictable_candidates()
                    if (client.silent() and client.accepted <= now - HELLO_GRACE_S)
-                   or (client.idle() and client.parked_at <= now - IDLE_GRACE_S)) + sum(
-            1 for accepted in self._handshaking.values() if accepted <= now - HELLO_GRACE_S)
+                   or (client.idle() and client.parked_at <= now - IDLE_GRACE_S))
+
+    def _evictable_candidates(self) -> Iterable[_Client | _Handshaking]:
+        return itertools.chain(self._clients, self._handshaking)
 
     def _connections_blocked(self) -> None:
         """A connection waits in the backlog while every slot is taken: count it, and free the
@@ -576,20 +598,10 @@ class SpoaServer:
         self._eviction_due = False
         if self._stopping or self._pool.free_count() > 0 or not self._pool.waiting():
             return
-        oldest: _Client | None = None
-        for client in self._clients:
+        oldest: _Client | _Handshaking | None = None
+        for client in self._evictable_candidates():
             if client.silent() and (oldest is None or client.accepted < oldest.accepted):
                 oldest = client
-        if self._handshaking:
-            greenlet, accepted = min(self._handshaking.items(), key=lambda item: item[1])
-            if oldest is None or accepted < oldest.accepted:
-                self._eviction_due = True
-                delay = accepted + HELLO_GRACE_S - time.monotonic()
-                if delay > 0:
-                    gevent.spawn_later(delay, self._evict_silent)
-                else:
-                    gevent.get_hub().loop.run_callback(self._evict_handshake, greenlet)
-                return
         if oldest is None:
             # Every connection said HELLO: the one idle longest, once idle IDLE_GRACE_S.
             for client in self._clients:
@@ -646,14 +658,7 @@ class SpoaServer:
         finally:
             _close_socket(sock)
 
-    def _evict_handshake(self, greenlet: Any) -> None:
-        """Hub callback: end a connection still in its TLS handshake, else look again."""
-        if greenlet in self._handshaking and not greenlet.dead:
-            greenlet.throw(_Evict)
-        else:
-            self._evict_silent()
-
-    def _evict(self, client: _Client) -> None:
+    def _evict(self, client: _Client | _Handshaking) -> None:
         """Hub callback: end ``client`` if it still waits for its HELLO, or is still idle
         since ``IDLE_GRACE_S`` ago, else look again."""
         if not client.greenlet.dead and (client.silent() or (
@@ -738,8 +743,8 @@ class SpoaServer:
         deadline = gevent.Timeout(seconds) if seconds else None
         if deadline is not None:
             deadline.start()
-        me = gevent.getcurrent()
-        accepted = self._handshaking[me] = time.monotonic()
+        me = _Handshaking()
+        self._handshaking.add(me)
         try:
             if not sock.recv(1, socket.MSG_PEEK):
                 return None  # connected and closed without a byte: a TCP probe, not an error
@@ -768,10 +773,11 @@ class SpoaServer:
             self._eviction_due = False  # its slot is free once this returns
             self._limit("hello_evicted", "closing %s: its TLS handshake was not done %.1fs "
                         "after connecting, and a new connection needs its slot "
-                        "(max_connections)", _peer(address), time.monotonic() - accepted)
+                        "(max_connections)", _peer(address), time.monotonic() - me.accepted)
             return None
         finally:
-            del self._handshaking[me]
+            me.done = True
+            self._handshaking.discard(me)
             if deadline is not None:
                 deadline.close()
 
