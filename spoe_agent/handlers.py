@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
 
-from spoe_agent.protocol.types import Action, Message, UnsetVar
+from spoe_agent.protocol.types import Action, Message, Scope, UnsetVar
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +32,15 @@ _READABLE_NAMES_LIMIT = 1024
 # HAProxy builds "<scope>.<var-prefix>.<name>" in a 64-byte buffer (measured on 2.6.12 and
 # 3.2.26: 63 bytes set, 64 silently not), with a prefix of 1 byte at least: 57 bytes of name
 # for txn, req and res, 56 for sess and proc.
-_SCOPE_LENGTHS = (4, 4, 3, 3, 3)  # proc, sess, txn, req, res
-_LONGEST_ANYWHERE = 63 - len("sess.p.")
+_LONGEST_IN = {int(scope): 63 - len(scope.name) - len("..p") for scope in Scope}
+_LONGEST_ANYWHERE = min(_LONGEST_IN.values())
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._")
 
 
 def _longest(scope: Any) -> int:
     try:
-        return 63 - _SCOPE_LENGTHS[int(scope)] - len("..p")
-    except (TypeError, ValueError, IndexError):  # not a scope: the ACK's encoding says so
+        return _LONGEST_IN.get(int(scope), _LONGEST_ANYWHERE)
+    except (TypeError, ValueError):  # not a scope: the ACK's encoding says so
         return _LONGEST_ANYWHERE
 
 

@@ -28,7 +28,7 @@ from spoe_agent.handlers import Agent
 from spoe_agent.listeners import make_listener, remove_listener_socket
 from spoe_agent.logs import EVERY_TIME, flush_held_lines
 from spoe_agent.server import SpoaServer
-from spoe_agent.stop_signals import STOP_SIGNALS, stopped_early
+from spoe_agent.stop_signals import IGNORED_SIGNALS, STOP_SIGNALS, stopped_early
 
 if TYPE_CHECKING:
     import ssl
@@ -36,11 +36,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SHUTDOWN_TIMEOUT = 10.0
-#: Signals whose default action would kill the agent on the spot, losing what a clean stop
-#: flushes, for what an operator meant otherwise: logrotate's "reopen your logs" (the agent
-#: logs to stderr: there is nothing to reopen) or HAProxy's soft-stop and reload. Logged and
-#: ignored. (A worker keeps SIGUSR1 for the supervisor: workers.handoff.GIVE_SIGNAL.)
-IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 EXIT_FORCED = 1
 
 

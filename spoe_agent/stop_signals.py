@@ -14,6 +14,12 @@ log = logging.getLogger("spoe_agent.runner")
 #: SIGHUP too: its default action kills the process on the spot (a terminal closed under a
 #: foreground agent), losing the spans a clean stop flushes. The agent has no reload.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+#: Signals whose default action would kill the agent on the spot, losing what a clean stop
+#: flushes, for what an operator meant otherwise: logrotate's "reopen your logs" (the agent
+#: logs to stderr: there is nothing to reopen) or HAProxy's soft-stop and reload. Logged and
+#: ignored, from the start (:func:`catch_early_stop`). (A worker keeps SIGUSR1 for the
+#: supervisor: workers.handoff.GIVE_SIGNAL.)
+IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 
 _EARLY_STOP: list[int] = []
 
@@ -27,10 +33,10 @@ def catch_early_stop() -> None:
 
     for signum in STOP_SIGNALS:
         signal.signal(signum, remember)
-    # Ignored for good later (the runner's IGNORED_SIGNALS; a worker's GIVE_SIGNAL, which the
-    # supervisor sends only once it serves): until then their default action killed the agent
-    # (code review).
-    for signum in (signal.SIGUSR1, signal.SIGUSR2):
+    # Ignored for good later (by the runner; a worker's GIVE_SIGNAL, one of them, the supervisor
+    # sends only once it serves): until then their default action killed the agent (code
+    # review).
+    for signum in IGNORED_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
 
 

@@ -24,10 +24,10 @@ from spoe_agent.tracing.language import (
     BAD_KINDS,
     INJECT_ARGS_ON_WIRE,
     LANGUAGE_EVENTS,
-    OP_FINISH_ALL,
     UNKNOWN_NAMES,
     Command,
     after_finish,
+    ends_session,
     has_inject,
     parse_message,
 )
@@ -107,6 +107,18 @@ _MISTAKES = {
     "bad_kind": "%d kind= values other than server, client, producer, consumer and internal "
                 "ignored since the last report (values first met since the last report: %s)",
 }
+# The reasons of spans_dropped_total (_dropped_by_reason), as the stop summary says them.
+_DROP_REASONS = {
+    "queue_full": "queue full",
+    "export_failed": "export failed",
+    "refused": "refused after they were sent",
+    "shutdown_deadline": "shutdown deadline",
+    "after_shutdown": "ended after the stop began",
+    "oversize": "too big for a datagram",
+    "invalid": "invalid",
+}
+# The names the language keeps for the _MISTAKES lines that name them.
+_NAMES_MET = {"unknown_arg": UNKNOWN_NAMES, "bad_kind": BAD_KINDS}
 # Context headers after the trace was fixed: the caller's trace is lost without a word.
 _LATE_CARRIER = ("%d incoming trace contexts (traceparent= and the other propagation "
                  "arguments) came after their session's trace was fixed since the last report, "
@@ -285,8 +297,7 @@ class TracingAgent(Agent):
         if command[0] == self._finished_in_event:
             self._after_finish()
             return None
-        ops = command[4]
-        if ops and ops[-1][0] == OP_FINISH_ALL:
+        if ends_session(command):
             self._finished_in_event = command[0]
         router = self.router
         if router is not None:
@@ -345,7 +356,7 @@ class TracingAgent(Agent):
                      + registry.stats["unknown_parent"], now, _UNKNOWN_SPANS,
                      registry.last_named.get("unknown_span", "?"), level=logging.INFO)
         for name, template in _MISTAKES.items():
-            met = {"unknown_arg": UNKNOWN_NAMES, "bad_kind": BAD_KINDS}.get(name)
+            met = _NAMES_MET.get(name)
             if met is not None:
                 # repr: the names are a peer's bytes (HAProxy's configuration, or anyone
                 # who reaches the port), kept to one line.
@@ -390,23 +401,33 @@ class TracingAgent(Agent):
                      "marked incomplete", ended, registry.stats["spans_incomplete"] - before)
         if self.processor is not None:
             self.processor.shutdown(FLUSH_TIMEOUT_S)
-            stats = self.processor.stats
-            # The exporter's own drops (Jaeger: too big for a datagram, untranslatable) are
-            # reasons of spans_dropped_total too: "0 dropped" beside reason="oversize" misled.
-            estats = getattr(self.exporter, "stats", None)
-            oversize = getattr(estats, "spans_dropped_oversize", 0)
-            invalid = getattr(estats, "spans_dropped_invalid", 0)
+            # Every reason of spans_dropped_total: "0 dropped" beside reason="oversize" misled.
             # Refused spans were sent, so counted exported too, and then lost: said twice, as
             # /metrics counts them, where "0 dropped" contradicted reason="refused".
-            log.info("tracing: %d spans exported in all, %d dropped (queue full %d, export "
-                     "failed %d, refused after they were sent %d, shutdown deadline %d, ended "
-                     "after the stop began %d, too big for a datagram %d, invalid %d)",
-                     stats.exported, stats.dropped_queue_full + stats.export_failed_spans
-                     + stats.export_refused_spans + stats.dropped_shutdown_deadline
-                     + stats.dropped_after_shutdown + oversize + invalid,
-                     stats.dropped_queue_full, stats.export_failed_spans,
-                     stats.export_refused_spans, stats.dropped_shutdown_deadline,
-                     stats.dropped_after_shutdown, oversize, invalid)
+            dropped = self._dropped_by_reason()
+            log.info("tracing: %d spans exported in all, %d dropped (%s)",
+                     self.processor.stats.exported, sum(dropped.values()),
+                     ", ".join(f"{label} {dropped.get(reason, 0)}"
+                               for reason, label in _DROP_REASONS.items()))
+
+    def _dropped_by_reason(self) -> dict[str, int]:
+        """The reasons of ``spoe_agent_spans_dropped_total`` and their counts: the processor's,
+        and the exporter's own (Jaeger: too big for a datagram, untranslatable) if it has
+        them. The stop summary and /metrics read the same."""
+        dropped = {}
+        if self.processor is not None:
+            stats = self.processor.stats
+            dropped.update(queue_full=stats.dropped_queue_full,
+                           export_failed=stats.export_failed_spans,
+                           refused=stats.export_refused_spans,
+                           shutdown_deadline=stats.dropped_shutdown_deadline,
+                           after_shutdown=stats.dropped_after_shutdown)
+        estats = getattr(self.exporter, "stats", None)
+        for name, reason in (("spans_dropped_oversize", "oversize"),
+                             ("spans_dropped_invalid", "invalid")):
+            if hasattr(estats, name):
+                dropped[reason] = getattr(estats, name)
+        return dropped
 
     def metric_samples(self) -> Iterator[MetricSample]:
         """The tracing series of /metrics, read from plain counters at scrape time, so that
@@ -435,29 +456,16 @@ class TracingAgent(Agent):
             yield ("spoe_agent_spans_queued", "counter", "Spans handed to the exporter queue",
                    {}, pstats.queued)
             yield ("spoe_agent_spans_exported", "counter", "Spans exported", {}, pstats.exported)
-            yield ("spoe_agent_spans_dropped", "counter", dropped,
-                   {"reason": "queue_full"}, pstats.dropped_queue_full)
-            yield ("spoe_agent_spans_dropped", "counter", dropped,
-                   {"reason": "export_failed"}, pstats.export_failed_spans)
-            yield ("spoe_agent_spans_dropped", "counter", dropped,
-                   {"reason": "refused"}, pstats.export_refused_spans)
-            yield ("spoe_agent_spans_dropped", "counter", dropped,
-                   {"reason": "after_shutdown"}, pstats.dropped_after_shutdown)
-            yield ("spoe_agent_spans_dropped", "counter", dropped,
-                   {"reason": "shutdown_deadline"}, pstats.dropped_shutdown_deadline)
             yield ("spoe_agent_exporter_errors", "counter", "Failed export calls", {},
                    pstats.export_errors)
             yield ("spoe_agent_export_queue_size", "gauge", "Spans waiting for export", {},
                    processor.queue_size)
             yield ("spoe_agent_export_queue_limit", "gauge", "Capacity of the export queue", {},
                    processor.max_queue_size)
+        for reason, value in self._dropped_by_reason().items():
+            yield ("spoe_agent_spans_dropped", "counter", dropped, {"reason": reason}, value)
         estats = getattr(self.exporter, "stats", None)
         if estats is not None:
-            for name, reason in (("spans_dropped_oversize", "oversize"),
-                                 ("spans_dropped_invalid", "invalid")):
-                if hasattr(estats, name):
-                    yield ("spoe_agent_spans_dropped", "counter", dropped, {"reason": reason},
-                           getattr(estats, name))
             for name in ("send_errors", "spans_failed", "spans_refused", "spans_sent"):
                 if hasattr(estats, name):
                     yield ("spoe_agent_jaeger_exporter", "counter", "Jaeger exporter counters",

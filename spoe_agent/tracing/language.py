@@ -69,6 +69,12 @@ def has_inject(command: Command) -> bool:
     return False
 
 
+def ends_session(command: Command) -> bool:
+    """Whether ``command`` has ``finish=*`` (compiled as its last op)."""
+    ops = command[4]
+    return bool(ops) and ops[-1][0] == OP_FINISH_ALL
+
+
 def after_finish(commands: list[Command]) -> list[Command] | None:
     """One NOTIFY's commands without those that follow a ``finish=*`` of their own session
     (compiled as its last op), or None if there is none such."""
@@ -81,8 +87,7 @@ def after_finish(commands: list[Command]) -> list[Command] | None:
             continue
         if kept is not None:
             kept.append(command)
-        ops = command[4]
-        if ops and ops[-1][0] == OP_FINISH_ALL:
+        if ends_session(command):
             finished = command[0]
     return kept
 
@@ -234,11 +239,12 @@ _UNKNOWN_NAMES_KEPT = 8
 BAD_KINDS: dict[str, None] = {}
 
 
-def _remember_unknown(names: list[str]) -> None:
+def _remember(names: list[str], into: dict[str, None]) -> None:
+    """Keep the first few of ``names`` met, for a log line (:data:`UNKNOWN_NAMES`)."""
     for name in names:
-        if len(UNKNOWN_NAMES) >= _UNKNOWN_NAMES_KEPT:
+        if len(into) >= _UNKNOWN_NAMES_KEPT:
             return
-        UNKNOWN_NAMES[name[:64]] = None
+        into[name[:64]] = None
 
 
 def _count(stats: MutableMapping[str, int] | None, key: str, n: int = 1) -> None:
@@ -612,8 +618,7 @@ def _compile(
                 kind = KIND_VALUES.get(text.lower())
                 if kind is None:
                     _count(stats, "bad_kind")
-                    if len(BAD_KINDS) < _UNKNOWN_NAMES_KEPT:
-                        BAD_KINDS[text[:64]] = None
+                    _remember([text], BAD_KINDS)
                 else:
                     ops.append((OP_KIND, kind))
     if pending >= 0:
@@ -629,7 +634,7 @@ def _compile(
         for event, times in stats.items():
             counted[event] = counted.get(event, 0) + times
         if unknown is not None:
-            _remember_unknown(unknown)
+            _remember(unknown, UNKNOWN_NAMES)
 
     if not ops and carrier is None:
         return None

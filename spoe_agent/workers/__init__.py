@@ -111,7 +111,8 @@ def serve(agent: Agent, config: AgentConfig, argv: list[str], index: int | None)
 def _run_worker(agent: Agent, config: AgentConfig, index: int) -> int:
     import gevent
 
-    from spoe_agent.runner import IGNORED_SIGNALS, run
+    from spoe_agent.runner import run
+    from spoe_agent.stop_signals import IGNORED_SIGNALS
     from spoe_agent.workers.handoff import GIVE_SIGNAL, HandoffListener
     from spoe_agent.workers.supervisor import ENV_HANDOFF_FD, ENV_LISTEN_FAMILY, ENV_RUNTIME_DIR
 

@@ -37,12 +37,11 @@ from spoe_agent.listeners import make_listener, remove_listener_socket
 from spoe_agent.logs import EVERY_TIME, flush_held_lines
 from spoe_agent.runner import (
     EXIT_FORCED,
-    IGNORED_SIGNALS,
     SHUTDOWN_TIMEOUT,
     StartupError,
     ignore_signals,
 )
-from spoe_agent.stop_signals import STOP_SIGNALS, stopped_early
+from spoe_agent.stop_signals import IGNORED_SIGNALS, STOP_SIGNALS, stopped_early
 from spoe_agent.workers.handoff import (
     FREEABLE_PREFIX,
     GIVE_SIGNAL,
@@ -555,9 +554,7 @@ class Supervisor:
                     self._failed = status if status > 0 else 1
                     self._stop.set()
                     return
-                if lived < STABLE_AFTER_S:
-                    slot.backoff = min(MAX_BACKOFF_S, max(0.1, slot.backoff * 2))
-                slot.restart_at = now + slot.backoff
+                _restart_later(slot, now, crashed=lived < STABLE_AFTER_S)
                 # A worker that stopped cleanly (status 0) flushed its queue; any other end
                 # took the spans it held with it: its last report, their mean count over a
                 # second, is what can be said of them.
@@ -578,8 +575,7 @@ class Supervisor:
                     # fork's EAGAIN (a pids limit), no memory, no descriptor: the other workers
                     # serve on, and this one is tried again (code review: it stopped the agent,
                     # with a traceback).
-                    slot.backoff = min(MAX_BACKOFF_S, max(0.1, slot.backoff * 2))
-                    slot.restart_at = now + slot.backoff
+                    _restart_later(slot, now)
                     log.error(f"worker {slot.index} could not be started: %s; trying again in "
                               "%.1fs", exc, slot.backoff, extra=EVERY_TIME)
         self._rebalance(now)
@@ -611,6 +607,13 @@ class Supervisor:
             self._config_copy.close()
         flush_held_lines()
         log.info("supervisor: stopped")
+
+
+def _restart_later(slot: _Slot, now: float, crashed: bool = True) -> None:
+    """Schedule ``slot``'s next start: after a backoff that doubles while it keeps failing."""
+    if crashed:
+        slot.backoff = min(MAX_BACKOFF_S, max(0.1, slot.backoff * 2))
+    slot.restart_at = now + slot.backoff
 
 
 def _describe_status(status: int) -> str:
