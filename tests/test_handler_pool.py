@@ -173,3 +173,4 @@ def test_a_timer_a_handler_left_armed_does_not_cost_the_next_handler(caplog) -> 
     pool.spawn(lambda: ran.append("after"))
     assert pool.join(timeout=5)
     assert ran[-1] == "after"
+    assert "concurrent handler" in caplog.text and "Timeout" in caplog.text

@@ -19,7 +19,7 @@ import pytest
 
 from spoe_agent.protocol import codec
 from spoe_agent.protocol.types import FrameType, Message, Scope, SetVar
-from tests.support.procs import free_port, wait_for_unix_socket
+from tests.support.procs import free_port, wait_for_unix_socket, wait_until
 from tests.support.spop_client import SpopClient, hello_frame
 
 APP = "tests.apps.server_app:agent"
@@ -757,9 +757,7 @@ def test_a_connection_gone_before_accept_is_skipped_without_a_traceback(
     aborting = server.socket = Aborting(server.socket)  # type: ignore[assignment]
     try:
         with socket.create_connection(listener.getsockname()):
-            with gevent.Timeout(5):
-                while len(served) < 1:
-                    gevent.sleep(0.01)
+            wait_until(lambda: gevent.sleep(0.01) or served, timeout=5, what="the connection served")
     finally:
         server.stop()
     assert aborting.failed and len(served) == 1

@@ -35,7 +35,7 @@ from tests.hardening.support import (
 from tests.integration.backend import Backend
 from tests.integration.tracing_support import describe, hop_config
 from tests.support.haproxy import HAProxy
-from tests.support.procs import REPO_ROOT, AgentProcess, free_port
+from tests.support.procs import REPO_ROOT, AgentProcess, free_port, wait_until
 from tests.support.spop_client import SpopClient
 
 AgentFactory = Callable[..., AgentProcess]
@@ -220,7 +220,7 @@ def test_half_sent_requests_to_the_metrics_endpoint_take_few_descriptors_and_few
         with socket.create_connection(("127.0.0.1", metrics), timeout=5) as conn:
             conn.sendall(b"BREW /pot HTTP/1.1\r\n\r\n")
             conn.recv(1024)
-    time.sleep(0.5)
+    wait_until(lambda: "metrics endpoint:" in agent.logs(), what="the bad requests logged")
     assert agent.logs().count("metrics endpoint:") <= 2, agent.describe_logs()
 
 
