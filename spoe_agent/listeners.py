@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import ipaddress
 import logging
 import os
 import shutil
 import socket
 import stat
+import sys
 
 from gevent.monkey import get_original
 
@@ -28,6 +30,8 @@ BACKLOG = 1024
 #: The unix sockets this process bound, by path, for its stop to remove only its own
 #: (:func:`remove_listener_socket`).
 _BOUND: dict[str, tuple[int, int, int]] = {}
+#: The unix socket paths this process claimed (:func:`_claim`), held until its stop removes them.
+_CLAIMS: dict[str, socket.socket] = {}
 
 
 def _identity(status: os.stat_result) -> tuple[int, int, int]:
@@ -100,9 +104,14 @@ def make_listener(
     ``mode`` and ``group`` before it listens, so no connection ever sees other permissions."""
     target = split_bind(bind)
     if isinstance(target, str):
-        remove_stale_socket(target)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(target)
+        _claim(target)
+        try:
+            remove_stale_socket(target)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(target)
+        except OSError:
+            _release(target)
+            raise
         step = ""
         try:
             if group:
@@ -114,6 +123,7 @@ def make_listener(
         except OSError as exc:
             sock.close()
             os.unlink(target)
+            _release(target)
             raise OSError(exc.errno, f"{step} {target}: {exc.strerror}") from None
         _BOUND[target] = _identity(os.lstat(target))
     else:
@@ -130,6 +140,38 @@ def make_listener(
         sock.listen(backlog)
     sock.setblocking(False)
     return sock
+
+
+def _claim(path: str) -> None:
+    """Claim ``path`` for this process, or raise EADDRINUSE if another process has.
+
+    A socket bound but not listening yet (the runner listens only once its hooks have run)
+    refuses a probe just as a stale one does: two agents started at once on one path had the
+    second unlink the first one's socket and take the path, and the first served an unlinked
+    socket nobody could reach (black-box run). The claim is a Linux abstract unix socket named
+    after the path: binding it is atomic, and it goes with the last process holding it, even
+    one killed, so nothing is left to clean up. A process re-claims its own path freely.
+    Elsewhere (no abstract namespace), only the probe remains.
+    """
+    if path in _CLAIMS or not sys.platform.startswith("linux"):
+        return
+    digest = hashlib.sha256(os.fsencode(os.path.realpath(path))).hexdigest()
+    claim = _OriginalSocket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        claim.bind(f"\0spoe-agent:{digest[:64]}")
+    except OSError as exc:
+        claim.close()
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        raise OSError(errno.EADDRINUSE,
+                      f"another spoe-agent is starting or serving on {path}") from None
+    _CLAIMS[path] = claim
+
+
+def _release(path: str) -> None:
+    claim = _CLAIMS.pop(path, None)
+    if claim is not None:
+        claim.close()
 
 
 def remove_stale_socket(path: str) -> None:
@@ -175,12 +217,13 @@ def remove_listener_socket(bind: str) -> None:
         ours = _BOUND.pop(target, None)
         if ours is not None:
             try:
-                now = os.lstat(target)
+                if _identity(os.lstat(target)) == ours:
+                    with contextlib.suppress(OSError):
+                        os.unlink(target)
             except OSError:
-                return
-            if _identity(now) == ours:
-                with contextlib.suppress(OSError):
-                    os.unlink(target)
+                pass
+            finally:
+                _release(target)
             return
         try:
             remove_stale_socket(target)

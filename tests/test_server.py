@@ -574,7 +574,7 @@ def test_unix_bind_never_replaces_a_file_or_a_live_socket(tmp_path: Path) -> Non
         wait_for_unix_socket(path, 20)
         second = _agent_on(str(path))
         assert second.wait(20) == 1
-        assert f"another process listens on {path}" in second.stderr.read()
+        assert f"another spoe-agent is starting or serving on {path}" in second.stderr.read()
         with SpopClient(str(path)) as client:  # the first one still answers there
             client.handshake()
     finally:
@@ -622,6 +622,44 @@ def test_a_stop_removes_its_own_socket_file_only(tmp_path: Path) -> None:
     finally:
         new.close()
         path.unlink()
+
+
+STARTING_AGENT_SCRIPT = """
+import sys
+sys.path.insert(0, {repo!r})
+from spoe_agent.listeners import make_listener
+
+mine = make_listener({bind!r}, listen=False)  # bound, as the runner binds, not listening yet
+print("bound", flush=True)
+sys.stdin.read()  # until the test lets it go; then it exits, its socket file left behind
+"""
+
+
+def test_a_path_another_agent_is_starting_on_is_refused(tmp_path: Path) -> None:
+    """Black-box run: two agents started at once on one unix path. The first had bound but
+    not listened yet, so the second's probe was refused, as by a stale socket: it unlinked the
+    first one's socket and took the path, and the first served a file nobody could reach."""
+    from spoe_agent.listeners import make_listener, remove_listener_socket
+
+    path = Path(tempfile.mkdtemp(prefix="spoe-unix-")) / "agent.sock"
+    repo = Path(__file__).resolve().parents[1]
+    first = subprocess.Popen(
+        [sys.executable, "-c", STARTING_AGENT_SCRIPT.format(repo=str(repo), bind=f"unix:{path}")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=repo)
+    try:
+        assert first.stdout is not None and first.stdout.readline() == "bound\n"
+        bound = path.stat()
+        with pytest.raises(OSError, match="another spoe-agent is starting or serving on"):
+            make_listener(f"unix:{path}", listen=False)
+        assert (path.stat().st_ino, path.stat().st_ctime_ns) == (bound.st_ino,
+                                                                  bound.st_ctime_ns)
+    finally:
+        first.communicate("", timeout=30)
+    # Its claim went with it: its socket file is stale now, and the path free.
+    mine = make_listener(f"unix:{path}")
+    mine.close()
+    remove_listener_socket(f"unix:{path}")
+    assert not path.exists()
 
 
 LISTEN_RACE_SCRIPT = """
