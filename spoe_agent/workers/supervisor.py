@@ -173,6 +173,7 @@ class Supervisor:
         self._listener = None
         self._config_copy: Any = None  # the -c file's bytes, for the workers (ENV_CONFIG_FD)
         self._stop = Event()
+        self._signalled = False  # a stop signal came (not just a failed start stopping us)
         self._forced = False
         self._failed = 0  # a worker's exit status, when one could not start
         self._all_serving = Event()
@@ -218,6 +219,7 @@ class Supervisor:
             gevent.signal_handler(signum, self._on_signal)
         ignore_signals(IGNORED_SIGNALS)
         if stopped_early():
+            self._signalled = True
             self._stop.set()
         log.info("spoe-agent supervisor: %d workers%s on %s (peer sockets in %s)",
                  len(self.slots),
@@ -226,6 +228,8 @@ class Supervisor:
         acceptor = None
         try:
             for slot in self.slots:
+                if self._stop.is_set():
+                    break  # stopped before all started (black-box run: spawned, then stopped)
                 try:
                     self._spawn(slot)
                 except OSError as exc:
@@ -250,9 +254,12 @@ class Supervisor:
         """The first signal stops the workers in order; a second one, during that, kills them.
 
         Workers take repeated signals as one (a process manager signals them along with us), so
-        the operator's "stop now, lose the flush" goes through here, as with one process.
+        the operator's "stop now, lose the flush" goes through here, as with one process. A
+        stop the supervisor began itself (a worker that could not start) is no first signal:
+        the operator's first SIGTERM then forced the kill (black-box run).
         """
-        if not self._stop.is_set():
+        if not self._signalled:
+            self._signalled = True
             self._stop.set()
             return
         if self._forced:

@@ -217,3 +217,62 @@ def test_a_replacement_stopped_in_its_start_up_is_killed_and_gets_no_connection(
         agent.send_signal(signal.SIGTERM)
         status = agent.wait(30)
     assert status == 0, log.read_text()
+
+
+EARLY_STOP_SCRIPT = """
+import sys
+sys.path.insert(0, {repo!r})
+from gevent import monkey
+monkey.patch_all()
+import spoe_agent.workers.supervisor as supervisor
+
+supervisor.stopped_early = lambda: True  # a SIGTERM came before the supervisor's handlers
+started = []
+
+def popen(*args, **kwargs):
+    started.append(args)
+    raise OSError("no worker may start here")
+
+supervisor.subprocess.Popen = popen
+from spoe_agent.cli import main
+status = main(["--bind", "127.0.0.1:{port}", "--workers", "2", "--exporter", "none"])
+print("started", len(started), "status", status)
+"""
+
+
+def test_a_stop_signal_before_the_workers_start_starts_none() -> None:
+    """Black-box run: a stop signal during the supervisor's start-up stopped it, but only
+    after it had started every worker, each of which then began and ended its start-up."""
+    import subprocess
+    import sys
+
+    from tests.support.procs import free_port
+
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", EARLY_STOP_SCRIPT.format(repo=str(repo), port=free_port())],
+        capture_output=True, text=True, timeout=60, cwd=repo)
+    assert done.stdout.strip() == "started 0 status 0", done.stdout + done.stderr
+    assert "supervisor: stopped" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_the_first_signal_after_a_failed_start_is_not_taken_for_a_second() -> None:
+    """Black-box run: a worker that could not start stops the supervisor, and the operator's
+    SIGTERM meanwhile, their first, was taken as the second: "killing the workers now,
+    unflushed spans are lost", and exit status 1 became the forced one."""
+    import subprocess
+    import sys
+
+    from spoe_agent.config import AgentConfig
+    from spoe_agent.workers.supervisor import Supervisor
+
+    supervisor = Supervisor(AgentConfig(workers=2, exporter="none"), [])
+    failed = subprocess.Popen([sys.executable, "-c", "raise SystemExit(1)"])
+    failed.wait(30)
+    supervisor.slots[0].proc = failed  # started, never served, and gone: a failed start
+    supervisor._check()
+    assert supervisor._stop.is_set() and supervisor._failed == 1
+    supervisor._on_signal()  # the operator's first
+    assert not supervisor._forced
+    supervisor._on_signal()  # and a second one does force it
+    assert supervisor._forced
